@@ -30,7 +30,11 @@ impl IngestionMethod {
 }
 
 /// The store path `type:hash:storedir:name` hashes to, as Nix's `makeStorePath`.
-pub fn make_store_path(path_type: &str, hash: &Hash, name: &str) -> Result<StorePath, StorePathError> {
+pub fn make_store_path(
+    path_type: &str,
+    hash: &Hash,
+    name: &str,
+) -> Result<StorePath, StorePathError> {
     let fingerprint = format!("{path_type}:{}:{STORE_DIR}:{name}", hash.to_typed_base16());
     let compressed = Hash::sha256(fingerprint.as_bytes()).compress(HASH_BYTES);
     let mut hash_part = [0u8; HASH_BYTES];
@@ -87,11 +91,7 @@ pub fn fixed_output_path(
         let path_type = type_with_references("source", references, self_reference);
         make_store_path(&path_type, hash, name)
     } else {
-        let inner = format!(
-            "fixed:out:{}{}:",
-            method.prefix(),
-            hash.to_typed_base16()
-        );
+        let inner = format!("fixed:out:{}{}:", method.prefix(), hash.to_typed_base16());
         make_store_path("output:out", &Hash::sha256(inner.as_bytes()), name)
     }
 }

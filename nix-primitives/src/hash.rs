@@ -140,12 +140,10 @@ impl Hash {
     #[must_use]
     pub fn to_base16(&self) -> String {
         use fmt::Write as _;
-        self.as_bytes()
-            .iter()
-            .fold(String::new(), |mut out, byte| {
-                let _ = write!(out, "{byte:02x}");
-                out
-            })
+        self.as_bytes().iter().fold(String::new(), |mut out, byte| {
+            let _ = write!(out, "{byte:02x}");
+            out
+        })
     }
 
     /// Nix base32 digits, without the algorithm.

@@ -102,7 +102,10 @@ pub fn fingerprint(
         .map(StorePath::to_absolute)
         .collect::<Vec<_>>()
         .join(",");
-    format!("1;{store_path};{};{nar_size};{references}", nar_hash.to_typed_base32())
+    format!(
+        "1;{store_path};{};{nar_size};{references}",
+        nar_hash.to_typed_base32()
+    )
 }
 
 impl NarInfo {
@@ -114,8 +117,13 @@ impl NarInfo {
             if line.is_empty() {
                 continue;
             }
-            let at = |kind| NarInfoError { line: line_no, kind };
-            let (key, value) = line.split_once(": ").ok_or_else(|| at(NarInfoErrorKind::NotAField))?;
+            let at = |kind| NarInfoError {
+                line: line_no,
+                kind,
+            };
+            let (key, value) = line
+                .split_once(": ")
+                .ok_or_else(|| at(NarInfoErrorKind::NotAField))?;
             fields.set(key, value).map_err(at)?;
         }
         fields.finish()
@@ -124,7 +132,12 @@ impl NarInfo {
     /// The fingerprint signatures cover.
     #[must_use]
     pub fn fingerprint(&self) -> String {
-        fingerprint(&self.store_path, &self.nar_hash, self.nar_size, &self.references)
+        fingerprint(
+            &self.store_path,
+            &self.nar_hash,
+            self.nar_size,
+            &self.references,
+        )
     }
 
     /// Adds a signature made with `key`.
@@ -203,7 +216,13 @@ fn once<T>(slot: &mut Option<T>, name: &'static str, value: T) -> Result<(), Nar
 impl Fields {
     fn set(&mut self, key: &str, value: &str) -> Result<(), NarInfoErrorKind> {
         let hash = |value: &str| Hash::parse_typed(value).map_err(NarInfoErrorKind::Hash);
-        let number = |name| move |value: &str| value.parse::<u64>().map_err(|_| NarInfoErrorKind::Number(name));
+        let number = |name| {
+            move |value: &str| {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| NarInfoErrorKind::Number(name))
+            }
+        };
         match key {
             "StorePath" => once(
                 &mut self.store_path,

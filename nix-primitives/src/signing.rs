@@ -43,12 +43,17 @@ impl Classify for KeyError {
 }
 
 /// Splits `name:base64` and decodes the base64 into exactly `N` bytes.
-fn split_decode<const N: usize>(text: &str, what: &'static str) -> Result<(String, [u8; N]), KeyError> {
+fn split_decode<const N: usize>(
+    text: &str,
+    what: &'static str,
+) -> Result<(String, [u8; N]), KeyError> {
     let (name, data) = text
         .split_once(':')
         .filter(|(name, _)| !name.is_empty())
         .ok_or(KeyError::MissingName)?;
-    let bytes = BASE64.decode(data.trim()).map_err(|_| KeyError::Base64(what))?;
+    let bytes = BASE64
+        .decode(data.trim())
+        .map_err(|_| KeyError::Base64(what))?;
     let array = <[u8; N]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length {
         what,
         expected: N,
@@ -115,7 +120,11 @@ impl SecretKey {
     /// never printed by accident.
     #[must_use]
     pub fn to_nix_format(&self) -> String {
-        format!("{}:{}", self.name, BASE64.encode(self.key.to_keypair_bytes()))
+        format!(
+            "{}:{}",
+            self.name,
+            BASE64.encode(self.key.to_keypair_bytes())
+        )
     }
 }
 
@@ -207,7 +216,8 @@ mod tests {
         assert!(!public.verify("1;/nix/store/y", &signature));
         let other = SecretKey::from_seed("test-1", &[8u8; 32]).public_key();
         assert!(!other.verify("1;/nix/store/x", &signature));
-        let renamed = PublicKey::parse(&public.to_string().replacen("test-1", "test-2", 1)).unwrap();
+        let renamed =
+            PublicKey::parse(&public.to_string().replacen("test-1", "test-2", 1)).unwrap();
         assert!(!renamed.verify("1;/nix/store/x", &signature));
 
         let reparsed = SecretKey::parse(&format!("{}\n", secret.to_nix_format())).unwrap();
@@ -226,7 +236,11 @@ mod tests {
         );
         assert!(matches!(
             PublicKey::parse("k:AAAA").unwrap_err(),
-            KeyError::Length { expected: 32, found: 3, .. }
+            KeyError::Length {
+                expected: 32,
+                found: 3,
+                ..
+            }
         ));
         let mut pair = SecretKey::from_seed("k", &[1u8; 32]).key.to_keypair_bytes();
         pair[40] ^= 1;

@@ -143,7 +143,10 @@ impl Parser<'_> {
     }
 
     /// `[item,item,…]`.
-    fn list<T>(&mut self, mut item: impl FnMut(&mut Self) -> Result<T, AtermError>) -> Result<Vec<T>, AtermError> {
+    fn list<T>(
+        &mut self,
+        mut item: impl FnMut(&mut Self) -> Result<T, AtermError>,
+    ) -> Result<Vec<T>, AtermError> {
         self.expect("[")?;
         let mut items = Vec::new();
         if self.peek()? == b']' {
@@ -288,7 +291,9 @@ impl Parser<'_> {
         let output = match (path, method_algorithm, hash.as_str()) {
             (Some(path), None, "") => DerivationOutput::InputAddressed { path },
             (None, None, "") => DerivationOutput::Deferred,
-            (None, Some((method, algorithm)), "") => DerivationOutput::Floating { method, algorithm },
+            (None, Some((method, algorithm)), "") => {
+                DerivationOutput::Floating { method, algorithm }
+            }
             (None, Some((method, algorithm)), "impure") => {
                 DerivationOutput::Impure { method, algorithm }
             }
@@ -357,22 +362,26 @@ pub(super) fn print(
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
     out.extend_from_slice(HEADER);
-    print_list(&mut out, derivation.outputs.iter(), |out, (name, output)| {
-        out.push(b'(');
-        print_string(out, name.as_bytes());
-        out.push(b',');
-        let path = match outputs {
-            Outputs::AsWritten => output.path().map(StorePath::to_absolute),
-            Outputs::Masked => None,
-        };
-        print_string(out, path.unwrap_or_default().as_bytes());
-        out.push(b',');
-        let (hash_algo, hash) = output_hash_fields(output);
-        print_string(out, hash_algo.as_bytes());
-        out.push(b',');
-        print_string(out, hash.as_bytes());
-        out.push(b')');
-    });
+    print_list(
+        &mut out,
+        derivation.outputs.iter(),
+        |out, (name, output)| {
+            out.push(b'(');
+            print_string(out, name.as_bytes());
+            out.push(b',');
+            let path = match outputs {
+                Outputs::AsWritten => output.path().map(StorePath::to_absolute),
+                Outputs::Masked => None,
+            };
+            print_string(out, path.unwrap_or_default().as_bytes());
+            out.push(b',');
+            let (hash_algo, hash) = output_hash_fields(output);
+            print_string(out, hash_algo.as_bytes());
+            out.push(b',');
+            print_string(out, hash.as_bytes());
+            out.push(b')');
+        },
+    );
     out.push(b',');
     match input_hashes {
         Some(hashes) => print_list(&mut out, hashes.iter(), |out, (hash, names)| {
@@ -393,7 +402,9 @@ pub(super) fn print(
     out.push(b',');
     print_string(&mut out, &derivation.builder);
     out.push(b',');
-    print_list(&mut out, derivation.args.iter(), |out, arg| print_string(out, arg));
+    print_list(&mut out, derivation.args.iter(), |out, arg| {
+        print_string(out, arg)
+    });
     out.push(b',');
     print_list(&mut out, derivation.env.iter(), |out, (key, value)| {
         let masked = outputs == Outputs::Masked
@@ -432,11 +443,17 @@ fn print_input(out: &mut Vec<u8>, key: &str, names: &BTreeSet<String>) {
     out.push(b'(');
     print_string(out, key.as_bytes());
     out.push(b',');
-    print_list(out, names.iter(), |out, name| print_string(out, name.as_bytes()));
+    print_list(out, names.iter(), |out, name| {
+        print_string(out, name.as_bytes())
+    });
     out.push(b')');
 }
 
-fn print_list<T>(out: &mut Vec<u8>, items: impl Iterator<Item = T>, mut item: impl FnMut(&mut Vec<u8>, T)) {
+fn print_list<T>(
+    out: &mut Vec<u8>,
+    items: impl Iterator<Item = T>,
+    mut item: impl FnMut(&mut Vec<u8>, T),
+) {
     out.push(b'[');
     for (index, value) in items.enumerate() {
         if index > 0 {
@@ -506,7 +523,10 @@ mod tests {
             AtermErrorKind::NonCanonicalString
         );
         assert!(matches!(
-            kind_of(&replace("/nix/store/wd0ys9snp82b5v5j4pgp5wfhnfjhl2vm-a", "/tmp/x")),
+            kind_of(&replace(
+                "/nix/store/wd0ys9snp82b5v5j4pgp5wfhnfjhl2vm-a",
+                "/tmp/x"
+            )),
             AtermErrorKind::StorePath(StorePathError::NotInStore(_))
         ));
         assert_eq!(

@@ -45,7 +45,9 @@ pub enum OutputPathError {
         source: KindError,
     },
     /// A kind of derivation whose output paths are not known before the build.
-    #[error("derivation {derivation} is {kind:?}, whose output paths are not known before it is built")]
+    #[error(
+        "derivation {derivation} is {kind:?}, whose output paths are not known before it is built"
+    )]
     Unsupported {
         /// The derivation.
         derivation: StorePath,
@@ -112,7 +114,7 @@ impl DerivationHasher {
     pub fn output_paths<'a>(
         &mut self,
         path: &StorePath,
-        derivation: &'a Derivation,
+        derivation: &Derivation,
         lookup: impl Fn(&StorePath) -> Option<&'a Derivation>,
     ) -> Result<BTreeMap<String, StorePath>, OutputPathError> {
         let name = derivation_name(path)?;
@@ -159,12 +161,15 @@ impl DerivationHasher {
     pub fn verify<'a>(
         &mut self,
         path: &StorePath,
-        derivation: &'a Derivation,
+        derivation: &Derivation,
         lookup: impl Fn(&StorePath) -> Option<&'a Derivation>,
     ) -> Result<BTreeMap<String, StorePath>, OutputPathError> {
         let computed = self.output_paths(path, derivation, lookup)?;
         for (output, computed_path) in &computed {
-            let written = derivation.outputs.get(output).and_then(DerivationOutput::path);
+            let written = derivation
+                .outputs
+                .get(output)
+                .and_then(DerivationOutput::path);
             if let Some(written) = written.filter(|written| *written != computed_path) {
                 return Err(OutputPathError::PathMismatch {
                     derivation: path.clone(),
@@ -187,7 +192,7 @@ impl DerivationHasher {
     /// the closure depth-first without recursion (closures can be thousands deep).
     fn hash_inputs<'a>(
         &mut self,
-        derivation: &'a Derivation,
+        derivation: &Derivation,
         lookup: &impl Fn(&StorePath) -> Option<&'a Derivation>,
     ) -> Result<(), OutputPathError> {
         let mut in_progress = HashSet::new();
@@ -235,15 +240,18 @@ impl DerivationHasher {
                     .outputs
                     .iter()
                     .filter_map(|(output, value)| match value {
-                        DerivationOutput::Fixed { method, hash, .. } => Some((output, method, hash)),
+                        DerivationOutput::Fixed { method, hash, .. } => {
+                            Some((output, method, hash))
+                        }
                         _ => None,
                     })
                     .map(|(output, method, hash)| {
-                        let computed = fixed_output_path(name, *method, hash, &BTreeSet::new(), false)
-                            .map_err(|source| OutputPathError::StorePath {
-                                derivation: path.clone(),
-                                source,
-                            })?;
+                        let computed =
+                            fixed_output_path(name, *method, hash, &BTreeSet::new(), false)
+                                .map_err(|source| OutputPathError::StorePath {
+                                    derivation: path.clone(),
+                                    source,
+                                })?;
                         let fingerprint = format!(
                             "fixed:out:{}{}:{}:{}",
                             method.prefix(),
@@ -284,10 +292,12 @@ impl DerivationHasher {
                 .get(input)
                 .ok_or_else(|| OutputPathError::MissingInput(input.clone()))?;
             for output in wanted {
-                let hash = hashes.get(output).ok_or_else(|| OutputPathError::MissingOutput {
-                    derivation: input.clone(),
-                    output: output.clone(),
-                })?;
+                let hash = hashes
+                    .get(output)
+                    .ok_or_else(|| OutputPathError::MissingOutput {
+                        derivation: input.clone(),
+                        output: output.clone(),
+                    })?;
                 inputs
                     .entry(hash.to_base16())
                     .or_default()

@@ -38,7 +38,10 @@ impl Classify for DumpError {
 /// Writes the NAR of `path` to `out` (unbuffered writes of small tokens: pass a buffered writer
 /// or a hasher). Returns the number of bytes written.
 pub fn dump(path: &Path, out: &mut impl Write) -> Result<u64, DumpError> {
-    let mut counting = CountingWriter { inner: out, count: 0 };
+    let mut counting = CountingWriter {
+        inner: out,
+        count: 0,
+    };
     write_string(&mut counting, MAGIC.as_bytes()).map_err(DumpError::Write)?;
     dump_node(path, &mut counting)?;
     Ok(counting.count)
@@ -83,7 +86,8 @@ fn dump_node(path: &Path, out: &mut impl Write) -> Result<(), DumpError> {
 
 /// Streams a file's contents as one NAR string of the size `stat` reported.
 fn dump_contents(path: &Path, len: u64, out: &mut impl Write) -> Result<(), DumpError> {
-    out.write_all(&len.to_le_bytes()).map_err(DumpError::Write)?;
+    out.write_all(&len.to_le_bytes())
+        .map_err(DumpError::Write)?;
     let file = fs_err::File::open(path).map_err(DumpError::Read)?;
     let mut limited = file.take(len);
     let mut buffer = vec![0u8; 256 * 1024];
@@ -97,7 +101,11 @@ fn dump_contents(path: &Path, len: u64, out: &mut impl Write) -> Result<(), Dump
         copied += read as u64;
     }
     let mut probe = [0u8; 1];
-    let grown = limited.into_inner().read(&mut probe).map_err(DumpError::Read)? > 0;
+    let grown = limited
+        .into_inner()
+        .read(&mut probe)
+        .map_err(DumpError::Read)?
+        > 0;
     if copied != len || grown {
         return Err(DumpError::FileChanged(path.to_owned()));
     }

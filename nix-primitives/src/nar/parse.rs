@@ -221,7 +221,9 @@ impl<R: Read> Parser<R> {
         self.token_start = self.offset;
         let len = self.read_u64()?;
         if len > limit as u64 {
-            return Err(self.error(NarErrorKind::StringTooLong { limit: limit as u64 }));
+            return Err(self.error(NarErrorKind::StringTooLong {
+                limit: limit as u64,
+            }));
         }
         let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(limit)];
         self.read_exact(&mut bytes)?;
@@ -230,12 +232,14 @@ impl<R: Read> Parser<R> {
     }
 
     fn expect(&mut self, token: &'static str) -> Result<(), NarError> {
-        let found = self.read_string(MAX_TOKEN_LEN).map_err(|error| match error.kind {
-            NarErrorKind::StringTooLong { .. } => {
-                self.error(NarErrorKind::UnexpectedToken { expected: token })
-            }
-            _ => error,
-        })?;
+        let found = self
+            .read_string(MAX_TOKEN_LEN)
+            .map_err(|error| match error.kind {
+                NarErrorKind::StringTooLong { .. } => {
+                    self.error(NarErrorKind::UnexpectedToken { expected: token })
+                }
+                _ => error,
+            })?;
         if found == token.as_bytes() {
             Ok(())
         } else {
@@ -258,12 +262,14 @@ impl<R: Read> Parser<R> {
         }
         while let Some(frame) = stack.last_mut() {
             self.token_start = self.offset;
-            let token = self.read_string(MAX_TOKEN_LEN).map_err(|error| match error.kind {
-                NarErrorKind::StringTooLong { .. } => self.error(NarErrorKind::UnexpectedToken {
-                    expected: "entry",
-                }),
-                _ => error,
-            })?;
+            let token = self
+                .read_string(MAX_TOKEN_LEN)
+                .map_err(|error| match error.kind {
+                    NarErrorKind::StringTooLong { .. } => {
+                        self.error(NarErrorKind::UnexpectedToken { expected: "entry" })
+                    }
+                    _ => error,
+                })?;
             match token.as_slice() {
                 b"entry" => {
                     self.expect("(")?;
@@ -312,10 +318,12 @@ impl<R: Read> Parser<R> {
     fn node(&mut self, path: &[Vec<u8>], visitor: &mut impl NarVisitor) -> Result<bool, NarError> {
         self.expect("(")?;
         self.expect("type")?;
-        let node_type = self.read_string(MAX_TOKEN_LEN).map_err(|error| match error.kind {
-            NarErrorKind::StringTooLong { .. } => self.error(NarErrorKind::UnknownNodeType),
-            _ => error,
-        })?;
+        let node_type = self
+            .read_string(MAX_TOKEN_LEN)
+            .map_err(|error| match error.kind {
+                NarErrorKind::StringTooLong { .. } => self.error(NarErrorKind::UnknownNodeType),
+                _ => error,
+            })?;
         match node_type.as_slice() {
             b"regular" => {
                 self.regular(path, visitor)?;
@@ -371,7 +379,9 @@ impl<R: Read> Parser<R> {
         let mut remaining = size;
         let mut chunk = vec![0u8; CHUNK_LEN.min(usize::try_from(size).unwrap_or(CHUNK_LEN))];
         while remaining > 0 {
-            let len = chunk.len().min(usize::try_from(remaining).unwrap_or(chunk.len()));
+            let len = chunk
+                .len()
+                .min(usize::try_from(remaining).unwrap_or(chunk.len()));
             self.read_exact(&mut chunk[..len])?;
             visitor
                 .file_chunk(&chunk[..len])

@@ -34,8 +34,9 @@ struct Unpacker {
 
 impl Unpacker {
     fn path(&self, path: &[Vec<u8>]) -> PathBuf {
-        path.iter()
-            .fold(self.target.clone(), |full, name| full.join(OsStr::from_bytes(name)))
+        path.iter().fold(self.target.clone(), |full, name| {
+            full.join(OsStr::from_bytes(name))
+        })
     }
 }
 
