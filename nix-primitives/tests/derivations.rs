@@ -1,6 +1,12 @@
 //! Golden tests: derivations instantiated by the real Nix from `fixtures/derivations.nix`, parsed,
 //! printed and hashed by drover, and compared with what Nix wrote and computed.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed assertion"
+)]
+
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -295,7 +301,7 @@ fn input_sources_hash_to_the_paths_nix_gave_them() {
         .args(["path-info", "--json"])
         .args(sources.iter().map(StorePath::to_absolute));
     let infos: Vec<serde_json::Value> =
-        serde_json::from_slice(&fixtures.nix.run(command)).expect("path-info prints JSON");
+        serde_json::from_slice(&support::run(command)).expect("path-info prints JSON");
     assert_eq!(infos.len(), sources.len());
     let mut methods = BTreeSet::new();
     for info in infos {

@@ -403,7 +403,7 @@ pub(super) fn print(
     print_string(&mut out, &derivation.builder);
     out.push(b',');
     print_list(&mut out, derivation.args.iter(), |out, arg| {
-        print_string(out, arg)
+        print_string(out, arg);
     });
     out.push(b',');
     print_list(&mut out, derivation.env.iter(), |out, (key, value)| {
@@ -444,7 +444,7 @@ fn print_input(out: &mut Vec<u8>, key: &str, names: &BTreeSet<String>) {
     print_string(out, key.as_bytes());
     out.push(b',');
     print_list(out, names.iter(), |out, name| {
-        print_string(out, name.as_bytes())
+        print_string(out, name.as_bytes());
     });
     out.push(b')');
 }

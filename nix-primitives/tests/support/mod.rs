@@ -74,18 +74,6 @@ impl Nix {
         command
     }
 
-    /// Runs a command to completion and returns its standard output, failing the test with its
-    /// standard error if it fails.
-    pub fn run(&self, mut command: Command) -> Vec<u8> {
-        let output = command.output().expect("starting a Nix command");
-        assert!(
-            output.status.success(),
-            "{command:?} failed: {}",
-            describe(&output)
-        );
-        output.stdout
-    }
-
     /// Evaluates a Nix expression (in read-write mode, so derivations are written to the store)
     /// and returns its JSON value.
     pub fn eval_json(&self, expression: &str, directory: &Path) -> serde_json::Value {
@@ -100,15 +88,27 @@ impl Nix {
                 "--expr",
             ])
             .arg(expression);
-        serde_json::from_slice(&self.run(command)).expect("nix-instantiate printed invalid JSON")
+        serde_json::from_slice(&run(command)).expect("nix-instantiate printed invalid JSON")
     }
+}
 
-    /// Serialises a path with `nix-store --dump`.
-    pub fn dump(&self, path: &Path) -> Vec<u8> {
-        let mut command = Command::new("nix-store");
-        command.arg("--dump").arg(path);
-        self.run(command)
-    }
+/// Serialises a path with `nix-store --dump`.
+pub fn nix_store_dump(path: &Path) -> Vec<u8> {
+    let mut command = Command::new("nix-store");
+    command.arg("--dump").arg(path);
+    run(command)
+}
+
+/// Runs a command to completion and returns its standard output, failing the test with its
+/// standard error if it fails.
+pub fn run(mut command: Command) -> Vec<u8> {
+    let output = command.output().expect("starting a Nix command");
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        describe(&output)
+    );
+    output.stdout
 }
 
 /// The exit status and standard error of a finished command.
