@@ -1,0 +1,305 @@
+//! The builder's configuration: a TOML file (unknown keys refused, every field documented)
+//! validated into [`Config`], with every problem reported at once.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use error_context::{Classify, Severity};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    runner: RawRunner,
+    tls: RawTls,
+    builder: RawBuilder,
+    #[serde(default)]
+    executor: RawExecutor,
+    #[serde(default)]
+    reconnect: RawReconnect,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRunner {
+    /// The runner's gRPC endpoint, `https://host:port`.
+    url: String,
+    /// The name the runner's certificate must carry. Default: the URL's host.
+    domain: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    /// PEM file of the CA that signed the runner's certificate.
+    ca_certificate: PathBuf,
+    /// PEM file of this builder's certificate (role builder).
+    certificate: PathBuf,
+    /// PEM file of this builder's private key.
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuilder {
+    /// Systems this builder builds for: its own plus extra platforms.
+    systems: Vec<String>,
+    /// Features it offers (`kvm`, `big-parallel`, ...).
+    #[serde(default)]
+    supported_features: Vec<String>,
+    /// Features a step must require to be sent here.
+    #[serde(default)]
+    mandatory_features: Vec<String>,
+    /// Steps run at once. Default 1.
+    #[serde(default = "default_max_jobs")]
+    max_jobs: u32,
+    /// Relative speed; faster builders are preferred. Default 1.0.
+    #[serde(default = "default_speed_factor")]
+    speed_factor: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+enum RawExecutor {
+    /// Builds nothing: waits `build_ms` and reports the derivation's outputs with made-up hashes.
+    /// For tests and benchmarks of the control plane. A derivation whose environment sets
+    /// `DROVER_NOOP_FAIL` fails, with that value in its log.
+    Noop {
+        /// Milliseconds each step takes. Default 0.
+        #[serde(default)]
+        build_ms: u64,
+    },
+}
+
+impl Default for RawExecutor {
+    fn default() -> Self {
+        Self::Noop { build_ms: 0 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReconnect {
+    /// First delay before reconnecting, in milliseconds. Default 200.
+    #[serde(default = "default_initial_ms")]
+    initial_ms: u64,
+    /// Longest delay between attempts, in milliseconds. Default 10000.
+    #[serde(default = "default_max_ms")]
+    max_ms: u64,
+    /// Seconds without reaching the runner after which the builder exits non-zero. Default 300.
+    #[serde(default = "default_budget_secs")]
+    budget_secs: u64,
+}
+
+impl Default for RawReconnect {
+    fn default() -> Self {
+        Self {
+            initial_ms: default_initial_ms(),
+            max_ms: default_max_ms(),
+            budget_secs: default_budget_secs(),
+        }
+    }
+}
+
+const fn default_max_jobs() -> u32 {
+    1
+}
+const fn default_speed_factor() -> f64 {
+    1.0
+}
+const fn default_initial_ms() -> u64 {
+    200
+}
+const fn default_max_ms() -> u64 {
+    10_000
+}
+const fn default_budget_secs() -> u64 {
+    300
+}
+
+/// Which executor runs steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecutorConfig {
+    /// The noop executor.
+    Noop {
+        /// How long each step takes.
+        build_time: Duration,
+    },
+}
+
+/// How the builder retries reaching the runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconnectPolicy {
+    /// First delay.
+    pub initial: Duration,
+    /// Longest delay.
+    pub max: Duration,
+    /// Time without a successful Join after which the builder gives up.
+    pub budget: Duration,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Runner endpoint.
+    pub runner_url: String,
+    /// Name the runner's certificate must carry.
+    pub runner_domain: String,
+    /// CA file.
+    pub ca_certificate: PathBuf,
+    /// Certificate file.
+    pub certificate: PathBuf,
+    /// Key file.
+    pub key: PathBuf,
+    /// Systems.
+    pub systems: Vec<String>,
+    /// Supported features.
+    pub supported_features: Vec<String>,
+    /// Mandatory features.
+    pub mandatory_features: Vec<String>,
+    /// Max jobs.
+    pub max_jobs: u32,
+    /// Speed factor.
+    pub speed_factor: f64,
+    /// Executor.
+    pub executor: ExecutorConfig,
+    /// Reconnect policy.
+    pub reconnect: ReconnectPolicy,
+}
+
+/// Why the configuration cannot be used; the builder exits 78 (`EX_CONFIG`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("reading the configuration file")]
+    Read(#[source] std::io::Error),
+    /// Not valid TOML for this schema.
+    #[error("parsing {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's complaint.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// Values that cannot work, all of them.
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+impl Classify for ConfigError {
+    fn severity(&self) -> Severity {
+        Severity::Fatal
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs_err::read_to_string(path).map_err(ConfigError::Read)?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut problems = Vec::new();
+        let host = raw
+            .runner
+            .url
+            .strip_prefix("https://")
+            .and_then(|rest| rest.split([':', '/']).next())
+            .filter(|host| !host.is_empty());
+        if host.is_none() {
+            problems.push(format!(
+                "runner.url = {:?} must look like https://host:port",
+                raw.runner.url
+            ));
+        }
+        if raw.builder.systems.is_empty() {
+            problems.push("builder.systems is empty".to_owned());
+        }
+        if raw.builder.max_jobs == 0 {
+            problems.push("builder.max_jobs = 0: need at least 1".to_owned());
+        }
+        if !(raw.builder.speed_factor.is_finite() && raw.builder.speed_factor > 0.0) {
+            problems.push(format!(
+                "builder.speed_factor = {} must be positive",
+                raw.builder.speed_factor
+            ));
+        }
+        if raw.reconnect.initial_ms == 0 || raw.reconnect.max_ms < raw.reconnect.initial_ms {
+            problems.push("reconnect: need 0 < initial_ms <= max_ms".to_owned());
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        let runner_domain = raw
+            .runner
+            .domain
+            .unwrap_or_else(|| host.unwrap_or_default().to_owned());
+        let RawExecutor::Noop { build_ms } = raw.executor;
+        Ok(Self {
+            runner_url: raw.runner.url,
+            runner_domain,
+            ca_certificate: raw.tls.ca_certificate,
+            certificate: raw.tls.certificate,
+            key: raw.tls.key,
+            systems: raw.builder.systems,
+            supported_features: raw.builder.supported_features,
+            mandatory_features: raw.builder.mandatory_features,
+            max_jobs: raw.builder.max_jobs,
+            speed_factor: raw.builder.speed_factor,
+            executor: ExecutorConfig::Noop {
+                build_time: Duration::from_millis(build_ms),
+            },
+            reconnect: ReconnectPolicy {
+                initial: Duration::from_millis(raw.reconnect.initial_ms),
+                max: Duration::from_millis(raw.reconnect.max_ms),
+                budget: Duration::from_secs(raw.reconnect.budget_secs),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/config/builder.toml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.runner_domain, "runner.example.org");
+        assert_eq!(config.max_jobs, 4);
+        assert_eq!(
+            config.executor,
+            ExecutorConfig::Noop {
+                build_time: Duration::from_millis(100)
+            }
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [runner]
+            url = "http://nowhere"
+            [tls]
+            ca_certificate = "ca.pem"
+            certificate = "b.pem"
+            key = "b.key"
+            [builder]
+            systems = []
+            max_jobs = 0
+            speed_factor = -1.0
+        "#;
+        let Err(ConfigError::Invalid(problems)) = Config::parse(text, Path::new("b.toml")) else {
+            panic!("invalid config accepted");
+        };
+        assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+}

@@ -1,0 +1,10 @@
+//! The drover builder agent.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`tunnel`]: dialling the runner over mTLS, the session loop, log upload, reconnecting.
+//! - [`executor`]: running one step (the noop executor for now).
+
+pub mod config;
+pub mod executor;
+pub mod tunnel;

@@ -1,0 +1,76 @@
+//! `drover-builder`: reads its configuration and keeps a tunnel to the runner until SIGINT or
+//! SIGTERM. A configuration error exits 78 (`EX_CONFIG`); a refusal by the runner, or no session
+//! within the reconnect budget, prints the context chain and exits 1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use drover_builder::config::Config;
+use drover_builder::tunnel;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for an unusable configuration.
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(version, about = "The drover builder agent")]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, short, default_value = "/etc/drover/builder.toml")]
+    config: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!(
+                "drover-builder: {}: {}",
+                cli.config.display(),
+                error_context::report(&error)
+            );
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let run = tunnel::run(&config, &shutdown);
+    tokio::pin!(run);
+    let result = tokio::select! {
+        result = &mut run => result,
+        () = termination() => {
+            shutdown.cancel();
+            run.await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("drover-builder: {}", error.report());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+}

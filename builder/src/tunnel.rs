@@ -1,0 +1,300 @@
+//! The builder's side of the tunnel: dial the runner with the builder's certificate, Join, run
+//! the steps it sends (at most `max_jobs` at once), upload each log on its own stream, report each
+//! result, and ping. When the tunnel drops, [`run`] reconnects under the [`ReconnectPolicy`];
+//! refusals that retrying cannot fix (wrong API version, bad certificate, wrong role) end the
+//! builder.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use drover_proto::API_VERSION;
+use drover_proto::v1::builder_message::Message as Outbound;
+use drover_proto::v1::builder_service_client::BuilderServiceClient;
+use drover_proto::v1::runner_message::Message as Inbound;
+use drover_proto::v1::{
+    BuilderMessage, BuiltOutput as WireOutput, Join, LogChunk, Ping, StepOutcome, StepResult,
+};
+use error_context::{Classify, ResultExt as _, Severity, WithContext};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::config::{Config, ReconnectPolicy};
+use crate::executor::{Executor, Outcome, Report};
+
+/// Log bytes per upload message.
+const LOG_CHUNK: usize = 64 * 1024;
+
+/// Messages queued towards the runner.
+const OUTBOX: usize = 256;
+
+/// One step the runner gave this builder.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The attempt id to quote.
+    pub attempt_id: String,
+    /// The derivation.
+    pub drv_path: String,
+    /// Its text.
+    pub drv_text: Vec<u8>,
+    /// Its outputs, name to path.
+    pub outputs: BTreeMap<String, String>,
+}
+
+/// Why the builder lost or could not get its tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// A certificate or key file cannot be read.
+    #[error("reading {path}")]
+    ReadTls {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The endpoint or TLS settings are unusable, or the connection failed.
+    #[error("connecting to the runner")]
+    Connect(#[source] tonic::transport::Error),
+    /// The runner refused or ended the tunnel.
+    #[error("the runner ended the tunnel: {}", .0.message())]
+    Status(tonic::Status),
+    /// The runner closed the tunnel.
+    #[error("the runner closed the tunnel")]
+    Closed,
+    /// The runner did not answer Join with Joined.
+    #[error("the runner did not acknowledge Join")]
+    NotJoined,
+}
+
+impl Classify for TunnelError {
+    /// A refusal retrying cannot fix is fatal; anything else ends this session and is retried.
+    fn severity(&self) -> Severity {
+        match self {
+            Self::ReadTls { .. } => Severity::Fatal,
+            Self::Status(status)
+                if matches!(
+                    status.code(),
+                    Code::Unauthenticated
+                        | Code::PermissionDenied
+                        | Code::FailedPrecondition
+                        | Code::InvalidArgument
+                ) =>
+            {
+                Severity::Fatal
+            }
+            Self::Connect(_) | Self::Status(_) | Self::Closed | Self::NotJoined => {
+                Severity::Session
+            }
+        }
+    }
+}
+
+/// Keeps a tunnel to the runner until `shutdown`, reconnecting with exponential backoff; fails
+/// on a fatal refusal or when no Join succeeded within the reconnect budget.
+pub async fn run(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<(), WithContext<TunnelError>> {
+    let executor = match config.executor {
+        crate::config::ExecutorConfig::Noop { build_time } => Executor::Noop { build_time },
+    };
+    let policy = &config.reconnect;
+    let mut delay = policy.initial;
+    let mut last_joined = Instant::now();
+    loop {
+        let mut joined = false;
+        let result = session(config, &executor, shutdown, &mut joined).await;
+        if joined {
+            last_joined = Instant::now();
+            delay = policy.initial;
+        }
+        let error = match result {
+            Ok(()) => return Ok(()),
+            Err(error) if error.severity() == Severity::Fatal => {
+                return Err(WithContext::from(error)).context("the runner refused this builder");
+            }
+            Err(error) => error,
+        };
+        if last_joined.elapsed() >= policy.budget {
+            return Err(WithContext::from(error))
+                .with_context(|| format!("no session with the runner for {:?}", policy.budget));
+        }
+        tracing::warn!(error = %error_context::report(&error), retry_in = ?delay, "tunnel lost");
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = next_delay(delay, policy);
+    }
+}
+
+fn next_delay(delay: Duration, policy: &ReconnectPolicy) -> Duration {
+    (delay * 2).min(policy.max)
+}
+
+async fn connect(config: &Config) -> Result<Channel, TunnelError> {
+    let read = |path: &std::path::PathBuf| {
+        fs_err::read(path).map_err(|source| TunnelError::ReadTls {
+            path: path.clone(),
+            source,
+        })
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&config.ca_certificate)?))
+        .identity(Identity::from_pem(
+            read(&config.certificate)?,
+            read(&config.key)?,
+        ))
+        .domain_name(config.runner_domain.clone());
+    Endpoint::from_shared(config.runner_url.clone())
+        .map_err(TunnelError::Connect)?
+        .tls_config(tls)
+        .map_err(TunnelError::Connect)?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .connect()
+        .await
+        .map_err(TunnelError::Connect)
+}
+
+/// One tunnel's life. Sets `joined` once the runner accepted Join.
+async fn session(
+    config: &Config,
+    executor: &Executor,
+    shutdown: &CancellationToken,
+    joined: &mut bool,
+) -> Result<(), TunnelError> {
+    let channel = connect(config).await?;
+    let mut client = BuilderServiceClient::new(channel);
+    let (outbox, receiver) = mpsc::channel(OUTBOX);
+    let join = Join {
+        api_version: API_VERSION.to_owned(),
+        systems: config.systems.clone(),
+        supported_features: config.supported_features.clone(),
+        mandatory_features: config.mandatory_features.clone(),
+        max_jobs: config.max_jobs,
+        speed_factor: config.speed_factor,
+        nix_version: String::new(),
+    };
+    send(&outbox, Outbound::Join(join)).await?;
+    let mut inbound = client
+        .open_tunnel(ReceiverStream::new(receiver))
+        .await
+        .map_err(TunnelError::Status)?
+        .into_inner();
+    let ping_interval = match inbound.message().await.map_err(TunnelError::Status)? {
+        Some(drover_proto::v1::RunnerMessage {
+            message: Some(Inbound::Joined(joined)),
+        }) => Duration::from_millis(joined.ping_interval_ms.max(100)),
+        _ => return Err(TunnelError::NotJoined),
+    };
+    *joined = true;
+    tracing::info!(runner = %config.runner_url, "joined the runner");
+
+    let mut jobs: JoinSet<(Job, Report)> = JoinSet::new();
+    let mut aborts: HashMap<String, CancellationToken> = HashMap::new();
+    let mut ping = tokio::time::interval(ping_interval);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            _ = ping.tick() => {
+                let running = u32::try_from(jobs.len()).unwrap_or(u32::MAX);
+                send(&outbox, Outbound::Ping(Ping { running, ..Ping::default() })).await?;
+            }
+            message = inbound.message() => match message.map_err(TunnelError::Status)? {
+                Some(message) => match message.message {
+                    Some(Inbound::Build(build)) => {
+                        let job = Job {
+                            attempt_id: build.attempt_id,
+                            drv_path: build.drv_path,
+                            drv_text: build.drv_text,
+                            outputs: build.outputs.into_iter().collect(),
+                        };
+                        let abort = CancellationToken::new();
+                        aborts.insert(job.attempt_id.clone(), abort.clone());
+                        let executor = executor.clone();
+                        jobs.spawn(async move {
+                            let report = executor.run(&job, &abort).await;
+                            (job, report)
+                        });
+                    }
+                    Some(Inbound::Abort(abort)) => {
+                        if let Some(token) = aborts.get(&abort.attempt_id) {
+                            token.cancel();
+                        }
+                    }
+                    Some(Inbound::Ping(_) | Inbound::Joined(_)) | None => {}
+                },
+                None => return Err(TunnelError::Closed),
+            },
+            Some(finished) = jobs.join_next() => {
+                let Ok((job, report)) = finished else { continue };
+                aborts.remove(&job.attempt_id);
+                upload_log(&mut client, &job.attempt_id, &report.log).await?;
+                send(&outbox, Outbound::StepResult(result_message(&job, report))).await?;
+            }
+        }
+    }
+}
+
+async fn send(outbox: &mpsc::Sender<BuilderMessage>, message: Outbound) -> Result<(), TunnelError> {
+    outbox
+        .send(BuilderMessage {
+            message: Some(message),
+        })
+        .await
+        .map_err(|_| TunnelError::Closed)
+}
+
+async fn upload_log(
+    client: &mut BuilderServiceClient<Channel>,
+    attempt_id: &str,
+    log: &[u8],
+) -> Result<(), TunnelError> {
+    let mut chunks: Vec<LogChunk> = log
+        .chunks(LOG_CHUNK)
+        .map(|data| LogChunk {
+            attempt_id: attempt_id.to_owned(),
+            data: data.to_vec(),
+        })
+        .collect();
+    if chunks.is_empty() {
+        chunks.push(LogChunk {
+            attempt_id: attempt_id.to_owned(),
+            data: Vec::new(),
+        });
+    }
+    client
+        .upload_log(tokio_stream::iter(chunks))
+        .await
+        .map_err(TunnelError::Status)?;
+    Ok(())
+}
+
+fn result_message(job: &Job, report: Report) -> StepResult {
+    let outcome = match report.outcome {
+        Outcome::Succeeded => StepOutcome::Succeeded,
+        Outcome::Failed => StepOutcome::Failed,
+        Outcome::InfrastructureFailure => StepOutcome::InfrastructureFailure,
+    };
+    StepResult {
+        attempt_id: job.attempt_id.clone(),
+        outcome: outcome.into(),
+        message: report.message,
+        outputs: report
+            .outputs
+            .into_iter()
+            .map(|output| WireOutput {
+                name: output.name,
+                path: output.path,
+                nar_hash: output.nar_hash,
+                nar_size: output.nar_size,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,29 @@
+//! Compiles the drover.v1 protocol with protox (pure Rust, no protoc) and derives the API version
+//! from the protocol files' bytes, so any change to the protocol changes the version builders
+//! must present at Join.
+
+use std::error::Error;
+
+const PROTOS: [&str; 2] = [
+    "proto/drover/v1/builder.proto",
+    "proto/drover/v1/build.proto",
+];
+
+fn main() -> Result<(), Box<dyn Error>> {
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+
+    // FNV-1a over the protocol files: stable across machines and toolchains.
+    let mut fingerprint: u64 = 0xcbf2_9ce4_8422_2325;
+    for proto in PROTOS {
+        for byte in fs_err::read(proto)? {
+            fingerprint ^= u64::from(byte);
+            fingerprint = fingerprint.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    println!("cargo:rustc-env=DROVER_API_VERSION=v1-{fingerprint:016x}");
+    Ok(())
+}

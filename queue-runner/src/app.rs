@@ -1,0 +1,200 @@
+//! Assembling and running the runner: connect PostgreSQL and migrate, load certificates, bind the
+//! gRPC socket, start the supervised tasks, and wait for the first of them to end.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_proto::v1::BuildLimits;
+use drover_proto::v1::build_service_server::BuildServiceServer;
+use drover_proto::v1::builder_service_server::BuilderServiceServer;
+use error_context::{Classify, Severity, WithContext};
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::config::Config;
+use crate::db::{self, DbError};
+use crate::grpc::build_service::BuildServiceImpl;
+use crate::grpc::tunnel::BuilderServiceImpl;
+use crate::logs::LogStore;
+use crate::scheduler::attempts::Attempts;
+use crate::scheduler::{Scheduler, SchedulerLimits, ingest};
+use crate::tasks::Supervisor;
+
+/// Events buffered between builder sessions and the scheduler.
+const EVENT_QUEUE: usize = 4096;
+
+/// Why the runner cannot start or had to stop. Every variant is fatal.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The database failed.
+    #[error("the database failed")]
+    Database(#[source] WithContext<DbError>),
+    /// A certificate or key file cannot be read.
+    #[error("reading {path}")]
+    ReadTls {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The log directory cannot be created.
+    #[error("creating the log directory")]
+    LogDirectory(#[source] std::io::Error),
+    /// The gRPC socket cannot be bound.
+    #[error("binding {address}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS configuration was refused, or the server failed.
+    #[error("serving gRPC")]
+    Serve(#[source] tonic::transport::Error),
+    /// A critical task returned while the runner was not shutting down.
+    #[error("the {0} task ended unexpectedly")]
+    TaskEnded(&'static str),
+    /// A critical task panicked.
+    #[error("a critical task panicked: {0}")]
+    TaskPanicked(String),
+}
+
+impl Classify for RunnerError {
+    fn severity(&self) -> Severity {
+        Severity::Fatal
+    }
+}
+
+/// A started runner.
+pub struct Runner {
+    /// The address the gRPC server is bound to.
+    pub grpc_address: SocketAddr,
+    shutdown: CancellationToken,
+    supervisor: Supervisor<RunnerError>,
+}
+
+/// Connects, migrates, binds and starts every task; returns once the runner serves.
+pub async fn start(
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<Runner, WithContext<RunnerError>> {
+    fs_err::create_dir_all(&config.log_directory).map_err(RunnerError::LogDirectory)?;
+    let pool = db::pool(&config.database_url, config.pool_size)
+        .map_err(|error| RunnerError::Database(error.into()))?;
+    let applied = db::migrate(&pool).await.map_err(|error| {
+        RunnerError::Database(WithContext::from(error).context("migrating the schema"))
+    })?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, "database migrated");
+    }
+    let tls = tls_config(&config)?;
+    let listener = tokio::net::TcpListener::bind(config.grpc_listen)
+        .await
+        .map_err(|source| RunnerError::Bind {
+            address: config.grpc_listen,
+            source,
+        })?;
+    let grpc_address = listener.local_addr().map_err(|source| RunnerError::Bind {
+        address: config.grpc_listen,
+        source,
+    })?;
+
+    let logs = LogStore::new(config.log_directory.clone(), config.max_log_bytes);
+    let attempts = Attempts::default();
+    let (events, receiver) = mpsc::channel(EVENT_QUEUE);
+    let builds_queued = Arc::new(Notify::new());
+    let limits = SchedulerLimits {
+        max_builder_losses: config.max_builder_losses,
+        build_limits: BuildLimits {
+            timeout_ms: 0,
+            max_silent_ms: 0,
+            max_log_bytes: config.max_log_bytes,
+        },
+    };
+    let mut supervisor = Supervisor::new();
+    let scheduler = Scheduler::new(pool.clone(), attempts.clone(), limits);
+    let scheduler_run = scheduler.run(receiver, builds_queued.clone(), shutdown.clone());
+    supervisor.spawn_critical("scheduler", async move {
+        scheduler_run.await.map_err(RunnerError::Database)
+    });
+    let listen = ingest::listen(config.database_url.clone(), builds_queued, shutdown.clone());
+    supervisor.spawn_critical("ingest listener", async move {
+        listen.await.map_err(RunnerError::Database)
+    });
+
+    let builder_service = BuilderServiceImpl::new(
+        events,
+        attempts,
+        logs.clone(),
+        pool.clone(),
+        (config.ping_interval, config.liveness_timeout),
+        shutdown.clone(),
+    );
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<BuilderServiceServer<BuilderServiceImpl>>()
+        .await;
+    let server = Server::builder()
+        .tls_config(tls)
+        .map_err(RunnerError::Serve)?
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .add_service(health_service)
+        .add_service(BuilderServiceServer::new(builder_service))
+        .add_service(BuildServiceServer::new(BuildServiceImpl::new(pool, logs)))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    supervisor.spawn_critical("grpc server", async move {
+        server.await.map_err(RunnerError::Serve)
+    });
+    tracing::info!(%grpc_address, version = env!("CARGO_PKG_VERSION"), api = drover_proto::API_VERSION, "queue runner serving");
+    Ok(Runner {
+        grpc_address,
+        shutdown,
+        supervisor,
+    })
+}
+
+fn tls_config(config: &Config) -> Result<ServerTlsConfig, RunnerError> {
+    let read = |path: &PathBuf| {
+        fs_err::read(path).map_err(|source| RunnerError::ReadTls {
+            path: path.clone(),
+            source,
+        })
+    };
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read(&config.certificate)?,
+            read(&config.key)?,
+        ))
+        .client_ca_root(Certificate::from_pem(read(&config.ca_certificate)?))
+        .client_auth_optional(false))
+}
+
+impl Runner {
+    /// Waits until a critical task ends. After a requested shutdown that is success; otherwise
+    /// it is the fatal error the runner exits with. The other tasks are then told to stop.
+    pub async fn wait(mut self) -> Result<(), WithContext<RunnerError>> {
+        let first = self.supervisor.next_exit().await;
+        let shutting_down = self.shutdown.is_cancelled();
+        self.shutdown.cancel();
+        let result = match first {
+            None => Ok(()),
+            Some(Ok((_, Ok(())))) if shutting_down => Ok(()),
+            Some(Ok((name, Ok(())))) => Err(RunnerError::TaskEnded(name).into()),
+            Some(Ok((name, Err(error)))) => {
+                Err(WithContext::from(error).context(format!("the {name} task failed")))
+            }
+            Some(Err(panic)) => Err(RunnerError::TaskPanicked(panic).into()),
+        };
+        while self.supervisor.next_exit().await.is_some() {}
+        result
+    }
+}

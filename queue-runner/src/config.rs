@@ -1,0 +1,254 @@
+//! The runner's configuration: a TOML file read into raw serde structs (every field documented,
+//! unknown keys refused), then validated into [`Config`], reporting every problem at once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use error_context::{Classify, Severity};
+use serde::Deserialize;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database: RawDatabase,
+    grpc: RawGrpc,
+    tls: RawTls,
+    logs: RawLogs,
+    #[serde(default)]
+    builders: RawBuilders,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    /// libpq-style connection string, e.g. `host=/run/postgresql dbname=drover user=drover`.
+    url: String,
+    /// Connections in the pool. Default 8.
+    #[serde(default = "default_pool_size")]
+    pool_size: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrpc {
+    /// Address the mTLS gRPC server binds, e.g. `0.0.0.0:7700`; port 0 picks a free port.
+    listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    /// PEM file of the CA that signs builder and client certificates.
+    ca_certificate: PathBuf,
+    /// PEM file of the runner's certificate.
+    certificate: PathBuf,
+    /// PEM file of the runner's private key.
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogs {
+    /// Directory for zstd-compressed step logs; created if missing.
+    directory: PathBuf,
+    /// Largest log kept per attempt, in bytes; the rest is dropped and counted. Default 64 MiB.
+    #[serde(default = "default_max_log_bytes")]
+    max_bytes: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuilders {
+    /// How often builders ping, in seconds. Default 10.
+    #[serde(default = "default_ping_interval_secs")]
+    ping_interval_secs: u64,
+    /// A builder silent for this many seconds is disconnected and its steps requeued. Default 30.
+    #[serde(default = "default_liveness_timeout_secs")]
+    liveness_timeout_secs: u64,
+    /// A step whose builder disconnected this many times fails as `builder_lost`. Default 5.
+    #[serde(default = "default_max_builder_losses")]
+    max_builder_losses: u32,
+}
+
+impl Default for RawBuilders {
+    fn default() -> Self {
+        Self {
+            ping_interval_secs: default_ping_interval_secs(),
+            liveness_timeout_secs: default_liveness_timeout_secs(),
+            max_builder_losses: default_max_builder_losses(),
+        }
+    }
+}
+
+const fn default_pool_size() -> usize {
+    8
+}
+const fn default_max_log_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+const fn default_ping_interval_secs() -> u64 {
+    10
+}
+const fn default_liveness_timeout_secs() -> u64 {
+    30
+}
+const fn default_max_builder_losses() -> u32 {
+    5
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// PostgreSQL connection string.
+    pub database_url: String,
+    /// Pool size.
+    pub pool_size: usize,
+    /// gRPC listen address.
+    pub grpc_listen: SocketAddr,
+    /// CA certificate file.
+    pub ca_certificate: PathBuf,
+    /// Runner certificate file.
+    pub certificate: PathBuf,
+    /// Runner key file.
+    pub key: PathBuf,
+    /// Log directory.
+    pub log_directory: PathBuf,
+    /// Log limit per attempt.
+    pub max_log_bytes: u64,
+    /// Builder ping interval.
+    pub ping_interval: Duration,
+    /// Builder liveness deadline.
+    pub liveness_timeout: Duration,
+    /// Builder losses a step survives.
+    pub max_builder_losses: u32,
+}
+
+/// Why the configuration cannot be used. The process exits with `EX_CONFIG` (78).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("reading the configuration file")]
+    Read(#[source] std::io::Error),
+    /// The file is not valid TOML for this schema.
+    #[error("parsing {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's complaint (names the key and line).
+        #[source]
+        source: toml::de::Error,
+    },
+    /// Values that parse but cannot work, all of them.
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+impl Classify for ConfigError {
+    fn severity(&self) -> Severity {
+        Severity::Fatal
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs_err::read_to_string(path).map_err(ConfigError::Read)?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut problems = Vec::new();
+        let grpc_listen = raw.grpc.listen.parse().unwrap_or_else(|_| {
+            problems.push(format!(
+                "grpc.listen = {:?} is not an address like 0.0.0.0:7700",
+                raw.grpc.listen
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        if raw.database.url.trim().is_empty() {
+            problems.push("database.url is empty".to_owned());
+        }
+        if raw.database.pool_size == 0 {
+            problems.push("database.pool_size = 0: need at least 1".to_owned());
+        }
+        if raw.builders.ping_interval_secs == 0 {
+            problems.push("builders.ping_interval_secs = 0: need at least 1".to_owned());
+        }
+        if raw.builders.liveness_timeout_secs <= raw.builders.ping_interval_secs {
+            problems.push(format!(
+                "builders.liveness_timeout_secs = {} must exceed builders.ping_interval_secs = {}",
+                raw.builders.liveness_timeout_secs, raw.builders.ping_interval_secs
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        Ok(Self {
+            database_url: raw.database.url,
+            pool_size: raw.database.pool_size,
+            grpc_listen,
+            ca_certificate: raw.tls.ca_certificate,
+            certificate: raw.tls.certificate,
+            key: raw.tls.key,
+            log_directory: raw.logs.directory,
+            max_log_bytes: raw.logs.max_bytes,
+            ping_interval: Duration::from_secs(raw.builders.ping_interval_secs),
+            liveness_timeout: Duration::from_secs(raw.builders.liveness_timeout_secs),
+            max_builder_losses: raw.builders.max_builder_losses,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_loads() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/config/queue-runner.toml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.ping_interval, Duration::from_secs(10));
+        assert_eq!(config.max_builder_losses, 5);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [database]
+            url = ""
+            pool_size = 0
+            [grpc]
+            listen = "nowhere"
+            [tls]
+            ca_certificate = "ca.pem"
+            certificate = "r.pem"
+            key = "r.key"
+            [logs]
+            directory = "logs"
+            [builders]
+            ping_interval_secs = 10
+            liveness_timeout_secs = 5
+        "#;
+        let Err(ConfigError::Invalid(problems)) = Config::parse(text, Path::new("t.toml")) else {
+            panic!("invalid config accepted");
+        };
+        assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = "[database]\nurl = \"x\"\nbogus = 1\n";
+        assert!(matches!(
+            Config::parse(text, Path::new("t.toml")),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+}

@@ -1,0 +1,71 @@
+//! Versioned migrations embedded in the binary, applied in order at start (and by
+//! `drover-queue-runner migrate`) under an advisory lock, each in its own transaction.
+
+use super::{DbError, Pool};
+
+/// Every migration, in order. Never edit one that has shipped; add a new one.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "initial schema",
+    include_str!("../../migrations/0001_initial.sql"),
+)];
+
+/// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).
+const MIGRATION_LOCK: i64 = 0x6472_6f76_6572; // "drover"
+
+/// Applies every migration the database lacks; returns the versions applied.
+pub async fn migrate(pool: &Pool) -> Result<Vec<i32>, DbError> {
+    let mut client = pool.get().await.map_err(DbError::Connection)?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version     integer PRIMARY KEY,
+                description text NOT NULL,
+                applied_at  timestamptz NOT NULL DEFAULT now()
+            );
+            COMMENT ON TABLE schema_migrations IS 'Migrations applied to this database.';",
+        )
+        .await
+        .map_err(DbError::query("creating schema_migrations"))?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(DbError::query("taking the migration lock"))?;
+    let mut applied = Vec::new();
+    for (version, description, sql) in MIGRATIONS {
+        let transaction = client
+            .transaction()
+            .await
+            .map_err(DbError::query("starting a migration"))?;
+        let done = transaction
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[version],
+            )
+            .await
+            .map_err(DbError::query("reading schema_migrations"))?;
+        if done.is_none() {
+            transaction
+                .batch_execute(sql)
+                .await
+                .map_err(DbError::query("applying a migration"))?;
+            transaction
+                .execute(
+                    "INSERT INTO schema_migrations (version, description) VALUES ($1, $2)",
+                    &[version, description],
+                )
+                .await
+                .map_err(DbError::query("recording a migration"))?;
+            applied.push(*version);
+        }
+        transaction
+            .commit()
+            .await
+            .map_err(DbError::query("committing a migration"))?;
+    }
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(DbError::query("releasing the migration lock"))?;
+    Ok(applied)
+}

@@ -1,0 +1,82 @@
+//! PostgreSQL access: the connection pool, the embedded migrations and the queries, each a small
+//! function named after what it does. Nothing here holds a transaction across network I/O to a
+//! builder.
+
+mod migrations;
+pub mod queries;
+
+use error_context::{Classify, Severity};
+
+pub use migrations::migrate;
+
+/// A pool of connections.
+pub type Pool = deadpool_postgres::Pool;
+
+/// Why a database operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The pool could not be created from the connection string.
+    #[error("configuring the database pool")]
+    Configure(#[source] deadpool_postgres::CreatePoolError),
+    /// No connection could be had.
+    #[error("getting a database connection")]
+    Connection(#[source] deadpool_postgres::PoolError),
+    /// A connection the runner keeps open closed.
+    #[error("{0} closed")]
+    ConnectionClosed(&'static str),
+    /// A statement failed.
+    #[error("{what}")]
+    Query {
+        /// What the statement was for.
+        what: &'static str,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl DbError {
+    /// Wraps a driver error with what the statement was for.
+    pub fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Self {
+        move |source| Self::Query { what, source }
+    }
+}
+
+impl Classify for DbError {
+    /// Serialization failures and deadlocks can be retried; anything else means the database is
+    /// gone or broken, which the runner cannot work without.
+    fn severity(&self) -> Severity {
+        match self {
+            Self::Query { source, .. }
+                if source
+                    .code()
+                    .is_some_and(|code| code.code().starts_with("40")) =>
+            {
+                Severity::Step
+            }
+            Self::Configure(_)
+            | Self::Connection(_)
+            | Self::ConnectionClosed(_)
+            | Self::Query { .. } => Severity::Fatal,
+        }
+    }
+}
+
+/// Creates a pool for a libpq-style connection string; connects lazily.
+pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
+    let pg_config: tokio_postgres::Config = url.parse().map_err(|source| DbError::Query {
+        what: "parsing the database connection string",
+        source,
+    })?;
+    let manager = deadpool_postgres::Manager::from_config(
+        pg_config,
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(size)
+        .build()
+        .map_err(|error| DbError::Configure(deadpool_postgres::CreatePoolError::Build(error)))
+}

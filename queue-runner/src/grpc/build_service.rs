@@ -1,0 +1,186 @@
+//! `BuildService`: submitting builds and reading them back. Submit verifies the whole derivation
+//! closure before it writes anything, and writes the derivations and the build in one
+//! transaction, so a refused submission leaves no trace.
+
+use std::collections::BTreeMap;
+
+use drover_proto::v1::build_service_server::BuildService;
+use drover_proto::v1::{
+    BuildStatus, GetLogRequest, GetLogResponse, GetRequest, GetResponse, SubmitRequest,
+    SubmitResponse,
+};
+use drover_tls::Role;
+use error_context::{Classify, Severity};
+use tonic::{Request, Response, Status};
+
+use super::auth;
+use crate::db::queries;
+use crate::db::{DbError, Pool};
+use crate::logs::LogStore;
+use crate::scheduler::ingest::complete_closure;
+use crate::verify::{self, VerifyError};
+
+/// Why a Submit was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The closure does not verify.
+    #[error("the submitted derivations do not verify")]
+    Verify(#[from] VerifyError),
+    /// The metadata cannot be stored.
+    #[error("the metadata cannot be stored")]
+    Metadata(#[source] serde_json::Error),
+    /// The database failed.
+    #[error("storing the build")]
+    Database(#[from] DbError),
+}
+
+impl Classify for SubmitError {
+    fn severity(&self) -> Severity {
+        match self {
+            Self::Verify(_) | Self::Metadata(_) => Severity::Reject,
+            Self::Database(error) => error.severity(),
+        }
+    }
+}
+
+impl From<SubmitError> for Status {
+    fn from(error: SubmitError) -> Self {
+        let message = error_context::report(&error).to_string();
+        match error {
+            SubmitError::Verify(VerifyError::Unsupported { .. }) => {
+                Status::failed_precondition(message)
+            }
+            SubmitError::Verify(_) | SubmitError::Metadata(_) => Status::invalid_argument(message),
+            SubmitError::Database(_) => Status::unavailable(message),
+        }
+    }
+}
+
+/// The build service.
+pub struct BuildServiceImpl {
+    pool: Pool,
+    logs: LogStore,
+}
+
+/// Roles that may use the build service.
+const CALLERS: &[Role] = &[Role::Client, Role::Admin];
+
+impl BuildServiceImpl {
+    /// A service over `pool`.
+    #[must_use]
+    pub fn new(pool: Pool, logs: LogStore) -> Self {
+        Self { pool, logs }
+    }
+
+    async fn submit(&self, request: SubmitRequest) -> Result<i64, SubmitError> {
+        let top = verify::parse_path(&request.top_drv_path)?;
+        let mut parsed = BTreeMap::new();
+        for given in request.derivations {
+            let path = verify::parse_path(&given.path)?;
+            let derivation = verify::parse_derivation(&path, &given.text)?;
+            parsed.insert(path, (given.text, derivation));
+        }
+        let submitted: Vec<_> = parsed.keys().cloned().collect();
+        let mut client = self.pool.get().await.map_err(DbError::Connection)?;
+        complete_closure(&client, &top, &mut parsed).await??;
+        let closure = verify::verify_closure(&top, &parsed)?;
+        let new: Vec<(String, Vec<u8>)> = submitted
+            .iter()
+            .filter_map(|path| {
+                closure
+                    .derivations
+                    .get(path)
+                    .map(|verified| (path.to_absolute(), verified.text.clone()))
+            })
+            .collect();
+        let metadata = serde_json::to_value(request.metadata).map_err(SubmitError::Metadata)?;
+        let transaction = client
+            .transaction()
+            .await
+            .map_err(DbError::query("starting a submission"))?;
+        let id = queries::insert_build(
+            &transaction,
+            &new,
+            &top.to_absolute(),
+            request.priority,
+            &metadata,
+        )
+        .await?;
+        transaction
+            .commit()
+            .await
+            .map_err(DbError::query("committing a submission"))?;
+        tracing::info!(build = id, top = %top, derivations = new.len(), "build submitted");
+        Ok(id)
+    }
+}
+
+fn unavailable(error: &DbError) -> Status {
+    Status::unavailable(error_context::report(error).to_string())
+}
+
+#[tonic::async_trait]
+impl BuildService for BuildServiceImpl {
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        auth::require(&request, CALLERS)?;
+        let build_id = self.submit(request.into_inner()).await?;
+        Ok(Response::new(SubmitResponse { build_id }))
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        auth::require(&request, CALLERS)?;
+        let id = request.into_inner().build_id;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| unavailable(&DbError::Connection(error)))?;
+        let build = queries::build(&client, id)
+            .await
+            .map_err(|error| unavailable(&error))?
+            .ok_or_else(|| Status::not_found(format!("no build {id}")))?;
+        let status = match build.status.as_str() {
+            "queued" => BuildStatus::Queued,
+            "running" => BuildStatus::Running,
+            "succeeded" => BuildStatus::Succeeded,
+            "failed" => BuildStatus::Failed,
+            "dep_failed" => BuildStatus::DepFailed,
+            "cancelled" => BuildStatus::Cancelled,
+            _ => BuildStatus::Unknown,
+        };
+        let metadata = serde_json::from_value(build.metadata).unwrap_or_default();
+        Ok(Response::new(GetResponse {
+            build_id: id,
+            status: status.into(),
+            top_drv_path: build.drv_path,
+            metadata,
+            failure_reason: build.failure_reason.unwrap_or_default(),
+            outputs: build.outputs.into_iter().collect(),
+        }))
+    }
+
+    async fn get_log(
+        &self,
+        request: Request<GetLogRequest>,
+    ) -> Result<Response<GetLogResponse>, Status> {
+        auth::require(&request, CALLERS)?;
+        let drv_path = request.into_inner().drv_path;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| unavailable(&DbError::Connection(error)))?;
+        let file = queries::latest_log_file(&client, &drv_path)
+            .await
+            .map_err(|error| unavailable(&error))?
+            .ok_or_else(|| Status::not_found(format!("no log for {drv_path}")))?;
+        let log = self.logs.read(&file).map_err(|error| {
+            tracing::error!(%file, %error, "reading a stored log failed");
+            Status::internal("reading the stored log failed")
+        })?;
+        Ok(Response::new(GetLogResponse { log }))
+    }
+}

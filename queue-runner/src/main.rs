@@ -1,0 +1,105 @@
+//! `drover-queue-runner`: reads its configuration, then runs the runner until SIGINT or SIGTERM
+//! (or migrates the database and exits). A configuration error exits 78 (`EX_CONFIG`, which the
+//! systemd unit does not restart on); a fatal error prints its whole context chain and exits 1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use drover_queue_runner::config::Config;
+use drover_queue_runner::{app, db};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for an unusable configuration.
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(version, about = "The drover queue runner")]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, short, default_value = "/etc/drover/queue-runner.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the queue runner (the default).
+    Run,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!(
+                "drover-queue-runner: {}: {}",
+                cli.config.display(),
+                error_context::report(&error)
+            );
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Migrate => migrate(&config).await,
+        Command::Run => run(config).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(report) => {
+            eprintln!("drover-queue-runner: {report}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(config: &Config) -> Result<(), String> {
+    let pool =
+        db::pool(&config.database_url, 1).map_err(|e| error_context::report(&e).to_string())?;
+    let applied = db::migrate(&pool)
+        .await
+        .map_err(|e| error_context::report(&e).to_string())?;
+    println!("applied migrations: {applied:?}");
+    Ok(())
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    let shutdown = CancellationToken::new();
+    let runner = app::start(config, shutdown.clone())
+        .await
+        .map_err(|e| e.report().to_string())?;
+    let signals = shutdown.clone();
+    let waiting = runner.wait();
+    tokio::pin!(waiting);
+    tokio::select! {
+        result = &mut waiting => return result.map_err(|e| e.report().to_string()),
+        () = termination() => signals.cancel(),
+    }
+    waiting.await.map_err(|e| e.report().to_string())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,314 @@
+//! Ingest: expanding queued builds into steps. Durable, not payload-driven: builds waiting for the
+//! runner are the rows with `ingested_at IS NULL`, and the runner drains them on every wake-up
+//! (NOTIFY on a dedicated LISTEN connection) and every (re)connect, so nothing queued while the
+//! runner was down or disconnected is lost.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use error_context::{ResultExt as _, WithContext};
+use futures_util::StreamExt as _;
+use nix_primitives::{Derivation, StorePath};
+use tokio::sync::Notify;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+
+use super::graph::{NewStep, Requirements, StepGraph, StepId};
+use crate::db::queries::{self, BuildSelection, QueuedBuild, StepSpec};
+use crate::db::{DbError, Pool};
+use crate::verify::{self, VerifiedClosure, VerifyError};
+
+/// The channel the builds trigger notifies.
+pub const CHANNEL: &str = "drover_builds_queued";
+
+/// Builds expanded per query.
+const BATCH: i64 = 200;
+
+/// Consecutive failed (re)connections of the LISTEN connection before the database counts as
+/// lost, which is fatal.
+const LISTEN_RECONNECTS: u32 = 5;
+
+/// Keeps a dedicated connection listening on [`CHANNEL`] and wakes the scheduler on every
+/// notification and after every (re)connect.
+pub async fn listen(
+    url: String,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> Result<(), WithContext<DbError>> {
+    let mut failures = 0;
+    loop {
+        match listen_once(&url, &wake, &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(error) => {
+                failures += 1;
+                if failures >= LISTEN_RECONNECTS {
+                    return Err(error).context("the LISTEN connection failed repeatedly");
+                }
+                tracing::warn!(error = %error.report(), "LISTEN connection lost; reconnecting");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_millis(200 << failures)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// One LISTEN connection's life; `Ok` only on shutdown.
+async fn listen_once(
+    url: &str,
+    wake: &Notify,
+    shutdown: &CancellationToken,
+) -> Result<(), WithContext<DbError>> {
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(DbError::query("opening the LISTEN connection"))?;
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let statement = format!("LISTEN {CHANNEL}");
+    let listen = client.batch_execute(&statement);
+    tokio::pin!(listen);
+    loop {
+        tokio::select! {
+            result = &mut listen => {
+                result.map_err(DbError::query("subscribing to build notifications"))?;
+                break;
+            }
+            message = messages.next() => handle_message(message, wake)?,
+        }
+    }
+    wake.notify_one();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            message = messages.next() => handle_message(message, wake)?,
+        }
+    }
+}
+
+fn handle_message(
+    message: Option<Result<AsyncMessage, tokio_postgres::Error>>,
+    wake: &Notify,
+) -> Result<(), WithContext<DbError>> {
+    match message {
+        Some(Ok(AsyncMessage::Notification(_))) => {
+            wake.notify_one();
+            Ok(())
+        }
+        Some(Ok(_)) => Ok(()),
+        Some(Err(source)) => Err(DbError::Query {
+            what: "receiving notifications",
+            source,
+        }
+        .into()),
+        None => Err(DbError::ConnectionClosed("the LISTEN connection").into()),
+    }
+}
+
+/// Expands every build `selection` names into the graph; returns how many builds were handled.
+pub async fn drain(
+    pool: &Pool,
+    graph: &mut StepGraph,
+    selection: BuildSelection,
+) -> Result<usize, WithContext<DbError>> {
+    let mut client = pool.get().await.map_err(DbError::Connection)?;
+    let mut after = 0;
+    let mut handled = 0;
+    loop {
+        let builds = queries::queued_builds(&client, selection, after, BATCH).await?;
+        let Some(last) = builds.last() else {
+            return Ok(handled);
+        };
+        after = last.id;
+        for build in builds {
+            expand(&mut client, graph, &build)
+                .await
+                .with_context(|| format!("expanding build {}", build.id))?;
+            handled += 1;
+        }
+    }
+}
+
+/// Loads and verifies a build's closure, creates or finds its steps, and adds it to the graph.
+/// A closure that does not verify fails the build, with the reason stored.
+async fn expand(
+    client: &mut deadpool_postgres::Client,
+    graph: &mut StepGraph,
+    build: &QueuedBuild,
+) -> Result<(), DbError> {
+    let closure = match load_closure(&*client, &build.drv_path).await? {
+        Ok(closure) => closure,
+        Err(error) => {
+            let reason = error_context::report(&error).to_string();
+            tracing::warn!(build = build.id, %reason, "refusing a queued build");
+            return queries::finish_build(&*client, build.id, "failed", Some(&reason)).await;
+        }
+    };
+    let specs: Vec<StepSpec> = closure
+        .order
+        .iter()
+        .map(|path| {
+            let verified = &closure.derivations[path];
+            StepSpec {
+                drv_path: path.to_absolute(),
+                system: String::from_utf8_lossy(&verified.derivation.system).into_owned(),
+                features: verified
+                    .features
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            }
+        })
+        .collect();
+    let transaction = client
+        .transaction()
+        .await
+        .map_err(DbError::query("starting an ingest transaction"))?;
+    let rows = queries::ensure_steps(&transaction, &specs).await?;
+    let steps: BTreeMap<String, (StepId, String)> = rows
+        .into_iter()
+        .map(|row| (row.drv_path, (row.id, row.status)))
+        .collect();
+    let top = closure
+        .order
+        .last()
+        .map(StorePath::to_absolute)
+        .unwrap_or_default();
+    let failed = closure.order.iter().find(|path| {
+        let (_, status) = &steps[&path.to_absolute()];
+        matches!(status.as_str(), "failed" | "dep_failed")
+    });
+    let finished = if let Some(failed) = failed {
+        let status = if failed.to_absolute() == top {
+            "failed"
+        } else {
+            "dep_failed"
+        };
+        let reason = format!("{failed} failed in an earlier build");
+        Some((status, Some(reason)))
+    } else if steps[&top].1 == "succeeded" {
+        Some(("succeeded", None))
+    } else {
+        None
+    };
+    if let Some((status, reason)) = finished {
+        queries::finish_build(&transaction, build.id, status, reason.as_deref()).await?;
+        return transaction
+            .commit()
+            .await
+            .map_err(DbError::query("committing an ingested build"));
+    }
+
+    let mut new_steps = Vec::new();
+    let mut in_graph = Vec::new();
+    let mut statuses = BTreeMap::new();
+    let mut needed = Vec::new();
+    for (path, spec) in closure.order.iter().zip(&specs) {
+        let (id, status) = &steps[&spec.drv_path];
+        if status == "succeeded" {
+            continue;
+        }
+        needed.push(*id);
+        if graph.contains(*id) {
+            in_graph.push(*id);
+            continue;
+        }
+        let verified = &closure.derivations[path];
+        let inputs: Vec<StepId> = verified
+            .derivation
+            .input_derivations
+            .keys()
+            .filter_map(|input| steps.get(&input.to_absolute()))
+            .filter(|(_, status)| status != "succeeded")
+            .map(|(id, _)| *id)
+            .collect();
+        statuses.insert(
+            *id,
+            if inputs.is_empty() {
+                "runnable"
+            } else {
+                "waiting"
+            },
+        );
+        new_steps.push(NewStep {
+            id: *id,
+            drv_path: path.clone(),
+            drv_text: verified.text.clone(),
+            outputs: verified.outputs.clone(),
+            requirements: Requirements {
+                system: spec.system.clone(),
+                features: verified.features.clone(),
+            },
+            inputs,
+        });
+    }
+    queries::record_ingested_build(&transaction, build.id, &needed, &statuses).await?;
+    transaction
+        .commit()
+        .await
+        .map_err(DbError::query("committing an ingested build"))?;
+    let top_id = steps[&top].0;
+    graph.add_build(build.id, build.priority, top_id, &in_graph, new_steps);
+    Ok(())
+}
+
+/// Reads the closure of `top` from the `derivations` table and verifies it. The outer error is
+/// the database's; the inner one says why the closure is refused.
+pub async fn load_closure(
+    client: &impl deadpool_postgres::GenericClient,
+    top: &str,
+) -> Result<Result<VerifiedClosure, VerifyError>, DbError> {
+    let top = match verify::parse_path(top) {
+        Ok(top) => top,
+        Err(error) => return Ok(Err(error)),
+    };
+    let mut parsed = BTreeMap::new();
+    if let Err(error) = complete_closure(client, &top, &mut parsed).await? {
+        return Ok(Err(error));
+    }
+    Ok(verify::verify_closure(&top, &parsed))
+}
+
+/// Adds to `parsed` every derivation of the closure of `top` that it lacks, from the database,
+/// breadth-first with one query per level.
+pub async fn complete_closure(
+    client: &impl deadpool_postgres::GenericClient,
+    top: &StorePath,
+    parsed: &mut BTreeMap<StorePath, (Vec<u8>, Derivation)>,
+) -> Result<Result<(), VerifyError>, DbError> {
+    let mut seen: BTreeSet<StorePath> = BTreeSet::from([top.clone()]);
+    let mut frontier = vec![top.clone()];
+    while !frontier.is_empty() {
+        let wanted: Vec<String> = frontier
+            .iter()
+            .filter(|path| !parsed.contains_key(*path))
+            .map(StorePath::to_absolute)
+            .collect();
+        for (path_text, text) in queries::derivation_texts(client, &wanted).await? {
+            let path = match verify::parse_path(&path_text) {
+                Ok(path) => path,
+                Err(error) => return Ok(Err(error)),
+            };
+            match verify::parse_derivation(&path, &text) {
+                Ok(derivation) => {
+                    parsed.insert(path, (text, derivation));
+                }
+                Err(error) => return Ok(Err(error)),
+            }
+        }
+        let mut next = Vec::new();
+        for path in &frontier {
+            let Some((_, derivation)) = parsed.get(path) else {
+                return Ok(Err(VerifyError::Missing(path.clone())));
+            };
+            for input in derivation.input_derivations.keys() {
+                if seen.insert(input.clone()) {
+                    next.push(input.clone());
+                }
+            }
+        }
+        frontier = next;
+    }
+    Ok(Ok(()))
+}

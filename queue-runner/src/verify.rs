@@ -1,0 +1,207 @@
+//! Verification of a derivation closure before anything of it is built: every `.drv` must parse,
+//! hash to its claimed path, and have the output paths its inputs determine. Used for Submit and
+//! for builds an evaluator inserted with SQL, so both paths trust exactly the same checks.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use error_context::{Classify, Severity};
+use nix_primitives::derivation::{AtermError, FeaturesError, OutputPathError, derivation_path};
+use nix_primitives::store_path::StorePathError;
+use nix_primitives::{Derivation, DerivationHasher, DerivationKind, StorePath};
+
+/// Why a closure was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// A path that is not a store path.
+    #[error("{path:?} is not a store path")]
+    InvalidPath {
+        /// The text given.
+        path: String,
+        /// Why.
+        #[source]
+        source: StorePathError,
+    },
+    /// A store path that is not a `.drv`.
+    #[error("{0} is not a derivation")]
+    NotADerivation(StorePath),
+    /// A derivation the closure needs is neither given nor known.
+    #[error("derivation {0} is needed but was not provided")]
+    Missing(StorePath),
+    /// The text is not a canonical derivation.
+    #[error("derivation {path} is malformed")]
+    Malformed {
+        /// The derivation.
+        path: StorePath,
+        /// Where and why.
+        #[source]
+        source: AtermError,
+    },
+    /// The text does not hash to the path it was given under.
+    #[error("the text given for {claimed} hashes to {computed}")]
+    PathMismatch {
+        /// The path claimed.
+        claimed: StorePath,
+        /// The path its text determines.
+        computed: StorePath,
+    },
+    /// A kind of derivation drover cannot build (output paths unknown before the build).
+    #[error("derivation {path} is {kind:?}, which drover does not build")]
+    Unsupported {
+        /// The derivation.
+        path: StorePath,
+        /// Its kind.
+        kind: DerivationKind,
+    },
+    /// Output paths that its inputs do not determine, or an inconsistent derivation.
+    #[error("output paths of a derivation are wrong")]
+    Outputs(#[source] OutputPathError),
+    /// `requiredSystemFeatures` cannot be read.
+    #[error("required features of {path} cannot be read")]
+    Features {
+        /// The derivation.
+        path: StorePath,
+        /// Why.
+        #[source]
+        source: FeaturesError,
+    },
+}
+
+impl Classify for VerifyError {
+    fn severity(&self) -> Severity {
+        Severity::Reject
+    }
+}
+
+/// One verified derivation.
+#[derive(Debug, Clone)]
+pub struct VerifiedDerivation {
+    /// Its exact text.
+    pub text: Vec<u8>,
+    /// Its parse.
+    pub derivation: Derivation,
+    /// Its outputs, name to path.
+    pub outputs: BTreeMap<String, StorePath>,
+    /// Its required system features.
+    pub features: BTreeSet<String>,
+}
+
+/// A verified closure, with its derivations in dependency order (inputs before dependents).
+#[derive(Debug)]
+pub struct VerifiedClosure {
+    /// Every derivation of the closure.
+    pub derivations: BTreeMap<StorePath, VerifiedDerivation>,
+    /// Paths in dependency order; the top-level derivation is last.
+    pub order: Vec<StorePath>,
+}
+
+/// Parses a store path given by a client.
+pub fn parse_path(text: &str) -> Result<StorePath, VerifyError> {
+    let path = StorePath::from_absolute(text).map_err(|source| VerifyError::InvalidPath {
+        path: text.to_owned(),
+        source,
+    })?;
+    if path.is_derivation() {
+        Ok(path)
+    } else {
+        Err(VerifyError::NotADerivation(path))
+    }
+}
+
+/// Parses one derivation text and checks it hashes to `path`.
+pub fn parse_derivation(path: &StorePath, text: &[u8]) -> Result<Derivation, VerifyError> {
+    let derivation = Derivation::parse(text).map_err(|source| VerifyError::Malformed {
+        path: path.clone(),
+        source,
+    })?;
+    let name = path
+        .derivation_name()
+        .ok_or_else(|| VerifyError::NotADerivation(path.clone()))?;
+    let computed =
+        derivation_path(name, text, &derivation).map_err(|source| VerifyError::InvalidPath {
+            path: path.to_absolute(),
+            source,
+        })?;
+    if computed != *path {
+        return Err(VerifyError::PathMismatch {
+            claimed: path.clone(),
+            computed,
+        });
+    }
+    Ok(derivation)
+}
+
+/// Verifies the closure of `top` from parsed derivations (every one already checked with
+/// [`parse_derivation`]).
+pub fn verify_closure(
+    top: &StorePath,
+    parsed: &BTreeMap<StorePath, (Vec<u8>, Derivation)>,
+) -> Result<VerifiedClosure, VerifyError> {
+    let order = dependency_order(top, parsed)?;
+    let mut hasher = DerivationHasher::new();
+    let lookup = |path: &StorePath| parsed.get(path).map(|(_, derivation)| derivation);
+    let mut derivations = BTreeMap::new();
+    for path in &order {
+        let (text, derivation) = &parsed[path];
+        let kind = derivation.kind().map_err(|source| {
+            VerifyError::Outputs(OutputPathError::Kind {
+                derivation: path.clone(),
+                source,
+            })
+        })?;
+        if !kind.is_supported() {
+            return Err(VerifyError::Unsupported {
+                path: path.clone(),
+                kind,
+            });
+        }
+        let outputs = hasher
+            .verify(path, derivation, lookup)
+            .map_err(VerifyError::Outputs)?;
+        let features =
+            derivation
+                .required_system_features()
+                .map_err(|source| VerifyError::Features {
+                    path: path.clone(),
+                    source,
+                })?;
+        derivations.insert(
+            path.clone(),
+            VerifiedDerivation {
+                text: text.clone(),
+                derivation: derivation.clone(),
+                outputs,
+                features,
+            },
+        );
+    }
+    Ok(VerifiedClosure { derivations, order })
+}
+
+/// The closure of `top` in post-order (inputs first), without recursion.
+fn dependency_order(
+    top: &StorePath,
+    parsed: &BTreeMap<StorePath, (Vec<u8>, Derivation)>,
+) -> Result<Vec<StorePath>, VerifyError> {
+    let mut order = Vec::new();
+    let mut visited = BTreeSet::new();
+    let mut stack = vec![(top.clone(), false)];
+    while let Some((path, inputs_done)) = stack.pop() {
+        if inputs_done {
+            order.push(path);
+            continue;
+        }
+        if !visited.insert(path.clone()) {
+            continue;
+        }
+        let (_, derivation) = parsed
+            .get(&path)
+            .ok_or_else(|| VerifyError::Missing(path.clone()))?;
+        stack.push((path, true));
+        for input in derivation.input_derivations.keys() {
+            if !visited.contains(input) {
+                stack.push((input.clone(), false));
+            }
+        }
+    }
+    Ok(order)
+}

@@ -1,0 +1,19 @@
+//! The harness drover's integration tests share: real parts started per test (or per test binary)
+//! and cleaned up even when a test fails or its process is killed.
+//!
+//! # Layout
+//! - [`postgres`]: an ephemeral PostgreSQL cluster on a Unix socket ([`TestPostgres`]); one per
+//!   test binary through [`TestPostgres::shared`], and a fresh database per test through
+//!   [`TestPostgres::create_database`].
+//! - [`process`]: [`ChildGuard`], a child process that is terminated when the test ends, and
+//!   [`workspace_binary`], which finds the binaries `cargo build --workspace` made.
+//! - [`wait`]: [`poll_until`], the one way tests wait for something to happen: poll with a
+//!   deadline instead of sleeping "long enough".
+
+pub mod postgres;
+pub mod process;
+pub mod wait;
+
+pub use postgres::{TestDatabase, TestPostgres};
+pub use process::{ChildGuard, workspace_binary};
+pub use wait::poll_until;
