@@ -175,23 +175,7 @@ async fn expand(
         .last()
         .map(StorePath::to_absolute)
         .unwrap_or_default();
-    let failed = closure.order.iter().find(|path| {
-        let (_, status) = &steps[&path.to_absolute()];
-        matches!(status.as_str(), "failed" | "dep_failed")
-    });
-    let finished = if let Some(failed) = failed {
-        let status = if failed.to_absolute() == top {
-            "failed"
-        } else {
-            "dep_failed"
-        };
-        let reason = format!("{failed} failed in an earlier build");
-        Some((status, Some(reason)))
-    } else if steps[&top].1 == "succeeded" {
-        Some(("succeeded", None))
-    } else {
-        None
-    };
+    let finished = cached_outcome(&closure, &steps, &top);
     if let Some((status, reason)) = finished {
         queries::finish_build(&transaction, build.id, status, reason.as_deref()).await?;
         return transaction
@@ -200,18 +184,55 @@ async fn expand(
             .map_err(DbError::query("committing an ingested build"));
     }
 
-    let mut new_steps = Vec::new();
-    let mut in_graph = Vec::new();
-    let mut statuses = BTreeMap::new();
-    let mut needed = Vec::new();
-    for (path, spec) in closure.order.iter().zip(&specs) {
+    let plan = plan_steps(&closure, &specs, &steps, graph);
+    queries::record_ingested_build(&transaction, build.id, &plan.needed, &plan.statuses).await?;
+    transaction
+        .commit()
+        .await
+        .map_err(DbError::query("committing an ingested build"))?;
+    let top_id = steps[&top].0;
+    graph.add_build(
+        build.id,
+        build.priority,
+        top_id,
+        &plan.in_graph,
+        plan.new_steps,
+    );
+    Ok(())
+}
+
+/// What a build adds to the graph.
+struct Plan {
+    /// Steps of the closure that are not in the graph yet.
+    new_steps: Vec<NewStep>,
+    /// Steps of the closure already in the graph (shared with other builds).
+    in_graph: Vec<StepId>,
+    /// The status each new step enters with.
+    statuses: BTreeMap<StepId, &'static str>,
+    /// Every unfinished step the build needs.
+    needed: Vec<StepId>,
+}
+
+fn plan_steps(
+    closure: &VerifiedClosure,
+    specs: &[StepSpec],
+    steps: &BTreeMap<String, (StepId, String)>,
+    graph: &StepGraph,
+) -> Plan {
+    let mut plan = Plan {
+        new_steps: Vec::new(),
+        in_graph: Vec::new(),
+        statuses: BTreeMap::new(),
+        needed: Vec::new(),
+    };
+    for (path, spec) in closure.order.iter().zip(specs) {
         let (id, status) = &steps[&spec.drv_path];
         if status == "succeeded" {
             continue;
         }
-        needed.push(*id);
+        plan.needed.push(*id);
         if graph.contains(*id) {
-            in_graph.push(*id);
+            plan.in_graph.push(*id);
             continue;
         }
         let verified = &closure.derivations[path];
@@ -223,15 +244,13 @@ async fn expand(
             .filter(|(_, status)| status != "succeeded")
             .map(|(id, _)| *id)
             .collect();
-        statuses.insert(
-            *id,
-            if inputs.is_empty() {
-                "runnable"
-            } else {
-                "waiting"
-            },
-        );
-        new_steps.push(NewStep {
+        let status = if inputs.is_empty() {
+            "runnable"
+        } else {
+            "waiting"
+        };
+        plan.statuses.insert(*id, status);
+        plan.new_steps.push(NewStep {
             id: *id,
             drv_path: path.clone(),
             drv_text: verified.text.clone(),
@@ -243,14 +262,32 @@ async fn expand(
             inputs,
         });
     }
-    queries::record_ingested_build(&transaction, build.id, &needed, &statuses).await?;
-    transaction
-        .commit()
-        .await
-        .map_err(DbError::query("committing an ingested build"))?;
-    let top_id = steps[&top].0;
-    graph.add_build(build.id, build.priority, top_id, &in_graph, new_steps);
-    Ok(())
+    plan
+}
+
+/// A build whose closure holds a step that already failed fails at once, and one whose
+/// top-level step already succeeded succeeds at once: the terminal status and reason, if so.
+fn cached_outcome(
+    closure: &VerifiedClosure,
+    steps: &BTreeMap<String, (StepId, String)>,
+    top: &str,
+) -> Option<(&'static str, Option<String>)> {
+    let failed = closure.order.iter().find(|path| {
+        let (_, status) = &steps[&path.to_absolute()];
+        matches!(status.as_str(), "failed" | "dep_failed")
+    });
+    if let Some(failed) = failed {
+        let status = if failed.to_absolute() == top {
+            "failed"
+        } else {
+            "dep_failed"
+        };
+        Some((status, Some(format!("{failed} failed in an earlier build"))))
+    } else if steps[top].1 == "succeeded" {
+        Some(("succeeded", None))
+    } else {
+        None
+    }
 }
 
 /// Reads the closure of `top` from the `derivations` table and verifies it. The outer error is

@@ -1,0 +1,340 @@
+//! The farm harness every runner integration test uses: its own PostgreSQL database, a CA and
+//! certificates made for the test, the runner serving mTLS gRPC on a real socket (in this
+//! process, with its own shutdown token), and builders as real `drover-builder` processes. All of
+//! it is torn down when the [`Farm`] is dropped, also when the test fails.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+pub mod derivations;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use drover_proto::v1::build_service_client::BuildServiceClient;
+use drover_proto::v1::builder_service_client::BuilderServiceClient;
+use drover_proto::v1::{DerivationText, GetRequest, SubmitRequest};
+use drover_queue_runner::app;
+use drover_queue_runner::config::Config;
+use drover_tls::{CertificateAuthority, Identity, Role};
+use test_support::{ChildGuard, TestDatabase, TestPostgres, poll_until, workspace_binary};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use derivations::FakeDrv;
+
+/// How long a test waits for the farm to reach a state.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A running runner.
+struct RunningRunner {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+/// One test's farm.
+pub struct Farm {
+    /// Certificates, configs and logs.
+    pub dir: tempfile::TempDir,
+    /// The test's database.
+    pub database: TestDatabase,
+    ca: CertificateAuthority,
+    /// The runner's gRPC port, fixed at the first start so builders can reconnect.
+    pub grpc_port: u16,
+    runner: Option<RunningRunner>,
+    builders: Vec<ChildGuard>,
+}
+
+/// What a builder offers.
+#[derive(Debug, Clone)]
+pub struct BuilderSpec<'a> {
+    /// Its name (certificate identity).
+    pub name: &'a str,
+    /// Systems.
+    pub systems: &'a [&'a str],
+    /// Supported features.
+    pub features: &'a [&'a str],
+    /// Mandatory features.
+    pub mandatory: &'a [&'a str],
+    /// Max jobs.
+    pub max_jobs: u32,
+    /// Milliseconds each noop step takes.
+    pub build_ms: u64,
+}
+
+impl<'a> BuilderSpec<'a> {
+    /// An `x86_64-linux` builder with two slots and instant builds.
+    pub fn new(name: &'a str) -> Self {
+        Self {
+            name,
+            systems: &["x86_64-linux"],
+            features: &[],
+            mandatory: &[],
+            max_jobs: 2,
+            build_ms: 0,
+        }
+    }
+}
+
+fn toml_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|item| format!("{item:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+impl Farm {
+    /// A farm with a fresh database and CA; nothing started yet.
+    pub async fn new() -> Self {
+        let database = TestPostgres::shared().create_database().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("drover test CA").unwrap();
+        ca.write(dir.path()).unwrap();
+        let runner = Identity::new(Role::Runner, "main").unwrap();
+        ca.issue(
+            &runner,
+            &["localhost".to_owned()],
+            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        )
+        .unwrap()
+        .write(dir.path())
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self {
+            dir,
+            database,
+            ca,
+            grpc_port: port,
+            runner: None,
+            builders: Vec::new(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The runner's configuration for this farm.
+    pub fn runner_config(&self) -> Config {
+        let text = format!(
+            r#"
+            [database]
+            url = "{url}"
+            pool_size = 4
+            [grpc]
+            listen = "127.0.0.1:{port}"
+            [tls]
+            ca_certificate = "{dir}/ca.pem"
+            certificate = "{dir}/runner-main.pem"
+            key = "{dir}/runner-main.key"
+            [logs]
+            directory = "{dir}/logs"
+            max_bytes = 1048576
+            [builders]
+            ping_interval_secs = 1
+            liveness_timeout_secs = 5
+            max_builder_losses = 3
+            "#,
+            url = self.database.connection_string,
+            port = self.grpc_port,
+            dir = self.dir.path().display(),
+        );
+        Config::parse(&text, &self.path("runner.toml")).unwrap()
+    }
+
+    /// Starts the runner (again).
+    pub async fn start_runner(&mut self) {
+        assert!(self.runner.is_none(), "the runner is already running");
+        let shutdown = CancellationToken::new();
+        let runner = app::start(self.runner_config(), shutdown.clone())
+            .await
+            .unwrap_or_else(|error| panic!("starting the runner: {}", error.report()));
+        #[expect(clippy::disallowed_methods, reason = "the test owns the runner task")]
+        let task = tokio::spawn(async move {
+            runner
+                .wait()
+                .await
+                .map_err(|error| error.report().to_string())
+        });
+        self.runner = Some(RunningRunner { shutdown, task });
+    }
+
+    /// Stops the runner and waits until it has.
+    pub async fn stop_runner(&mut self) {
+        let runner = self.runner.take().expect("the runner is not running");
+        runner.shutdown.cancel();
+        let result = runner.task.await.unwrap();
+        assert_eq!(result, Ok(()), "the runner did not stop cleanly");
+    }
+
+    /// Issues a certificate for `role`/`name` into the farm directory; returns (cert, key).
+    pub fn issue(&self, role: Role, name: &str) -> (PathBuf, PathBuf) {
+        let identity = Identity::new(role, name).unwrap();
+        let cert = self.path(&format!("{role}-{name}.pem"));
+        if cert.exists() {
+            return (cert, self.path(&format!("{role}-{name}.key")));
+        }
+        self.ca
+            .issue(&identity, &[], &[])
+            .unwrap()
+            .write(self.dir.path())
+            .unwrap()
+    }
+
+    /// Starts a `drover-builder` process; returns its index for [`Farm::kill_builder`].
+    pub fn start_builder(&mut self, spec: &BuilderSpec<'_>) -> usize {
+        let (cert, key) = self.issue(Role::Builder, spec.name);
+        let config = format!(
+            r#"
+            [runner]
+            url = "https://localhost:{port}"
+            [tls]
+            ca_certificate = "{dir}/ca.pem"
+            certificate = "{cert}"
+            key = "{key}"
+            [builder]
+            systems = {systems}
+            supported_features = {features}
+            mandatory_features = {mandatory}
+            max_jobs = {max_jobs}
+            [executor]
+            kind = "noop"
+            build_ms = {build_ms}
+            [reconnect]
+            initial_ms = 50
+            max_ms = 500
+            budget_secs = 60
+            "#,
+            port = self.grpc_port,
+            dir = self.dir.path().display(),
+            cert = cert.display(),
+            key = key.display(),
+            systems = toml_list(spec.systems),
+            features = toml_list(spec.features),
+            mandatory = toml_list(spec.mandatory),
+            max_jobs = spec.max_jobs,
+            build_ms = spec.build_ms,
+        );
+        let config_path = self.path(&format!("builder-{}.toml", spec.name));
+        fs_err::write(&config_path, config).unwrap();
+        let log = fs_err::File::create(self.path(&format!("builder-{}.log", spec.name))).unwrap();
+        let child = ChildGuard::spawn(
+            Command::new(workspace_binary("drover-builder"))
+                .arg("--config")
+                .arg(&config_path)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap().into_parts().0)
+                .stderr(log.into_parts().0),
+        )
+        .unwrap();
+        self.builders.push(child);
+        self.builders.len() - 1
+    }
+
+    /// Kills a builder process with SIGKILL, as a crashed machine would vanish.
+    pub fn kill_builder(&mut self, index: usize) {
+        let child = self.builders[index].child_mut();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// A TLS channel to the runner presenting the certificate of `role`/`name`.
+    pub async fn channel(&self, role: Role, name: &str) -> Channel {
+        let (cert, key) = self.issue(role, name);
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(
+                fs_err::read(self.path("ca.pem")).unwrap(),
+            ))
+            .identity(tonic::transport::Identity::from_pem(
+                fs_err::read(cert).unwrap(),
+                fs_err::read(key).unwrap(),
+            ))
+            .domain_name("localhost");
+        Endpoint::from_shared(format!("https://localhost:{}", self.grpc_port))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// A build client with a client certificate.
+    pub async fn client(&self) -> BuildServiceClient<Channel> {
+        BuildServiceClient::new(self.channel(Role::Client, "tester").await)
+    }
+
+    /// A builder-service client with a builder certificate, for scripted builders.
+    pub async fn builder_client(&self, name: &str) -> BuilderServiceClient<Channel> {
+        BuilderServiceClient::new(self.channel(Role::Builder, name).await)
+    }
+
+    /// Submits the derivations, building the last one.
+    pub async fn submit(&self, drvs: &[&FakeDrv]) -> i64 {
+        let top = drvs.last().expect("at least one derivation");
+        self.client()
+            .await
+            .submit(SubmitRequest {
+                derivations: drvs
+                    .iter()
+                    .map(|drv| DerivationText {
+                        path: drv.path.to_absolute(),
+                        text: drv.text.clone(),
+                    })
+                    .collect(),
+                top_drv_path: top.path.to_absolute(),
+                priority: 0,
+                metadata: [("origin".to_owned(), "test".to_owned())].into(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("submit refused: {status}"))
+            .into_inner()
+            .build_id
+    }
+
+    /// A connection to the test database.
+    pub async fn db(&self) -> tokio_postgres::Client {
+        self.database.connect().await
+    }
+
+    /// Waits until a build is in a terminal state and returns that state.
+    pub async fn wait_for_build(&self, id: i64) -> String {
+        let db = self.db().await;
+        poll_until(DEADLINE, &format!("build {id} to finish"), || async {
+            let row = db
+                .query_one(
+                    "SELECT status::text, finished_at IS NOT NULL FROM builds WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            row.get::<_, bool>(1).then(|| row.get::<_, String>(0))
+        })
+        .await
+    }
+
+    /// Reads a build through the API.
+    pub async fn get(&self, id: i64) -> drover_proto::v1::GetResponse {
+        self.client()
+            .await
+            .get(GetRequest { build_id: id })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        if let Some(runner) = self.runner.take() {
+            runner.shutdown.cancel();
+        }
+    }
+}

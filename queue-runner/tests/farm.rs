@@ -1,0 +1,407 @@
+//! The control plane end to end: real PostgreSQL, real mTLS gRPC, the runner serving on a socket
+//! and `drover-builder` processes with the noop executor.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed assertion"
+)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::derivations::{Factory, FakeDrv, Spec};
+use common::{BuilderSpec, Farm};
+use drover_proto::v1::{BuildStatus, GetLogRequest};
+
+async fn count(farm: &Farm, sql: &str) -> i64 {
+    farm.db().await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_dag_of_1000_steps_and_a_diamond_complete_on_three_builders() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let dag = factory.random_dag("dag", 1000, 7);
+    let bottom = factory.make(&Spec::new("diamond-bottom"));
+    let left = factory.make(&Spec::new("diamond-left").inputs(&[&bottom]));
+    let right = factory.make(&Spec::new("diamond-right").inputs(&[&bottom]));
+    let top = factory.make(&Spec::new("diamond-top").inputs(&[&left, &right]));
+
+    let dag_build = farm.submit(&dag.iter().collect::<Vec<_>>()).await;
+    let diamond_build = farm.submit(&[&bottom, &left, &right, &top]).await;
+    for name in ["b1", "b2", "b3"] {
+        farm.start_builder(&BuilderSpec {
+            max_jobs: 4,
+            ..BuilderSpec::new(name)
+        });
+    }
+    assert_eq!(farm.wait_for_build(dag_build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(diamond_build).await, "succeeded");
+
+    assert_eq!(
+        count(
+            &farm,
+            "SELECT count(*) FROM steps WHERE status = 'succeeded'"
+        )
+        .await,
+        1005
+    );
+    assert_eq!(count(&farm, "SELECT count(*) FROM steps").await, 1005);
+    assert_eq!(
+        count(&farm, "SELECT count(*) FROM step_attempts").await,
+        1005,
+        "a step ran twice"
+    );
+    assert_eq!(
+        count(
+            &farm,
+            "SELECT count(*) FROM step_attempts WHERE status <> 'succeeded'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&farm, "SELECT count(*) FROM step_outputs").await,
+        1005
+    );
+    assert_eq!(
+        count(&farm, "SELECT count(DISTINCT machine) FROM step_attempts").await,
+        3,
+        "every builder should have taken work"
+    );
+    let ran_before_inputs = count(
+        &farm,
+        "SELECT count(*) FROM step_attempts a
+         JOIN steps s ON s.id = a.step_id
+         JOIN derivations d ON d.path = s.drv_path
+         JOIN steps input ON position(input.drv_path::bytea IN d.text) > 0 AND input.id <> s.id
+         WHERE input.finished_at > a.started_at",
+    )
+    .await;
+    assert_eq!(
+        ran_before_inputs, 0,
+        "a step started before one of its inputs finished"
+    );
+
+    let diamond = farm.get(diamond_build).await;
+    assert_eq!(diamond.status(), BuildStatus::Succeeded);
+    assert_eq!(diamond.outputs["out"], top.out.to_absolute());
+    assert_eq!(diamond.metadata["origin"], "test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_that_share_derivations_share_their_steps() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let shared_base = factory.make(&Spec::new("shared-base"));
+    let shared_mid = factory.make(&Spec::new("shared-mid").inputs(&[&shared_base]));
+    let first = factory.make(&Spec::new("first").inputs(&[&shared_mid]));
+    let second = factory.make(&Spec::new("second").inputs(&[&shared_mid]));
+    let one = farm.submit(&[&shared_base, &shared_mid, &first]).await;
+    let two = farm.submit(&[&second]).await;
+    farm.start_builder(&BuilderSpec::new("b1"));
+    assert_eq!(farm.wait_for_build(one).await, "succeeded");
+    assert_eq!(farm.wait_for_build(two).await, "succeeded");
+
+    assert_eq!(count(&farm, "SELECT count(*) FROM steps").await, 4);
+    assert_eq!(count(&farm, "SELECT count(*) FROM step_attempts").await, 4);
+    let shared: i64 = farm
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM build_steps bs JOIN steps s ON s.id = bs.step_id
+             WHERE s.drv_path = ANY($1) GROUP BY s.id LIMIT 1",
+            &[&vec![
+                shared_base.path.to_absolute(),
+                shared_mid.path.to_absolute(),
+            ]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shared, 2, "both builds must link the shared step");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_queued_with_sql_while_the_runner_is_down_runs_when_it_starts() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    farm.stop_runner().await;
+
+    let mut factory = Factory::default();
+    let base = factory.make(&Spec::new("sql-base"));
+    let top = factory.make(&Spec::new("sql-top").inputs(&[&base]));
+    let db = farm.db().await;
+    let insert_derivation = "INSERT INTO derivations (path, text) VALUES ($1, $2)";
+    for drv in [&base, &top] {
+        db.execute(insert_derivation, &[&drv.path.to_absolute(), &drv.text])
+            .await
+            .unwrap();
+    }
+    let queued_while_down: i64 = db
+        .query_one(
+            "INSERT INTO builds (drv_path) VALUES ($1) RETURNING id",
+            &[&top.path.to_absolute()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    farm.start_runner().await;
+    farm.start_builder(&BuilderSpec::new("b1"));
+    assert_eq!(farm.wait_for_build(queued_while_down).await, "succeeded");
+
+    let later = factory.make(&Spec::new("sql-later").inputs(&[&top]));
+    db.execute(insert_derivation, &[&later.path.to_absolute(), &later.text])
+        .await
+        .unwrap();
+    let queued_while_up: i64 = db
+        .query_one(
+            "INSERT INTO builds (drv_path) VALUES ($1) RETURNING id",
+            &[&later.path.to_absolute()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(farm.wait_for_build(queued_while_up).await, "succeeded");
+    assert_eq!(count(&farm, "SELECT count(*) FROM step_attempts").await, 3);
+
+    let forged = "/nix/store/00000000000000000000000000000000-forged.drv";
+    db.execute(insert_derivation, &[&forged, &top.text])
+        .await
+        .unwrap();
+    let forged_build: i64 = db
+        .query_one(
+            "INSERT INTO builds (drv_path) VALUES ($1) RETURNING id",
+            &[&forged],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(farm.wait_for_build(forged_build).await, "failed");
+    let reason: String = db
+        .query_one(
+            "SELECT failure_reason FROM builds WHERE id = $1",
+            &[&forged_build],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.contains("hashes to"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_go_only_to_builders_that_can_run_them() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let builtin = factory.make(&Spec::new("fetch").system("builtin"));
+    let kvm = factory.make(&Spec::new("vm-test").env("requiredSystemFeatures", "kvm"));
+    let benchmark = factory.make(&Spec::new("bench").env("requiredSystemFeatures", "benchmark"));
+    let i686 = factory.make(&Spec::new("i686").system("i686-linux"));
+    let arm = factory.make(&Spec::new("arm").system("aarch64-linux"));
+    let mut builds = Vec::new();
+    for drv in [&builtin, &kvm, &benchmark, &i686, &arm] {
+        builds.push(farm.submit(&[drv]).await);
+    }
+    farm.start_builder(&BuilderSpec {
+        systems: &["x86_64-linux", "i686-linux"],
+        features: &["kvm"],
+        ..BuilderSpec::new("general")
+    });
+    farm.start_builder(&BuilderSpec {
+        mandatory: &["benchmark"],
+        ..BuilderSpec::new("dedicated")
+    });
+    for build in &builds[..4] {
+        assert_eq!(farm.wait_for_build(*build).await, "succeeded");
+    }
+    let machines: BTreeMap<String, String> = farm
+        .db()
+        .await
+        .query(
+            "SELECT s.drv_path, a.machine FROM step_attempts a JOIN steps s ON s.id = a.step_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let machine = |drv: &FakeDrv| machines.get(&drv.path.to_absolute()).cloned();
+    assert_eq!(machine(&builtin).as_deref(), Some("general"));
+    assert_eq!(machine(&kvm).as_deref(), Some("general"));
+    assert_eq!(machine(&i686).as_deref(), Some("general"));
+    assert_eq!(machine(&benchmark).as_deref(), Some("dedicated"));
+    assert_eq!(machine(&arm), None, "no builder offers aarch64-linux");
+    let arm_status: String = farm
+        .db()
+        .await
+        .query_one(
+            "SELECT status::text FROM builds WHERE id = $1",
+            &[&builds[4]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(arm_status, "queued");
+    let arm_step: String = farm
+        .db()
+        .await
+        .query_one(
+            "SELECT status::text FROM steps WHERE drv_path = $1",
+            &[&arm.path.to_absolute()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(arm_step, "runnable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_fails_its_build_keeps_its_log_and_dep_fails_dependents() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let broken =
+        factory.make(&Spec::new("broken").env("DROVER_NOOP_FAIL", "boom: the build exploded"));
+    let fine = factory.make(&Spec::new("fine"));
+    let dependent = factory.make(&Spec::new("dependent").inputs(&[&broken, &fine]));
+    let failed = farm.submit(&[&broken]).await;
+    let dep_failed = farm.submit(&[&broken, &fine, &dependent]).await;
+    farm.start_builder(&BuilderSpec::new("b1"));
+
+    assert_eq!(farm.wait_for_build(failed).await, "failed");
+    assert_eq!(farm.wait_for_build(dep_failed).await, "dep_failed");
+    let statuses: BTreeMap<String, String> = farm
+        .db()
+        .await
+        .query("SELECT drv_path, status::text FROM steps", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(statuses[&broken.path.to_absolute()], "failed");
+    assert_eq!(statuses[&dependent.path.to_absolute()], "dep_failed");
+    let fine_status = test_support::poll_until(common::DEADLINE, "the independent branch", || {
+        let farm = &farm;
+        let path = fine.path.to_absolute();
+        async move {
+            let status: String = farm
+                .db()
+                .await
+                .query_one(
+                    "SELECT status::text FROM steps WHERE drv_path = $1",
+                    &[&path],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (status != "runnable" && status != "running" && status != "waiting").then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(
+        fine_status, "succeeded",
+        "an independent branch is still built"
+    );
+
+    let response = farm.get(dep_failed).await;
+    assert_eq!(response.status(), BuildStatus::DepFailed);
+    assert!(
+        response.failure_reason.contains("dependency failed"),
+        "{}",
+        response.failure_reason
+    );
+    let log = farm
+        .client()
+        .await
+        .get_log(GetLogRequest {
+            drv_path: broken.path.to_absolute(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .log;
+    let log = String::from_utf8(log).unwrap();
+    assert!(log.contains("boom: the build exploded"), "{log}");
+
+    let again = farm.submit(&[&broken]).await;
+    assert_eq!(
+        farm.wait_for_build(again).await,
+        "failed",
+        "a known failure is not rebuilt"
+    );
+    assert_eq!(
+        count(&farm, "SELECT count(*) FROM step_attempts").await,
+        2,
+        "broken and fine ran once each"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_killed_mid_step_has_the_step_requeued_without_burning_a_retry() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let slow = factory.make(&Spec::new("slow"));
+    let build = farm.submit(&[&slow]).await;
+    let doomed = farm.start_builder(&BuilderSpec {
+        build_ms: 600_000,
+        ..BuilderSpec::new("doomed")
+    });
+    let db = farm.db().await;
+    test_support::poll_until(
+        common::DEADLINE,
+        "the step to start on the doomed builder",
+        || async {
+            let running: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM step_attempts WHERE status = 'running'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (running == 1).then_some(())
+        },
+    )
+    .await;
+    farm.kill_builder(doomed);
+    farm.start_builder(&BuilderSpec::new("survivor"));
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+
+    let attempts: Vec<(String, String)> = db
+        .query(
+            "SELECT machine, status::text FROM step_attempts ORDER BY started_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            ("doomed".to_owned(), "builder_lost".to_owned()),
+            ("survivor".to_owned(), "succeeded".to_owned())
+        ]
+    );
+    let (losses, infrastructure): (i32, i32) = {
+        let row = db
+            .query_one(
+                "SELECT builder_losses, infrastructure_failures FROM steps",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((losses, infrastructure), (1, 0));
+}
