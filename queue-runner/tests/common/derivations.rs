@@ -149,7 +149,7 @@ impl Factory {
             let mut inputs = BTreeSet::new();
             if index > 0 {
                 for _ in 0..(next() % 4) {
-                    inputs.insert((next() % index as u64) as usize);
+                    inputs.insert(usize::try_from(next() % index as u64).unwrap());
                 }
             }
             for input in &inputs {

@@ -1,0 +1,359 @@
+//! What the runner refuses, each with its typed status and with nothing written: submissions that
+//! do not verify, certificates from elsewhere or of the wrong role, a builder reporting on an
+//! attempt it was not given, and a builder speaking another API version.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed assertion"
+)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::Farm;
+use common::derivations::{Factory, Spec};
+use drover_proto::API_VERSION;
+use drover_proto::v1::build_service_client::BuildServiceClient;
+use drover_proto::v1::builder_message::Message as Outbound;
+use drover_proto::v1::builder_service_client::BuilderServiceClient;
+use drover_proto::v1::runner_message::Message as Inbound;
+use drover_proto::v1::{
+    BuilderMessage, BuiltOutput, DerivationText, Join, LogChunk, RunnerMessage, StepOutcome,
+    StepResult, SubmitRequest,
+};
+use drover_tls::{CertificateAuthority, Identity, Role};
+use nix_primitives::derivation::derivation_path;
+use nix_primitives::{Derivation, DerivationOutput, HashAlgorithm, IngestionMethod, StorePath};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Streaming};
+
+async fn rows(farm: &Farm, table: &str) -> i64 {
+    farm.db()
+        .await
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn request(texts: &[(&StorePath, &[u8])], top: &StorePath) -> SubmitRequest {
+    SubmitRequest {
+        derivations: texts
+            .iter()
+            .map(|(path, text)| DerivationText {
+                path: path.to_absolute(),
+                text: text.to_vec(),
+            })
+            .collect(),
+        top_drv_path: top.to_absolute(),
+        priority: 0,
+        metadata: BTreeMap::new().into_iter().collect(),
+    }
+}
+
+/// Re-serialises a modified derivation under the path its new text hashes to.
+fn rehash(name: &str, derivation: &Derivation) -> (StorePath, Vec<u8>) {
+    let text = derivation.to_aterm();
+    (derivation_path(name, &text, derivation).unwrap(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_that_do_not_verify_are_refused_and_write_nothing() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let base = factory.make(&Spec::new("base"));
+    let other = factory.make(&Spec::new("other"));
+    let top = factory.make(&Spec::new("top").inputs(&[&base]));
+
+    let mut wrong_output = Derivation::parse(&other.text).unwrap();
+    let stolen = DerivationOutput::InputAddressed {
+        path: base.out.clone(),
+    };
+    wrong_output.outputs.insert("out".to_owned(), stolen);
+    wrong_output
+        .env
+        .insert(b"out".to_vec(), base.out.to_absolute().into_bytes());
+    let (wrong_output_path, wrong_output_text) = rehash("other", &wrong_output);
+
+    let mut floating = Derivation::parse(&other.text).unwrap();
+    floating.outputs.insert(
+        "out".to_owned(),
+        DerivationOutput::Floating {
+            method: IngestionMethod::Recursive,
+            algorithm: HashAlgorithm::Sha256,
+        },
+    );
+    let (floating_path, floating_text) = rehash("other", &floating);
+
+    let cases: Vec<(&str, SubmitRequest, Code)> = vec![
+        (
+            "text under another derivation's path",
+            request(&[(&base.path, &other.text)], &base.path),
+            Code::InvalidArgument,
+        ),
+        (
+            "output path that its inputs do not give",
+            request(
+                &[(&wrong_output_path, &wrong_output_text)],
+                &wrong_output_path,
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            "malformed ATerm",
+            request(&[(&base.path, b"Derive([(\"out\"")], &base.path),
+            Code::InvalidArgument,
+        ),
+        (
+            "input derivation not provided",
+            request(&[(&top.path, &top.text)], &top.path),
+            Code::InvalidArgument,
+        ),
+        (
+            "top-level path that is not a derivation",
+            request(&[], &base.out),
+            Code::InvalidArgument,
+        ),
+        (
+            "floating content-addressed derivation",
+            request(&[(&floating_path, &floating_text)], &floating_path),
+            Code::FailedPrecondition,
+        ),
+    ];
+    let mut client = farm.client().await;
+    for (case, submission, code) in cases {
+        let status = client.submit(submission).await.expect_err(case);
+        assert_eq!(status.code(), code, "{case}: {status:?}");
+    }
+    assert_eq!(rows(&farm, "derivations").await, 0);
+    assert_eq!(rows(&farm, "builds").await, 0);
+
+    let accepted = farm.submit(&[&base, &top]).await;
+    assert!(
+        accepted > 0,
+        "a valid submission is accepted after the refusals"
+    );
+}
+
+/// A channel presenting `identity` (if any) from `authority` (if any).
+async fn channel_with(
+    farm: &Farm,
+    client: Option<(&CertificateAuthority, &Identity)>,
+) -> Option<Channel> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            fs_err::read(farm.dir.path().join("ca.pem")).unwrap(),
+        ))
+        .domain_name("localhost");
+    if let Some((authority, identity)) = client {
+        let issued = authority.issue(identity, &[], &[]).unwrap();
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            issued.cert_pem,
+            issued.key_pem,
+        ));
+    }
+    Endpoint::from_shared(format!("https://localhost:{}", farm.grpc_port))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_certificates_of_the_farm_ca_with_the_right_role_get_in() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let drv = factory.make(&Spec::new("guarded"));
+    let submission = || request(&[(&drv.path, &drv.text)], &drv.path);
+
+    let stranger_ca = CertificateAuthority::generate("someone else's CA").unwrap();
+    let client = Identity::new(Role::Client, "intruder").unwrap();
+    for (case, channel) in [
+        (
+            "a certificate from another CA",
+            channel_with(&farm, Some((&stranger_ca, &client))).await,
+        ),
+        ("no client certificate", channel_with(&farm, None).await),
+    ] {
+        if let Some(channel) = channel {
+            let status = BuildServiceClient::new(channel)
+                .submit(submission())
+                .await
+                .expect_err(case);
+            assert_ne!(status.code(), Code::Ok, "{case}");
+        }
+    }
+    assert_eq!(rows(&farm, "builds").await, 0);
+
+    let builder_on_build_service = BuildServiceClient::new(farm.channel(Role::Builder, "b1").await)
+        .submit(submission())
+        .await
+        .expect_err("a builder certificate may not submit");
+    assert_eq!(builder_on_build_service.code(), Code::PermissionDenied);
+
+    let (outbox, receiver) = mpsc::channel(4);
+    outbox.send(join(API_VERSION)).await.unwrap();
+    let client_on_builder_service =
+        BuilderServiceClient::new(farm.channel(Role::Client, "c1").await)
+            .open_tunnel(ReceiverStream::new(receiver))
+            .await
+            .expect_err("a client certificate may not open a tunnel");
+    assert_eq!(client_on_builder_service.code(), Code::PermissionDenied);
+    assert_eq!(rows(&farm, "machines").await, 0);
+    assert_eq!(rows(&farm, "builds").await, 0);
+}
+
+fn join(api_version: &str) -> BuilderMessage {
+    BuilderMessage {
+        message: Some(Outbound::Join(Join {
+            api_version: api_version.to_owned(),
+            systems: vec!["x86_64-linux".to_owned()],
+            max_jobs: 1,
+            speed_factor: 1.0,
+            ..Join::default()
+        })),
+    }
+}
+
+/// A builder driven by the test over the real protocol.
+struct ScriptedBuilder {
+    outbox: mpsc::Sender<BuilderMessage>,
+    inbound: Streaming<RunnerMessage>,
+    client: BuilderServiceClient<Channel>,
+}
+
+impl ScriptedBuilder {
+    async fn join(farm: &Farm, name: &str) -> Self {
+        let mut client = farm.builder_client(name).await;
+        let (outbox, receiver) = mpsc::channel(16);
+        outbox.send(join(API_VERSION)).await.unwrap();
+        let mut inbound = client
+            .open_tunnel(ReceiverStream::new(receiver))
+            .await
+            .unwrap()
+            .into_inner();
+        let joined = inbound.message().await.unwrap().unwrap();
+        assert!(matches!(joined.message, Some(Inbound::Joined(_))));
+        Self {
+            outbox,
+            inbound,
+            client,
+        }
+    }
+
+    async fn send(&self, message: Outbound) {
+        self.outbox
+            .send(BuilderMessage {
+                message: Some(message),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_cannot_report_on_or_upload_for_another_builders_attempt() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let drv = factory.make(&Spec::new("contested"));
+    let mut honest = ScriptedBuilder::join(&farm, "honest").await;
+    let build = farm.submit(&[&drv]).await;
+    let Some(Inbound::Build(assignment)) = honest.inbound.message().await.unwrap().unwrap().message
+    else {
+        panic!("the honest builder got no Build");
+    };
+
+    let mut thief = ScriptedBuilder::join(&farm, "thief").await;
+    let forged_log = thief
+        .client
+        .upload_log(tokio_stream::iter([LogChunk {
+            attempt_id: assignment.attempt_id.clone(),
+            data: b"forged".to_vec(),
+        }]))
+        .await
+        .expect_err("a log for someone else's attempt");
+    assert_eq!(forged_log.code(), Code::PermissionDenied);
+    let outputs = vec![BuiltOutput {
+        name: "out".to_owned(),
+        path: drv.out.to_absolute(),
+        nar_hash: "sha256:forged".to_owned(),
+        nar_size: 1,
+    }];
+    thief
+        .send(Outbound::StepResult(StepResult {
+            attempt_id: assignment.attempt_id.clone(),
+            outcome: StepOutcome::Succeeded.into(),
+            message: String::new(),
+            outputs: outputs.clone(),
+        }))
+        .await;
+    let ended = thief
+        .inbound
+        .message()
+        .await
+        .expect_err("the thief's tunnel must end");
+    assert_eq!(ended.code(), Code::PermissionDenied);
+    let (status, nar_hash): (String, Option<String>) = {
+        let row = farm
+            .db()
+            .await
+            .query_one(
+                "SELECT a.status::text, (SELECT nar_hash FROM step_outputs LIMIT 1)
+                 FROM step_attempts a",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((status.as_str(), nar_hash), ("running", None));
+
+    let honest_outputs = vec![BuiltOutput {
+        nar_hash: "sha256:honest".to_owned(),
+        ..outputs[0].clone()
+    }];
+    honest
+        .send(Outbound::StepResult(StepResult {
+            attempt_id: assignment.attempt_id,
+            outcome: StepOutcome::Succeeded.into(),
+            message: String::new(),
+            outputs: honest_outputs,
+        }))
+        .await;
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    let stored: String = farm
+        .db()
+        .await
+        .query_one("SELECT nar_hash FROM step_outputs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, "sha256:honest");
+    let response = farm.get(build).await;
+    assert_eq!(response.outputs["out"], drv.out.to_absolute());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_speaking_another_api_version_is_refused() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let (outbox, receiver) = mpsc::channel(4);
+    outbox.send(join("v0-0000000000000000")).await.unwrap();
+    let status = farm
+        .builder_client("old")
+        .await
+        .open_tunnel(ReceiverStream::new(receiver))
+        .await
+        .expect_err("an old builder must be refused");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(rows(&farm, "machines").await, 0);
+}
