@@ -405,3 +405,56 @@ async fn a_builder_killed_mid_step_has_the_step_requeued_without_burning_a_retry
     };
     assert_eq!((losses, infrastructure), (1, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_runner_recovers_its_queue_and_builders_rejoin() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let first = factory.make(&Spec::new("before-restart"));
+    let second = factory.make(&Spec::new("across-restart").inputs(&[&first]));
+    let build = farm.submit(&[&first, &second]).await;
+    farm.start_builder(&BuilderSpec {
+        build_ms: 1500,
+        ..BuilderSpec::new("steady")
+    });
+    let db = farm.db().await;
+    let second_path = second.path.to_absolute();
+    test_support::poll_until(common::DEADLINE, "the second step to start", || async {
+        let running: i64 = db
+            .query_one(
+                "SELECT count(*) FROM running_steps WHERE drv_path = $1",
+                &[&second_path],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (running == 1).then_some(())
+    })
+    .await;
+
+    farm.stop_runner().await;
+    farm.start_runner().await;
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    let attempts: Vec<String> = db
+        .query(
+            "SELECT a.status::text FROM step_attempts a JOIN steps s ON s.id = a.step_id
+             WHERE s.drv_path = $1 ORDER BY a.started_at",
+            &[&second_path],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(attempts, ["aborted", "succeeded"]);
+    let first_attempts: i64 = db
+        .query_one(
+            "SELECT count(*) FROM step_attempts WHERE status = 'succeeded'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(first_attempts, 2, "the finished step was not run again");
+}

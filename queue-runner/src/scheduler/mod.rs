@@ -129,6 +129,9 @@ impl Scheduler {
             .context("recovering the queue at start")?;
         loop {
             tokio::select! {
+                // Shutdown first: sessions end at the same moment, and their departures must not
+                // count as builder losses. Attempts still running are aborted by the next start.
+                biased;
                 () = shutdown.cancelled() => return Ok(()),
                 () = builds_queued.notified() => {
                     ingest::drain(&self.pool, &mut self.graph, BuildSelection::NotIngested)

@@ -122,7 +122,13 @@ impl Farm {
 
     /// The runner's configuration for this farm.
     pub fn runner_config(&self) -> Config {
-        let text = format!(
+        let text = self.runner_config_text(&self.database.connection_string);
+        Config::parse(&text, &self.path("runner.toml")).unwrap()
+    }
+
+    /// The runner's configuration file for this farm, with another database if wanted.
+    pub fn runner_config_text(&self, database_url: &str) -> String {
+        format!(
             r#"
             [database]
             url = "{url}"
@@ -141,11 +147,10 @@ impl Farm {
             liveness_timeout_secs = 5
             max_builder_losses = 3
             "#,
-            url = self.database.connection_string,
+            url = database_url,
             port = self.grpc_port,
             dir = self.dir.path().display(),
-        );
-        Config::parse(&text, &self.path("runner.toml")).unwrap()
+        )
     }
 
     /// Starts the runner (again).
