@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use error_context::{Classify, Severity};
+pub use drover_daemon::ConfigError;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -167,45 +167,18 @@ pub struct Config {
     pub reconnect: ReconnectPolicy,
 }
 
-/// Why the configuration cannot be used; the builder exits 78 (`EX_CONFIG`).
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file cannot be read.
-    #[error("reading the configuration file")]
-    Read(#[source] std::io::Error),
-    /// Not valid TOML for this schema.
-    #[error("parsing {path}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's complaint.
-        #[source]
-        source: toml::de::Error,
-    },
-    /// Values that cannot work, all of them.
-    #[error("invalid configuration: {}", .0.join("; "))]
-    Invalid(Vec<String>),
-}
-
-impl Classify for ConfigError {
-    fn severity(&self) -> Severity {
-        Severity::Fatal
-    }
-}
-
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = fs_err::read_to_string(path).map_err(ConfigError::Read)?;
-        Self::parse(&text, path)
+        Self::validate(drover_daemon::read_toml(path)?)
     }
 
     /// Parses and validates configuration text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
+        Self::validate(drover_daemon::parse_toml(text, path)?)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
         let host = raw
             .runner

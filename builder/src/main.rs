@@ -10,9 +10,6 @@ use drover_builder::config::Config;
 use drover_builder::tunnel;
 use tokio_util::sync::CancellationToken;
 
-/// Exit code for an unusable configuration.
-const EX_CONFIG: u8 = 78;
-
 #[derive(Parser)]
 #[command(version, about = "The drover builder agent")]
 struct Cli {
@@ -24,13 +21,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    drover_daemon::init_tracing();
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(error) => {
@@ -39,7 +30,7 @@ async fn main() -> ExitCode {
                 cli.config.display(),
                 error_context::report(&error)
             );
-            return ExitCode::from(EX_CONFIG);
+            return ExitCode::from(drover_daemon::EX_CONFIG);
         }
     };
     let shutdown = CancellationToken::new();
@@ -47,7 +38,7 @@ async fn main() -> ExitCode {
     tokio::pin!(run);
     let result = tokio::select! {
         result = &mut run => result,
-        () = termination() => {
+        () = drover_daemon::termination() => {
             shutdown.cancel();
             run.await
         }
@@ -58,20 +49,5 @@ async fn main() -> ExitCode {
             eprintln!("drover-builder: {}", error.report());
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
     }
 }

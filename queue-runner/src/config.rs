@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use error_context::{Classify, Severity};
+pub use drover_daemon::ConfigError;
 use serde::Deserialize;
 
 /// The file as written.
@@ -125,45 +125,18 @@ pub struct Config {
     pub max_builder_losses: u32,
 }
 
-/// Why the configuration cannot be used. The process exits with `EX_CONFIG` (78).
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file cannot be read.
-    #[error("reading the configuration file")]
-    Read(#[source] std::io::Error),
-    /// The file is not valid TOML for this schema.
-    #[error("parsing {path}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's complaint (names the key and line).
-        #[source]
-        source: toml::de::Error,
-    },
-    /// Values that parse but cannot work, all of them.
-    #[error("invalid configuration: {}", .0.join("; "))]
-    Invalid(Vec<String>),
-}
-
-impl Classify for ConfigError {
-    fn severity(&self) -> Severity {
-        Severity::Fatal
-    }
-}
-
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = fs_err::read_to_string(path).map_err(ConfigError::Read)?;
-        Self::parse(&text, path)
+        Self::validate(drover_daemon::read_toml(path)?)
     }
 
     /// Parses and validates configuration text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
+        Self::validate(drover_daemon::parse_toml(text, path)?)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
         let grpc_listen = raw.grpc.listen.parse().unwrap_or_else(|_| {
             problems.push(format!(

@@ -10,9 +10,6 @@ use drover_queue_runner::config::Config;
 use drover_queue_runner::{app, db};
 use tokio_util::sync::CancellationToken;
 
-/// Exit code for an unusable configuration.
-const EX_CONFIG: u8 = 78;
-
 #[derive(Parser)]
 #[command(version, about = "The drover queue runner")]
 struct Cli {
@@ -34,13 +31,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    drover_daemon::init_tracing();
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(error) => {
@@ -49,7 +40,7 @@ async fn main() -> ExitCode {
                 cli.config.display(),
                 error_context::report(&error)
             );
-            return ExitCode::from(EX_CONFIG);
+            return ExitCode::from(drover_daemon::EX_CONFIG);
         }
     };
     let result = match cli.command.unwrap_or(Command::Run) {
@@ -85,22 +76,7 @@ async fn run(config: Config) -> Result<(), String> {
     tokio::pin!(waiting);
     tokio::select! {
         result = &mut waiting => return result.map_err(|e| e.report().to_string()),
-        () = termination() => signals.cancel(),
+        () = drover_daemon::termination() => signals.cancel(),
     }
     waiting.await.map_err(|e| e.report().to_string())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
-    }
 }

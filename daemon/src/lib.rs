@@ -1,0 +1,78 @@
+//! The process skeleton `drover-queue-runner` and `drover-builder` share: logging to stderr,
+//! waiting for SIGINT or SIGTERM, and reading a TOML configuration file into raw serde structs
+//! with one typed error, so both daemons fail the same way on the same mistakes.
+
+use std::path::{Path, PathBuf};
+
+use error_context::{Classify, Severity};
+use serde::de::DeserializeOwned;
+
+/// Exit code for an unusable configuration (`EX_CONFIG`); systemd units list it in
+/// `RestartPreventExitStatus` so a typo does not restart-loop.
+pub const EX_CONFIG: u8 = 78;
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("reading the configuration file")]
+    Read(#[source] std::io::Error),
+    /// The file is not valid TOML for the schema (the parser names the key and line).
+    #[error("parsing {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's complaint.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// Values that parse but cannot work, all of them, each naming its key and value.
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+impl Classify for ConfigError {
+    fn severity(&self) -> Severity {
+        Severity::Fatal
+    }
+}
+
+/// Reads a TOML file into `T`.
+pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = fs_err::read_to_string(path).map_err(ConfigError::Read)?;
+    parse_toml(&text, path)
+}
+
+/// Parses TOML text into `T`; `path` only names the file in errors.
+pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Logs to stderr at the level `RUST_LOG` names (default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+}
+
+/// Resolves on SIGINT or SIGTERM (never, if the handlers cannot be installed).
+pub async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+}
