@@ -61,13 +61,24 @@ struct RawBuilder {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
 enum RawExecutor {
-    /// Builds nothing: waits `build_ms` and reports the derivation's outputs with made-up hashes.
-    /// For tests and benchmarks of the control plane. A derivation whose environment sets
-    /// `DROVER_NOOP_FAIL` fails, with that value in its log.
+    /// Builds nothing: waits `build_ms` and reports each output as a one-file NAR. For tests and
+    /// benchmarks of the control plane. A derivation whose environment sets `DROVER_NOOP_FAIL`
+    /// fails, with that value in its log.
     Noop {
         /// Milliseconds each step takes. Default 0.
         #[serde(default)]
         build_ms: u64,
+    },
+    /// Builds with the local Nix (`nix-store` on PATH, configured by the environment, e.g.
+    /// `NIX_CONFIG`).
+    Nix {
+        /// The farm's binary cache, e.g. `http://runner.example.org:7701`.
+        cache_url: String,
+        /// Keys Nix trusts for substitution: the farm's cache key and those of the upstreams.
+        trusted_public_keys: Vec<String>,
+        /// Further caches to substitute inputs from, after the farm's. Default none.
+        #[serde(default)]
+        upstream_substituters: Vec<String>,
     },
 }
 
@@ -124,6 +135,13 @@ pub enum ExecutorConfig {
     Noop {
         /// How long each step takes.
         build_time: Duration,
+    },
+    /// The Nix executor.
+    Nix {
+        /// Substituters, the farm's cache first.
+        substituters: Vec<String>,
+        /// Trusted public keys.
+        trusted_public_keys: Vec<String>,
     },
 }
 
@@ -214,7 +232,21 @@ impl Config {
             .runner
             .domain
             .unwrap_or_else(|| host.unwrap_or_default().to_owned());
-        let RawExecutor::Noop { build_ms } = raw.executor;
+        let executor = match raw.executor {
+            RawExecutor::Noop { build_ms } => ExecutorConfig::Noop {
+                build_time: Duration::from_millis(build_ms),
+            },
+            RawExecutor::Nix {
+                cache_url,
+                trusted_public_keys,
+                upstream_substituters,
+            } => ExecutorConfig::Nix {
+                substituters: std::iter::once(cache_url)
+                    .chain(upstream_substituters)
+                    .collect(),
+                trusted_public_keys,
+            },
+        };
         Ok(Self {
             runner_url: raw.runner.url,
             runner_domain,
@@ -226,9 +258,7 @@ impl Config {
             mandatory_features: raw.builder.mandatory_features,
             max_jobs: raw.builder.max_jobs,
             speed_factor: raw.builder.speed_factor,
-            executor: ExecutorConfig::Noop {
-                build_time: Duration::from_millis(build_ms),
-            },
+            executor,
             reconnect: ReconnectPolicy {
                 initial: Duration::from_millis(raw.reconnect.initial_ms),
                 max: Duration::from_millis(raw.reconnect.max_ms),

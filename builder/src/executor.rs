@@ -1,26 +1,37 @@
-//! Executors run one step each. The noop executor builds nothing: it waits, then reports the
-//! derivation's outputs with made-up hashes, so the whole control plane can be exercised and
-//! benchmarked without Nix. The Nix executor joins it as another variant.
+//! Executors run one step each and describe its outputs; the tunnel uploads them.
+//!
+//! - [`noop`]: builds nothing: waits, then reports each output as a one-file NAR made in memory,
+//!   so the whole control plane (including uploads and the cache) runs without Nix.
+//! - [`nix`]: substitutes the step's inputs from the farm's cache, realises the derivation with
+//!   `nix-store`, and reports the outputs from the local store.
 
-use std::time::Duration;
+pub mod nix;
+pub mod noop;
 
-use nix_primitives::{Derivation, Hash};
 use tokio_util::sync::CancellationToken;
 
 use crate::tunnel::Job;
-
-/// The environment variable that makes the noop executor fail a step, with its value as the log.
-pub const NOOP_FAIL_VARIABLE: &str = "DROVER_NOOP_FAIL";
 
 /// How an attempt ended, as reported to the runner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Built.
     Succeeded,
-    /// The build failed.
+    /// The build failed (permanent).
     Failed,
-    /// Something other than the build failed.
+    /// The build exceeded its time or silence limit.
+    TimedOut,
+    /// Something other than the build failed (retried elsewhere).
     InfrastructureFailure,
+}
+
+/// Where an output's NAR comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NarSource {
+    /// Bytes made in memory.
+    Bytes(Vec<u8>),
+    /// `nix-store --dump` of the path in the local store.
+    LocalStore,
 }
 
 /// One output of a successful attempt.
@@ -30,10 +41,10 @@ pub struct BuiltOutput {
     pub name: String,
     /// Output path.
     pub path: String,
-    /// `sha256:<base32>` of its NAR.
-    pub nar_hash: String,
-    /// Size of its NAR.
-    pub nar_size: u64,
+    /// Store paths it refers to.
+    pub references: Vec<String>,
+    /// Its NAR.
+    pub nar: NarSource,
 }
 
 /// What an attempt produced.
@@ -43,80 +54,40 @@ pub struct Report {
     pub outcome: Outcome,
     /// Why, for anything but success.
     pub message: String,
-    /// Outputs of a success.
+    /// Outputs of a success, each after the outputs it refers to.
     pub outputs: Vec<BuiltOutput>,
     /// Its log.
     pub log: Vec<u8>,
 }
 
+impl Report {
+    /// A report of a failure with a log.
+    #[must_use]
+    pub fn failure(outcome: Outcome, message: impl Into<String>, log: Vec<u8>) -> Self {
+        Self {
+            outcome,
+            message: message.into(),
+            outputs: Vec::new(),
+            log,
+        }
+    }
+}
+
 /// Runs steps.
 #[derive(Debug, Clone)]
 pub enum Executor {
-    /// Builds nothing, in a fixed time.
-    Noop {
-        /// How long each step takes.
-        build_time: Duration,
-    },
+    /// Builds nothing.
+    Noop(noop::NoopExecutor),
+    /// Builds with Nix.
+    Nix(nix::NixExecutor),
 }
 
 impl Executor {
     /// Runs one step until it ends or `abort` is cancelled.
     pub async fn run(&self, job: &Job, abort: &CancellationToken) -> Report {
         match self {
-            Self::Noop { build_time } => noop(job, *build_time, abort).await,
+            Self::Noop(executor) => executor.run(job, abort).await,
+            Self::Nix(executor) => executor.run(job, abort).await,
         }
-    }
-}
-
-async fn noop(job: &Job, build_time: Duration, abort: &CancellationToken) -> Report {
-    let mut log = format!("noop build of {}\n", job.drv_path).into_bytes();
-    let derivation = match Derivation::parse(&job.drv_text) {
-        Ok(derivation) => derivation,
-        Err(error) => {
-            return Report {
-                outcome: Outcome::InfrastructureFailure,
-                message: format!("the runner sent a malformed derivation: {error}"),
-                outputs: Vec::new(),
-                log,
-            };
-        }
-    };
-    tokio::select! {
-        () = abort.cancelled() => {
-            return Report {
-                outcome: Outcome::InfrastructureFailure,
-                message: "aborted".to_owned(),
-                outputs: Vec::new(),
-                log,
-            };
-        }
-        () = tokio::time::sleep(build_time) => {}
-    }
-    if let Some(reason) = derivation.env.get(NOOP_FAIL_VARIABLE.as_bytes()) {
-        log.extend_from_slice(reason);
-        log.push(b'\n');
-        return Report {
-            outcome: Outcome::Failed,
-            message: format!("{NOOP_FAIL_VARIABLE} is set"),
-            outputs: Vec::new(),
-            log,
-        };
-    }
-    let outputs = job
-        .outputs
-        .iter()
-        .map(|(name, path)| BuiltOutput {
-            name: name.clone(),
-            path: path.clone(),
-            nar_hash: Hash::sha256(path.as_bytes()).to_typed_base32(),
-            nar_size: path.len() as u64,
-        })
-        .collect();
-    log.extend_from_slice(b"done\n");
-    Report {
-        outcome: Outcome::Succeeded,
-        message: String::new(),
-        outputs,
-        log,
     }
 }

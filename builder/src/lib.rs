@@ -3,8 +3,10 @@
 //! # Layout
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`tunnel`]: dialling the runner over mTLS, the session loop, log upload, reconnecting.
-//! - [`executor`]: running one step (the noop executor for now).
+//! - [`executor`]: running one step (noop or Nix).
+//! - [`upload`]: uploading a finished step's outputs as NARs.
 
 pub mod config;
 pub mod executor;
 pub mod tunnel;
+pub mod upload;

@@ -11,9 +11,7 @@ use drover_proto::API_VERSION;
 use drover_proto::v1::builder_message::Message as Outbound;
 use drover_proto::v1::builder_service_client::BuilderServiceClient;
 use drover_proto::v1::runner_message::Message as Inbound;
-use drover_proto::v1::{
-    BuilderMessage, BuiltOutput as WireOutput, Join, LogChunk, Ping, StepOutcome, StepResult,
-};
+use drover_proto::v1::{BuilderMessage, Join, LogChunk, Ping};
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -23,8 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::config::{Config, ReconnectPolicy};
-use crate::executor::{Executor, Outcome, Report};
+use crate::config::{Config, ExecutorConfig, ReconnectPolicy};
+use crate::executor::nix::NixExecutor;
+use crate::executor::noop::NoopExecutor;
+use crate::executor::{Executor, Report};
+use crate::upload;
 
 /// Log bytes per upload message.
 const LOG_CHUNK: usize = 64 * 1024;
@@ -43,6 +44,10 @@ pub struct Job {
     pub drv_text: Vec<u8>,
     /// Its outputs, name to path.
     pub outputs: BTreeMap<String, String>,
+    /// The paths the build reads, to substitute first.
+    pub input_paths: Vec<String>,
+    /// The most log bytes to keep.
+    pub max_log_bytes: u64,
 }
 
 /// Why the builder lost or could not get its tunnel.
@@ -100,8 +105,17 @@ pub async fn run(
     config: &Config,
     shutdown: &CancellationToken,
 ) -> Result<(), WithContext<TunnelError>> {
-    let executor = match config.executor {
-        crate::config::ExecutorConfig::Noop { build_time } => Executor::Noop { build_time },
+    let executor = match &config.executor {
+        ExecutorConfig::Noop { build_time } => Executor::Noop(NoopExecutor {
+            build_time: *build_time,
+        }),
+        ExecutorConfig::Nix {
+            substituters,
+            trusted_public_keys,
+        } => Executor::Nix(NixExecutor {
+            substituters: substituters.join(" "),
+            trusted_public_keys: trusted_public_keys.join(" "),
+        }),
     };
     let policy = &config.reconnect;
     let mut delay = policy.initial;
@@ -214,6 +228,8 @@ async fn session(
                             drv_path: build.drv_path,
                             drv_text: build.drv_text,
                             outputs: build.outputs.into_iter().collect(),
+                            input_paths: build.input_paths,
+                            max_log_bytes: build.limits.map_or(u64::MAX, |l| l.max_log_bytes),
                         };
                         let abort = CancellationToken::new();
                         aborts.insert(job.attempt_id.clone(), abort.clone());
@@ -236,7 +252,8 @@ async fn session(
                 let Ok((job, report)) = finished else { continue };
                 aborts.remove(&job.attempt_id);
                 upload_log(&mut client, &job.attempt_id, &report.log).await?;
-                send(&outbox, Outbound::StepResult(result_message(&job, report))).await?;
+                let result = upload::outputs(&mut client, &job, report).await?;
+                send(&outbox, Outbound::StepResult(result)).await?;
             }
         }
     }
@@ -274,27 +291,4 @@ async fn upload_log(
         .await
         .map_err(TunnelError::Status)?;
     Ok(())
-}
-
-fn result_message(job: &Job, report: Report) -> StepResult {
-    let outcome = match report.outcome {
-        Outcome::Succeeded => StepOutcome::Succeeded,
-        Outcome::Failed => StepOutcome::Failed,
-        Outcome::InfrastructureFailure => StepOutcome::InfrastructureFailure,
-    };
-    StepResult {
-        attempt_id: job.attempt_id.clone(),
-        outcome: outcome.into(),
-        message: report.message,
-        outputs: report
-            .outputs
-            .into_iter()
-            .map(|output| WireOutput {
-                name: output.name,
-                path: output.path,
-                nar_hash: output.nar_hash,
-                nar_size: output.nar_size,
-            })
-            .collect(),
-    }
 }

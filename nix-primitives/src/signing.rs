@@ -31,6 +31,9 @@ pub enum KeyError {
     /// A secret key whose public half does not belong to its seed.
     #[error("the public half of secret key {0:?} does not match its seed")]
     MismatchedHalves(String),
+    /// The operating system could not provide random bytes for a new key.
+    #[error("the operating system provided no randomness for a new key")]
+    NoRandomness,
     /// A public key that is not a valid curve point.
     #[error("public key {0:?} is not a valid ed25519 key")]
     InvalidPublicKey(String),
@@ -81,6 +84,16 @@ impl SecretKey {
             return Err(KeyError::MismatchedHalves(name));
         }
         Ok(Self { name, key })
+    }
+
+    /// A new key from the operating system's random number generator.
+    pub fn generate(name: &str) -> Result<Self, KeyError> {
+        if name.is_empty() || name.contains(':') {
+            return Err(KeyError::MissingName);
+        }
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|_| KeyError::NoRandomness)?;
+        Ok(Self::from_seed(name, &seed))
     }
 
     /// A key from a 32-byte seed.

@@ -99,6 +99,23 @@ fn dump_is_byte_identical_to_nix_store_dump() {
 }
 
 #[test]
+fn a_file_nar_written_from_memory_equals_the_dump_of_the_file() {
+    let nix = Nix::new();
+    let scratch = nix.scratch("files");
+    for (name, contents, mode, executable) in [
+        ("plain", b"Derive([])".as_slice(), 0o644, false),
+        ("exec", b"#!/bin/sh\n".as_slice(), 0o755, true),
+        ("empty", b"".as_slice(), 0o644, false),
+    ] {
+        let path = scratch.join(name);
+        write_file(&path, contents, mode);
+        let mut written = Vec::new();
+        nar::write_file_nar(contents, executable, &mut written).unwrap();
+        assert!(written == support::nix_store_dump(&path), "{name}");
+    }
+}
+
+#[test]
 fn summary_matches_nix_hash() {
     let nix = Nix::new();
     let tree = nix.scratch("trees").join("tree");

@@ -33,6 +33,9 @@ pub enum RunnerError {
     /// The database failed.
     #[error("the database failed")]
     Database(#[source] WithContext<DbError>),
+    /// The scheduler failed (database or cache).
+    #[error("the scheduler failed")]
+    Scheduler(#[source] WithContext<crate::scheduler::SchedulerError>),
     /// A certificate or key file cannot be read.
     #[error("reading {path}")]
     ReadTls {
@@ -42,6 +45,21 @@ pub enum RunnerError {
         #[source]
         source: std::io::Error,
     },
+    /// The binary cache cannot be opened, or its key read.
+    #[error("opening the binary cache")]
+    Cache(#[source] WithContext<crate::cache::CacheError>),
+    /// The cache signing key is not a Nix secret key.
+    #[error("reading the cache signing key {path}")]
+    CacheKey {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nix_primitives::signing::KeyError,
+    },
+    /// The cache's HTTP server failed.
+    #[error("serving the binary cache")]
+    ServeCache(#[source] std::io::Error),
     /// The log directory cannot be created.
     #[error("creating the log directory")]
     LogDirectory(#[source] std::io::Error),
@@ -75,6 +93,10 @@ impl Classify for RunnerError {
 pub struct Runner {
     /// The address the gRPC server is bound to.
     pub grpc_address: SocketAddr,
+    /// The address the binary cache is served on.
+    pub cache_address: SocketAddr,
+    /// The key clients must trust to substitute from the cache.
+    pub cache_public_key: nix_primitives::PublicKey,
     shutdown: CancellationToken,
     supervisor: Supervisor<RunnerError>,
 }
@@ -105,6 +127,21 @@ pub async fn start(
         source,
     })?;
 
+    let cache = Arc::new(open_cache(&config)?);
+    let cache_listener = tokio::net::TcpListener::bind(config.cache_listen)
+        .await
+        .map_err(|source| RunnerError::Bind {
+            address: config.cache_listen,
+            source,
+        })?;
+    let cache_address = cache_listener
+        .local_addr()
+        .map_err(|source| RunnerError::Bind {
+            address: config.cache_listen,
+            source,
+        })?;
+    let cache_public_key = cache.public_key();
+
     let logs = LogStore::new(config.log_directory.clone(), config.max_log_bytes);
     let attempts = Attempts::default();
     let (events, receiver) = mpsc::channel(EVENT_QUEUE);
@@ -118,19 +155,28 @@ pub async fn start(
         },
     };
     let mut supervisor = Supervisor::new();
-    let scheduler = Scheduler::new(pool.clone(), attempts.clone(), limits);
+    let scheduler = Scheduler::new(pool.clone(), attempts.clone(), cache.clone(), limits);
     let scheduler_run = scheduler.run(receiver, builds_queued.clone(), shutdown.clone());
     supervisor.spawn_critical("scheduler", async move {
-        scheduler_run.await.map_err(RunnerError::Database)
+        scheduler_run.await.map_err(RunnerError::Scheduler)
     });
     let listen = ingest::listen(config.database_url.clone(), builds_queued, shutdown.clone());
     supervisor.spawn_critical("ingest listener", async move {
         listen.await.map_err(RunnerError::Database)
     });
 
+    let cache_routes = crate::cache::http::router(cache.clone(), logs.clone(), pool.clone());
+    let cache_shutdown = shutdown.clone();
+    supervisor.spawn_critical("cache http server", async move {
+        axum::serve(cache_listener, cache_routes)
+            .with_graceful_shutdown(cache_shutdown.cancelled_owned())
+            .await
+            .map_err(RunnerError::ServeCache)
+    });
     let builder_service = BuilderServiceImpl::new(
         events,
         attempts,
+        cache,
         logs.clone(),
         pool.clone(),
         (config.ping_interval, config.liveness_timeout),
@@ -154,12 +200,28 @@ pub async fn start(
     supervisor.spawn_critical("grpc server", async move {
         server.await.map_err(RunnerError::Serve)
     });
-    tracing::info!(%grpc_address, version = env!("CARGO_PKG_VERSION"), api = drover_proto::API_VERSION, "queue runner serving");
+    tracing::info!(%grpc_address, %cache_address, %cache_public_key, version = env!("CARGO_PKG_VERSION"), api = drover_proto::API_VERSION, "queue runner serving");
     Ok(Runner {
         grpc_address,
+        cache_address,
+        cache_public_key,
         shutdown,
         supervisor,
     })
+}
+
+fn open_cache(config: &Config) -> Result<crate::cache::BinaryCache, RunnerError> {
+    let path = &config.cache_secret_key_file;
+    let text = fs_err::read_to_string(path).map_err(|source| RunnerError::ReadTls {
+        path: path.clone(),
+        source,
+    })?;
+    let key = nix_primitives::SecretKey::parse(&text).map_err(|source| RunnerError::CacheKey {
+        path: path.clone(),
+        source,
+    })?;
+    crate::cache::BinaryCache::open(&config.cache_directory, key)
+        .map_err(|error| RunnerError::Cache(error.into()))
 }
 
 fn tls_config(config: &Config) -> Result<ServerTlsConfig, RunnerError> {

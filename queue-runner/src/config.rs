@@ -16,8 +16,21 @@ struct RawConfig {
     grpc: RawGrpc,
     tls: RawTls,
     logs: RawLogs,
+    cache: RawCache,
     #[serde(default)]
     builders: RawBuilders,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    /// Directory of the binary cache (Nix's file:// layout); created if missing.
+    directory: PathBuf,
+    /// Address the plain-HTTP cache listener binds, e.g. `0.0.0.0:7701`; port 0 picks one.
+    listen: String,
+    /// File with the ed25519 secret key narinfos are signed with, in Nix's format
+    /// (`name:base64`), as `nix-store --generate-binary-cache-key` or `drover cache-key` write.
+    secret_key_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,6 +130,12 @@ pub struct Config {
     pub log_directory: PathBuf,
     /// Log limit per attempt.
     pub max_log_bytes: u64,
+    /// Binary cache directory.
+    pub cache_directory: PathBuf,
+    /// Binary cache HTTP listen address.
+    pub cache_listen: SocketAddr,
+    /// Binary cache signing key file.
+    pub cache_secret_key_file: PathBuf,
     /// Builder ping interval.
     pub ping_interval: Duration,
     /// Builder liveness deadline.
@@ -142,6 +161,13 @@ impl Config {
             problems.push(format!(
                 "grpc.listen = {:?} is not an address like 0.0.0.0:7700",
                 raw.grpc.listen
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        let cache_listen = raw.cache.listen.parse().unwrap_or_else(|_| {
+            problems.push(format!(
+                "cache.listen = {:?} is not an address like 0.0.0.0:7701",
+                raw.cache.listen
             ));
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
@@ -172,6 +198,9 @@ impl Config {
             key: raw.tls.key,
             log_directory: raw.logs.directory,
             max_log_bytes: raw.logs.max_bytes,
+            cache_directory: raw.cache.directory,
+            cache_listen,
+            cache_secret_key_file: raw.cache.secret_key_file,
             ping_interval: Duration::from_secs(raw.builders.ping_interval_secs),
             liveness_timeout: Duration::from_secs(raw.builders.liveness_timeout_secs),
             max_builder_losses: raw.builders.max_builder_losses,
@@ -206,6 +235,10 @@ mod tests {
             key = "r.key"
             [logs]
             directory = "logs"
+            [cache]
+            directory = "cache"
+            listen = "127.0.0.1:0"
+            secret_key_file = "key"
             [builders]
             ping_interval_secs = 10
             liveness_timeout_secs = 5

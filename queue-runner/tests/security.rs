@@ -20,8 +20,8 @@ use drover_proto::v1::builder_message::Message as Outbound;
 use drover_proto::v1::builder_service_client::BuilderServiceClient;
 use drover_proto::v1::runner_message::Message as Inbound;
 use drover_proto::v1::{
-    BuilderMessage, BuiltOutput, DerivationText, Join, LogChunk, RunnerMessage, StepOutcome,
-    StepResult, SubmitRequest,
+    BuilderMessage, BuiltOutput, DerivationText, Join, LogChunk, NarChunk, RunnerMessage,
+    StepOutcome, StepResult, SubmitRequest, UploadNarResponse,
 };
 use drover_tls::{CertificateAuthority, Identity, Role};
 use nix_primitives::derivation::derivation_path;
@@ -317,8 +317,17 @@ async fn a_builder_cannot_report_on_or_upload_for_another_builders_attempt() {
     };
     assert_eq!((status.as_str(), nar_hash), ("running", None));
 
+    let uploaded = upload(
+        &mut honest.client,
+        &assignment.attempt_id,
+        &drv.out,
+        &[],
+        nar_of(b"honest"),
+    )
+    .await
+    .unwrap();
     let honest_outputs = vec![BuiltOutput {
-        nar_hash: "sha256:honest".to_owned(),
+        nar_hash: uploaded.nar_hash.clone(),
         ..outputs[0].clone()
     }];
     honest
@@ -337,7 +346,7 @@ async fn a_builder_cannot_report_on_or_upload_for_another_builders_attempt() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(stored, "sha256:honest");
+    assert_eq!(stored, uploaded.nar_hash);
     let response = farm.get(build).await;
     assert_eq!(response.outputs["out"], drv.out.to_absolute());
 }
@@ -356,4 +365,248 @@ async fn a_builder_speaking_another_api_version_is_refused() {
         .expect_err("an old builder must be refused");
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(rows(&farm, "machines").await, 0);
+}
+
+/// The NAR of a single file with `contents`.
+fn nar_of(contents: &[u8]) -> Vec<u8> {
+    let mut nar = Vec::new();
+    nix_primitives::nar::write_file_nar(contents, false, &mut nar).unwrap();
+    nar
+}
+
+/// Uploads `nar` as `path` for an attempt, in small chunks.
+async fn upload(
+    client: &mut BuilderServiceClient<Channel>,
+    attempt_id: &str,
+    path: &StorePath,
+    references: &[&StorePath],
+    nar: Vec<u8>,
+) -> Result<UploadNarResponse, tonic::Status> {
+    let mut chunks = vec![NarChunk {
+        attempt_id: attempt_id.to_owned(),
+        store_path: path.to_absolute(),
+        references: references.iter().map(|r| r.to_absolute()).collect(),
+        data: Vec::new(),
+    }];
+    chunks.extend(nar.chunks(7).map(|data| NarChunk {
+        attempt_id: attempt_id.to_owned(),
+        data: data.to_vec(),
+        ..NarChunk::default()
+    }));
+    client
+        .upload_nar(tokio_stream::iter(chunks))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn next_build(builder: &mut ScriptedBuilder) -> drover_proto::v1::Build {
+    loop {
+        match builder.inbound.message().await.unwrap().unwrap().message {
+            Some(Inbound::Build(build)) => return build,
+            _ => continue,
+        }
+    }
+}
+
+fn cache_entries(farm: &Farm) -> Vec<String> {
+    let mut entries: Vec<String> = ["", "nar", "tmp"]
+        .iter()
+        .flat_map(|dir| fs_err::read_dir(farm.dir.path().join("cache").join(dir)).unwrap())
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".narinfo") || name.contains('.'))
+        .collect();
+    entries.sort();
+    entries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_beyond_what_an_attempt_may_publish_are_refused_and_publish_nothing() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let input = factory.make(&Spec::new("upload-input"));
+    let step = factory.make(&Spec::new("upload-step").inputs(&[&input]));
+    let fixed = factory.make_fixed("fixed-file", b"the expected contents");
+    let stranger = factory.make(&Spec::new("stranger"));
+    let mut builder = ScriptedBuilder::join(&farm, "uploader").await;
+    let build = farm.submit(&[&input, &step]).await;
+
+    let first = next_build(&mut builder).await;
+    assert_eq!(first.drv_path, input.path.to_absolute());
+    let before = cache_entries(&farm);
+    let refusals: Vec<(&str, Result<UploadNarResponse, tonic::Status>, Code)> = vec![
+        (
+            "a path that is not an output",
+            upload(
+                &mut builder.client,
+                &first.attempt_id,
+                &stranger.out,
+                &[],
+                nar_of(b"x"),
+            )
+            .await,
+            Code::PermissionDenied,
+        ),
+        (
+            "a reference outside the input closure",
+            upload(
+                &mut builder.client,
+                &first.attempt_id,
+                &input.out,
+                &[&stranger.out],
+                nar_of(b"x"),
+            )
+            .await,
+            Code::PermissionDenied,
+        ),
+        (
+            "a NAR cut in the middle",
+            upload(
+                &mut builder.client,
+                &first.attempt_id,
+                &input.out,
+                &[],
+                nar_of(b"complete contents")[..40].to_vec(),
+            )
+            .await,
+            Code::InvalidArgument,
+        ),
+        (
+            "a malformed NAR",
+            upload(
+                &mut builder.client,
+                &first.attempt_id,
+                &input.out,
+                &[],
+                b"not a nar at all, not at all".to_vec(),
+            )
+            .await,
+            Code::InvalidArgument,
+        ),
+    ];
+    for (case, result, code) in refusals {
+        let status = result.expect_err(case);
+        assert_eq!(status.code(), code, "{case}: {status:?}");
+    }
+    assert_eq!(
+        cache_entries(&farm),
+        before,
+        "a refused upload left something in the cache"
+    );
+
+    let good = upload(
+        &mut builder.client,
+        &first.attempt_id,
+        &input.out,
+        &[],
+        nar_of(b"input"),
+    )
+    .await
+    .unwrap();
+    assert!(!good.already_published);
+    let again = upload(
+        &mut builder.client,
+        &first.attempt_id,
+        &input.out,
+        &[],
+        nar_of(b"input"),
+    )
+    .await
+    .unwrap();
+    assert!(again.already_published);
+    let report = |attempt_id: &str, path: &StorePath, nar_hash: String| StepResult {
+        attempt_id: attempt_id.to_owned(),
+        outcome: StepOutcome::Succeeded.into(),
+        message: String::new(),
+        outputs: vec![BuiltOutput {
+            name: "out".to_owned(),
+            path: path.to_absolute(),
+            nar_hash,
+            nar_size: 0,
+        }],
+    };
+    builder
+        .send(Outbound::StepResult(report(
+            &first.attempt_id,
+            &input.out,
+            "sha256:0000".to_owned(),
+        )))
+        .await;
+    let retried = next_build(&mut builder).await;
+    assert_eq!(
+        retried.drv_path,
+        input.path.to_absolute(),
+        "a wrong NAR hash is requeued"
+    );
+    let status: String = farm
+        .db()
+        .await
+        .query_one(
+            "SELECT status::text FROM step_attempts WHERE id::text = $1",
+            &[&first.attempt_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "infrastructure_failure");
+    builder
+        .send(Outbound::StepResult(report(
+            &retried.attempt_id,
+            &input.out,
+            good.nar_hash.clone(),
+        )))
+        .await;
+
+    let second = next_build(&mut builder).await;
+    assert_eq!(second.drv_path, step.path.to_absolute());
+    let with_input_reference = upload(
+        &mut builder.client,
+        &second.attempt_id,
+        &step.out,
+        &[&input.out, &step.out],
+        nar_of(b"step"),
+    )
+    .await;
+    let with_input_reference =
+        with_input_reference.expect("an input and the output itself are allowed references");
+    builder
+        .send(Outbound::StepResult(report(
+            &second.attempt_id,
+            &step.out,
+            with_input_reference.nar_hash,
+        )))
+        .await;
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+
+    let fixed_build = farm.submit(&[&fixed]).await;
+    let third = next_build(&mut builder).await;
+    let mismatch = upload(
+        &mut builder.client,
+        &third.attempt_id,
+        &fixed.out,
+        &[],
+        nar_of(b"other contents"),
+    )
+    .await;
+    assert_eq!(
+        mismatch.expect_err("fixed-output content mismatch").code(),
+        Code::InvalidArgument
+    );
+    let matching = upload(
+        &mut builder.client,
+        &third.attempt_id,
+        &fixed.out,
+        &[],
+        nar_of(b"the expected contents"),
+    )
+    .await
+    .unwrap();
+    builder
+        .send(Outbound::StepResult(report(
+            &third.attempt_id,
+            &fixed.out,
+            matching.nar_hash,
+        )))
+        .await;
+    assert_eq!(farm.wait_for_build(fixed_build).await, "succeeded");
 }

@@ -47,6 +47,17 @@ pub fn dump(path: &Path, out: &mut impl Write) -> Result<u64, DumpError> {
     Ok(counting.count)
 }
 
+/// Writes the NAR of a single regular file with `contents`: how `.drv` files and other text
+/// paths are served from a binary cache.
+pub fn write_file_nar(contents: &[u8], executable: bool, out: &mut impl Write) -> io::Result<()> {
+    write_string(out, MAGIC.as_bytes())?;
+    write_tokens(out, &[b"(", b"type", b"regular"])?;
+    if executable {
+        write_tokens(out, &[b"executable", b""])?;
+    }
+    write_tokens(out, &[b"contents", contents, b")"])
+}
+
 fn dump_node(path: &Path, out: &mut impl Write) -> Result<(), DumpError> {
     let metadata = fs_err::symlink_metadata(path).map_err(DumpError::Read)?;
     let file_type = metadata.file_type();

@@ -21,7 +21,7 @@ mod format;
 mod parse;
 mod unpack;
 
-pub use dump::{DumpError, dump};
+pub use dump::{DumpError, dump, write_file_nar};
 pub use format::{MAX_DEPTH, MAX_NAME_LEN, MAX_TARGET_LEN};
 pub use parse::{NarError, NarErrorKind, NarSummary, NarVisitor, parse, summarize};
 pub use unpack::unpack;

@@ -138,7 +138,8 @@ pub async fn record_ingested_build(
     client
         .execute(
             "WITH statuses AS (
-                 UPDATE steps SET status = u.status::step_status
+                 UPDATE steps SET status = u.status::step_status,
+                     finished_at = CASE WHEN u.status = 'succeeded' THEN now() END
                  FROM unnest($2::bigint[], $3::text[]) AS u(id, status)
                  WHERE steps.id = u.id),
              links AS (

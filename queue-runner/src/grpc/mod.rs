@@ -4,3 +4,4 @@
 pub mod auth;
 pub mod build_service;
 pub mod tunnel;
+pub mod upload;

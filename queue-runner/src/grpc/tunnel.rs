@@ -13,8 +13,8 @@ use drover_proto::v1::builder_message::Message as Inbound;
 use drover_proto::v1::builder_service_server::BuilderService;
 use drover_proto::v1::runner_message::Message as Outbound;
 use drover_proto::v1::{
-    BuilderMessage, Join, Joined, LogChunk, RunnerMessage, StepOutcome, StepResult,
-    UploadLogResponse,
+    BuilderMessage, Join, Joined, LogChunk, NarChunk, RunnerMessage, StepOutcome, StepResult,
+    UploadLogResponse, UploadNarResponse,
 };
 use drover_tls::Role;
 use tokio::sync::mpsc;
@@ -24,11 +24,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use super::auth;
+use super::{auth, upload};
+use crate::cache::BinaryCache;
 use crate::db::Pool;
 use crate::db::queries::{self, OutputRow};
 use crate::logs::LogStore;
-use crate::scheduler::attempts::Attempts;
+use crate::scheduler::attempts::{AttemptOwner, Attempts};
 use crate::scheduler::machines::{Capabilities, OutboxItem};
 use crate::scheduler::{Event, Outcome};
 use crate::tasks;
@@ -45,6 +46,7 @@ const MAX_JOBS_LIMIT: u32 = 1024;
 pub struct BuilderServiceImpl {
     events: mpsc::Sender<Event>,
     attempts: Attempts,
+    cache: Arc<BinaryCache>,
     logs: LogStore,
     pool: Pool,
     ping_interval: Duration,
@@ -59,6 +61,7 @@ impl BuilderServiceImpl {
     pub fn new(
         events: mpsc::Sender<Event>,
         attempts: Attempts,
+        cache: Arc<BinaryCache>,
         logs: LogStore,
         pool: Pool,
         (ping_interval, liveness_timeout): (Duration, Duration),
@@ -67,6 +70,7 @@ impl BuilderServiceImpl {
         Self {
             events,
             attempts,
+            cache,
             logs,
             pool,
             ping_interval,
@@ -174,19 +178,7 @@ impl BuilderService for BuilderServiceImpl {
             return Err(Status::invalid_argument("an empty log upload"));
         };
         let attempt = parse_attempt(&first.attempt_id)?;
-        match self.attempts.owner(&attempt) {
-            None => {
-                return Err(Status::not_found(format!(
-                    "attempt {attempt} is not running"
-                )));
-            }
-            Some(owner) if owner.builder != identity.name => {
-                return Err(Status::permission_denied(format!(
-                    "attempt {attempt} was not given to {identity}"
-                )));
-            }
-            Some(_) => {}
-        }
+        self.owned_attempt(&first.attempt_id, &identity)?;
         let storage_error = |error: std::io::Error| {
             tracing::error!(%attempt, %error, "storing a log failed");
             Status::internal("storing the log failed")
@@ -214,6 +206,40 @@ impl BuilderService for BuilderServiceImpl {
             stored_bytes,
             truncated_bytes,
         }))
+    }
+
+    async fn upload_nar(
+        &self,
+        request: Request<Streaming<NarChunk>>,
+    ) -> Result<Response<UploadNarResponse>, Status> {
+        let identity = auth::require(&request, &[Role::Builder])?;
+        let chunks = request.into_inner();
+        Ok(Response::new(
+            upload::receive(chunks, &self.cache, |attempt_id| {
+                self.owned_attempt(attempt_id, &identity)
+            })
+            .await?,
+        ))
+    }
+}
+
+impl BuilderServiceImpl {
+    /// The owner of a running attempt, if it is `builder`.
+    fn owned_attempt(
+        &self,
+        attempt_id: &str,
+        builder: &drover_tls::Identity,
+    ) -> Result<AttemptOwner, Status> {
+        let attempt = parse_attempt(attempt_id)?;
+        match self.attempts.owner(&attempt) {
+            None => Err(Status::not_found(format!(
+                "attempt {attempt} is not running"
+            ))),
+            Some(owner) if owner.builder != builder.name => Err(Status::permission_denied(
+                format!("attempt {attempt} was not given to {builder}"),
+            )),
+            Some(owner) => Ok(owner),
+        }
     }
 }
 

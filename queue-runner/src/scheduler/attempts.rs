@@ -2,12 +2,27 @@
 //! it) and the gRPC handlers (which read it), so a builder can only report on, or upload logs
 //! for, attempts it was given.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use nix_primitives::{Hash, IngestionMethod, StorePath};
 use uuid::Uuid;
 
 use super::graph::StepId;
+
+/// What the builder of an attempt may upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadPolicy {
+    /// The derivation being built: the outputs' deriver.
+    pub deriver: StorePath,
+    /// Its outputs, the only paths the attempt may upload.
+    pub outputs: BTreeMap<String, StorePath>,
+    /// The step's inputs (input sources and the outputs of input derivations it uses); outputs
+    /// may refer only to their runtime closure and to each other.
+    pub input_paths: BTreeSet<StorePath>,
+    /// For a fixed-output derivation, how its output is hashed and the hash it must have.
+    pub fixed: Option<(IngestionMethod, Hash)>,
+}
 
 /// Who runs an attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +31,8 @@ pub struct AttemptOwner {
     pub builder: String,
     /// The step.
     pub step: StepId,
+    /// What it may upload.
+    pub policy: Arc<UploadPolicy>,
 }
 
 /// Running attempts by id.

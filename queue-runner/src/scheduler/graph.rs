@@ -7,7 +7,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use nix_primitives::StorePath;
+use nix_primitives::{Hash, IngestionMethod, StorePath};
 
 /// Step id (the `steps.id` column).
 pub type StepId = i64;
@@ -36,6 +36,10 @@ pub struct NewStep {
     pub outputs: BTreeMap<String, StorePath>,
     /// What a builder needs.
     pub requirements: Requirements,
+    /// Input sources and the outputs of input derivations it uses.
+    pub input_paths: BTreeSet<StorePath>,
+    /// For a fixed-output derivation, how its output is hashed and the hash it must have.
+    pub fixed: Option<(IngestionMethod, Hash)>,
     /// Unfinished steps it depends on (already in the graph or in the same batch).
     pub inputs: Vec<StepId>,
 }
@@ -285,6 +289,8 @@ mod tests {
                 system: "x86_64-linux".to_owned(),
                 features: BTreeSet::new(),
             },
+            input_paths: BTreeSet::new(),
+            fixed: None,
             inputs: inputs.to_vec(),
         }
     }

@@ -9,12 +9,16 @@ use std::time::Duration;
 
 use error_context::{ResultExt as _, WithContext};
 use futures_util::StreamExt as _;
-use nix_primitives::{Derivation, StorePath};
+use nix_primitives::{
+    ContentAddress, Derivation, DerivationOutput, Hash, IngestionMethod, StorePath,
+};
 use tokio::sync::Notify;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
+use super::SchedulerError;
 use super::graph::{NewStep, Requirements, StepGraph, StepId};
+use crate::cache::{BinaryCache, CacheError, Publication};
 use crate::db::queries::{self, BuildSelection, QueuedBuild, StepSpec};
 use crate::db::{DbError, Pool};
 use crate::verify::{self, VerifiedClosure, VerifyError};
@@ -109,19 +113,25 @@ fn handle_message(
 pub async fn drain(
     pool: &Pool,
     graph: &mut StepGraph,
+    cache: &Arc<BinaryCache>,
     selection: BuildSelection,
-) -> Result<usize, WithContext<DbError>> {
-    let mut client = pool.get().await.map_err(DbError::Connection)?;
+) -> Result<usize, WithContext<SchedulerError>> {
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|error| SchedulerError::from(DbError::Connection(error)))?;
     let mut after = 0;
     let mut handled = 0;
     loop {
-        let builds = queries::queued_builds(&client, selection, after, BATCH).await?;
+        let builds = queries::queued_builds(&client, selection, after, BATCH)
+            .await
+            .map_err(SchedulerError::from)?;
         let Some(last) = builds.last() else {
             return Ok(handled);
         };
         after = last.id;
         for build in builds {
-            expand(&mut client, graph, &build)
+            expand(&mut client, graph, cache, &build)
                 .await
                 .with_context(|| format!("expanding build {}", build.id))?;
             handled += 1;
@@ -134,16 +144,16 @@ pub async fn drain(
 async fn expand(
     client: &mut deadpool_postgres::Client,
     graph: &mut StepGraph,
+    cache: &Arc<BinaryCache>,
     build: &QueuedBuild,
-) -> Result<(), DbError> {
+) -> Result<(), SchedulerError> {
     let closure = match load_closure(&*client, &build.drv_path).await? {
         Ok(closure) => closure,
-        Err(error) => {
-            let reason = error_context::report(&error).to_string();
-            tracing::warn!(build = build.id, %reason, "refusing a queued build");
-            return queries::finish_build(&*client, build.id, "failed", Some(&reason)).await;
-        }
+        Err(error) => return Ok(refuse(client, build, &error).await?),
     };
+    if let Err(error) = publish_derivations(cache, &closure).await? {
+        return Ok(refuse(client, build, &error).await?);
+    }
     let specs: Vec<StepSpec> = closure
         .order
         .iter()
@@ -166,10 +176,11 @@ async fn expand(
         .await
         .map_err(DbError::query("starting an ingest transaction"))?;
     let rows = queries::ensure_steps(&transaction, &specs).await?;
-    let steps: BTreeMap<String, (StepId, String)> = rows
+    let mut steps: BTreeMap<String, (StepId, String)> = rows
         .into_iter()
         .map(|row| (row.drv_path, (row.id, row.status)))
         .collect();
+    let substituted = mark_published_steps(&closure, &mut steps, cache);
     let top = closure
         .order
         .last()
@@ -178,13 +189,16 @@ async fn expand(
     let finished = cached_outcome(&closure, &steps, &top);
     if let Some((status, reason)) = finished {
         queries::finish_build(&transaction, build.id, status, reason.as_deref()).await?;
-        return transaction
+        transaction
             .commit()
             .await
-            .map_err(DbError::query("committing an ingested build"));
+            .map_err(DbError::query("committing an ingested build"))?;
+        return Ok(());
     }
 
-    let plan = plan_steps(&closure, &specs, &steps, graph);
+    let mut plan = plan_steps(&closure, &specs, &steps, graph);
+    plan.statuses
+        .extend(substituted.into_iter().map(|id| (id, "succeeded")));
     queries::record_ingested_build(&transaction, build.id, &plan.needed, &plan.statuses).await?;
     transaction
         .commit()
@@ -259,10 +273,121 @@ fn plan_steps(
                 system: spec.system.clone(),
                 features: verified.features.clone(),
             },
+            input_paths: input_paths(closure, &verified.derivation),
+            fixed: fixed_output(&verified.derivation),
             inputs,
         });
     }
     plan
+}
+
+/// Refuses a queued build whose closure does not verify or cannot be published, storing why.
+async fn refuse(
+    client: &deadpool_postgres::Client,
+    build: &QueuedBuild,
+    error: &(dyn std::error::Error + Send + Sync + 'static),
+) -> Result<(), DbError> {
+    let reason = error_context::report(error).to_string();
+    tracing::warn!(build = build.id, %reason, "refusing a queued build");
+    queries::finish_build(client, build.id, "failed", Some(&reason)).await
+}
+
+/// Publishes every `.drv` of the closure in the cache (inputs first), as content-addressed text,
+/// so builders can substitute them. The outer error is the cache failing; the inner one a
+/// derivation that cannot be published (it refers to a source nobody uploaded).
+async fn publish_derivations(
+    cache: &Arc<BinaryCache>,
+    closure: &VerifiedClosure,
+) -> Result<Result<(), CacheError>, CacheError> {
+    let unpublished: Vec<(StorePath, Vec<u8>, BTreeSet<StorePath>)> = closure
+        .order
+        .iter()
+        .filter(|path| !cache.is_published(path))
+        .map(|path| {
+            let verified = &closure.derivations[path];
+            (
+                path.clone(),
+                verified.text.clone(),
+                verified.derivation.references(),
+            )
+        })
+        .collect();
+    if unpublished.is_empty() {
+        return Ok(Ok(()));
+    }
+    let cache = cache.clone();
+    let published = tokio::task::spawn_blocking(move || {
+        for (path, text, references) in unpublished {
+            let mut nar = Vec::new();
+            nix_primitives::nar::write_file_nar(&text, false, &mut nar).map_err(CacheError::Io)?;
+            let publication = Publication {
+                content_address: Some(ContentAddress::Text(Hash::sha256(&text))),
+                store_path: path,
+                references,
+                deriver: None,
+                fixed: None,
+            };
+            cache.publish(&publication, nar.as_slice())?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|error| CacheError::Io(std::io::Error::other(error)))?;
+    match published {
+        Ok(()) => Ok(Ok(())),
+        Err(error @ CacheError::ReferenceNotPublished { .. }) => Ok(Err(error)),
+        Err(error) => Err(error),
+    }
+}
+
+/// Steps whose outputs are all in the cache are done without building: marks them succeeded in
+/// `steps` and returns their ids.
+fn mark_published_steps(
+    closure: &VerifiedClosure,
+    steps: &mut BTreeMap<String, (StepId, String)>,
+    cache: &BinaryCache,
+) -> Vec<StepId> {
+    let mut substituted = Vec::new();
+    for (path, verified) in &closure.derivations {
+        let Some((id, status)) = steps.get_mut(&path.to_absolute()) else {
+            continue;
+        };
+        let finished = matches!(status.as_str(), "succeeded" | "failed" | "dep_failed");
+        if !finished
+            && verified
+                .outputs
+                .values()
+                .all(|output| cache.is_published(output))
+        {
+            "succeeded".clone_into(status);
+            substituted.push(*id);
+        }
+    }
+    substituted
+}
+
+/// The store paths a derivation's build reads: its input sources and the outputs it uses of its
+/// input derivations.
+fn input_paths(closure: &VerifiedClosure, derivation: &Derivation) -> BTreeSet<StorePath> {
+    let mut paths = derivation.input_sources.clone();
+    for (input, wanted) in &derivation.input_derivations {
+        if let Some(verified) = closure.derivations.get(input) {
+            paths.extend(
+                wanted
+                    .iter()
+                    .filter_map(|output| verified.outputs.get(output).cloned()),
+            );
+        }
+    }
+    paths
+}
+
+/// How a fixed-output derivation's output is hashed and the hash it must have.
+fn fixed_output(derivation: &Derivation) -> Option<(IngestionMethod, Hash)> {
+    derivation.outputs.values().find_map(|output| match output {
+        DerivationOutput::Fixed { method, hash, .. } => Some((*method, *hash)),
+        _ => None,
+    })
 }
 
 /// A build whose closure holds a step that already failed fails at once, and one whose

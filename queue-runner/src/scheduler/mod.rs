@@ -16,19 +16,39 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use drover_proto::v1::{Build, BuildLimits, RunnerMessage, runner_message};
-use error_context::{ResultExt as _, WithContext};
+use error_context::{Classify, ResultExt as _, Severity, WithContext};
+use nix_primitives::StorePath;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use attempts::{AttemptOwner, Attempts};
+use attempts::{AttemptOwner, Attempts, UploadPolicy};
 use graph::{Effects, StepGraph, StepId};
 use machines::{Capabilities, Machine, Machines, OutboxItem};
 
+use crate::cache::{BinaryCache, CacheError};
 use crate::db::queries::{
     self, BuildSelection, FailureRecord, MachineRow, OutputRow, RequeueCause,
 };
 use crate::db::{DbError, Pool};
+
+/// Why the scheduler stopped. Both are fatal: the queue cannot be kept without its database or
+/// its cache.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// The database failed.
+    #[error("the database failed")]
+    Database(#[from] DbError),
+    /// The binary cache failed.
+    #[error("the binary cache failed")]
+    Cache(#[from] CacheError),
+}
+
+impl Classify for SchedulerError {
+    fn severity(&self) -> Severity {
+        Severity::Fatal
+    }
+}
 
 /// How a builder said an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +115,7 @@ pub struct SchedulerLimits {
 /// The scheduler task's state.
 pub struct Scheduler {
     pool: Pool,
+    cache: Arc<BinaryCache>,
     graph: StepGraph,
     machines: Machines,
     attempts: Attempts,
@@ -106,9 +127,15 @@ pub struct Scheduler {
 impl Scheduler {
     /// A scheduler with an empty graph; [`Scheduler::run`] rebuilds it from the database.
     #[must_use]
-    pub fn new(pool: Pool, attempts: Attempts, limits: SchedulerLimits) -> Self {
+    pub fn new(
+        pool: Pool,
+        attempts: Attempts,
+        cache: Arc<BinaryCache>,
+        limits: SchedulerLimits,
+    ) -> Self {
         Self {
             pool,
+            cache,
             graph: StepGraph::new(),
             machines: Machines::default(),
             attempts,
@@ -123,7 +150,7 @@ impl Scheduler {
         mut events: mpsc::Receiver<Event>,
         builds_queued: Arc<Notify>,
         shutdown: CancellationToken,
-    ) -> Result<(), WithContext<DbError>> {
+    ) -> Result<(), WithContext<SchedulerError>> {
         self.recover()
             .await
             .context("recovering the queue at start")?;
@@ -134,7 +161,7 @@ impl Scheduler {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
                 () = builds_queued.notified() => {
-                    ingest::drain(&self.pool, &mut self.graph, BuildSelection::NotIngested)
+                    ingest::drain(&self.pool, &mut self.graph, &self.cache, BuildSelection::NotIngested)
                         .await
                         .context("ingesting queued builds")?;
                 }
@@ -149,16 +176,28 @@ impl Scheduler {
 
     /// Aborts attempts a previous process left running and rebuilds the graph from every
     /// unfinished build.
-    async fn recover(&mut self) -> Result<(), WithContext<DbError>> {
-        let client = self.pool.get().await.map_err(DbError::Connection)?;
-        let aborted = queries::abort_orphaned_attempts(&client).await?;
+    async fn recover(&mut self) -> Result<(), WithContext<SchedulerError>> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| SchedulerError::from(DbError::Connection(error)))?;
+        let aborted = queries::abort_orphaned_attempts(&client)
+            .await
+            .map_err(SchedulerError::from)?;
         drop(client);
-        let builds = ingest::drain(&self.pool, &mut self.graph, BuildSelection::Unfinished).await?;
+        let builds = ingest::drain(
+            &self.pool,
+            &mut self.graph,
+            &self.cache,
+            BuildSelection::Unfinished,
+        )
+        .await?;
         tracing::info!(aborted, builds, steps = self.graph.len(), "queue recovered");
         Ok(())
     }
 
-    async fn handle(&mut self, event: Event) -> Result<(), WithContext<DbError>> {
+    async fn handle(&mut self, event: Event) -> Result<(), WithContext<SchedulerError>> {
         match event {
             Event::BuilderJoined {
                 name,
@@ -198,7 +237,7 @@ impl Scheduler {
         capabilities: Capabilities,
         nix_version: &str,
         outbox: mpsc::Sender<OutboxItem>,
-    ) -> Result<(), DbError> {
+    ) -> Result<(), SchedulerError> {
         let client = self.pool.get().await.map_err(DbError::Connection)?;
         let row = MachineRow {
             name: &name,
@@ -232,7 +271,7 @@ impl Scheduler {
         name: &str,
         session: u64,
         reason: &str,
-    ) -> Result<(), DbError> {
+    ) -> Result<(), SchedulerError> {
         let Some(machine) = self.machines.leave(name, session) else {
             return Ok(());
         };
@@ -241,7 +280,7 @@ impl Scheduler {
             self.lose_attempt(attempt, reason).await?;
         }
         let client = self.pool.get().await.map_err(DbError::Connection)?;
-        queries::machine_left(&client, name).await
+        Ok(queries::machine_left(&client, name).await?)
     }
 
     async fn on_step_finished(
@@ -251,7 +290,7 @@ impl Scheduler {
         outcome: Outcome,
         message: &str,
         outputs: Vec<OutputRow>,
-    ) -> Result<(), DbError> {
+    ) -> Result<(), SchedulerError> {
         let Some(owner) = self.running.get(&attempt).cloned() else {
             tracing::debug!(%attempt, "result for an attempt that is no longer running");
             return Ok(());
@@ -304,13 +343,33 @@ impl Scheduler {
             && expected
                 .iter()
                 .all(|(name, path)| reported.get(name) == Some(&path.as_str()));
-        if matches {
-            Ok(())
-        } else {
-            Err(format!(
+        if !matches {
+            return Err(format!(
                 "the builder reported outputs {reported:?}, expected {expected:?}"
-            ))
+            ));
         }
+        // A step succeeds only once its outputs are verified in the farm's own cache.
+        match node
+            .step
+            .outputs
+            .values()
+            .find(|path| !self.cache.is_published(path))
+        {
+            Some(missing) => return Err(format!("output {missing} was not uploaded")),
+            None => {}
+        }
+        for output in outputs {
+            let published = StorePath::from_absolute(&output.path)
+                .ok()
+                .and_then(|path| self.cache.narinfo(&path).ok().flatten());
+            if published.is_none_or(|info| info.nar_hash.to_typed_base32() != output.nar_hash) {
+                return Err(format!(
+                    "the builder reported NAR hash {} for {}, which is not what it uploaded",
+                    output.nar_hash, output.path
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn forget_attempt(&mut self, attempt: Uuid, owner: &AttemptOwner) {
@@ -326,7 +385,7 @@ impl Scheduler {
         attempt: Uuid,
         step: StepId,
         outputs: &[OutputRow],
-    ) -> Result<(), DbError> {
+    ) -> Result<(), SchedulerError> {
         let effects = self.graph.succeed(step);
         let client = self.pool.get().await.map_err(DbError::Connection)?;
         queries::record_success(
@@ -350,7 +409,7 @@ impl Scheduler {
         attempt_status: &str,
         step: StepId,
         reason: &str,
-    ) -> Result<(), DbError> {
+    ) -> Result<(), SchedulerError> {
         let Effects {
             dep_failed_steps,
             failed_builds,
@@ -389,7 +448,7 @@ impl Scheduler {
         step: StepId,
         cause: RequeueCause,
         message: &str,
-    ) -> Result<(), DbError> {
+    ) -> Result<(), SchedulerError> {
         let client = self.pool.get().await.map_err(DbError::Connection)?;
         let count = queries::record_requeue(&client, attempt, step, cause, message).await?;
         drop(client);
@@ -407,7 +466,7 @@ impl Scheduler {
         Ok(())
     }
 
-    async fn lose_attempt(&mut self, attempt: Uuid, reason: &str) -> Result<(), DbError> {
+    async fn lose_attempt(&mut self, attempt: Uuid, reason: &str) -> Result<(), SchedulerError> {
         let Some(owner) = self.running.get(&attempt).cloned() else {
             return Ok(());
         };
@@ -417,7 +476,7 @@ impl Scheduler {
     }
 
     /// Gives runnable steps, best first, to the best free builder for each.
-    async fn dispatch(&mut self) -> Result<(), DbError> {
+    async fn dispatch(&mut self) -> Result<(), SchedulerError> {
         while self.machines.any_free() {
             let choice = self.graph.runnable().find_map(|node| {
                 self.machines
@@ -432,11 +491,17 @@ impl Scheduler {
         Ok(())
     }
 
-    async fn start(&mut self, step: StepId, builder: String) -> Result<(), DbError> {
+    async fn start(&mut self, step: StepId, builder: String) -> Result<(), SchedulerError> {
         let Some(node) = self.graph.step(step) else {
             return Ok(());
         };
         let attempt = Uuid::new_v4();
+        let policy = Arc::new(UploadPolicy {
+            deriver: node.step.drv_path.clone(),
+            outputs: node.step.outputs.clone(),
+            input_paths: node.step.input_paths.clone(),
+            fixed: node.step.fixed,
+        });
         let message = RunnerMessage {
             message: Some(runner_message::Message::Build(Build {
                 attempt_id: attempt.to_string(),
@@ -450,6 +515,12 @@ impl Scheduler {
                     .map(|(name, path)| (name.clone(), path.to_absolute()))
                     .collect(),
                 limits: Some(self.limits.build_limits),
+                input_paths: node
+                    .step
+                    .input_paths
+                    .iter()
+                    .map(StorePath::to_absolute)
+                    .collect(),
             })),
         };
         self.graph.start(step);
@@ -459,6 +530,7 @@ impl Scheduler {
         let owner = AttemptOwner {
             builder: builder.clone(),
             step,
+            policy: policy.clone(),
         };
         self.attempts.insert(attempt, owner.clone());
         self.running.insert(attempt, owner);

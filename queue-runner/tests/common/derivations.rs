@@ -171,3 +171,46 @@ impl Factory {
         drvs
     }
 }
+
+impl Factory {
+    /// A fixed-output derivation whose output is a single file with `contents` (flat SHA-256).
+    pub fn make_fixed(&mut self, name: &str, contents: &[u8]) -> FakeDrv {
+        use nix_primitives::content_address::fixed_output_path;
+        use nix_primitives::{Hash, IngestionMethod};
+        let hash = Hash::sha256(contents);
+        let out =
+            fixed_output_path(name, IngestionMethod::Flat, &hash, &BTreeSet::new(), false).unwrap();
+        let env: BTreeMap<Vec<u8>, Vec<u8>> = [
+            ("name", name.to_owned()),
+            ("system", "builtin".to_owned()),
+            ("builder", "builtin:fetchurl".to_owned()),
+            ("out", out.to_absolute()),
+            ("outputHash", hash.to_base16()),
+            ("outputHashAlgo", "sha256".to_owned()),
+            ("outputHashMode", "flat".to_owned()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.as_bytes().to_vec(), value.into_bytes()))
+        .collect();
+        let derivation = Derivation {
+            outputs: BTreeMap::from([(
+                "out".to_owned(),
+                DerivationOutput::Fixed {
+                    path: out.clone(),
+                    method: IngestionMethod::Flat,
+                    hash,
+                },
+            )]),
+            input_derivations: BTreeMap::new(),
+            input_sources: BTreeSet::new(),
+            system: b"builtin".to_vec(),
+            builder: b"builtin:fetchurl".to_vec(),
+            args: Vec::new(),
+            env,
+        };
+        let text = derivation.to_aterm();
+        let path = derivation_path(name, &text, &derivation).unwrap();
+        self.known.insert(path.clone(), derivation);
+        FakeDrv { path, text, out }
+    }
+}

@@ -21,6 +21,7 @@ use drover_proto::v1::{DerivationText, GetRequest, SubmitRequest};
 use drover_queue_runner::app;
 use drover_queue_runner::config::Config;
 use drover_tls::{CertificateAuthority, Identity, Role};
+use nix_primitives::SecretKey;
 use test_support::{ChildGuard, TestDatabase, TestPostgres, poll_until, workspace_binary};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -43,8 +44,12 @@ pub struct Farm {
     /// The test's database.
     pub database: TestDatabase,
     ca: CertificateAuthority,
+    /// The key the farm's cache is signed with.
+    pub cache_key: SecretKey,
     /// The runner's gRPC port, fixed at the first start so builders can reconnect.
     pub grpc_port: u16,
+    /// The runner's binary cache port.
+    pub cache_port: u16,
     runner: Option<RunningRunner>,
     builders: Vec<ChildGuard>,
 }
@@ -80,6 +85,16 @@ impl<'a> BuilderSpec<'a> {
     }
 }
 
+/// A port that was free a moment ago (the runner binds it again at every start, so builders can
+/// reconnect to the same address).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn toml_list(items: &[&str]) -> String {
     let quoted: Vec<String> = items.iter().map(|item| format!("{item:?}")).collect();
     format!("[{}]", quoted.join(", "))
@@ -101,16 +116,15 @@ impl Farm {
         .unwrap()
         .write(dir.path())
         .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let cache_key = SecretKey::generate("drover-test-1").unwrap();
+        fs_err::write(dir.path().join("cache-key.sec"), cache_key.to_nix_format()).unwrap();
         Self {
             dir,
             database,
             ca,
-            grpc_port: port,
+            cache_key,
+            grpc_port: free_port(),
+            cache_port: free_port(),
             runner: None,
             builders: Vec::new(),
         }
@@ -142,6 +156,10 @@ impl Farm {
             [logs]
             directory = "{dir}/logs"
             max_bytes = 1048576
+            [cache]
+            directory = "{dir}/cache"
+            listen = "127.0.0.1:{cache_port}"
+            secret_key_file = "{dir}/cache-key.sec"
             [builders]
             ping_interval_secs = 1
             liveness_timeout_secs = 5
@@ -149,6 +167,7 @@ impl Farm {
             "#,
             url = database_url,
             port = self.grpc_port,
+            cache_port = self.cache_port,
             dir = self.dir.path().display(),
         )
     }

@@ -1,0 +1,69 @@
+//! The noop executor: builds nothing in a fixed time, and reports each output as a one-file NAR
+//! made in memory. A derivation whose environment sets [`NOOP_FAIL_VARIABLE`] fails, with its
+//! value in the log.
+
+use std::time::Duration;
+
+use nix_primitives::Derivation;
+use tokio_util::sync::CancellationToken;
+
+use super::{BuiltOutput, NarSource, Outcome, Report};
+use crate::tunnel::Job;
+
+/// The environment variable that makes the noop executor fail a step.
+pub const NOOP_FAIL_VARIABLE: &str = "DROVER_NOOP_FAIL";
+
+/// Builds nothing, in a fixed time.
+#[derive(Debug, Clone)]
+pub struct NoopExecutor {
+    /// How long each step takes.
+    pub build_time: Duration,
+}
+
+impl NoopExecutor {
+    /// Runs one step.
+    pub async fn run(&self, job: &Job, abort: &CancellationToken) -> Report {
+        let mut log = format!("noop build of {}\n", job.drv_path).into_bytes();
+        let derivation = match Derivation::parse(&job.drv_text) {
+            Ok(derivation) => derivation,
+            Err(error) => {
+                let message = format!("the runner sent a malformed derivation: {error}");
+                return Report::failure(Outcome::InfrastructureFailure, message, log);
+            }
+        };
+        tokio::select! {
+            () = abort.cancelled() => {
+                return Report::failure(Outcome::InfrastructureFailure, "aborted", log);
+            }
+            () = tokio::time::sleep(self.build_time) => {}
+        }
+        if let Some(reason) = derivation.env.get(NOOP_FAIL_VARIABLE.as_bytes()) {
+            log.extend_from_slice(reason);
+            log.push(b'\n');
+            return Report::failure(Outcome::Failed, format!("{NOOP_FAIL_VARIABLE} is set"), log);
+        }
+        let mut outputs = Vec::new();
+        for (name, path) in &job.outputs {
+            let mut nar = Vec::new();
+            let contents = format!("noop output {name} of {}\n", job.drv_path);
+            if let Err(error) =
+                nix_primitives::nar::write_file_nar(contents.as_bytes(), false, &mut nar)
+            {
+                return Report::failure(Outcome::InfrastructureFailure, error.to_string(), log);
+            }
+            outputs.push(BuiltOutput {
+                name: name.clone(),
+                path: path.clone(),
+                references: Vec::new(),
+                nar: NarSource::Bytes(nar),
+            });
+        }
+        log.extend_from_slice(b"done\n");
+        Report {
+            outcome: Outcome::Succeeded,
+            message: String::new(),
+            outputs,
+            log,
+        }
+    }
+}

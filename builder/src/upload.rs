@@ -1,0 +1,156 @@
+//! Uploading a finished attempt's outputs, each as a NAR on its own stream, in reference order,
+//! and turning the report into the result message. An output the runner refuses turns a success
+//! into an infrastructure failure (the runner requeues it); the hashes in the result are the ones
+//! the runner computed.
+
+use std::process::Stdio;
+
+use drover_proto::v1::builder_service_client::BuilderServiceClient;
+use drover_proto::v1::{BuiltOutput as WireOutput, NarChunk, StepOutcome, StepResult};
+use futures_util::StreamExt as _;
+use tokio::process::Command;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::executor::{BuiltOutput, NarSource, Outcome, Report};
+use crate::tunnel::{Job, TunnelError};
+
+/// NAR bytes per upload message.
+const NAR_CHUNK: usize = 256 * 1024;
+
+/// Uploads the outputs of a successful report and builds the result to send.
+pub async fn outputs(
+    client: &mut BuilderServiceClient<Channel>,
+    job: &Job,
+    report: Report,
+) -> Result<StepResult, TunnelError> {
+    let mut outcome = report.outcome;
+    let mut message = report.message;
+    let mut uploaded = Vec::new();
+    if outcome == Outcome::Succeeded {
+        for output in &report.outputs {
+            match upload_one(client, &job.attempt_id, output).await {
+                Ok(wire) => uploaded.push(wire),
+                Err(UploadFailure::Refused(status)) => {
+                    outcome = Outcome::InfrastructureFailure;
+                    message = format!("uploading {} failed: {}", output.path, status.message());
+                    uploaded.clear();
+                    break;
+                }
+                Err(UploadFailure::Tunnel(error)) => return Err(error),
+            }
+        }
+    }
+    let outcome = match outcome {
+        Outcome::Succeeded => StepOutcome::Succeeded,
+        Outcome::Failed => StepOutcome::Failed,
+        Outcome::TimedOut => StepOutcome::TimedOut,
+        Outcome::InfrastructureFailure => StepOutcome::InfrastructureFailure,
+    };
+    Ok(StepResult {
+        attempt_id: job.attempt_id.clone(),
+        outcome: outcome.into(),
+        message,
+        outputs: uploaded,
+    })
+}
+
+enum UploadFailure {
+    /// The runner refused this output.
+    Refused(tonic::Status),
+    /// The connection failed: the session ends.
+    Tunnel(TunnelError),
+}
+
+async fn upload_one(
+    client: &mut BuilderServiceClient<Channel>,
+    attempt_id: &str,
+    output: &BuiltOutput,
+) -> Result<WireOutput, UploadFailure> {
+    let header = NarChunk {
+        attempt_id: attempt_id.to_owned(),
+        store_path: output.path.clone(),
+        references: output.references.clone(),
+        data: Vec::new(),
+    };
+    let (sender, receiver) = tokio::sync::mpsc::channel::<NarChunk>(4);
+    let feeding = feed(sender, header, attempt_id.to_owned(), output.clone());
+    let upload = client.upload_nar(ReceiverStream::new(receiver));
+    let (fed, response) = tokio::join!(feeding, upload);
+    let response = response.map_err(|status| match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            UploadFailure::Tunnel(TunnelError::Status(status))
+        }
+        _ => UploadFailure::Refused(status),
+    })?;
+    if let Err(message) = fed {
+        return Err(UploadFailure::Refused(tonic::Status::aborted(message)));
+    }
+    let response = response.into_inner();
+    Ok(WireOutput {
+        name: output.name.clone(),
+        path: output.path.clone(),
+        nar_hash: response.nar_hash,
+        nar_size: response.nar_size,
+    })
+}
+
+/// Sends the header, then the NAR in chunks.
+async fn feed(
+    sender: tokio::sync::mpsc::Sender<NarChunk>,
+    header: NarChunk,
+    attempt_id: String,
+    output: BuiltOutput,
+) -> Result<(), String> {
+    let chunk = |data: Vec<u8>| NarChunk {
+        attempt_id: attempt_id.clone(),
+        data,
+        ..NarChunk::default()
+    };
+    if sender.send(header).await.is_err() {
+        return Ok(());
+    }
+    match output.nar {
+        NarSource::Bytes(bytes) => {
+            for data in bytes.chunks(NAR_CHUNK) {
+                if sender.send(chunk(data.to_vec())).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        NarSource::LocalStore => {
+            let mut child = Command::new("nix-store")
+                .args(["--dump", &output.path])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|error| format!("running nix-store --dump: {error}"))?;
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| "nix-store --dump has no stdout".to_owned())?;
+            let mut stream = tokio_util::io::ReaderStream::with_capacity(stdout, NAR_CHUNK);
+            while let Some(data) = stream.next().await {
+                let data = data.map_err(|error| format!("reading nix-store --dump: {error}"))?;
+                if sender.send(chunk(data.to_vec())).await.is_err() {
+                    break;
+                }
+            }
+            let status = child
+                .wait()
+                .await
+                .map_err(|error| format!("waiting for nix-store --dump: {error}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "nix-store --dump {} ended with {status}",
+                    output.path
+                ))
+            }
+        }
+    }
+}

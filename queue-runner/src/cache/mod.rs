@@ -1,0 +1,377 @@
+//! The runner's binary cache: a directory in Nix's `file://` layout (`nix-cache-info`,
+//! `<hash>.narinfo`, `nar/<file hash>.nar.zst`), written only by [`BinaryCache::publish`] and
+//! served over HTTP by [`http`].
+//!
+//! Publishing streams the NAR through the strict parser while compressing it to a temporary file,
+//! so a NAR of any size needs constant memory and a malformed or cut one leaves nothing behind.
+//! The NAR file is renamed into place first and the signed narinfo last, each atomically, and
+//! only once every path it refers to is published: a client never sees a narinfo it cannot
+//! substitute.
+
+pub mod http;
+
+use std::collections::BTreeSet;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use error_context::{Classify, Severity};
+use nix_primitives::hash::{HashAlgorithm, Hasher};
+use nix_primitives::nar::{self, NarError, NarVisitor};
+use nix_primitives::narinfo::{NarInfo, NarInfoError};
+use nix_primitives::signing::{PublicKey, SecretKey};
+use nix_primitives::{ContentAddress, Hash, IngestionMethod, StorePath};
+
+/// Why a path could not be published or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The cache directory failed.
+    #[error("cache storage failed")]
+    Io(#[source] io::Error),
+    /// The NAR is malformed or was cut off.
+    #[error("the NAR of {path} is invalid")]
+    Nar {
+        /// The path being published.
+        path: StorePath,
+        /// Why.
+        #[source]
+        source: NarError,
+    },
+    /// A reference that is not yet published.
+    #[error("{path} refers to {reference}, which is not published")]
+    ReferenceNotPublished {
+        /// The path being published.
+        path: StorePath,
+        /// The missing reference.
+        reference: StorePath,
+    },
+    /// Content that does not match a fixed-output derivation's hash.
+    #[error("{path} has hash {actual}, but its derivation fixes {expected}")]
+    FixedOutputMismatch {
+        /// The path.
+        path: StorePath,
+        /// The hash the derivation fixes.
+        expected: Box<Hash>,
+        /// The hash of what was uploaded.
+        actual: Box<Hash>,
+    },
+    /// A flat fixed output that is not a single regular file.
+    #[error("{0} must be a single regular file (flat fixed output)")]
+    NotAFlatFile(StorePath),
+    /// A stored narinfo that cannot be read.
+    #[error("a stored narinfo is invalid")]
+    NarInfo(#[source] NarInfoError),
+}
+
+impl Classify for CacheError {
+    fn severity(&self) -> Severity {
+        match self {
+            Self::Io(_) | Self::NarInfo(_) => Severity::Step,
+            Self::Nar { source, .. } => source.severity(),
+            Self::ReferenceNotPublished { .. }
+            | Self::FixedOutputMismatch { .. }
+            | Self::NotAFlatFile(_) => Severity::Reject,
+        }
+    }
+}
+
+/// What is being published, besides its NAR.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    /// The store path.
+    pub store_path: StorePath,
+    /// The paths it refers to (it may refer to itself).
+    pub references: BTreeSet<StorePath>,
+    /// The derivation that built it.
+    pub deriver: Option<StorePath>,
+    /// Its content address, for `.drv` files and sources.
+    pub content_address: Option<ContentAddress>,
+    /// For a fixed-output derivation's output: how it is hashed and the hash it must have.
+    pub fixed: Option<(IngestionMethod, Hash)>,
+}
+
+/// The cache directory and the key its narinfos are signed with.
+#[derive(Debug)]
+pub struct BinaryCache {
+    directory: PathBuf,
+    key: SecretKey,
+}
+
+impl BinaryCache {
+    /// Opens (creating if needed) a cache directory.
+    pub fn open(directory: &Path, key: SecretKey) -> Result<Self, CacheError> {
+        fs_err::create_dir_all(directory.join("nar")).map_err(CacheError::Io)?;
+        fs_err::create_dir_all(directory.join("tmp")).map_err(CacheError::Io)?;
+        let info = directory.join("nix-cache-info");
+        if !info.exists() {
+            write_atomically(
+                directory,
+                &info,
+                b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n",
+            )?;
+        }
+        Ok(Self {
+            directory: directory.to_owned(),
+            key,
+        })
+    }
+
+    /// The directory.
+    #[must_use]
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
+    /// The key clients must trust.
+    #[must_use]
+    pub fn public_key(&self) -> PublicKey {
+        self.key.public_key()
+    }
+
+    fn narinfo_file(&self, path: &StorePath) -> PathBuf {
+        self.directory.join(format!("{}.narinfo", path.hash_part()))
+    }
+
+    /// Whether `path` is published.
+    #[must_use]
+    pub fn is_published(&self, path: &StorePath) -> bool {
+        self.narinfo_file(path).exists()
+    }
+
+    /// The narinfo of a published path.
+    pub fn narinfo(&self, path: &StorePath) -> Result<Option<NarInfo>, CacheError> {
+        match fs_err::read_to_string(self.narinfo_file(path)) {
+            Ok(text) => NarInfo::parse(&text).map(Some).map_err(CacheError::NarInfo),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(CacheError::Io(error)),
+        }
+    }
+
+    /// The published paths reachable from `roots` through references (the roots included).
+    /// Paths that are not published end the walk there.
+    pub fn closure(&self, roots: &BTreeSet<StorePath>) -> Result<BTreeSet<StorePath>, CacheError> {
+        let mut closure = BTreeSet::new();
+        let mut pending: Vec<StorePath> = roots.iter().cloned().collect();
+        while let Some(path) = pending.pop() {
+            if !closure.insert(path.clone()) {
+                continue;
+            }
+            if let Some(info) = self.narinfo(&path)? {
+                pending.extend(info.references.into_iter().filter(|r| !closure.contains(r)));
+            }
+        }
+        Ok(closure)
+    }
+
+    /// Publishes a NAR read from `source` (blocking: call it from a blocking thread). If the path
+    /// is already published, the NAR is still read and validated, and the stored narinfo is
+    /// returned with `true`.
+    pub fn publish(
+        &self,
+        publication: &Publication,
+        source: impl Read,
+    ) -> Result<(NarInfo, bool), CacheError> {
+        let path = &publication.store_path;
+        if let Some(existing) = self.narinfo(path)? {
+            nar::summarize(source).map_err(|source| CacheError::Nar {
+                path: path.clone(),
+                source,
+            })?;
+            return Ok((existing, true));
+        }
+        for reference in &publication.references {
+            if reference != path && !self.is_published(reference) {
+                return Err(CacheError::ReferenceNotPublished {
+                    path: path.clone(),
+                    reference: reference.clone(),
+                });
+            }
+        }
+        let temporary = self.directory.join("tmp").join(format!(
+            "{}.{}",
+            path.hash_part(),
+            uuid::Uuid::new_v4()
+        ));
+        let result = Self::compress_and_check(publication, source, &temporary);
+        if result.is_err() {
+            let _ = fs_err::remove_file(&temporary);
+        }
+        let (summary, file_hash, file_size) = result?;
+        let url = format!("nar/{}.nar.zst", file_hash.to_nix_base32());
+        fs_err::rename(&temporary, self.directory.join(&url)).map_err(CacheError::Io)?;
+        let mut info = NarInfo {
+            store_path: path.clone(),
+            url,
+            compression: "zstd".to_owned(),
+            file_hash: Some(file_hash),
+            file_size: Some(file_size),
+            nar_hash: summary.nar_hash,
+            nar_size: summary.nar_size,
+            references: publication.references.clone(),
+            deriver: publication.deriver.clone(),
+            system: None,
+            signatures: Vec::new(),
+            content_address: publication.content_address,
+        };
+        info.sign(&self.key);
+        write_atomically(
+            &self.directory,
+            &self.narinfo_file(path),
+            info.to_string().as_bytes(),
+        )?;
+        Ok((info, false))
+    }
+
+    /// Streams the NAR through the parser into a zstd file; checks a fixed output's hash.
+    fn compress_and_check(
+        publication: &Publication,
+        source: impl Read,
+        temporary: &Path,
+    ) -> Result<(nar::NarSummary, Hash, u64), CacheError> {
+        let path = &publication.store_path;
+        let file = fs_err::File::create(temporary).map_err(CacheError::Io)?;
+        let counted = HashingWriter {
+            inner: io::BufWriter::new(file),
+            hasher: Hasher::new(HashAlgorithm::Sha256),
+            written: 0,
+        };
+        let encoder = zstd::Encoder::new(counted, 3).map_err(CacheError::Io)?;
+        let recursive_algorithm = match publication.fixed {
+            Some((IngestionMethod::Recursive, hash)) => Some(hash.algorithm()),
+            _ => None,
+        };
+        let mut tee = TeeReader {
+            source,
+            sink: encoder,
+            recursive: recursive_algorithm.map(Hasher::new),
+            error: None,
+        };
+        let mut flat = FlatHasher::new(publication.fixed);
+        let parsed = nar::parse(&mut tee, &mut flat);
+        if let Some(error) = tee.error.take() {
+            return Err(CacheError::Io(error));
+        }
+        let summary = parsed.map_err(|source| CacheError::Nar {
+            path: path.clone(),
+            source,
+        })?;
+        if let Some((method, expected)) = publication.fixed {
+            let actual = match method {
+                IngestionMethod::Recursive => tee.recursive.take().map(Hasher::finish),
+                IngestionMethod::Flat => flat.finish(),
+            }
+            .ok_or_else(|| CacheError::NotAFlatFile(path.clone()))?;
+            if actual != expected {
+                return Err(CacheError::FixedOutputMismatch {
+                    path: path.clone(),
+                    expected: Box::new(expected),
+                    actual: Box::new(actual),
+                });
+            }
+        }
+        let mut counted = tee.sink.finish().map_err(CacheError::Io)?;
+        counted.inner.flush().map_err(CacheError::Io)?;
+        let file = counted
+            .inner
+            .into_inner()
+            .map_err(|error| CacheError::Io(error.into_error()))?;
+        file.sync_all().map_err(CacheError::Io)?;
+        Ok((summary, counted.hasher.finish(), counted.written))
+    }
+}
+
+/// Writes `contents` to `target` through a temporary file and a rename.
+fn write_atomically(directory: &Path, target: &Path, contents: &[u8]) -> Result<(), CacheError> {
+    let name = target
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = directory
+        .join("tmp")
+        .join(format!("{name}.{}", uuid::Uuid::new_v4()));
+    let mut file = fs_err::File::create(&temporary).map_err(CacheError::Io)?;
+    file.write_all(contents).map_err(CacheError::Io)?;
+    file.sync_all().map_err(CacheError::Io)?;
+    fs_err::rename(&temporary, target).map_err(CacheError::Io)
+}
+
+/// Passes every byte read on to a sink (the compressor) and an optional hasher.
+struct TeeReader<R, W> {
+    source: R,
+    sink: W,
+    recursive: Option<Hasher>,
+    /// A sink failure, kept apart from source failures so it is reported as a storage error.
+    error: Option<io::Error>,
+}
+
+impl<R: Read, W: Write> Read for TeeReader<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.source.read(buf)?;
+        if let Err(error) = self.sink.write_all(&buf[..read]) {
+            let kind = error.kind();
+            self.error = Some(error);
+            return Err(io::Error::new(kind, "the cache could not store the NAR"));
+        }
+        if let Some(hasher) = &mut self.recursive {
+            hasher.update(&buf[..read]);
+        }
+        Ok(read)
+    }
+}
+
+/// Counts and hashes what is written: the compressed file's `FileHash` and `FileSize`.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Hasher,
+    written: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        self.hasher.update(&buf[..written]);
+        self.written += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Hashes the contents of a NAR whose root is a regular file: a flat fixed output's hash.
+struct FlatHasher {
+    hasher: Option<Hasher>,
+    root_is_file: bool,
+}
+
+impl FlatHasher {
+    fn new(fixed: Option<(IngestionMethod, Hash)>) -> Self {
+        Self {
+            hasher: match fixed {
+                Some((IngestionMethod::Flat, hash)) => Some(Hasher::new(hash.algorithm())),
+                _ => None,
+            },
+            root_is_file: false,
+        }
+    }
+
+    fn finish(self) -> Option<Hash> {
+        self.hasher
+            .filter(|_| self.root_is_file)
+            .map(Hasher::finish)
+    }
+}
+
+impl NarVisitor for FlatHasher {
+    fn file(&mut self, path: &[Vec<u8>], _executable: bool, _size: u64) -> io::Result<()> {
+        self.root_is_file = path.is_empty();
+        Ok(())
+    }
+
+    fn file_chunk(&mut self, chunk: &[u8]) -> io::Result<()> {
+        if let (true, Some(hasher)) = (self.root_is_file, &mut self.hasher) {
+            hasher.update(chunk);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! Receiving an output NAR from a builder: the header is checked against what the attempt may
+//! upload (one of its outputs, referring only to the step's input closure and its own outputs),
+//! then the chunks flow through a bounded channel into the cache's streaming publisher on a
+//! blocking thread. The bound is the backpressure: a slow disk slows the builder's stream, never
+//! the runner's memory. A stream that breaks off publishes nothing.
+
+use std::collections::BTreeSet;
+use std::io::{self, Read};
+use std::sync::Arc;
+
+use drover_proto::v1::{NarChunk, UploadNarResponse};
+use error_context::{Classify, Severity};
+use nix_primitives::store_path::StorePathError;
+use nix_primitives::{ContentAddress, StorePath};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use crate::cache::{BinaryCache, CacheError, Publication};
+use crate::scheduler::attempts::{AttemptOwner, UploadPolicy};
+
+/// Chunks buffered between the gRPC stream and the publisher.
+const QUEUED_CHUNKS: usize = 8;
+
+/// Why an upload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// A path in the header is not a store path.
+    #[error("{text:?} is not a store path")]
+    InvalidPath {
+        /// The text.
+        text: String,
+        /// Why.
+        #[source]
+        source: StorePathError,
+    },
+    /// The path is not an output of the attempt's step.
+    #[error("{0} is not an output of this attempt's derivation")]
+    NotAnOutput(StorePath),
+    /// A reference outside the step's input closure and outputs.
+    #[error("{path} refers to {reference}, which is neither an input nor an output of its step")]
+    ReferenceOutsideClosure {
+        /// The output.
+        path: StorePath,
+        /// The reference.
+        reference: StorePath,
+    },
+    /// Chunks of one upload named different attempts.
+    #[error("an upload must name one attempt")]
+    MixedAttempts,
+    /// The cache refused or failed to publish it.
+    #[error("publishing the output failed")]
+    Cache(#[from] CacheError),
+}
+
+impl Classify for UploadError {
+    fn severity(&self) -> Severity {
+        match self {
+            Self::Cache(error) => error.severity(),
+            _ => Severity::Reject,
+        }
+    }
+}
+
+impl From<UploadError> for Status {
+    fn from(error: UploadError) -> Self {
+        let message = error_context::report(&error).to_string();
+        match error {
+            UploadError::InvalidPath { .. } | UploadError::MixedAttempts => {
+                Status::invalid_argument(message)
+            }
+            UploadError::NotAnOutput(_) | UploadError::ReferenceOutsideClosure { .. } => {
+                Status::permission_denied(message)
+            }
+            UploadError::Cache(CacheError::ReferenceNotPublished { .. }) => {
+                Status::failed_precondition(message)
+            }
+            UploadError::Cache(
+                CacheError::Nar { .. }
+                | CacheError::FixedOutputMismatch { .. }
+                | CacheError::NotAFlatFile(_),
+            ) => Status::invalid_argument(message),
+            UploadError::Cache(CacheError::Io(_) | CacheError::NarInfo(_)) => {
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+/// Receives one upload; `owner` checks the attempt named in the first chunk.
+pub async fn receive(
+    mut chunks: Streaming<NarChunk>,
+    cache: &Arc<BinaryCache>,
+    owner: impl FnOnce(&str) -> Result<AttemptOwner, Status>,
+) -> Result<UploadNarResponse, Status> {
+    let first = chunks
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("an empty NAR upload"))?;
+    let owner = owner(&first.attempt_id)?;
+    let publication = publication(&owner.policy, &first.store_path, &first.references, cache)?;
+    let (sender, receiver) = mpsc::channel::<Vec<u8>>(QUEUED_CHUNKS);
+    let cache = cache.clone();
+    let publishing = tokio::task::spawn_blocking(move || {
+        cache.publish(&publication, ChannelReader::new(receiver))
+    });
+    let mut mixed = false;
+    if sender.send(first.data).await.is_ok() {
+        // A failed stream stops the feed: the publisher then sees the NAR end early.
+        while let Ok(Some(chunk)) = chunks.message().await {
+            if chunk.attempt_id != first.attempt_id {
+                mixed = true;
+                break;
+            }
+            if sender.send(chunk.data).await.is_err() {
+                break;
+            }
+        }
+    }
+    drop(sender);
+    let result = publishing
+        .await
+        .map_err(|error| Status::internal(format!("the publisher failed: {error}")))?;
+    if mixed {
+        return Err(UploadError::MixedAttempts.into());
+    }
+    let (info, already_published) = result.map_err(UploadError::from)?;
+    Ok(UploadNarResponse {
+        nar_hash: info.nar_hash.to_typed_base32(),
+        nar_size: info.nar_size,
+        already_published,
+    })
+}
+
+/// Checks an upload's header against what the attempt may upload.
+fn publication(
+    policy: &UploadPolicy,
+    store_path: &str,
+    references: &[String],
+    cache: &BinaryCache,
+) -> Result<Publication, UploadError> {
+    let parse = |text: &str| {
+        StorePath::from_absolute(text).map_err(|source| UploadError::InvalidPath {
+            text: text.to_owned(),
+            source,
+        })
+    };
+    let path = parse(store_path)?;
+    if !policy.outputs.values().any(|output| *output == path) {
+        return Err(UploadError::NotAnOutput(path));
+    }
+    let references: BTreeSet<StorePath> = references
+        .iter()
+        .map(|r| parse(r))
+        .collect::<Result<_, _>>()?;
+    let mut allowed = cache.closure(&policy.input_paths)?;
+    allowed.extend(policy.outputs.values().cloned());
+    if let Some(reference) = references.iter().find(|r| !allowed.contains(*r)) {
+        return Err(UploadError::ReferenceOutsideClosure {
+            path,
+            reference: reference.clone(),
+        });
+    }
+    Ok(Publication {
+        store_path: path,
+        references,
+        deriver: Some(policy.deriver.clone()),
+        content_address: policy
+            .fixed
+            .map(|(method, hash)| ContentAddress::Fixed { method, hash }),
+        fixed: policy.fixed,
+    })
+}
+
+/// Reads the chunks of an upload on a blocking thread; ends when the sender is dropped.
+struct ChannelReader {
+    receiver: mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    position: usize,
+}
+
+impl ChannelReader {
+    fn new(receiver: mpsc::Receiver<Vec<u8>>) -> Self {
+        Self {
+            receiver,
+            current: Vec::new(),
+            position: 0,
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.position == self.current.len() {
+            match self.receiver.blocking_recv() {
+                Some(chunk) => {
+                    self.current = chunk;
+                    self.position = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let len = buf.len().min(self.current.len() - self.position);
+        buf[..len].copy_from_slice(&self.current[self.position..self.position + len]);
+        self.position += len;
+        Ok(len)
+    }
+}
