@@ -116,30 +116,9 @@ pub async fn start(
         tracing::info!(?applied, "database migrated");
     }
     let tls = tls_config(&config)?;
-    let listener = tokio::net::TcpListener::bind(config.grpc_listen)
-        .await
-        .map_err(|source| RunnerError::Bind {
-            address: config.grpc_listen,
-            source,
-        })?;
-    let grpc_address = listener.local_addr().map_err(|source| RunnerError::Bind {
-        address: config.grpc_listen,
-        source,
-    })?;
-
+    let (listener, grpc_address) = bind(config.grpc_listen).await?;
     let cache = Arc::new(open_cache(&config)?);
-    let cache_listener = tokio::net::TcpListener::bind(config.cache_listen)
-        .await
-        .map_err(|source| RunnerError::Bind {
-            address: config.cache_listen,
-            source,
-        })?;
-    let cache_address = cache_listener
-        .local_addr()
-        .map_err(|source| RunnerError::Bind {
-            address: config.cache_listen,
-            source,
-        })?;
+    let (cache_listener, cache_address) = bind(config.cache_listen).await?;
     let cache_public_key = cache.public_key();
 
     let logs = LogStore::new(config.log_directory.clone(), config.max_log_bytes);
@@ -208,6 +187,16 @@ pub async fn start(
         shutdown,
         supervisor,
     })
+}
+
+/// Binds a listener and returns it with the address it got (port 0 picks a free port).
+async fn bind(address: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), RunnerError> {
+    let bind_error = |source| RunnerError::Bind { address, source };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, bound))
 }
 
 fn open_cache(config: &Config) -> Result<crate::cache::BinaryCache, RunnerError> {

@@ -401,9 +401,10 @@ async fn upload(
 
 async fn next_build(builder: &mut ScriptedBuilder) -> drover_proto::v1::Build {
     loop {
-        match builder.inbound.message().await.unwrap().unwrap().message {
-            Some(Inbound::Build(build)) => return build,
-            _ => continue,
+        if let Some(Inbound::Build(build)) =
+            builder.inbound.message().await.unwrap().unwrap().message
+        {
+            return build;
         }
     }
 }
@@ -420,13 +421,13 @@ fn cache_entries(farm: &Farm) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(clippy::too_many_lines, reason = "one scenario, refusal by refusal")]
 async fn uploads_beyond_what_an_attempt_may_publish_are_refused_and_publish_nothing() {
     let mut farm = Farm::new().await;
     farm.start_runner().await;
     let mut factory = Factory::default();
     let input = factory.make(&Spec::new("upload-input"));
     let step = factory.make(&Spec::new("upload-step").inputs(&[&input]));
-    let fixed = factory.make_fixed("fixed-file", b"the expected contents");
     let stranger = factory.make(&Spec::new("stranger"));
     let mut builder = ScriptedBuilder::join(&farm, "uploader").await;
     let build = farm.submit(&[&input, &step]).await;
@@ -514,19 +515,8 @@ async fn uploads_beyond_what_an_attempt_may_publish_are_refused_and_publish_noth
     .await
     .unwrap();
     assert!(again.already_published);
-    let report = |attempt_id: &str, path: &StorePath, nar_hash: String| StepResult {
-        attempt_id: attempt_id.to_owned(),
-        outcome: StepOutcome::Succeeded.into(),
-        message: String::new(),
-        outputs: vec![BuiltOutput {
-            name: "out".to_owned(),
-            path: path.to_absolute(),
-            nar_hash,
-            nar_size: 0,
-        }],
-    };
     builder
-        .send(Outbound::StepResult(report(
+        .send(Outbound::StepResult(success(
             &first.attempt_id,
             &input.out,
             "sha256:0000".to_owned(),
@@ -550,7 +540,7 @@ async fn uploads_beyond_what_an_attempt_may_publish_are_refused_and_publish_noth
         .get(0);
     assert_eq!(status, "infrastructure_failure");
     builder
-        .send(Outbound::StepResult(report(
+        .send(Outbound::StepResult(success(
             &retried.attempt_id,
             &input.out,
             good.nar_hash.clone(),
@@ -570,14 +560,36 @@ async fn uploads_beyond_what_an_attempt_may_publish_are_refused_and_publish_noth
     let with_input_reference =
         with_input_reference.expect("an input and the output itself are allowed references");
     builder
-        .send(Outbound::StepResult(report(
+        .send(Outbound::StepResult(success(
             &second.attempt_id,
             &step.out,
             with_input_reference.nar_hash,
         )))
         .await;
     assert_eq!(farm.wait_for_build(build).await, "succeeded");
+}
 
+fn success(attempt_id: &str, path: &StorePath, nar_hash: String) -> StepResult {
+    StepResult {
+        attempt_id: attempt_id.to_owned(),
+        outcome: StepOutcome::Succeeded.into(),
+        message: String::new(),
+        outputs: vec![BuiltOutput {
+            name: "out".to_owned(),
+            path: path.to_absolute(),
+            nar_hash,
+            nar_size: 0,
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_output_with_other_contents_is_refused() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let fixed = factory.make_fixed("fixed-file", b"the expected contents");
+    let mut builder = ScriptedBuilder::join(&farm, "fetcher").await;
     let fixed_build = farm.submit(&[&fixed]).await;
     let third = next_build(&mut builder).await;
     let mismatch = upload(
@@ -602,7 +614,7 @@ async fn uploads_beyond_what_an_attempt_may_publish_are_refused_and_publish_noth
     .await
     .unwrap();
     builder
-        .send(Outbound::StepResult(report(
+        .send(Outbound::StepResult(success(
             &third.attempt_id,
             &fixed.out,
             matching.nar_hash,

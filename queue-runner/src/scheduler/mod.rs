@@ -349,14 +349,13 @@ impl Scheduler {
             ));
         }
         // A step succeeds only once its outputs are verified in the farm's own cache.
-        match node
+        if let Some(missing) = node
             .step
             .outputs
             .values()
             .find(|path| !self.cache.is_published(path))
         {
-            Some(missing) => return Err(format!("output {missing} was not uploaded")),
-            None => {}
+            return Err(format!("output {missing} was not uploaded"));
         }
         for output in outputs {
             let published = StorePath::from_absolute(&output.path)
