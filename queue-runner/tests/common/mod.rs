@@ -9,9 +9,10 @@
 )]
 
 pub mod derivations;
+pub mod nix;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -69,6 +70,9 @@ pub struct BuilderSpec<'a> {
     pub max_jobs: u32,
     /// Milliseconds each noop step takes.
     pub build_ms: u64,
+    /// With a directory: the builder runs the Nix executor with that directory as its private
+    /// `/nix` (a mount namespace of its own).
+    pub nix_store: Option<&'a Path>,
 }
 
 impl<'a> BuilderSpec<'a> {
@@ -81,6 +85,7 @@ impl<'a> BuilderSpec<'a> {
             mandatory: &[],
             max_jobs: 2,
             build_ms: 0,
+            nix_store: None,
         }
     }
 }
@@ -227,9 +232,7 @@ impl Farm {
             supported_features = {features}
             mandatory_features = {mandatory}
             max_jobs = {max_jobs}
-            [executor]
-            kind = "noop"
-            build_ms = {build_ms}
+            {executor}
             [reconnect]
             initial_ms = 50
             max_ms = 500
@@ -243,16 +246,36 @@ impl Farm {
             features = toml_list(spec.features),
             mandatory = toml_list(spec.mandatory),
             max_jobs = spec.max_jobs,
-            build_ms = spec.build_ms,
+            executor = match spec.nix_store {
+                None => format!("[executor]\nkind = \"noop\"\nbuild_ms = {}", spec.build_ms),
+                Some(_) => format!(
+                    "[executor]\nkind = \"nix\"\ncache_url = \"http://127.0.0.1:{}\"\ntrusted_public_keys = [\"{}\"]",
+                    self.cache_port,
+                    self.cache_key.public_key()
+                ),
+            },
         );
         let config_path = self.path(&format!("builder-{}.toml", spec.name));
         fs_err::write(&config_path, config).unwrap();
         let log = fs_err::File::create(self.path(&format!("builder-{}.log", spec.name))).unwrap();
+        let mut command = match spec.nix_store {
+            None => Command::new(workspace_binary("drover-builder")),
+            Some(store) => {
+                let mut command = nix::private_store_command(store);
+                command.arg(workspace_binary("drover-builder"));
+                command
+            }
+        };
+        let home = self.path(&format!("home-{}", spec.name));
+        fs_err::create_dir_all(&home).unwrap();
         let child = ChildGuard::spawn(
-            Command::new(workspace_binary("drover-builder"))
+            command
                 .arg("--config")
                 .arg(&config_path)
                 .env("RUST_LOG", "info")
+                .env("NIX_CONFIG", nix::NIX_CONFIG)
+                .env("XDG_CACHE_HOME", home.join("cache"))
+                .env("HOME", &home)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap().into_parts().0)
                 .stderr(log.into_parts().0),

@@ -1,0 +1,101 @@
+//! The real Nix for end-to-end tests: instantiating expressions into a test's own chroot store,
+//! reading derivation closures back, and running commands (builders included) with a private
+//! `/nix` in a mount namespace of their own, as separate machines would have.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix_primitives::{Derivation, StorePath};
+
+/// Settings for every Nix the tests run: single-user root, no sandbox, no network substituters,
+/// no negative narinfo caching.
+pub const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\nsubstituters =\n\
+narinfo-cache-negative-ttl = 0\nexperimental-features = nix-command\n";
+
+/// A command that runs its arguments with `store` bind-mounted over `/nix` in a private mount
+/// namespace (needs root).
+pub fn private_store_command(store: &Path) -> Command {
+    fs_err::create_dir_all(store).unwrap();
+    assert!(
+        Path::new("/nix").is_dir(),
+        "/nix must exist to mount private stores over it (install nix-bin; scripts/test does)"
+    );
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /nix && exec "$@""#)
+        .arg(store);
+    command
+}
+
+/// A chroot store under a test directory: `nix --store DIR` keeps everything below DIR.
+pub struct ChrootStore {
+    /// Its root.
+    pub root: PathBuf,
+    /// Its narinfo cache and home.
+    pub home: PathBuf,
+}
+
+impl ChrootStore {
+    /// A store at `root`.
+    pub fn new(root: PathBuf) -> Self {
+        let home = root.with_extension("home");
+        fs_err::create_dir_all(&home).unwrap();
+        Self { root, home }
+    }
+
+    /// A Nix command bound to this store.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command
+            .arg("--store")
+            .arg(&self.root)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .env("XDG_CACHE_HOME", self.home.join("cache"))
+            .env("HOME", &self.home);
+        command
+    }
+
+    /// Instantiates `attribute` of a Nix file; returns the `.drv` path.
+    pub fn instantiate(&self, file: &Path, attribute: &str) -> StorePath {
+        let output = self
+            .command("nix-instantiate")
+            .arg(file)
+            .args(["--attr", attribute])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "nix-instantiate: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        StorePath::from_absolute(String::from_utf8(output.stdout).unwrap().trim()).unwrap()
+    }
+
+    /// Where a store path's contents are.
+    pub fn real_path(&self, path: &StorePath) -> PathBuf {
+        self.root.join("nix/store").join(path.base_name())
+    }
+
+    /// The derivation closure of `top`, texts and parses, read from the store.
+    pub fn closure(&self, top: &StorePath) -> BTreeMap<StorePath, (Vec<u8>, Derivation)> {
+        let mut closure = BTreeMap::new();
+        let mut pending = vec![top.clone()];
+        while let Some(path) = pending.pop() {
+            if closure.contains_key(&path) {
+                continue;
+            }
+            let text = fs_err::read(self.real_path(&path)).unwrap();
+            let derivation = Derivation::parse(&text).unwrap();
+            pending.extend(derivation.input_derivations.keys().cloned());
+            closure.insert(path, (text, derivation));
+        }
+        closure
+    }
+}
+
+/// The examples directory of the repository.
+pub fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
