@@ -10,11 +10,14 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::nix::{ChrootStore, NIX_CONFIG, examples, private_store_command};
-use common::{BuilderSpec, Farm};
+use common::{BuilderSpec, DEADLINE, Farm};
 use drover_proto::v1::{DerivationText, SubmitRequest};
+use nix_primitives::StorePath;
 
 fn succeed(command: &mut Command) -> Vec<u8> {
     let output = command.output().unwrap();
@@ -24,6 +27,74 @@ fn succeed(command: &mut Command) -> Vec<u8> {
         String::from_utf8_lossy(&output.stderr)
     );
     output.stdout
+}
+
+/// Submits the derivation closure of `top` as read from the submitter's store.
+async fn submit_closure(farm: &Farm, submitter: &ChrootStore, top: &StorePath) -> i64 {
+    farm.client()
+        .await
+        .submit(SubmitRequest {
+            derivations: submitter
+                .closure(top)
+                .into_iter()
+                .map(|(path, (text, _))| DerivationText {
+                    path: path.to_absolute(),
+                    text,
+                })
+                .collect(),
+            top_drv_path: top.to_absolute(),
+            ..SubmitRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .build_id
+}
+
+/// Instantiates `attribute` of the test fixtures and submits its closure; returns the build id
+/// and the `.drv` file's base name.
+async fn submit_fixture(farm: &Farm, submitter: &ChrootStore, attribute: &str) -> (i64, String) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builds.nix");
+    let top = submitter.instantiate(&fixtures, attribute);
+    let build = submit_closure(farm, submitter, &top).await;
+    (build, top.base_name().to_owned())
+}
+
+/// GETs a path from the runner's cache listener; returns the status line and the body.
+async fn http_get(port: u16, path: &str) -> (String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, response[split + 4..].to_vec())
+}
+
+/// The log the cache serves for a derivation (by base name), as `nix log` fetches it.
+async fn served_log(farm: &Farm, drv: &str) -> String {
+    let (status, log) = http_get(farm.cache_port, &format!("/log/{drv}")).await;
+    assert!(status.contains("200"), "{status}");
+    String::from_utf8_lossy(&log).into_owned()
+}
+
+async fn attempts(farm: &Farm) -> i64 {
+    farm.db()
+        .await
+        .query_one("SELECT count(*) FROM step_attempts", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `nix-store --dump` of a directory holding a store's contents.
+fn dump(path: PathBuf) -> Vec<u8> {
+    succeed(Command::new("nix-store").arg("--dump").arg(path))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,30 +110,11 @@ async fn a_diamond_builds_across_two_private_stores_and_stock_nix_substitutes_it
             ..BuilderSpec::new(name)
         });
     }
-
     let diamond = examples().join("diamond.nix");
     let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
     let top = submitter.instantiate(&diamond, "top");
-    let closure = submitter.closure(&top);
-    assert_eq!(closure.len(), 4);
-    let build = farm
-        .client()
-        .await
-        .submit(SubmitRequest {
-            derivations: closure
-                .iter()
-                .map(|(path, (text, _))| DerivationText {
-                    path: path.to_absolute(),
-                    text: text.clone(),
-                })
-                .collect(),
-            top_drv_path: top.to_absolute(),
-            ..SubmitRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .build_id;
+    assert_eq!(submitter.closure(&top).len(), 4);
+    let build = submit_closure(&farm, &submitter, &top).await;
     assert_eq!(farm.wait_for_build(build).await, "succeeded");
     let machines: i64 = farm
         .db()
@@ -76,107 +128,40 @@ async fn a_diamond_builds_across_two_private_stores_and_stock_nix_substitutes_it
         "left and right should run on different builders"
     );
 
-    let out = farm.get(build).await.outputs["out"].clone();
+    let out = StorePath::from_absolute(&farm.get(build).await.outputs["out"]).unwrap();
     let consumer = ChrootStore::new(farm.dir.path().join("consumer"));
     succeed(
         consumer
             .command("nix-store")
-            .args([
-                "--realise",
-                &out,
-                "--max-jobs",
-                "0",
-                "--option",
-                "substituters",
-            ])
+            .args(["--realise", &out.to_absolute(), "--max-jobs", "0"])
+            .args(["--option", "substituters"])
             .arg(format!("http://127.0.0.1:{}", farm.cache_port))
             .args(["--option", "trusted-public-keys"])
             .arg(farm.cache_key.public_key().to_string()),
     );
-    let summary = fs_err::read_to_string(
-        consumer
-            .real_path(&nix_primitives::StorePath::from_absolute(&out).unwrap())
-            .join("summary"),
-    )
-    .unwrap();
+    let summary = fs_err::read_to_string(consumer.real_path(&out).join("summary")).unwrap();
     assert!(
         summary.starts_with("left, built on: the base of the diamond / right"),
         "{summary}"
     );
 
     let local = stores.join("local");
-    let local_drv = succeed(
-        private_store_command(&local)
-            .args(["nix-instantiate"])
-            .arg(&diamond)
-            .args(["--attr", "top"])
+    let in_local_store = |args: &[&str]| {
+        let mut command = private_store_command(&local);
+        command
+            .args(args)
             .env("NIX_CONFIG", NIX_CONFIG)
-            .env("HOME", farm.dir.path()),
-    );
-    assert_eq!(
-        String::from_utf8(local_drv).unwrap().trim(),
-        top.to_absolute()
-    );
-    succeed(
-        private_store_command(&local)
-            .args(["nix-store", "--realise", &top.to_absolute()])
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .env("HOME", farm.dir.path()),
-    );
-    let base_name = out.trim_start_matches("/nix/store/");
-    let dump =
-        |root: std::path::PathBuf| succeed(Command::new("nix-store").arg("--dump").arg(root));
+            .env("HOME", farm.dir.path());
+        String::from_utf8(succeed(&mut command)).unwrap()
+    };
+    let diamond_file = diamond.to_str().unwrap();
+    let local_drv = in_local_store(&["nix-instantiate", diamond_file, "--attr", "top"]);
+    assert_eq!(local_drv.trim(), top.to_absolute());
+    in_local_store(&["nix-store", "--realise", &top.to_absolute()]);
     assert!(
-        dump(local.join("store").join(base_name))
-            == dump(consumer.root.join("nix/store").join(base_name)),
+        dump(local.join("store").join(out.base_name())) == dump(consumer.real_path(&out)),
         "the substituted output differs from a local build"
     );
-}
-
-/// Instantiates `attribute` of the test fixtures and submits its closure; returns the build id
-/// and the `.drv` path.
-async fn submit_fixture(farm: &Farm, submitter: &ChrootStore, attribute: &str) -> (i64, String) {
-    let fixtures =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builds.nix");
-    let top = submitter.instantiate(&fixtures, attribute);
-    let closure = submitter.closure(&top);
-    let build = farm
-        .client()
-        .await
-        .submit(SubmitRequest {
-            derivations: closure
-                .iter()
-                .map(|(path, (text, _))| DerivationText {
-                    path: path.to_absolute(),
-                    text: text.clone(),
-                })
-                .collect(),
-            top_drv_path: top.to_absolute(),
-            ..SubmitRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .build_id;
-    (build, top.to_absolute())
-}
-
-/// GETs a path from the runner's cache listener; returns the status line and the body.
-async fn http_get(port: u16, path: &str) -> (String, Vec<u8>) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&response[..split]).into_owned();
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    (status, response[split + 4..].to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,19 +175,6 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
         ..BuilderSpec::new("b1")
     });
     let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
-    let mut builds = std::collections::BTreeMap::new();
-    for attribute in [
-        "usesDev",
-        "usesFixed",
-        "chatty",
-        "broken",
-        "dependsOnBroken",
-    ] {
-        builds.insert(
-            attribute,
-            submit_fixture(&farm, &submitter, attribute).await,
-        );
-    }
     let expectations = [
         ("usesDev", "succeeded"),
         ("usesFixed", "succeeded"),
@@ -210,14 +182,20 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
         ("broken", "failed"),
         ("dependsOnBroken", "dep_failed"),
     ];
+    let mut builds = BTreeMap::new();
+    for (attribute, _) in expectations {
+        builds.insert(
+            attribute,
+            submit_fixture(&farm, &submitter, attribute).await,
+        );
+    }
     for (attribute, expected) in expectations {
         let (build, _) = builds[attribute];
         assert_eq!(farm.wait_for_build(build).await, expected, "{attribute}");
     }
 
-    let used_outputs: Vec<String> = farm
-        .db()
-        .await
+    let db = farm.db().await;
+    let published: Vec<String> = db
         .query(
             "SELECT o.output_name FROM step_outputs o JOIN steps s ON s.id = o.step_id
              WHERE s.drv_path LIKE '%-multi.drv' ORDER BY 1",
@@ -229,69 +207,45 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
         .map(|row| row.get(0))
         .collect();
     assert_eq!(
-        used_outputs,
+        published,
         ["dev", "out"],
         "both outputs of multi are published"
     );
 
-    let (_, broken_drv) = &builds["broken"];
-    let (status, log) = http_get(
-        farm.cache_port,
-        &format!("/log/{}", broken_drv.trim_start_matches("/nix/store/")),
-    )
-    .await;
-    assert!(status.contains("200"), "{status}");
-    let log = String::from_utf8_lossy(&log);
+    let log = served_log(&farm, &builds["broken"].1).await;
     assert!(log.contains("this build breaks on purpose"), "{log}");
-
-    let (_, chatty_drv) = &builds["chatty"];
-    let (_, chatty_log) = http_get(
-        farm.cache_port,
-        &format!("/log/{}", chatty_drv.trim_start_matches("/nix/store/")),
-    )
-    .await;
-    let chatty_log = String::from_utf8_lossy(&chatty_log);
+    let chatty = served_log(&farm, &builds["chatty"].1).await;
     for line in [
         "log line 1 of 3000",
         "log line 1500 of 3000",
         "log line 3000 of 3000",
     ] {
-        assert!(chatty_log.contains(line), "missing {line:?}");
+        assert!(chatty.contains(line), "missing {line:?}");
     }
 
-    let independent: String = farm
-        .db()
-        .await
-        .query_one(
-            "SELECT status::text FROM steps WHERE drv_path LIKE '%-independent.drv'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let independent = test_support::poll_until(DEADLINE, "the independent sibling", || async {
+        let status: String = db
+            .query_one(
+                "SELECT status::text FROM steps WHERE drv_path LIKE '%-independent.drv'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (!matches!(status.as_str(), "waiting" | "runnable" | "running")).then_some(status)
+    })
+    .await;
     assert_eq!(
         independent, "succeeded",
-        "an independent branch is still built and cached"
+        "an independent branch is still built"
     );
 
-    let attempts_before: i64 = farm
-        .db()
-        .await
-        .query_one("SELECT count(*) FROM step_attempts", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let before = attempts(&farm).await;
     let (again, _) = submit_fixture(&farm, &submitter, "usesDev").await;
     assert_eq!(farm.wait_for_build(again).await, "succeeded");
-    let attempts_after: i64 = farm
-        .db()
-        .await
-        .query_one("SELECT count(*) FROM step_attempts", &[])
-        .await
-        .unwrap()
-        .get(0);
     assert_eq!(
-        attempts_before, attempts_after,
+        attempts(&farm).await,
+        before,
         "a step already in the cache is not rebuilt"
     );
 }
