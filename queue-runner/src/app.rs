@@ -24,6 +24,9 @@ use crate::scheduler::attempts::Attempts;
 use crate::scheduler::{Scheduler, SchedulerLimits, ingest};
 use crate::tasks::Supervisor;
 
+/// The largest Submit accepted: derivation texts and input sources arrive in one message.
+const MAX_SUBMISSION_BYTES: usize = 256 * 1024 * 1024;
+
 /// Events buffered between builder sessions and the scheduler.
 const EVENT_QUEUE: usize = 4096;
 
@@ -152,6 +155,7 @@ pub async fn start(
             .await
             .map_err(RunnerError::ServeCache)
     });
+    let cache_for_clients = cache.clone();
     let builder_service = BuilderServiceImpl::new(
         events,
         attempts,
@@ -171,7 +175,10 @@ pub async fn start(
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .add_service(health_service)
         .add_service(BuilderServiceServer::new(builder_service))
-        .add_service(BuildServiceServer::new(BuildServiceImpl::new(pool, logs)))
+        .add_service(
+            BuildServiceServer::new(BuildServiceImpl::new(pool, logs, cache_for_clients))
+                .max_decoding_message_size(MAX_SUBMISSION_BYTES),
+        )
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),

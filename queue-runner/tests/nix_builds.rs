@@ -11,6 +11,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -31,11 +32,12 @@ fn succeed(command: &mut Command) -> Vec<u8> {
 
 /// Submits the derivation closure of `top` as read from the submitter's store.
 async fn submit_closure(farm: &Farm, submitter: &ChrootStore, top: &StorePath) -> i64 {
+    let closure = submitter.closure(top);
     farm.client()
         .await
         .submit(SubmitRequest {
-            derivations: submitter
-                .closure(top)
+            sources: submitter.sources(&closure),
+            derivations: closure
                 .into_iter()
                 .map(|(path, (text, _))| DerivationText {
                     path: path.to_absolute(),
@@ -247,5 +249,82 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
         attempts(&farm).await,
         before,
         "a step already in the cache is not rebuilt"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_are_uploaded_verified_and_used_and_forged_ones_refused() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let store = farm.dir.path().join("stores/b1");
+    farm.start_builder(&BuilderSpec {
+        nix_store: Some(&store),
+        ..BuilderSpec::new("b1")
+    });
+    let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builds.nix");
+    let top = submitter.instantiate(&fixtures, "withSources");
+    let closure = submitter.closure(&top);
+    let mut forged = submitter.sources(&closure);
+    assert_eq!(forged.len(), 2, "the script and the toFile text");
+    let script = forged
+        .iter_mut()
+        .find(|s| s.path.ends_with("script.sh"))
+        .unwrap();
+    script.nar = {
+        let mut nar = Vec::new();
+        nix_primitives::nar::write_file_nar(b"echo forged", true, &mut nar).unwrap();
+        nar
+    };
+    let refused = farm
+        .client()
+        .await
+        .submit(SubmitRequest {
+            sources: forged,
+            derivations: closure
+                .iter()
+                .map(|(path, (text, _))| DerivationText {
+                    path: path.to_absolute(),
+                    text: text.clone(),
+                })
+                .collect(),
+            top_drv_path: top.to_absolute(),
+            ..SubmitRequest::default()
+        })
+        .await
+        .expect_err("a source whose contents do not match its path");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    let build = submit_closure(&farm, &submitter, &top).await;
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    let out = StorePath::from_absolute(&farm.get(build).await.outputs["out"]).unwrap();
+    let consumer = ChrootStore::new(farm.dir.path().join("consumer"));
+    succeed(
+        consumer
+            .command("nix-store")
+            .args(["--realise", &out.to_absolute(), "--max-jobs", "0"])
+            .args(["--option", "substituters"])
+            .arg(format!("http://127.0.0.1:{}", farm.cache_port))
+            .args(["--option", "trusted-public-keys"])
+            .arg(farm.cache_key.public_key().to_string()),
+    );
+    let output = consumer.real_path(&out);
+    let hello = output.join("bin/hello");
+    assert_eq!(
+        fs_err::metadata(&hello).unwrap().permissions().mode() & 0o111,
+        0o111
+    );
+    assert!(
+        fs_err::read_to_string(&hello)
+            .unwrap()
+            .contains("hello from a source script")
+    );
+    assert_eq!(
+        fs_err::read_link(output.join("bin/greeting-link")).unwrap(),
+        Path::new("../share/greeting")
+    );
+    assert_eq!(
+        fs_err::read_to_string(output.join("share/greeting")).unwrap(),
+        "written by toFile\n"
     );
 }

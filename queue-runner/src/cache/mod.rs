@@ -57,6 +57,9 @@ pub enum CacheError {
     /// A flat fixed output that is not a single regular file.
     #[error("{0} must be a single regular file (flat fixed output)")]
     NotAFlatFile(StorePath),
+    /// An uploaded source whose contents do not give its path under any content address.
+    #[error("the contents uploaded for {0} do not hash to that path")]
+    SourceMismatch(StorePath),
     /// A stored narinfo that cannot be read.
     #[error("a stored narinfo is invalid")]
     NarInfo(#[source] NarInfoError),
@@ -69,7 +72,8 @@ impl Classify for CacheError {
             Self::Nar { source, .. } => source.severity(),
             Self::ReferenceNotPublished { .. }
             | Self::FixedOutputMismatch { .. }
-            | Self::NotAFlatFile(_) => Severity::Reject,
+            | Self::NotAFlatFile(_)
+            | Self::SourceMismatch(_) => Severity::Reject,
         }
     }
 }
@@ -219,6 +223,53 @@ impl BinaryCache {
             info.to_string().as_bytes(),
         )?;
         Ok((info, false))
+    }
+
+    /// Publishes an input source uploaded by a client, after recomputing its path from its
+    /// contents: a `./path` source (recursive SHA-256), a `builtins.toFile` text with its
+    /// references, or a flat file. Anything else is refused.
+    pub fn publish_source(
+        &self,
+        path: &StorePath,
+        references: BTreeSet<StorePath>,
+        nar_bytes: &[u8],
+    ) -> Result<(), CacheError> {
+        if self.is_published(path) {
+            return Ok(());
+        }
+        let mut file = RootFile::default();
+        let summary = nar::parse(nar_bytes, &mut file).map_err(|source| CacheError::Nar {
+            path: path.clone(),
+            source,
+        })?;
+        let mut candidates = vec![ContentAddress::Fixed {
+            method: IngestionMethod::Recursive,
+            hash: summary.nar_hash,
+        }];
+        if let Some(contents) = &file.contents {
+            let hash = Hash::sha256(contents);
+            candidates.push(ContentAddress::Text(hash));
+            candidates.push(ContentAddress::Fixed {
+                method: IngestionMethod::Flat,
+                hash,
+            });
+        }
+        let content_address = candidates
+            .into_iter()
+            .find(|candidate| {
+                candidate
+                    .store_path(path.name(), &references, false)
+                    .is_ok_and(|computed| computed == *path)
+            })
+            .ok_or_else(|| CacheError::SourceMismatch(path.clone()))?;
+        let publication = Publication {
+            store_path: path.clone(),
+            references,
+            deriver: None,
+            content_address: Some(content_address),
+            fixed: None,
+        };
+        self.publish(&publication, nar_bytes).map(|_| ())
     }
 
     /// Streams the NAR through the parser into a zstd file; checks a fixed output's hash.
@@ -371,6 +422,29 @@ impl NarVisitor for FlatHasher {
     fn file_chunk(&mut self, chunk: &[u8]) -> io::Result<()> {
         if let (true, Some(hasher)) = (self.root_is_file, &mut self.hasher) {
             hasher.update(chunk);
+        }
+        Ok(())
+    }
+}
+
+/// Collects the contents of a NAR whose root is a regular file (sources are small: they arrive
+/// in one message).
+#[derive(Default)]
+struct RootFile {
+    contents: Option<Vec<u8>>,
+}
+
+impl NarVisitor for RootFile {
+    fn file(&mut self, path: &[Vec<u8>], _executable: bool, _size: u64) -> io::Result<()> {
+        if path.is_empty() {
+            self.contents = Some(Vec::new());
+        }
+        Ok(())
+    }
+
+    fn file_chunk(&mut self, chunk: &[u8]) -> io::Result<()> {
+        if let Some(contents) = &mut self.contents {
+            contents.extend_from_slice(chunk);
         }
         Ok(())
     }

@@ -2,18 +2,21 @@
 //! closure before it writes anything, and writes the derivations and the build in one
 //! transaction, so a refused submission leaves no trace.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use drover_proto::v1::build_service_server::BuildService;
 use drover_proto::v1::{
-    BuildStatus, GetLogRequest, GetLogResponse, GetRequest, GetResponse, SubmitRequest,
+    BuildStatus, GetLogRequest, GetLogResponse, GetRequest, GetResponse, SourceNar, SubmitRequest,
     SubmitResponse,
 };
 use drover_tls::Role;
 use error_context::{Classify, Severity};
+use nix_primitives::StorePath;
 use tonic::{Request, Response, Status};
 
 use super::auth;
+use crate::cache::{BinaryCache, CacheError};
 use crate::db::queries;
 use crate::db::{DbError, Pool};
 use crate::logs::LogStore;
@@ -29,6 +32,12 @@ pub enum SubmitError {
     /// The metadata cannot be stored.
     #[error("the metadata cannot be stored")]
     Metadata(#[source] serde_json::Error),
+    /// An input source was refused or could not be stored.
+    #[error("publishing an input source")]
+    Source(#[from] CacheError),
+    /// A source's path or references are not store paths.
+    #[error("an input source names an invalid store path")]
+    SourcePath(#[from] nix_primitives::store_path::StorePathError),
     /// The database failed.
     #[error("storing the build")]
     Database(#[from] DbError),
@@ -37,7 +46,8 @@ pub enum SubmitError {
 impl Classify for SubmitError {
     fn severity(&self) -> Severity {
         match self {
-            Self::Verify(_) | Self::Metadata(_) => Severity::Reject,
+            Self::Verify(_) | Self::Metadata(_) | Self::SourcePath(_) => Severity::Reject,
+            Self::Source(error) => error.severity(),
             Self::Database(error) => error.severity(),
         }
     }
@@ -50,7 +60,13 @@ impl From<SubmitError> for Status {
             SubmitError::Verify(VerifyError::Unsupported { .. }) => {
                 Status::failed_precondition(message)
             }
-            SubmitError::Verify(_) | SubmitError::Metadata(_) => Status::invalid_argument(message),
+            SubmitError::Source(CacheError::Io(_) | CacheError::NarInfo(_)) => {
+                Status::internal(message)
+            }
+            SubmitError::Verify(_)
+            | SubmitError::Metadata(_)
+            | SubmitError::Source(_)
+            | SubmitError::SourcePath(_) => Status::invalid_argument(message),
             SubmitError::Database(_) => Status::unavailable(message),
         }
     }
@@ -60,6 +76,7 @@ impl From<SubmitError> for Status {
 pub struct BuildServiceImpl {
     pool: Pool,
     logs: LogStore,
+    cache: Arc<BinaryCache>,
 }
 
 /// Roles that may use the build service.
@@ -68,8 +85,33 @@ const CALLERS: &[Role] = &[Role::Client, Role::Admin];
 impl BuildServiceImpl {
     /// A service over `pool`.
     #[must_use]
-    pub fn new(pool: Pool, logs: LogStore) -> Self {
-        Self { pool, logs }
+    pub fn new(pool: Pool, logs: LogStore, cache: Arc<BinaryCache>) -> Self {
+        Self { pool, logs, cache }
+    }
+
+    /// Publishes the sources of a submission, each after recomputing its path from its contents.
+    async fn publish_sources(&self, sources: Vec<SourceNar>) -> Result<(), SubmitError> {
+        let mut parsed = Vec::with_capacity(sources.len());
+        for source in sources {
+            let path = StorePath::from_absolute(&source.path)?;
+            let references = source
+                .references
+                .iter()
+                .map(|reference| StorePath::from_absolute(reference))
+                .collect::<Result<BTreeSet<_>, _>>()?;
+            parsed.push((path, references, source.nar));
+        }
+        // Sources referring to other sources (toFile results) come after them.
+        parsed.sort_by_key(|(_, references, _)| references.len());
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || {
+            parsed.into_iter().try_for_each(|(path, references, nar)| {
+                cache.publish_source(&path, references, &nar)
+            })
+        })
+        .await
+        .map_err(|error| CacheError::Io(std::io::Error::other(error)))??;
+        Ok(())
     }
 
     async fn submit(&self, request: SubmitRequest) -> Result<i64, SubmitError> {
@@ -84,6 +126,7 @@ impl BuildServiceImpl {
         let mut client = self.pool.get().await.map_err(DbError::Connection)?;
         complete_closure(&client, &top, &mut parsed).await??;
         let closure = verify::verify_closure(&top, &parsed)?;
+        self.publish_sources(request.sources).await?;
         let new: Vec<(String, Vec<u8>)> = submitted
             .iter()
             .filter_map(|path| {

@@ -77,7 +77,8 @@ impl From<UploadError> for Status {
             UploadError::Cache(
                 CacheError::Nar { .. }
                 | CacheError::FixedOutputMismatch { .. }
-                | CacheError::NotAFlatFile(_),
+                | CacheError::NotAFlatFile(_)
+                | CacheError::SourceMismatch(_),
             ) => Status::invalid_argument(message),
             UploadError::Cache(CacheError::Io(_) | CacheError::NarInfo(_)) => {
                 Status::internal(message)

@@ -339,6 +339,7 @@ impl Farm {
                 top_drv_path: top.path.to_absolute(),
                 priority: 0,
                 metadata: [("origin".to_owned(), "test".to_owned())].into(),
+                sources: Vec::new(),
             })
             .await
             .unwrap_or_else(|status| panic!("submit refused: {status}"))

@@ -78,6 +78,40 @@ impl ChrootStore {
         self.root.join("nix/store").join(path.base_name())
     }
 
+    /// The input sources of a derivation closure as NARs, with their references, as a client
+    /// uploads them.
+    pub fn sources(
+        &self,
+        closure: &BTreeMap<StorePath, (Vec<u8>, Derivation)>,
+    ) -> Vec<drover_proto::v1::SourceNar> {
+        let sources: std::collections::BTreeSet<&StorePath> = closure
+            .values()
+            .flat_map(|(_, derivation)| derivation.input_sources.iter())
+            .collect();
+        sources
+            .into_iter()
+            .map(|path| {
+                let mut nar = Vec::new();
+                nix_primitives::nar::dump(&self.real_path(path), &mut nar).unwrap();
+                let output = self
+                    .command("nix-store")
+                    .args(["--query", "--references", &path.to_absolute()])
+                    .output()
+                    .unwrap();
+                assert!(output.status.success());
+                drover_proto::v1::SourceNar {
+                    path: path.to_absolute(),
+                    references: String::from_utf8(output.stdout)
+                        .unwrap()
+                        .lines()
+                        .map(str::to_owned)
+                        .collect(),
+                    nar,
+                }
+            })
+            .collect()
+    }
+
     /// The derivation closure of `top`, texts and parses, read from the store.
     pub fn closure(&self, top: &StorePath) -> BTreeMap<StorePath, (Vec<u8>, Derivation)> {
         let mut closure = BTreeMap::new();
