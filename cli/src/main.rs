@@ -1,15 +1,20 @@
 //! `drover`, the command line of the farm: parse the arguments, run the subcommand, and on failure
-//! print the whole error chain and exit with a code that says whether the command line was refused
+//! print the whole error chain and exit with a code that says whether the input was refused
 //! (64, `EX_USAGE`) or the work failed (1).
 
 mod certs;
+mod connection;
+mod dev_farm;
+mod submit;
 
+use std::error::Error;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use error_context::{Severity, WithContext};
+use error_context::{Classify, Severity, WithContext};
 
-/// `EX_USAGE` from sysexits.h: the command line was refused (an invalid role, name or DNS name).
+/// `EX_USAGE` from sysexits.h: the input was refused (an invalid identity, a derivation the
+/// runner will not build).
 const EX_USAGE: u8 = 64;
 
 /// The drover command line.
@@ -27,26 +32,33 @@ enum Command {
     /// Create the farm's certificate authority and issue certificates from it.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Submit a build: a Nix file (instantiated here) or a .drv path.
+    Submit(submit::SubmitArgs),
+    /// Run a whole farm on this machine (PostgreSQL, runner, builders with private stores).
+    DevFarm(dev_farm::DevFarmArgs),
 }
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Certs(command) => certs::run(command),
-    };
+    match cli.command {
+        Command::Certs(command) => finish(certs::run(command)),
+        Command::Submit(args) => finish(submit::run(args).await),
+        Command::DevFarm(args) => finish(dev_farm::run(args).await),
+    }
+}
+
+/// Prints a failure's whole chain; the exit code is decided by the root's severity, never by
+/// its text.
+fn finish<E: Classify + Error + 'static>(result: Result<(), WithContext<E>>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", error.report());
-            exit_code(&error)
+            match error.severity() {
+                Severity::Reject => ExitCode::from(EX_USAGE),
+                Severity::Fatal | Severity::Session | Severity::Step => ExitCode::FAILURE,
+            }
         }
-    }
-}
-
-/// The exit code for a failed command: decided by the root error's severity, never by its text.
-fn exit_code(error: &WithContext<certs::CertsError>) -> ExitCode {
-    match error.severity() {
-        Severity::Reject => ExitCode::from(EX_USAGE),
-        Severity::Fatal | Severity::Session | Severity::Step => ExitCode::FAILURE,
     }
 }

@@ -1,0 +1,20 @@
+# Installs what drover's tests and demo need and this machine lacks (as root, with apt-get):
+# Nix (single-user, from Debian's nix-bin) and the PostgreSQL server binaries. Sourced by
+# scripts/test and scripts/demo.
+install_prerequisites() {
+  local missing=()
+  command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
+  # Throwaway PostgreSQL clusters need the server binaries, not a running service.
+  if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+    missing+=(postgresql)
+  fi
+  if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+      echo "missing ${missing[*]}; run as root so it can be installed with apt-get" >&2
+      return 1
+    fi
+    echo "installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
