@@ -1,0 +1,123 @@
+//! `drover dev-farm` and `drover submit` as a user runs them: the farm comes up and writes its
+//! exports, `drover submit --watch` builds the example graph (exit 0, outputs printed) and reports
+//! a failing derivation with exit 1, and SIGTERM stops the farm leaving nothing running.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed assertion"
+)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use test_support::{ChildGuard, poll_until};
+
+const DROVER: &str = env!("CARGO_BIN_EXE_drover");
+
+/// Parses the `export K=V …` line the farm writes.
+fn exports(text: &str) -> BTreeMap<String, String> {
+    text.trim()
+        .trim_start_matches("export ")
+        .split(' ')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect()
+}
+
+/// `drover submit` in a private store of its own, with the farm's exports.
+fn submit(
+    dir: &Path,
+    env: &BTreeMap<String, String>,
+    file: &Path,
+    attribute: &str,
+) -> std::process::Output {
+    let store = dir.join("client-store");
+    fs_err::create_dir_all(&store).unwrap();
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /nix && exec "$@""#)
+        .arg(&store)
+        .arg(DROVER)
+        .args(["submit"])
+        .arg(file)
+        .args(["--attr", attribute, "--watch"])
+        .envs(env)
+        .env(
+            "NIX_CONFIG",
+            "sandbox = false\nbuild-users-group =\nsubstituters =\n",
+        )
+        .env("HOME", dir)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let farm_dir = dir.path().join("farm");
+    let log = fs_err::File::create(dir.path().join("farm.log")).unwrap();
+    let farm = ChildGuard::spawn(
+        Command::new(DROVER)
+            .args(["dev-farm", "--builders", "2", "--dir"])
+            .arg(&farm_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap().into_parts().0)
+            .stderr(log.into_parts().0),
+    )
+    .unwrap();
+    let env_file = farm_dir.join("env");
+    let env = poll_until(
+        Duration::from_secs(90),
+        "the dev farm to come up",
+        || async {
+            fs_err::read_to_string(&env_file)
+                .ok()
+                .map(|text| exports(&text))
+        },
+    )
+    .await;
+    assert!(env["DROVER_CACHE_KEY"].starts_with("drover-dev-farm-1:"));
+
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/diamond.nix");
+    let built = submit(dir.path(), &env, &examples, "top");
+    let stdout = String::from_utf8_lossy(&built.stdout);
+    assert!(
+        built.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    assert!(
+        stdout.starts_with("out /nix/store/") && stdout.contains("-diamond-top"),
+        "{stdout}"
+    );
+
+    let fixtures =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../queue-runner/tests/fixtures/builds.nix");
+    let failed = submit(dir.path(), &env, &fixtures, "broken");
+    assert_eq!(failed.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("ended failed"), "{stderr}");
+
+    let pid = farm.id();
+    let farm = std::sync::Mutex::new(farm);
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = poll_until(Duration::from_secs(30), "the dev farm to stop", || async {
+        farm.lock().unwrap().child_mut().try_wait().unwrap()
+    })
+    .await;
+    assert!(status.success(), "the farm did not stop cleanly: {status}");
+    let builders_left = Command::new("pgrep")
+        .args(["-f", &farm_dir.join("builder-b1.toml").to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(
+        builders_left.stdout.is_empty(),
+        "a builder outlived the farm"
+    );
+}
