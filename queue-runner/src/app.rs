@@ -216,7 +216,7 @@ fn open_cache(config: &Config) -> Result<crate::cache::BinaryCache, RunnerError>
         path: path.clone(),
         source,
     })?;
-    crate::cache::BinaryCache::open(&config.cache_directory, key)
+    crate::cache::BinaryCache::open(&config.cache_directory, key, config.upstreams.clone())
         .map_err(|error| RunnerError::Cache(error.into()))
 }
 

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use drover_daemon::ConfigError;
+
+use crate::cache::upstream::Upstream;
 use serde::Deserialize;
 
 /// The file as written.
@@ -29,8 +31,21 @@ struct RawCache {
     /// Address the plain-HTTP cache listener binds, e.g. `0.0.0.0:7701`; port 0 picks one.
     listen: String,
     /// File with the ed25519 secret key narinfos are signed with, in Nix's format
-    /// (`name:base64`), as `nix-store --generate-binary-cache-key` or `drover cache-key` write.
+    /// (`name:base64`), as `nix-store --generate-binary-cache-key` writes it.
     secret_key_file: PathBuf,
+    /// Caches to consult before building: a step whose outputs one of them has (signed by its
+    /// key) is not built. Default none.
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    /// `file:///dir` or `http://host:port/prefix`.
+    url: String,
+    /// The key its narinfos are signed with, `name:base64`.
+    public_key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +151,8 @@ pub struct Config {
     pub cache_listen: SocketAddr,
     /// Binary cache signing key file.
     pub cache_secret_key_file: PathBuf,
+    /// Upstream caches.
+    pub upstreams: Vec<Upstream>,
     /// Builder ping interval.
     pub ping_interval: Duration,
     /// Builder liveness deadline.
@@ -171,6 +188,15 @@ impl Config {
             ));
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
+        let mut upstreams = Vec::new();
+        for (index, upstream) in raw.cache.upstreams.iter().enumerate() {
+            let key = nix_primitives::PublicKey::parse(&upstream.public_key)
+                .map_err(|error| format!("cache.upstreams[{index}].public_key: {error}"));
+            match key.and_then(|key| Upstream::new(&upstream.url, key)) {
+                Ok(parsed) => upstreams.push(parsed),
+                Err(problem) => problems.push(format!("cache.upstreams[{index}]: {problem}")),
+            }
+        }
         if raw.database.url.trim().is_empty() {
             problems.push("database.url is empty".to_owned());
         }
@@ -201,6 +227,7 @@ impl Config {
             cache_directory: raw.cache.directory,
             cache_listen,
             cache_secret_key_file: raw.cache.secret_key_file,
+            upstreams,
             ping_interval: Duration::from_secs(raw.builders.ping_interval_secs),
             liveness_timeout: Duration::from_secs(raw.builders.liveness_timeout_secs),
             max_builder_losses: raw.builders.max_builder_losses,

@@ -328,3 +328,104 @@ async fn sources_are_uploaded_verified_and_used_and_forged_ones_refused() {
         "written by toFile\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_an_upstream_cache_has_are_not_built_and_their_outputs_are_substituted() {
+    let mut farm = Farm::new().await;
+    let diamond = examples().join("diamond.nix");
+    let upstream_store = farm.dir.path().join("stores/upstream");
+    let upstream_cache = farm.dir.path().join("upstream-cache");
+    let keys = farm.dir.path().join("upstream-keys");
+    fs_err::create_dir_all(&keys).unwrap();
+    let in_upstream_store = |args: &[&str]| {
+        let mut command = private_store_command(&upstream_store);
+        command
+            .args(args)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .env("HOME", farm.dir.path());
+        String::from_utf8(succeed(&mut command)).unwrap()
+    };
+    let secret = keys.join("upstream.sec");
+    let public = keys.join("upstream.pub");
+    in_upstream_store(&[
+        "nix-store",
+        "--generate-binary-cache-key",
+        "upstream-1",
+        secret.to_str().unwrap(),
+        public.to_str().unwrap(),
+    ]);
+    let base_drv = in_upstream_store(&[
+        "nix-instantiate",
+        diamond.to_str().unwrap(),
+        "--attr",
+        "base",
+    ]);
+    let base_out = in_upstream_store(&["nix-store", "--realise", base_drv.trim()]);
+    let copy_to = format!(
+        "file://{}?compression=none&secret-key={}",
+        upstream_cache.display(),
+        secret.display()
+    );
+    in_upstream_store(&["nix", "copy", "--to", &copy_to, base_out.trim()]);
+    let public_key = fs_err::read_to_string(&public).unwrap().trim().to_owned();
+    farm.upstreams.push((
+        format!("file://{}", upstream_cache.display()),
+        public_key.clone(),
+    ));
+
+    farm.start_runner().await;
+    let store = farm.dir.path().join("stores/b1");
+    farm.start_builder(&BuilderSpec {
+        nix_store: Some(&store),
+        ..BuilderSpec::new("b1")
+    });
+    let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
+    let top = submitter.instantiate(&diamond, "top");
+    let build = submit_closure(&farm, &submitter, &top).await;
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    let attempted: Vec<String> = farm
+        .db()
+        .await
+        .query(
+            "SELECT s.drv_path FROM step_attempts a JOIN steps s ON s.id = a.step_id ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        attempted.len(),
+        3,
+        "left, right and top are built: {attempted:?}"
+    );
+    assert!(
+        attempted
+            .iter()
+            .all(|drv| !drv.ends_with("-diamond-base.drv")),
+        "the upstream's step was built: {attempted:?}"
+    );
+
+    let out = farm.get(build).await.outputs["out"].clone();
+    let consumer = ChrootStore::new(farm.dir.path().join("consumer"));
+    succeed(
+        consumer
+            .command("nix-store")
+            .args([
+                "--realise",
+                &out,
+                "--max-jobs",
+                "0",
+                "--option",
+                "substituters",
+            ])
+            .arg(format!(
+                "http://127.0.0.1:{} file://{}",
+                farm.cache_port,
+                upstream_cache.display()
+            ))
+            .args(["--option", "trusted-public-keys"])
+            .arg(format!("{} {public_key}", farm.cache_key.public_key())),
+    );
+}

@@ -9,6 +9,7 @@
 //! substitute.
 
 pub mod http;
+pub mod upstream;
 
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
@@ -87,6 +88,8 @@ pub struct Publication {
     pub references: BTreeSet<StorePath>,
     /// The derivation that built it.
     pub deriver: Option<StorePath>,
+    /// References known to be in an upstream cache: they need not be published here.
+    pub upstream_references: BTreeSet<StorePath>,
     /// Its content address, for `.drv` files and sources.
     pub content_address: Option<ContentAddress>,
     /// For a fixed-output derivation's output: how it is hashed and the hash it must have.
@@ -98,11 +101,16 @@ pub struct Publication {
 pub struct BinaryCache {
     directory: PathBuf,
     key: SecretKey,
+    upstreams: Vec<upstream::Upstream>,
 }
 
 impl BinaryCache {
     /// Opens (creating if needed) a cache directory.
-    pub fn open(directory: &Path, key: SecretKey) -> Result<Self, CacheError> {
+    pub fn open(
+        directory: &Path,
+        key: SecretKey,
+        upstreams: Vec<upstream::Upstream>,
+    ) -> Result<Self, CacheError> {
         fs_err::create_dir_all(directory.join("nar")).map_err(CacheError::Io)?;
         fs_err::create_dir_all(directory.join("tmp")).map_err(CacheError::Io)?;
         let info = directory.join("nix-cache-info");
@@ -116,6 +124,7 @@ impl BinaryCache {
         Ok(Self {
             directory: directory.to_owned(),
             key,
+            upstreams,
         })
     }
 
@@ -150,20 +159,47 @@ impl BinaryCache {
         }
     }
 
-    /// The published paths reachable from `roots` through references (the roots included).
-    /// Paths that are not published end the walk there.
-    pub fn closure(&self, roots: &BTreeSet<StorePath>) -> Result<BTreeSet<StorePath>, CacheError> {
+    /// Whether `path` is here or, signed by its key, in an upstream cache.
+    pub async fn is_available(&self, path: &StorePath) -> bool {
+        if self.is_published(path) {
+            return true;
+        }
+        for upstream in &self.upstreams {
+            if upstream.narinfo(path).await.is_some() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The runtime closure of `roots` through the references of published paths, here or
+    /// upstream; returns the closure and the part of it that only an upstream has.
+    pub async fn closure_with_upstreams(
+        &self,
+        roots: &BTreeSet<StorePath>,
+    ) -> Result<(BTreeSet<StorePath>, BTreeSet<StorePath>), CacheError> {
         let mut closure = BTreeSet::new();
+        let mut upstream_only = BTreeSet::new();
         let mut pending: Vec<StorePath> = roots.iter().cloned().collect();
         while let Some(path) = pending.pop() {
             if !closure.insert(path.clone()) {
                 continue;
             }
-            if let Some(info) = self.narinfo(&path)? {
+            let mut info = self.narinfo(&path)?;
+            if info.is_none() {
+                for upstream in &self.upstreams {
+                    info = upstream.narinfo(&path).await;
+                    if info.is_some() {
+                        upstream_only.insert(path.clone());
+                        break;
+                    }
+                }
+            }
+            if let Some(info) = info {
                 pending.extend(info.references.into_iter().filter(|r| !closure.contains(r)));
             }
         }
-        Ok(closure)
+        Ok((closure, upstream_only))
     }
 
     /// Publishes a NAR read from `source` (blocking: call it from a blocking thread). If the path
@@ -183,7 +219,10 @@ impl BinaryCache {
             return Ok((existing, true));
         }
         for reference in &publication.references {
-            if reference != path && !self.is_published(reference) {
+            if reference != path
+                && !self.is_published(reference)
+                && !publication.upstream_references.contains(reference)
+            {
                 return Err(CacheError::ReferenceNotPublished {
                     path: path.clone(),
                     reference: reference.clone(),
@@ -265,6 +304,7 @@ impl BinaryCache {
         let publication = Publication {
             store_path: path.clone(),
             references,
+            upstream_references: BTreeSet::new(),
             deriver: None,
             content_address: Some(content_address),
             fixed: None,

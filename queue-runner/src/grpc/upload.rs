@@ -98,7 +98,8 @@ pub async fn receive(
         .await?
         .ok_or_else(|| Status::invalid_argument("an empty NAR upload"))?;
     let owner = owner(&first.attempt_id)?;
-    let publication = publication(&owner.policy, &first.store_path, &first.references, cache)?;
+    let publication =
+        publication(&owner.policy, &first.store_path, &first.references, cache).await?;
     let (sender, receiver) = mpsc::channel::<Vec<u8>>(QUEUED_CHUNKS);
     let cache = cache.clone();
     let publishing = tokio::task::spawn_blocking(move || {
@@ -133,7 +134,7 @@ pub async fn receive(
 }
 
 /// Checks an upload's header against what the attempt may upload.
-fn publication(
+async fn publication(
     policy: &UploadPolicy,
     store_path: &str,
     references: &[String],
@@ -153,7 +154,7 @@ fn publication(
         .iter()
         .map(|r| parse(r))
         .collect::<Result<_, _>>()?;
-    let mut allowed = cache.closure(&policy.input_paths)?;
+    let (mut allowed, upstream_only) = cache.closure_with_upstreams(&policy.input_paths).await?;
     allowed.extend(policy.outputs.values().cloned());
     if let Some(reference) = references.iter().find(|r| !allowed.contains(*r)) {
         return Err(UploadError::ReferenceOutsideClosure {
@@ -161,9 +162,11 @@ fn publication(
             reference: reference.clone(),
         });
     }
+    let upstream_references = references.intersection(&upstream_only).cloned().collect();
     Ok(Publication {
         store_path: path,
         references,
+        upstream_references,
         deriver: Some(policy.deriver.clone()),
         content_address: policy
             .fixed

@@ -171,6 +171,7 @@ async fn expand(
             }
         })
         .collect();
+    let available = available_derivations(cache, &closure).await;
     let transaction = client
         .transaction()
         .await
@@ -180,7 +181,7 @@ async fn expand(
         .into_iter()
         .map(|row| (row.drv_path, (row.id, row.status)))
         .collect();
-    let substituted = mark_published_steps(&closure, &mut steps, cache);
+    let substituted = mark_available_steps(&available, &mut steps);
     let top = closure
         .order
         .last()
@@ -324,6 +325,7 @@ async fn publish_derivations(
                 content_address: Some(ContentAddress::Text(Hash::sha256(&text))),
                 store_path: path,
                 references,
+                upstream_references: BTreeSet::new(),
                 deriver: None,
                 fixed: None,
             };
@@ -340,25 +342,35 @@ async fn publish_derivations(
     }
 }
 
-/// Steps whose outputs are all in the cache are done without building: marks them succeeded in
-/// `steps` and returns their ids.
-fn mark_published_steps(
-    closure: &VerifiedClosure,
+/// The derivations of a closure whose outputs are all in the farm's cache or an upstream one:
+/// looked up before the ingest transaction, which must not wait on the network.
+async fn available_derivations(cache: &BinaryCache, closure: &VerifiedClosure) -> BTreeSet<String> {
+    let mut available = BTreeSet::new();
+    for (path, verified) in &closure.derivations {
+        let mut all = true;
+        for output in verified.outputs.values() {
+            if !cache.is_available(output).await {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            available.insert(path.to_absolute());
+        }
+    }
+    available
+}
+
+/// Unfinished steps whose outputs are all available are done without building: marks them
+/// succeeded in `steps` and returns their ids.
+fn mark_available_steps(
+    available: &BTreeSet<String>,
     steps: &mut BTreeMap<String, (StepId, String)>,
-    cache: &BinaryCache,
 ) -> Vec<StepId> {
     let mut substituted = Vec::new();
-    for (path, verified) in &closure.derivations {
-        let Some((id, status)) = steps.get_mut(&path.to_absolute()) else {
-            continue;
-        };
+    for (path, (id, status)) in steps.iter_mut() {
         let finished = matches!(status.as_str(), "succeeded" | "failed" | "dep_failed");
-        if !finished
-            && verified
-                .outputs
-                .values()
-                .all(|output| cache.is_published(output))
-        {
+        if !finished && available.contains(path) {
             "succeeded".clone_into(status);
             substituted.push(*id);
         }

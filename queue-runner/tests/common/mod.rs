@@ -51,6 +51,8 @@ pub struct Farm {
     pub grpc_port: u16,
     /// The runner's binary cache port.
     pub cache_port: u16,
+    /// Upstream caches (URL, public key) for the runner and the Nix builders.
+    pub upstreams: Vec<(String, String)>,
     runner: Option<RunningRunner>,
     builders: Vec<ChildGuard>,
 }
@@ -130,6 +132,7 @@ impl Farm {
             cache_key,
             grpc_port: free_port(),
             cache_port: free_port(),
+            upstreams: Vec::new(),
             runner: None,
             builders: Vec::new(),
         }
@@ -165,6 +168,7 @@ impl Farm {
             directory = "{dir}/cache"
             listen = "127.0.0.1:{cache_port}"
             secret_key_file = "{dir}/cache-key.sec"
+            {upstreams}
             [builders]
             ping_interval_secs = 1
             liveness_timeout_secs = 5
@@ -174,7 +178,22 @@ impl Farm {
             port = self.grpc_port,
             cache_port = self.cache_port,
             dir = self.dir.path().display(),
+            upstreams = self.upstreams_toml(),
         )
+    }
+
+    /// The `[[cache.upstreams]]` tables of the runner's configuration.
+    fn upstreams_toml(&self) -> String {
+        use std::fmt::Write as _;
+        self.upstreams
+            .iter()
+            .fold(String::new(), |mut toml, (url, key)| {
+                let _ = writeln!(
+                    toml,
+                    "[[cache.upstreams]]\nurl = {url:?}\npublic_key = {key:?}"
+                );
+                toml
+            })
     }
 
     /// Starts the runner (again).
@@ -249,9 +268,24 @@ impl Farm {
             executor = match spec.nix_store {
                 None => format!("[executor]\nkind = \"noop\"\nbuild_ms = {}", spec.build_ms),
                 Some(_) => format!(
-                    "[executor]\nkind = \"nix\"\ncache_url = \"http://127.0.0.1:{}\"\ntrusted_public_keys = [\"{}\"]",
+                    "[executor]\nkind = \"nix\"\ncache_url = \"http://127.0.0.1:{}\"\n\
+                     trusted_public_keys = {}\nupstream_substituters = {}",
                     self.cache_port,
-                    self.cache_key.public_key()
+                    toml_list(
+                        &std::iter::once(self.cache_key.public_key().to_string())
+                            .chain(self.upstreams.iter().map(|(_, key)| key.clone()))
+                            .collect::<Vec<_>>()
+                            .iter()
+                            .map(String::as_str)
+                            .collect::<Vec<_>>()
+                    ),
+                    toml_list(
+                        &self
+                            .upstreams
+                            .iter()
+                            .map(|(url, _)| url.as_str())
+                            .collect::<Vec<_>>()
+                    ),
                 ),
             },
         );

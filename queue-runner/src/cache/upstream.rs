@@ -1,0 +1,142 @@
+//! Upstream binary caches (the public NixOS cache, a company cache): a step whose outputs an
+//! upstream has, signed by its key, is not built; outputs may refer to paths that live upstream.
+//! Upstreams are best-effort: one that cannot be reached counts as not having the path.
+//!
+//! `file://` and plain `http://` caches are read here; `https://` needs a TLS client and is
+//! refused by the configuration for now.
+
+use std::path::PathBuf;
+
+use nix_primitives::StorePath;
+use nix_primitives::narinfo::NarInfo;
+use nix_primitives::signing::PublicKey;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// The largest narinfo read from an upstream.
+const MAX_NARINFO_BYTES: u64 = 1024 * 1024;
+
+/// Where an upstream is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Location {
+    /// A directory in Nix's binary cache layout.
+    Directory(PathBuf),
+    /// An HTTP server: host, port and path prefix.
+    Http {
+        host: String,
+        port: u16,
+        prefix: String,
+    },
+}
+
+/// One upstream cache and the key its narinfos must be signed with.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    location: Location,
+    key: PublicKey,
+}
+
+impl Upstream {
+    /// An upstream at `url` (`file:///dir` or `http://host[:port][/prefix]`).
+    pub fn new(url: &str, key: PublicKey) -> Result<Self, String> {
+        let location = if let Some(path) = url.strip_prefix("file://") {
+            Location::Directory(PathBuf::from(path))
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let (host, port) = match authority.rsplit_once(':') {
+                Some((host, port)) => (
+                    host,
+                    port.parse()
+                        .map_err(|_| format!("{url:?} has an invalid port"))?,
+                ),
+                None => (authority, 80),
+            };
+            if host.is_empty() {
+                return Err(format!("{url:?} has no host"));
+            }
+            Location::Http {
+                host: host.to_owned(),
+                port,
+                prefix: prefix.trim_end_matches('/').to_owned(),
+            }
+        } else {
+            return Err(format!("{url:?} is neither file:// nor http://"));
+        };
+        Ok(Self { location, key })
+    }
+
+    /// The narinfo of `path`, if this upstream has it signed by its key.
+    pub async fn narinfo(&self, path: &StorePath) -> Option<NarInfo> {
+        let name = format!("{}.narinfo", path.hash_part());
+        let text = match &self.location {
+            Location::Directory(directory) => tokio::fs::read_to_string(directory.join(&name))
+                .await
+                .ok()?,
+            Location::Http { host, port, prefix } => {
+                http_get(host, *port, &format!("{prefix}/{name}")).await?
+            }
+        };
+        let info = NarInfo::parse(&text).ok()?;
+        (info.store_path == *path && info.is_signed_by_any(std::slice::from_ref(&self.key)))
+            .then_some(info)
+    }
+}
+
+/// A minimal HTTP/1.0 GET; `None` for anything but a 200 with a body under the limit.
+async fn http_get(host: &str, port: u16, path: &str) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+    let path = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    };
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: drover\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream
+        .take(MAX_NARINFO_BYTES)
+        .read_to_end(&mut response)
+        .await
+        .ok()?;
+    let split = response
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")?;
+    let status = std::str::from_utf8(&response[..split])
+        .ok()?
+        .lines()
+        .next()?
+        .to_owned();
+    if status.split_whitespace().nth(1) != Some("200") {
+        return None;
+    }
+    String::from_utf8(response[split + 4..].to_vec()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> PublicKey {
+        nix_primitives::SecretKey::from_seed("up-1", &[1; 32]).public_key()
+    }
+
+    #[test]
+    fn urls_are_parsed_or_refused() {
+        let file = Upstream::new("file:///var/cache/up", key()).unwrap();
+        assert_eq!(
+            file.location,
+            Location::Directory(PathBuf::from("/var/cache/up"))
+        );
+        let http = Upstream::new("http://cache.local:8080/nix/", key()).unwrap();
+        assert_eq!(
+            http.location,
+            Location::Http {
+                host: "cache.local".to_owned(),
+                port: 8080,
+                prefix: "nix".to_owned()
+            }
+        );
+        assert!(Upstream::new("https://cache.nixos.org", key()).is_err());
+        assert!(Upstream::new("http://:80", key()).is_err());
+        assert!(Upstream::new("http://host:port", key()).is_err());
+    }
+}
