@@ -48,6 +48,10 @@ pub struct Job {
     pub input_paths: Vec<String>,
     /// The most log bytes to keep.
     pub max_log_bytes: u64,
+    /// Longest the build may run.
+    pub timeout: Option<Duration>,
+    /// Longest the build may print nothing.
+    pub max_silent: Option<Duration>,
 }
 
 /// Why the builder lost or could not get its tunnel.
@@ -147,6 +151,11 @@ pub async fn run(
     }
 }
 
+/// A limit in milliseconds, where 0 means none.
+fn limit(milliseconds: u64) -> Option<Duration> {
+    (milliseconds > 0).then(|| Duration::from_millis(milliseconds))
+}
+
 fn next_delay(delay: Duration, policy: &ReconnectPolicy) -> Duration {
     (delay * 2).min(policy.max)
 }
@@ -230,6 +239,8 @@ async fn session(
                             outputs: build.outputs.into_iter().collect(),
                             input_paths: build.input_paths,
                             max_log_bytes: build.limits.map_or(u64::MAX, |l| l.max_log_bytes),
+                            timeout: build.limits.and_then(|l| limit(l.timeout_ms)),
+                            max_silent: build.limits.and_then(|l| limit(l.max_silent_ms)),
                         };
                         let abort = CancellationToken::new();
                         aborts.insert(job.attempt_id.clone(), abort.clone());

@@ -131,8 +131,8 @@ pub async fn start(
     let limits = SchedulerLimits {
         max_builder_losses: config.max_builder_losses,
         build_limits: BuildLimits {
-            timeout_ms: 0,
-            max_silent_ms: 0,
+            timeout_ms: millis(config.step_timeout),
+            max_silent_ms: millis(config.max_silent),
             max_log_bytes: config.max_log_bytes,
         },
     };
@@ -194,6 +194,10 @@ pub async fn start(
         shutdown,
         supervisor,
     })
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Binds a listener and returns it with the address it got (port 0 picks a free port).

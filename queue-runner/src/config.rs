@@ -98,6 +98,12 @@ struct RawBuilders {
     /// A step whose builder disconnected this many times fails as `builder_lost`. Default 5.
     #[serde(default = "default_max_builder_losses")]
     max_builder_losses: u32,
+    /// A build running longer than this many seconds is stopped as timed out. Default 36000.
+    #[serde(default = "default_step_timeout_secs")]
+    step_timeout_secs: u64,
+    /// A build printing nothing for this many seconds is stopped as timed out. Default 3600.
+    #[serde(default = "default_max_silent_secs")]
+    max_silent_secs: u64,
 }
 
 impl Default for RawBuilders {
@@ -106,6 +112,8 @@ impl Default for RawBuilders {
             ping_interval_secs: default_ping_interval_secs(),
             liveness_timeout_secs: default_liveness_timeout_secs(),
             max_builder_losses: default_max_builder_losses(),
+            step_timeout_secs: default_step_timeout_secs(),
+            max_silent_secs: default_max_silent_secs(),
         }
     }
 }
@@ -124,6 +132,12 @@ const fn default_liveness_timeout_secs() -> u64 {
 }
 const fn default_max_builder_losses() -> u32 {
     5
+}
+const fn default_step_timeout_secs() -> u64 {
+    36_000
+}
+const fn default_max_silent_secs() -> u64 {
+    3_600
 }
 
 /// A validated configuration.
@@ -159,6 +173,10 @@ pub struct Config {
     pub liveness_timeout: Duration,
     /// Builder losses a step survives.
     pub max_builder_losses: u32,
+    /// Longest a build may run.
+    pub step_timeout: Duration,
+    /// Longest a build may be silent.
+    pub max_silent: Duration,
 }
 
 impl Config {
@@ -231,6 +249,8 @@ impl Config {
             ping_interval: Duration::from_secs(raw.builders.ping_interval_secs),
             liveness_timeout: Duration::from_secs(raw.builders.liveness_timeout_secs),
             max_builder_losses: raw.builders.max_builder_losses,
+            step_timeout: Duration::from_secs(raw.builders.step_timeout_secs),
+            max_silent: Duration::from_secs(raw.builders.max_silent_secs),
         })
     }
 }

@@ -429,3 +429,61 @@ async fn steps_an_upstream_cache_has_are_not_built_and_their_outputs_are_substit
             .arg(format!("{} {public_key}", farm.cache_key.public_key())),
     );
 }
+
+/// Whether a process whose command line contains `marker` is running.
+fn running(marker: &str) -> bool {
+    !Command::new("pgrep")
+        .args(["-f", marker])
+        .output()
+        .unwrap()
+        .stdout
+        .is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_past_their_time_or_silence_limit_are_stopped_as_timed_out() {
+    let mut farm = Farm::new().await;
+    farm.step_limits_secs = (4, 2);
+    farm.start_runner().await;
+    let store = farm.dir.path().join("stores/b1");
+    farm.start_builder(&BuilderSpec {
+        nix_store: Some(&store),
+        ..BuilderSpec::new("b1")
+    });
+    let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
+    let (ticker, _) = submit_fixture(&farm, &submitter, "ticker").await;
+    let (silent, _) = submit_fixture(&farm, &submitter, "silent").await;
+    assert_eq!(farm.wait_for_build(ticker).await, "failed");
+    assert_eq!(farm.wait_for_build(silent).await, "failed");
+    let messages: BTreeMap<String, (String, String)> = farm
+        .db()
+        .await
+        .query(
+            "SELECT s.drv_path, a.status::text, a.message FROM step_attempts a
+             JOIN steps s ON s.id = a.step_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let drv: String = row.get(0);
+            let name = drv.rsplit('-').next().unwrap_or_default().to_owned();
+            (name, (row.get(1), row.get(2)))
+        })
+        .collect();
+    let (status, message) = &messages["ticker.drv"];
+    assert_eq!(status, "timed_out");
+    assert!(message.contains("longer than"), "{message}");
+    let (status, message) = &messages["silent.drv"];
+    assert_eq!(status, "timed_out");
+    assert!(message.contains("printed nothing"), "{message}");
+    for marker in ["drover-test-ticker", "drover-test-silent"] {
+        test_support::poll_until(
+            DEADLINE,
+            "the stopped build's processes to exit",
+            || async { (!running(marker)).then_some(()) },
+        )
+        .await;
+    }
+}

@@ -7,13 +7,18 @@
 //! else is the infrastructure's.
 
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::io::AsyncReadExt as _;
 use tokio::process::Command;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{BuiltOutput, NarSource, Outcome, Report};
 use crate::tunnel::Job;
+
+/// Stands in for a time limit the runner did not set: a century.
+const NO_LIMIT: Duration = Duration::from_hours(24 * 365 * 100);
 
 /// Builds with the local Nix.
 #[derive(Debug, Clone)]
@@ -110,6 +115,11 @@ impl NixExecutor {
         let limit = usize::try_from(job.max_log_bytes).unwrap_or(usize::MAX);
         let mut buffer = vec![0u8; 64 * 1024];
         let mut exceeded = false;
+        let far = Instant::now() + NO_LIMIT;
+        let deadline = job.timeout.map_or(far, |timeout| Instant::now() + timeout);
+        let mut silent_until = job
+            .max_silent
+            .map_or(far, |silence| Instant::now() + silence);
         loop {
             tokio::select! {
                 () = abort.cancelled() => {
@@ -117,9 +127,23 @@ impl NixExecutor {
                     let _ = child.wait().await;
                     return (Outcome::InfrastructureFailure, "aborted".to_owned());
                 }
+                () = tokio::time::sleep_until(deadline.min(silent_until)) => {
+                    terminate_group(&child).await;
+                    let _ = child.wait().await;
+                    let message = if deadline <= silent_until {
+                        format!("the build ran longer than {:?}", job.timeout.unwrap_or_default())
+                    } else {
+                        format!("the build printed nothing for {:?}", job.max_silent.unwrap_or_default())
+                    };
+                    log.extend_from_slice(format!("drover: {message}\n").as_bytes());
+                    return (Outcome::TimedOut, message);
+                }
                 read = stderr.read(&mut buffer) => match read {
                     Ok(0) | Err(_) => break,
                     Ok(read) => {
+                        if let Some(silence) = job.max_silent {
+                            silent_until = Instant::now() + silence;
+                        }
                         let room = limit.saturating_sub(log.len());
                         log.extend_from_slice(&buffer[..read.min(room)]);
                         if read > room && !exceeded {

@@ -53,6 +53,8 @@ pub struct Farm {
     pub cache_port: u16,
     /// Upstream caches (URL, public key) for the runner and the Nix builders.
     pub upstreams: Vec<(String, String)>,
+    /// The runner's step time limit and silence limit, in seconds.
+    pub step_limits_secs: (u64, u64),
     runner: Option<RunningRunner>,
     builders: Vec<ChildGuard>,
 }
@@ -133,6 +135,7 @@ impl Farm {
             grpc_port: free_port(),
             cache_port: free_port(),
             upstreams: Vec::new(),
+            step_limits_secs: (600, 600),
             runner: None,
             builders: Vec::new(),
         }
@@ -173,12 +176,16 @@ impl Farm {
             ping_interval_secs = 1
             liveness_timeout_secs = 5
             max_builder_losses = 3
+            step_timeout_secs = {step_timeout}
+            max_silent_secs = {max_silent}
             "#,
             url = database_url,
             port = self.grpc_port,
             cache_port = self.cache_port,
             dir = self.dir.path().display(),
             upstreams = self.upstreams_toml(),
+            step_timeout = self.step_limits_secs.0,
+            max_silent = self.step_limits_secs.1,
         )
     }
 
