@@ -94,6 +94,32 @@ async fn attempts(farm: &Farm) -> i64 {
         .get(0)
 }
 
+/// Stock Nix realising `out` in `consumer` from the farm's cache (and an upstream `file://`
+/// cache with its key), with no local builds allowed.
+fn substitute_from_farm(
+    farm: &Farm,
+    consumer: &ChrootStore,
+    out: &StorePath,
+    upstream: Option<(&Path, &str)>,
+) {
+    let farm_cache = format!("http://127.0.0.1:{}", farm.cache_port);
+    let farm_key = farm.cache_key.public_key().to_string();
+    let (substituters, keys) = match upstream {
+        Some((directory, key)) => (
+            format!("{farm_cache} file://{}", directory.display()),
+            format!("{farm_key} {key}"),
+        ),
+        None => (farm_cache, farm_key),
+    };
+    succeed(
+        consumer
+            .command("nix-store")
+            .args(["--realise", &out.to_absolute(), "--max-jobs", "0"])
+            .args(["--option", "substituters", &substituters])
+            .args(["--option", "trusted-public-keys", &keys]),
+    );
+}
+
 /// `nix-store --dump` of a directory holding a store's contents.
 fn dump(path: PathBuf) -> Vec<u8> {
     succeed(Command::new("nix-store").arg("--dump").arg(path))
@@ -132,15 +158,7 @@ async fn a_diamond_builds_across_two_private_stores_and_stock_nix_substitutes_it
 
     let out = StorePath::from_absolute(&farm.get(build).await.outputs["out"]).unwrap();
     let consumer = ChrootStore::new(farm.dir.path().join("consumer"));
-    succeed(
-        consumer
-            .command("nix-store")
-            .args(["--realise", &out.to_absolute(), "--max-jobs", "0"])
-            .args(["--option", "substituters"])
-            .arg(format!("http://127.0.0.1:{}", farm.cache_port))
-            .args(["--option", "trusted-public-keys"])
-            .arg(farm.cache_key.public_key().to_string()),
-    );
+    substitute_from_farm(&farm, &consumer, &out, None);
     let summary = fs_err::read_to_string(consumer.real_path(&out).join("summary")).unwrap();
     assert!(
         summary.starts_with("left, built on: the base of the diamond / right"),
@@ -299,15 +317,7 @@ async fn sources_are_uploaded_verified_and_used_and_forged_ones_refused() {
     assert_eq!(farm.wait_for_build(build).await, "succeeded");
     let out = StorePath::from_absolute(&farm.get(build).await.outputs["out"]).unwrap();
     let consumer = ChrootStore::new(farm.dir.path().join("consumer"));
-    succeed(
-        consumer
-            .command("nix-store")
-            .args(["--realise", &out.to_absolute(), "--max-jobs", "0"])
-            .args(["--option", "substituters"])
-            .arg(format!("http://127.0.0.1:{}", farm.cache_port))
-            .args(["--option", "trusted-public-keys"])
-            .arg(farm.cache_key.public_key().to_string()),
-    );
+    substitute_from_farm(&farm, &consumer, &out, None);
     let output = consumer.real_path(&out);
     let hello = output.join("bin/hello");
     assert_eq!(
@@ -409,25 +419,8 @@ async fn steps_an_upstream_cache_has_are_not_built_and_their_outputs_are_substit
 
     let out = farm.get(build).await.outputs["out"].clone();
     let consumer = ChrootStore::new(farm.dir.path().join("consumer"));
-    succeed(
-        consumer
-            .command("nix-store")
-            .args([
-                "--realise",
-                &out,
-                "--max-jobs",
-                "0",
-                "--option",
-                "substituters",
-            ])
-            .arg(format!(
-                "http://127.0.0.1:{} file://{}",
-                farm.cache_port,
-                upstream_cache.display()
-            ))
-            .args(["--option", "trusted-public-keys"])
-            .arg(format!("{} {public_key}", farm.cache_key.public_key())),
-    );
+    let out = StorePath::from_absolute(&out).unwrap();
+    substitute_from_farm(&farm, &consumer, &out, Some((&upstream_cache, &public_key)));
 }
 
 /// Whether a process whose command line contains `marker` is running.
