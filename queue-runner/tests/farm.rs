@@ -11,9 +11,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::derivations::{Factory, FakeDrv, Spec};
 use common::{BuilderSpec, Farm};
 use drover_proto::v1::{BuildStatus, GetLogRequest};
+use test_support::fake_derivations::{Factory, FakeDrv, Spec};
 
 async fn count(farm: &Farm, sql: &str) -> i64 {
     farm.db().await.query_one(sql, &[]).await.unwrap().get(0)

@@ -13,7 +13,6 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::Farm;
-use common::derivations::{Factory, Spec};
 use drover_proto::API_VERSION;
 use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::builder_message::Message as Outbound;
@@ -26,6 +25,7 @@ use drover_proto::v1::{
 use drover_tls::{CertificateAuthority, Identity, Role};
 use nix_primitives::derivation::derivation_path;
 use nix_primitives::{Derivation, DerivationOutput, HashAlgorithm, IngestionMethod, StorePath};
+use test_support::fake_derivations::{Factory, Spec};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};

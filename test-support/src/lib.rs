@@ -7,9 +7,12 @@
 //!   [`TestPostgres::create_database`].
 //! - [`process`]: [`ChildGuard`], a child process that is terminated when the test ends, and
 //!   [`workspace_binary`], which finds the binaries `cargo build --workspace` made.
+//! - [`fake_derivations`]: valid derivation texts made in memory (random DAGs, fixed outputs)
+//!   for control-plane tests and benchmarks that need no Nix.
 //! - [`wait`]: [`poll_until`], the one way tests wait for something to happen: poll with a
 //!   deadline instead of sleeping "long enough".
 
+pub mod fake_derivations;
 pub mod postgres;
 pub mod process;
 pub mod wait;

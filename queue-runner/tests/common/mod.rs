@@ -8,7 +8,6 @@
     reason = "each test binary uses a different part of the harness"
 )]
 
-pub mod derivations;
 pub mod nix;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -27,7 +26,7 @@ use test_support::{ChildGuard, TestDatabase, TestPostgres, poll_until, workspace
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use derivations::FakeDrv;
+use test_support::fake_derivations::FakeDrv;
 
 /// How long a test waits for the farm to reach a state.
 pub const DEADLINE: Duration = Duration::from_mins(1);

@@ -1,6 +1,12 @@
-//! Valid derivations made in memory for control-plane tests: real ATerm texts whose `.drv` and
+//! Valid derivations made in memory for control-plane tests and benchmarks: real ATerm texts whose `.drv` and
 //! output paths are computed exactly as Nix would, so the runner's verification accepts them,
 //! without needing Nix to instantiate anything.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::missing_panics_doc,
+    reason = "the factory builds valid derivations from valid names: a failure is a bug in it"
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -40,6 +46,7 @@ pub struct Spec<'a> {
 
 impl<'a> Spec<'a> {
     /// An `x86_64-linux` derivation with no inputs.
+    #[must_use]
     pub fn new(name: &'a str) -> Self {
         Self {
             name,
@@ -50,18 +57,21 @@ impl<'a> Spec<'a> {
     }
 
     /// With inputs.
+    #[must_use]
     pub fn inputs(mut self, inputs: &[&'a FakeDrv]) -> Self {
         self.inputs = inputs.to_vec();
         self
     }
 
     /// With a system.
+    #[must_use]
     pub fn system(mut self, system: &'a str) -> Self {
         self.system = system;
         self
     }
 
     /// With an environment variable.
+    #[must_use]
     pub fn env(mut self, key: &'a str, value: &'a str) -> Self {
         self.env.push((key, value));
         self
