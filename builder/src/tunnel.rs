@@ -11,7 +11,7 @@ use drover_proto::API_VERSION;
 use drover_proto::v1::builder_message::Message as Outbound;
 use drover_proto::v1::builder_service_client::BuilderServiceClient;
 use drover_proto::v1::runner_message::Message as Inbound;
-use drover_proto::v1::{BuilderMessage, Join, LogChunk, Ping};
+use drover_proto::v1::{BuilderMessage, Join, LogChunk, Ping, StepResult};
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -26,6 +26,9 @@ use crate::executor::nix::NixExecutor;
 use crate::executor::noop::NoopExecutor;
 use crate::executor::{Executor, Report};
 use crate::upload;
+
+/// How long running steps get to stop when the session ends.
+const JOB_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Log bytes per upload message.
 const LOG_CHUNK: usize = 64 * 1024;
@@ -75,6 +78,9 @@ pub enum TunnelError {
     /// The runner closed the tunnel.
     #[error("the runner closed the tunnel")]
     Closed,
+    /// The executor cannot work on this machine (for example, Nix is missing).
+    #[error("preparing the executor: {0}")]
+    Executor(String),
     /// The runner did not answer Join with Joined.
     #[error("the runner did not acknowledge Join")]
     NotJoined,
@@ -84,7 +90,7 @@ impl Classify for TunnelError {
     /// A refusal retrying cannot fix is fatal; anything else ends this session and is retried.
     fn severity(&self) -> Severity {
         match self {
-            Self::ReadTls { .. } => Severity::Fatal,
+            Self::ReadTls { .. } | Self::Executor(_) => Severity::Fatal,
             Self::Status(status)
                 if matches!(
                     status.code(),
@@ -121,12 +127,19 @@ pub async fn run(
             trusted_public_keys: trusted_public_keys.join(" "),
         }),
     };
+    let nix_version = match &executor {
+        Executor::Nix(nix) => nix
+            .prepare()
+            .await
+            .map_err(|problem| WithContext::from(TunnelError::Executor(problem)))?,
+        Executor::Noop(_) => String::new(),
+    };
     let policy = &config.reconnect;
     let mut delay = policy.initial;
     let mut last_joined = Instant::now();
     loop {
         let mut joined = false;
-        let result = session(config, &executor, shutdown, &mut joined).await;
+        let result = session(config, &executor, &nix_version, shutdown, &mut joined).await;
         if joined {
             last_joined = Instant::now();
             delay = policy.initial;
@@ -189,6 +202,7 @@ async fn connect(config: &Config) -> Result<Channel, TunnelError> {
 async fn session(
     config: &Config,
     executor: &Executor,
+    nix_version: &str,
     shutdown: &CancellationToken,
     joined: &mut bool,
 ) -> Result<(), TunnelError> {
@@ -202,7 +216,7 @@ async fn session(
         mandatory_features: config.mandatory_features.clone(),
         max_jobs: config.max_jobs,
         speed_factor: config.speed_factor,
-        nix_version: String::new(),
+        nix_version: nix_version.to_owned(),
     };
     send(&outbox, Outbound::Join(join)).await?;
     let mut inbound = client
@@ -219,15 +233,54 @@ async fn session(
     *joined = true;
     tracing::info!(runner = %config.runner_url, "joined the runner");
 
-    let mut jobs: JoinSet<(Job, Report)> = JoinSet::new();
+    let mut jobs: JoinSet<(String, Result<StepResult, TunnelError>)> = JoinSet::new();
     let mut aborts: HashMap<String, CancellationToken> = HashMap::new();
+    let result = serve(
+        &mut inbound,
+        &outbox,
+        &client,
+        executor,
+        shutdown,
+        ping_interval,
+        &mut jobs,
+        &mut aborts,
+    )
+    .await;
+    // Stop what still runs with SIGTERM (through each job's abort), never by dropping it: a
+    // killed nix-store would leave the derivation's own builder running.
+    for abort in aborts.values() {
+        abort.cancel();
+    }
+    let _ = tokio::time::timeout(JOB_STOP_GRACE, async {
+        while jobs.join_next().await.is_some() {}
+    })
+    .await;
+    result
+}
+
+/// Reads the runner's messages, runs the steps it sends, pings, and sends each finished step's
+/// result; jobs upload their own logs and outputs, so a long upload never delays pings.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the session's state, borrowed by its loop"
+)]
+async fn serve(
+    inbound: &mut tonic::Streaming<drover_proto::v1::RunnerMessage>,
+    outbox: &mpsc::Sender<BuilderMessage>,
+    client: &BuilderServiceClient<Channel>,
+    executor: &Executor,
+    shutdown: &CancellationToken,
+    ping_interval: Duration,
+    jobs: &mut JoinSet<(String, Result<StepResult, TunnelError>)>,
+    aborts: &mut HashMap<String, CancellationToken>,
+) -> Result<(), TunnelError> {
     let mut ping = tokio::time::interval(ping_interval);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             _ = ping.tick() => {
                 let running = u32::try_from(jobs.len()).unwrap_or(u32::MAX);
-                send(&outbox, Outbound::Ping(Ping { running, ..Ping::default() })).await?;
+                send(outbox, Outbound::Ping(Ping { running, ..Ping::default() })).await?;
             }
             message = inbound.message() => match message.map_err(TunnelError::Status)? {
                 Some(message) => match message.message {
@@ -245,9 +298,11 @@ async fn session(
                         let abort = CancellationToken::new();
                         aborts.insert(job.attempt_id.clone(), abort.clone());
                         let executor = executor.clone();
+                        let mut client = client.clone();
                         jobs.spawn(async move {
                             let report = executor.run(&job, &abort).await;
-                            (job, report)
+                            let result = report_step(&mut client, &job, report).await;
+                            (job.attempt_id, result)
                         });
                     }
                     Some(Inbound::Abort(abort)) => {
@@ -260,14 +315,22 @@ async fn session(
                 None => return Err(TunnelError::Closed),
             },
             Some(finished) = jobs.join_next() => {
-                let Ok((job, report)) = finished else { continue };
-                aborts.remove(&job.attempt_id);
-                upload_log(&mut client, &job.attempt_id, &report.log).await?;
-                let result = upload::outputs(&mut client, &job, report).await?;
-                send(&outbox, Outbound::StepResult(result)).await?;
+                let Ok((attempt_id, result)) = finished else { continue };
+                aborts.remove(&attempt_id);
+                send(outbox, Outbound::StepResult(result?)).await?;
             }
         }
     }
+}
+
+/// Uploads a finished step's log and outputs and makes its result.
+async fn report_step(
+    client: &mut BuilderServiceClient<Channel>,
+    job: &Job,
+    report: Report,
+) -> Result<StepResult, TunnelError> {
+    upload_log(client, &job.attempt_id, &report.log).await?;
+    upload::outputs(client, job, report).await
 }
 
 async fn send(outbox: &mpsc::Sender<BuilderMessage>, message: Outbound) -> Result<(), TunnelError> {
@@ -297,9 +360,11 @@ async fn upload_log(
             data: Vec::new(),
         });
     }
-    client
-        .upload_log(tokio_stream::iter(chunks))
-        .await
-        .map_err(TunnelError::Status)?;
-    Ok(())
+    match client.upload_log(tokio_stream::iter(chunks)).await {
+        // The runner no longer runs this attempt (it was requeued): its result will be ignored
+        // too, and the session carries on.
+        Err(status) if status.code() == Code::NotFound => Ok(()),
+        Err(status) => Err(TunnelError::Status(status)),
+        Ok(_) => Ok(()),
+    }
 }

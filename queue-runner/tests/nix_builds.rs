@@ -397,7 +397,8 @@ async fn steps_an_upstream_cache_has_are_not_built_and_their_outputs_are_substit
         .db()
         .await
         .query(
-            "SELECT s.drv_path FROM step_attempts a JOIN steps s ON s.id = a.step_id ORDER BY 1",
+            "SELECT s.drv_path || ' ' || a.status || ' ' || coalesce(a.message, '')
+             FROM step_attempts a JOIN steps s ON s.id = a.step_id ORDER BY 1",
             &[],
         )
         .await

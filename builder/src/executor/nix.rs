@@ -41,6 +41,31 @@ impl NixExecutor {
         command
     }
 
+    /// Prepares the local store before any step runs, and returns Nix's version. Creating the
+    /// store's database once, here, matters: two `nix-store` processes creating it at the same
+    /// moment fail with "database is busy", which would fail the first parallel steps.
+    pub async fn prepare(&self) -> Result<String, String> {
+        for arguments in [["--init"], ["--version"]] {
+            let output = Command::new("nix-store")
+                .args(arguments)
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|error| format!("running nix-store: {error}"))?;
+            if !output.status.success() {
+                return Err(format!(
+                    "nix-store {} failed: {}",
+                    arguments[0],
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ));
+            }
+            if arguments[0] == "--version" {
+                return Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned());
+            }
+        }
+        Ok(String::new())
+    }
+
     /// Runs one step.
     pub async fn run(&self, job: &Job, abort: &CancellationToken) -> Report {
         let mut log = Vec::new();

@@ -112,7 +112,12 @@ impl BinaryCache {
         upstreams: Vec<upstream::Upstream>,
     ) -> Result<Self, CacheError> {
         fs_err::create_dir_all(directory.join("nar")).map_err(CacheError::Io)?;
-        fs_err::create_dir_all(directory.join("tmp")).map_err(CacheError::Io)?;
+        // Uploads cut off by a crash leave partial files here; nothing else uses them.
+        let temporary = directory.join("tmp");
+        if temporary.exists() {
+            fs_err::remove_dir_all(&temporary).map_err(CacheError::Io)?;
+        }
+        fs_err::create_dir_all(&temporary).map_err(CacheError::Io)?;
         let info = directory.join("nix-cache-info");
         if !info.exists() {
             write_atomically(
@@ -240,7 +245,10 @@ impl BinaryCache {
         }
         let (summary, file_hash, file_size) = result?;
         let url = format!("nar/{}.nar.zst", file_hash.to_nix_base32());
-        fs_err::rename(&temporary, self.directory.join(&url)).map_err(CacheError::Io)?;
+        if let Err(error) = fs_err::rename(&temporary, self.directory.join(&url)) {
+            let _ = fs_err::remove_file(&temporary);
+            return Err(CacheError::Io(error));
+        }
         let mut info = NarInfo {
             store_path: path.clone(),
             url,

@@ -12,6 +12,9 @@ use nix_primitives::narinfo::NarInfo;
 use nix_primitives::signing::PublicKey;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+/// How long one narinfo request to an upstream may take before it counts as not found.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The largest narinfo read from an upstream.
 const MAX_NARINFO_BYTES: u64 = 1024 * 1024;
 
@@ -72,7 +75,10 @@ impl Upstream {
                 .await
                 .ok()?,
             Location::Http { host, port, prefix } => {
-                http_get(host, *port, &format!("{prefix}/{name}")).await?
+                let path = format!("{prefix}/{name}");
+                tokio::time::timeout(REQUEST_TIMEOUT, http_get(host, *port, &path))
+                    .await
+                    .ok()??
             }
         };
         let info = NarInfo::parse(&text).ok()?;

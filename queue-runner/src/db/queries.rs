@@ -139,7 +139,8 @@ pub async fn record_ingested_build(
         .execute(
             "WITH statuses AS (
                  UPDATE steps SET status = u.status::step_status,
-                     finished_at = CASE WHEN u.status = 'succeeded' THEN now() END
+                     finished_at = CASE WHEN u.status = 'succeeded' THEN now() END,
+                     builder_losses = 0, infrastructure_failures = 0, failure_reason = NULL
                  FROM unnest($2::bigint[], $3::text[]) AS u(id, status)
                  WHERE steps.id = u.id),
              links AS (
@@ -150,6 +151,26 @@ pub async fn record_ingested_build(
         )
         .await
         .map_err(DbError::query("recording an ingested build"))?;
+    Ok(())
+}
+
+/// Records the outputs of steps that were done without building (their outputs were already in
+/// a cache), so builds report them like built ones.
+pub async fn record_substituted_outputs(
+    client: &impl GenericClient,
+    outputs: &[(i64, String, String)],
+) -> Result<(), DbError> {
+    let steps: Vec<i64> = outputs.iter().map(|(step, _, _)| *step).collect();
+    let names: Vec<&str> = outputs.iter().map(|(_, name, _)| name.as_str()).collect();
+    let paths: Vec<&str> = outputs.iter().map(|(_, _, path)| path.as_str()).collect();
+    client
+        .execute(
+            "INSERT INTO step_outputs (step_id, output_name, path)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) ON CONFLICT DO NOTHING",
+            &[&steps, &names, &paths],
+        )
+        .await
+        .map_err(DbError::query("recording substituted outputs"))?;
     Ok(())
 }
 
@@ -273,6 +294,10 @@ pub struct FailureRecord<'a> {
     pub attempt_status: &'a str,
     /// The step.
     pub step: i64,
+    /// `failed` when the build itself failed (remembered: later builds of it fail at once), or
+    /// `cancelled` when it ran out of retries for faults that were not its own (built again by
+    /// the next build that needs it).
+    pub step_status: &'a str,
     /// Why, for humans.
     pub reason: &'a str,
     /// Steps that can no longer run.
@@ -295,7 +320,8 @@ pub async fn record_failure(
                  UPDATE step_attempts SET status = $2::text::attempt_status, finished_at = now(),
                      message = $4 WHERE id = $1),
              step AS (
-                 UPDATE steps SET status = 'failed', finished_at = now(), failure_reason = $4
+                 UPDATE steps SET status = $9::text::step_status, finished_at = now(),
+                     failure_reason = $4
                  WHERE id = $3),
              dependents AS (
                  UPDATE steps SET status = 'dep_failed', finished_at = now(), failure_reason = $5
@@ -314,6 +340,7 @@ pub async fn record_failure(
                 &failure.dep_failed_steps,
                 &failure.failed_builds,
                 &failure.dep_failed_builds,
+                &failure.step_status,
             ],
         )
         .await

@@ -101,13 +101,29 @@ impl BuildServiceImpl {
                 .collect::<Result<BTreeSet<_>, _>>()?;
             parsed.push((path, references, source.nar));
         }
-        // Sources referring to other sources (toFile results) come after them.
-        parsed.sort_by_key(|(_, references, _)| references.len());
         let cache = self.cache.clone();
         tokio::task::spawn_blocking(move || {
-            parsed.into_iter().try_for_each(|(path, references, nar)| {
-                cache.publish_source(&path, references, &nar)
-            })
+            // Sources referring to other sources (toFile results) go after them: publish in
+            // rounds until nothing is left, or nothing more can go (the cache then says which
+            // reference is missing).
+            while !parsed.is_empty() {
+                let (ready, waiting): (Vec<_>, Vec<_>) =
+                    parsed.into_iter().partition(|(path, references, _)| {
+                        references
+                            .iter()
+                            .all(|reference| reference == path || cache.is_published(reference))
+                    });
+                let stuck = ready.is_empty();
+                for (path, references, nar) in ready {
+                    cache.publish_source(&path, references, &nar)?;
+                }
+                if stuck {
+                    let (path, references, nar) = &waiting[0];
+                    return cache.publish_source(path, references.clone(), nar);
+                }
+                parsed = waiting;
+            }
+            Ok(())
         })
         .await
         .map_err(|error| CacheError::Io(std::io::Error::other(error)))??;

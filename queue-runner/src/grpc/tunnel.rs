@@ -39,6 +39,11 @@ use crate::tasks;
 /// a builder that reads its tunnel.
 const OUTBOX_SLACK: usize = 16;
 
+/// NAR uploads received at once, across all builders. Each holds a blocking thread while it
+/// streams into the cache; past this many, uploads are refused with `RESOURCE_EXHAUSTED` and the
+/// builder retries the step elsewhere rather than starving the runner of threads.
+const MAX_CONCURRENT_UPLOADS: usize = 64;
+
 /// Largest `max_jobs` a builder may claim; bounds its outbox.
 const MAX_JOBS_LIMIT: u32 = 1024;
 
@@ -53,6 +58,7 @@ pub struct BuilderServiceImpl {
     liveness_timeout: Duration,
     shutdown: CancellationToken,
     next_session: Arc<AtomicU64>,
+    uploads: Arc<tokio::sync::Semaphore>,
 }
 
 impl BuilderServiceImpl {
@@ -77,6 +83,7 @@ impl BuilderServiceImpl {
             liveness_timeout,
             shutdown,
             next_session: Arc::new(AtomicU64::new(1)),
+            uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
         }
     }
 
@@ -213,6 +220,10 @@ impl BuilderService for BuilderServiceImpl {
         request: Request<Streaming<NarChunk>>,
     ) -> Result<Response<UploadNarResponse>, Status> {
         let identity = auth::require(&request, &[Role::Builder])?;
+        let _permit =
+            self.uploads.clone().try_acquire_owned().map_err(|_| {
+                Status::resource_exhausted("too many NAR uploads at once; retry later")
+            })?;
         let chunks = request.into_inner();
         Ok(Response::new(
             upload::receive(chunks, &self.cache, |attempt_id| {

@@ -42,7 +42,7 @@ pub async fn listen(
 ) -> Result<(), WithContext<DbError>> {
     let mut failures = 0;
     loop {
-        match listen_once(&url, &wake, &shutdown).await {
+        match listen_once(&url, &wake, &shutdown, &mut failures).await {
             Ok(()) => return Ok(()),
             Err(error) => {
                 failures += 1;
@@ -59,11 +59,13 @@ pub async fn listen(
     }
 }
 
-/// One LISTEN connection's life; `Ok` only on shutdown.
+/// One LISTEN connection's life; `Ok` only on shutdown. A connection that subscribed resets
+/// the count of consecutive failures.
 async fn listen_once(
     url: &str,
     wake: &Notify,
     shutdown: &CancellationToken,
+    failures: &mut u32,
 ) -> Result<(), WithContext<DbError>> {
     let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -81,6 +83,7 @@ async fn listen_once(
             message = messages.next() => handle_message(message, wake)?,
         }
     }
+    *failures = 0;
     wake.notify_one();
     loop {
         tokio::select! {
@@ -182,6 +185,22 @@ async fn expand(
         .map(|row| (row.drv_path, (row.id, row.status)))
         .collect();
     let substituted = mark_available_steps(&available, &mut steps);
+    let substituted_outputs: Vec<(StepId, String, String)> = closure
+        .derivations
+        .iter()
+        .filter_map(|(path, verified)| {
+            let (id, _) = steps.get(&path.to_absolute())?;
+            substituted.contains(id).then(|| {
+                verified
+                    .outputs
+                    .iter()
+                    .map(|(name, output)| (*id, name.clone(), output.to_absolute()))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .flatten()
+        .collect();
+    queries::record_substituted_outputs(&transaction, &substituted_outputs).await?;
     let top = closure
         .order
         .last()
@@ -369,7 +388,7 @@ fn mark_available_steps(
 ) -> Vec<StepId> {
     let mut substituted = Vec::new();
     for (path, (id, status)) in steps.iter_mut() {
-        let finished = matches!(status.as_str(), "succeeded" | "failed" | "dep_failed");
+        let finished = matches!(status.as_str(), "succeeded" | "failed");
         if !finished && available.contains(path) {
             "succeeded".clone_into(status);
             substituted.push(*id);
@@ -411,7 +430,7 @@ fn cached_outcome(
 ) -> Option<(&'static str, Option<String>)> {
     let failed = closure.order.iter().find(|path| {
         let (_, status) = &steps[&path.to_absolute()];
-        matches!(status.as_str(), "failed" | "dep_failed")
+        status == "failed"
     });
     if let Some(failed) = failed {
         let status = if failed.to_absolute() == top {

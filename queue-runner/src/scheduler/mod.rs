@@ -258,6 +258,9 @@ impl Scheduler {
             outbox,
         };
         if let Some(previous) = self.machines.join(name, machine) {
+            let _ = previous.outbox.try_send(Err(tonic::Status::aborted(
+                "replaced by a newer session of the same builder",
+            )));
             for attempt in previous.running {
                 self.lose_attempt(attempt, "the builder reconnected")
                     .await?;
@@ -315,7 +318,8 @@ impl Scheduler {
                 } else {
                     "timed_out"
                 };
-                self.fail(Some(attempt), status, step, message).await
+                self.fail(Some(attempt), (status, "failed"), step, message)
+                    .await
             }
             Outcome::InfrastructureFailure => {
                 self.requeue(attempt, step, RequeueCause::InfrastructureFailure, message)
@@ -402,10 +406,11 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Fails a step and everything that needs it; `statuses` are the attempt's and the step's.
     async fn fail(
         &mut self,
         attempt: Option<Uuid>,
-        attempt_status: &str,
+        (attempt_status, step_status): (&str, &str),
         step: StepId,
         reason: &str,
     ) -> Result<(), SchedulerError> {
@@ -422,6 +427,7 @@ impl Scheduler {
                 attempt,
                 attempt_status,
                 step,
+                step_status,
                 reason,
                 dep_failed_steps: &dep_failed_steps,
                 failed_builds: &failed_builds,
@@ -459,7 +465,7 @@ impl Scheduler {
                 }
             };
             let reason = format!("{count} {what}; the last: {message}");
-            return self.fail(None, status, step, &reason).await;
+            return self.fail(None, (status, "cancelled"), step, &reason).await;
         }
         self.graph.requeue(step);
         Ok(())
