@@ -118,11 +118,10 @@ async fn through_the_farm(database: &str, dag: &[FakeDrv], builders: u32, jobs: 
 
     let channel = client_channel(dir, port).await;
     let mut client = BuildServiceClient::new(channel).max_encoding_message_size(256 << 20);
-    let db = tokio_postgres::connect(database, tokio_postgres::NoTls)
+    let (db, connection) = tokio_postgres::connect(database, tokio_postgres::NoTls)
         .await
         .unwrap();
-    tokio::spawn(db.1);
-    let db = db.0;
+    tokio::spawn(connection);
     test_support::poll_until(Duration::from_secs(30), "the builders to join", || async {
         let joined: i64 = db
             .query_one("SELECT count(*) FROM machines WHERE connected", &[])
@@ -163,8 +162,26 @@ async fn through_the_farm(database: &str, dag: &[FakeDrv], builders: u32, jobs: 
         }
     }
     let elapsed = start.elapsed();
+    report_ingest(&db, build).await;
     shutdown.cancel();
     elapsed
+}
+
+/// Prints how long the build took from submission to its first dispatch.
+async fn report_ingest(db: &tokio_postgres::Client, build: i64) {
+    let ingest: f64 = db
+        .query_one(
+            "SELECT extract(epoch FROM (SELECT min(started_at) FROM step_attempts) - submitted_at)::float8
+             FROM builds WHERE id = $1",
+            &[&build],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    println!(
+        "of which submit, verification, ingest and publishing the .drv files until the first dispatch: {:.1} ms",
+        ingest * 1000.0
+    );
 }
 
 /// An mTLS channel to the runner with the benchmark's client certificate.
