@@ -8,6 +8,7 @@
 pub mod nix;
 pub mod noop;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::tunnel::Job;
@@ -56,20 +57,45 @@ pub struct Report {
     pub message: String,
     /// Outputs of a success, each after the outputs it refers to.
     pub outputs: Vec<BuiltOutput>,
-    /// Its log.
-    pub log: Vec<u8>,
 }
 
 impl Report {
-    /// A report of a failure with a log.
+    /// A report of a failure.
     #[must_use]
-    pub fn failure(outcome: Outcome, message: impl Into<String>, log: Vec<u8>) -> Self {
+    pub fn failure(outcome: Outcome, message: impl Into<String>) -> Self {
         Self {
             outcome,
             message: message.into(),
             outputs: Vec::new(),
-            log,
         }
+    }
+}
+
+/// Where an attempt's log goes as it is written: the job streams it to the runner while the build
+/// runs, so a long log is never held in memory and what was written arrives even if the build
+/// never ends. It counts the bytes, so executors can enforce the log limit.
+pub struct LogSink {
+    sender: mpsc::Sender<Vec<u8>>,
+    written: usize,
+}
+
+impl LogSink {
+    /// A sink feeding `sender`.
+    #[must_use]
+    pub fn new(sender: mpsc::Sender<Vec<u8>>) -> Self {
+        Self { sender, written: 0 }
+    }
+
+    /// Appends to the log. If the upload has stopped, the bytes are dropped: the build goes on.
+    pub async fn write(&mut self, bytes: &[u8]) {
+        self.written += bytes.len();
+        let _ = self.sender.send(bytes.to_vec()).await;
+    }
+
+    /// Bytes written so far.
+    #[must_use]
+    pub fn written(&self) -> usize {
+        self.written
     }
 }
 
@@ -83,11 +109,11 @@ pub enum Executor {
 }
 
 impl Executor {
-    /// Runs one step until it ends or `abort` is cancelled.
-    pub async fn run(&self, job: &Job, abort: &CancellationToken) -> Report {
+    /// Runs one step until it ends or `abort` is cancelled, writing its log to `log`.
+    pub async fn run(&self, job: &Job, abort: &CancellationToken, log: &mut LogSink) -> Report {
         match self {
-            Self::Noop(executor) => executor.run(job, abort).await,
-            Self::Nix(executor) => executor.run(job, abort).await,
+            Self::Noop(executor) => executor.run(job, abort, log).await,
+            Self::Nix(executor) => executor.run(job, abort, log).await,
         }
     }
 }

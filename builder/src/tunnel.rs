@@ -16,6 +16,7 @@ use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -24,14 +25,15 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::config::{Config, ExecutorConfig, ReconnectPolicy};
 use crate::executor::nix::NixExecutor;
 use crate::executor::noop::NoopExecutor;
-use crate::executor::{Executor, Report};
+use crate::executor::{Executor, LogSink};
 use crate::upload;
 
 /// How long running steps get to stop when the session ends.
 const JOB_STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Log bytes per upload message.
-const LOG_CHUNK: usize = 64 * 1024;
+/// Log chunks buffered between a running build and its upload; a slow upload slows the build's
+/// log reading, never the builder's memory.
+const LOG_QUEUE: usize = 64;
 
 /// Messages queued towards the runner.
 const OUTBOX: usize = 256;
@@ -300,8 +302,7 @@ async fn serve(
                         let executor = executor.clone();
                         let mut client = client.clone();
                         jobs.spawn(async move {
-                            let report = executor.run(&job, &abort).await;
-                            let result = report_step(&mut client, &job, report).await;
+                            let result = run_step(&mut client, &executor, &job, &abort).await;
                             (job.attempt_id, result)
                         });
                     }
@@ -323,13 +324,24 @@ async fn serve(
     }
 }
 
-/// Uploads a finished step's log and outputs and makes its result.
-async fn report_step(
+/// Runs a step while streaming its log to the runner, then uploads its outputs and makes its
+/// result.
+async fn run_step(
     client: &mut BuilderServiceClient<Channel>,
+    executor: &Executor,
     job: &Job,
-    report: Report,
+    abort: &CancellationToken,
 ) -> Result<StepResult, TunnelError> {
-    upload_log(client, &job.attempt_id, &report.log).await?;
+    let (sender, receiver) = mpsc::channel(LOG_QUEUE);
+    let building = async {
+        let mut log = LogSink::new(sender);
+        executor.run(job, abort, &mut log).await
+    };
+    let (report, uploaded) = tokio::join!(
+        building,
+        upload_log(client.clone(), &job.attempt_id, receiver)
+    );
+    uploaded?;
     upload::outputs(client, job, report).await
 }
 
@@ -342,25 +354,20 @@ async fn send(outbox: &mpsc::Sender<BuilderMessage>, message: Outbound) -> Resul
         .map_err(|_| TunnelError::Closed)
 }
 
+/// Streams a log to the runner as it is written, until the executor drops its sink.
 async fn upload_log(
-    client: &mut BuilderServiceClient<Channel>,
+    mut client: BuilderServiceClient<Channel>,
     attempt_id: &str,
-    log: &[u8],
+    log: mpsc::Receiver<Vec<u8>>,
 ) -> Result<(), TunnelError> {
-    let mut chunks: Vec<LogChunk> = log
-        .chunks(LOG_CHUNK)
-        .map(|data| LogChunk {
-            attempt_id: attempt_id.to_owned(),
-            data: data.to_vec(),
-        })
-        .collect();
-    if chunks.is_empty() {
-        chunks.push(LogChunk {
-            attempt_id: attempt_id.to_owned(),
-            data: Vec::new(),
-        });
-    }
-    match client.upload_log(tokio_stream::iter(chunks)).await {
+    let attempt_id = attempt_id.to_owned();
+    let chunk = move |data: Vec<u8>| LogChunk {
+        attempt_id: attempt_id.clone(),
+        data,
+    };
+    // The first message names the attempt even when the build prints nothing.
+    let chunks = tokio_stream::once(chunk(Vec::new())).chain(ReceiverStream::new(log).map(chunk));
+    match client.upload_log(chunks).await {
         // The runner no longer runs this attempt (it was requeued): its result will be ignored
         // too, and the session carries on.
         Err(status) if status.code() == Code::NotFound => Ok(()),

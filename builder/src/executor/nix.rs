@@ -14,7 +14,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BuiltOutput, NarSource, Outcome, Report};
+use super::{BuiltOutput, LogSink, NarSource, Outcome, Report};
 use crate::tunnel::Job;
 
 /// Stands in for a time limit the runner did not set: a century.
@@ -67,8 +67,7 @@ impl NixExecutor {
     }
 
     /// Runs one step.
-    pub async fn run(&self, job: &Job, abort: &CancellationToken) -> Report {
-        let mut log = Vec::new();
+    pub async fn run(&self, job: &Job, abort: &CancellationToken, log: &mut LogSink) -> Report {
         if !job.input_paths.is_empty() {
             let mut command = self.nix_store();
             command
@@ -78,43 +77,40 @@ impl NixExecutor {
             match command.output().await {
                 Ok(output) if output.status.success() => {}
                 Ok(output) => {
-                    log.extend_from_slice(&output.stderr);
+                    log.write(&output.stderr).await;
                     return Report::failure(
                         Outcome::InfrastructureFailure,
                         "the step's inputs could not be substituted",
-                        log,
                     );
                 }
                 Err(error) => {
                     return Report::failure(
                         Outcome::InfrastructureFailure,
                         format!("running nix-store: {error}"),
-                        log,
                     );
                 }
             }
         }
-        let (outcome, message) = self.build(job, abort, &mut log).await;
+        let (outcome, message) = self.build(job, abort, log).await;
         if outcome != Outcome::Succeeded {
-            return Report::failure(outcome, message, log);
+            return Report::failure(outcome, message);
         }
         match self.outputs(job).await {
             Ok(outputs) => Report {
                 outcome,
                 message,
                 outputs,
-                log,
             },
-            Err(message) => Report::failure(Outcome::InfrastructureFailure, message, log),
+            Err(message) => Report::failure(Outcome::InfrastructureFailure, message),
         }
     }
 
-    /// Realises the derivation, appending its log (capped) to `log`.
+    /// Realises the derivation, streaming its log (capped) to `log`.
     async fn build(
         &self,
         job: &Job,
         abort: &CancellationToken,
-        log: &mut Vec<u8>,
+        log: &mut LogSink,
     ) -> (Outcome, String) {
         let mut command = self.nix_store();
         command
@@ -160,7 +156,7 @@ impl NixExecutor {
                     } else {
                         format!("the build printed nothing for {:?}", job.max_silent.unwrap_or_default())
                     };
-                    log.extend_from_slice(format!("drover: {message}\n").as_bytes());
+                    log.write(format!("drover: {message}\n").as_bytes()).await;
                     return (Outcome::TimedOut, message);
                 }
                 read = stderr.read(&mut buffer) => match read {
@@ -169,8 +165,8 @@ impl NixExecutor {
                         if let Some(silence) = job.max_silent {
                             silent_until = Instant::now() + silence;
                         }
-                        let room = limit.saturating_sub(log.len());
-                        log.extend_from_slice(&buffer[..read.min(room)]);
+                        let room = limit.saturating_sub(log.written());
+                        log.write(&buffer[..read.min(room)]).await;
                         if read > room && !exceeded {
                             exceeded = true;
                             terminate_group(&child).await;

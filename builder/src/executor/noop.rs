@@ -7,7 +7,7 @@ use std::time::Duration;
 use nix_primitives::Derivation;
 use tokio_util::sync::CancellationToken;
 
-use super::{BuiltOutput, NarSource, Outcome, Report};
+use super::{BuiltOutput, LogSink, NarSource, Outcome, Report};
 use crate::tunnel::Job;
 
 /// The environment variable that makes the noop executor fail a step.
@@ -22,25 +22,30 @@ pub struct NoopExecutor {
 
 impl NoopExecutor {
     /// Runs one step.
-    pub async fn run(&self, job: &Job, abort: &CancellationToken) -> Report {
-        let mut log = format!("noop build of {}\n", job.drv_path).into_bytes();
+    pub async fn run(&self, job: &Job, abort: &CancellationToken, log: &mut LogSink) -> Report {
+        log.write(format!("noop build of {}\n", job.drv_path).as_bytes())
+            .await;
         let derivation = match Derivation::parse(&job.drv_text) {
             Ok(derivation) => derivation,
             Err(error) => {
                 let message = format!("the runner sent a malformed derivation: {error}");
-                return Report::failure(Outcome::InfrastructureFailure, message, log);
+                return Report::failure(Outcome::InfrastructureFailure, message);
             }
         };
         tokio::select! {
             () = abort.cancelled() => {
-                return Report::failure(Outcome::InfrastructureFailure, "aborted", log);
+                return Report::failure(Outcome::InfrastructureFailure, "aborted");
             }
             () = tokio::time::sleep(self.build_time) => {}
         }
         if let Some(reason) = derivation.env.get(NOOP_FAIL_VARIABLE.as_bytes()) {
-            log.extend_from_slice(reason);
-            log.push(b'\n');
-            return Report::failure(Outcome::Failed, format!("{NOOP_FAIL_VARIABLE} is set"), log);
+            log.write(reason).await;
+            log.write(
+                b"
+",
+            )
+            .await;
+            return Report::failure(Outcome::Failed, format!("{NOOP_FAIL_VARIABLE} is set"));
         }
         let mut outputs = Vec::new();
         for (name, path) in &job.outputs {
@@ -49,7 +54,7 @@ impl NoopExecutor {
             if let Err(error) =
                 nix_primitives::nar::write_file_nar(contents.as_bytes(), false, &mut nar)
             {
-                return Report::failure(Outcome::InfrastructureFailure, error.to_string(), log);
+                return Report::failure(Outcome::InfrastructureFailure, error.to_string());
             }
             outputs.push(BuiltOutput {
                 name: name.clone(),
@@ -58,12 +63,11 @@ impl NoopExecutor {
                 nar: NarSource::Bytes(nar),
             });
         }
-        log.extend_from_slice(b"done\n");
+        log.write(b"done\n").await;
         Report {
             outcome: Outcome::Succeeded,
             message: String::new(),
             outputs,
-            log,
         }
     }
 }
