@@ -57,6 +57,8 @@ pub struct Job {
     pub timeout: Option<Duration>,
     /// Longest the build may print nothing.
     pub max_silent: Option<Duration>,
+    /// The largest NAR an output may have.
+    pub max_output_bytes: u64,
 }
 
 /// Why the builder lost or could not get its tunnel.
@@ -296,6 +298,9 @@ async fn serve(
                             max_log_bytes: build.limits.map_or(u64::MAX, |l| l.max_log_bytes),
                             timeout: build.limits.and_then(|l| limit(l.timeout_ms)),
                             max_silent: build.limits.and_then(|l| limit(l.max_silent_ms)),
+                            max_output_bytes: build
+                                .limits
+                                .map_or(u64::MAX, |l| if l.max_output_bytes == 0 { u64::MAX } else { l.max_output_bytes }),
                         };
                         let abort = CancellationToken::new();
                         aborts.insert(job.attempt_id.clone(), abort.clone());

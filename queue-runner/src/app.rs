@@ -134,6 +134,7 @@ pub async fn start(
             timeout_ms: millis(config.step_timeout),
             max_silent_ms: millis(config.max_silent),
             max_log_bytes: config.max_log_bytes,
+            max_output_bytes: config.max_output_bytes,
         },
     };
     let mut supervisor = Supervisor::new();

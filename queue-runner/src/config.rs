@@ -104,6 +104,9 @@ struct RawBuilders {
     /// A build printing nothing for this many seconds is stopped as timed out. Default 3600.
     #[serde(default = "default_max_silent_secs")]
     max_silent_secs: u64,
+    /// A build whose output NAR is larger than this many bytes fails. Default 32 GiB.
+    #[serde(default = "default_max_output_bytes")]
+    max_output_bytes: u64,
 }
 
 impl Default for RawBuilders {
@@ -114,6 +117,7 @@ impl Default for RawBuilders {
             max_builder_losses: default_max_builder_losses(),
             step_timeout_secs: default_step_timeout_secs(),
             max_silent_secs: default_max_silent_secs(),
+            max_output_bytes: default_max_output_bytes(),
         }
     }
 }
@@ -138,6 +142,9 @@ const fn default_step_timeout_secs() -> u64 {
 }
 const fn default_max_silent_secs() -> u64 {
     3_600
+}
+const fn default_max_output_bytes() -> u64 {
+    32 * 1024 * 1024 * 1024
 }
 
 /// A validated configuration.
@@ -177,6 +184,8 @@ pub struct Config {
     pub step_timeout: Duration,
     /// Longest a build may be silent.
     pub max_silent: Duration,
+    /// Largest output NAR.
+    pub max_output_bytes: u64,
 }
 
 impl Config {
@@ -251,6 +260,7 @@ impl Config {
             max_builder_losses: raw.builders.max_builder_losses,
             step_timeout: Duration::from_secs(raw.builders.step_timeout_secs),
             max_silent: Duration::from_secs(raw.builders.max_silent_secs),
+            max_output_bytes: raw.builders.max_output_bytes,
         })
     }
 }

@@ -481,3 +481,34 @@ async fn builds_past_their_time_or_silence_limit_are_stopped_as_timed_out() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_over_the_size_limit_fails_its_build_and_is_not_published() {
+    let mut farm = Farm::new().await;
+    farm.max_output_bytes = 50_000;
+    farm.start_runner().await;
+    let store = farm.dir.path().join("stores/b1");
+    farm.start_builder(&BuilderSpec {
+        nix_store: Some(&store),
+        ..BuilderSpec::new("b1")
+    });
+    let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
+    let (build, _) = submit_fixture(&farm, &submitter, "big").await;
+    assert_eq!(farm.wait_for_build(build).await, "failed");
+    let message: String = farm
+        .db()
+        .await
+        .query_one("SELECT message FROM step_attempts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(message.contains("over the limit of 50000"), "{message}");
+    let outputs: i64 = farm
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM step_outputs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outputs, 0);
+}

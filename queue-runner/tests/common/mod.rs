@@ -54,6 +54,8 @@ pub struct Farm {
     pub upstreams: Vec<(String, String)>,
     /// The runner's step time limit and silence limit, in seconds.
     pub step_limits_secs: (u64, u64),
+    /// The runner's output size limit.
+    pub max_output_bytes: u64,
     runner: Option<RunningRunner>,
     builders: Vec<ChildGuard>,
 }
@@ -135,6 +137,7 @@ impl Farm {
             cache_port: free_port(),
             upstreams: Vec::new(),
             step_limits_secs: (600, 600),
+            max_output_bytes: 1 << 30,
             runner: None,
             builders: Vec::new(),
         }
@@ -177,6 +180,7 @@ impl Farm {
             max_builder_losses = 3
             step_timeout_secs = {step_timeout}
             max_silent_secs = {max_silent}
+            max_output_bytes = {max_output_bytes}
             "#,
             url = database_url,
             port = self.grpc_port,
@@ -185,6 +189,7 @@ impl Farm {
             upstreams = self.upstreams_toml(),
             step_timeout = self.step_limits_secs.0,
             max_silent = self.step_limits_secs.1,
+            max_output_bytes = self.max_output_bytes,
         )
     }
 
