@@ -284,7 +284,8 @@ async fn serve(
             () = shutdown.cancelled() => return Ok(()),
             _ = ping.tick() => {
                 let running = u32::try_from(jobs.len()).unwrap_or(u32::MAX);
-                send(outbox, Outbound::Ping(Ping { running, ..Ping::default() })).await?;
+                let free_disk_bytes = free_store_bytes().await.unwrap_or(0);
+                send(outbox, Outbound::Ping(Ping { running, free_disk_bytes, ..Ping::default() })).await?;
             }
             message = inbound.message() => match message.map_err(TunnelError::Status)? {
                 Some(message) => match message.message {
@@ -327,6 +328,21 @@ async fn serve(
             }
         }
     }
+}
+
+/// Free bytes on the file system of the Nix store, as `df` reports them; `None` if unknown.
+async fn free_store_bytes() -> Option<u64> {
+    let output = tokio::process::Command::new("df")
+        .args(["--output=avail", "--block-size=1", "/nix/store"])
+        .output()
+        .await
+        .ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Runs a step while streaming its log to the runner, then uploads its outputs and makes its

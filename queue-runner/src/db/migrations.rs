@@ -4,11 +4,18 @@
 use super::{DbError, Pool};
 
 /// Every migration, in order. Never edit one that has shipped; add a new one.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "initial schema",
-    include_str!("../../migrations/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "initial schema",
+        include_str!("../../migrations/0001_initial.sql"),
+    ),
+    (
+        2,
+        "machine health from pings",
+        include_str!("../../migrations/0002_machine_health.sql"),
+    ),
+];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).
 const MIGRATION_LOCK: i64 = 0x6472_6f76_6572; // "drover"

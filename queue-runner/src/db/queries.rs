@@ -438,6 +438,24 @@ pub async fn machine_joined(
     Ok(())
 }
 
+/// Records a builder's ping.
+pub async fn machine_pinged(
+    client: &impl GenericClient,
+    name: &str,
+    free_disk_bytes: Option<i64>,
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "UPDATE machines SET last_ping_at = now(),
+                 free_disk_bytes = coalesce($2, free_disk_bytes)
+             WHERE name = $1",
+            &[&name, &free_disk_bytes],
+        )
+        .await
+        .map_err(DbError::query("recording a ping"))?;
+    Ok(())
+}
+
 /// Records a builder leaving.
 pub async fn machine_left(client: &impl GenericClient, name: &str) -> Result<(), DbError> {
     client

@@ -168,6 +168,7 @@ impl BuilderService for BuilderServiceImpl {
             outbox,
             events: self.events.clone(),
             attempts: self.attempts.clone(),
+            pool: self.pool.clone(),
             liveness_timeout: self.liveness_timeout,
             shutdown: self.shutdown.child_token(),
         };
@@ -268,6 +269,7 @@ struct BuilderSession {
     outbox: mpsc::Sender<OutboxItem>,
     events: mpsc::Sender<Event>,
     attempts: Attempts,
+    pool: Pool,
     liveness_timeout: Duration,
     shutdown: CancellationToken,
 }
@@ -317,7 +319,23 @@ impl BuilderSession {
         match message.message {
             Some(Inbound::StepResult(result)) => self.on_step_result(result).await,
             Some(Inbound::Join(_)) => Err(Status::invalid_argument("Join sent twice")),
-            Some(Inbound::Ping(_) | Inbound::StepUpdate(_) | Inbound::Draining(_)) | None => Ok(()),
+            Some(Inbound::Ping(ping)) => {
+                self.on_ping(&ping).await;
+                Ok(())
+            }
+            Some(Inbound::StepUpdate(_) | Inbound::Draining(_)) | None => Ok(()),
+        }
+    }
+
+    /// Records what a ping reports. Best-effort: a database hiccup must not end the session (the
+    /// scheduler notices a lost database on its own).
+    async fn on_ping(&self, ping: &drover_proto::v1::Ping) {
+        let free = (ping.free_disk_bytes > 0)
+            .then(|| i64::try_from(ping.free_disk_bytes).unwrap_or(i64::MAX));
+        if let Ok(client) = self.pool.get().await
+            && let Err(error) = queries::machine_pinged(&client, &self.name, free).await
+        {
+            tracing::warn!(builder = %self.name, error = %error_context::report(&error), "recording a ping failed");
         }
     }
 
