@@ -57,6 +57,46 @@ pub struct Report {
     pub message: String,
     /// Outputs of a success, each after the outputs it refers to.
     pub outputs: Vec<BuiltOutput>,
+    /// Garbage-collector roots that keep the step's inputs and outputs in the local store until
+    /// the report (and with it the upload) is done.
+    pub pins: Option<std::sync::Arc<GcPins>>,
+}
+
+/// A directory of garbage-collector roots for one attempt, removed when dropped: nothing the
+/// step reads or uploads can be collected while it runs, and nothing stays pinned after it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct GcPins {
+    directory: std::path::PathBuf,
+}
+
+impl GcPins {
+    /// A fresh pin directory for `attempt` under Nix's `gcroots`.
+    pub fn new(attempt: &str) -> std::io::Result<Self> {
+        let directory = std::path::Path::new("/nix/var/nix/gcroots/drover").join(attempt);
+        fs_err::create_dir_all(&directory)?;
+        Ok(Self { directory })
+    }
+
+    /// Pins store paths (symlinks Nix's collector follows).
+    pub fn pin<'a>(
+        &self,
+        prefix: &str,
+        paths: impl IntoIterator<Item = &'a String>,
+    ) -> std::io::Result<()> {
+        for (index, path) in paths.into_iter().enumerate() {
+            let link = self.directory.join(format!("{prefix}-{index}"));
+            if !link.exists() {
+                std::os::unix::fs::symlink(path, link)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GcPins {
+    fn drop(&mut self) {
+        let _ = fs_err::remove_dir_all(&self.directory);
+    }
 }
 
 impl Report {
@@ -67,6 +107,7 @@ impl Report {
             outcome,
             message: message.into(),
             outputs: Vec::new(),
+            pins: None,
         }
     }
 }

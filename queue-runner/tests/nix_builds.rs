@@ -447,6 +447,16 @@ async fn builds_past_their_time_or_silence_limit_are_stopped_as_timed_out() {
     let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
     let (ticker, _) = submit_fixture(&farm, &submitter, "ticker").await;
     let (silent, _) = submit_fixture(&farm, &submitter, "silent").await;
+    let pins = store.join("var/nix/gcroots/drover");
+    test_support::poll_until(
+        DEADLINE,
+        "the running steps' paths to be pinned",
+        || async {
+            let pinned = fs_err::read_dir(&pins).map_or(0, Iterator::count);
+            (pinned == 2).then_some(())
+        },
+    )
+    .await;
     assert_eq!(farm.wait_for_build(ticker).await, "failed");
     assert_eq!(farm.wait_for_build(silent).await, "failed");
     let messages: BTreeMap<String, (String, String)> = farm
@@ -472,6 +482,10 @@ async fn builds_past_their_time_or_silence_limit_are_stopped_as_timed_out() {
     let (status, message) = &messages["silent.drv"];
     assert_eq!(status, "timed_out");
     assert!(message.contains("printed nothing"), "{message}");
+    test_support::poll_until(DEADLINE, "the pins to be removed", || async {
+        (fs_err::read_dir(&pins).unwrap().count() == 0).then_some(())
+    })
+    .await;
     for marker in ["drover-test-ticker", "drover-test-silent"] {
         test_support::poll_until(
             DEADLINE,

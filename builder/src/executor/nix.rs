@@ -14,7 +14,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BuiltOutput, LogSink, NarSource, Outcome, Report};
+use super::{BuiltOutput, GcPins, LogSink, NarSource, Outcome, Report};
 use crate::tunnel::Job;
 
 /// Stands in for a time limit the runner did not set: a century.
@@ -68,6 +68,19 @@ impl NixExecutor {
 
     /// Runs one step.
     pub async fn run(&self, job: &Job, abort: &CancellationToken, log: &mut LogSink) -> Report {
+        let pins = match GcPins::new(&job.attempt_id).and_then(|pins| {
+            pins.pin("input", &job.input_paths)?;
+            pins.pin("output", job.outputs.values())?;
+            Ok(pins)
+        }) {
+            Ok(pins) => std::sync::Arc::new(pins),
+            Err(error) => {
+                return Report::failure(
+                    Outcome::InfrastructureFailure,
+                    format!("pinning the step's paths against garbage collection: {error}"),
+                );
+            }
+        };
         if !job.input_paths.is_empty() {
             let mut command = self.nix_store();
             command
@@ -101,6 +114,7 @@ impl NixExecutor {
                     outcome,
                     message,
                     outputs,
+                    pins: Some(pins),
                 },
                 Ok(Some(message)) => {
                     log.write(format!("drover: {message}\n").as_bytes()).await;

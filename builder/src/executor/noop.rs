@@ -68,6 +68,7 @@ impl NoopExecutor {
             outcome: Outcome::Succeeded,
             message: String::new(),
             outputs,
+            pins: None,
         }
     }
 }
