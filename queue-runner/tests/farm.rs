@@ -15,6 +15,26 @@ use common::{BuilderSpec, Farm};
 use drover_proto::v1::{BuildStatus, GetLogRequest};
 use test_support::fake_derivations::{Factory, FakeDrv, Spec};
 
+/// Queues a build of the last derivation with plain SQL, as an evaluator would; returns its id.
+async fn enqueue_with_sql(db: &tokio_postgres::Client, drvs: &[(&str, &Vec<u8>)]) -> i64 {
+    for (path, text) in drvs {
+        db.execute(
+            "INSERT INTO derivations (path, text) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[path, text],
+        )
+        .await
+        .unwrap();
+    }
+    let top = drvs.last().expect("a derivation to build").0;
+    db.query_one(
+        "INSERT INTO builds (drv_path) VALUES ($1) RETURNING id",
+        &[&top],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 async fn count(farm: &Farm, sql: &str) -> i64 {
     farm.db().await.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -150,52 +170,24 @@ async fn a_build_queued_with_sql_while_the_runner_is_down_runs_when_it_starts() 
     let base = factory.make(&Spec::new("sql-base"));
     let top = factory.make(&Spec::new("sql-top").inputs(&[&base]));
     let db = farm.db().await;
-    let insert_derivation = "INSERT INTO derivations (path, text) VALUES ($1, $2)";
-    for drv in [&base, &top] {
-        db.execute(insert_derivation, &[&drv.path.to_absolute(), &drv.text])
-            .await
-            .unwrap();
-    }
-    let queued_while_down: i64 = db
-        .query_one(
-            "INSERT INTO builds (drv_path) VALUES ($1) RETURNING id",
-            &[&top.path.to_absolute()],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let text = |drv: &FakeDrv| (drv.path.to_absolute(), drv.text.clone());
+    let (base_path, base_text) = text(&base);
+    let (top_path, top_text) = text(&top);
+    let queued_while_down =
+        enqueue_with_sql(&db, &[(&base_path, &base_text), (&top_path, &top_text)]).await;
 
     farm.start_runner().await;
     farm.start_builder(&BuilderSpec::new("b1"));
     assert_eq!(farm.wait_for_build(queued_while_down).await, "succeeded");
 
     let later = factory.make(&Spec::new("sql-later").inputs(&[&top]));
-    db.execute(insert_derivation, &[&later.path.to_absolute(), &later.text])
-        .await
-        .unwrap();
-    let queued_while_up: i64 = db
-        .query_one(
-            "INSERT INTO builds (drv_path) VALUES ($1) RETURNING id",
-            &[&later.path.to_absolute()],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (later_path, later_text) = text(&later);
+    let queued_while_up = enqueue_with_sql(&db, &[(&later_path, &later_text)]).await;
     assert_eq!(farm.wait_for_build(queued_while_up).await, "succeeded");
     assert_eq!(count(&farm, "SELECT count(*) FROM step_attempts").await, 3);
 
     let forged = "/nix/store/00000000000000000000000000000000-forged.drv";
-    db.execute(insert_derivation, &[&forged, &top.text])
-        .await
-        .unwrap();
-    let forged_build: i64 = db
-        .query_one(
-            "INSERT INTO builds (drv_path) VALUES ($1) RETURNING id",
-            &[&forged],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let forged_build = enqueue_with_sql(&db, &[(forged, &top_text)]).await;
     assert_eq!(farm.wait_for_build(forged_build).await, "failed");
     let reason: String = db
         .query_one(

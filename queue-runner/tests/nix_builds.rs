@@ -30,6 +30,19 @@ fn succeed(command: &mut Command) -> Vec<u8> {
     output.stdout
 }
 
+/// Starts the runner and one Nix builder `b1` (two jobs, a private store); returns the
+/// builder's store directory and a submitter's chroot store.
+async fn start_with_one_nix_builder(farm: &mut Farm) -> (PathBuf, ChrootStore) {
+    farm.start_runner().await;
+    let store = farm.dir.path().join("stores/b1");
+    farm.start_builder(&BuilderSpec {
+        max_jobs: 2,
+        nix_store: Some(&store),
+        ..BuilderSpec::new("b1")
+    });
+    (store, ChrootStore::new(farm.dir.path().join("submitter")))
+}
+
 /// Submits the derivation closure of `top` as read from the submitter's store.
 async fn submit_closure(farm: &Farm, submitter: &ChrootStore, top: &StorePath) -> i64 {
     let closure = submitter.closure(top);
@@ -187,14 +200,7 @@ async fn a_diamond_builds_across_two_private_stores_and_stock_nix_substitutes_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
     let mut farm = Farm::new().await;
-    farm.start_runner().await;
-    let store = farm.dir.path().join("stores/b1");
-    farm.start_builder(&BuilderSpec {
-        max_jobs: 2,
-        nix_store: Some(&store),
-        ..BuilderSpec::new("b1")
-    });
-    let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
     let expectations = [
         ("usesDev", "succeeded"),
         ("usesFixed", "succeeded"),
@@ -273,13 +279,7 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_are_uploaded_verified_and_used_and_forged_ones_refused() {
     let mut farm = Farm::new().await;
-    farm.start_runner().await;
-    let store = farm.dir.path().join("stores/b1");
-    farm.start_builder(&BuilderSpec {
-        nix_store: Some(&store),
-        ..BuilderSpec::new("b1")
-    });
-    let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builds.nix");
     let top = submitter.instantiate(&fixtures, "withSources");
     let closure = submitter.closure(&top);
@@ -383,13 +383,7 @@ async fn steps_an_upstream_cache_has_are_not_built_and_their_outputs_are_substit
         public_key.clone(),
     ));
 
-    farm.start_runner().await;
-    let store = farm.dir.path().join("stores/b1");
-    farm.start_builder(&BuilderSpec {
-        nix_store: Some(&store),
-        ..BuilderSpec::new("b1")
-    });
-    let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
     let top = submitter.instantiate(&diamond, "top");
     let build = submit_closure(&farm, &submitter, &top).await;
     assert_eq!(farm.wait_for_build(build).await, "succeeded");
@@ -438,13 +432,7 @@ fn running(marker: &str) -> bool {
 async fn builds_past_their_time_or_silence_limit_are_stopped_as_timed_out() {
     let mut farm = Farm::new().await;
     farm.step_limits_secs = (4, 2);
-    farm.start_runner().await;
-    let store = farm.dir.path().join("stores/b1");
-    farm.start_builder(&BuilderSpec {
-        nix_store: Some(&store),
-        ..BuilderSpec::new("b1")
-    });
-    let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
+    let (store, submitter) = start_with_one_nix_builder(&mut farm).await;
     let (ticker, _) = submit_fixture(&farm, &submitter, "ticker").await;
     let (silent, _) = submit_fixture(&farm, &submitter, "silent").await;
     let pins = store.join("var/nix/gcroots/drover");
@@ -500,13 +488,7 @@ async fn builds_past_their_time_or_silence_limit_are_stopped_as_timed_out() {
 async fn an_output_over_the_size_limit_fails_its_build_and_is_not_published() {
     let mut farm = Farm::new().await;
     farm.max_output_bytes = 50_000;
-    farm.start_runner().await;
-    let store = farm.dir.path().join("stores/b1");
-    farm.start_builder(&BuilderSpec {
-        nix_store: Some(&store),
-        ..BuilderSpec::new("b1")
-    });
-    let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
     let (build, _) = submit_fixture(&farm, &submitter, "big").await;
     assert_eq!(farm.wait_for_build(build).await, "failed");
     let message: String = farm
