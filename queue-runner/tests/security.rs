@@ -5,6 +5,7 @@
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
+    clippy::disallowed_methods,
     reason = "a panic in a test is a failed assertion"
 )]
 
@@ -12,7 +13,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::Farm;
+use common::{DEADLINE, Farm};
 use drover_proto::API_VERSION;
 use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::builder_message::Message as Outbound;
@@ -622,4 +623,58 @@ async fn a_fixed_output_with_other_contents_is_refused() {
         )))
         .await;
     assert_eq!(farm.wait_for_build(fixed_build).await, "succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_attempt_was_taken_away_midway_publishes_nothing() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let drv = factory.make(&Spec::new("withdrawn"));
+    let mut builder = ScriptedBuilder::join(&farm, "leaver").await;
+    farm.submit(&[&drv]).await;
+    let build = next_build(&mut builder).await;
+
+    let nar = nar_of(b"uploaded while the attempt was lost");
+    let (sender, receiver) = tokio::sync::mpsc::channel(8);
+    let mut uploader = builder.client.clone();
+    let upload = tokio::spawn(async move {
+        uploader
+            .upload_nar(ReceiverStream::new(receiver))
+            .await
+            .map(tonic::Response::into_inner)
+    });
+    let header = NarChunk {
+        attempt_id: build.attempt_id.clone(),
+        store_path: drv.out.to_absolute(),
+        references: Vec::new(),
+        data: nar[..16].to_vec(),
+    };
+    sender.send(header).await.unwrap();
+
+    let before = cache_entries(&farm);
+    drop(builder.outbox);
+    let db = farm.db().await;
+    test_support::poll_until(DEADLINE, "the attempt to be lost", || async {
+        let status: String = db
+            .query_one("SELECT status::text FROM step_attempts", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (status == "builder_lost").then_some(())
+    })
+    .await;
+    let rest = NarChunk {
+        attempt_id: build.attempt_id.clone(),
+        data: nar[16..].to_vec(),
+        ..NarChunk::default()
+    };
+    sender.send(rest).await.unwrap();
+    drop(sender);
+    let status = upload
+        .await
+        .unwrap()
+        .expect_err("a withdrawn attempt must not publish");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(cache_entries(&farm), before);
 }

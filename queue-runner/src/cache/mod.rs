@@ -58,6 +58,9 @@ pub enum CacheError {
     /// A flat fixed output that is not a single regular file.
     #[error("{0} must be a single regular file (flat fixed output)")]
     NotAFlatFile(StorePath),
+    /// The attempt uploading the path stopped running before it was published.
+    #[error("the attempt uploading {0} is no longer running")]
+    Withdrawn(StorePath),
     /// An uploaded source whose contents do not give its path under any content address.
     #[error("the contents uploaded for {0} do not hash to that path")]
     SourceMismatch(StorePath),
@@ -74,7 +77,8 @@ impl Classify for CacheError {
             Self::ReferenceNotPublished { .. }
             | Self::FixedOutputMismatch { .. }
             | Self::NotAFlatFile(_)
-            | Self::SourceMismatch(_) => Severity::Reject,
+            | Self::SourceMismatch(_)
+            | Self::Withdrawn(_) => Severity::Reject,
         }
     }
 }
@@ -209,11 +213,13 @@ impl BinaryCache {
 
     /// Publishes a NAR read from `source` (blocking: call it from a blocking thread). If the path
     /// is already published, the NAR is still read and validated, and the stored narinfo is
-    /// returned with `true`.
+    /// returned with `true`. `still_allowed` is asked once more just before anything becomes
+    /// visible, so an upload whose attempt was taken away meanwhile publishes nothing.
     pub fn publish(
         &self,
         publication: &Publication,
         source: impl Read,
+        still_allowed: &dyn Fn() -> bool,
     ) -> Result<(NarInfo, bool), CacheError> {
         let path = &publication.store_path;
         if let Some(existing) = self.narinfo(path)? {
@@ -244,6 +250,10 @@ impl BinaryCache {
             let _ = fs_err::remove_file(&temporary);
         }
         let (summary, file_hash, file_size) = result?;
+        if !still_allowed() {
+            let _ = fs_err::remove_file(&temporary);
+            return Err(CacheError::Withdrawn(path.clone()));
+        }
         let url = format!("nar/{}.nar.zst", file_hash.to_nix_base32());
         if let Err(error) = fs_err::rename(&temporary, self.directory.join(&url)) {
             let _ = fs_err::remove_file(&temporary);
@@ -264,12 +274,21 @@ impl BinaryCache {
             content_address: publication.content_address,
         };
         info.sign(&self.key);
-        write_atomically(
+        // First writer wins: a narinfo, once visible, never changes under a client.
+        if write_once(
             &self.directory,
             &self.narinfo_file(path),
             info.to_string().as_bytes(),
-        )?;
-        Ok((info, false))
+        )? {
+            Ok((info, false))
+        } else {
+            let existing = self.narinfo(path)?.ok_or_else(|| {
+                CacheError::Io(io::Error::other(
+                    "a narinfo vanished while it was published",
+                ))
+            })?;
+            Ok((existing, true))
+        }
     }
 
     /// Publishes an input source uploaded by a client, after recomputing its path from its
@@ -317,7 +336,7 @@ impl BinaryCache {
             content_address: Some(content_address),
             fixed: None,
         };
-        self.publish(&publication, nar_bytes).map(|_| ())
+        self.publish(&publication, nar_bytes, &|| true).map(|_| ())
     }
 
     /// Streams the NAR through the parser into a zstd file; checks a fixed output's hash.
@@ -376,6 +395,24 @@ impl BinaryCache {
         file.sync_all().map_err(CacheError::Io)?;
         Ok((summary, counted.hasher.finish(), counted.written))
     }
+}
+
+/// Writes `contents` to `target` unless it exists, through a temporary file and a hard link
+/// (which, unlike a rename, never replaces); returns whether this call wrote it.
+fn write_once(directory: &Path, target: &Path, contents: &[u8]) -> Result<bool, CacheError> {
+    let temporary = directory.join("tmp").join(uuid::Uuid::new_v4().to_string());
+    let mut file = fs_err::File::create(&temporary).map_err(CacheError::Io)?;
+    let written = file
+        .write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(CacheError::Io)
+        .and_then(|()| match fs_err::hard_link(&temporary, target) {
+            Ok(()) => Ok(true),
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(error) => Err(CacheError::Io(error)),
+        });
+    let _ = fs_err::remove_file(&temporary);
+    written
 }
 
 /// Writes `contents` to `target` through a temporary file and a rename.

@@ -226,11 +226,17 @@ impl BuilderService for BuilderServiceImpl {
                 Status::resource_exhausted("too many NAR uploads at once; retry later")
             })?;
         let chunks = request.into_inner();
+        let attempts = self.attempts.clone();
+        let builder = identity.name.clone();
+        let still_owned = move |attempt_id: &str| {
+            Uuid::parse_str(attempt_id)
+                .ok()
+                .and_then(|attempt| attempts.owner(&attempt))
+                .is_some_and(|owner| owner.builder == builder)
+        };
+        let owner = |attempt_id: &str| self.owned_attempt(attempt_id, &identity);
         Ok(Response::new(
-            upload::receive(chunks, &self.cache, |attempt_id| {
-                self.owned_attempt(attempt_id, &identity)
-            })
-            .await?,
+            upload::receive(chunks, &self.cache, owner, still_owned).await?,
         ))
     }
 }

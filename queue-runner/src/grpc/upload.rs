@@ -74,6 +74,7 @@ impl From<UploadError> for Status {
             UploadError::Cache(CacheError::ReferenceNotPublished { .. }) => {
                 Status::failed_precondition(message)
             }
+            UploadError::Cache(CacheError::Withdrawn(_)) => Status::not_found(message),
             UploadError::Cache(
                 CacheError::Nar { .. }
                 | CacheError::FixedOutputMismatch { .. }
@@ -87,11 +88,13 @@ impl From<UploadError> for Status {
     }
 }
 
-/// Receives one upload; `owner` checks the attempt named in the first chunk.
+/// Receives one upload; `owner` checks the attempt named in the first chunk, and `still_owned`
+/// checks it again just before the output becomes visible.
 pub async fn receive(
     mut chunks: Streaming<NarChunk>,
     cache: &Arc<BinaryCache>,
     owner: impl FnOnce(&str) -> Result<AttemptOwner, Status>,
+    still_owned: impl Fn(&str) -> bool + Send + 'static,
 ) -> Result<UploadNarResponse, Status> {
     let first = chunks
         .message()
@@ -102,8 +105,10 @@ pub async fn receive(
         publication(&owner.policy, &first.store_path, &first.references, cache).await?;
     let (sender, receiver) = mpsc::channel::<Vec<u8>>(QUEUED_CHUNKS);
     let cache = cache.clone();
+    let attempt_id = first.attempt_id.clone();
     let publishing = tokio::task::spawn_blocking(move || {
-        cache.publish(&publication, ChannelReader::new(receiver))
+        let still_allowed = || still_owned(&attempt_id);
+        cache.publish(&publication, ChannelReader::new(receiver), &still_allowed)
     });
     let mut mixed = false;
     if sender.send(first.data).await.is_ok() {

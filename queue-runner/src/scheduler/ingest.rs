@@ -348,7 +348,7 @@ async fn publish_derivations(
                 deriver: None,
                 fixed: None,
             };
-            cache.publish(&publication, nar.as_slice())?;
+            cache.publish(&publication, nar.as_slice(), &|| true)?;
         }
         Ok(())
     })
