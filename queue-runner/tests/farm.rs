@@ -35,10 +35,6 @@ async fn enqueue_with_sql(db: &tokio_postgres::Client, drvs: &[(&str, &Vec<u8>)]
     .get(0)
 }
 
-async fn count(farm: &Farm, sql: &str) -> i64 {
-    farm.db().await.query_one(sql, &[]).await.unwrap().get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_random_dag_of_1000_steps_and_a_diamond_complete_on_three_builders() {
     let mut farm = Farm::new().await;
@@ -62,45 +58,37 @@ async fn a_random_dag_of_1000_steps_and_a_diamond_complete_on_three_builders() {
     assert_eq!(farm.wait_for_build(diamond_build).await, "succeeded");
 
     assert_eq!(
-        count(
-            &farm,
-            "SELECT count(*) FROM steps WHERE status = 'succeeded'"
-        )
-        .await,
+        farm.count("SELECT count(*) FROM steps WHERE status = 'succeeded'")
+            .await,
         1005
     );
-    assert_eq!(count(&farm, "SELECT count(*) FROM steps").await, 1005);
+    assert_eq!(farm.count("SELECT count(*) FROM steps").await, 1005);
     assert_eq!(
-        count(&farm, "SELECT count(*) FROM step_attempts").await,
+        farm.count("SELECT count(*) FROM step_attempts").await,
         1005,
         "a step ran twice"
     );
     assert_eq!(
-        count(
-            &farm,
-            "SELECT count(*) FROM step_attempts WHERE status <> 'succeeded'"
-        )
-        .await,
+        farm.count("SELECT count(*) FROM step_attempts WHERE status <> 'succeeded'")
+            .await,
         0
     );
+    assert_eq!(farm.count("SELECT count(*) FROM step_outputs").await, 1005);
     assert_eq!(
-        count(&farm, "SELECT count(*) FROM step_outputs").await,
-        1005
-    );
-    assert_eq!(
-        count(&farm, "SELECT count(DISTINCT machine) FROM step_attempts").await,
+        farm.count("SELECT count(DISTINCT machine) FROM step_attempts")
+            .await,
         3,
         "every builder should have taken work"
     );
-    let ran_before_inputs = count(
-        &farm,
-        "SELECT count(*) FROM step_attempts a
+    let ran_before_inputs = farm
+        .count(
+            "SELECT count(*) FROM step_attempts a
          JOIN steps s ON s.id = a.step_id
          JOIN derivations d ON d.path = s.drv_path
          JOIN steps input ON position(input.drv_path::bytea IN d.text) > 0 AND input.id <> s.id
          WHERE input.finished_at > a.started_at",
-    )
-    .await;
+        )
+        .await;
     assert_eq!(
         ran_before_inputs, 0,
         "a step started before one of its inputs finished"
@@ -141,8 +129,8 @@ async fn builds_that_share_derivations_share_their_steps() {
     assert_eq!(farm.wait_for_build(one).await, "succeeded");
     assert_eq!(farm.wait_for_build(two).await, "succeeded");
 
-    assert_eq!(count(&farm, "SELECT count(*) FROM steps").await, 4);
-    assert_eq!(count(&farm, "SELECT count(*) FROM step_attempts").await, 4);
+    assert_eq!(farm.count("SELECT count(*) FROM steps").await, 4);
+    assert_eq!(farm.count("SELECT count(*) FROM step_attempts").await, 4);
     let shared: i64 = farm
         .db()
         .await
@@ -184,7 +172,7 @@ async fn a_build_queued_with_sql_while_the_runner_is_down_runs_when_it_starts() 
     let (later_path, later_text) = text(&later);
     let queued_while_up = enqueue_with_sql(&db, &[(&later_path, &later_text)]).await;
     assert_eq!(farm.wait_for_build(queued_while_up).await, "succeeded");
-    assert_eq!(count(&farm, "SELECT count(*) FROM step_attempts").await, 3);
+    assert_eq!(farm.count("SELECT count(*) FROM step_attempts").await, 3);
 
     let forged = "/nix/store/00000000000000000000000000000000-forged.drv";
     let forged_build = enqueue_with_sql(&db, &[(forged, &top_text)]).await;
@@ -344,7 +332,7 @@ async fn a_failed_step_fails_its_build_keeps_its_log_and_dep_fails_dependents() 
         "a known failure is not rebuilt"
     );
     assert_eq!(
-        count(&farm, "SELECT count(*) FROM step_attempts").await,
+        farm.count("SELECT count(*) FROM step_attempts").await,
         2,
         "broken and fine ran once each"
     );

@@ -98,15 +98,6 @@ async fn served_log(farm: &Farm, drv: &str) -> String {
     String::from_utf8_lossy(&log).into_owned()
 }
 
-async fn attempts(farm: &Farm) -> i64 {
-    farm.db()
-        .await
-        .query_one("SELECT count(*) FROM step_attempts", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// Stock Nix realising `out` in `consumer` from the farm's cache (and an upstream `file://`
 /// cache with its key), with no local builds allowed.
 fn substitute_from_farm(
@@ -157,13 +148,9 @@ async fn a_diamond_builds_across_two_private_stores_and_stock_nix_substitutes_it
     assert_eq!(submitter.closure(&top).len(), 4);
     let build = submit_closure(&farm, &submitter, &top).await;
     assert_eq!(farm.wait_for_build(build).await, "succeeded");
-    let machines: i64 = farm
-        .db()
-        .await
-        .query_one("SELECT count(DISTINCT machine) FROM step_attempts", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let machines = farm
+        .count("SELECT count(DISTINCT machine) FROM step_attempts")
+        .await;
     assert_eq!(
         machines, 2,
         "left and right should run on different builders"
@@ -266,11 +253,11 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
         "an independent branch is still built"
     );
 
-    let before = attempts(&farm).await;
+    let before = farm.count("SELECT count(*) FROM step_attempts").await;
     let (again, _) = submit_fixture(&farm, &submitter, "usesDev").await;
     assert_eq!(farm.wait_for_build(again).await, "succeeded");
     assert_eq!(
-        attempts(&farm).await,
+        farm.count("SELECT count(*) FROM step_attempts").await,
         before,
         "a step already in the cache is not rebuilt"
     );
@@ -499,12 +486,6 @@ async fn an_output_over_the_size_limit_fails_its_build_and_is_not_published() {
         .unwrap()
         .get(0);
     assert!(message.contains("over the limit of 50000"), "{message}");
-    let outputs: i64 = farm
-        .db()
-        .await
-        .query_one("SELECT count(*) FROM step_outputs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let outputs = farm.count("SELECT count(*) FROM step_outputs").await;
     assert_eq!(outputs, 0);
 }

@@ -32,15 +32,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Streaming};
 
-async fn rows(farm: &Farm, table: &str) -> i64 {
-    farm.db()
-        .await
-        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 fn request(texts: &[(&StorePath, &[u8])], top: &StorePath) -> SubmitRequest {
     SubmitRequest {
         derivations: texts
@@ -132,8 +123,8 @@ async fn submissions_that_do_not_verify_are_refused_and_write_nothing() {
         let status = client.submit(submission).await.expect_err(case);
         assert_eq!(status.code(), code, "{case}: {status:?}");
     }
-    assert_eq!(rows(&farm, "derivations").await, 0);
-    assert_eq!(rows(&farm, "builds").await, 0);
+    assert_eq!(farm.count("SELECT count(*) FROM derivations").await, 0);
+    assert_eq!(farm.count("SELECT count(*) FROM builds").await, 0);
 
     let accepted = farm.submit(&[&base, &top]).await;
     assert!(
@@ -193,7 +184,7 @@ async fn only_certificates_of_the_farm_ca_with_the_right_role_get_in() {
             assert_ne!(status.code(), Code::Ok, "{case}");
         }
     }
-    assert_eq!(rows(&farm, "builds").await, 0);
+    assert_eq!(farm.count("SELECT count(*) FROM builds").await, 0);
 
     let builder_on_build_service = BuildServiceClient::new(farm.channel(Role::Builder, "b1").await)
         .submit(submission())
@@ -209,8 +200,8 @@ async fn only_certificates_of_the_farm_ca_with_the_right_role_get_in() {
             .await
             .expect_err("a client certificate may not open a tunnel");
     assert_eq!(client_on_builder_service.code(), Code::PermissionDenied);
-    assert_eq!(rows(&farm, "machines").await, 0);
-    assert_eq!(rows(&farm, "builds").await, 0);
+    assert_eq!(farm.count("SELECT count(*) FROM machines").await, 0);
+    assert_eq!(farm.count("SELECT count(*) FROM builds").await, 0);
 }
 
 fn join(api_version: &str) -> BuilderMessage {
@@ -366,7 +357,7 @@ async fn a_builder_speaking_another_api_version_is_refused() {
         .await
         .expect_err("an old builder must be refused");
     assert_eq!(status.code(), Code::FailedPrecondition);
-    assert_eq!(rows(&farm, "machines").await, 0);
+    assert_eq!(farm.count("SELECT count(*) FROM machines").await, 0);
 }
 
 /// The NAR of a single file with `contents`.

@@ -397,6 +397,11 @@ impl Farm {
         self.database.connect().await
     }
 
+    /// The single number a `SELECT count(*) …` (or any one-value query) returns.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.db().await.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
     /// Waits until a build is in a terminal state and returns that state.
     pub async fn wait_for_build(&self, id: i64) -> String {
         let db = self.db().await;
