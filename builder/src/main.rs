@@ -22,16 +22,9 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     drover_daemon::init_tracing();
-    let config = match Config::load(&cli.config) {
+    let config = match drover_daemon::load_config("drover-builder", &cli.config, Config::load) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!(
-                "drover-builder: {}: {}",
-                cli.config.display(),
-                error_context::report(&error)
-            );
-            return ExitCode::from(drover_daemon::EX_CONFIG);
-        }
+        Err(exit) => return exit,
     };
     let shutdown = CancellationToken::new();
     let run = tunnel::run(&config, &shutdown);

@@ -51,6 +51,23 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, Con
     })
 }
 
+/// Loads a daemon's configuration with `load`, or prints why it cannot (naming `program` and the
+/// file) and returns the `EX_CONFIG` exit code the daemon must end with.
+pub fn load_config<C>(
+    program: &str,
+    path: &Path,
+    load: impl FnOnce(&Path) -> Result<C, ConfigError>,
+) -> Result<C, std::process::ExitCode> {
+    load(path).map_err(|error| {
+        eprintln!(
+            "{program}: {}: {}",
+            path.display(),
+            error_context::report(&error)
+        );
+        std::process::ExitCode::from(EX_CONFIG)
+    })
+}
+
 /// Logs to stderr at the level `RUST_LOG` names (default `info`).
 pub fn init_tracing() {
     tracing_subscriber::fmt()

@@ -32,16 +32,10 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     drover_daemon::init_tracing();
-    let config = match Config::load(&cli.config) {
+    let config = match drover_daemon::load_config("drover-queue-runner", &cli.config, Config::load)
+    {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!(
-                "drover-queue-runner: {}: {}",
-                cli.config.display(),
-                error_context::report(&error)
-            );
-            return ExitCode::from(drover_daemon::EX_CONFIG);
-        }
+        Err(exit) => return exit,
     };
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Migrate => migrate(&config).await,
