@@ -13,18 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::tunnel::Job;
 
-/// How an attempt ended, as reported to the runner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Built.
-    Succeeded,
-    /// The build failed (permanent).
-    Failed,
-    /// The build exceeded its time or silence limit.
-    TimedOut,
-    /// Something other than the build failed (retried elsewhere).
-    InfrastructureFailure,
-}
+pub use drover_proto::Outcome;
 
 /// Where an output's NAR comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]

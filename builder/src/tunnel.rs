@@ -237,8 +237,7 @@ async fn session(
     *joined = true;
     tracing::info!(runner = %config.runner_url, "joined the runner");
 
-    let mut jobs: JoinSet<(String, Result<StepResult, TunnelError>)> = JoinSet::new();
-    let mut aborts: HashMap<String, CancellationToken> = HashMap::new();
+    let mut jobs = Jobs::default();
     let result = serve(
         &mut inbound,
         &outbox,
@@ -247,27 +246,86 @@ async fn session(
         shutdown,
         ping_interval,
         &mut jobs,
-        &mut aborts,
     )
     .await;
     // Stop what still runs with SIGTERM (through each job's abort), never by dropping it: a
     // killed nix-store would leave the derivation's own builder running.
-    for abort in aborts.values() {
+    for (_, abort) in jobs.running.values() {
         abort.cancel();
     }
     let _ = tokio::time::timeout(JOB_STOP_GRACE, async {
-        while jobs.join_next().await.is_some() {}
+        while jobs.set.join_next().await.is_some() {}
     })
     .await;
     result
 }
 
+/// The steps running on this builder. Each job ends in a result of its own: an error or a
+/// panic inside one job is that step's infrastructure failure, never the session's.
+#[derive(Default)]
+struct Jobs {
+    set: JoinSet<StepResult>,
+    /// Attempt id and abort token of each running job, by task.
+    running: HashMap<tokio::task::Id, (String, CancellationToken)>,
+}
+
+impl Jobs {
+    fn start(&mut self, job: Job, executor: Executor, mut client: BuilderServiceClient<Channel>) {
+        let abort = CancellationToken::new();
+        let attempt_id = job.attempt_id.clone();
+        let token = abort.clone();
+        let handle = self.set.spawn(async move {
+            match run_step(&mut client, &executor, &job, &token).await {
+                Ok(result) => result,
+                Err(error) => {
+                    tracing::warn!(attempt = %job.attempt_id, error = %error_context::report(&error), "a step failed on this builder");
+                    infrastructure_failure(&job.attempt_id, &error_context::report(&error).to_string())
+                }
+            }
+        });
+        self.running.insert(handle.id(), (attempt_id, abort));
+    }
+
+    fn abort(&self, attempt_id: &str) {
+        for (attempt, token) in self.running.values() {
+            if attempt == attempt_id {
+                token.cancel();
+            }
+        }
+    }
+
+    /// The result of the next job to end; a panicked job's is an infrastructure failure.
+    async fn next(&mut self) -> Option<StepResult> {
+        let (id, result) = match self.set.join_next_with_id().await? {
+            Ok((id, result)) => (id, Some(result)),
+            Err(error) => (error.id(), None),
+        };
+        let (attempt_id, _) = self.running.remove(&id)?;
+        Some(result.unwrap_or_else(|| {
+            tracing::error!(attempt = %attempt_id, "a step's job panicked");
+            infrastructure_failure(&attempt_id, "the builder's job for this step panicked")
+        }))
+    }
+
+    fn len(&self) -> usize {
+        self.running.len()
+    }
+}
+
+fn infrastructure_failure(attempt_id: &str, message: &str) -> StepResult {
+    StepResult {
+        attempt_id: attempt_id.to_owned(),
+        outcome: drover_proto::v1::StepOutcome::from(
+            crate::executor::Outcome::InfrastructureFailure,
+        )
+        .into(),
+        message: message.to_owned(),
+        outputs: Vec::new(),
+    }
+}
+
 /// Reads the runner's messages, runs the steps it sends, pings, and sends each finished step's
 /// result; jobs upload their own logs and outputs, so a long upload never delays pings.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the session's state, borrowed by its loop"
-)]
 async fn serve(
     inbound: &mut tonic::Streaming<drover_proto::v1::RunnerMessage>,
     outbox: &mpsc::Sender<BuilderMessage>,
@@ -275,8 +333,7 @@ async fn serve(
     executor: &Executor,
     shutdown: &CancellationToken,
     ping_interval: Duration,
-    jobs: &mut JoinSet<(String, Result<StepResult, TunnelError>)>,
-    aborts: &mut HashMap<String, CancellationToken>,
+    jobs: &mut Jobs,
 ) -> Result<(), TunnelError> {
     let mut ping = tokio::time::interval(ping_interval);
     loop {
@@ -303,28 +360,16 @@ async fn serve(
                                 .limits
                                 .map_or(u64::MAX, |l| if l.max_output_bytes == 0 { u64::MAX } else { l.max_output_bytes }),
                         };
-                        let abort = CancellationToken::new();
-                        aborts.insert(job.attempt_id.clone(), abort.clone());
-                        let executor = executor.clone();
-                        let mut client = client.clone();
-                        jobs.spawn(async move {
-                            let result = run_step(&mut client, &executor, &job, &abort).await;
-                            (job.attempt_id, result)
-                        });
+                        jobs.start(job, executor.clone(), client.clone());
                     }
-                    Some(Inbound::Abort(abort)) => {
-                        if let Some(token) = aborts.get(&abort.attempt_id) {
-                            token.cancel();
-                        }
-                    }
-                    Some(Inbound::Ping(_) | Inbound::Joined(_)) | None => {}
+                    Some(Inbound::Abort(abort)) => jobs.abort(&abort.attempt_id),
+                    // Results are not kept across sessions yet, so there is nothing to forget.
+                    Some(Inbound::Ping(_) | Inbound::Joined(_) | Inbound::ResultRecorded(_)) | None => {}
                 },
                 None => return Err(TunnelError::Closed),
             },
-            Some(finished) = jobs.join_next() => {
-                let Ok((attempt_id, result)) = finished else { continue };
-                aborts.remove(&attempt_id);
-                send(outbox, Outbound::StepResult(result?)).await?;
+            Some(result) = jobs.next() => {
+                send(outbox, Outbound::StepResult(result)).await?;
             }
         }
     }

@@ -41,15 +41,9 @@ pub async fn outputs(
             }
         }
     }
-    let outcome = match outcome {
-        Outcome::Succeeded => StepOutcome::Succeeded,
-        Outcome::Failed => StepOutcome::Failed,
-        Outcome::TimedOut => StepOutcome::TimedOut,
-        Outcome::InfrastructureFailure => StepOutcome::InfrastructureFailure,
-    };
     Ok(StepResult {
         attempt_id: job.attempt_id.clone(),
-        outcome: outcome.into(),
+        outcome: StepOutcome::from(outcome).into(),
         message,
         outputs: uploaded,
     })

@@ -13,6 +13,10 @@
 /// refused at Join, so runner and builders never misread each other's messages.
 pub const API_VERSION: &str = env!("DROVER_API_VERSION");
 
+mod outcome;
+
+pub use outcome::{Outcome, UnknownOutcome};
+
 /// Package `drover.v1`.
 pub mod v1 {
     tonic::include_proto!("drover.v1");

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use drover_proto::v1::BuildLimits;
@@ -13,6 +14,7 @@ use error_context::{Classify, Severity, WithContext};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::config::Config;
@@ -21,7 +23,9 @@ use crate::grpc::build_service::BuildServiceImpl;
 use crate::grpc::tunnel::BuilderServiceImpl;
 use crate::logs::LogStore;
 use crate::scheduler::attempts::Attempts;
-use crate::scheduler::{Scheduler, SchedulerLimits, ingest};
+use crate::scheduler::core::{Core, CoreLimits};
+use crate::scheduler::driver::{Driver, SchedulerError};
+use crate::scheduler::ingest::{self, Ingest, IngestError};
 use crate::tasks::Supervisor;
 
 /// The largest Submit accepted: derivation texts and input sources arrive in one message.
@@ -30,15 +34,24 @@ const MAX_SUBMISSION_BYTES: usize = 256 * 1024 * 1024;
 /// Events buffered between builder sessions and the scheduler.
 const EVENT_QUEUE: usize = 4096;
 
+/// Plans buffered between ingest and the scheduler: few, since one may hold a whole closure.
+const PLAN_QUEUE: usize = 4;
+
+/// How long shutdown waits for builder sessions and tasks to end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Why the runner cannot start or had to stop. Every variant is fatal.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
     /// The database failed.
     #[error("the database failed")]
     Database(#[source] WithContext<DbError>),
-    /// The scheduler failed (database or cache).
+    /// The scheduler failed.
     #[error("the scheduler failed")]
-    Scheduler(#[source] WithContext<crate::scheduler::SchedulerError>),
+    Scheduler(#[source] WithContext<SchedulerError>),
+    /// Ingest failed.
+    #[error("ingest failed")]
+    Ingest(#[source] WithContext<IngestError>),
     /// A certificate or key file cannot be read.
     #[error("reading {path}")]
     ReadTls {
@@ -102,6 +115,7 @@ pub struct Runner {
     pub cache_public_key: nix_primitives::PublicKey,
     shutdown: CancellationToken,
     supervisor: Supervisor<RunnerError>,
+    sessions: TaskTracker,
 }
 
 /// Connects, migrates, binds and starts every task; returns once the runner serves.
@@ -128,21 +142,15 @@ pub async fn start(
     let attempts = Attempts::default();
     let (events, receiver) = mpsc::channel(EVENT_QUEUE);
     let builds_queued = Arc::new(Notify::new());
-    let limits = SchedulerLimits {
-        max_builder_losses: config.max_builder_losses,
-        build_limits: BuildLimits {
-            timeout_ms: millis(config.step_timeout),
-            max_silent_ms: millis(config.max_silent),
-            max_log_bytes: config.max_log_bytes,
-            max_output_bytes: config.max_output_bytes,
-        },
-    };
     let mut supervisor = Supervisor::new();
-    let scheduler = Scheduler::new(pool.clone(), attempts.clone(), cache.clone(), limits);
-    let scheduler_run = scheduler.run(receiver, builds_queued.clone(), shutdown.clone());
-    supervisor.spawn_critical("scheduler", async move {
-        scheduler_run.await.map_err(RunnerError::Scheduler)
-    });
+    start_scheduler(
+        &config,
+        (&pool, &cache, &attempts),
+        receiver,
+        builds_queued.clone(),
+        &shutdown,
+        &mut supervisor,
+    );
     let listen = ingest::listen(config.database_url.clone(), builds_queued, shutdown.clone());
     supervisor.spawn_critical("ingest listener", async move {
         listen.await.map_err(RunnerError::Database)
@@ -157,6 +165,7 @@ pub async fn start(
             .map_err(RunnerError::ServeCache)
     });
     let cache_for_clients = cache.clone();
+    let sessions = TaskTracker::new();
     let builder_service = BuilderServiceImpl::new(
         events,
         attempts,
@@ -165,6 +174,7 @@ pub async fn start(
         pool.clone(),
         (config.ping_interval, config.liveness_timeout),
         shutdown.clone(),
+        sessions.clone(),
     );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -194,7 +204,50 @@ pub async fn start(
         cache_public_key,
         shutdown,
         supervisor,
+        sessions,
     })
+}
+
+/// Starts the scheduler (driver and core) and ingest, which feeds it plans.
+fn start_scheduler(
+    config: &Config,
+    (pool, cache, attempts): (&db::Pool, &Arc<crate::cache::BinaryCache>, &Attempts),
+    sessions: mpsc::Receiver<crate::scheduler::driver::SessionEvent>,
+    builds_queued: Arc<Notify>,
+    shutdown: &CancellationToken,
+    supervisor: &mut Supervisor<RunnerError>,
+) {
+    let (plans, plan_receiver) = mpsc::channel(PLAN_QUEUE);
+    let committed = Arc::new(AtomicU64::new(0));
+    let core = Core::new(
+        CoreLimits {
+            max_builder_losses: config.max_builder_losses,
+            max_infrastructure_failures: config.max_builder_losses,
+        },
+        Box::new(uuid::Uuid::new_v4),
+    );
+    let build_limits = BuildLimits {
+        timeout_ms: millis(config.step_timeout),
+        max_silent_ms: millis(config.max_silent),
+        max_log_bytes: config.max_log_bytes,
+        max_output_bytes: config.max_output_bytes,
+    };
+    let driver = Driver::new(
+        core,
+        pool.clone(),
+        attempts.clone(),
+        committed.clone(),
+        build_limits,
+    );
+    let scheduler_run = driver.run(sessions, plan_receiver, shutdown.clone());
+    supervisor.spawn_critical("scheduler", async move {
+        scheduler_run.await.map_err(RunnerError::Scheduler)
+    });
+    let ingest_run = Ingest::new(pool.clone(), cache.clone(), plans, committed)
+        .run(builds_queued, shutdown.clone());
+    supervisor.spawn_critical("ingest", async move {
+        ingest_run.await.map_err(RunnerError::Ingest)
+    });
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -257,7 +310,16 @@ impl Runner {
             }
             Some(Err(panic)) => Err(RunnerError::TaskPanicked(panic).into()),
         };
-        while self.supervisor.next_exit().await.is_some() {}
+        self.sessions.close();
+        let stopped = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while self.supervisor.next_exit().await.is_some() {}
+            self.sessions.wait().await;
+        })
+        .await;
+        if stopped.is_err() {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "tasks still running at the end of the shutdown grace period");
+        }
+        tracing::info!("queue runner stopped");
         result
     }
 }

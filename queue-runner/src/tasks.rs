@@ -1,11 +1,16 @@
-//! The only place the runner spawns tasks. Critical tasks (scheduler, LISTEN connection, gRPC
-//! server) are joined by [`Supervisor`]: when any of them ends, for any reason, the runner ends,
-//! so a dead scheduler can never go unnoticed. Detached tasks (one per builder session) log how
-//! they end and take down nothing else.
+//! The only place the runner spawns tasks. Critical tasks (scheduler, ingest, LISTEN connection,
+//! servers) are joined by [`Supervisor`]: when any of them ends, for any reason, the runner ends,
+//! so a dead scheduler can never go unnoticed; a panic is reported with the task's name.
+//! Builder sessions are tracked ([`spawn_tracked`]): shutdown waits for them, and whatever way
+//! one ends, panic included, its exit handler runs, so no builder is left registered with
+//! attempts nobody will report.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 
+use futures_util::FutureExt as _;
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 /// How a critical task ended.
 pub type TaskExit<E> = (&'static str, Result<(), E>);
@@ -29,14 +34,25 @@ impl<E: Send + 'static> Supervisor<E> {
     where
         F: Future<Output = Result<(), E>> + Send + 'static,
     {
-        self.tasks.spawn(async move { (name, task.await) });
+        self.tasks.spawn(async move {
+            match AssertUnwindSafe(task).catch_unwind().await {
+                Ok(result) => (name, result),
+                Err(panic) => std::panic::resume_unwind(Box::new(format!(
+                    "the {name} task panicked: {}",
+                    panic_message(panic.as_ref())
+                ))),
+            }
+        });
     }
 
-    /// Waits for the next critical task to end. `Err(name)` if it panicked or was cancelled;
-    /// `None` when none is left.
+    /// Waits for the next critical task to end. `Err(why)` if it panicked (naming the task) or
+    /// was cancelled; `None` when none is left.
     pub async fn next_exit(&mut self) -> Option<Result<TaskExit<E>, String>> {
         let joined = self.tasks.join_next().await?;
-        Some(joined.map_err(|error| error.to_string()))
+        Some(joined.map_err(|error| match error.try_into_panic() {
+            Ok(panic) => panic_message(panic.as_ref()),
+            Err(error) => error.to_string(),
+        }))
     }
 }
 
@@ -46,17 +62,66 @@ impl<E: Send + 'static> Default for Supervisor<E> {
     }
 }
 
-/// Starts a task nothing waits for; it must handle its own errors.
-pub fn spawn_detached<F>(name: &'static str, task: F)
+/// Starts a task on `tracker` (shutdown waits for it); `on_exit` runs when it ends, with the
+/// panic message if it panicked.
+pub fn spawn_tracked<F, X>(tracker: &TaskTracker, name: &'static str, task: F, on_exit: X)
 where
     F: Future<Output = ()> + Send + 'static,
+    X: FnOnce(Option<String>) -> futures_util::future::BoxFuture<'static, ()> + Send + 'static,
 {
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "the one place detached tasks are spawned"
-    )]
-    tokio::spawn(async move {
-        task.await;
-        tracing::trace!(task = name, "task ended");
+    tracker.spawn(async move {
+        let panic = AssertUnwindSafe(task)
+            .catch_unwind()
+            .await
+            .err()
+            .map(|panic| panic_message(panic.as_ref()));
+        if let Some(message) = &panic {
+            tracing::error!(task = name, panic = %message, "task panicked");
+        }
+        on_exit(panic).await;
     });
+}
+
+/// The text of a panic payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|text| (*text).to_owned()))
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_tracked_task_still_runs_its_exit_handler() {
+        let tracker = TaskTracker::new();
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        spawn_tracked(
+            &tracker,
+            "doomed",
+            async { panic!("injected") },
+            move |panic| {
+                Box::pin(async move {
+                    let _ = sender.send(panic);
+                })
+            },
+        );
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(receiver.await.unwrap(), Some("injected".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_critical_task_is_reported_by_name() {
+        let mut supervisor: Supervisor<()> = Supervisor::new();
+        supervisor.spawn_critical("dispatcher", async { panic!("boom") });
+        let exit = supervisor.next_exit().await.unwrap();
+        assert_eq!(
+            exit.unwrap_err(),
+            "the dispatcher task panicked: boom".to_owned()
+        );
+    }
 }

@@ -15,6 +15,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "machine health from pings",
         include_str!("../../migrations/0002_machine_health.sql"),
     ),
+    (
+        3,
+        "global build priority",
+        include_str!("../../migrations/0003_global_priority.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

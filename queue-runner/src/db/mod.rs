@@ -4,6 +4,8 @@
 
 mod migrations;
 pub mod queries;
+pub mod status;
+pub mod transitions;
 
 use error_context::{Classify, Severity};
 
@@ -24,6 +26,14 @@ pub enum DbError {
     /// A connection the runner keeps open closed.
     #[error("{0} closed")]
     ConnectionClosed(&'static str),
+    /// A row holds a status this version does not know (a newer runner wrote it).
+    #[error("unknown {sql_type} {label:?}")]
+    UnknownStatus {
+        /// The PostgreSQL enum.
+        sql_type: &'static str,
+        /// The label read.
+        label: String,
+    },
     /// A statement failed.
     #[error("{what}")]
     Query {
@@ -55,6 +65,7 @@ impl Classify for DbError {
                 Severity::Step
             }
             Self::Configure(_)
+            | Self::UnknownStatus { .. }
             | Self::Connection(_)
             | Self::ConnectionClosed(_)
             | Self::Query { .. } => Severity::Fatal,

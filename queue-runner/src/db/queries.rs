@@ -1,12 +1,11 @@
-//! The runner's statements, one function each. Hot paths use one statement per state change
-//! (data-modifying CTEs), so a dispatch or a completion is one round trip.
-
-use std::collections::BTreeMap;
+//! The runner's statements outside the scheduler's batches (see [`super::transitions`]), one
+//! function each: ingest, recovery, logs, submissions and reads.
 
 use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
 use super::DbError;
+use super::status::{BuildStatus, StepStatus};
 
 /// A build the runner has to expand into steps.
 #[derive(Debug, Clone)]
@@ -17,6 +16,8 @@ pub struct QueuedBuild {
     pub drv_path: String,
     /// Its priority.
     pub priority: i32,
+    /// Its global priority, set by administrators.
+    pub global_priority: i32,
 }
 
 /// Which builds to load.
@@ -37,11 +38,11 @@ pub async fn queued_builds(
 ) -> Result<Vec<QueuedBuild>, DbError> {
     let sql = match selection {
         BuildSelection::NotIngested => {
-            "SELECT id, drv_path, priority FROM builds
+            "SELECT id, drv_path, priority, global_priority FROM builds
              WHERE ingested_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
         }
         BuildSelection::Unfinished => {
-            "SELECT id, drv_path, priority FROM builds
+            "SELECT id, drv_path, priority, global_priority FROM builds
              WHERE finished_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
         }
     };
@@ -55,6 +56,7 @@ pub async fn queued_builds(
             id: row.get(0),
             drv_path: row.get(1),
             priority: row.get(2),
+            global_priority: row.get(3),
         })
         .collect())
 }
@@ -81,8 +83,12 @@ pub struct StepRow {
     pub id: i64,
     /// Its derivation.
     pub drv_path: String,
-    /// Its status, as text.
-    pub status: String,
+    /// Its status.
+    pub status: StepStatus,
+    /// Builder losses it survived.
+    pub builder_losses: u32,
+    /// Infrastructure failures it survived.
+    pub infrastructure_failures: u32,
 }
 
 /// A step to create if it does not exist.
@@ -110,44 +116,52 @@ pub async fn ensure_steps(
              SELECT path, 'waiting', system, string_to_array(features, ' ')
              FROM unnest($1::text[], $2::text[], $3::text[]) AS s(path, system, features)
              ON CONFLICT (drv_path) DO UPDATE SET drv_path = EXCLUDED.drv_path
-             RETURNING id, drv_path, status::text",
+             RETURNING id, drv_path, status::text, builder_losses, infrastructure_failures",
             &[&paths, &systems, &features],
         )
         .await
         .map_err(DbError::query("creating steps"))?;
-    Ok(rows
-        .iter()
-        .map(|row| StepRow {
-            id: row.get(0),
-            drv_path: row.get(1),
-            status: row.get(2),
+    let count = |value: i32| u32::try_from(value).unwrap_or(0);
+    rows.iter()
+        .map(|row| {
+            let label: String = row.get(2);
+            Ok(StepRow {
+                id: row.get(0),
+                drv_path: row.get(1),
+                status: StepStatus::from_label(&label).ok_or(DbError::UnknownStatus {
+                    sql_type: StepStatus::SQL_TYPE,
+                    label,
+                })?,
+                builder_losses: count(row.get(3)),
+                infrastructure_failures: count(row.get(4)),
+            })
         })
-        .collect())
+        .collect()
 }
 
-/// Sets the status of steps entering the graph (runnable or waiting) and links a build to the
-/// steps it needs, then marks the build ingested.
+/// Links a build to the steps it needs and marks it ingested; steps done without building
+/// (their outputs were already in a cache) succeed, and steps that start again after ending for
+/// good in an earlier life get fresh counters. The scheduler core sets the other statuses.
 pub async fn record_ingested_build(
     client: &impl GenericClient,
     build: i64,
     needed_steps: &[i64],
-    step_statuses: &BTreeMap<i64, &'static str>,
+    substituted_steps: &[i64],
+    fresh_steps: &[i64],
 ) -> Result<(), DbError> {
-    let ids: Vec<i64> = step_statuses.keys().copied().collect();
-    let statuses: Vec<&str> = step_statuses.values().copied().collect();
     client
         .execute(
-            "WITH statuses AS (
-                 UPDATE steps SET status = u.status::step_status,
-                     finished_at = CASE WHEN u.status = 'succeeded' THEN now() END,
-                     builder_losses = 0, infrastructure_failures = 0, failure_reason = NULL
-                 FROM unnest($2::bigint[], $3::text[]) AS u(id, status)
-                 WHERE steps.id = u.id),
+            "WITH substituted AS (
+                 UPDATE steps SET status = 'succeeded', finished_at = now(), failure_reason = NULL
+                 WHERE id = ANY($3)),
+             fresh AS (
+                 UPDATE steps SET builder_losses = 0, infrastructure_failures = 0
+                 WHERE id = ANY($4)),
              links AS (
                  INSERT INTO build_steps (build_id, step_id)
-                 SELECT $1, unnest($4::bigint[]) ON CONFLICT DO NOTHING)
+                 SELECT $1, unnest($2::bigint[]) ON CONFLICT DO NOTHING)
              UPDATE builds SET ingested_at = now() WHERE id = $1",
-            &[&build, &ids, &statuses, &needed_steps],
+            &[&build, &needed_steps, &substituted_steps, &fresh_steps],
         )
         .await
         .map_err(DbError::query("recording an ingested build"))?;
@@ -178,9 +192,10 @@ pub async fn record_substituted_outputs(
 pub async fn finish_build(
     client: &impl GenericClient,
     build: i64,
-    status: &str,
+    status: BuildStatus,
     reason: Option<&str>,
 ) -> Result<(), DbError> {
+    let status = status.as_str();
     client
         .execute(
             "UPDATE builds SET status = $2::text::build_status, finished_at = now(),
@@ -206,266 +221,6 @@ pub async fn abort_orphaned_attempts(client: &impl GenericClient) -> Result<u64,
         )
         .await
         .map_err(DbError::query("aborting orphaned attempts"))
-}
-
-/// Records a dispatch: the attempt, the step running, its builds running.
-pub async fn record_dispatch(
-    client: &impl GenericClient,
-    attempt: Uuid,
-    step: i64,
-    machine: &str,
-) -> Result<(), DbError> {
-    client
-        .execute(
-            "WITH attempt AS (
-                 INSERT INTO step_attempts (id, step_id, machine) VALUES ($1, $2, $3)),
-             step AS (
-                 UPDATE steps SET status = 'running', started_at = now() WHERE id = $2)
-             UPDATE builds SET status = 'running', started_at = now()
-             WHERE status = 'queued' AND id IN (SELECT build_id FROM build_steps WHERE step_id = $2)",
-            &[&attempt, &step, &machine],
-        )
-        .await
-        .map_err(DbError::query("recording a dispatch"))?;
-    Ok(())
-}
-
-/// An output reported by a builder.
-#[derive(Debug, Clone)]
-pub struct OutputRow {
-    /// Output name.
-    pub name: String,
-    /// Output path.
-    pub path: String,
-    /// Reported NAR hash.
-    pub nar_hash: String,
-    /// Reported NAR size.
-    pub nar_size: i64,
-}
-
-/// Records a success: attempt, step, outputs, newly runnable steps and finished builds.
-pub async fn record_success(
-    client: &impl GenericClient,
-    attempt: Uuid,
-    step: i64,
-    outputs: &[OutputRow],
-    runnable: &[i64],
-    succeeded_builds: &[i64],
-) -> Result<(), DbError> {
-    let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
-    let paths: Vec<&str> = outputs.iter().map(|o| o.path.as_str()).collect();
-    let hashes: Vec<&str> = outputs.iter().map(|o| o.nar_hash.as_str()).collect();
-    let sizes: Vec<i64> = outputs.iter().map(|o| o.nar_size).collect();
-    client
-        .execute(
-            "WITH attempt AS (
-                 UPDATE step_attempts SET status = 'succeeded', finished_at = now() WHERE id = $1),
-             step AS (
-                 UPDATE steps SET status = 'succeeded', finished_at = now() WHERE id = $2),
-             outputs AS (
-                 INSERT INTO step_outputs (step_id, output_name, path, nar_hash, nar_size)
-                 SELECT $2, * FROM unnest($3::text[], $4::text[], $5::text[], $6::bigint[])
-                 ON CONFLICT DO NOTHING),
-             runnable AS (
-                 UPDATE steps SET status = 'runnable' WHERE id = ANY($7))
-             UPDATE builds SET status = 'succeeded', finished_at = now() WHERE id = ANY($8)",
-            &[
-                &attempt,
-                &step,
-                &names,
-                &paths,
-                &hashes,
-                &sizes,
-                &runnable,
-                &succeeded_builds,
-            ],
-        )
-        .await
-        .map_err(DbError::query("recording a success"))?;
-    Ok(())
-}
-
-/// What a permanent failure changed.
-#[derive(Debug, Clone)]
-pub struct FailureRecord<'a> {
-    /// The attempt, if the failure came from one.
-    pub attempt: Option<Uuid>,
-    /// Its attempt status (`failed`, `timed_out`, `builder_lost`, ...).
-    pub attempt_status: &'a str,
-    /// The step.
-    pub step: i64,
-    /// `failed` when the build itself failed (remembered: later builds of it fail at once), or
-    /// `cancelled` when it ran out of retries for faults that were not its own (built again by
-    /// the next build that needs it).
-    pub step_status: &'a str,
-    /// Why, for humans.
-    pub reason: &'a str,
-    /// Steps that can no longer run.
-    pub dep_failed_steps: &'a [i64],
-    /// Builds whose top-level step failed.
-    pub failed_builds: &'a [i64],
-    /// Builds that needed a failed step.
-    pub dep_failed_builds: &'a [i64],
-}
-
-/// Records a permanent failure and its propagation in one statement.
-pub async fn record_failure(
-    client: &impl GenericClient,
-    failure: &FailureRecord<'_>,
-) -> Result<(), DbError> {
-    let dependency_reason = format!("a dependency failed: {}", failure.reason);
-    client
-        .execute(
-            "WITH attempt AS (
-                 UPDATE step_attempts SET status = $2::text::attempt_status, finished_at = now(),
-                     message = $4 WHERE id = $1),
-             step AS (
-                 UPDATE steps SET status = $9::text::step_status, finished_at = now(),
-                     failure_reason = $4
-                 WHERE id = $3),
-             dependents AS (
-                 UPDATE steps SET status = 'dep_failed', finished_at = now(), failure_reason = $5
-                 WHERE id = ANY($6)),
-             failed AS (
-                 UPDATE builds SET status = 'failed', finished_at = now(), failure_reason = $4
-                 WHERE id = ANY($7))
-             UPDATE builds SET status = 'dep_failed', finished_at = now(), failure_reason = $5
-             WHERE id = ANY($8)",
-            &[
-                &failure.attempt,
-                &failure.attempt_status,
-                &failure.step,
-                &failure.reason,
-                &dependency_reason,
-                &failure.dep_failed_steps,
-                &failure.failed_builds,
-                &failure.dep_failed_builds,
-                &failure.step_status,
-            ],
-        )
-        .await
-        .map_err(DbError::query("recording a failure"))?;
-    Ok(())
-}
-
-/// Which counter a requeue increments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequeueCause {
-    /// The builder disconnected or went silent.
-    BuilderLost,
-    /// The builder reported a failure that was not the build's.
-    InfrastructureFailure,
-}
-
-/// Ends an attempt that did not fail the build and makes its step runnable again; returns how
-/// many times that cause has now hit the step.
-pub async fn record_requeue(
-    client: &impl GenericClient,
-    attempt: Uuid,
-    step: i64,
-    cause: RequeueCause,
-    message: &str,
-) -> Result<i32, DbError> {
-    let sql = match cause {
-        RequeueCause::BuilderLost => {
-            "WITH attempt AS (
-                 UPDATE step_attempts SET status = 'builder_lost', finished_at = now(), message = $3
-                 WHERE id = $1)
-             UPDATE steps SET status = 'runnable', builder_losses = builder_losses + 1
-             WHERE id = $2 RETURNING builder_losses"
-        }
-        RequeueCause::InfrastructureFailure => {
-            "WITH attempt AS (
-                 UPDATE step_attempts SET status = 'infrastructure_failure', finished_at = now(),
-                     message = $3
-                 WHERE id = $1)
-             UPDATE steps SET status = 'runnable',
-                 infrastructure_failures = infrastructure_failures + 1
-             WHERE id = $2 RETURNING infrastructure_failures"
-        }
-    };
-    let row = client
-        .query_one(sql, &[&attempt, &step, &message])
-        .await
-        .map_err(DbError::query("requeueing a step"))?;
-    Ok(row.get(0))
-}
-
-/// What a builder offered at Join.
-#[derive(Debug, Clone)]
-pub struct MachineRow<'a> {
-    /// Its name.
-    pub name: &'a str,
-    /// Systems.
-    pub systems: Vec<String>,
-    /// Supported features.
-    pub supported_features: Vec<String>,
-    /// Mandatory features.
-    pub mandatory_features: Vec<String>,
-    /// Max jobs.
-    pub max_jobs: i32,
-    /// Speed factor.
-    pub speed_factor: f64,
-    /// Nix version.
-    pub nix_version: &'a str,
-}
-
-/// Records a builder joining.
-pub async fn machine_joined(
-    client: &impl GenericClient,
-    machine: &MachineRow<'_>,
-) -> Result<(), DbError> {
-    client
-        .execute(
-            "INSERT INTO machines (name, systems, supported_features, mandatory_features, max_jobs,
-                 speed_factor, nix_version, connected)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, true)
-             ON CONFLICT (name) DO UPDATE SET systems = $2, supported_features = $3,
-                 mandatory_features = $4, max_jobs = $5, speed_factor = $6, nix_version = $7,
-                 connected = true, last_seen_at = now()",
-            &[
-                &machine.name,
-                &machine.systems,
-                &machine.supported_features,
-                &machine.mandatory_features,
-                &machine.max_jobs,
-                &machine.speed_factor,
-                &machine.nix_version,
-            ],
-        )
-        .await
-        .map_err(DbError::query("recording a builder joining"))?;
-    Ok(())
-}
-
-/// Records a builder's ping.
-pub async fn machine_pinged(
-    client: &impl GenericClient,
-    name: &str,
-    free_disk_bytes: Option<i64>,
-) -> Result<(), DbError> {
-    client
-        .execute(
-            "UPDATE machines SET last_ping_at = now(),
-                 free_disk_bytes = coalesce($2, free_disk_bytes)
-             WHERE name = $1",
-            &[&name, &free_disk_bytes],
-        )
-        .await
-        .map_err(DbError::query("recording a ping"))?;
-    Ok(())
-}
-
-/// Records a builder leaving.
-pub async fn machine_left(client: &impl GenericClient, name: &str) -> Result<(), DbError> {
-    client
-        .execute(
-            "UPDATE machines SET connected = false, last_seen_at = now() WHERE name = $1",
-            &[&name],
-        )
-        .await
-        .map_err(DbError::query("recording a builder leaving"))?;
-    Ok(())
 }
 
 /// Records where an attempt's log is.

@@ -2,36 +2,39 @@
 //! and the log upload. Handlers authenticate from the certificate, check the API version, and hand
 //! everything that changes state to the scheduler.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use drover_proto::API_VERSION;
 use drover_proto::v1::builder_message::Message as Inbound;
 use drover_proto::v1::builder_service_server::BuilderService;
 use drover_proto::v1::runner_message::Message as Outbound;
 use drover_proto::v1::{
-    BuilderMessage, Join, Joined, LogChunk, NarChunk, RunnerMessage, StepOutcome, StepResult,
-    UploadLogResponse, UploadNarResponse,
+    BuilderMessage, Join, Joined, LogChunk, NarChunk, RunnerMessage, StepResult, UploadLogResponse,
+    UploadNarResponse,
 };
+use drover_proto::{API_VERSION, Outcome};
 use drover_tls::Role;
+use error_context::{Classify, Severity};
+use nix_primitives::StorePath;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use super::{auth, upload};
 use crate::cache::BinaryCache;
 use crate::db::Pool;
-use crate::db::queries::{self, OutputRow};
+use crate::db::queries;
 use crate::logs::LogStore;
 use crate::scheduler::attempts::{AttemptOwner, Attempts};
-use crate::scheduler::machines::{Capabilities, OutboxItem};
-use crate::scheduler::{Event, Outcome};
+use crate::scheduler::core::{Capabilities, Event, OutputRecord, Report, SessionId};
+use crate::scheduler::driver::{OutboxItem, SessionEvent, SessionLink};
 use crate::tasks;
 
 /// Messages queued for one builder beyond its job slots: Joined, pings and aborts. The scheduler
@@ -49,7 +52,7 @@ const MAX_JOBS_LIMIT: u32 = 1024;
 
 /// The builder service.
 pub struct BuilderServiceImpl {
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<SessionEvent>,
     attempts: Attempts,
     cache: Arc<BinaryCache>,
     logs: LogStore,
@@ -59,19 +62,26 @@ pub struct BuilderServiceImpl {
     shutdown: CancellationToken,
     next_session: Arc<AtomicU64>,
     uploads: Arc<tokio::sync::Semaphore>,
+    sessions: TaskTracker,
 }
 
 impl BuilderServiceImpl {
-    /// A service feeding `events`.
+    /// A service feeding `events`; its builder sessions run on `sessions`, which shutdown waits
+    /// for.
     #[must_use]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the service's shared parts, each handed over once at start"
+    )]
     pub fn new(
-        events: mpsc::Sender<Event>,
+        events: mpsc::Sender<SessionEvent>,
         attempts: Attempts,
         cache: Arc<BinaryCache>,
         logs: LogStore,
         pool: Pool,
         (ping_interval, liveness_timeout): (Duration, Duration),
         shutdown: CancellationToken,
+        sessions: TaskTracker,
     ) -> Self {
         Self {
             events,
@@ -84,6 +94,7 @@ impl BuilderServiceImpl {
             shutdown,
             next_session: Arc::new(AtomicU64::new(1)),
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
+            sessions,
         }
     }
 
@@ -151,28 +162,55 @@ impl BuilderService for BuilderServiceImpl {
             .try_send(Ok(joined))
             .map_err(|_| Status::internal("the new tunnel's outbox is full"))?;
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let end = self.shutdown.child_token();
         self.events
-            .send(Event::BuilderJoined {
+            .send(SessionEvent::Joined {
                 name: identity.name.clone(),
                 session,
                 capabilities,
                 nix_version: join.nix_version,
-                outbox: outbox.clone(),
+                link: SessionLink {
+                    outbox: outbox.clone(),
+                    end: end.clone(),
+                },
             })
             .await
             .map_err(|_| Status::unavailable("the runner is shutting down"))?;
-        let session = BuilderSession {
+        let (reason_sender, reason) = tokio::sync::oneshot::channel();
+        let builder = BuilderSession {
             name: identity.name,
             session,
             inbound,
             outbox,
             events: self.events.clone(),
             attempts: self.attempts.clone(),
-            pool: self.pool.clone(),
+            cache: self.cache.clone(),
             liveness_timeout: self.liveness_timeout,
-            shutdown: self.shutdown.child_token(),
+            end,
         };
-        tasks::spawn_detached("builder session", session.run());
+        let events = self.events.clone();
+        tasks::spawn_tracked(
+            &self.sessions,
+            "builder session",
+            async move {
+                let _ = reason_sender.send(builder.run().await);
+            },
+            move |panic| {
+                Box::pin(async move {
+                    // One exit path, whatever ended the session: the scheduler hears of it and
+                    // requeues what the builder ran.
+                    let reason = match panic {
+                        Some(message) => format!("its session panicked: {message}"),
+                        None => reason
+                            .await
+                            .unwrap_or_else(|_| "its session ended".to_owned()),
+                    };
+                    let _ = events
+                        .send(SessionEvent::Core(Event::BuilderLeft { session, reason }))
+                        .await;
+                })
+            },
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
@@ -266,39 +304,76 @@ fn parse_attempt(text: &str) -> Result<Uuid, Status> {
         .map_err(|_| Status::invalid_argument(format!("{text:?} is not an attempt id")))
 }
 
-/// One builder's tunnel: reads its messages until it leaves, goes silent or misbehaves, then
-/// tells the scheduler, which requeues whatever it was running.
+/// One builder's tunnel: reads its messages until it leaves, goes silent, misbehaves or is
+/// ended by the scheduler; [`BuilderServiceImpl::open_tunnel`] then tells the scheduler, which
+/// requeues whatever it was running.
 struct BuilderSession {
     name: String,
-    session: u64,
+    session: SessionId,
     inbound: Streaming<BuilderMessage>,
     outbox: mpsc::Sender<OutboxItem>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<SessionEvent>,
     attempts: Attempts,
-    pool: Pool,
+    cache: Arc<BinaryCache>,
     liveness_timeout: Duration,
-    shutdown: CancellationToken,
+    end: CancellationToken,
+}
+
+/// Why a builder's message was not passed on as it came.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// The message is malformed.
+    #[error("{0}")]
+    Malformed(&'static str),
+    /// The attempt id is not a UUID.
+    #[error("{0:?} is not an attempt id")]
+    AttemptId(String),
+    /// The builder reported on an attempt given to another builder.
+    #[error("attempt {attempt} was not given to builder/{builder}")]
+    ForeignAttempt {
+        /// The attempt.
+        attempt: Uuid,
+        /// The builder that reported.
+        builder: String,
+    },
+    /// The builder named an outcome this runner does not know.
+    #[error("a StepResult without a known outcome")]
+    Outcome(#[source] drover_proto::UnknownOutcome),
+    /// A claimed success does not match what the step must produce or what was uploaded.
+    #[error("{0}")]
+    Outputs(String),
+    /// The cache could not be read to check an output.
+    #[error("reading the cache entry of {path}")]
+    ReadCache {
+        /// The output path.
+        path: String,
+        /// Why.
+        #[source]
+        source: crate::cache::CacheError,
+    },
+}
+
+impl Classify for SessionError {
+    /// A malformed or forged message ends the session; a success that cannot be verified fails
+    /// that attempt only (its step is retried), as does a cache read error on its files.
+    fn severity(&self) -> Severity {
+        match self {
+            Self::Malformed(_)
+            | Self::AttemptId(_)
+            | Self::ForeignAttempt { .. }
+            | Self::Outcome(_) => Severity::Session,
+            Self::Outputs(_) | Self::ReadCache { .. } => Severity::Step,
+        }
+    }
 }
 
 impl BuilderSession {
-    async fn run(mut self) {
-        let reason = self.read_until_done().await;
-        let _ = self
-            .events
-            .send(Event::BuilderLeft {
-                name: self.name,
-                session: self.session,
-                reason,
-            })
-            .await;
-    }
-
     /// Reads messages until the session ends; returns why it ended.
-    async fn read_until_done(&mut self) -> String {
+    async fn run(mut self) -> String {
         let mut deadline = Instant::now() + self.liveness_timeout;
         loop {
             tokio::select! {
-                () = self.shutdown.cancelled() => return "the runner is shutting down".to_owned(),
+                () = self.end.cancelled() => return "the session was ended by the runner".to_owned(),
                 () = tokio::time::sleep_until(deadline) => {
                     let _ = self.outbox.try_send(Err(Status::deadline_exceeded(
                         "no message within the liveness timeout",
@@ -308,8 +383,13 @@ impl BuilderSession {
                 message = self.inbound.message() => match message {
                     Ok(Some(message)) => {
                         deadline = Instant::now() + self.liveness_timeout;
-                        if let Err(status) = self.on_message(message).await {
-                            let reason = status.message().to_owned();
+                        if let Err(error) = self.on_message(message).await {
+                            let reason = error_context::report(&error).to_string();
+                            tracing::warn!(builder = %self.name, %reason, "ending a builder session");
+                            let status = match error {
+                                SessionError::ForeignAttempt { .. } => Status::permission_denied(reason.clone()),
+                                _ => Status::invalid_argument(reason.clone()),
+                            };
                             let _ = self.outbox.try_send(Err(status));
                             return reason;
                         }
@@ -321,76 +401,138 @@ impl BuilderSession {
         }
     }
 
-    async fn on_message(&mut self, message: BuilderMessage) -> Result<(), Status> {
-        match message.message {
-            Some(Inbound::StepResult(result)) => self.on_step_result(result).await,
-            Some(Inbound::Join(_)) => Err(Status::invalid_argument("Join sent twice")),
-            Some(Inbound::Ping(ping)) => {
-                self.on_ping(&ping).await;
-                Ok(())
-            }
-            Some(Inbound::StepUpdate(_) | Inbound::Draining(_)) | None => Ok(()),
-        }
+    async fn on_message(&mut self, message: BuilderMessage) -> Result<(), SessionError> {
+        let event = match message.message {
+            Some(Inbound::StepResult(result)) => match self.on_step_result(result)? {
+                Some(event) => event,
+                None => return Ok(()),
+            },
+            Some(Inbound::Join(_)) => return Err(SessionError::Malformed("Join sent twice")),
+            Some(Inbound::Ping(ping)) => Event::BuilderPinged {
+                session: self.session,
+                free_disk_bytes: (ping.free_disk_bytes > 0).then_some(ping.free_disk_bytes),
+            },
+            Some(Inbound::StepUpdate(_) | Inbound::Draining(_)) | None => return Ok(()),
+        };
+        // The runner is shutting down when the scheduler is gone; the session ends with it.
+        let _ = self.events.send(SessionEvent::Core(event)).await;
+        Ok(())
     }
 
-    /// Records what a ping reports. Best-effort: a database hiccup must not end the session (the
-    /// scheduler notices a lost database on its own).
-    async fn on_ping(&self, ping: &drover_proto::v1::Ping) {
-        let free = (ping.free_disk_bytes > 0)
-            .then(|| i64::try_from(ping.free_disk_bytes).unwrap_or(i64::MAX));
-        if let Ok(client) = self.pool.get().await
-            && let Err(error) = queries::machine_pinged(&client, &self.name, free).await
-        {
-            tracing::warn!(builder = %self.name, error = %error_context::report(&error), "recording a ping failed");
-        }
-    }
-
-    async fn on_step_result(&mut self, result: StepResult) -> Result<(), Status> {
-        let attempt = parse_attempt(&result.attempt_id)?;
-        match self.attempts.owner(&attempt) {
+    /// Checks a result: the attempt must be this builder's, and a success must report exactly
+    /// the step's outputs, as uploaded. A success that does not check out becomes an
+    /// infrastructure failure of that attempt (severity Step); anything worse ends the session.
+    fn on_step_result(&self, result: StepResult) -> Result<Option<Event>, SessionError> {
+        let attempt = Uuid::parse_str(&result.attempt_id)
+            .map_err(|_| SessionError::AttemptId(result.attempt_id.clone()))?;
+        let owner = match self.attempts.owner(&attempt) {
             None => {
                 tracing::debug!(%attempt, builder = %self.name, "result for an attempt no longer running");
-                return Ok(());
+                None
             }
             Some(owner) if owner.builder != self.name => {
-                tracing::warn!(%attempt, builder = %self.name, owner = %owner.builder, "builder reported on another builder's attempt");
-                return Err(Status::permission_denied(format!(
-                    "attempt {attempt} was not given to builder/{}",
-                    self.name
-                )));
+                return Err(SessionError::ForeignAttempt {
+                    attempt,
+                    builder: self.name.clone(),
+                });
             }
-            Some(_) => {}
-        }
-        let outcome = match StepOutcome::try_from(result.outcome) {
-            Ok(StepOutcome::Succeeded) => Outcome::Succeeded,
-            Ok(StepOutcome::Failed) => Outcome::Failed,
-            Ok(StepOutcome::TimedOut) => Outcome::TimedOut,
-            Ok(StepOutcome::InfrastructureFailure) => Outcome::InfrastructureFailure,
-            Ok(StepOutcome::Unspecified) | Err(_) => {
-                return Err(Status::invalid_argument(
-                    "a StepResult without a known outcome",
-                ));
-            }
+            Some(owner) => Some(owner),
         };
-        let outputs = result
+        let outcome = Outcome::try_from(result.outcome).map_err(SessionError::Outcome)?;
+        let outputs: Vec<OutputRecord> = result
             .outputs
             .into_iter()
-            .map(|output| OutputRow {
+            .map(|output| OutputRecord {
                 name: output.name,
                 path: output.path,
                 nar_hash: output.nar_hash,
-                nar_size: i64::try_from(output.nar_size).unwrap_or(i64::MAX),
+                nar_size: output.nar_size,
             })
             .collect();
-        self.events
-            .send(Event::StepFinished {
-                builder: self.name.clone(),
-                attempt,
-                outcome,
-                message: result.message,
-                outputs,
-            })
-            .await
-            .map_err(|_| Status::unavailable("the runner is shutting down"))
+        let mut report = Report {
+            outcome,
+            message: result.message,
+            outputs,
+        };
+        if outcome == Outcome::Succeeded
+            && let Some(owner) = &owner
+            && let Err(error) = self.check_outputs(owner, &report.outputs)
+        {
+            if error.severity() != Severity::Step {
+                return Err(error);
+            }
+            tracing::warn!(%attempt, builder = %self.name, error = %error_context::report(&error), "refusing a claimed success");
+            report = Report {
+                outcome: Outcome::InfrastructureFailure,
+                message: error_context::report(&error).to_string(),
+                outputs: Vec::new(),
+            };
+        }
+        // A result for an attempt that no longer runs still goes to the scheduler, which
+        // acknowledges it so the builder can forget it.
+        Ok(Some(Event::StepFinished {
+            session: self.session,
+            attempt,
+            report,
+        }))
+    }
+
+    /// A success must report exactly the step's outputs at their paths, each published in the
+    /// farm's own cache with the NAR hash reported.
+    fn check_outputs(
+        &self,
+        owner: &AttemptOwner,
+        outputs: &[OutputRecord],
+    ) -> Result<(), SessionError> {
+        let reported: BTreeMap<&str, &str> = outputs
+            .iter()
+            .map(|output| (output.name.as_str(), output.path.as_str()))
+            .collect();
+        let expected: BTreeMap<&str, String> = owner
+            .spec
+            .outputs
+            .iter()
+            .map(|(name, path)| (name.as_str(), path.to_absolute()))
+            .collect();
+        let matches = reported.len() == expected.len()
+            && expected
+                .iter()
+                .all(|(name, path)| reported.get(name) == Some(&path.as_str()));
+        if !matches {
+            return Err(SessionError::Outputs(format!(
+                "the builder reported outputs {reported:?}, expected {expected:?}"
+            )));
+        }
+        for output in outputs {
+            let Ok(path) = StorePath::from_absolute(&output.path) else {
+                return Err(SessionError::Outputs(format!(
+                    "{:?} is not a store path",
+                    output.path
+                )));
+            };
+            let published =
+                self.cache
+                    .narinfo(&path)
+                    .map_err(|source| SessionError::ReadCache {
+                        path: output.path.clone(),
+                        source,
+                    })?;
+            match published {
+                None => {
+                    return Err(SessionError::Outputs(format!(
+                        "output {} was not uploaded",
+                        output.path
+                    )));
+                }
+                Some(info) if info.nar_hash.to_typed_base32() != output.nar_hash => {
+                    return Err(SessionError::Outputs(format!(
+                        "the builder reported NAR hash {} for {}, which is not what it uploaded",
+                        output.nar_hash, output.path
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 }

@@ -16,7 +16,8 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use crate::cache::{BinaryCache, CacheError, Publication};
-use crate::scheduler::attempts::{AttemptOwner, UploadPolicy};
+use crate::scheduler::attempts::AttemptOwner;
+use crate::scheduler::core::StepSpec;
 
 /// Chunks buffered between the gRPC stream and the publisher.
 const QUEUED_CHUNKS: usize = 8;
@@ -101,8 +102,7 @@ pub async fn receive(
         .await?
         .ok_or_else(|| Status::invalid_argument("an empty NAR upload"))?;
     let owner = owner(&first.attempt_id)?;
-    let publication =
-        publication(&owner.policy, &first.store_path, &first.references, cache).await?;
+    let publication = publication(&owner.spec, &first.store_path, &first.references, cache).await?;
     let (sender, receiver) = mpsc::channel::<Vec<u8>>(QUEUED_CHUNKS);
     let cache = cache.clone();
     let attempt_id = first.attempt_id.clone();
@@ -140,7 +140,7 @@ pub async fn receive(
 
 /// Checks an upload's header against what the attempt may upload.
 async fn publication(
-    policy: &UploadPolicy,
+    policy: &StepSpec,
     store_path: &str,
     references: &[String],
     cache: &BinaryCache,
@@ -172,7 +172,7 @@ async fn publication(
         store_path: path,
         references,
         upstream_references,
-        deriver: Some(policy.deriver.clone()),
+        deriver: Some(policy.drv_path.clone()),
         content_address: policy
             .fixed
             .map(|(method, hash)| ContentAddress::Fixed { method, hash }),

@@ -5,23 +5,51 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use error_context::{ResultExt as _, WithContext};
+use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use futures_util::StreamExt as _;
 use nix_primitives::{
     ContentAddress, Derivation, DerivationOutput, Hash, IngestionMethod, StorePath,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
-use super::SchedulerError;
-use super::graph::{NewStep, Requirements, StepGraph, StepId};
+use super::core::{self, BuildPlan, Event, PlannedStep, Requirements, StepId};
 use crate::cache::{BinaryCache, CacheError, Publication};
-use crate::db::queries::{self, BuildSelection, QueuedBuild, StepSpec};
+use crate::db::queries::{self, BuildSelection, QueuedBuild, StepRow, StepSpec};
+use crate::db::status::{BuildStatus, StepStatus};
 use crate::db::{DbError, Pool};
 use crate::verify::{self, VerifiedClosure, VerifyError};
+
+/// Why ingest stopped. Fatal: queued builds would never be seen.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The database failed.
+    #[error("the database failed")]
+    Database(#[from] DbError),
+    /// The binary cache failed while publishing derivations.
+    #[error("the binary cache failed")]
+    Cache(#[from] CacheError),
+    /// The scheduler stopped taking plans.
+    #[error("the scheduler stopped taking plans")]
+    SchedulerGone,
+}
+
+impl Classify for IngestError {
+    fn severity(&self) -> Severity {
+        Severity::Fatal
+    }
+}
+
+/// How often ingest looks for queued builds without a notification: a safety net for a
+/// notification lost with its connection, and the moment the core may forget old completions.
+const RESCAN: Duration = Duration::from_secs(30);
+
+/// Upstream cache lookups in flight at once while planning one build.
+const UPSTREAM_LOOKUPS: usize = 16;
 
 /// The channel the builds trigger notifies.
 pub const CHANNEL: &str = "drover_builds_queued";
@@ -112,161 +140,207 @@ fn handle_message(
     }
 }
 
-/// Expands every build `selection` names into the graph; returns how many builds were handled.
-pub async fn drain(
-    pool: &Pool,
-    graph: &mut StepGraph,
-    cache: &Arc<BinaryCache>,
-    selection: BuildSelection,
-) -> Result<usize, WithContext<SchedulerError>> {
-    let mut client = pool
-        .get()
-        .await
-        .map_err(|error| SchedulerError::from(DbError::Connection(error)))?;
-    let mut after = 0;
-    let mut handled = 0;
-    loop {
-        let builds = queries::queued_builds(&client, selection, after, BATCH)
-            .await
-            .map_err(SchedulerError::from)?;
-        let Some(last) = builds.last() else {
-            return Ok(handled);
-        };
-        after = last.id;
-        for build in builds {
-            expand(&mut client, graph, cache, &build)
-                .await
-                .with_context(|| format!("expanding build {}", build.id))?;
-            handled += 1;
-        }
-    }
+/// Builds expanded into plans: the ingest task. It owns no scheduling state; the core takes
+/// each plan in one event.
+pub struct Ingest {
+    pool: Pool,
+    cache: Arc<BinaryCache>,
+    plans: mpsc::Sender<Event>,
+    committed: Arc<AtomicU64>,
 }
 
-/// Loads and verifies a build's closure, creates or finds its steps, and adds it to the graph.
-/// A closure that does not verify fails the build, with the reason stored.
-async fn expand(
-    client: &mut deadpool_postgres::Client,
-    graph: &mut StepGraph,
-    cache: &Arc<BinaryCache>,
-    build: &QueuedBuild,
-) -> Result<(), SchedulerError> {
-    let closure = match load_closure(&*client, &build.drv_path).await? {
-        Ok(closure) => closure,
-        Err(error) => return Ok(refuse(client, build, &error).await?),
-    };
-    if let Err(error) = publish_derivations(cache, &closure).await? {
-        return Ok(refuse(client, build, &error).await?);
+impl Ingest {
+    /// An ingest task feeding `plans`; `committed` is the driver's count of durable step
+    /// completions.
+    #[must_use]
+    pub fn new(
+        pool: Pool,
+        cache: Arc<BinaryCache>,
+        plans: mpsc::Sender<Event>,
+        committed: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            pool,
+            cache,
+            plans,
+            committed,
+        }
     }
-    let specs: Vec<StepSpec> = closure
-        .order
-        .iter()
-        .map(|path| {
-            let verified = &closure.derivations[path];
-            StepSpec {
-                drv_path: path.to_absolute(),
-                system: String::from_utf8_lossy(&verified.derivation.system).into_owned(),
-                features: verified
-                    .features
-                    .iter()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(" "),
+
+    /// Plans every unfinished build (what a starting runner must rebuild its graph from), then
+    /// every newly queued one on each wake-up and every [`RESCAN`], until `shutdown`.
+    pub async fn run(
+        self,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Result<(), WithContext<IngestError>> {
+        let recovered = self
+            .drain(BuildSelection::Unfinished)
+            .await
+            .context("recovering the queue at start")?;
+        tracing::info!(builds = recovered, "queue recovered");
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = wake.notified() => {}
+                () = tokio::time::sleep(RESCAN) => {}
             }
-        })
-        .collect();
-    let available = available_derivations(cache, &closure).await;
-    let transaction = client
-        .transaction()
-        .await
-        .map_err(DbError::query("starting an ingest transaction"))?;
-    let rows = queries::ensure_steps(&transaction, &specs).await?;
-    let mut steps: BTreeMap<String, (StepId, String)> = rows
-        .into_iter()
-        .map(|row| (row.drv_path, (row.id, row.status)))
-        .collect();
-    let substituted = mark_available_steps(&available, &mut steps);
-    let substituted_outputs: Vec<(StepId, String, String)> = closure
-        .derivations
-        .iter()
-        .filter_map(|(path, verified)| {
-            let (id, _) = steps.get(&path.to_absolute())?;
-            substituted.contains(id).then(|| {
-                verified
-                    .outputs
-                    .iter()
-                    .map(|(name, output)| (*id, name.clone(), output.to_absolute()))
-                    .collect::<Vec<_>>()
+            self.drain(BuildSelection::NotIngested)
+                .await
+                .context("ingesting queued builds")?;
+        }
+    }
+
+    /// Plans every build `selection` names; returns how many builds were handled.
+    async fn drain(&self, selection: BuildSelection) -> Result<usize, WithContext<IngestError>> {
+        let snapshot = self.committed.load(Ordering::Acquire);
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| IngestError::Database(DbError::Connection(error)))?;
+        let mut after = 0;
+        let mut handled = 0;
+        loop {
+            let builds = queries::queued_builds(&client, selection, after, BATCH)
+                .await
+                .map_err(IngestError::Database)?;
+            let Some(last) = builds.last() else {
+                break;
+            };
+            after = last.id;
+            for build in builds {
+                let plan = self
+                    .expand(&mut client, &build, snapshot)
+                    .await
+                    .with_context(|| format!("expanding build {}", build.id))?;
+                if let Some(plan) = plan {
+                    self.send(Event::BuildPlanned(plan)).await?;
+                }
+                handled += 1;
+            }
+        }
+        self.send(Event::IngestCaughtUp { snapshot }).await?;
+        Ok(handled)
+    }
+
+    async fn send(&self, event: Event) -> Result<(), IngestError> {
+        self.plans
+            .send(event)
+            .await
+            .map_err(|_| IngestError::SchedulerGone)
+    }
+
+    /// Loads and verifies a build's closure, creates or finds its steps, and plans it. A
+    /// closure that does not verify fails the build, with the reason stored; a build whose
+    /// outcome is already known ends here. Either way there is no plan.
+    async fn expand(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        build: &QueuedBuild,
+        snapshot: u64,
+    ) -> Result<Option<BuildPlan>, IngestError> {
+        let closure = match load_closure(&*client, &build.drv_path).await? {
+            Ok(closure) => closure,
+            Err(error) => {
+                refuse(client, build, &error).await?;
+                return Ok(None);
+            }
+        };
+        if let Err(error) = publish_derivations(&self.cache, &closure).await? {
+            refuse(client, build, &error).await?;
+            return Ok(None);
+        }
+        let specs: Vec<StepSpec> = closure
+            .order
+            .iter()
+            .map(|path| {
+                let verified = &closure.derivations[path];
+                StepSpec {
+                    drv_path: path.to_absolute(),
+                    system: String::from_utf8_lossy(&verified.derivation.system).into_owned(),
+                    features: verified
+                        .features
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                }
             })
-        })
-        .flatten()
-        .collect();
-    queries::record_substituted_outputs(&transaction, &substituted_outputs).await?;
-    let top = closure
-        .order
-        .last()
-        .map(StorePath::to_absolute)
-        .unwrap_or_default();
-    let finished = cached_outcome(&closure, &steps, &top);
-    if let Some((status, reason)) = finished {
-        queries::finish_build(&transaction, build.id, status, reason.as_deref()).await?;
+            .collect();
+        let available = available_derivations(&self.cache, &closure).await;
+        let transaction = client
+            .transaction()
+            .await
+            .map_err(DbError::query("starting an ingest transaction"))?;
+        let rows = queries::ensure_steps(&transaction, &specs).await?;
+        let mut steps: BTreeMap<String, StepRow> = rows
+            .into_iter()
+            .map(|row| (row.drv_path.clone(), row))
+            .collect();
+        let substituted = mark_available_steps(&available, &mut steps);
+        let substituted_outputs: Vec<(StepId, String, String)> = closure
+            .derivations
+            .iter()
+            .filter_map(|(path, verified)| {
+                let row = steps.get(&path.to_absolute())?;
+                substituted.contains(&row.id).then(|| {
+                    verified
+                        .outputs
+                        .iter()
+                        .map(|(name, output)| (row.id, name.clone(), output.to_absolute()))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .flatten()
+            .collect();
+        queries::record_substituted_outputs(&transaction, &substituted_outputs).await?;
+        let top = closure
+            .order
+            .last()
+            .map(StorePath::to_absolute)
+            .unwrap_or_default();
+        if let Some((status, reason)) = cached_outcome(&closure, &steps, &top) {
+            queries::record_ingested_build(&transaction, build.id, &[], &substituted, &[]).await?;
+            queries::finish_build(&transaction, build.id, status, reason.as_deref()).await?;
+            transaction
+                .commit()
+                .await
+                .map_err(DbError::query("committing an ingested build"))?;
+            return Ok(None);
+        }
+        let planned = plan_steps(&closure, &steps);
+        let needed: Vec<StepId> = planned.iter().map(|step| step.id).collect();
+        let reset: Vec<StepId> = planned
+            .iter()
+            .filter(|step| step.recorded_status.is_terminal())
+            .map(|step| step.id)
+            .collect();
+        queries::record_ingested_build(&transaction, build.id, &needed, &substituted, &reset)
+            .await?;
         transaction
             .commit()
             .await
             .map_err(DbError::query("committing an ingested build"))?;
-        return Ok(());
+        Ok(Some(BuildPlan {
+            build: build.id,
+            priority: build.priority,
+            global_priority: build.global_priority,
+            top: steps[&top].id,
+            steps: planned,
+            available: substituted,
+            snapshot,
+        }))
     }
-
-    let mut plan = plan_steps(&closure, &specs, &steps, graph);
-    plan.statuses
-        .extend(substituted.into_iter().map(|id| (id, "succeeded")));
-    queries::record_ingested_build(&transaction, build.id, &plan.needed, &plan.statuses).await?;
-    transaction
-        .commit()
-        .await
-        .map_err(DbError::query("committing an ingested build"))?;
-    let top_id = steps[&top].0;
-    graph.add_build(
-        build.id,
-        build.priority,
-        top_id,
-        &plan.in_graph,
-        plan.new_steps,
-    );
-    Ok(())
 }
 
-/// What a build adds to the graph.
-struct Plan {
-    /// Steps of the closure that are not in the graph yet.
-    new_steps: Vec<NewStep>,
-    /// Steps of the closure already in the graph (shared with other builds).
-    in_graph: Vec<StepId>,
-    /// The status each new step enters with.
-    statuses: BTreeMap<StepId, &'static str>,
-    /// Every unfinished step the build needs.
-    needed: Vec<StepId>,
-}
-
-fn plan_steps(
-    closure: &VerifiedClosure,
-    specs: &[StepSpec],
-    steps: &BTreeMap<String, (StepId, String)>,
-    graph: &StepGraph,
-) -> Plan {
-    let mut plan = Plan {
-        new_steps: Vec::new(),
-        in_graph: Vec::new(),
-        statuses: BTreeMap::new(),
-        needed: Vec::new(),
-    };
-    for (path, spec) in closure.order.iter().zip(specs) {
-        let (id, status) = &steps[&spec.drv_path];
-        if status == "succeeded" {
-            continue;
-        }
-        plan.needed.push(*id);
-        if graph.contains(*id) {
-            plan.in_graph.push(*id);
+/// The unfinished steps of a closure, inputs first. A step that ended for good in an earlier
+/// life (cancelled, dependency failed) starts again with fresh counters.
+fn plan_steps(closure: &VerifiedClosure, steps: &BTreeMap<String, StepRow>) -> Vec<PlannedStep> {
+    let mut planned = Vec::new();
+    for path in &closure.order {
+        let row = &steps[&path.to_absolute()];
+        if row.status == StepStatus::Succeeded {
             continue;
         }
         let verified = &closure.derivations[path];
@@ -275,30 +349,34 @@ fn plan_steps(
             .input_derivations
             .keys()
             .filter_map(|input| steps.get(&input.to_absolute()))
-            .filter(|(_, status)| status != "succeeded")
-            .map(|(id, _)| *id)
+            .filter(|input| input.status != StepStatus::Succeeded)
+            .map(|input| input.id)
             .collect();
-        let status = if inputs.is_empty() {
-            "runnable"
-        } else {
-            "waiting"
-        };
-        plan.statuses.insert(*id, status);
-        plan.new_steps.push(NewStep {
-            id: *id,
-            drv_path: path.clone(),
-            drv_text: verified.text.clone(),
-            outputs: verified.outputs.clone(),
-            requirements: Requirements {
-                system: spec.system.clone(),
-                features: verified.features.clone(),
-            },
-            input_paths: input_paths(closure, &verified.derivation),
-            fixed: fixed_output(&verified.derivation),
+        let fresh = row.status.is_terminal();
+        planned.push(PlannedStep {
+            id: row.id,
+            spec: Arc::new(core::StepSpec {
+                drv_path: path.clone(),
+                drv_text: verified.text.clone(),
+                outputs: verified.outputs.clone(),
+                requirements: Requirements {
+                    system: String::from_utf8_lossy(&verified.derivation.system).into_owned(),
+                    features: verified.features.clone(),
+                },
+                input_paths: input_paths(closure, &verified.derivation),
+                fixed: fixed_output(&verified.derivation),
+            }),
             inputs,
+            recorded_status: row.status,
+            builder_losses: if fresh { 0 } else { row.builder_losses },
+            infrastructure_failures: if fresh {
+                0
+            } else {
+                row.infrastructure_failures
+            },
         });
     }
-    plan
+    planned
 }
 
 /// Refuses a queued build whose closure does not verify or cannot be published, storing why.
@@ -309,7 +387,7 @@ async fn refuse(
 ) -> Result<(), DbError> {
     let reason = error_context::report(error).to_string();
     tracing::warn!(build = build.id, %reason, "refusing a queued build");
-    queries::finish_build(client, build.id, "failed", Some(&reason)).await
+    queries::finish_build(client, build.id, BuildStatus::Failed, Some(&reason)).await
 }
 
 /// Publishes every `.drv` of the closure in the cache (inputs first), as content-addressed text,
@@ -362,36 +440,50 @@ async fn publish_derivations(
 }
 
 /// The derivations of a closure whose outputs are all in the farm's cache or an upstream one:
-/// looked up before the ingest transaction, which must not wait on the network.
+/// looked up before the ingest transaction, which must not wait on the network, at most
+/// [`UPSTREAM_LOOKUPS`] at once (each lookup has its own timeout).
 async fn available_derivations(cache: &BinaryCache, closure: &VerifiedClosure) -> BTreeSet<String> {
-    let mut available = BTreeSet::new();
-    for (path, verified) in &closure.derivations {
-        let mut all = true;
-        for output in verified.outputs.values() {
-            if !cache.is_available(output).await {
-                all = false;
-                break;
-            }
-        }
-        if all {
-            available.insert(path.to_absolute());
+    let lookups: Vec<_> = closure
+        .derivations
+        .iter()
+        .map(|(path, verified)| {
+            let outputs: Vec<StorePath> = verified.outputs.values().cloned().collect();
+            all_available(cache, path.to_absolute(), outputs)
+        })
+        .collect();
+    futures_util::stream::iter(lookups)
+        .buffer_unordered(UPSTREAM_LOOKUPS)
+        .filter_map(std::future::ready)
+        .collect()
+        .await
+}
+
+/// `drv_path` if every one of `outputs` is available.
+async fn all_available(
+    cache: &BinaryCache,
+    drv_path: String,
+    outputs: Vec<StorePath>,
+) -> Option<String> {
+    for output in &outputs {
+        if !cache.is_available(output).await {
+            return None;
         }
     }
-    available
+    Some(drv_path)
 }
 
 /// Unfinished steps whose outputs are all available are done without building: marks them
 /// succeeded in `steps` and returns their ids.
 fn mark_available_steps(
     available: &BTreeSet<String>,
-    steps: &mut BTreeMap<String, (StepId, String)>,
+    steps: &mut BTreeMap<String, StepRow>,
 ) -> Vec<StepId> {
     let mut substituted = Vec::new();
-    for (path, (id, status)) in steps.iter_mut() {
-        let finished = matches!(status.as_str(), "succeeded" | "failed");
+    for (path, row) in steps.iter_mut() {
+        let finished = matches!(row.status, StepStatus::Succeeded | StepStatus::Failed);
         if !finished && available.contains(path) {
-            "succeeded".clone_into(status);
-            substituted.push(*id);
+            row.status = StepStatus::Succeeded;
+            substituted.push(row.id);
         }
     }
     substituted
@@ -425,22 +517,22 @@ fn fixed_output(derivation: &Derivation) -> Option<(IngestionMethod, Hash)> {
 /// top-level step already succeeded succeeds at once: the terminal status and reason, if so.
 fn cached_outcome(
     closure: &VerifiedClosure,
-    steps: &BTreeMap<String, (StepId, String)>,
+    steps: &BTreeMap<String, StepRow>,
     top: &str,
-) -> Option<(&'static str, Option<String>)> {
-    let failed = closure.order.iter().find(|path| {
-        let (_, status) = &steps[&path.to_absolute()];
-        status == "failed"
-    });
+) -> Option<(BuildStatus, Option<String>)> {
+    let failed = closure
+        .order
+        .iter()
+        .find(|path| steps[&path.to_absolute()].status == StepStatus::Failed);
     if let Some(failed) = failed {
         let status = if failed.to_absolute() == top {
-            "failed"
+            BuildStatus::Failed
         } else {
-            "dep_failed"
+            BuildStatus::DepFailed
         };
         Some((status, Some(format!("{failed} failed in an earlier build"))))
-    } else if steps[top].1 == "succeeded" {
-        Some(("succeeded", None))
+    } else if steps[top].status == StepStatus::Succeeded {
+        Some((BuildStatus::Succeeded, None))
     } else {
         None
     }

@@ -55,6 +55,8 @@ pub struct TestPostgres {
     watchdog: Watchdog,
     /// Holds the socket, the data directory (`data`) and the server log (`log`).
     dir: TempDir,
+    /// Whether commits are flushed to disk (`fsync` on): for benchmarks that claim durability.
+    durable: bool,
 }
 
 impl TestPostgres {
@@ -65,7 +67,19 @@ impl TestPostgres {
     /// command's output and the server log.
     #[must_use]
     pub fn start() -> Self {
-        Self::try_start().unwrap_or_else(|message| panic!("starting a test PostgreSQL: {message}"))
+        Self::try_start(false)
+            .unwrap_or_else(|message| panic!("starting a test PostgreSQL: {message}"))
+    }
+
+    /// Makes and starts a private cluster that flushes every commit to disk (`fsync` and
+    /// `synchronous_commit` on, as a production server runs): for benchmarks.
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    #[must_use]
+    pub fn start_durable() -> Self {
+        Self::try_start(true)
+            .unwrap_or_else(|message| panic!("starting a durable test PostgreSQL: {message}"))
     }
 
     /// The cluster shared by every test in this test binary, started by the first caller.
@@ -154,7 +168,7 @@ impl TestPostgres {
     }
 
     /// Makes the directory, the cluster and its watchdog, and starts the server.
-    fn try_start() -> Result<Self, String> {
+    fn try_start(durable: bool) -> Result<Self, String> {
         // Under /tmp rather than $TMPDIR: a socket path must stay under 108 bytes, and `nobody`
         // must be able to reach the directory, which /tmp (mode 1777) guarantees.
         let dir = tempfile::Builder::new()
@@ -182,6 +196,7 @@ impl TestPostgres {
             port: free_port(),
             watchdog,
             dir,
+            durable,
         };
         run(cluster
             .tools
@@ -195,11 +210,16 @@ impl TestPostgres {
         Ok(cluster)
     }
 
-    /// `pg_ctl start`: only the Unix socket, no fsync (a test cluster never outlives a crash of
-    /// the machine), and wait until it accepts connections.
+    /// `pg_ctl start`: only the Unix socket, no fsync unless durable (a test cluster never
+    /// outlives a crash of the machine), and wait until it accepts connections.
     fn start_server(&self) -> Result<(), String> {
+        let sync = if self.durable {
+            "-c fsync=on -c synchronous_commit=on"
+        } else {
+            "-c fsync=off"
+        };
         let options = format!(
-            "-k '{}' -p {} -c listen_addresses='' -c fsync=off",
+            "-k '{}' -p {} -c listen_addresses='' {sync}",
             self.socket_dir().display(),
             self.port
         );

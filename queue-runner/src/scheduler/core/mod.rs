@@ -1,0 +1,572 @@
+//! The scheduler core: every decision the scheduler makes, as a pure function of its state and
+//! one event. No async, no database, no gRPC: events in ([`Event`]), commands out
+//! ([`Command`]): durable changes for the driver to commit in one batch, then messages for
+//! builder sessions. Time comes in as an argument, so tests control it.
+//!
+//! The core owns the step graph, the runnable index and the builders' slots ([`Placement`]),
+//! and the running attempts (one map). [`Core::dispatch`] gives free slots the best runnable
+//! steps; the driver calls it once per batch of events.
+
+mod graph;
+mod placement;
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::Instant;
+
+use drover_proto::Outcome;
+
+use crate::db::status::{AttemptStatus, BuildStatus, StepStatus};
+
+pub use graph::{Order, StepGraph, StepNode, StepState};
+pub use placement::{Builder, ClassId, Placement};
+pub use types::{
+    Assignment, Attempt, AttemptId, BuildId, BuildPlan, Capabilities, Change, Command, CoreLimits,
+    Event, OutputRecord, PlannedStep, Report, Requirements, SessionId, StepId, StepSpec, ToBuilder,
+};
+
+use graph::NewBuild;
+
+/// Why an attempt ended without a result of the build's own: which counter it moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Requeue {
+    /// The builder left or went silent mid-step.
+    BuilderLost,
+    /// The builder reported a failure that was not the build's.
+    InfrastructureFailure,
+}
+
+/// How a step ended, as remembered for builds ingested while it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finish {
+    Succeeded,
+    Failed,
+}
+
+/// Steps finished since ingest last read step statuses. Ingest runs beside the core, so a plan
+/// may call a step unfinished that the core finished (and the driver committed) after ingest
+/// read it; without this the step would be built again, or a build would wait on a failure.
+#[derive(Debug, Default)]
+struct RecentFinishes {
+    /// Step completions recorded so far; the driver publishes the value it has committed.
+    count: u64,
+    by_step: HashMap<StepId, (u64, Finish)>,
+    in_order: VecDeque<(u64, StepId)>,
+}
+
+impl RecentFinishes {
+    fn record(&mut self, step: StepId, finish: Finish) {
+        self.count += 1;
+        self.by_step.insert(step, (self.count, finish));
+        self.in_order.push_back((self.count, step));
+    }
+
+    /// How `step` finished after `snapshot`, if it did.
+    fn after(&self, snapshot: u64, step: StepId) -> Option<Finish> {
+        self.by_step
+            .get(&step)
+            .and_then(|(seq, finish)| (*seq > snapshot).then_some(*finish))
+    }
+
+    /// Forgets finishes every later plan sees in the database.
+    fn prune(&mut self, snapshot: u64) {
+        while let Some((seq, step)) = self.in_order.front().copied() {
+            if seq > snapshot {
+                break;
+            }
+            self.in_order.pop_front();
+            if self.by_step.get(&step).is_some_and(|(s, _)| *s == seq) {
+                self.by_step.remove(&step);
+            }
+        }
+    }
+}
+
+/// The scheduler's state.
+pub struct Core {
+    graph: StepGraph,
+    placement: Placement,
+    attempts: HashMap<AttemptId, Attempt>,
+    by_session: HashMap<SessionId, BTreeSet<AttemptId>>,
+    recent: RecentFinishes,
+    limits: CoreLimits,
+    new_attempt_id: Box<dyn FnMut() -> AttemptId + Send + Sync>,
+    commands: Vec<Command>,
+}
+
+impl Core {
+    /// An empty core; `new_attempt_id` makes attempt ids (random in production, counted in
+    /// tests).
+    #[must_use]
+    pub fn new(
+        limits: CoreLimits,
+        new_attempt_id: Box<dyn FnMut() -> AttemptId + Send + Sync>,
+    ) -> Self {
+        Self {
+            graph: StepGraph::default(),
+            placement: Placement::default(),
+            attempts: HashMap::new(),
+            by_session: HashMap::new(),
+            recent: RecentFinishes::default(),
+            limits,
+            new_attempt_id,
+            commands: Vec::new(),
+        }
+    }
+
+    /// The unfinished steps.
+    #[must_use]
+    pub fn graph(&self) -> &StepGraph {
+        &self.graph
+    }
+
+    /// Runnable steps and connected builders.
+    #[must_use]
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// A running attempt.
+    #[must_use]
+    pub fn attempt(&self, attempt: &AttemptId) -> Option<&Attempt> {
+        self.attempts.get(attempt)
+    }
+
+    /// Running attempts.
+    pub fn attempts(&self) -> impl Iterator<Item = (&AttemptId, &Attempt)> {
+        self.attempts.iter()
+    }
+
+    /// Step completions recorded so far (see [`BuildPlan::snapshot`]).
+    #[must_use]
+    pub fn completions(&self) -> u64 {
+        self.recent.count
+    }
+
+    /// Applies one event; returns what to persist and send. Call [`Core::dispatch`] after a
+    /// batch of events.
+    pub fn handle(&mut self, event: Event) -> Vec<Command> {
+        match event {
+            Event::BuildPlanned(plan) => self.on_build_planned(plan),
+            Event::IngestCaughtUp { snapshot } => self.recent.prune(snapshot),
+            Event::BuilderJoined {
+                name,
+                session,
+                capabilities,
+                nix_version,
+            } => self.on_builder_joined(name, session, capabilities, nix_version),
+            Event::BuilderLeft { session, reason } => self.on_builder_left(session, &reason),
+            Event::BuilderPinged {
+                session,
+                free_disk_bytes,
+            } => {
+                if let Some(builder) = self.placement.builder(session) {
+                    let name = builder.name.clone();
+                    self.persist(Change::MachinePinged {
+                        name,
+                        free_disk_bytes,
+                    });
+                }
+            }
+            Event::StepFinished {
+                session,
+                attempt,
+                report,
+            } => self.on_step_finished(session, attempt, report),
+        }
+        std::mem::take(&mut self.commands)
+    }
+
+    /// Gives every free slot the best runnable step it can take.
+    pub fn dispatch(&mut self, now: Instant) -> Vec<Command> {
+        while let Some((step, class, session)) = self.placement.next() {
+            let Some(node) = self.graph.step(step) else {
+                break;
+            };
+            let order = node.order(step);
+            let spec = node.spec.clone();
+            self.placement.remove_runnable(class, &order);
+            let attempt = (self.new_attempt_id)();
+            self.graph.start(step, attempt);
+            self.placement.occupy(session);
+            self.attempts.insert(
+                attempt,
+                Attempt {
+                    step,
+                    session,
+                    started: now,
+                },
+            );
+            self.by_session.entry(session).or_default().insert(attempt);
+            let builder = self
+                .placement
+                .builder(session)
+                .map(|builder| builder.name.clone())
+                .unwrap_or_default();
+            self.persist(Change::AttemptStarted {
+                attempt,
+                step,
+                builder,
+            });
+            self.send(
+                session,
+                ToBuilder::Build(Assignment {
+                    attempt,
+                    step,
+                    spec,
+                }),
+            );
+        }
+        std::mem::take(&mut self.commands)
+    }
+
+    fn persist(&mut self, change: Change) {
+        self.commands.push(Command::Persist(change));
+    }
+
+    fn send(&mut self, session: SessionId, message: ToBuilder) {
+        self.commands.push(Command::Send { session, message });
+    }
+
+    fn on_build_planned(&mut self, plan: BuildPlan) {
+        if self.graph.has_build(plan.build) {
+            return;
+        }
+        for step in plan.available {
+            self.succeed_available(step);
+        }
+        let mut steps = Vec::with_capacity(plan.steps.len());
+        let mut top_succeeded = false;
+        for planned in plan.steps {
+            match self.recent.after(plan.snapshot, planned.id) {
+                Some(Finish::Succeeded) => top_succeeded |= planned.id == plan.top,
+                Some(Finish::Failed) => {
+                    let (status, reason) = if planned.id == plan.top {
+                        (
+                            BuildStatus::Failed,
+                            format!("{} failed", planned.spec.drv_path),
+                        )
+                    } else {
+                        (
+                            BuildStatus::DepFailed,
+                            format!("a dependency failed: {} failed", planned.spec.drv_path),
+                        )
+                    };
+                    self.persist(Change::BuildFinished {
+                        build: plan.build,
+                        status,
+                        reason: Some(reason),
+                    });
+                    return;
+                }
+                None => steps.push(planned),
+            }
+        }
+        if top_succeeded {
+            self.persist(Change::BuildFinished {
+                build: plan.build,
+                status: BuildStatus::Succeeded,
+                reason: None,
+            });
+            return;
+        }
+        let recorded: HashMap<StepId, StepStatus> = steps
+            .iter()
+            .map(|step| (step.id, step.recorded_status))
+            .collect();
+        let steps = steps
+            .into_iter()
+            .map(|planned| {
+                let class = self.placement.class_for(&planned.spec.requirements);
+                (planned, class)
+            })
+            .collect();
+        let added = self.graph.add_build(NewBuild {
+            build: plan.build,
+            priority: plan.priority,
+            global_priority: plan.global_priority,
+            top: plan.top,
+            steps,
+        });
+        let new_steps = added
+            .runnable
+            .iter()
+            .map(|step| (*step, StepStatus::Runnable))
+            .chain(
+                added
+                    .waiting
+                    .iter()
+                    .map(|step| (*step, StepStatus::Waiting)),
+            );
+        for (step, status) in new_steps {
+            if status == StepStatus::Runnable {
+                self.enqueue(step);
+            }
+            // A row keeps what an earlier life of it left (running, cancelled, ...) until
+            // corrected here; rows ingest just created are already waiting.
+            if recorded.get(&step) != Some(&status) {
+                self.persist(Change::StepStatus {
+                    step,
+                    status,
+                    reason: None,
+                });
+            }
+        }
+        for (step, old) in added.reordered {
+            if let Some(node) = self.graph.step(step) {
+                let (class, new) = (node.class, node.order(step));
+                self.placement.remove_runnable(class, &old);
+                self.placement.add_runnable(class, new);
+            }
+        }
+    }
+
+    fn on_builder_joined(
+        &mut self,
+        name: String,
+        session: SessionId,
+        capabilities: Capabilities,
+        nix_version: String,
+    ) {
+        self.persist(Change::MachineJoined {
+            name: name.clone(),
+            capabilities: capabilities.clone(),
+            nix_version,
+        });
+        if let Some(previous) = self.placement.join(session, name, capabilities) {
+            self.commands.push(Command::EndSession {
+                session: previous,
+                reason: "replaced by a newer session of the same builder".to_owned(),
+            });
+            self.lose_session(previous, "the builder reconnected");
+        }
+    }
+
+    fn on_builder_left(&mut self, session: SessionId, reason: &str) {
+        let Some(builder) = self.placement.leave(session) else {
+            return;
+        };
+        self.lose_session(session, reason);
+        let replaced = self
+            .placement
+            .builders()
+            .any(|(_, other)| other.name == builder.name);
+        if !replaced {
+            self.persist(Change::MachineLeft { name: builder.name });
+        }
+    }
+
+    /// Requeues every attempt of a session that is gone, without counting a build failure.
+    fn lose_session(&mut self, session: SessionId, reason: &str) {
+        self.placement.leave(session);
+        for attempt in self.by_session.remove(&session).unwrap_or_default() {
+            if let Some(running) = self.attempts.remove(&attempt) {
+                self.requeue(
+                    attempt,
+                    running.step,
+                    Requeue::BuilderLost,
+                    &format!("builder lost: {reason}"),
+                );
+            }
+        }
+    }
+
+    fn on_step_finished(&mut self, session: SessionId, attempt: AttemptId, report: Report) {
+        // Whatever happens next, the builder need not keep this result: it is recorded below,
+        // or it is for an attempt that no longer counts.
+        let running = self.attempts.get(&attempt).filter(|a| a.session == session);
+        let Some(running) = running.cloned() else {
+            self.send(session, ToBuilder::ResultRecorded { attempt });
+            return;
+        };
+        self.attempts.remove(&attempt);
+        if let Some(attempts) = self.by_session.get_mut(&session) {
+            attempts.remove(&attempt);
+        }
+        self.placement.release(session);
+        let step = running.step;
+        match report.outcome {
+            Outcome::Succeeded => self.succeed(attempt, step, report.outputs),
+            Outcome::Failed | Outcome::TimedOut => {
+                let status = if report.outcome == Outcome::Failed {
+                    AttemptStatus::Failed
+                } else {
+                    AttemptStatus::TimedOut
+                };
+                self.persist(Change::AttemptEnded {
+                    attempt,
+                    status,
+                    message: Some(report.message.clone()),
+                });
+                self.fail(step, StepStatus::Failed, &report.message);
+            }
+            Outcome::InfrastructureFailure => {
+                self.requeue(
+                    attempt,
+                    step,
+                    Requeue::InfrastructureFailure,
+                    &report.message,
+                );
+            }
+        }
+        self.send(session, ToBuilder::ResultRecorded { attempt });
+    }
+
+    fn succeed(&mut self, attempt: AttemptId, step: StepId, outputs: Vec<OutputRecord>) {
+        self.persist(Change::AttemptEnded {
+            attempt,
+            status: AttemptStatus::Succeeded,
+            message: None,
+        });
+        self.persist(Change::Outputs { step, outputs });
+        self.persist(Change::StepStatus {
+            step,
+            status: StepStatus::Succeeded,
+            reason: None,
+        });
+        self.recent.record(step, Finish::Succeeded);
+        self.release_dependents(step);
+    }
+
+    /// A queued step whose outputs turned up in a cache: ingest recorded its success, and it
+    /// need not be built. One that already runs is left to finish.
+    fn succeed_available(&mut self, step: StepId) {
+        let Some(node) = self.graph.step(step) else {
+            return;
+        };
+        match node.state {
+            StepState::Running(_) => return,
+            StepState::Runnable => {
+                let (class, order) = (node.class, node.order(step));
+                self.placement.remove_runnable(class, &order);
+            }
+            StepState::Waiting(_) => {}
+        }
+        self.release_dependents(step);
+    }
+
+    /// Removes a succeeded step from the graph: its dependents may run, its builds succeed.
+    fn release_dependents(&mut self, step: StepId) {
+        let effects = self.graph.succeed(step);
+        for next in effects.runnable {
+            self.enqueue(next);
+            self.persist(Change::StepStatus {
+                step: next,
+                status: StepStatus::Runnable,
+                reason: None,
+            });
+        }
+        for build in effects.succeeded_builds {
+            self.persist(Change::BuildFinished {
+                build,
+                status: BuildStatus::Succeeded,
+                reason: None,
+            });
+        }
+    }
+
+    /// Ends an attempt that was not the build's fault and puts its step back in line, unless
+    /// that cause has hit it too often: then the step ends `cancelled` (not a cached failure:
+    /// the next build that needs it tries again).
+    fn requeue(&mut self, attempt: AttemptId, step: StepId, cause: Requeue, message: &str) {
+        let status = match cause {
+            Requeue::BuilderLost => AttemptStatus::BuilderLost,
+            Requeue::InfrastructureFailure => AttemptStatus::InfrastructureFailure,
+        };
+        self.persist(Change::AttemptEnded {
+            attempt,
+            status,
+            message: Some(message.to_owned()),
+        });
+        let Some(node) = self.graph.step_mut(step) else {
+            return;
+        };
+        let (count, limit, what) = match cause {
+            Requeue::BuilderLost => {
+                node.builder_losses += 1;
+                (
+                    node.builder_losses,
+                    self.limits.max_builder_losses,
+                    "builder losses",
+                )
+            }
+            Requeue::InfrastructureFailure => {
+                node.infrastructure_failures += 1;
+                (
+                    node.infrastructure_failures,
+                    self.limits.max_infrastructure_failures,
+                    "infrastructure failures",
+                )
+            }
+        };
+        let counters = Change::StepCounters {
+            step,
+            builder_losses: node.builder_losses,
+            infrastructure_failures: node.infrastructure_failures,
+        };
+        self.persist(counters);
+        if count > limit {
+            let reason = format!("{count} {what}; the last: {message}");
+            self.fail(step, StepStatus::Cancelled, &reason);
+            return;
+        }
+        if self.graph.requeue(step) {
+            self.enqueue(step);
+            self.persist(Change::StepStatus {
+                step,
+                status: StepStatus::Runnable,
+                reason: None,
+            });
+        }
+    }
+
+    /// Ends a step for good with `status` and everything that depends on it.
+    fn fail(&mut self, step: StepId, status: StepStatus, reason: &str) {
+        let (effects, removed) = self.graph.fail(step);
+        for (id, node) in &removed {
+            if node.state == StepState::Runnable {
+                self.placement.remove_runnable(node.class, &node.order(*id));
+            }
+        }
+        self.persist(Change::StepStatus {
+            step,
+            status,
+            reason: Some(reason.to_owned()),
+        });
+        if status == StepStatus::Failed {
+            self.recent.record(step, Finish::Failed);
+        }
+        let dependency_reason = format!("a dependency failed: {reason}");
+        for dependent in effects.dep_failed_steps {
+            self.persist(Change::StepStatus {
+                step: dependent,
+                status: StepStatus::DepFailed,
+                reason: Some(dependency_reason.clone()),
+            });
+        }
+        for build in effects.failed_builds {
+            self.persist(Change::BuildFinished {
+                build,
+                status: BuildStatus::Failed,
+                reason: Some(reason.to_owned()),
+            });
+        }
+        for build in effects.dep_failed_builds {
+            self.persist(Change::BuildFinished {
+                build,
+                status: BuildStatus::DepFailed,
+                reason: Some(dependency_reason.clone()),
+            });
+        }
+    }
+
+    /// Puts a runnable step in its class's line.
+    fn enqueue(&mut self, step: StepId) {
+        if let Some(node) = self.graph.step(step) {
+            self.placement.add_runnable(node.class, node.order(step));
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! The core's decisions, event by event, on an injected clock and counted attempt ids; and
+//! property tests over random DAGs, builders and event orders.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drover_proto::Outcome;
+use nix_primitives::StorePath;
+use proptest::prelude::*;
+use uuid::Uuid;
+
+use super::*;
+
+const LIMITS: CoreLimits = CoreLimits {
+    max_builder_losses: 2,
+    max_infrastructure_failures: 1,
+};
+
+fn core() -> Core {
+    let mut next = 0u128;
+    Core::new(
+        LIMITS,
+        Box::new(move || {
+            next += 1;
+            Uuid::from_u128(next)
+        }),
+    )
+}
+
+fn spec(id: StepId, system: &str, features: &[&str]) -> Arc<StepSpec> {
+    let path = format!("/nix/store/{}-s{id}.drv", "0".repeat(32));
+    Arc::new(StepSpec {
+        drv_path: StorePath::from_absolute(&path).unwrap(),
+        drv_text: Vec::new(),
+        outputs: BTreeMap::new(),
+        requirements: Requirements {
+            system: system.to_owned(),
+            features: features.iter().map(|f| (*f).to_owned()).collect(),
+        },
+        input_paths: BTreeSet::new(),
+        fixed: None,
+    })
+}
+
+fn step(id: StepId, inputs: &[StepId]) -> PlannedStep {
+    PlannedStep {
+        id,
+        spec: spec(id, "x86_64-linux", &[]),
+        inputs: inputs.to_vec(),
+        recorded_status: StepStatus::Waiting,
+        builder_losses: 0,
+        infrastructure_failures: 0,
+    }
+}
+
+fn plan(build: BuildId, priority: i32, top: StepId, steps: Vec<PlannedStep>) -> Event {
+    Event::BuildPlanned(BuildPlan {
+        build,
+        priority,
+        global_priority: 0,
+        top,
+        steps,
+        available: Vec::new(),
+        snapshot: 0,
+    })
+}
+
+fn caps(systems: &[&str], supported: &[&str], mandatory: &[&str], jobs: u32) -> Capabilities {
+    let set = |items: &[&str]| items.iter().map(|i| (*i).to_owned()).collect();
+    Capabilities {
+        systems: set(systems),
+        supported_features: set(supported),
+        mandatory_features: set(mandatory),
+        max_jobs: jobs,
+        speed_factor: 1.0,
+    }
+}
+
+fn join(name: &str, session: SessionId, capabilities: Capabilities) -> Event {
+    Event::BuilderJoined {
+        name: name.to_owned(),
+        session,
+        capabilities,
+        nix_version: String::new(),
+    }
+}
+
+fn finished(session: SessionId, attempt: AttemptId, outcome: Outcome) -> Event {
+    Event::StepFinished {
+        session,
+        attempt,
+        report: Report {
+            outcome,
+            message: format!("{outcome:?}"),
+            outputs: Vec::new(),
+        },
+    }
+}
+
+/// (session, attempt, step) of every Build sent.
+fn builds(commands: &[Command]) -> Vec<(SessionId, AttemptId, StepId)> {
+    commands
+        .iter()
+        .filter_map(|command| match command {
+            Command::Send {
+                session,
+                message: ToBuilder::Build(assignment),
+            } => Some((*session, assignment.attempt, assignment.step)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn changes(commands: &[Command]) -> Vec<&Change> {
+    commands
+        .iter()
+        .filter_map(|command| match command {
+            Command::Persist(change) => Some(change),
+            _ => None,
+        })
+        .collect()
+}
+
+fn build_finished(commands: &[Command]) -> Vec<(BuildId, BuildStatus)> {
+    changes(commands)
+        .into_iter()
+        .filter_map(|change| match change {
+            Change::BuildFinished { build, status, .. } => Some((*build, *status)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn step_status(commands: &[Command], wanted: StepId) -> Option<StepStatus> {
+    changes(commands)
+        .into_iter()
+        .rev()
+        .find_map(|change| match change {
+            Change::StepStatus { step, status, .. } if *step == wanted => Some(*status),
+            _ => None,
+        })
+}
+
+/// 1 ← 2, 1 ← 3, {2, 3} ← 4: a diamond with 4 on top.
+fn diamond() -> Vec<PlannedStep> {
+    vec![step(1, &[]), step(2, &[1]), step(3, &[1]), step(4, &[2, 3])]
+}
+
+#[test]
+fn a_diamond_runs_bottom_up_and_its_build_succeeds_with_the_top() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 4)));
+    let planned = core.handle(plan(10, 0, 4, diamond()));
+    assert_eq!(step_status(&planned, 1), Some(StepStatus::Runnable));
+    assert_eq!(
+        step_status(&planned, 4),
+        None,
+        "new rows are already waiting"
+    );
+    let first = builds(&core.dispatch(now));
+    assert_eq!(first.iter().map(|b| b.2).collect::<Vec<_>>(), vec![1]);
+    let done = core.handle(finished(1, first[0].1, Outcome::Succeeded));
+    assert!(done.contains(&Command::Send {
+        session: 1,
+        message: ToBuilder::ResultRecorded {
+            attempt: first[0].1
+        }
+    }));
+    let second = builds(&core.dispatch(now));
+    assert_eq!(second.iter().map(|b| b.2).collect::<Vec<_>>(), vec![2, 3]);
+    for (_, attempt, _) in &second {
+        core.handle(finished(1, *attempt, Outcome::Succeeded));
+    }
+    let top = builds(&core.dispatch(now));
+    let done = core.handle(finished(1, top[0].1, Outcome::Succeeded));
+    assert_eq!(build_finished(&done), vec![(10, BuildStatus::Succeeded)]);
+    assert!(core.graph().is_empty());
+}
+
+#[test]
+fn a_failure_fails_its_dependents_and_every_build_that_needs_them() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 4)));
+    core.handle(plan(10, 0, 4, diamond()));
+    core.handle(plan(11, 0, 2, vec![step(1, &[]), step(2, &[1])]));
+    core.handle(plan(12, 0, 6, vec![step(6, &[])]));
+    let first = builds(&core.dispatch(now));
+    let one = first.iter().find(|b| b.2 == 1).unwrap();
+    core.handle(finished(1, one.1, Outcome::Succeeded));
+    let two = builds(&core.dispatch(now))
+        .into_iter()
+        .find(|b| b.2 == 2)
+        .unwrap();
+    let failed = core.handle(finished(1, two.1, Outcome::Failed));
+    assert_eq!(step_status(&failed, 2), Some(StepStatus::Failed));
+    assert_eq!(step_status(&failed, 4), Some(StepStatus::DepFailed));
+    let mut ended = build_finished(&failed);
+    ended.sort_unstable();
+    assert_eq!(
+        ended,
+        vec![(10, BuildStatus::DepFailed), (11, BuildStatus::Failed)]
+    );
+    assert!(
+        core.graph().step(3).is_some(),
+        "an independent branch goes on"
+    );
+    assert!(core.graph().step(6).is_some());
+}
+
+#[test]
+fn global_priority_beats_build_priority_which_beats_critical_path_which_beats_age() {
+    let now = Instant::now();
+    let mut core = core();
+    // Build 1: a long chain 1 ← 2 ← 3 (step 1 has critical path 3), priority 0.
+    core.handle(plan(
+        1,
+        0,
+        3,
+        vec![step(1, &[]), step(2, &[1]), step(3, &[2])],
+    ));
+    // Build 2: a lone step 5, older id than nothing, priority 0: loses to the chain's head.
+    core.handle(plan(2, 0, 5, vec![step(5, &[])]));
+    // Build 3: step 6, priority 7: beats both.
+    core.handle(plan(3, 7, 6, vec![step(6, &[])]));
+    // Build 4: step 7, priority 0 but global priority 1: beats everything.
+    let Event::BuildPlanned(mut global) = plan(4, 0, 7, vec![step(7, &[])]) else {
+        unreachable!()
+    };
+    global.global_priority = 1;
+    core.handle(Event::BuildPlanned(global));
+    let mut order = Vec::new();
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    for _ in 0..4 {
+        let sent = builds(&core.dispatch(now));
+        assert_eq!(sent.len(), 1);
+        order.push(sent[0].2);
+        core.handle(finished(1, sent[0].1, Outcome::Succeeded));
+    }
+    // After 1 succeeds, 2 (critical path 2) competes with 5 (path 1).
+    assert_eq!(order, vec![7, 6, 1, 2]);
+}
+
+#[test]
+fn a_later_build_raises_the_priority_and_critical_path_of_shared_steps() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(plan(1, 0, 1, vec![step(1, &[])]));
+    core.handle(plan(2, 0, 2, vec![step(2, &[])]));
+    // Build 3 needs step 2 under a chain: 2 ← 8 ← 9, priority 0: critical path 3 puts 2 first.
+    core.handle(plan(
+        3,
+        0,
+        9,
+        vec![step(2, &[]), step(8, &[2]), step(9, &[8])],
+    ));
+    assert_eq!(core.graph().step(2).unwrap().critical_path(), 3);
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    assert_eq!(builds(&core.dispatch(now))[0].2, 2);
+}
+
+#[test]
+fn the_fastest_then_least_loaded_builder_wins() {
+    let now = Instant::now();
+    let mut core = core();
+    let mut fast = caps(&["x86_64-linux"], &[], &[], 2);
+    fast.speed_factor = 2.0;
+    core.handle(join("slow-a", 1, caps(&["x86_64-linux"], &[], &[], 2)));
+    core.handle(join("slow-b", 2, caps(&["x86_64-linux"], &[], &[], 2)));
+    core.handle(join("fast", 3, fast));
+    core.handle(plan(1, 0, 9, (1..=5).map(|id| step(id, &[])).collect()));
+    let sessions: Vec<SessionId> = builds(&core.dispatch(now)).iter().map(|b| b.0).collect();
+    // The fast builder fills first; then the two slow ones alternate (least loaded first).
+    assert_eq!(sessions, vec![3, 3, 1, 2, 1]);
+}
+
+#[test]
+fn steps_go_only_to_builders_with_their_system_and_features() {
+    let now = Instant::now();
+    let mut core = core();
+    let mut kvm = step(1, &[]);
+    kvm.spec = spec(1, "x86_64-linux", &["kvm"]);
+    let mut arm = step(2, &[]);
+    arm.spec = spec(2, "aarch64-linux", &[]);
+    let mut bench = step(3, &[]);
+    bench.spec = spec(3, "x86_64-linux", &["benchmark"]);
+    let mut builtin = step(4, &[]);
+    builtin.spec = spec(4, "builtin", &[]);
+    core.handle(plan(
+        1,
+        0,
+        5,
+        vec![kvm, arm, bench, builtin, step(5, &[1, 2, 3, 4])],
+    ));
+    core.handle(join("plain", 1, caps(&["x86_64-linux"], &[], &[], 4)));
+    let sent = builds(&core.dispatch(now));
+    assert_eq!(
+        sent.iter().map(|b| (b.0, b.2)).collect::<Vec<_>>(),
+        vec![(1, 4)]
+    );
+    // A builder with a mandatory feature takes only steps that require it.
+    core.handle(join(
+        "special",
+        2,
+        caps(&["x86_64-linux"], &["kvm"], &["benchmark"], 4),
+    ));
+    let sent = builds(&core.dispatch(now));
+    assert_eq!(
+        sent.iter().map(|b| (b.0, b.2)).collect::<Vec<_>>(),
+        vec![(2, 3)]
+    );
+    core.handle(join("kvm", 3, caps(&["x86_64-linux"], &["kvm"], &[], 4)));
+    let sent = builds(&core.dispatch(now));
+    assert_eq!(
+        sent.iter().map(|b| (b.0, b.2)).collect::<Vec<_>>(),
+        vec![(3, 1)]
+    );
+    assert!(
+        core.graph()
+            .step(2)
+            .is_some_and(|n| n.state == StepState::Runnable)
+    );
+}
+
+#[test]
+fn a_lost_builder_requeues_its_steps_without_a_failure_until_the_cap() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(plan(1, 0, 1, vec![step(1, &[])]));
+    for session in 1..=3 {
+        core.handle(join("b", session, caps(&["x86_64-linux"], &[], &[], 1)));
+        assert_eq!(builds(&core.dispatch(now)).len(), 1);
+        let left = core.handle(Event::BuilderLeft {
+            session,
+            reason: "gone".to_owned(),
+        });
+        assert!(changes(&left).iter().any(|change| matches!(
+            change,
+            Change::AttemptEnded {
+                status: AttemptStatus::BuilderLost,
+                ..
+            }
+        )));
+        if session <= 2 {
+            assert_eq!(step_status(&left, 1), Some(StepStatus::Runnable));
+            assert!(build_finished(&left).is_empty());
+        } else {
+            assert_eq!(step_status(&left, 1), Some(StepStatus::Cancelled));
+            assert_eq!(build_finished(&left), vec![(1, BuildStatus::Failed)]);
+        }
+    }
+}
+
+#[test]
+fn an_infrastructure_failure_is_retried_and_a_reconnect_replaces_the_old_session() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(plan(1, 0, 1, vec![step(1, &[])]));
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    let first = builds(&core.dispatch(now));
+    let retried = core.handle(finished(1, first[0].1, Outcome::InfrastructureFailure));
+    assert_eq!(step_status(&retried, 1), Some(StepStatus::Runnable));
+    let second = builds(&core.dispatch(now));
+    assert_eq!(second.len(), 1);
+    let rejoined = core.handle(join("b", 2, caps(&["x86_64-linux"], &[], &[], 1)));
+    assert!(rejoined.contains(&Command::EndSession {
+        session: 1,
+        reason: "replaced by a newer session of the same builder".to_owned()
+    }));
+    assert_eq!(step_status(&rejoined, 1), Some(StepStatus::Runnable));
+    // The old session's late result is acknowledged but changes nothing.
+    let late = core.handle(finished(1, second[0].1, Outcome::Succeeded));
+    assert!(changes(&late).is_empty());
+    let third = builds(&core.dispatch(now));
+    assert_eq!(third[0].0, 2);
+    let failed = core.handle(finished(2, third[0].1, Outcome::InfrastructureFailure));
+    assert_eq!(step_status(&failed, 1), Some(StepStatus::Cancelled));
+}
+
+#[test]
+fn a_plan_corrects_for_steps_that_finished_after_ingest_read_them() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 2)));
+    core.handle(plan(1, 0, 1, vec![step(1, &[])]));
+    core.handle(plan(2, 0, 2, vec![step(2, &[])]));
+    let sent = builds(&core.dispatch(now));
+    let snapshot = core.completions();
+    core.handle(finished(1, sent[0].1, Outcome::Succeeded));
+    core.handle(finished(1, sent[1].1, Outcome::Failed));
+    // Ingest read both as unfinished before those completions were committed.
+    let late = |build, top, steps| {
+        Event::BuildPlanned(BuildPlan {
+            build,
+            priority: 0,
+            global_priority: 0,
+            top,
+            steps,
+            available: Vec::new(),
+            snapshot,
+        })
+    };
+    let reuse = core.handle(late(3, 3, vec![step(1, &[]), step(3, &[1])]));
+    assert_eq!(
+        step_status(&reuse, 3),
+        Some(StepStatus::Runnable),
+        "step 1 is done"
+    );
+    assert!(
+        core.graph().step(1).is_none(),
+        "a finished step is not built again"
+    );
+    let cached = core.handle(late(4, 4, vec![step(2, &[]), step(4, &[2])]));
+    assert_eq!(build_finished(&cached), vec![(4, BuildStatus::DepFailed)]);
+    // Once ingest caught up past them, the core forgets them.
+    core.handle(Event::IngestCaughtUp {
+        snapshot: core.completions(),
+    });
+    assert!(core.recent.by_step.is_empty());
+}
+
+#[test]
+fn steps_available_in_a_cache_succeed_without_building() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(plan(1, 0, 2, vec![step(1, &[]), step(2, &[1])]));
+    let available = core.handle(Event::BuildPlanned(BuildPlan {
+        build: 2,
+        priority: 0,
+        global_priority: 0,
+        top: 3,
+        steps: vec![step(3, &[])],
+        available: vec![1],
+        snapshot: 0,
+    }));
+    assert_eq!(step_status(&available, 2), Some(StepStatus::Runnable));
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 4)));
+    let sent: Vec<StepId> = builds(&core.dispatch(now)).iter().map(|b| b.2).collect();
+    assert_eq!(sent, vec![2, 3]);
+}
+
+#[test]
+fn the_attempt_records_when_it_started_on_the_injected_clock() {
+    let start = Instant::now() + Duration::from_hours(1);
+    let mut core = core();
+    core.handle(plan(1, 0, 1, vec![step(1, &[])]));
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    let sent = builds(&core.dispatch(start));
+    assert_eq!(core.attempt(&sent[0].1).unwrap().started, start);
+}
+
+/// A random scenario: a DAG over `steps` steps split among builds, builders with random
+/// systems, features and slots, and a random order of joins, departures and results.
+#[derive(Debug, Clone)]
+struct Scenario {
+    inputs: Vec<Vec<usize>>,
+    systems: Vec<usize>,
+    features: Vec<bool>,
+    builders: Vec<(usize, bool, bool, u32)>,
+    actions: Vec<(u8, usize, u8)>,
+}
+
+const SYSTEMS: [&str; 3] = ["x86_64-linux", "aarch64-linux", "builtin"];
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (2usize..24).prop_flat_map(|steps| {
+        (
+            proptest::collection::vec(
+                proptest::collection::vec(any::<prop::sample::Index>(), 0..3),
+                steps,
+            ),
+            proptest::collection::vec(0usize..3, steps),
+            proptest::collection::vec(proptest::bool::weighted(0.2), steps),
+            proptest::collection::vec(
+                (
+                    0usize..2,
+                    any::<bool>(),
+                    proptest::bool::weighted(0.2),
+                    1u32..4,
+                ),
+                1..4,
+            ),
+            proptest::collection::vec((0u8..6, any::<usize>(), 0u8..4), 0..120),
+        )
+            .prop_map(
+                move |(inputs, systems, features, builders, actions)| Scenario {
+                    inputs: inputs
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, picks)| {
+                            let mut chosen: Vec<usize> = if i == 0 {
+                                Vec::new()
+                            } else {
+                                picks.iter().map(|p| p.index(i)).collect()
+                            };
+                            chosen.sort_unstable();
+                            chosen.dedup();
+                            chosen
+                        })
+                        .collect(),
+                    systems,
+                    features,
+                    builders,
+                    actions,
+                },
+            )
+    })
+}
+
+/// Checks every invariant after each step of a scenario.
+struct Checker {
+    succeeded: HashSet<StepId>,
+    failed: HashSet<StepId>,
+    inputs: HashMap<StepId, Vec<StepId>>,
+    requirements: HashMap<StepId, Requirements>,
+    builders: HashMap<SessionId, Capabilities>,
+}
+
+impl Checker {
+    fn check(&mut self, core: &Core, commands: &[Command]) {
+        for change in changes(commands) {
+            if let Change::StepStatus { step, status, .. } = change {
+                match status {
+                    StepStatus::Succeeded => {
+                        self.succeeded.insert(*step);
+                    }
+                    StepStatus::Failed | StepStatus::DepFailed | StepStatus::Cancelled => {
+                        self.failed.insert(*step);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (session, _, step) in builds(commands) {
+            for input in &self.inputs[&step] {
+                assert!(
+                    self.succeeded.contains(input),
+                    "step {step} dispatched before input {input} succeeded"
+                );
+            }
+            let capabilities = &self.builders[&session];
+            assert!(
+                capabilities.can_run(&self.requirements[&step]),
+                "step {step} sent to a builder that cannot run it"
+            );
+        }
+        let mut per_step: HashMap<StepId, usize> = HashMap::new();
+        let mut per_session: HashMap<SessionId, u32> = HashMap::new();
+        for (_, attempt) in core.attempts() {
+            *per_step.entry(attempt.step).or_default() += 1;
+            *per_session.entry(attempt.session).or_default() += 1;
+        }
+        assert!(
+            per_step.values().all(|count| *count == 1),
+            "a step has two live attempts"
+        );
+        for (session, running) in per_session {
+            let builder = core
+                .placement()
+                .builder(session)
+                .expect("attempts only on connected builders");
+            assert!(running <= builder.capabilities.max_jobs);
+            assert_eq!(running, builder.running);
+        }
+        for (id, node) in core.graph().steps() {
+            assert!(!self.succeeded.contains(&id) && !self.failed.contains(&id));
+            if let StepState::Running(attempt) = node.state {
+                assert_eq!(core.attempt(&attempt).map(|a| a.step), Some(id));
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn no_decision_ever_breaks_an_invariant(scenario in scenario()) {
+        let now = Instant::now();
+        let mut core = core();
+        let count = scenario.inputs.len();
+        let id = |index: usize| i64::try_from(index).unwrap() + 1;
+        let planned: Vec<PlannedStep> = (0..count)
+            .map(|i| {
+                let features: &[&str] = if scenario.features[i] { &["kvm"] } else { &[] };
+                PlannedStep {
+                    spec: spec(id(i), SYSTEMS[scenario.systems[i]], features),
+                    ..step(id(i), &scenario.inputs[i].iter().map(|&j| id(j)).collect::<Vec<_>>())
+                }
+            })
+            .collect();
+        let mut checker = Checker {
+            succeeded: HashSet::new(),
+            failed: HashSet::new(),
+            inputs: planned.iter().map(|p| (p.id, p.inputs.clone())).collect(),
+            requirements: planned.iter().map(|p| (p.id, p.spec.requirements.clone())).collect(),
+            builders: HashMap::new(),
+        };
+        // Two builds: the whole DAG with the last step on top, and the first half's last step.
+        let commands = core.handle(plan(1, 0, id(count - 1), planned.clone()));
+        checker.check(&core, &commands);
+        let half = count / 2;
+        let commands = core.handle(plan(2, 3, id(half), planned[..=half].to_vec()));
+        checker.check(&core, &commands);
+        let mut next_session = 1;
+        for (kind, pick, outcome) in scenario.actions {
+            let commands = match kind {
+                0 => {
+                    let (system, kvm, mandatory, jobs) = scenario.builders[pick % scenario.builders.len()];
+                    let features: &[&str] = if kvm { &["kvm"] } else { &[] };
+                    let mandatory_features: &[&str] = if mandatory { &["kvm"] } else { &[] };
+                    let capabilities = caps(&[SYSTEMS[system]], features, mandatory_features, jobs);
+                    checker.builders.insert(next_session, capabilities.clone());
+                    next_session += 1;
+                    core.handle(join(&format!("b{}", pick % 3), next_session - 1, capabilities))
+                }
+                1 => {
+                    let sessions: Vec<SessionId> = core.placement().builders().map(|(s, _)| s).collect();
+                    if sessions.is_empty() { continue; }
+                    core.handle(Event::BuilderLeft { session: sessions[pick % sessions.len()], reason: "gone".to_owned() })
+                }
+                _ => {
+                    let mut running: Vec<(AttemptId, SessionId)> = core.attempts().map(|(a, r)| (*a, r.session)).collect();
+                    running.sort_unstable();
+                    if running.is_empty() { continue; }
+                    let (attempt, session) = running[pick % running.len()];
+                    let outcome = [Outcome::Succeeded, Outcome::Succeeded, Outcome::Failed, Outcome::InfrastructureFailure][usize::from(outcome)];
+                    core.handle(finished(session, attempt, outcome))
+                }
+            };
+            checker.check(&core, &commands);
+            let commands = core.dispatch(now);
+            checker.check(&core, &commands);
+        }
+        // Every unfinished step is runnable, running, or waits on an unfinished input.
+        for (id, node) in core.graph().steps() {
+            if let StepState::Waiting(missing) = node.state {
+                prop_assert!(missing > 0);
+                prop_assert!(checker.inputs[&id].iter().any(|input| core.graph().step(*input).is_some()));
+            }
+        }
+        prop_assert_eq!(core.placement().runnable_len(), core.graph().steps().filter(|(_, n)| n.state == StepState::Runnable).count());
+    }
+}

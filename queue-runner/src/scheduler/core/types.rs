@@ -1,0 +1,342 @@
+//! The core's vocabulary: the events it takes, the commands it returns, and the plain data both
+//! carry. Nothing here knows of tokio, tonic or PostgreSQL; the driver translates.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use drover_proto::Outcome;
+use nix_primitives::{Hash, IngestionMethod, StorePath};
+use uuid::Uuid;
+
+use crate::db::status::{AttemptStatus, BuildStatus, StepStatus};
+
+/// Step id (the `steps.id` column).
+pub type StepId = i64;
+/// Build id (the `builds.id` column).
+pub type BuildId = i64;
+/// One builder connection; a reconnecting builder gets a new one.
+pub type SessionId = u64;
+/// Attempt id (the `step_attempts.id` column), quoted by builders.
+pub type AttemptId = Uuid;
+
+/// What a builder must offer to run a step.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Requirements {
+    /// The derivation's system; `builtin` runs anywhere.
+    pub system: String,
+    /// Its `requiredSystemFeatures`.
+    pub features: BTreeSet<String>,
+}
+
+/// What a builder offered at Join.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Capabilities {
+    /// Systems it builds for.
+    pub systems: BTreeSet<String>,
+    /// Features it offers.
+    pub supported_features: BTreeSet<String>,
+    /// Features a step must require to run on it.
+    pub mandatory_features: BTreeSet<String>,
+    /// Steps at once.
+    pub max_jobs: u32,
+    /// Relative speed; positive and finite (checked at Join).
+    pub speed_factor: f64,
+}
+
+impl Capabilities {
+    /// Whether a step with `requirements` may run here: the system matches (or is `builtin`),
+    /// every required feature is offered, and every mandatory feature is required.
+    #[must_use]
+    pub fn can_run(&self, requirements: &Requirements) -> bool {
+        let system =
+            requirements.system == "builtin" || self.systems.contains(&requirements.system);
+        let features = requirements.features.iter().all(|feature| {
+            self.supported_features.contains(feature) || self.mandatory_features.contains(feature)
+        });
+        let mandatory = self
+            .mandatory_features
+            .iter()
+            .all(|feature| requirements.features.contains(feature));
+        system && features && mandatory
+    }
+}
+
+/// Everything about a step that does not change while it is queued: what to send a builder
+/// and what its uploads must match. Shared (`Arc`) between the graph, assignments and the
+/// upload checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepSpec {
+    /// The derivation it builds.
+    pub drv_path: StorePath,
+    /// The derivation's exact text, sent to builders.
+    pub drv_text: Vec<u8>,
+    /// Its outputs, name to path.
+    pub outputs: BTreeMap<String, StorePath>,
+    /// What a builder needs.
+    pub requirements: Requirements,
+    /// Input sources and the outputs of input derivations it uses; its outputs may refer only
+    /// to their closure and to each other.
+    pub input_paths: BTreeSet<StorePath>,
+    /// For a fixed-output derivation, how its output is hashed and the hash it must have.
+    pub fixed: Option<(IngestionMethod, Hash)>,
+}
+
+/// One unfinished step of a build's closure, as ingest found it.
+#[derive(Debug, Clone)]
+pub struct PlannedStep {
+    /// Its id.
+    pub id: StepId,
+    /// What it builds.
+    pub spec: Arc<StepSpec>,
+    /// Its inputs that were unfinished when ingest read them; each is earlier in the plan.
+    pub inputs: Vec<StepId>,
+    /// Its row's status when ingest read it.
+    pub recorded_status: StepStatus,
+    /// Builder losses it has survived so far.
+    pub builder_losses: u32,
+    /// Infrastructure failures it has survived so far.
+    pub infrastructure_failures: u32,
+}
+
+/// A build expanded by ingest, ready to join the graph.
+#[derive(Debug, Clone)]
+pub struct BuildPlan {
+    /// The build.
+    pub build: BuildId,
+    /// Its own priority (higher first).
+    pub priority: i32,
+    /// The administrator's global priority, which beats every other order (higher first).
+    pub global_priority: i32,
+    /// Its top-level step.
+    pub top: StepId,
+    /// Every unfinished step of its closure, inputs before the steps that use them.
+    pub steps: Vec<PlannedStep>,
+    /// Steps of its closure that ingest found done without building (every output already in
+    /// a cache) and recorded as succeeded.
+    pub available: Vec<StepId>,
+    /// How many step completions had been committed before ingest read the step statuses:
+    /// completions after that may be missing from the plan, and the core corrects for them.
+    pub snapshot: u64,
+}
+
+/// A builder's report on one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Why, for anything but success; or why the runner refused a claimed success.
+    pub message: String,
+    /// Outputs of a success (checked against the step and the cache by the session).
+    pub outputs: Vec<OutputRecord>,
+}
+
+/// One output of a successful attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRecord {
+    /// Output name.
+    pub name: String,
+    /// Output path.
+    pub path: String,
+    /// NAR hash, `sha256:<nix base32>`.
+    pub nar_hash: String,
+    /// NAR size in bytes.
+    pub nar_size: u64,
+}
+
+/// Something the core must react to.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Ingest expanded a build.
+    BuildPlanned(BuildPlan),
+    /// Ingest drained every queued build it knew of; completions up to `snapshot` are visible
+    /// to every later plan.
+    IngestCaughtUp {
+        /// Committed completions when that drain began.
+        snapshot: u64,
+    },
+    /// A builder passed Join.
+    BuilderJoined {
+        /// Its name, from its certificate.
+        name: String,
+        /// Its connection.
+        session: SessionId,
+        /// What it offers.
+        capabilities: Capabilities,
+        /// Its Nix version.
+        nix_version: String,
+    },
+    /// A builder's session ended.
+    BuilderLeft {
+        /// The connection that ended.
+        session: SessionId,
+        /// Why, for the log and the attempts it loses.
+        reason: String,
+    },
+    /// A builder pinged.
+    BuilderPinged {
+        /// The connection.
+        session: SessionId,
+        /// Free bytes on its store's file system, if it knows.
+        free_disk_bytes: Option<u64>,
+    },
+    /// A builder reported the end of an attempt (the session checked it owns it).
+    StepFinished {
+        /// The connection that reported.
+        session: SessionId,
+        /// The attempt.
+        attempt: AttemptId,
+        /// What it reported.
+        report: Report,
+    },
+}
+
+/// A durable state change: the driver writes a batch of them in one transaction before it
+/// carries out any [`Command::Send`] of the same batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A step's status changed (terminal ones stamp `finished_at`).
+    StepStatus {
+        /// The step.
+        step: StepId,
+        /// Its new status.
+        status: StepStatus,
+        /// Why, for failures.
+        reason: Option<String>,
+    },
+    /// A step was requeued without failing; its counters changed.
+    StepCounters {
+        /// The step.
+        step: StepId,
+        /// Builder losses so far.
+        builder_losses: u32,
+        /// Infrastructure failures so far.
+        infrastructure_failures: u32,
+    },
+    /// An attempt was dispatched; its step runs, and its builds run.
+    AttemptStarted {
+        /// The attempt.
+        attempt: AttemptId,
+        /// Its step.
+        step: StepId,
+        /// The builder's name.
+        builder: String,
+    },
+    /// An attempt ended.
+    AttemptEnded {
+        /// The attempt.
+        attempt: AttemptId,
+        /// How.
+        status: AttemptStatus,
+        /// The builder's or the runner's reason, for anything but success.
+        message: Option<String>,
+    },
+    /// A step's outputs, recorded with its success.
+    Outputs {
+        /// The step.
+        step: StepId,
+        /// Its outputs.
+        outputs: Vec<OutputRecord>,
+    },
+    /// A build ended.
+    BuildFinished {
+        /// The build.
+        build: BuildId,
+        /// Its terminal status.
+        status: BuildStatus,
+        /// Why, for anything but success.
+        reason: Option<String>,
+    },
+    /// A builder joined.
+    MachineJoined {
+        /// Its name.
+        name: String,
+        /// What it offered.
+        capabilities: Capabilities,
+        /// Its Nix version.
+        nix_version: String,
+    },
+    /// A builder pinged.
+    MachinePinged {
+        /// Its name.
+        name: String,
+        /// Free bytes on its store's file system, if it knows.
+        free_disk_bytes: Option<u64>,
+    },
+    /// A builder's last session ended.
+    MachineLeft {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// A step given to a builder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    /// The attempt id the builder quotes.
+    pub attempt: AttemptId,
+    /// The step.
+    pub step: StepId,
+    /// What to build.
+    pub spec: Arc<StepSpec>,
+}
+
+/// A message for one builder session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToBuilder {
+    /// Build this.
+    Build(Assignment),
+    /// Stop this attempt; its result is no longer wanted.
+    Abort {
+        /// The attempt.
+        attempt: AttemptId,
+        /// Why.
+        reason: String,
+    },
+    /// The attempt's result is durable; the builder may forget it.
+    ResultRecorded {
+        /// The attempt.
+        attempt: AttemptId,
+    },
+}
+
+/// What the core asks the driver to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Persist a change (before any send of the same batch).
+    Persist(Change),
+    /// Send a message to a builder session (after the batch committed).
+    Send {
+        /// The session.
+        session: SessionId,
+        /// The message.
+        message: ToBuilder,
+    },
+    /// End a builder session (it reconnects and joins afresh).
+    EndSession {
+        /// The session.
+        session: SessionId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The core's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoreLimits {
+    /// Builder losses a step survives; one more fails it as `builder_lost`.
+    pub max_builder_losses: u32,
+    /// Infrastructure failures a step survives; one more fails it.
+    pub max_infrastructure_failures: u32,
+}
+
+/// A running attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// Its step.
+    pub step: StepId,
+    /// The session it was given to.
+    pub session: SessionId,
+    /// When it was dispatched, on the core's clock.
+    pub started: Instant,
+}

@@ -1,0 +1,349 @@
+//! The driver: the scheduler's only task. It takes a batch of events (whatever has queued up
+//! while the previous batch was written: group commit), lets the [`Core`] decide, writes the
+//! batch's changes in one transaction, and only then talks to builders, so a restarted runner
+//! knows every attempt a builder may report and a builder's result is acknowledged only once it
+//! is durable.
+//!
+//! Outboxes are bounded and written with `try_send`: a builder that stops reading its tunnel
+//! has its session ended (it reconnects) and its steps requeued, and never delays the others.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use drover_proto::v1::{
+    Abort, Build, BuildLimits, ResultRecorded, RunnerMessage, runner_message::Message,
+};
+use error_context::{Classify, Severity, WithContext};
+use nix_primitives::StorePath;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::attempts::{AttemptOwner, Attempts};
+use super::core::{Assignment, Capabilities, Change, Command, Core, Event, SessionId, ToBuilder};
+use crate::db::transitions::Transitions;
+use crate::db::{DbError, Pool, queries};
+
+/// What the driver sends a builder session: a message, or the status that ends the session.
+pub type OutboxItem = Result<RunnerMessage, tonic::Status>;
+
+/// Events handled in one batch at most; more wait for the next batch.
+const MAX_BATCH: usize = 1024;
+
+/// Times a batch is written again after a transient database error (a serialization failure, a
+/// deadlock) before the failure counts as fatal.
+const WRITE_RETRIES: u32 = 3;
+
+/// How the driver reaches one builder session.
+#[derive(Debug, Clone)]
+pub struct SessionLink {
+    /// Messages to the builder.
+    pub outbox: mpsc::Sender<OutboxItem>,
+    /// Cancelled to end the session.
+    pub end: CancellationToken,
+}
+
+/// What builder sessions tell the driver.
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// A builder passed Join: its session and how to reach it.
+    Joined {
+        /// Its name, from its certificate.
+        name: String,
+        /// The connection.
+        session: SessionId,
+        /// What it offers.
+        capabilities: Capabilities,
+        /// Its Nix version.
+        nix_version: String,
+        /// Its outbox and the token that ends it.
+        link: SessionLink,
+    },
+    /// Anything else, for the core as it is.
+    Core(Event),
+}
+
+/// Why the scheduler stopped. Fatal: the queue cannot be kept without its database.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// Attempts a previous runner left running could not be aborted.
+    #[error("aborting the attempts a previous runner left running")]
+    Recover(#[source] DbError),
+    /// A batch of changes could not be written.
+    #[error("writing a batch of {changes} scheduler changes (tried {tries} times)")]
+    Write {
+        /// Changes in the batch.
+        changes: usize,
+        /// Times it was tried.
+        tries: u32,
+        /// The last failure.
+        #[source]
+        source: DbError,
+    },
+}
+
+impl Classify for SchedulerError {
+    fn severity(&self) -> Severity {
+        Severity::Fatal
+    }
+}
+
+/// The scheduler task's state.
+pub struct Driver {
+    core: Core,
+    pool: Pool,
+    sessions: HashMap<SessionId, SessionLink>,
+    attempts: Attempts,
+    committed: Arc<AtomicU64>,
+    build_limits: BuildLimits,
+}
+
+impl Driver {
+    /// A driver around `core`; `committed` is where it publishes how many step completions are
+    /// durable (ingest reads it, see [`super::core::BuildPlan::snapshot`]).
+    #[must_use]
+    pub fn new(
+        core: Core,
+        pool: Pool,
+        attempts: Attempts,
+        committed: Arc<AtomicU64>,
+        build_limits: BuildLimits,
+    ) -> Self {
+        Self {
+            core,
+            pool,
+            sessions: HashMap::new(),
+            attempts,
+            committed,
+            build_limits,
+        }
+    }
+
+    /// Runs until `shutdown` or a fatal database error. Builder sessions feed `sessions`;
+    /// ingest feeds `plans`.
+    pub async fn run(
+        mut self,
+        mut sessions: mpsc::Receiver<SessionEvent>,
+        mut plans: mpsc::Receiver<Event>,
+        shutdown: CancellationToken,
+    ) -> Result<(), WithContext<SchedulerError>> {
+        let aborted = self.abort_orphaned_attempts().await?;
+        tracing::info!(aborted, "scheduler started");
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                // Shutdown first: sessions end at the same moment, and their departures must not
+                // count as builder losses. Attempts still running are aborted by the next start.
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                Some(event) = sessions.recv() => batch.push(event),
+                Some(event) = plans.recv() => batch.push(SessionEvent::Core(event)),
+                else => return Ok(()),
+            }
+            while batch.len() < MAX_BATCH {
+                match sessions.try_recv() {
+                    Ok(event) => batch.push(event),
+                    Err(_) => match plans.try_recv() {
+                        Ok(event) => batch.push(SessionEvent::Core(event)),
+                        Err(_) => break,
+                    },
+                }
+            }
+            let mut commands = Vec::new();
+            for event in batch.drain(..) {
+                commands.extend(self.accept(event));
+            }
+            self.carry_out(commands).await?;
+        }
+    }
+
+    async fn abort_orphaned_attempts(&self) -> Result<u64, SchedulerError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| SchedulerError::Recover(DbError::Connection(error)))?;
+        queries::abort_orphaned_attempts(&client)
+            .await
+            .map_err(SchedulerError::Recover)
+    }
+
+    fn accept(&mut self, event: SessionEvent) -> Vec<Command> {
+        match event {
+            SessionEvent::Joined {
+                name,
+                session,
+                capabilities,
+                nix_version,
+                link,
+            } => {
+                tracing::info!(builder = %name, session, "builder joined");
+                self.sessions.insert(session, link);
+                self.core.handle(Event::BuilderJoined {
+                    name,
+                    session,
+                    capabilities,
+                    nix_version,
+                })
+            }
+            SessionEvent::Core(event) => {
+                if let Event::BuilderLeft { session, reason } = &event {
+                    tracing::info!(session, reason, "builder left");
+                    self.sessions.remove(session);
+                }
+                self.core.handle(event)
+            }
+        }
+    }
+
+    /// Writes the changes, then sends; sessions that cannot take a message are ended, and what
+    /// the core decides about that is carried out the same way, with dispatch after every round.
+    async fn carry_out(
+        &mut self,
+        mut commands: Vec<Command>,
+    ) -> Result<(), WithContext<SchedulerError>> {
+        loop {
+            commands.extend(self.core.dispatch(Instant::now()));
+            if commands.is_empty() {
+                return Ok(());
+            }
+            let mut transitions = Transitions::default();
+            let mut changes = 0;
+            let mut messages = Vec::new();
+            for command in commands.drain(..) {
+                match command {
+                    Command::Persist(change) => {
+                        if let Change::AttemptEnded { attempt, .. } = &change {
+                            self.attempts.remove(attempt);
+                        }
+                        transitions.add(change);
+                        changes += 1;
+                    }
+                    other => messages.push(other),
+                }
+            }
+            if !transitions.is_empty() {
+                self.write(&transitions, changes).await?;
+            }
+            self.committed
+                .store(self.core.completions(), Ordering::Release);
+            for message in messages {
+                if let Some(ended) = self.deliver(message) {
+                    commands.extend(self.core.handle(ended));
+                }
+            }
+        }
+    }
+
+    /// Writes one batch, again after transient failures, up to [`WRITE_RETRIES`] times.
+    async fn write(&self, transitions: &Transitions, changes: usize) -> Result<(), SchedulerError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let result = match self.pool.get().await {
+                Ok(mut client) => transitions.write(&mut client).await,
+                Err(error) => Err(DbError::Connection(error)),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(error) if error.severity() == Severity::Step && tries <= WRITE_RETRIES => {
+                    tracing::warn!(error = %error_context::report(&error), tries, "retrying a batch of scheduler changes");
+                    tokio::time::sleep(Duration::from_millis(10 << tries)).await;
+                }
+                Err(source) => {
+                    return Err(SchedulerError::Write {
+                        changes,
+                        tries,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Delivers a message or ends a session; returns the departure to tell the core about when
+    /// a session could not take its message.
+    fn deliver(&mut self, command: Command) -> Option<Event> {
+        match command {
+            Command::Persist(_) => None,
+            Command::EndSession { session, reason } => {
+                if let Some(link) = self.sessions.remove(&session) {
+                    let _ = link.outbox.try_send(Err(tonic::Status::aborted(reason)));
+                    link.end.cancel();
+                }
+                None
+            }
+            Command::Send { session, message } => {
+                let link = self.sessions.get(&session)?;
+                let message = self.runner_message(session, message)?;
+                if link.outbox.try_send(Ok(message)).is_ok() {
+                    return None;
+                }
+                // A full outbox means the builder stopped reading; a closed one that its session
+                // is ending. Either way it gets no more work: end it, requeue what it had.
+                let reason = "its tunnel stopped taking messages".to_owned();
+                tracing::warn!(session, reason, "ending a builder session");
+                link.end.cancel();
+                self.sessions.remove(&session);
+                Some(Event::BuilderLeft { session, reason })
+            }
+        }
+    }
+
+    fn runner_message(&self, session: SessionId, message: ToBuilder) -> Option<RunnerMessage> {
+        let message = match message {
+            ToBuilder::Build(assignment) => {
+                let builder = self.core.placement().builder(session)?.name.clone();
+                Message::Build(self.build_message(builder, assignment))
+            }
+            ToBuilder::Abort { attempt, reason } => Message::Abort(Abort {
+                attempt_id: attempt.to_string(),
+                reason,
+            }),
+            ToBuilder::ResultRecorded { attempt } => Message::ResultRecorded(ResultRecorded {
+                attempt_id: attempt.to_string(),
+            }),
+        };
+        Some(RunnerMessage {
+            message: Some(message),
+        })
+    }
+
+    /// The Build message for an assignment; registers the attempt for the builder's uploads
+    /// first.
+    fn build_message(&self, builder: String, assignment: Assignment) -> Build {
+        let Assignment {
+            attempt,
+            step,
+            spec,
+        } = assignment;
+        tracing::debug!(step, %attempt, %builder, "dispatching");
+        let build = Build {
+            attempt_id: attempt.to_string(),
+            step_id: step,
+            drv_path: spec.drv_path.to_absolute(),
+            drv_text: spec.drv_text.clone(),
+            outputs: spec
+                .outputs
+                .iter()
+                .map(|(name, path)| (name.clone(), path.to_absolute()))
+                .collect(),
+            limits: Some(self.build_limits),
+            input_paths: spec
+                .input_paths
+                .iter()
+                .map(StorePath::to_absolute)
+                .collect(),
+        };
+        self.attempts.insert(
+            attempt,
+            AttemptOwner {
+                builder,
+                step,
+                spec,
+            },
+        );
+        build
+    }
+}

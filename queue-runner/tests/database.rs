@@ -1,0 +1,239 @@
+//! The scheduler's database layer against a real PostgreSQL: the Rust status enums against the
+//! SQL ones, a batch of core decisions written as one transaction, and what real failures mean
+//! (a serialization conflict is retried, a lost server is fatal).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed assertion"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use drover_proto::Outcome;
+use drover_queue_runner::db::status::{AttemptStatus, BuildStatus, StepStatus};
+use drover_queue_runner::db::transitions::Transitions;
+use drover_queue_runner::db::{self, DbError, queries};
+use drover_queue_runner::scheduler::core::{
+    BuildPlan, Capabilities, Command, Core, CoreLimits, Event, OutputRecord, PlannedStep, Report,
+    Requirements, StepSpec, ToBuilder,
+};
+use error_context::{Classify, Severity};
+use test_support::TestPostgres;
+use test_support::fake_derivations::{Factory, FakeDrv, Spec};
+
+async fn labels(client: &tokio_postgres::Client, sql_type: &str) -> Vec<String> {
+    client
+        .query_one(&format!("SELECT enum_range(NULL::{sql_type})::text[]"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn the_status_enums_are_the_databases() {
+    let database = TestPostgres::shared().create_database().await;
+    let pool = db::pool(&database.connection_string, 2).unwrap();
+    db::migrate(&pool).await.unwrap();
+    let client = pool.get().await.unwrap();
+    let rust = |all: Vec<&'static str>| all.into_iter().map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(
+        labels(&client, BuildStatus::SQL_TYPE).await,
+        rust(BuildStatus::ALL.iter().map(|s| s.as_str()).collect())
+    );
+    assert_eq!(
+        labels(&client, StepStatus::SQL_TYPE).await,
+        rust(StepStatus::ALL.iter().map(|s| s.as_str()).collect())
+    );
+    assert_eq!(
+        labels(&client, AttemptStatus::SQL_TYPE).await,
+        rust(AttemptStatus::ALL.iter().map(|s| s.as_str()).collect())
+    );
+    for status in StepStatus::ALL {
+        assert_eq!(StepStatus::from_label(status.as_str()), Some(*status));
+    }
+    assert_eq!(StepStatus::from_label("exploded"), None);
+}
+
+fn commands_changes(commands: Vec<Command>, transitions: &mut Transitions) -> Vec<ToBuilder> {
+    let mut sent = Vec::new();
+    for command in commands {
+        match command {
+            Command::Persist(change) => transitions.add(change),
+            Command::Send { message, .. } => sent.push(message),
+            Command::EndSession { .. } => {}
+        }
+    }
+    sent
+}
+
+/// Queues a build of one fresh derivation, ingested as the ingest task would.
+async fn queue_one_step(client: &deadpool_postgres::Client) -> (FakeDrv, i64, queries::StepRow) {
+    let drv = Factory::default().make(&Spec::new("batched"));
+    let texts = vec![(drv.path.to_absolute(), drv.text.clone())];
+    let build = queries::insert_build(client, &texts, &texts[0].0, 0, &serde_json::json!({}))
+        .await
+        .unwrap();
+    let mut rows = queries::ensure_steps(
+        client,
+        &[queries::StepSpec {
+            drv_path: drv.path.to_absolute(),
+            system: "x86_64-linux".to_owned(),
+            features: String::new(),
+        }],
+    )
+    .await
+    .unwrap();
+    let row = rows.remove(0);
+    queries::record_ingested_build(client, build, &[row.id], &[], &[])
+        .await
+        .unwrap();
+    (drv, build, row)
+}
+
+#[tokio::test]
+async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() {
+    let database = TestPostgres::shared().create_database().await;
+    let pool = db::pool(&database.connection_string, 2).unwrap();
+    db::migrate(&pool).await.unwrap();
+    let mut client = pool.get().await.unwrap();
+    let (drv, build, row) = queue_one_step(&client).await;
+    let step = row.id;
+    let mut core = Core::new(
+        CoreLimits {
+            max_builder_losses: 5,
+            max_infrastructure_failures: 5,
+        },
+        Box::new(uuid::Uuid::new_v4),
+    );
+    let mut batch = Transitions::default();
+    let capabilities = Capabilities {
+        systems: BTreeSet::from(["x86_64-linux".to_owned()]),
+        supported_features: BTreeSet::new(),
+        mandatory_features: BTreeSet::new(),
+        max_jobs: 1,
+        speed_factor: 1.0,
+    };
+    let spec = Arc::new(StepSpec {
+        drv_path: drv.path.clone(),
+        drv_text: drv.text.clone(),
+        outputs: BTreeMap::from([("out".to_owned(), drv.out.clone())]),
+        requirements: Requirements {
+            system: "x86_64-linux".to_owned(),
+            features: BTreeSet::new(),
+        },
+        input_paths: BTreeSet::new(),
+        fixed: None,
+    });
+    let mut commands = core.handle(Event::BuilderJoined {
+        name: "b1".to_owned(),
+        session: 1,
+        capabilities,
+        nix_version: "2.8".to_owned(),
+    });
+    commands.extend(core.handle(Event::BuildPlanned(BuildPlan {
+        build,
+        priority: 0,
+        global_priority: 0,
+        top: step,
+        steps: vec![PlannedStep {
+            id: step,
+            spec,
+            inputs: Vec::new(),
+            recorded_status: row.status,
+            builder_losses: 0,
+            infrastructure_failures: 0,
+        }],
+        available: Vec::new(),
+        snapshot: 0,
+    })));
+    commands.extend(core.dispatch(Instant::now()));
+    let sent = commands_changes(commands, &mut batch);
+    let Some(ToBuilder::Build(assignment)) = sent.first() else {
+        panic!("the step was not dispatched: {sent:?}");
+    };
+    let attempt = assignment.attempt;
+    let finished = core.handle(Event::StepFinished {
+        session: 1,
+        attempt,
+        report: Report {
+            outcome: Outcome::Succeeded,
+            message: String::new(),
+            outputs: vec![OutputRecord {
+                name: "out".to_owned(),
+                path: drv.out.to_absolute(),
+                nar_hash: "sha256:0000000000000000000000000000000000000000000000000000".to_owned(),
+                nar_size: 120,
+            }],
+        },
+    });
+    let acknowledged = commands_changes(finished, &mut batch);
+    assert_eq!(acknowledged, vec![ToBuilder::ResultRecorded { attempt }]);
+    batch.write(&mut client).await.unwrap();
+
+    let row = client
+        .query_one(
+            "SELECT s.status::text, s.finished_at IS NOT NULL, s.started_at IS NOT NULL,
+                    b.status::text, b.finished_at IS NOT NULL,
+                    a.status::text, a.machine, a.finished_at IS NOT NULL,
+                    (SELECT nar_size FROM step_outputs WHERE step_id = s.id),
+                    (SELECT connected FROM machines WHERE name = 'b1')
+             FROM steps s, builds b, step_attempts a
+             WHERE s.id = $1 AND b.id = $2 AND a.id = $3",
+            &[&step, &build, &attempt],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "succeeded");
+    assert!(row.get::<_, bool>(1) && row.get::<_, bool>(2));
+    assert_eq!(row.get::<_, String>(3), "succeeded");
+    assert!(row.get::<_, bool>(4));
+    assert_eq!(row.get::<_, String>(5), "succeeded");
+    assert_eq!(row.get::<_, String>(6), "b1");
+    assert!(row.get::<_, bool>(7));
+    assert_eq!(row.get::<_, i64>(8), 120);
+    assert!(row.get::<_, bool>(9));
+}
+
+#[tokio::test]
+async fn a_serialization_conflict_is_retried_and_a_lost_server_is_fatal() {
+    let cluster = TestPostgres::start();
+    let database = cluster.create_database().await;
+    let first = database.connect().await;
+    let second = database.connect().await;
+    first
+        .batch_execute("CREATE TABLE counter (n int); INSERT INTO counter VALUES (0);")
+        .await
+        .unwrap();
+    for client in [&first, &second] {
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT n FROM counter;")
+            .await
+            .unwrap();
+    }
+    first
+        .batch_execute("UPDATE counter SET n = n + 1; COMMIT;")
+        .await
+        .unwrap();
+    let conflict = second
+        .execute("UPDATE counter SET n = n + 1", &[])
+        .await
+        .map_err(DbError::query("incrementing"))
+        .unwrap_err();
+    assert_eq!(conflict.severity(), Severity::Step, "{conflict:?}");
+
+    let pool = db::pool(&database.connection_string, 1).unwrap();
+    let client = pool.get().await.unwrap();
+    cluster.kill();
+    let lost = client
+        .execute("SELECT 1", &[])
+        .await
+        .map_err(DbError::query("selecting"))
+        .unwrap_err();
+    assert_eq!(lost.severity(), Severity::Fatal, "{lost:?}");
+    drop(client);
+    let unreachable = pool.get().await.map_err(DbError::Connection).unwrap_err();
+    assert_eq!(unreachable.severity(), Severity::Fatal);
+}
