@@ -171,7 +171,6 @@ pub async fn start(
         attempts,
         cache,
         logs.clone(),
-        pool.clone(),
         (config.ping_interval, config.liveness_timeout),
         shutdown.clone(),
         sessions.clone(),

@@ -1,5 +1,10 @@
 //! Step logs on disk: one zstd-compressed file per attempt, written as chunks arrive and capped
-//! at a configured size, so a runaway build cannot fill the runner's disk.
+//! at a configured size, so a runaway build cannot fill the runner's disk. The file is named
+//! after the attempt, and the attempt's row names it from dispatch on.
+//!
+//! Logs are not flushed to disk one by one: they are diagnostics, and a step's result never
+//! depends on its log, so a machine crash may cost the last seconds of logs but never a result,
+//! while an fsync per step would cost every step a synchronous disk write.
 
 use std::io::{self, Read as _, Write as _};
 use std::path::PathBuf;
@@ -77,7 +82,7 @@ impl LogWriter {
 
     /// Finishes the file; returns the bytes stored and dropped.
     pub fn finish(self) -> io::Result<(u64, u64)> {
-        self.encoder.finish()?.sync_all()?;
+        self.encoder.finish()?;
         Ok((self.stored, self.truncated))
     }
 }

@@ -131,17 +131,18 @@ pub fn parse_derivation(path: &StorePath, text: &[u8]) -> Result<Derivation, Ver
 }
 
 /// Verifies the closure of `top` from parsed derivations (every one already checked with
-/// [`parse_derivation`]).
+/// [`parse_derivation`]), taking them over: the closure holds each text and parse once.
 pub fn verify_closure(
     top: &StorePath,
-    parsed: &BTreeMap<StorePath, (Vec<u8>, Derivation)>,
+    mut parsed: BTreeMap<StorePath, (Vec<u8>, Derivation)>,
 ) -> Result<VerifiedClosure, VerifyError> {
-    let order = dependency_order(top, parsed)?;
+    let order = dependency_order(top, &parsed)?;
     let mut hasher = DerivationHasher::new();
-    let lookup = |path: &StorePath| parsed.get(path).map(|(_, derivation)| derivation);
-    let mut derivations = BTreeMap::new();
+    let mut derivations: BTreeMap<StorePath, VerifiedDerivation> = BTreeMap::new();
     for path in &order {
-        let (text, derivation) = &parsed[path];
+        let (text, derivation) = parsed
+            .remove(path)
+            .ok_or_else(|| VerifyError::Missing(path.clone()))?;
         let kind = derivation.kind().map_err(|source| {
             VerifyError::Outputs(OutputPathError::Kind {
                 derivation: path.clone(),
@@ -154,8 +155,11 @@ pub fn verify_closure(
                 kind,
             });
         }
+        // Inputs come first in `order`, so every input is verified already.
+        let lookup =
+            |input: &StorePath| derivations.get(input).map(|verified| &verified.derivation);
         let outputs = hasher
-            .verify(path, derivation, lookup)
+            .verify(path, &derivation, lookup)
             .map_err(VerifyError::Outputs)?;
         let features =
             derivation
@@ -167,8 +171,8 @@ pub fn verify_closure(
         derivations.insert(
             path.clone(),
             VerifiedDerivation {
-                text: text.clone(),
-                derivation: derivation.clone(),
+                text,
+                derivation,
                 outputs,
                 features,
             },

@@ -199,6 +199,17 @@ impl Parser<'_> {
     /// A quoted string with Nix's escapes, as bytes.
     fn string(&mut self) -> Result<Vec<u8>, AtermError> {
         self.expect("\"")?;
+        // Most strings have no escapes: copy them in one exact allocation.
+        let rest = &self.text[self.offset..];
+        let special = rest
+            .iter()
+            .position(|byte| matches!(byte, b'"' | b'\\' | b'\n' | b'\r' | b'\t'));
+        if let Some(end) = special
+            && rest[end] == b'"'
+        {
+            self.offset += end + 1;
+            return Ok(rest[..end].to_vec());
+        }
         let mut value = Vec::new();
         loop {
             let byte = self.peek()?;

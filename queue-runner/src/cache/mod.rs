@@ -6,8 +6,11 @@
 //! so a NAR of any size needs constant memory and a malformed or cut one leaves nothing behind.
 //! The NAR file is renamed into place first and the signed narinfo last, each atomically, and
 //! only once every path it refers to is published: a client never sees a narinfo it cannot
-//! substitute.
+//! substitute. Durability goes through [`durability::GroupSync`]: the NAR is on disk before its
+//! narinfo appears, and the narinfo before [`BinaryCache::publish`] returns, with one flush of
+//! the file system serving every concurrent publisher.
 
+pub mod durability;
 pub mod http;
 pub mod upstream;
 
@@ -106,6 +109,21 @@ pub struct BinaryCache {
     directory: PathBuf,
     key: SecretKey,
     upstreams: Vec<upstream::Upstream>,
+    sync: durability::GroupSync,
+}
+
+/// A NAR in place and its signed narinfo written to a temporary file, not yet visible.
+struct Staged {
+    info: NarInfo,
+    narinfo: PathBuf,
+}
+
+/// What staging a publication found.
+enum Stage {
+    /// The path was published already: its narinfo.
+    Published(NarInfo),
+    /// The NAR is in place; the narinfo waits to be revealed.
+    Staged(Staged),
 }
 
 impl BinaryCache {
@@ -131,6 +149,7 @@ impl BinaryCache {
             )?;
         }
         Ok(Self {
+            sync: durability::GroupSync::open(directory).map_err(CacheError::Io)?,
             directory: directory.to_owned(),
             key,
             upstreams,
@@ -221,17 +240,66 @@ impl BinaryCache {
         source: impl Read,
         still_allowed: &dyn Fn() -> bool,
     ) -> Result<(NarInfo, bool), CacheError> {
+        match self.stage(publication, source, still_allowed, &BTreeSet::new())? {
+            Stage::Published(existing) => Ok((existing, true)),
+            Stage::Staged(staged) => {
+                self.sync.sync().map_err(CacheError::Io)?;
+                let revealed = self.reveal(staged);
+                self.sync.sync().map_err(CacheError::Io)?;
+                revealed
+            }
+        }
+    }
+
+    /// Publishes many small paths (given inputs first; each may refer to earlier ones) with two
+    /// flushes for the whole batch instead of two per path. Blocking.
+    pub fn publish_batch(&self, batch: &[(Publication, Vec<u8>)]) -> Result<(), CacheError> {
+        let mut staged = Vec::with_capacity(batch.len());
+        let mut in_batch = BTreeSet::new();
+        let result = batch.iter().try_for_each(|(publication, nar)| {
+            if let Stage::Staged(stage) =
+                self.stage(publication, nar.as_slice(), &|| true, &in_batch)?
+            {
+                staged.push(stage);
+            }
+            in_batch.insert(publication.store_path.clone());
+            Ok(())
+        });
+        if let Err(error) = result {
+            for stage in staged {
+                let _ = fs_err::remove_file(&stage.narinfo);
+            }
+            return Err(error);
+        }
+        self.sync.sync().map_err(CacheError::Io)?;
+        for stage in staged {
+            self.reveal(stage)?;
+        }
+        self.sync.sync().map_err(CacheError::Io)
+    }
+
+    /// Validates and compresses the NAR, renames it into place and writes the signed narinfo
+    /// to a temporary file. Nothing is flushed; `in_batch` are paths staged before this one
+    /// that its references may name.
+    fn stage(
+        &self,
+        publication: &Publication,
+        source: impl Read,
+        still_allowed: &dyn Fn() -> bool,
+        in_batch: &BTreeSet<StorePath>,
+    ) -> Result<Stage, CacheError> {
         let path = &publication.store_path;
         if let Some(existing) = self.narinfo(path)? {
             nar::summarize(source).map_err(|source| CacheError::Nar {
                 path: path.clone(),
                 source,
             })?;
-            return Ok((existing, true));
+            return Ok(Stage::Published(existing));
         }
         for reference in &publication.references {
             if reference != path
                 && !self.is_published(reference)
+                && !in_batch.contains(reference)
                 && !publication.upstream_references.contains(reference)
             {
                 return Err(CacheError::ReferenceNotPublished {
@@ -240,11 +308,7 @@ impl BinaryCache {
                 });
             }
         }
-        let temporary = self.directory.join("tmp").join(format!(
-            "{}.{}",
-            path.hash_part(),
-            uuid::Uuid::new_v4()
-        ));
+        let temporary = self.temporary_file(path.hash_part());
         let result = Self::compress_and_check(publication, source, &temporary);
         if result.is_err() {
             let _ = fs_err::remove_file(&temporary);
@@ -274,21 +338,37 @@ impl BinaryCache {
             content_address: publication.content_address,
         };
         info.sign(&self.key);
-        // First writer wins: a narinfo, once visible, never changes under a client.
-        if write_once(
-            &self.directory,
-            &self.narinfo_file(path),
-            info.to_string().as_bytes(),
-        )? {
-            Ok((info, false))
-        } else {
-            let existing = self.narinfo(path)?.ok_or_else(|| {
-                CacheError::Io(io::Error::other(
-                    "a narinfo vanished while it was published",
-                ))
-            })?;
-            Ok((existing, true))
+        let narinfo = self.temporary_file(&format!("{}.narinfo", path.hash_part()));
+        fs_err::write(&narinfo, info.to_string()).map_err(CacheError::Io)?;
+        Ok(Stage::Staged(Staged { info, narinfo }))
+    }
+
+    /// Makes a staged narinfo visible, unless another publisher's already is (first writer
+    /// wins: a narinfo, once visible, never changes under a client). The narinfo must have been
+    /// flushed first.
+    fn reveal(&self, staged: Staged) -> Result<(NarInfo, bool), CacheError> {
+        let target = self.narinfo_file(&staged.info.store_path);
+        let linked = match fs_err::hard_link(&staged.narinfo, &target) {
+            Ok(()) => Ok(true),
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(error) => Err(CacheError::Io(error)),
+        };
+        let _ = fs_err::remove_file(&staged.narinfo);
+        if linked? {
+            return Ok((staged.info, false));
         }
+        let existing = self.narinfo(&staged.info.store_path)?.ok_or_else(|| {
+            CacheError::Io(io::Error::other(
+                "a narinfo vanished while it was published",
+            ))
+        })?;
+        Ok((existing, true))
+    }
+
+    fn temporary_file(&self, name: &str) -> PathBuf {
+        self.directory
+            .join("tmp")
+            .join(format!("{name}.{}", uuid::Uuid::new_v4()))
     }
 
     /// Publishes an input source uploaded by a client, after recomputing its path from its
@@ -388,31 +468,12 @@ impl BinaryCache {
         }
         let mut counted = tee.sink.finish().map_err(CacheError::Io)?;
         counted.inner.flush().map_err(CacheError::Io)?;
-        let file = counted
+        counted
             .inner
             .into_inner()
             .map_err(|error| CacheError::Io(error.into_error()))?;
-        file.sync_all().map_err(CacheError::Io)?;
         Ok((summary, counted.hasher.finish(), counted.written))
     }
-}
-
-/// Writes `contents` to `target` unless it exists, through a temporary file and a hard link
-/// (which, unlike a rename, never replaces); returns whether this call wrote it.
-fn write_once(directory: &Path, target: &Path, contents: &[u8]) -> Result<bool, CacheError> {
-    let temporary = directory.join("tmp").join(uuid::Uuid::new_v4().to_string());
-    let mut file = fs_err::File::create(&temporary).map_err(CacheError::Io)?;
-    let written = file
-        .write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(CacheError::Io)
-        .and_then(|()| match fs_err::hard_link(&temporary, target) {
-            Ok(()) => Ok(true),
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(error) => Err(CacheError::Io(error)),
-        });
-    let _ = fs_err::remove_file(&temporary);
-    written
 }
 
 /// Writes `contents` to `target` through a temporary file and a rename.

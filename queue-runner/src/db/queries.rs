@@ -2,7 +2,6 @@
 //! function each: ingest, recovery, logs, submissions and reads.
 
 use deadpool_postgres::GenericClient;
-use uuid::Uuid;
 
 use super::DbError;
 use super::status::{BuildStatus, StepStatus};
@@ -221,22 +220,6 @@ pub async fn abort_orphaned_attempts(client: &impl GenericClient) -> Result<u64,
         )
         .await
         .map_err(DbError::query("aborting orphaned attempts"))
-}
-
-/// Records where an attempt's log is.
-pub async fn set_attempt_log(
-    client: &impl GenericClient,
-    attempt: Uuid,
-    log_file: &str,
-) -> Result<(), DbError> {
-    client
-        .execute(
-            "UPDATE step_attempts SET log_file = $2 WHERE id = $1",
-            &[&attempt, &log_file],
-        )
-        .await
-        .map_err(DbError::query("recording a log file"))?;
-    Ok(())
 }
 
 /// The log file of the latest attempt of the step building `drv_path`.

@@ -11,6 +11,7 @@ use deadpool_postgres::GenericClient;
 
 use super::DbError;
 use super::status::{AttemptStatus, BuildStatus, StepStatus};
+use crate::logs::LogStore;
 use crate::scheduler::core::{AttemptId, BuildId, Capabilities, Change, OutputRecord, StepId};
 
 /// The final state of one step row in a batch.
@@ -168,7 +169,7 @@ impl Transitions {
 
     #[expect(
         clippy::too_many_lines,
-        reason = "one statement's 26 array parameters, each built in a line or two"
+        reason = "one statement's 27 array parameters, each built in a line or two"
     )]
     async fn write_rows(&self, client: &impl GenericClient) -> Result<(), DbError> {
         let attempts = &self.new_attempts;
@@ -178,6 +179,7 @@ impl Transitions {
         let new_statuses: Vec<&str> = attempts.values().map(|a| a.status.as_str()).collect();
         let new_messages: Vec<Option<&str>> =
             attempts.values().map(|a| a.message.as_deref()).collect();
+        let new_logs: Vec<String> = new_ids.iter().map(|id| LogStore::file_name(*id)).collect();
 
         let ended_ids: Vec<AttemptId> = self.ended_attempts.keys().copied().collect();
         let ended_statuses: Vec<&str> = self
@@ -251,11 +253,13 @@ impl Transitions {
         client
             .execute(
                 "WITH new_attempts AS (
-                     INSERT INTO step_attempts (id, step_id, machine, status, finished_at, message)
+                     INSERT INTO step_attempts (id, step_id, machine, status, finished_at, message,
+                         log_file)
                      SELECT a.id, a.step, a.machine, a.status::attempt_status,
-                            CASE WHEN a.status <> 'running' THEN now() END, a.message
-                     FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[])
-                         AS a(id, step, machine, status, message)),
+                            CASE WHEN a.status <> 'running' THEN now() END, a.message, a.log
+                     FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                                 $27::text[])
+                         AS a(id, step, machine, status, message, log)),
                  ended_attempts AS (
                      UPDATE step_attempts t SET status = e.status::attempt_status,
                          finished_at = now(), message = e.message
@@ -320,6 +324,7 @@ impl Transitions {
                     &ping_names,
                     &ping_free,
                     &started_steps,
+                    &new_logs,
                 ],
             )
             .await

@@ -141,7 +141,7 @@ impl BuildServiceImpl {
         let submitted: Vec<_> = parsed.keys().cloned().collect();
         let mut client = self.pool.get().await.map_err(DbError::Connection)?;
         complete_closure(&client, &top, &mut parsed).await??;
-        let closure = verify::verify_closure(&top, &parsed)?;
+        let closure = verify::verify_closure(&top, parsed)?;
         self.publish_sources(request.sources).await?;
         let new: Vec<(String, Vec<u8>)> = submitted
             .iter()
@@ -237,6 +237,9 @@ impl BuildService for BuildServiceImpl {
             .map_err(|error| unavailable(&error))?
             .ok_or_else(|| Status::not_found(format!("no log for {drv_path}")))?;
         let log = self.logs.read(&file).map_err(|error| {
+            if error.kind() == std::io::ErrorKind::NotFound {
+                return Status::not_found(format!("no log for {drv_path} yet"));
+            }
             tracing::error!(%file, %error, "reading a stored log failed");
             Status::internal("reading the stored log failed")
         })?;

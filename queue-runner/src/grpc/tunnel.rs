@@ -29,8 +29,6 @@ use uuid::Uuid;
 
 use super::{auth, upload};
 use crate::cache::BinaryCache;
-use crate::db::Pool;
-use crate::db::queries;
 use crate::logs::LogStore;
 use crate::scheduler::attempts::{AttemptOwner, Attempts};
 use crate::scheduler::core::{Capabilities, Event, OutputRecord, Report, SessionId};
@@ -56,7 +54,6 @@ pub struct BuilderServiceImpl {
     attempts: Attempts,
     cache: Arc<BinaryCache>,
     logs: LogStore,
-    pool: Pool,
     ping_interval: Duration,
     liveness_timeout: Duration,
     shutdown: CancellationToken,
@@ -69,16 +66,11 @@ impl BuilderServiceImpl {
     /// A service feeding `events`; its builder sessions run on `sessions`, which shutdown waits
     /// for.
     #[must_use]
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the service's shared parts, each handed over once at start"
-    )]
     pub fn new(
         events: mpsc::Sender<SessionEvent>,
         attempts: Attempts,
         cache: Arc<BinaryCache>,
         logs: LogStore,
-        pool: Pool,
         (ping_interval, liveness_timeout): (Duration, Duration),
         shutdown: CancellationToken,
         sessions: TaskTracker,
@@ -88,7 +80,6 @@ impl BuilderServiceImpl {
             attempts,
             cache,
             logs,
-            pool,
             ping_interval,
             liveness_timeout,
             shutdown,
@@ -240,14 +231,6 @@ impl BuilderService for BuilderServiceImpl {
             writer.write(&chunk.data).map_err(storage_error)?;
         }
         let (stored_bytes, truncated_bytes) = writer.finish().map_err(storage_error)?;
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|_| Status::unavailable("database unavailable"))?;
-        queries::set_attempt_log(&client, attempt, &LogStore::file_name(attempt))
-            .await
-            .map_err(|_| Status::unavailable("database unavailable"))?;
         Ok(Response::new(UploadLogResponse {
             stored_bytes,
             truncated_bytes,

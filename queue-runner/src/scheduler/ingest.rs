@@ -415,6 +415,7 @@ async fn publish_derivations(
     }
     let cache = cache.clone();
     let published = tokio::task::spawn_blocking(move || {
+        let mut batch = Vec::with_capacity(unpublished.len());
         for (path, text, references) in unpublished {
             let mut nar = Vec::new();
             nix_primitives::nar::write_file_nar(&text, false, &mut nar).map_err(CacheError::Io)?;
@@ -426,9 +427,9 @@ async fn publish_derivations(
                 deriver: None,
                 fixed: None,
             };
-            cache.publish(&publication, nar.as_slice(), &|| true)?;
+            batch.push((publication, nar));
         }
-        Ok(())
+        cache.publish_batch(&batch)
     })
     .await
     .map_err(|error| CacheError::Io(std::io::Error::other(error)))?;
@@ -552,7 +553,7 @@ pub async fn load_closure(
     if let Err(error) = complete_closure(client, &top, &mut parsed).await? {
         return Ok(Err(error));
     }
-    Ok(verify::verify_closure(&top, &parsed))
+    Ok(verify::verify_closure(&top, parsed))
 }
 
 /// Adds to `parsed` every derivation of the closure of `top` that it lacks, from the database,
