@@ -347,6 +347,7 @@ async fn serve(
             message = inbound.message() => match message.map_err(TunnelError::Status)? {
                 Some(message) => match message.message {
                     Some(Inbound::Build(build)) => {
+                        tracing::debug!(attempt = %build.attempt_id, "step received");
                         let job = Job {
                             attempt_id: build.attempt_id,
                             drv_path: build.drv_path,
@@ -369,7 +370,9 @@ async fn serve(
                 None => return Err(TunnelError::Closed),
             },
             Some(result) = jobs.next() => {
+                let attempt = result.attempt_id.clone();
                 send(outbox, Outbound::StepResult(result)).await?;
+                tracing::debug!(%attempt, "result sent");
             }
         }
     }

@@ -182,7 +182,118 @@ impl Factory {
     }
 }
 
+/// A small deterministic generator (xorshift), so a seed always makes the same graph.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, bound: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        usize::try_from(self.0 % bound.max(1) as u64).unwrap()
+    }
+}
+
+/// Most inputs any derivation made by the graph shapes below has: real derivations do not have
+/// thousands of inputs, so wide graphs are closed by a tree of this fan-in.
+pub const MAX_FAN_IN: usize = 64;
+
 impl Factory {
+    /// Derivations that depend on `roots` through a tree of fan-in at most [`MAX_FAN_IN`],
+    /// ending in one top-level derivation; appended to `drvs`, the top last.
+    fn close_with_tree(&mut self, prefix: &str, drvs: &mut Vec<FakeDrv>, mut roots: Vec<usize>) {
+        let mut level = 0;
+        loop {
+            let mut next = Vec::new();
+            for (index, group) in roots.chunks(MAX_FAN_IN).enumerate() {
+                let name = format!("{prefix}-tree{level}-{index}");
+                let inputs: Vec<&FakeDrv> = group.iter().map(|i| &drvs[*i]).collect();
+                let drv = self.make(&Spec::new(&name).inputs(&inputs));
+                drvs.push(drv);
+                next.push(drvs.len() - 1);
+            }
+            if next.len() == 1 {
+                return;
+            }
+            roots = next;
+            level += 1;
+        }
+    }
+
+    /// A chain of `length` derivations, each depending on the one before; the last is the top.
+    pub fn chain(&mut self, prefix: &str, length: usize) -> Vec<FakeDrv> {
+        let mut drvs: Vec<FakeDrv> = Vec::with_capacity(length);
+        for index in 0..length {
+            let name = format!("{prefix}-{index}");
+            let inputs: Vec<&FakeDrv> = drvs.last().into_iter().collect();
+            let drv = self.make(&Spec::new(&name).inputs(&inputs));
+            drvs.push(drv);
+        }
+        drvs
+    }
+
+    /// One derivation that `width` others depend on, closed by a tree up to one top.
+    pub fn fan_out(&mut self, prefix: &str, width: usize) -> Vec<FakeDrv> {
+        let mut drvs = vec![self.make(&Spec::new(&format!("{prefix}-root")))];
+        for index in 0..width {
+            let name = format!("{prefix}-{index}");
+            let drv = self.make(&Spec::new(&name).inputs(&[&drvs[0]]));
+            drvs.push(drv);
+        }
+        self.close_with_tree(prefix, &mut drvs, (1..=width).collect());
+        drvs
+    }
+
+    /// `count` independent diamonds (a ← b, a ← c, {b, c} ← d), closed by a tree.
+    pub fn diamonds(&mut self, prefix: &str, count: usize) -> Vec<FakeDrv> {
+        let mut drvs: Vec<FakeDrv> = Vec::with_capacity(count * 4 + count / 32 + 2);
+        let mut tops = Vec::with_capacity(count);
+        for index in 0..count {
+            let a = self.make(&Spec::new(&format!("{prefix}-{index}-a")));
+            let b = self.make(&Spec::new(&format!("{prefix}-{index}-b")).inputs(&[&a]));
+            let c = self.make(&Spec::new(&format!("{prefix}-{index}-c")).inputs(&[&a]));
+            let d = self.make(&Spec::new(&format!("{prefix}-{index}-d")).inputs(&[&b, &c]));
+            drvs.extend([a, b, c, d]);
+            tops.push(drvs.len() - 1);
+        }
+        self.close_with_tree(prefix, &mut drvs, tops);
+        drvs
+    }
+
+    /// A layered DAG of about `size` derivations from `seed`: layers of `layer_width`, each
+    /// derivation with 1 to 5 inputs from earlier layers (none in the first), then a tree up to
+    /// one top over every derivation nothing depends on. Inputs first, the top last.
+    pub fn layered_dag(
+        &mut self,
+        prefix: &str,
+        size: usize,
+        layer_width: usize,
+        seed: u64,
+    ) -> Vec<FakeDrv> {
+        let mut random = XorShift(seed.max(1));
+        let mut drvs: Vec<FakeDrv> = Vec::with_capacity(size + size / 32 + 2);
+        let mut has_dependents = vec![false; size];
+        for index in 0..size {
+            let layer_start = index - index % layer_width.max(1);
+            let mut inputs = BTreeSet::new();
+            if layer_start > 0 {
+                for _ in 0..=random.below(5) {
+                    inputs.insert(random.below(layer_start));
+                }
+            }
+            for input in &inputs {
+                has_dependents[*input] = true;
+            }
+            let name = format!("{prefix}-{index}");
+            let input_drvs: Vec<&FakeDrv> = inputs.iter().map(|i| &drvs[*i]).collect();
+            let drv = self.make(&Spec::new(&name).inputs(&input_drvs));
+            drvs.push(drv);
+        }
+        let sinks = (0..size).filter(|i| !has_dependents[*i]).collect();
+        self.close_with_tree(prefix, &mut drvs, sinks);
+        drvs
+    }
+
     /// A fixed-output derivation whose output is a single file with `contents` (flat SHA-256).
     pub fn make_fixed(&mut self, name: &str, contents: &[u8]) -> FakeDrv {
         use nix_primitives::content_address::fixed_output_path;
