@@ -4,7 +4,7 @@
 
 mod certs;
 mod connection;
-mod dev_farm;
+mod external;
 mod submit;
 
 use std::error::Error;
@@ -34,8 +34,14 @@ enum Command {
     Certs(certs::CertsCommand),
     /// Submit a build: a Nix file (instantiated here) or a .drv path.
     Submit(submit::SubmitArgs),
-    /// Run a whole farm on this machine (PostgreSQL, runner, builders with private stores).
-    DevFarm(dev_farm::DevFarmArgs),
+    /// Run a whole farm on this machine (PostgreSQL, runner, builders with private stores);
+    /// `drover dev-farm --help` lists its options.
+    #[command(disable_help_flag = true)]
+    DevFarm {
+        /// Passed on to `drover-dev-farm`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[tokio::main]
@@ -44,7 +50,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Certs(command) => finish(certs::run(command)),
         Command::Submit(args) => finish(submit::run(args).await),
-        Command::DevFarm(args) => finish(dev_farm::run(args).await),
+        Command::DevFarm { args } => finish(external::run("drover-dev-farm", &args)),
     }
 }
 

@@ -1,4 +1,4 @@
-//! `drover dev-farm`: a whole farm on this machine for trying drover: an ephemeral PostgreSQL, a
+//! The dev farm: a whole farm on this machine for trying drover: an ephemeral PostgreSQL, a
 //! CA with certificates, the runner, and N builders with the Nix executor, each in its own mount
 //! namespace with an empty private `/nix` (so they behave like separate machines). Prints how to
 //! point the CLI and stock Nix at it, writes the same as shell exports to `DIR/env`, and removes

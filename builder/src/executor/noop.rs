@@ -1,6 +1,7 @@
 //! The noop executor: builds nothing in a fixed time, and reports each output as a one-file NAR
 //! made in memory. A derivation whose environment sets [`NOOP_FAIL_VARIABLE`] fails, with its
-//! value in the log.
+//! value in the log; one that sets [`NOOP_PANIC_VARIABLE`] panics the job running it, so tests
+//! can show that a job's panic stays that step's failure.
 
 use std::time::Duration;
 
@@ -13,6 +14,9 @@ use crate::tunnel::Job;
 /// The environment variable that makes the noop executor fail a step.
 pub const NOOP_FAIL_VARIABLE: &str = "DROVER_NOOP_FAIL";
 
+/// The environment variable that makes the noop executor panic.
+pub const NOOP_PANIC_VARIABLE: &str = "DROVER_NOOP_PANIC";
+
 /// Builds nothing, in a fixed time.
 #[derive(Debug, Clone)]
 pub struct NoopExecutor {
@@ -22,6 +26,9 @@ pub struct NoopExecutor {
 
 impl NoopExecutor {
     /// Runs one step.
+    ///
+    /// # Panics
+    /// When the derivation sets [`NOOP_PANIC_VARIABLE`]: the fault this executor injects.
     pub async fn run(&self, job: &Job, abort: &CancellationToken, log: &mut LogSink) -> Report {
         log.write(format!("noop build of {}\n", job.drv_path).as_bytes())
             .await;
@@ -38,6 +45,10 @@ impl NoopExecutor {
             }
             () = tokio::time::sleep(self.build_time) => {}
         }
+        assert!(
+            !derivation.env.contains_key(NOOP_PANIC_VARIABLE.as_bytes()),
+            "{NOOP_PANIC_VARIABLE} is set"
+        );
         if let Some(reason) = derivation.env.get(NOOP_FAIL_VARIABLE.as_bytes()) {
             log.write(reason).await;
             log.write(
