@@ -4,16 +4,18 @@
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`db`]: the pool, embedded migrations and every SQL statement.
 //! - [`verify`]: checking a derivation closure (paths, output paths, kinds) before it is trusted.
-//! - [`scheduler`]: the step graph, the connected builders, ingest of queued builds, and the task
-//!   that dispatches steps and records results.
+//! - [`scheduler`]: the pure scheduler core (step graph, placement, attempts), the driver that
+//!   writes its decisions in batches and talks to builders, and ingest on its own task.
 //! - [`grpc`]: the builder tunnel and the build service, authenticated by client certificates.
 //! - [`cache`]: the signed binary cache (publishing uploaded NARs, serving it over HTTP).
 //! - [`logs`]: compressed step logs on disk.
+//! - [`compression`]: zstd with a reused context per thread.
 //! - [`tasks`]: spawning, and supervision of the critical tasks.
 //! - [`app`]: assembling all of it.
 
 pub mod app;
 pub mod cache;
+pub mod compression;
 pub mod config;
 pub mod db;
 pub mod grpc;

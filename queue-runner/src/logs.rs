@@ -18,9 +18,17 @@ pub struct LogStore {
     max_bytes: u64,
 }
 
+/// Log bytes kept in memory before a log is streamed through a compressor of its own: most
+/// logs are smaller, and are compressed in one go at the end with the thread's reused context.
+const BUFFERED_BYTES: usize = 256 * 1024;
+
 /// A log being written.
 pub struct LogWriter {
-    encoder: zstd::Encoder<'static, fs_err::File>,
+    file: Option<fs_err::File>,
+    /// The start of the log, until it outgrows [`BUFFERED_BYTES`].
+    buffered: Vec<u8>,
+    /// The compressor of a log that outgrew the buffer.
+    encoder: Option<zstd::Encoder<'static, fs_err::File>>,
     stored: u64,
     truncated: u64,
     max_bytes: u64,
@@ -46,7 +54,9 @@ impl LogStore {
     pub fn create(&self, attempt: Uuid) -> io::Result<LogWriter> {
         let file = fs_err::File::create(self.directory.join(Self::file_name(attempt)))?;
         Ok(LogWriter {
-            encoder: zstd::Encoder::new(file, 3)?,
+            file: Some(file),
+            buffered: Vec::new(),
+            encoder: None,
             stored: 0,
             truncated: 0,
             max_bytes: self.max_bytes,
@@ -74,7 +84,18 @@ impl LogWriter {
         let room =
             usize::try_from(self.max_bytes.saturating_sub(self.stored)).unwrap_or(usize::MAX);
         let kept = chunk.len().min(room);
-        self.encoder.write_all(&chunk[..kept])?;
+        if let Some(encoder) = &mut self.encoder {
+            encoder.write_all(&chunk[..kept])?;
+        } else {
+            self.buffered.extend_from_slice(&chunk[..kept]);
+            if self.buffered.len() > BUFFERED_BYTES
+                && let Some(file) = self.file.take()
+            {
+                let mut encoder = zstd::Encoder::new(file, crate::compression::LEVEL)?;
+                encoder.write_all(&std::mem::take(&mut self.buffered))?;
+                self.encoder = Some(encoder);
+            }
+        }
         self.stored += kept as u64;
         self.truncated += (chunk.len() - kept) as u64;
         Ok(())
@@ -82,7 +103,18 @@ impl LogWriter {
 
     /// Finishes the file; returns the bytes stored and dropped.
     pub fn finish(self) -> io::Result<(u64, u64)> {
-        self.encoder.finish()?;
+        match (self.encoder, self.file) {
+            (Some(encoder), _) => {
+                encoder.finish()?;
+            }
+            (None, Some(file)) => {
+                let (written, _) = crate::compression::compress(file, |encoder| {
+                    encoder.write_all(&self.buffered)
+                })?;
+                written?;
+            }
+            (None, None) => {}
+        }
         Ok((self.stored, self.truncated))
     }
 }
@@ -103,6 +135,18 @@ mod tests {
         assert_eq!(
             store.read(&LogStore::file_name(attempt)).unwrap(),
             b"hello worl"
+        );
+        let long = Uuid::new_v4();
+        let store = LogStore::new(directory.path().to_owned(), 1 << 30);
+        let mut writer = store.create(long).unwrap();
+        let chunk: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        for _ in 0..5 {
+            writer.write(&chunk).unwrap();
+        }
+        assert_eq!(writer.finish().unwrap(), (500_000, 0));
+        assert_eq!(
+            store.read(&LogStore::file_name(long)).unwrap(),
+            chunk.repeat(5)
         );
         assert!(store.read("../etc/passwd").is_err());
     }

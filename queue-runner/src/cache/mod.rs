@@ -345,17 +345,26 @@ impl BinaryCache {
 
     /// Makes a staged narinfo visible, unless another publisher's already is (first writer
     /// wins: a narinfo, once visible, never changes under a client). The narinfo must have been
-    /// flushed first.
+    /// flushed first. A rename that refuses to replace rather than a link and an unlink: every
+    /// deleted inode slows the file system's next allocations for a while.
     fn reveal(&self, staged: Staged) -> Result<(NarInfo, bool), CacheError> {
         let target = self.narinfo_file(&staged.info.store_path);
-        let linked = match fs_err::hard_link(&staged.narinfo, &target) {
-            Ok(()) => Ok(true),
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(error) => Err(CacheError::Io(error)),
-        };
-        let _ = fs_err::remove_file(&staged.narinfo);
-        if linked? {
-            return Ok((staged.info, false));
+        let renamed = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &staged.narinfo,
+            rustix::fs::CWD,
+            &target,
+            rustix::fs::RenameFlags::NOREPLACE,
+        );
+        match renamed {
+            Ok(()) => return Ok((staged.info, false)),
+            Err(rustix::io::Errno::EXIST) => {
+                let _ = fs_err::remove_file(&staged.narinfo);
+            }
+            Err(error) => {
+                let _ = fs_err::remove_file(&staged.narinfo);
+                return Err(CacheError::Io(io::Error::from(error)));
+            }
         }
         let existing = self.narinfo(&staged.info.store_path)?.ok_or_else(|| {
             CacheError::Io(io::Error::other(
@@ -432,20 +441,24 @@ impl BinaryCache {
             hasher: Hasher::new(HashAlgorithm::Sha256),
             written: 0,
         };
-        let encoder = zstd::Encoder::new(counted, 3).map_err(CacheError::Io)?;
         let recursive_algorithm = match publication.fixed {
             Some((IngestionMethod::Recursive, hash)) => Some(hash.algorithm()),
             _ => None,
         };
-        let mut tee = TeeReader {
-            source,
-            sink: encoder,
-            recursive: recursive_algorithm.map(Hasher::new),
-            error: None,
-        };
-        let mut flat = FlatHasher::new(publication.fixed);
-        let parsed = nar::parse(&mut tee, &mut flat);
-        if let Some(error) = tee.error.take() {
+        let (checked, mut counted) = crate::compression::compress(counted, |encoder| {
+            let mut tee = TeeReader {
+                source,
+                sink: encoder,
+                recursive: recursive_algorithm.map(Hasher::new),
+                error: None,
+            };
+            let mut flat = FlatHasher::new(publication.fixed);
+            let parsed = nar::parse(&mut tee, &mut flat);
+            (parsed, tee.error, tee.recursive, flat)
+        })
+        .map_err(CacheError::Io)?;
+        let (parsed, sink_error, recursive, flat) = checked;
+        if let Some(error) = sink_error {
             return Err(CacheError::Io(error));
         }
         let summary = parsed.map_err(|source| CacheError::Nar {
@@ -454,7 +467,7 @@ impl BinaryCache {
         })?;
         if let Some((method, expected)) = publication.fixed {
             let actual = match method {
-                IngestionMethod::Recursive => tee.recursive.take().map(Hasher::finish),
+                IngestionMethod::Recursive => recursive.map(Hasher::finish),
                 IngestionMethod::Flat => flat.finish(),
             }
             .ok_or_else(|| CacheError::NotAFlatFile(path.clone()))?;
@@ -466,7 +479,6 @@ impl BinaryCache {
                 });
             }
         }
-        let mut counted = tee.sink.finish().map_err(CacheError::Io)?;
         counted.inner.flush().map_err(CacheError::Io)?;
         counted
             .inner
