@@ -25,6 +25,7 @@ use crate::logs::LogStore;
 use crate::scheduler::attempts::Attempts;
 use crate::scheduler::core::{Core, CoreLimits};
 use crate::scheduler::driver::{Driver, SchedulerError};
+use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::{self, Ingest, IngestError};
 use crate::tasks::Supervisor;
 
@@ -142,10 +143,11 @@ pub async fn start(
     let attempts = Attempts::default();
     let (events, receiver) = mpsc::channel(EVENT_QUEUE);
     let builds_queued = Arc::new(Notify::new());
+    let handoff = Handoff::default();
     let mut supervisor = Supervisor::new();
     start_scheduler(
         &config,
-        (&pool, &cache, &attempts),
+        (&pool, &cache, &attempts, &handoff),
         receiver,
         builds_queued.clone(),
         &shutdown,
@@ -186,8 +188,13 @@ pub async fn start(
         .add_service(health_service)
         .add_service(BuilderServiceServer::new(builder_service))
         .add_service(
-            BuildServiceServer::new(BuildServiceImpl::new(pool, logs, cache_for_clients))
-                .max_decoding_message_size(MAX_SUBMISSION_BYTES),
+            BuildServiceServer::new(BuildServiceImpl::new(
+                pool,
+                logs,
+                cache_for_clients,
+                handoff,
+            ))
+            .max_decoding_message_size(MAX_SUBMISSION_BYTES),
         )
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
@@ -210,7 +217,12 @@ pub async fn start(
 /// Starts the scheduler (driver and core) and ingest, which feeds it plans.
 fn start_scheduler(
     config: &Config,
-    (pool, cache, attempts): (&db::Pool, &Arc<crate::cache::BinaryCache>, &Attempts),
+    (pool, cache, attempts, handoff): (
+        &db::Pool,
+        &Arc<crate::cache::BinaryCache>,
+        &Attempts,
+        &Handoff,
+    ),
     sessions: mpsc::Receiver<crate::scheduler::driver::SessionEvent>,
     builds_queued: Arc<Notify>,
     shutdown: &CancellationToken,
@@ -242,8 +254,14 @@ fn start_scheduler(
     supervisor.spawn_critical("scheduler", async move {
         scheduler_run.await.map_err(RunnerError::Scheduler)
     });
-    let ingest_run = Ingest::new(pool.clone(), cache.clone(), plans, committed)
-        .run(builds_queued, shutdown.clone());
+    let ingest_run = Ingest::new(
+        pool.clone(),
+        cache.clone(),
+        plans,
+        committed,
+        handoff.clone(),
+    )
+    .run(builds_queued, shutdown.clone());
     supervisor.spawn_critical("ingest", async move {
         ingest_run.await.map_err(RunnerError::Ingest)
     });

@@ -20,6 +20,7 @@ use crate::cache::{BinaryCache, CacheError};
 use crate::db::queries;
 use crate::db::{DbError, Pool};
 use crate::logs::LogStore;
+use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::complete_closure;
 use crate::verify::{self, VerifyError};
 
@@ -77,16 +78,22 @@ pub struct BuildServiceImpl {
     pool: Pool,
     logs: LogStore,
     cache: Arc<BinaryCache>,
+    handoff: Handoff,
 }
 
 /// Roles that may use the build service.
 const CALLERS: &[Role] = &[Role::Client, Role::Admin];
 
 impl BuildServiceImpl {
-    /// A service over `pool`.
+    /// A service over `pool`; verified closures go to ingest through `handoff`.
     #[must_use]
-    pub fn new(pool: Pool, logs: LogStore, cache: Arc<BinaryCache>) -> Self {
-        Self { pool, logs, cache }
+    pub fn new(pool: Pool, logs: LogStore, cache: Arc<BinaryCache>, handoff: Handoff) -> Self {
+        Self {
+            pool,
+            logs,
+            cache,
+            handoff,
+        }
     }
 
     /// Publishes the sources of a submission, each after recomputing its path from its contents.
@@ -165,10 +172,14 @@ impl BuildServiceImpl {
             &metadata,
         )
         .await?;
-        transaction
-            .commit()
-            .await
-            .map_err(DbError::query("committing a submission"))?;
+        // Offered before the commit, so ingest (woken by the commit) finds it.
+        let offered = self.handoff.offer(id, closure);
+        if let Err(error) = transaction.commit().await {
+            if offered {
+                self.handoff.withdraw(id);
+            }
+            return Err(DbError::query("committing a submission")(error).into());
+        }
         tracing::info!(build = id, top = %top, derivations = new.len(), "build submitted");
         Ok(id)
     }

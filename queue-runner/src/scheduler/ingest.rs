@@ -18,6 +18,7 @@ use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::core::{self, BuildPlan, Event, PlannedStep, Requirements, StepId};
+use super::handoff::Handoff;
 use crate::cache::{BinaryCache, CacheError, Publication};
 use crate::db::queries::{self, BuildSelection, QueuedBuild, StepRow, StepSpec};
 use crate::db::status::{BuildStatus, StepStatus};
@@ -147,23 +148,26 @@ pub struct Ingest {
     cache: Arc<BinaryCache>,
     plans: mpsc::Sender<Event>,
     committed: Arc<AtomicU64>,
+    handoff: Handoff,
 }
 
 impl Ingest {
     /// An ingest task feeding `plans`; `committed` is the driver's count of durable step
-    /// completions.
+    /// completions; `handoff` holds the closures Submit verified already.
     #[must_use]
     pub fn new(
         pool: Pool,
         cache: Arc<BinaryCache>,
         plans: mpsc::Sender<Event>,
         committed: Arc<AtomicU64>,
+        handoff: Handoff,
     ) -> Self {
         Self {
             pool,
             cache,
             plans,
             committed,
+            handoff,
         }
     }
 
@@ -240,12 +244,15 @@ impl Ingest {
         build: &QueuedBuild,
         snapshot: u64,
     ) -> Result<Option<BuildPlan>, IngestError> {
-        let closure = match load_closure(&*client, &build.drv_path).await? {
-            Ok(closure) => closure,
-            Err(error) => {
-                refuse(client, build, &error).await?;
-                return Ok(None);
-            }
+        let closure = match self.handoff.take(build.id) {
+            Some(verified) => verified,
+            None => match load_closure(&*client, &build.drv_path).await? {
+                Ok(closure) => closure,
+                Err(error) => {
+                    refuse(client, build, &error).await?;
+                    return Ok(None);
+                }
+            },
         };
         if let Err(error) = publish_derivations(&self.cache, &closure).await? {
             refuse(client, build, &error).await?;

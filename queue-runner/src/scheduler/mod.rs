@@ -8,9 +8,11 @@
 //! - [`ingest`]: its own task: turns queued builds into plans (closure verification, upstream
 //!   lookups, steps created) that the core takes in one event each, so a big submission never
 //!   stalls dispatch.
+//! - [`handoff`]: closures Submit verified, passed to ingest so they are verified once.
 //! - [`attempts`]: the read-only view of running attempts the gRPC handlers authorise with.
 
 pub mod attempts;
 pub mod core;
 pub mod driver;
+pub mod handoff;
 pub mod ingest;
