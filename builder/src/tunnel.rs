@@ -83,8 +83,8 @@ pub enum TunnelError {
     #[error("the runner closed the tunnel")]
     Closed,
     /// The executor cannot work on this machine (for example, Nix is missing).
-    #[error("preparing the executor: {0}")]
-    Executor(String),
+    #[error("preparing the executor")]
+    Executor(#[source] crate::executor::nix::PrepareError),
     /// The runner did not answer Join with Joined.
     #[error("the runner did not acknowledge Join")]
     NotJoined,

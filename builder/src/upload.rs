@@ -77,7 +77,8 @@ async fn upload_one(
         }
         _ => UploadFailure::Refused(status),
     })?;
-    if let Err(message) = fed {
+    if let Err(error) = fed {
+        let message = error_context::report(&error).to_string();
         return Err(UploadFailure::Refused(tonic::Status::aborted(message)));
     }
     let response = response.into_inner();
@@ -89,13 +90,35 @@ async fn upload_one(
     })
 }
 
+/// Why an output's NAR could not be read from the local store.
+#[derive(Debug, thiserror::Error)]
+enum FeedError {
+    /// `nix-store --dump` could not be started or waited for.
+    #[error("running nix-store --dump")]
+    Spawn(#[source] std::io::Error),
+    /// It gave no output stream.
+    #[error("nix-store --dump has no stdout")]
+    NoStdout,
+    /// Reading its output failed.
+    #[error("reading nix-store --dump")]
+    Read(#[source] std::io::Error),
+    /// It failed.
+    #[error("nix-store --dump {path} ended with {status}")]
+    Exit {
+        /// The output.
+        path: String,
+        /// How it ended.
+        status: std::process::ExitStatus,
+    },
+}
+
 /// Sends the header, then the NAR in chunks.
 async fn feed(
     sender: tokio::sync::mpsc::Sender<NarChunk>,
     header: NarChunk,
     attempt_id: String,
     output: BuiltOutput,
-) -> Result<(), String> {
+) -> Result<(), FeedError> {
     let chunk = |data: Vec<u8>| NarChunk {
         attempt_id: attempt_id.clone(),
         data,
@@ -121,29 +144,23 @@ async fn feed(
                 .stderr(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
-                .map_err(|error| format!("running nix-store --dump: {error}"))?;
-            let stdout = child
-                .stdout
-                .take()
-                .ok_or_else(|| "nix-store --dump has no stdout".to_owned())?;
+                .map_err(FeedError::Spawn)?;
+            let stdout = child.stdout.take().ok_or(FeedError::NoStdout)?;
             let mut stream = tokio_util::io::ReaderStream::with_capacity(stdout, NAR_CHUNK);
             while let Some(data) = stream.next().await {
-                let data = data.map_err(|error| format!("reading nix-store --dump: {error}"))?;
+                let data = data.map_err(FeedError::Read)?;
                 if sender.send(chunk(data.to_vec())).await.is_err() {
                     break;
                 }
             }
-            let status = child
-                .wait()
-                .await
-                .map_err(|error| format!("waiting for nix-store --dump: {error}"))?;
+            let status = child.wait().await.map_err(FeedError::Spawn)?;
             if status.success() {
                 Ok(())
             } else {
-                Err(format!(
-                    "nix-store --dump {} ended with {status}",
-                    output.path
-                ))
+                Err(FeedError::Exit {
+                    path: output.path,
+                    status,
+                })
             }
         }
     }

@@ -219,7 +219,10 @@ impl Config {
         for (index, upstream) in raw.cache.upstreams.iter().enumerate() {
             let key = nix_primitives::PublicKey::parse(&upstream.public_key)
                 .map_err(|error| format!("cache.upstreams[{index}].public_key: {error}"));
-            match key.and_then(|key| Upstream::new(&upstream.url, key)) {
+            let parsed = key.and_then(|key| {
+                Upstream::new(&upstream.url, key).map_err(|error| error.to_string())
+            });
+            match parsed {
                 Ok(parsed) => upstreams.push(parsed),
                 Err(problem) => problems.push(format!("cache.upstreams[{index}]: {problem}")),
             }

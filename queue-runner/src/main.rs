@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use drover_queue_runner::app::{self, RunnerError};
 use drover_queue_runner::config::Config;
-use drover_queue_runner::{app, db};
+use drover_queue_runner::db::{self, DbError};
+use error_context::WithContext;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -37,40 +39,37 @@ async fn main() -> ExitCode {
         Ok(config) => config,
         Err(exit) => return exit,
     };
-    let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Migrate => migrate(&config).await,
-        Command::Run => run(config).await,
+    let failure = match cli.command.unwrap_or(Command::Run) {
+        Command::Migrate => migrate(&config).await.err().map(|e| e.report().to_string()),
+        Command::Run => run(config).await.err().map(|e| e.report().to_string()),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(report) => {
+    match failure {
+        None => ExitCode::SUCCESS,
+        Some(report) => {
             eprintln!("drover-queue-runner: {report}");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn migrate(config: &Config) -> Result<(), String> {
-    let pool =
-        db::pool(&config.database_url, 1).map_err(|e| error_context::report(&e).to_string())?;
+async fn migrate(config: &Config) -> Result<(), WithContext<DbError>> {
+    let pool = db::pool(&config.database_url, 1)?;
     let applied = db::migrate(&pool)
         .await
-        .map_err(|e| error_context::report(&e).to_string())?;
+        .map_err(|error| WithContext::from(error).context("migrating the schema"))?;
     println!("applied migrations: {applied:?}");
     Ok(())
 }
 
-async fn run(config: Config) -> Result<(), String> {
+async fn run(config: Config) -> Result<(), WithContext<RunnerError>> {
     let shutdown = CancellationToken::new();
-    let runner = app::start(config, shutdown.clone())
-        .await
-        .map_err(|e| e.report().to_string())?;
+    let runner = app::start(config, shutdown.clone()).await?;
     let signals = shutdown.clone();
     let waiting = runner.wait();
     tokio::pin!(waiting);
     tokio::select! {
-        result = &mut waiting => return result.map_err(|e| e.report().to_string()),
+        result = &mut waiting => return result,
         () = drover_daemon::termination() => signals.cancel(),
     }
-    waiting.await.map_err(|e| e.report().to_string())
+    waiting.await
 }

@@ -20,6 +20,22 @@ use crate::tunnel::Job;
 /// Stands in for a time limit the runner did not set: a century.
 const NO_LIMIT: Duration = Duration::from_hours(24 * 365 * 100);
 
+/// Why Nix cannot be used on this machine.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// `nix-store` could not be run (not installed?).
+    #[error("running nix-store")]
+    Spawn(#[source] std::io::Error),
+    /// `nix-store` refused.
+    #[error("nix-store {argument} failed: {stderr}")]
+    Failed {
+        /// The argument it was run with.
+        argument: &'static str,
+        /// What it printed.
+        stderr: String,
+    },
+}
+
 /// Builds with the local Nix.
 #[derive(Debug, Clone)]
 pub struct NixExecutor {
@@ -44,20 +60,19 @@ impl NixExecutor {
     /// Prepares the local store before any step runs, and returns Nix's version. Creating the
     /// store's database once, here, matters: two `nix-store` processes creating it at the same
     /// moment fail with "database is busy", which would fail the first parallel steps.
-    pub async fn prepare(&self) -> Result<String, String> {
+    pub async fn prepare(&self) -> Result<String, PrepareError> {
         for arguments in [["--init"], ["--version"]] {
             let output = Command::new("nix-store")
                 .args(arguments)
                 .stdin(Stdio::null())
                 .output()
                 .await
-                .map_err(|error| format!("running nix-store: {error}"))?;
+                .map_err(PrepareError::Spawn)?;
             if !output.status.success() {
-                return Err(format!(
-                    "nix-store {} failed: {}",
-                    arguments[0],
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ));
+                return Err(PrepareError::Failed {
+                    argument: arguments[0],
+                    stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                });
             }
             if arguments[0] == "--version" {
                 return Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned());

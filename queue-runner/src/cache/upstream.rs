@@ -31,6 +31,20 @@ enum Location {
     },
 }
 
+/// Why an upstream cache's URL is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamUrlError {
+    /// Neither `file://` nor `http://`.
+    #[error("{0:?} is neither file:// nor http://")]
+    Scheme(String),
+    /// The port is not a number.
+    #[error("{0:?} has an invalid port")]
+    Port(String),
+    /// No host.
+    #[error("{0:?} has no host")]
+    Host(String),
+}
+
 /// One upstream cache and the key its narinfos must be signed with.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -40,7 +54,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// An upstream at `url` (`file:///dir` or `http://host[:port][/prefix]`).
-    pub fn new(url: &str, key: PublicKey) -> Result<Self, String> {
+    pub fn new(url: &str, key: PublicKey) -> Result<Self, UpstreamUrlError> {
         let location = if let Some(path) = url.strip_prefix("file://") {
             Location::Directory(PathBuf::from(path))
         } else if let Some(rest) = url.strip_prefix("http://") {
@@ -49,12 +63,12 @@ impl Upstream {
                 Some((host, port)) => (
                     host,
                     port.parse()
-                        .map_err(|_| format!("{url:?} has an invalid port"))?,
+                        .map_err(|_| UpstreamUrlError::Port(url.to_owned()))?,
                 ),
                 None => (authority, 80),
             };
             if host.is_empty() {
-                return Err(format!("{url:?} has no host"));
+                return Err(UpstreamUrlError::Host(url.to_owned()));
             }
             Location::Http {
                 host: host.to_owned(),
@@ -62,7 +76,7 @@ impl Upstream {
                 prefix: prefix.trim_end_matches('/').to_owned(),
             }
         } else {
-            return Err(format!("{url:?} is neither file:// nor http://"));
+            return Err(UpstreamUrlError::Scheme(url.to_owned()));
         };
         Ok(Self { location, key })
     }
@@ -141,8 +155,17 @@ mod tests {
                 prefix: "nix".to_owned()
             }
         );
-        assert!(Upstream::new("https://cache.nixos.org", key()).is_err());
-        assert!(Upstream::new("http://:80", key()).is_err());
-        assert!(Upstream::new("http://host:port", key()).is_err());
+        assert!(matches!(
+            Upstream::new("https://cache.nixos.org", key()),
+            Err(UpstreamUrlError::Scheme(_))
+        ));
+        assert!(matches!(
+            Upstream::new("http://:80", key()),
+            Err(UpstreamUrlError::Host(_))
+        ));
+        assert!(matches!(
+            Upstream::new("http://host:port", key()),
+            Err(UpstreamUrlError::Port(_))
+        ));
     }
 }
