@@ -4,6 +4,9 @@
 //! the runner computed.
 
 use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use drover_proto::v1::builder_service_client::BuilderServiceClient;
 use drover_proto::v1::{BuiltOutput as WireOutput, NarChunk, StepOutcome, StepResult};
@@ -18,6 +21,16 @@ use crate::tunnel::{Job, TunnelError};
 /// NAR bytes per upload message.
 const NAR_CHUNK: usize = 256 * 1024;
 
+/// How an upload the runner turned away for lack of room (`RESOURCE_EXHAUSTED`: too many at
+/// once) is tried again: after this pause, doubling up to [`UPLOAD_BUSY_MAX_PAUSE`], for at most
+/// [`UPLOAD_BUSY_BUDGET`] in all. A busy runner is not the step's fault, and failing the step
+/// would only move the same upload to another builder.
+const UPLOAD_BUSY_FIRST_PAUSE: Duration = Duration::from_millis(50);
+/// The longest pause between tries of a turned-away upload.
+const UPLOAD_BUSY_MAX_PAUSE: Duration = Duration::from_secs(2);
+/// How long a turned-away upload is tried again before the step fails.
+const UPLOAD_BUSY_BUDGET: Duration = Duration::from_mins(2);
+
 /// Uploads the outputs of a successful report and builds the result to send.
 pub async fn outputs(
     client: &mut BuilderServiceClient<Channel>,
@@ -29,7 +42,7 @@ pub async fn outputs(
     let mut uploaded = Vec::new();
     if outcome == Outcome::Succeeded {
         for output in &report.outputs {
-            match upload_one(client, &job.attempt_id, output).await {
+            match upload_when_room(client, &job.attempt_id, output).await {
                 Ok(wire) => uploaded.push(wire),
                 Err(UploadFailure::Refused(status)) => {
                     outcome = Outcome::InfrastructureFailure;
@@ -47,6 +60,28 @@ pub async fn outputs(
         message,
         outputs: uploaded,
     })
+}
+
+/// Uploads one output, again while the runner answers that it has no room.
+async fn upload_when_room(
+    client: &mut BuilderServiceClient<Channel>,
+    attempt_id: &str,
+    output: &BuiltOutput,
+) -> Result<WireOutput, UploadFailure> {
+    let started = Instant::now();
+    let mut pause = UPLOAD_BUSY_FIRST_PAUSE;
+    loop {
+        match upload_one(client, attempt_id, output).await {
+            Err(UploadFailure::Refused(status))
+                if status.code() == tonic::Code::ResourceExhausted
+                    && started.elapsed() + pause < UPLOAD_BUSY_BUDGET =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(UPLOAD_BUSY_MAX_PAUSE);
+            }
+            result => return result,
+        }
+    }
 }
 
 enum UploadFailure {
