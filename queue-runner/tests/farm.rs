@@ -94,18 +94,11 @@ async fn a_random_dag_of_1000_steps_and_a_diamond_complete_on_three_builders() {
         "a step started before one of its inputs finished"
     );
 
-    let db = farm.db().await;
-    test_support::poll_until(common::DEADLINE, "every builder to report its free disk", || async {
-        let reported: i64 = db
-            .query_one(
-                "SELECT count(*) FROM machines WHERE free_disk_bytes > 0 AND last_ping_at IS NOT NULL",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (reported == 3).then_some(())
-    })
+    farm.wait_for_count(
+        "every builder to report its free disk",
+        "SELECT count(*) FROM machines WHERE free_disk_bytes > 0 AND last_ping_at IS NOT NULL",
+        3,
+    )
     .await;
 
     let diamond = farm.get(diamond_build).await;

@@ -51,20 +51,10 @@ async fn a_builder_that_stops_reading_its_tunnel_is_ended_and_delays_nobody() {
         .await
         .unwrap();
     let db = farm.db().await;
-    test_support::poll_until(
-        DEADLINE,
+    farm.wait_for_count(
         "the stuck builder to be given the step",
-        || async {
-            let running: i64 = db
-            .query_one(
-                "SELECT count(*) FROM step_attempts WHERE machine = 'stuck' AND status = 'running'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-            (running == 1).then_some(())
-        },
+        "SELECT count(*) FROM step_attempts WHERE machine = 'stuck' AND status = 'running'",
+        1,
     )
     .await;
     let spam = tokio::spawn(async move {
@@ -127,17 +117,11 @@ async fn results_are_recorded_while_a_big_build_is_ingested() {
     let chain = factory.chain("small", 60);
     let small = farm.submit(&chain.iter().collect::<Vec<_>>()).await;
     let db = farm.db().await;
-    test_support::poll_until(DEADLINE, "the small build to start", || async {
-        let done: i64 = db
-            .query_one(
-                "SELECT count(*) FROM step_attempts WHERE status = 'succeeded'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (done > 0).then_some(())
-    })
+    farm.wait_for_count(
+        "the small build to start",
+        "SELECT least(count(*), 1) FROM step_attempts WHERE status = 'succeeded'",
+        1,
+    )
     .await;
     // A big build, queued with SQL as an evaluator would, at a lower priority so it never
     // holds up the small one: ingest takes a while, and the small build must keep going.

@@ -146,20 +146,14 @@ impl Factory {
     /// plus a top-level derivation depending on every one nothing else depends on. Returns all of
     /// them, the top-level one last.
     pub fn random_dag(&mut self, prefix: &str, size: usize, seed: u64) -> Vec<FakeDrv> {
-        let mut state = seed.max(1);
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut random = XorShift(seed.max(1));
         let mut drvs: Vec<FakeDrv> = Vec::with_capacity(size + 1);
         let mut has_dependents = vec![false; size];
         for index in 0..size {
             let mut inputs = BTreeSet::new();
             if index > 0 {
-                for _ in 0..(next() % 4) {
-                    inputs.insert(usize::try_from(next() % index as u64).unwrap());
+                for _ in 0..random.below(4) {
+                    inputs.insert(random.below(index));
                 }
             }
             for input in &inputs {

@@ -402,6 +402,16 @@ impl Farm {
         self.db().await.query_one(sql, &[]).await.unwrap().get(0)
     }
 
+    /// Waits until a one-number query returns `expected`.
+    pub async fn wait_for_count(&self, what: &str, sql: &str, expected: i64) {
+        let db = self.db().await;
+        poll_until(DEADLINE, what, || async {
+            let count: i64 = db.query_one(sql, &[]).await.unwrap().get(0);
+            (count == expected).then_some(())
+        })
+        .await;
+    }
+
     /// Waits until a build is in a terminal state and returns that state.
     pub async fn wait_for_build(&self, id: i64) -> String {
         let db = self.db().await;
