@@ -260,6 +260,14 @@ async fn a_failed_step_fails_its_build_keeps_its_log_and_dep_fails_dependents() 
     let dependent = factory.make(&Spec::new("dependent").inputs(&[&broken, &fine]));
     let failed = farm.submit(&[&broken]).await;
     let dep_failed = farm.submit(&[&broken, &fine, &dependent]).await;
+    // Both builds are planned before anything runs, so the failure propagates through the
+    // graph; a build ingested after the failure is a cached failure instead.
+    farm.wait_for_count(
+        "both builds to be ingested",
+        "SELECT count(*) FROM builds WHERE ingested_at IS NOT NULL",
+        2,
+    )
+    .await;
     farm.start_builder(&BuilderSpec::new("b1"));
 
     assert_eq!(farm.wait_for_build(failed).await, "failed");

@@ -147,15 +147,33 @@ impl Factory {
     /// them, the top-level one last.
     pub fn random_dag(&mut self, prefix: &str, size: usize, seed: u64) -> Vec<FakeDrv> {
         let mut random = XorShift(seed.max(1));
-        let mut drvs: Vec<FakeDrv> = Vec::with_capacity(size + 1);
-        let mut has_dependents = vec![false; size];
-        for index in 0..size {
+        let (mut drvs, sinks) = self.random_graph(prefix, size, |index| {
             let mut inputs = BTreeSet::new();
             if index > 0 {
                 for _ in 0..random.below(4) {
                     inputs.insert(random.below(index));
                 }
             }
+            inputs
+        });
+        let sinks: Vec<&FakeDrv> = sinks.iter().map(|index| &drvs[*index]).collect();
+        let top = self.make(&Spec::new(&format!("{prefix}-top")).inputs(&sinks));
+        drvs.push(top);
+        drvs
+    }
+
+    /// `size` derivations named `prefix-<index>`, each depending on the earlier ones
+    /// `inputs_of(index)` names; returns them and the indices of those nothing depends on.
+    fn random_graph(
+        &mut self,
+        prefix: &str,
+        size: usize,
+        mut inputs_of: impl FnMut(usize) -> BTreeSet<usize>,
+    ) -> (Vec<FakeDrv>, Vec<usize>) {
+        let mut drvs: Vec<FakeDrv> = Vec::with_capacity(size + size / 32 + 2);
+        let mut has_dependents = vec![false; size];
+        for index in 0..size {
+            let inputs = inputs_of(index);
             for input in &inputs {
                 has_dependents[*input] = true;
             }
@@ -164,15 +182,8 @@ impl Factory {
             let drv = self.make(&Spec::new(&name).inputs(&input_drvs));
             drvs.push(drv);
         }
-        let sinks: Vec<&FakeDrv> = drvs
-            .iter()
-            .zip(&has_dependents)
-            .filter(|(_, has)| !**has)
-            .map(|(drv, _)| drv)
-            .collect();
-        let top = self.make(&Spec::new(&format!("{prefix}-top")).inputs(&sinks));
-        drvs.push(top);
-        drvs
+        let sinks = (0..size).filter(|index| !has_dependents[*index]).collect();
+        (drvs, sinks)
     }
 }
 
@@ -265,9 +276,7 @@ impl Factory {
         seed: u64,
     ) -> Vec<FakeDrv> {
         let mut random = XorShift(seed.max(1));
-        let mut drvs: Vec<FakeDrv> = Vec::with_capacity(size + size / 32 + 2);
-        let mut has_dependents = vec![false; size];
-        for index in 0..size {
+        let (mut drvs, sinks) = self.random_graph(prefix, size, |index| {
             let layer_start = index - index % layer_width.max(1);
             let mut inputs = BTreeSet::new();
             if layer_start > 0 {
@@ -275,15 +284,8 @@ impl Factory {
                     inputs.insert(random.below(layer_start));
                 }
             }
-            for input in &inputs {
-                has_dependents[*input] = true;
-            }
-            let name = format!("{prefix}-{index}");
-            let input_drvs: Vec<&FakeDrv> = inputs.iter().map(|i| &drvs[*i]).collect();
-            let drv = self.make(&Spec::new(&name).inputs(&input_drvs));
-            drvs.push(drv);
-        }
-        let sinks = (0..size).filter(|i| !has_dependents[*i]).collect();
+            inputs
+        });
         self.close_with_tree(prefix, &mut drvs, sinks);
         drvs
     }

@@ -60,7 +60,10 @@ impl Farm {
         let runner = ChildGuard::spawn(
             Command::new(workspace_binary("drover-queue-runner"))
                 .args(["--config", config.to_str().unwrap(), "run"])
-                .env("RUST_LOG", "warn")
+                .env(
+                    "RUST_LOG",
+                    std::env::var("DROVER_RUNNER_LOG").unwrap_or_else(|_| "warn".to_owned()),
+                )
                 .env("MALLOC_ARENA_MAX", "2")
                 .stdout(Stdio::null()),
         )

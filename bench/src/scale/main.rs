@@ -10,8 +10,9 @@
 //!
 //! - throughput: a 1k chain, a 10k fan-out, 2.5k diamonds (10k steps) and a layered DAG
 //!   (1-5 inputs per derivation from earlier layers, closed by a tree of fan-in <= 64), each
-//!   submitted as one build to a fresh runner; the median of `--runs` runs of each figure. Then
-//!   the serial dispatcher and the batched database floor on the same cluster.
+//!   submitted as one build to a fresh runner (`--graph NAME` picks some); the median of
+//!   `--runs` runs of each figure. Then the serial dispatcher and the batched database floor on
+//!   the same cluster, on the first steps of the last graph.
 //! - latency: a 1k chain is the steadiest trickle there is (one runnable step at a time); for
 //!   every link, the time from the builder sending one step's result to it receiving the next
 //!   step, which bounds "runnable to received" from above.
@@ -62,6 +63,9 @@ struct Args {
     /// Builders connected in the idle run.
     #[arg(long, default_value_t = 1000)]
     idle_builders: usize,
+    /// Graphs of the throughput run (chain, fan-out, diamonds, layered); all by default.
+    #[arg(long = "graph")]
+    graphs: Vec<String>,
     /// What to run: throughput, latency, idle.
     modes: Vec<String>,
 }
@@ -125,15 +129,21 @@ struct Run {
 
 async fn throughput(cluster: &TestPostgres, args: &Args) {
     let mut factory = Factory::default();
-    let graphs: Vec<(&str, Vec<FakeDrv>)> = vec![
-        ("1k chain", factory.chain("chain", 1000)),
-        ("10k fan-out", factory.fan_out("fan", 10_000)),
-        ("2.5k diamonds", factory.diamonds("diamond", 2500)),
-        (
-            "layered DAG",
-            factory.layered_dag("layer", args.layered_steps, 2000, 7),
-        ),
-    ];
+    let wanted = |name: &str| args.graphs.is_empty() || args.graphs.iter().any(|g| g == name);
+    let mut graphs: Vec<(&str, Vec<FakeDrv>)> = Vec::new();
+    if wanted("chain") {
+        graphs.push(("1k chain", factory.chain("chain", 1000)));
+    }
+    if wanted("fan-out") {
+        graphs.push(("10k fan-out", factory.fan_out("fan", 10_000)));
+    }
+    if wanted("diamonds") {
+        graphs.push(("2.5k diamonds", factory.diamonds("diamond", 2500)));
+    }
+    if wanted("layered") {
+        let layered = factory.layered_dag("layer", args.layered_steps, 2000, 7);
+        graphs.push(("layered DAG", layered));
+    }
     println!(
         "\n{:<14} {:>7} {:>7} | {:>10} {:>10} {:>9} {:>9} | {:>9} {:>9} {:>9}",
         "graph",
@@ -181,13 +191,16 @@ async fn throughput(cluster: &TestPostgres, args: &Args) {
             median(&|r| r.cpu.as_secs_f64() * 1e6 / steps),
         );
     }
-    let sample = &graphs[3].1[..args.baseline_steps.min(graphs[3].1.len())];
+    let Some((_, largest)) = graphs.last() else {
+        return;
+    };
+    let sample = &largest[..args.baseline_steps.min(largest.len())];
     let serial = baselines::serial(cluster, sample).await;
     let slots = args.builders * usize::try_from(args.jobs).unwrap();
     let floor = baselines::batched_floor(cluster, sample, slots).await;
     let rate = |time: Duration| sample.len() as f64 / time.as_secs_f64();
     println!(
-        "baselines on {} steps of the layered DAG: serial dispatcher {:.0} steps/s; batched floor ({} per batch) {:.0} steps/s",
+        "baselines on the first {} steps of the last graph: serial dispatcher {:.0} steps/s; batched floor ({} per batch) {:.0} steps/s",
         sample.len(),
         rate(serial),
         slots,

@@ -298,9 +298,9 @@ impl BinaryCache {
         }
         for reference in &publication.references {
             if reference != path
-                && !self.is_published(reference)
                 && !in_batch.contains(reference)
                 && !publication.upstream_references.contains(reference)
+                && !self.is_published(reference)
             {
                 return Err(CacheError::ReferenceNotPublished {
                     path: path.clone(),

@@ -244,6 +244,7 @@ impl Ingest {
         build: &QueuedBuild,
         snapshot: u64,
     ) -> Result<Option<BuildPlan>, IngestError> {
+        let started = std::time::Instant::now();
         let closure = match self.handoff.take(build.id) {
             Some(verified) => verified,
             None => match load_closure(&*client, &build.drv_path).await? {
@@ -254,6 +255,7 @@ impl Ingest {
                 }
             },
         };
+        let loaded = started.elapsed();
         if let Err(error) = publish_derivations(&self.cache, &closure).await? {
             refuse(client, build, &error).await?;
             return Ok(None);
@@ -275,7 +277,9 @@ impl Ingest {
                 }
             })
             .collect();
+        let published = started.elapsed();
         let available = available_derivations(&self.cache, &closure).await;
+        let looked_up = started.elapsed();
         let transaction = client
             .transaction()
             .await
@@ -286,22 +290,8 @@ impl Ingest {
             .map(|row| (row.drv_path.clone(), row))
             .collect();
         let substituted = mark_available_steps(&available, &mut steps);
-        let substituted_outputs: Vec<(StepId, String, String)> = closure
-            .derivations
-            .iter()
-            .filter_map(|(path, verified)| {
-                let row = steps.get(&path.to_absolute())?;
-                substituted.contains(&row.id).then(|| {
-                    verified
-                        .outputs
-                        .iter()
-                        .map(|(name, output)| (row.id, name.clone(), output.to_absolute()))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .flatten()
-            .collect();
-        queries::record_substituted_outputs(&transaction, &substituted_outputs).await?;
+        let outputs = substituted_outputs(&closure, &steps, &substituted);
+        queries::record_substituted_outputs(&transaction, &outputs).await?;
         let top = closure
             .order
             .last()
@@ -329,6 +319,15 @@ impl Ingest {
             .commit()
             .await
             .map_err(DbError::query("committing an ingested build"))?;
+        tracing::info!(
+            build = build.id,
+            steps = planned.len(),
+            ?loaded,
+            ?published,
+            ?looked_up,
+            total = ?started.elapsed(),
+            "build planned"
+        );
         Ok(Some(BuildPlan {
             build: build.id,
             priority: build.priority,
@@ -339,6 +338,29 @@ impl Ingest {
             snapshot,
         }))
     }
+}
+
+/// The outputs of the steps done without building, as (step, output name, path).
+fn substituted_outputs(
+    closure: &VerifiedClosure,
+    steps: &BTreeMap<String, StepRow>,
+    substituted: &[StepId],
+) -> Vec<(StepId, String, String)> {
+    closure
+        .derivations
+        .iter()
+        .filter_map(|(path, verified)| {
+            let row = steps.get(&path.to_absolute())?;
+            substituted.contains(&row.id).then(|| {
+                verified
+                    .outputs
+                    .iter()
+                    .map(|(name, output)| (row.id, name.clone(), output.to_absolute()))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .flatten()
+        .collect()
 }
 
 /// The unfinished steps of a closure, inputs first. A step that ended for good in an earlier

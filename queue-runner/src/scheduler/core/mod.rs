@@ -239,28 +239,16 @@ impl Core {
             self.succeed_available(step);
         }
         let mut steps = Vec::with_capacity(plan.steps.len());
+        let mut failed = Vec::new();
         let mut top_succeeded = false;
         for planned in plan.steps {
             match self.recent.after(plan.snapshot, planned.id) {
                 Some(Finish::Succeeded) => top_succeeded |= planned.id == plan.top,
                 Some(Finish::Failed) => {
-                    let (status, reason) = if planned.id == plan.top {
-                        (
-                            BuildStatus::Failed,
-                            format!("{} failed", planned.spec.drv_path),
-                        )
-                    } else {
-                        (
-                            BuildStatus::DepFailed,
-                            format!("a dependency failed: {} failed", planned.spec.drv_path),
-                        )
-                    };
-                    self.persist(Change::BuildFinished {
-                        build: plan.build,
-                        status,
-                        reason: Some(reason),
-                    });
-                    return;
+                    // Joins the graph only to fail again at once, taking its dependents in
+                    // this build with it, while the build's independent steps go on.
+                    failed.push((planned.id, format!("{} failed", planned.spec.drv_path)));
+                    steps.push(planned);
                 }
                 None => steps.push(planned),
             }
@@ -321,6 +309,9 @@ impl Core {
                 self.placement.remove_runnable(class, &old);
                 self.placement.add_runnable(class, new);
             }
+        }
+        for (step, reason) in failed {
+            self.fail(step, StepStatus::Failed, &reason);
         }
     }
 

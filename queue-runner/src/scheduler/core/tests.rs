@@ -412,8 +412,19 @@ fn a_plan_corrects_for_steps_that_finished_after_ingest_read_them() {
         core.graph().step(1).is_none(),
         "a finished step is not built again"
     );
-    let cached = core.handle(late(4, 4, vec![step(2, &[]), step(4, &[2])]));
+    let cached = core.handle(late(
+        4,
+        4,
+        vec![step(2, &[]), step(5, &[]), step(4, &[2, 5])],
+    ));
     assert_eq!(build_finished(&cached), vec![(4, BuildStatus::DepFailed)]);
+    assert_eq!(step_status(&cached, 4), Some(StepStatus::DepFailed));
+    assert!(core.graph().step(4).is_none() && core.graph().step(2).is_none());
+    assert_eq!(
+        step_status(&cached, 5),
+        Some(StepStatus::Runnable),
+        "an independent step of the build is still built"
+    );
     // Once ingest caught up past them, the core forgets them.
     core.handle(Event::IngestCaughtUp {
         snapshot: core.completions(),
