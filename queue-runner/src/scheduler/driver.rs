@@ -188,9 +188,19 @@ impl Driver {
                 })
             }
             SessionEvent::Core(event) => {
-                if let Event::BuilderLeft { session, reason } = &event {
-                    tracing::info!(session, reason, "builder left");
-                    self.sessions.remove(session);
+                match &event {
+                    Event::BuilderLeft { session, reason } => {
+                        tracing::info!(session, reason, "builder left");
+                        self.sessions.remove(session);
+                    }
+                    Event::StepFinished {
+                        attempt, report, ..
+                    } => {
+                        if let Some(running) = self.core.attempt(attempt) {
+                            tracing::debug!(%attempt, step = running.step, outcome = ?report.outcome, took = ?running.started.elapsed(), "step finished");
+                        }
+                    }
+                    _ => {}
                 }
                 self.core.handle(event)
             }
