@@ -26,7 +26,8 @@ use crate::scheduler::attempts::Attempts;
 use crate::scheduler::core::{Core, CoreLimits};
 use crate::scheduler::driver::{Driver, SchedulerError};
 use crate::scheduler::handoff::Handoff;
-use crate::scheduler::ingest::{self, Ingest, IngestError};
+use crate::scheduler::ingest::{Ingest, IngestError};
+use crate::scheduler::listen;
 use crate::tasks::Supervisor;
 
 /// The largest Submit accepted: derivation texts and input sources arrive in one message.
@@ -153,7 +154,7 @@ pub async fn start(
         &shutdown,
         &mut supervisor,
     );
-    let listen = ingest::listen(config.database_url.clone(), builds_queued, shutdown.clone());
+    let listen = listen::listen(config.database_url.clone(), builds_queued, shutdown.clone());
     supervisor.spawn_critical("ingest listener", async move {
         listen.await.map_err(RunnerError::Database)
     });

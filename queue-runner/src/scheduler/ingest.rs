@@ -1,7 +1,7 @@
-//! Ingest: expanding queued builds into steps. Durable, not payload-driven: builds waiting for the
-//! runner are the rows with `ingested_at IS NULL`, and the runner drains them on every wake-up
-//! (NOTIFY on a dedicated LISTEN connection) and every (re)connect, so nothing queued while the
-//! runner was down or disconnected is lost.
+//! Ingest, a task of its own: expanding queued builds into plans for the scheduler core.
+//! Durable, not payload-driven: builds waiting for the runner are the rows with
+//! `ingested_at IS NULL`, drained on every wake-up from [`super::listen`], every 30 s, and at
+//! start, so nothing queued while the runner was down or disconnected is lost.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -14,7 +14,6 @@ use nix_primitives::{
     ContentAddress, Derivation, DerivationOutput, Hash, IngestionMethod, StorePath,
 };
 use tokio::sync::{Notify, mpsc};
-use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::core::{self, BuildPlan, Event, PlannedStep, Requirements, StepId};
@@ -52,94 +51,8 @@ const RESCAN: Duration = Duration::from_secs(30);
 /// Upstream cache lookups in flight at once while planning one build.
 const UPSTREAM_LOOKUPS: usize = 16;
 
-/// The channel the builds trigger notifies.
-pub const CHANNEL: &str = "drover_builds_queued";
-
 /// Builds expanded per query.
 const BATCH: i64 = 200;
-
-/// Consecutive failed (re)connections of the LISTEN connection before the database counts as
-/// lost, which is fatal.
-const LISTEN_RECONNECTS: u32 = 5;
-
-/// Keeps a dedicated connection listening on [`CHANNEL`] and wakes the scheduler on every
-/// notification and after every (re)connect.
-pub async fn listen(
-    url: String,
-    wake: Arc<Notify>,
-    shutdown: CancellationToken,
-) -> Result<(), WithContext<DbError>> {
-    let mut failures = 0;
-    loop {
-        match listen_once(&url, &wake, &shutdown, &mut failures).await {
-            Ok(()) => return Ok(()),
-            Err(error) => {
-                failures += 1;
-                if failures >= LISTEN_RECONNECTS {
-                    return Err(error).context("the LISTEN connection failed repeatedly");
-                }
-                tracing::warn!(error = %error.report(), "LISTEN connection lost; reconnecting");
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(Duration::from_millis(200 << failures)) => {}
-                }
-            }
-        }
-    }
-}
-
-/// One LISTEN connection's life; `Ok` only on shutdown. A connection that subscribed resets
-/// the count of consecutive failures.
-async fn listen_once(
-    url: &str,
-    wake: &Notify,
-    shutdown: &CancellationToken,
-    failures: &mut u32,
-) -> Result<(), WithContext<DbError>> {
-    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .map_err(DbError::query("opening the LISTEN connection"))?;
-    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-    let statement = format!("LISTEN {CHANNEL}");
-    let listen = client.batch_execute(&statement);
-    tokio::pin!(listen);
-    loop {
-        tokio::select! {
-            result = &mut listen => {
-                result.map_err(DbError::query("subscribing to build notifications"))?;
-                break;
-            }
-            message = messages.next() => handle_message(message, wake)?,
-        }
-    }
-    *failures = 0;
-    wake.notify_one();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            message = messages.next() => handle_message(message, wake)?,
-        }
-    }
-}
-
-fn handle_message(
-    message: Option<Result<AsyncMessage, tokio_postgres::Error>>,
-    wake: &Notify,
-) -> Result<(), WithContext<DbError>> {
-    match message {
-        Some(Ok(AsyncMessage::Notification(_))) => {
-            wake.notify_one();
-            Ok(())
-        }
-        Some(Ok(_)) => Ok(()),
-        Some(Err(source)) => Err(DbError::Query {
-            what: "receiving notifications",
-            source,
-        }
-        .into()),
-        None => Err(DbError::ConnectionClosed("the LISTEN connection").into()),
-    }
-}
 
 /// Builds expanded into plans: the ingest task. It owns no scheduling state; the core takes
 /// each plan in one event.

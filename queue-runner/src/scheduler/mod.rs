@@ -8,6 +8,7 @@
 //! - [`ingest`]: its own task: turns queued builds into plans (closure verification, upstream
 //!   lookups, steps created) that the core takes in one event each, so a big submission never
 //!   stalls dispatch.
+//! - [`listen`]: the LISTEN connection that wakes ingest when builds are queued.
 //! - [`handoff`]: closures Submit verified, passed to ingest so they are verified once.
 //! - [`attempts`]: the read-only view of running attempts the gRPC handlers authorise with.
 
@@ -16,3 +17,4 @@ pub mod core;
 pub mod driver;
 pub mod handoff;
 pub mod ingest;
+pub mod listen;
