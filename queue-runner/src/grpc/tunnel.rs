@@ -386,10 +386,7 @@ impl BuilderSession {
 
     async fn on_message(&mut self, message: BuilderMessage) -> Result<(), SessionError> {
         let event = match message.message {
-            Some(Inbound::StepResult(result)) => match self.on_step_result(result)? {
-                Some(event) => event,
-                None => return Ok(()),
-            },
+            Some(Inbound::StepResult(result)) => self.on_step_result(result)?,
             Some(Inbound::Join(_)) => return Err(SessionError::Malformed("Join sent twice")),
             Some(Inbound::Ping(ping)) => Event::BuilderPinged {
                 session: self.session,
@@ -405,7 +402,7 @@ impl BuilderSession {
     /// Checks a result: the attempt must be this builder's, and a success must report exactly
     /// the step's outputs, as uploaded. A success that does not check out becomes an
     /// infrastructure failure of that attempt (severity Step); anything worse ends the session.
-    fn on_step_result(&self, result: StepResult) -> Result<Option<Event>, SessionError> {
+    fn on_step_result(&self, result: StepResult) -> Result<Event, SessionError> {
         let attempt = Uuid::parse_str(&result.attempt_id)
             .map_err(|_| SessionError::AttemptId(result.attempt_id.clone()))?;
         let owner = match self.attempts.owner(&attempt) {
@@ -453,11 +450,11 @@ impl BuilderSession {
         }
         // A result for an attempt that no longer runs still goes to the scheduler, which
         // acknowledges it so the builder can forget it.
-        Ok(Some(Event::StepFinished {
+        Ok(Event::StepFinished {
             session: self.session,
             attempt,
             report,
-        }))
+        })
     }
 
     /// A success must report exactly the step's outputs at their paths, each published in the
