@@ -2,8 +2,8 @@
 //!
 //! - [`noop`]: builds nothing: waits, then reports each output as a one-file NAR made in memory,
 //!   so the whole control plane (including uploads and the cache) runs without Nix.
-//! - [`nix`]: substitutes the step's inputs from the farm's cache, realises the derivation with
-//!   `nix-store`, and reports the outputs from the local store.
+//! - [`nix`]: drives a local `nix-store --serve --write` through Nix's serve protocol: makes the
+//!   step's inputs valid from the farm's cache, builds the derivation, and reads back its outputs.
 
 pub mod nix;
 pub mod noop;
@@ -16,16 +16,25 @@ use crate::tunnel::Job;
 pub use drover_proto::Outcome;
 
 /// Where an output's NAR comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum NarSource {
     /// Bytes made in memory.
     Bytes(Vec<u8>),
-    /// `nix-store --dump` of the path in the local store.
-    LocalStore,
+    /// DumpStorePath on the serve process that built it, which lives as long as this.
+    Serve(std::sync::Arc<std::sync::Mutex<nix::ServeProcess>>),
+}
+
+impl std::fmt::Debug for NarSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bytes(bytes) => write!(f, "Bytes({} bytes)", bytes.len()),
+            Self::Serve(_) => f.write_str("Serve"),
+        }
+    }
 }
 
 /// One output of a successful attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct BuiltOutput {
     /// Output name.
     pub name: String,
@@ -38,7 +47,7 @@ pub struct BuiltOutput {
 }
 
 /// What an attempt produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Report {
     /// How it ended.
     pub outcome: Outcome,
@@ -103,29 +112,27 @@ impl Report {
 
 /// Where an attempt's log goes as it is written: the job streams it to the runner while the build
 /// runs, so a long log is never held in memory and what was written arrives even if the build
-/// never ends. It counts the bytes, so executors can enforce the log limit.
+/// never ends. The log ends when the last clone of its sink is dropped.
+#[derive(Clone)]
 pub struct LogSink {
     sender: mpsc::Sender<Vec<u8>>,
-    written: usize,
 }
 
 impl LogSink {
     /// A sink feeding `sender`.
     #[must_use]
     pub fn new(sender: mpsc::Sender<Vec<u8>>) -> Self {
-        Self { sender, written: 0 }
+        Self { sender }
     }
 
     /// Appends to the log. If the upload has stopped, the bytes are dropped: the build goes on.
     pub async fn write(&mut self, bytes: &[u8]) {
-        self.written += bytes.len();
         let _ = self.sender.send(bytes.to_vec()).await;
     }
 
-    /// Bytes written so far.
-    #[must_use]
-    pub fn written(&self) -> usize {
-        self.written
+    /// [`LogSink::write`] from a thread outside the async runtime.
+    pub fn blocking_write(&mut self, bytes: &[u8]) {
+        let _ = self.sender.blocking_send(bytes.to_vec());
     }
 }
 
@@ -140,7 +147,7 @@ pub enum Executor {
 
 impl Executor {
     /// Runs one step until it ends or `abort` is cancelled, writing its log to `log`.
-    pub async fn run(&self, job: &Job, abort: &CancellationToken, log: &mut LogSink) -> Report {
+    pub async fn run(&self, job: &Job, abort: &CancellationToken, log: LogSink) -> Report {
         match self {
             Self::Noop(executor) => executor.run(job, abort, log).await,
             Self::Nix(executor) => executor.run(job, abort, log).await,

@@ -126,10 +126,11 @@ pub async fn run(
         ExecutorConfig::Nix {
             substituters,
             trusted_public_keys,
-        } => Executor::Nix(NixExecutor {
-            substituters: substituters.join(" "),
-            trusted_public_keys: trusted_public_keys.join(" "),
-        }),
+        } => Executor::Nix(NixExecutor::new(
+            substituters,
+            trusted_public_keys,
+            config.max_jobs,
+        )),
     };
     let nix_version = match &executor {
         Executor::Nix(nix) => nix
@@ -401,17 +402,18 @@ async fn run_step(
     job: &Job,
     abort: &CancellationToken,
 ) -> Result<StepResult, TunnelError> {
+    let log_client = client.clone();
     let (sender, receiver) = mpsc::channel(LOG_QUEUE);
+    // The log ends when the executor's last sink is dropped: for Nix, when its serve process
+    // ends, which is after the outputs were read from it and uploaded.
     let building = async {
-        let mut log = LogSink::new(sender);
-        executor.run(job, abort, &mut log).await
+        let report = executor.run(job, abort, LogSink::new(sender)).await;
+        upload::outputs(client, job, report).await
     };
-    let (report, uploaded) = tokio::join!(
-        building,
-        upload_log(client.clone(), &job.attempt_id, receiver)
-    );
+    let (result, uploaded) =
+        tokio::join!(building, upload_log(log_client, &job.attempt_id, receiver));
     uploaded?;
-    upload::outputs(client, job, report).await
+    result
 }
 
 async fn send(outbox: &mpsc::Sender<BuilderMessage>, message: Outbound) -> Result<(), TunnelError> {

@@ -3,15 +3,12 @@
 //! into an infrastructure failure (the runner requeues it); the hashes in the result are the ones
 //! the runner computed.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use drover_proto::v1::builder_service_client::BuilderServiceClient;
 use drover_proto::v1::{BuiltOutput as WireOutput, NarChunk, StepOutcome, StepResult};
-use futures_util::StreamExt as _;
-use tokio::process::Command;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
@@ -128,23 +125,15 @@ async fn upload_one(
 /// Why an output's NAR could not be read from the local store.
 #[derive(Debug, thiserror::Error)]
 enum FeedError {
-    /// `nix-store --dump` could not be started or waited for.
-    #[error("running nix-store --dump")]
-    Spawn(#[source] std::io::Error),
-    /// It gave no output stream.
-    #[error("nix-store --dump has no stdout")]
-    NoStdout,
-    /// Reading its output failed.
-    #[error("reading nix-store --dump")]
-    Read(#[source] std::io::Error),
-    /// It failed.
-    #[error("nix-store --dump {path} ended with {status}")]
-    Exit {
-        /// The output.
-        path: String,
-        /// How it ended.
-        status: std::process::ExitStatus,
-    },
+    /// The serve process could not send it.
+    #[error("reading the NAR from nix-store --serve")]
+    Serve(#[source] crate::serve::ServeError),
+    /// Another upload on the same process panicked.
+    #[error("the serve process was left unusable by a panic")]
+    Poisoned,
+    /// The blocking task reading it failed.
+    #[error("the task reading the NAR failed")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// Sends the header, then the NAR in chunks.
@@ -154,7 +143,7 @@ async fn feed(
     attempt_id: String,
     output: BuiltOutput,
 ) -> Result<(), FeedError> {
-    let chunk = |data: Vec<u8>| NarChunk {
+    let chunk = move |data: Vec<u8>| NarChunk {
         attempt_id: attempt_id.clone(),
         data,
         ..NarChunk::default()
@@ -171,32 +160,32 @@ async fn feed(
             }
             Ok(())
         }
-        NarSource::LocalStore => {
-            let mut child = Command::new("nix-store")
-                .args(["--dump", &output.path])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(FeedError::Spawn)?;
-            let stdout = child.stdout.take().ok_or(FeedError::NoStdout)?;
-            let mut stream = tokio_util::io::ReaderStream::with_capacity(stdout, NAR_CHUNK);
-            while let Some(data) = stream.next().await {
-                let data = data.map_err(FeedError::Read)?;
-                if sender.send(chunk(data.to_vec())).await.is_err() {
-                    break;
+        NarSource::Serve(process) => {
+            let path = output.path;
+            tokio::task::spawn_blocking(move || {
+                let mut process = process.lock().map_err(|_| FeedError::Poisoned)?;
+                let mut pending = Vec::with_capacity(NAR_CHUNK);
+                let mut send = |bytes: &[u8]| {
+                    pending.extend_from_slice(bytes);
+                    if pending.len() >= NAR_CHUNK {
+                        let full = std::mem::replace(&mut pending, Vec::with_capacity(NAR_CHUNK));
+                        sender
+                            .blocking_send(chunk(full))
+                            .map_err(|_| std::io::Error::other("the upload stopped"))?;
+                    }
+                    Ok(())
+                };
+                process
+                    .connection
+                    .dump_store_path(&path, &mut send)
+                    .map_err(FeedError::Serve)?;
+                if !pending.is_empty() {
+                    let _ = sender.blocking_send(chunk(pending));
                 }
-            }
-            let status = child.wait().await.map_err(FeedError::Spawn)?;
-            if status.success() {
                 Ok(())
-            } else {
-                Err(FeedError::Exit {
-                    path: output.path,
-                    status,
-                })
-            }
+            })
+            .await
+            .map_err(FeedError::Task)?
         }
     }
 }

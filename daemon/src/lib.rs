@@ -2,6 +2,8 @@
 //! waiting for SIGINT or SIGTERM, and reading a TOML configuration file into raw serde structs
 //! with one typed error, so both daemons fail the same way on the same mistakes.
 
+pub mod tied;
+
 use std::path::{Path, PathBuf};
 
 use error_context::{Classify, Severity};

@@ -131,6 +131,30 @@ fn summary_matches_nix_hash() {
 }
 
 #[test]
+fn read_one_stops_where_the_nar_ends_and_leaves_what_follows() {
+    let nix = Nix::new();
+    let tree = nix.scratch("streams").join("tree");
+    build_tree(&tree);
+    let nar = dump(&tree);
+    let mut stream = nar.clone();
+    stream.extend_from_slice(b"next reply");
+    let mut source = io::BufReader::with_capacity(64, stream.as_slice());
+    let summary = nar::read_one(&mut source, &mut Discarding).unwrap();
+    assert_eq!(summary.nar_size, nar.len() as u64);
+    assert_eq!(summary.nar_hash, Hash::digest(HashAlgorithm::Sha256, &nar));
+    let mut rest = Vec::new();
+    source.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"next reply");
+    let rejected = nar::summarize(stream.as_slice()).unwrap_err();
+    assert!(matches!(rejected.kind, NarErrorKind::TrailingBytes));
+}
+
+/// Looks at nothing: the parser alone decides where the NAR ends.
+struct Discarding;
+
+impl nar::NarVisitor for Discarding {}
+
+#[test]
 fn unpack_recreates_the_tree_nix_dumps_identically() {
     let nix = Nix::new();
     let scratch = nix.scratch("trees");

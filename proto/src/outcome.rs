@@ -15,6 +15,8 @@ pub enum Outcome {
     TimedOut,
     /// Something other than the build failed (store, disk, transfer): retried.
     InfrastructureFailure,
+    /// The build printed more log than its limit allows: permanent.
+    LogLimitExceeded,
 }
 
 impl From<Outcome> for StepOutcome {
@@ -24,6 +26,7 @@ impl From<Outcome> for StepOutcome {
             Outcome::Failed => Self::Failed,
             Outcome::TimedOut => Self::TimedOut,
             Outcome::InfrastructureFailure => Self::InfrastructureFailure,
+            Outcome::LogLimitExceeded => Self::LogLimitExceeded,
         }
     }
 }
@@ -49,6 +52,7 @@ impl TryFrom<i32> for Outcome {
             Ok(StepOutcome::Failed) => Ok(Self::Failed),
             Ok(StepOutcome::TimedOut) => Ok(Self::TimedOut),
             Ok(StepOutcome::InfrastructureFailure) => Ok(Self::InfrastructureFailure),
+            Ok(StepOutcome::LogLimitExceeded) => Ok(Self::LogLimitExceeded),
             Ok(StepOutcome::Unspecified) | Err(_) => Err(UnknownOutcome(wire)),
         }
     }
@@ -65,6 +69,7 @@ mod tests {
             Outcome::Failed,
             Outcome::TimedOut,
             Outcome::InfrastructureFailure,
+            Outcome::LogLimitExceeded,
         ] {
             let wire = StepOutcome::from(outcome) as i32;
             assert_eq!(Outcome::try_from(wire), Ok(outcome));

@@ -29,7 +29,7 @@ impl NoopExecutor {
     ///
     /// # Panics
     /// When the derivation sets [`NOOP_PANIC_VARIABLE`]: the fault this executor injects.
-    pub async fn run(&self, job: &Job, abort: &CancellationToken, log: &mut LogSink) -> Report {
+    pub async fn run(&self, job: &Job, abort: &CancellationToken, mut log: LogSink) -> Report {
         log.write(format!("noop build of {}\n", job.drv_path).as_bytes())
             .await;
         let derivation = match Derivation::parse(&job.drv_text) {

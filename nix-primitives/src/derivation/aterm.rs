@@ -431,7 +431,7 @@ pub(super) fn print(
 }
 
 /// The `hashAlgo` and `hash` fields of an output tuple.
-fn output_hash_fields(output: &DerivationOutput) -> (String, String) {
+pub(super) fn output_hash_fields(output: &DerivationOutput) -> (String, String) {
     match output {
         DerivationOutput::InputAddressed { .. } | DerivationOutput::Deferred => {
             (String::new(), String::new())

@@ -84,6 +84,13 @@ impl DerivationOutput {
             Self::Floating { .. } | Self::Deferred | Self::Impure { .. } => None,
         }
     }
+
+    /// The `hashAlgo` and `hash` fields as the derivation's text writes them (both empty for an
+    /// input-addressed output; `r:sha256` and a base-16 hash for a recursive fixed output).
+    #[must_use]
+    pub fn hash_fields(&self) -> (String, String) {
+        aterm::output_hash_fields(self)
+    }
 }
 
 /// What kind of derivation this is: decides how its output paths are computed and whether drover

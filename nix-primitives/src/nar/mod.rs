@@ -23,5 +23,5 @@ mod unpack;
 
 pub use dump::{DumpError, dump, write_file_nar};
 pub use format::{MAX_DEPTH, MAX_NAME_LEN, MAX_TARGET_LEN};
-pub use parse::{NarError, NarErrorKind, NarSummary, NarVisitor, parse, summarize};
+pub use parse::{NarError, NarErrorKind, NarSummary, NarVisitor, parse, read_one, summarize};
 pub use unpack::unpack;

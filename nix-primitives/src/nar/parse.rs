@@ -151,17 +151,26 @@ pub fn summarize(source: impl Read) -> Result<NarSummary, NarError> {
 
 /// Parses a NAR from `source`, which must end where the NAR ends, handing its nodes to `visitor`.
 pub fn parse(source: impl Read, visitor: &mut impl NarVisitor) -> Result<NarSummary, NarError> {
-    let mut parser = Parser {
-        source: BufReader::with_capacity(CHUNK_LEN, source),
-        offset: 0,
-        hasher: Hasher::new(HashAlgorithm::Sha256),
-        token_start: 0,
-    };
+    let mut parser = Parser::new(BufReader::with_capacity(CHUNK_LEN, source));
     parser.archive(visitor)?;
-    Ok(NarSummary {
-        nar_hash: parser.hasher.finish(),
-        nar_size: parser.offset,
-    })
+    parser.token_start = parser.offset;
+    match parser.source.fill_buf() {
+        Ok([]) => Ok(parser.summary()),
+        Ok(_) => Err(parser.error(NarErrorKind::TrailingBytes)),
+        Err(error) => Err(parser.error(NarErrorKind::Read(error))),
+    }
+}
+
+/// Parses one NAR from the start of `source` and stops where it ends, leaving whatever follows
+/// unread: for a NAR inside a longer stream that carries no length, such as Nix's serve
+/// protocol's `DumpStorePath` reply.
+pub fn read_one(
+    source: &mut impl BufRead,
+    visitor: &mut impl NarVisitor,
+) -> Result<NarSummary, NarError> {
+    let mut parser = Parser::new(source);
+    parser.archive(visitor)?;
+    Ok(parser.summary())
 }
 
 /// An open directory while its entries are parsed.
@@ -173,13 +182,29 @@ struct Frame {
 }
 
 struct Parser<R> {
-    source: BufReader<R>,
+    source: R,
     offset: u64,
     hasher: Hasher,
     token_start: u64,
 }
 
-impl<R: Read> Parser<R> {
+impl<R: BufRead> Parser<R> {
+    fn new(source: R) -> Self {
+        Self {
+            source,
+            offset: 0,
+            hasher: Hasher::new(HashAlgorithm::Sha256),
+            token_start: 0,
+        }
+    }
+
+    fn summary(self) -> NarSummary {
+        NarSummary {
+            nar_hash: self.hasher.finish(),
+            nar_size: self.offset,
+        }
+    }
+
     fn error(&self, kind: NarErrorKind) -> NarError {
         NarError {
             offset: self.token_start,
@@ -305,12 +330,7 @@ impl<R: Read> Parser<R> {
                 }
             }
         }
-        self.token_start = self.offset;
-        match self.source.fill_buf() {
-            Ok([]) => Ok(()),
-            Ok(_) => Err(self.error(NarErrorKind::TrailingBytes)),
-            Err(error) => Err(self.error(NarErrorKind::Read(error))),
-        }
+        Ok(())
     }
 
     /// Parses a node's header. Regular files and symlinks are parsed whole, including their `)`;

@@ -20,6 +20,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "global build priority",
         include_str!("../../migrations/0003_global_priority.sql"),
     ),
+    (
+        4,
+        "log limit attempt status",
+        include_str!("../../migrations/0004_log_limit.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

@@ -95,6 +95,8 @@ sql_enum!(
         Failed => "failed",
         /// The build exceeded its time or silence limit.
         TimedOut => "timed_out",
+        /// The build printed more log than its limit allows.
+        LogLimit => "log_limit",
         /// Something other than the build failed.
         InfrastructureFailure => "infrastructure_failure",
         /// The builder left or went silent mid-step.

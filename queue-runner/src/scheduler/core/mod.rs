@@ -381,11 +381,11 @@ impl Core {
         let step = running.step;
         match report.outcome {
             Outcome::Succeeded => self.succeed(attempt, step, report.outputs),
-            Outcome::Failed | Outcome::TimedOut => {
-                let status = if report.outcome == Outcome::Failed {
-                    AttemptStatus::Failed
-                } else {
-                    AttemptStatus::TimedOut
+            Outcome::Failed | Outcome::TimedOut | Outcome::LogLimitExceeded => {
+                let status = match report.outcome {
+                    Outcome::TimedOut => AttemptStatus::TimedOut,
+                    Outcome::LogLimitExceeded => AttemptStatus::LogLimit,
+                    _ => AttemptStatus::Failed,
                 };
                 self.persist(Change::AttemptEnded {
                     attempt,

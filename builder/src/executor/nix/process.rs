@@ -1,0 +1,251 @@
+//! The `nix-store --serve --write` processes steps run in, and the spares kept ready for them.
+//!
+//! Each process runs as the first process of a PID namespace of its own (`unshare --pid --fork
+//! --kill-child`), started through [`drover_daemon::tied`] so the kernel kills `unshare` when the
+//! builder dies. `unshare` passes that on to `nix-store`, and when the first process of a PID
+//! namespace dies the kernel kills every other process in it: the build's own processes, which
+//! Nix starts in sessions of their own and which a signal to `nix-store` alone would miss. So a
+//! builder killed with SIGKILL leaves nothing of its builds running.
+//!
+//! A process serves one step: Nix turns substitution off for the rest of a serve process's life
+//! after its first BuildDerivation. Starting one and its handshake cost ~20 ms, so each slot
+//! keeps one started, handshaken spare, and a step starts the next spare while it builds.
+
+use std::io::{BufReader, BufWriter, Read as _};
+use std::os::fd::OwnedFd;
+use std::process::{ChildStdin, ChildStdout, Stdio};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
+
+use super::ansi::AnsiStripper;
+use crate::executor::LogSink;
+use crate::serve::{Connection, ServeError};
+
+/// The conversation with one serve process.
+pub type ServeConnection = Connection<BufReader<ChildStdout>, BufWriter<ChildStdin>>;
+
+/// How long an aborted build may take to stop after SIGTERM before everything in its namespace
+/// is killed. Nix stops the build and removes its temporary directory on SIGTERM; SIGKILL leaves
+/// the directory behind.
+const TERMINATE_GRACE: Duration = Duration::from_secs(5);
+
+/// Why a serve process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The process could not be spawned.
+    #[error("starting nix-store --serve in a PID namespace")]
+    Spawn(#[source] std::io::Error),
+    /// It started but did not greet properly.
+    #[error("greeting nix-store --serve")]
+    Handshake(#[source] ServeError),
+    /// The blocking task that starts it failed.
+    #[error("the task starting nix-store --serve failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// One serve process, killed (with everything it started) when dropped.
+pub struct ServeProcess {
+    /// The conversation.
+    pub connection: ServeConnection,
+    /// Stops the process.
+    stopper: Stopper,
+    /// Hands the log thread the sink of the step that takes this process.
+    log: Option<SyncSender<LogSink>>,
+}
+
+impl ServeProcess {
+    /// Starts a process with `options` (`--option NAME VALUE` pairs) and greets it. Blocking.
+    pub fn start(options: &[String]) -> Result<Self, StartError> {
+        let mut child = drover_daemon::tied::spawn("unshare", |command| {
+            command
+                .args([
+                    "--pid",
+                    "--fork",
+                    "--kill-child",
+                    "nix-store",
+                    "--serve",
+                    "--write",
+                ])
+                .args(options)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        })
+        .map_err(StartError::Spawn)?;
+        let stopper = Stopper::new(child.id()).map_err(StartError::Spawn)?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(StartError::Spawn(std::io::Error::other(
+                "a pipe is missing",
+            )));
+        };
+        let (log, sink) = sync_channel(1);
+        std::thread::Builder::new()
+            .name("nix-serve-log".to_owned())
+            .spawn(move || {
+                copy_log(stderr, &sink);
+                // The process ended (its stderr closed): reap it.
+                let _ = child.wait();
+            })
+            .map_err(StartError::Spawn)?;
+        let connection = Connection::handshake(BufReader::new(stdout), BufWriter::new(stdin))
+            .map_err(|error| {
+                stopper.kill();
+                StartError::Handshake(error)
+            })?;
+        Ok(Self {
+            connection,
+            stopper,
+            log: Some(log),
+        })
+    }
+
+    /// Sends what the process prints from now on (the build's log, then Nix's) to `sink`,
+    /// without colour codes, until the process ends.
+    pub fn attach_log(&mut self, sink: LogSink) {
+        if let Some(log) = self.log.take() {
+            let _ = log.send(sink);
+        }
+    }
+
+    /// Something that can stop this process while another thread talks to it.
+    #[must_use]
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        self.stopper.kill();
+    }
+}
+
+/// Stops a serve process and everything in its PID namespace. It holds a pidfd, so a signal can
+/// never reach another process that reused the pid.
+#[derive(Clone)]
+pub struct Stopper {
+    /// `unshare`, whose death takes the namespace with it.
+    namespace: Arc<OwnedFd>,
+    /// Its pid, to find `nix-store` among its children.
+    namespace_pid: u32,
+}
+
+impl Stopper {
+    fn new(pid: u32) -> std::io::Result<Self> {
+        let raw = i32::try_from(pid).map_err(std::io::Error::other)?;
+        let pid = Pid::from_raw(raw).ok_or_else(|| std::io::Error::other("pid 0"))?;
+        let namespace = pidfd_open(pid, PidfdFlags::empty())?;
+        Ok(Self {
+            namespace: Arc::new(namespace),
+            namespace_pid: pid.as_raw_nonzero().get().unsigned_abs(),
+        })
+    }
+
+    /// Kills everything in the namespace at once.
+    pub fn kill(&self) {
+        let _ = pidfd_send_signal(&*self.namespace, Signal::KILL);
+    }
+
+    /// Asks `nix-store` to stop its build and clean up (SIGTERM), and kills the namespace if it
+    /// has not ended after [`TERMINATE_GRACE`]; returns when `ended` resolves or the grace ran out.
+    pub async fn terminate(&self, ended: impl Future<Output = ()>) {
+        if let Some(nix_store) = self.nix_store() {
+            let _ = pidfd_send_signal(&nix_store, Signal::TERM);
+        }
+        if tokio::time::timeout(TERMINATE_GRACE, ended).await.is_err() {
+            self.kill();
+        }
+    }
+
+    /// A pidfd of `nix-store`, the only child of `unshare`.
+    fn nix_store(&self) -> Option<OwnedFd> {
+        let pid = self.namespace_pid;
+        let children = fs_err::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        let child: i32 = children.split_whitespace().next()?.parse().ok()?;
+        pidfd_open(Pid::from_raw(child)?, PidfdFlags::empty()).ok()
+    }
+}
+
+/// Copies a serve process's stderr to the sink a step attaches, stripping colour codes, until
+/// the process ends. Before a step attaches (a spare), nothing is read: a spare prints nothing.
+fn copy_log(mut stderr: std::process::ChildStderr, sink: &Receiver<LogSink>) {
+    let mut sink = sink.recv().ok();
+    let mut stripper = AnsiStripper::default();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut clean = Vec::with_capacity(buffer.len());
+    loop {
+        let read = match stderr.read(&mut buffer) {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if let Some(sink) = &mut sink {
+            clean.clear();
+            stripper.strip(&buffer[..read], &mut clean);
+            sink.blocking_write(&clean);
+        }
+    }
+}
+
+/// Started, handshaken processes waiting for steps: one per slot.
+pub struct Spares {
+    ready: Mutex<Vec<ServeProcess>>,
+    slots: usize,
+    options: Arc<[String]>,
+}
+
+impl Spares {
+    /// An empty pool for `slots` concurrent steps of processes started with `options`.
+    #[must_use]
+    pub fn new(slots: usize, options: Vec<String>) -> Self {
+        Self {
+            ready: Mutex::new(Vec::with_capacity(slots)),
+            slots,
+            options: options.into(),
+        }
+    }
+
+    /// A spare, or a process started now if none is ready.
+    pub async fn take(&self) -> Result<ServeProcess, StartError> {
+        let spare = self.ready.lock().ok().and_then(|mut ready| ready.pop());
+        match spare {
+            Some(process) => Ok(process),
+            None => self.start().await,
+        }
+    }
+
+    /// Starts spares until every slot has one. A failure is left to the next step, which starts
+    /// its own process and reports the failure as its own.
+    pub async fn refill(&self) {
+        while self
+            .ready
+            .lock()
+            .is_ok_and(|ready| ready.len() < self.slots)
+        {
+            match self.start().await {
+                Ok(process) => {
+                    if let Ok(mut ready) = self.ready.lock()
+                        && ready.len() < self.slots
+                    {
+                        ready.push(process);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error_context::report(&error), "starting a spare nix-store --serve failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn start(&self) -> Result<ServeProcess, StartError> {
+        let options = Arc::clone(&self.options);
+        tokio::task::spawn_blocking(move || ServeProcess::start(&options))
+            .await
+            .map_err(StartError::Task)?
+    }
+}
