@@ -1,6 +1,7 @@
 //! `drover dev-farm` and `drover submit` as a user runs them: the farm comes up and writes its
 //! exports, `drover submit --watch` builds the example graph (exit 0, outputs printed) and reports
-//! a failing derivation with exit 1, and SIGTERM stops the farm leaving nothing running.
+//! a failing derivation with exit 1, and SIGTERM stops the farm leaving nothing running; SIGKILL
+//! leaves no builder running either.
 
 #![allow(
     clippy::unwrap_used,
@@ -120,4 +121,49 @@ async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
         builders_left.stdout.is_empty(),
         "a builder outlived the farm"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dev_farm_killed_with_sigkill_leaves_no_builder_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let farm_dir = dir.path().join("farm");
+    let log = fs_err::File::create(dir.path().join("farm.log")).unwrap();
+    let mut farm = ChildGuard::spawn(
+        Command::new(DROVER)
+            .args(["dev-farm", "--builders", "2", "--dir"])
+            .arg(&farm_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap().into_parts().0)
+            .stderr(log.into_parts().0),
+    )
+    .unwrap();
+    let env_file = farm_dir.join("env");
+    poll_until(
+        Duration::from_secs(90),
+        "the dev farm to come up",
+        || async { fs_err::read_to_string(&env_file).ok() },
+    )
+    .await;
+    let builder_pids = |index: u32| {
+        let config = farm_dir.join(format!("builder-b{index}.toml"));
+        let found = Command::new("pgrep")
+            .args(["-f", &config.to_string_lossy()])
+            .output()
+            .unwrap();
+        String::from_utf8(found.stdout).unwrap()
+    };
+    for index in [1, 2] {
+        assert!(
+            !builder_pids(index).is_empty(),
+            "builder b{index} is not running before the kill"
+        );
+    }
+    farm.child_mut().kill().unwrap();
+    farm.child_mut().wait().unwrap();
+    poll_until(
+        Duration::from_secs(10),
+        "the killed farm's builders to die with it",
+        || async { (builder_pids(1).is_empty() && builder_pids(2).is_empty()).then_some(()) },
+    )
+    .await;
 }

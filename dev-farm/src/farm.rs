@@ -280,8 +280,10 @@ trusted_public_keys = ["{public_key}"]
     let binary = std::env::current_exe()
         .map_err(DevFarmError::Builder)?
         .with_file_name("drover-builder");
-    ChildGuard::spawn(
-        Command::new("unshare")
+    // Tied to this process: a farm killed with SIGKILL takes its builders (and, through them,
+    // their builds) along instead of leaving them retrying a runner that is gone.
+    drover_daemon::tied::spawn("unshare", |command| {
+        command
             .args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg(r#"mount --bind "$0" /nix && exec "$@""#)
             .arg(&store)
@@ -293,8 +295,9 @@ trusted_public_keys = ["{public_key}"]
             .env("HOME", &home)
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(stderr),
-    )
+            .stderr(stderr);
+    })
+    .map(ChildGuard::new)
     .map_err(DevFarmError::Builder)
 }
 

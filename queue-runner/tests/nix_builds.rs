@@ -16,87 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::nix::{ChrootStore, NIX_CONFIG, examples, private_store_command};
+use common::nix_farm::{
+    served_log, start_with_one_nix_builder, submit_closure, submit_fixture, succeed,
+    upstream_with_diamond_base,
+};
 use common::{BuilderSpec, DEADLINE, Farm};
 use drover_proto::v1::{DerivationText, SubmitRequest};
 use nix_primitives::StorePath;
-
-fn succeed(command: &mut Command) -> Vec<u8> {
-    let output = command.output().unwrap();
-    assert!(
-        output.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output.stdout
-}
-
-/// Starts the runner and one Nix builder `b1` (two jobs, a private store); returns the
-/// builder's store directory and a submitter's chroot store.
-async fn start_with_one_nix_builder(farm: &mut Farm) -> (PathBuf, ChrootStore) {
-    farm.start_runner().await;
-    let store = farm.dir.path().join("stores/b1");
-    farm.start_builder(&BuilderSpec {
-        max_jobs: 2,
-        nix_store: Some(&store),
-        ..BuilderSpec::new("b1")
-    });
-    (store, ChrootStore::new(farm.dir.path().join("submitter")))
-}
-
-/// Submits the derivation closure of `top` as read from the submitter's store.
-async fn submit_closure(farm: &Farm, submitter: &ChrootStore, top: &StorePath) -> i64 {
-    let closure = submitter.closure(top);
-    farm.client()
-        .await
-        .submit(SubmitRequest {
-            sources: submitter.sources(&closure),
-            derivations: closure
-                .into_iter()
-                .map(|(path, (text, _))| DerivationText {
-                    path: path.to_absolute(),
-                    text,
-                })
-                .collect(),
-            top_drv_path: top.to_absolute(),
-            ..SubmitRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .build_id
-}
-
-/// Instantiates `attribute` of the test fixtures and submits its closure; returns the build id
-/// and the `.drv` file's base name.
-async fn submit_fixture(farm: &Farm, submitter: &ChrootStore, attribute: &str) -> (i64, String) {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builds.nix");
-    let top = submitter.instantiate(&fixtures, attribute);
-    let build = submit_closure(farm, submitter, &top).await;
-    (build, top.base_name().to_owned())
-}
-
-/// GETs a path from the runner's cache listener; returns the status line and the body.
-async fn http_get(port: u16, path: &str) -> (String, Vec<u8>) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&response[..split]).into_owned();
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    (status, response[split + 4..].to_vec())
-}
-
-/// The log the cache serves for a derivation (by base name), as `nix log` fetches it.
-async fn served_log(farm: &Farm, drv: &str) -> String {
-    let (status, log) = http_get(farm.cache_port, &format!("/log/{drv}")).await;
-    assert!(status.contains("200"), "{status}");
-    String::from_utf8_lossy(&log).into_owned()
-}
 
 /// Stock Nix realising `out` in `consumer` from the farm's cache (and an upstream `file://`
 /// cache with its key), with no local builds allowed.
@@ -330,46 +256,7 @@ async fn sources_are_uploaded_verified_and_used_and_forged_ones_refused() {
 async fn steps_an_upstream_cache_has_are_not_built_and_their_outputs_are_substituted() {
     let mut farm = Farm::new().await;
     let diamond = examples().join("diamond.nix");
-    let upstream_store = farm.dir.path().join("stores/upstream");
-    let upstream_cache = farm.dir.path().join("upstream-cache");
-    let keys = farm.dir.path().join("upstream-keys");
-    fs_err::create_dir_all(&keys).unwrap();
-    let in_upstream_store = |args: &[&str]| {
-        let mut command = private_store_command(&upstream_store);
-        command
-            .args(args)
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .env("HOME", farm.dir.path());
-        String::from_utf8(succeed(&mut command)).unwrap()
-    };
-    let secret = keys.join("upstream.sec");
-    let public = keys.join("upstream.pub");
-    in_upstream_store(&[
-        "nix-store",
-        "--generate-binary-cache-key",
-        "upstream-1",
-        secret.to_str().unwrap(),
-        public.to_str().unwrap(),
-    ]);
-    let base_drv = in_upstream_store(&[
-        "nix-instantiate",
-        diamond.to_str().unwrap(),
-        "--attr",
-        "base",
-    ]);
-    let base_out = in_upstream_store(&["nix-store", "--realise", base_drv.trim()]);
-    let copy_to = format!(
-        "file://{}?compression=none&secret-key={}",
-        upstream_cache.display(),
-        secret.display()
-    );
-    in_upstream_store(&["nix", "copy", "--to", &copy_to, base_out.trim()]);
-    let public_key = fs_err::read_to_string(&public).unwrap().trim().to_owned();
-    farm.upstreams.push((
-        format!("file://{}", upstream_cache.display()),
-        public_key.clone(),
-    ));
-
+    let (upstream_cache, public_key) = upstream_with_diamond_base(&mut farm);
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
     let top = submitter.instantiate(&diamond, "top");
     let build = submit_closure(&farm, &submitter, &top).await;
@@ -451,6 +338,11 @@ async fn builds_past_their_time_or_silence_limit_are_stopped_as_timed_out() {
             (name, (row.get(1), row.get(2)))
         })
         .collect();
+    assert_eq!(
+        farm.count("SELECT count(*) FROM step_attempts").await,
+        2,
+        "a timed-out step is not tried again"
+    );
     let (status, message) = &messages["ticker.drv"];
     assert_eq!(status, "timed_out");
     assert!(message.contains("timed out after 4 seconds"), "{message}");

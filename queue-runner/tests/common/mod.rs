@@ -9,6 +9,7 @@
 )]
 
 pub mod nix;
+pub mod nix_farm;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -52,6 +53,9 @@ pub struct Farm {
     pub cache_port: u16,
     /// Upstream caches (URL, public key) for the runner and the Nix builders.
     pub upstreams: Vec<(String, String)>,
+    /// Whether the Nix builders are left without the upstreams (the runner still uses them), so
+    /// a step's input the runner expects from an upstream cannot be substituted.
+    pub hide_upstreams_from_builders: bool,
     /// The runner's step time limit and silence limit, in seconds.
     pub step_limits_secs: (u64, u64),
     /// The runner's output size limit.
@@ -136,6 +140,7 @@ impl Farm {
             grpc_port: free_port(),
             cache_port: free_port(),
             upstreams: Vec::new(),
+            hide_upstreams_from_builders: false,
             step_limits_secs: (600, 600),
             max_output_bytes: 1 << 30,
             runner: None,
@@ -294,6 +299,7 @@ impl Farm {
                         &self
                             .upstreams
                             .iter()
+                            .filter(|_| !self.hide_upstreams_from_builders)
                             .map(|(url, _)| url.as_str())
                             .collect::<Vec<_>>()
                     ),

@@ -147,7 +147,10 @@ impl NixExecutor {
         let stopper = process.stopper();
         let request = Request::new(job, derivation);
         let mut task = tokio::task::spawn_blocking(move || {
-            let conducted = request.conduct(&mut process.connection);
+            let conducted = request.conduct(&mut process.connection).map_err(|error| {
+                let said = process.last_words();
+                (error, said)
+            });
             (process, conducted)
         });
         let joined = tokio::select! {
@@ -167,11 +170,18 @@ impl NixExecutor {
             }
         };
         match conducted {
-            Err(error) => Report::failure(
+            Err((error, said)) => Report::failure(
                 Outcome::InfrastructureFailure,
                 format!(
-                    "nix-store --serve failed: {}",
+                    "nix-store --serve failed ({}){}",
                     error_context::report(&error)
+                        .to_string()
+                        .replace('\n', "; "),
+                    if said.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {said}")
+                    }
                 ),
             ),
             Ok(Conducted::MissingInputs(missing)) => {

@@ -15,7 +15,7 @@ use std::io::{BufReader, BufWriter, Read as _};
 use std::os::fd::OwnedFd;
 use std::process::{ChildStdin, ChildStdout, Stdio};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
@@ -46,6 +46,12 @@ pub enum StartError {
     Task(#[source] tokio::task::JoinError),
 }
 
+/// How much of the end of a serve process's stderr is kept to explain why it died.
+const LAST_WORDS_BYTES: usize = 2048;
+
+/// How long [`ServeProcess::last_words`] waits for the process's stderr to end.
+const LAST_WORDS_WAIT: Duration = Duration::from_secs(2);
+
 /// One serve process, killed (with everything it started) when dropped.
 pub struct ServeProcess {
     /// The conversation.
@@ -54,11 +60,46 @@ pub struct ServeProcess {
     stopper: Stopper,
     /// Hands the log thread the sink of the step that takes this process.
     log: Option<SyncSender<LogSink>>,
+    /// The end of what the process printed, and whether it has stopped printing.
+    tail: Arc<Tail>,
+    /// The process's own `XDG_CACHE_HOME`, removed after it. Nix keeps a `SQLite` cache of
+    /// narinfos there, and two processes filling a shared one at the same moment fail with
+    /// "constraint failed" (seen here with two steps substituting the same input).
+    _cache_home: tempfile::TempDir,
+}
+
+/// The last bytes a serve process printed (without colour codes), kept by its log thread.
+#[derive(Default)]
+struct Tail {
+    state: Mutex<(Vec<u8>, bool)>,
+    ended: Condvar,
+}
+
+impl Tail {
+    fn push(&self, bytes: &[u8]) {
+        if let Ok(mut state) = self.state.lock() {
+            let kept = &mut state.0;
+            kept.extend_from_slice(bytes);
+            let excess = kept.len().saturating_sub(LAST_WORDS_BYTES);
+            kept.drain(..excess);
+        }
+    }
+
+    fn end(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.1 = true;
+        }
+        self.ended.notify_all();
+    }
 }
 
 impl ServeProcess {
     /// Starts a process with `options` (`--option NAME VALUE` pairs) and greets it. Blocking.
     pub fn start(options: &[String]) -> Result<Self, StartError> {
+        let cache_home = tempfile::Builder::new()
+            .prefix("drover-nix-serve-")
+            .tempdir()
+            .map_err(StartError::Spawn)?;
         let mut child = drover_daemon::tied::spawn("unshare", |command| {
             command
                 .args([
@@ -70,6 +111,7 @@ impl ServeProcess {
                     "--write",
                 ])
                 .args(options)
+                .env("XDG_CACHE_HOME", cache_home.path())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
@@ -84,10 +126,13 @@ impl ServeProcess {
             )));
         };
         let (log, sink) = sync_channel(1);
+        let tail = Arc::new(Tail::default());
+        let kept = Arc::clone(&tail);
         std::thread::Builder::new()
             .name("nix-serve-log".to_owned())
             .spawn(move || {
-                copy_log(stderr, &sink);
+                copy_log(stderr, &sink, &kept);
+                kept.end();
                 // The process ended (its stderr closed): reap it.
                 let _ = child.wait();
             })
@@ -101,7 +146,33 @@ impl ServeProcess {
             connection,
             stopper,
             log: Some(log),
+            tail,
+            _cache_home: cache_home,
         })
+    }
+
+    /// After a failed exchange: kills the process, waits (briefly, blocking) for its stderr to
+    /// end, and returns the last line it printed, which says why Nix gave up.
+    #[must_use]
+    pub fn last_words(&self) -> String {
+        self.stopper.kill();
+        let Ok(state) = self.tail.state.lock() else {
+            return String::new();
+        };
+        let Ok((state, _)) =
+            self.tail
+                .ended
+                .wait_timeout_while(state, LAST_WORDS_WAIT, |(_, ended)| !*ended)
+        else {
+            return String::new();
+        };
+        String::from_utf8_lossy(&state.0)
+            .lines()
+            .rev()
+            .find(|line| !line.trim().is_empty())
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
     }
 
     /// Sends what the process prints from now on (the build's log, then Nix's) to `sink`,
@@ -173,7 +244,7 @@ impl Stopper {
 
 /// Copies a serve process's stderr to the sink a step attaches, stripping colour codes, until
 /// the process ends. Before a step attaches (a spare), nothing is read: a spare prints nothing.
-fn copy_log(mut stderr: std::process::ChildStderr, sink: &Receiver<LogSink>) {
+fn copy_log(mut stderr: std::process::ChildStderr, sink: &Receiver<LogSink>, tail: &Tail) {
     let mut sink = sink.recv().ok();
     let mut stripper = AnsiStripper::default();
     let mut buffer = vec![0u8; 64 * 1024];
@@ -183,9 +254,10 @@ fn copy_log(mut stderr: std::process::ChildStderr, sink: &Receiver<LogSink>) {
             Ok(0) | Err(_) => return,
             Ok(read) => read,
         };
+        clean.clear();
+        stripper.strip(&buffer[..read], &mut clean);
+        tail.push(&clean);
         if let Some(sink) = &mut sink {
-            clean.clear();
-            stripper.strip(&buffer[..read], &mut clean);
             sink.blocking_write(&clean);
         }
     }
