@@ -212,7 +212,9 @@ async fn session(
     joined: &mut bool,
 ) -> Result<(), TunnelError> {
     let channel = connect(config).await?;
-    let mut client = BuilderServiceClient::new(channel);
+    let mut client = BuilderServiceClient::new(channel)
+        .max_decoding_message_size(drover_proto::MAX_TUNNEL_MESSAGE_BYTES)
+        .max_encoding_message_size(drover_proto::MAX_TUNNEL_MESSAGE_BYTES);
     let (outbox, receiver) = mpsc::channel(OUTBOX);
     let join = Join {
         api_version: API_VERSION.to_owned(),

@@ -13,6 +13,12 @@
 /// refused at Join, so runner and builders never misread each other's messages.
 pub const API_VERSION: &str = env!("DROVER_API_VERSION");
 
+/// The largest message either end of `BuilderService` sends or accepts, in bytes. Both ends set
+/// it, so a message one side may send is one the other side reads: a Build message carries the
+/// step's whole derivation, and a tunnel that broke on one oversized message would take every
+/// other step of that builder with it. The runner keeps derivations to at most half of it.
+pub const MAX_TUNNEL_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
 mod outcome;
 
 pub use outcome::{Outcome, UnknownOutcome};

@@ -30,9 +30,6 @@ use crate::scheduler::ingest::{Ingest, IngestError};
 use crate::scheduler::listen;
 use crate::tasks::Supervisor;
 
-/// The largest Submit accepted: derivation texts and input sources arrive in one message.
-const MAX_SUBMISSION_BYTES: usize = 256 * 1024 * 1024;
-
 /// Events buffered between builder sessions and the scheduler.
 const EVENT_QUEUE: usize = 4096;
 
@@ -187,15 +184,20 @@ pub async fn start(
         .map_err(RunnerError::Serve)?
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .add_service(health_service)
-        .add_service(BuilderServiceServer::new(builder_service))
+        .add_service(
+            BuilderServiceServer::new(builder_service)
+                .max_decoding_message_size(drover_proto::MAX_TUNNEL_MESSAGE_BYTES)
+                .max_encoding_message_size(drover_proto::MAX_TUNNEL_MESSAGE_BYTES),
+        )
         .add_service(
             BuildServiceServer::new(BuildServiceImpl::new(
                 pool,
                 logs,
                 cache_for_clients,
                 handoff,
+                config.max_derivation_bytes,
             ))
-            .max_decoding_message_size(MAX_SUBMISSION_BYTES),
+            .max_decoding_message_size(config.max_submission_bytes),
         )
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),

@@ -21,6 +21,38 @@ struct RawConfig {
     cache: RawCache,
     #[serde(default)]
     builders: RawBuilders,
+    #[serde(default)]
+    submissions: RawSubmissions,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubmissions {
+    /// The largest derivation (`.drv` text) a submission may contain, in bytes: larger ones are
+    /// refused at submit. At most half of the tunnel's message limit (32 MiB), since a build step
+    /// carries its derivation to the builder. Default 8 MiB.
+    #[serde(default = "default_max_derivation_bytes")]
+    max_derivation_bytes: u64,
+    /// The largest Submit request (derivations and input sources together), in bytes. Default
+    /// 256 MiB.
+    #[serde(default = "default_max_submission_bytes")]
+    max_submission_bytes: u64,
+}
+
+impl Default for RawSubmissions {
+    fn default() -> Self {
+        Self {
+            max_derivation_bytes: default_max_derivation_bytes(),
+            max_submission_bytes: default_max_submission_bytes(),
+        }
+    }
+}
+
+const fn default_max_derivation_bytes() -> u64 {
+    8 * 1024 * 1024
+}
+const fn default_max_submission_bytes() -> u64 {
+    256 * 1024 * 1024
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,6 +218,10 @@ pub struct Config {
     pub max_silent: Duration,
     /// Largest output NAR.
     pub max_output_bytes: u64,
+    /// Largest derivation in a submission.
+    pub max_derivation_bytes: usize,
+    /// Largest Submit request.
+    pub max_submission_bytes: usize,
 }
 
 impl Config {
@@ -242,6 +278,23 @@ impl Config {
                 raw.builders.liveness_timeout_secs, raw.builders.ping_interval_secs
             ));
         }
+        let derivation_ceiling = drover_proto::MAX_TUNNEL_MESSAGE_BYTES / 2;
+        let max_derivation_bytes =
+            usize::try_from(raw.submissions.max_derivation_bytes).unwrap_or(usize::MAX);
+        if max_derivation_bytes == 0 || max_derivation_bytes > derivation_ceiling {
+            problems.push(format!(
+                "submissions.max_derivation_bytes = {max_derivation_bytes} must be between 1 and \
+                 {derivation_ceiling} (half the builder tunnel's message limit)"
+            ));
+        }
+        let max_submission_bytes =
+            usize::try_from(raw.submissions.max_submission_bytes).unwrap_or(usize::MAX);
+        if max_submission_bytes < max_derivation_bytes {
+            problems.push(format!(
+                "submissions.max_submission_bytes = {max_submission_bytes} is below \
+                 submissions.max_derivation_bytes = {max_derivation_bytes}"
+            ));
+        }
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -264,6 +317,8 @@ impl Config {
             step_timeout: Duration::from_secs(raw.builders.step_timeout_secs),
             max_silent: Duration::from_secs(raw.builders.max_silent_secs),
             max_output_bytes: raw.builders.max_output_bytes,
+            max_derivation_bytes,
+            max_submission_bytes,
         })
     }
 }
@@ -302,11 +357,20 @@ mod tests {
             [builders]
             ping_interval_secs = 10
             liveness_timeout_secs = 5
+            [submissions]
+            max_derivation_bytes = 1073741824
+            max_submission_bytes = 1024
         "#;
         let Err(ConfigError::Invalid(problems)) = Config::parse(text, Path::new("t.toml")) else {
             panic!("invalid config accepted");
         };
-        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(problems.len(), 6, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|problem| problem.starts_with("submissions.max_derivation_bytes")),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -27,6 +27,18 @@ use crate::verify::{self, VerifyError};
 /// Why a Submit was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
+    /// A derivation is larger than the runner accepts.
+    #[error(
+        "derivation {path} is {size} bytes, over this farm's limit of {limit} (submissions.max_derivation_bytes)"
+    )]
+    DerivationTooLarge {
+        /// The derivation.
+        path: String,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The closure does not verify.
     #[error("the submitted derivations do not verify")]
     Verify(#[from] VerifyError),
@@ -47,7 +59,10 @@ pub enum SubmitError {
 impl Classify for SubmitError {
     fn severity(&self) -> Severity {
         match self {
-            Self::Verify(_) | Self::Metadata(_) | Self::SourcePath(_) => Severity::Reject,
+            Self::DerivationTooLarge { .. }
+            | Self::Verify(_)
+            | Self::Metadata(_)
+            | Self::SourcePath(_) => Severity::Reject,
             Self::Source(error) => error.severity(),
             Self::Database(error) => error.severity(),
         }
@@ -64,7 +79,8 @@ impl From<SubmitError> for Status {
             SubmitError::Source(CacheError::Io(_) | CacheError::NarInfo(_)) => {
                 Status::internal(message)
             }
-            SubmitError::Verify(_)
+            SubmitError::DerivationTooLarge { .. }
+            | SubmitError::Verify(_)
             | SubmitError::Metadata(_)
             | SubmitError::Source(_)
             | SubmitError::SourcePath(_) => Status::invalid_argument(message),
@@ -79,20 +95,30 @@ pub struct BuildServiceImpl {
     logs: LogStore,
     cache: Arc<BinaryCache>,
     handoff: Handoff,
+    /// The largest derivation accepted (`submissions.max_derivation_bytes`).
+    max_derivation_bytes: usize,
 }
 
 /// Roles that may use the build service.
 const CALLERS: &[Role] = &[Role::Client, Role::Admin];
 
 impl BuildServiceImpl {
-    /// A service over `pool`; verified closures go to ingest through `handoff`.
+    /// A service over `pool`; verified closures go to ingest through `handoff`; derivations
+    /// over `max_derivation_bytes` are refused.
     #[must_use]
-    pub fn new(pool: Pool, logs: LogStore, cache: Arc<BinaryCache>, handoff: Handoff) -> Self {
+    pub fn new(
+        pool: Pool,
+        logs: LogStore,
+        cache: Arc<BinaryCache>,
+        handoff: Handoff,
+        max_derivation_bytes: usize,
+    ) -> Self {
         Self {
             pool,
             logs,
             cache,
             handoff,
+            max_derivation_bytes,
         }
     }
 
@@ -138,6 +164,18 @@ impl BuildServiceImpl {
     }
 
     async fn submit(&self, request: SubmitRequest) -> Result<i64, SubmitError> {
+        // Before anything else, so a refused submission leaves nothing behind.
+        if let Some(large) = request
+            .derivations
+            .iter()
+            .find(|given| given.text.len() > self.max_derivation_bytes)
+        {
+            return Err(SubmitError::DerivationTooLarge {
+                path: large.path.clone(),
+                size: large.text.len(),
+                limit: self.max_derivation_bytes,
+            });
+        }
         let top = verify::parse_path(&request.top_drv_path)?;
         let mut parsed = BTreeMap::new();
         for given in request.derivations {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use drover_proto::Outcome;
 use drover_proto::v1::{
     Abort, Build, BuildLimits, ResultRecorded, RunnerMessage, runner_message::Message,
 };
@@ -21,7 +22,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::attempts::{AttemptOwner, Attempts};
-use super::core::{Assignment, Capabilities, Change, Command, Core, Event, SessionId, ToBuilder};
+use super::core::{
+    Assignment, Capabilities, Change, Command, Core, Event, Report, SessionId, ToBuilder,
+};
 use crate::db::transitions::Transitions;
 use crate::db::{DbError, Pool, queries};
 
@@ -286,7 +289,10 @@ impl Driver {
             }
             Command::Send { session, message } => {
                 let link = self.sessions.get(&session)?;
-                let message = self.runner_message(session, message)?;
+                let message = match self.runner_message(session, message)? {
+                    Ok(message) => message,
+                    Err(unsendable) => return Some(unsendable),
+                };
                 if link.outbox.try_send(Ok(message)).is_ok() {
                     return None;
                 }
@@ -301,11 +307,38 @@ impl Driver {
         }
     }
 
-    fn runner_message(&self, session: SessionId, message: ToBuilder) -> Option<RunnerMessage> {
+    /// The message to send, or, for a Build message larger than the builder can read, the
+    /// step's failure instead: sending it would break the tunnel and every step on it.
+    fn runner_message(
+        &self,
+        session: SessionId,
+        message: ToBuilder,
+    ) -> Option<Result<RunnerMessage, Event>> {
         let message = match message {
             ToBuilder::Build(assignment) => {
                 let builder = self.core.placement().builder(session)?.name.clone();
-                Message::Build(self.build_message(builder, assignment))
+                let attempt = assignment.attempt;
+                let build = RunnerMessage {
+                    message: Some(Message::Build(self.build_message(builder, assignment))),
+                };
+                let size = prost::Message::encoded_len(&build);
+                if size <= drover_proto::MAX_TUNNEL_MESSAGE_BYTES {
+                    return Some(Ok(build));
+                }
+                self.attempts.remove(&attempt);
+                let message = format!(
+                    "the step's Build message is {size} bytes, over the builder tunnel's limit of {}",
+                    drover_proto::MAX_TUNNEL_MESSAGE_BYTES
+                );
+                return Some(Err(Event::StepFinished {
+                    session,
+                    attempt,
+                    report: Report {
+                        outcome: Outcome::Failed,
+                        message,
+                        outputs: Vec::new(),
+                    },
+                }));
             }
             ToBuilder::Abort { attempt, reason } => Message::Abort(Abort {
                 attempt_id: attempt.to_string(),
@@ -315,9 +348,9 @@ impl Driver {
                 attempt_id: attempt.to_string(),
             }),
         };
-        Some(RunnerMessage {
+        Some(Ok(RunnerMessage {
             message: Some(message),
-        })
+        }))
     }
 
     /// The Build message for an assignment; registers the attempt for the builder's uploads
