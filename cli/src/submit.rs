@@ -1,8 +1,9 @@
-//! `drover submit`: instantiate an expression (or take a `.drv`), send the runner the derivation
-//! closure and the input sources, and with `--watch` wait for the result, print the outputs and
-//! exit non-zero if the build did not succeed.
+//! `drover submit`: instantiate an expression (or take a `.drv`), send the runner each
+//! derivation's closure and input sources as a build of its own (a file may evaluate to several
+//! derivations, as a CI job set does), and with `--watch` wait for every build, print the outputs
+//! and exit non-zero if any did not succeed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -21,12 +22,13 @@ const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// `drover submit` arguments.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// A Nix file to instantiate, or a `/nix/store/….drv` path.
+    /// A Nix file to instantiate (each derivation it evaluates to becomes a build of its own),
+    /// or a `/nix/store/….drv` path.
     target: PathBuf,
     /// The attribute to instantiate.
     #[arg(long, short = 'A')]
     attr: Option<String>,
-    /// Wait for the build, print its outputs, and exit non-zero unless it succeeded.
+    /// Wait for every build, print their outputs, and exit non-zero unless all succeeded.
     #[arg(long)]
     watch: bool,
     /// Higher builds are dispatched first.
@@ -78,16 +80,25 @@ pub enum SubmitError {
     /// The runner refused the request.
     #[error("the runner refused: {}", .0.message())]
     Refused(tonic::Status),
-    /// The build did not succeed.
-    #[error("build {id} ended {status}: {reason}")]
-    BuildFailed {
-        /// The build.
-        id: i64,
-        /// Its status.
-        status: String,
-        /// Why.
-        reason: String,
+    /// Instantiating gave no derivation.
+    #[error("the target evaluates to no derivation")]
+    NothingToBuild,
+    /// Builds did not succeed.
+    #[error("{} of {total} builds did not succeed: {}", .failed.len(), ids(.failed))]
+    BuildsFailed {
+        /// The builds that did not.
+        failed: Vec<i64>,
+        /// How many were watched.
+        total: usize,
     },
+}
+
+fn ids(builds: &[i64]) -> String {
+    builds
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Classify for SubmitError {
@@ -101,7 +112,8 @@ impl Classify for SubmitError {
             {
                 Severity::Reject
             }
-            Self::BuildFailed { .. } => Severity::Step,
+            Self::BuildsFailed { .. } => Severity::Step,
+            Self::NothingToBuild => Severity::Reject,
             Self::Connect(error) => error.severity(),
             _ => Severity::Fatal,
         }
@@ -126,14 +138,15 @@ fn store_path(text: &str) -> Result<StorePath, SubmitError> {
     StorePath::from_absolute(text.trim()).map_err(|_| SubmitError::NotAStorePath(text.to_owned()))
 }
 
-/// The `.drv` to build: the target itself, or what instantiating it gives.
-fn derivation(args: &SubmitArgs) -> Result<StorePath, SubmitError> {
+/// The `.drv` files to build: the target itself, or every derivation instantiating it gives (a
+/// file may evaluate to a set or list of them), each once, in Nix's order.
+fn derivations(args: &SubmitArgs) -> Result<Vec<StorePath>, SubmitError> {
     if args
         .target
         .extension()
         .is_some_and(|extension| extension == "drv")
     {
-        return store_path(&args.target.to_string_lossy());
+        return Ok(vec![store_path(&args.target.to_string_lossy())?]);
     }
     let mut command = Command::new("nix-instantiate");
     command.arg(&args.target);
@@ -141,7 +154,18 @@ fn derivation(args: &SubmitArgs) -> Result<StorePath, SubmitError> {
         command.args(["--attr", attr]);
     }
     let printed = nix(&mut command)?;
-    store_path(printed.lines().last().unwrap_or_default())
+    let mut seen = BTreeSet::new();
+    let mut tops = Vec::new();
+    for line in printed.lines().filter(|line| !line.trim().is_empty()) {
+        let path = store_path(line)?;
+        if seen.insert(path.clone()) {
+            tops.push(path);
+        }
+    }
+    if tops.is_empty() {
+        return Err(SubmitError::NothingToBuild);
+    }
+    Ok(tops)
 }
 
 /// The derivation closure's texts and its input sources as NARs, from the local store.
@@ -179,58 +203,87 @@ fn closure(top: &StorePath) -> Result<(Vec<DerivationText>, Vec<SourceNar>), Sub
 
 /// Runs `drover submit`.
 pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
-    let top = derivation(&args).context("instantiating the target")?;
-    let (derivations, sources) = closure(&top).context("reading the derivation closure")?;
+    let tops = derivations(&args).context("instantiating the target")?;
     let channel = args.connection.connect().await.map_err(SubmitError::from)?;
     let mut client = BuildServiceClient::new(channel).max_encoding_message_size(256 * 1024 * 1024);
-    let id = client
-        .submit(SubmitRequest {
-            derivations,
-            sources,
-            top_drv_path: top.to_absolute(),
-            priority: args.priority,
-            metadata: args.metadata.iter().cloned().collect(),
-        })
-        .await
-        .map_err(SubmitError::Refused)?
-        .into_inner()
-        .build_id;
-    eprintln!("build {id} queued: {top}");
-    if !args.watch {
-        println!("{id}");
-        return Ok(());
-    }
-    loop {
-        let build = client
-            .get(GetRequest { build_id: id })
+    let mut builds = Vec::with_capacity(tops.len());
+    for top in &tops {
+        let (derivations, sources) =
+            closure(top).with_context(|| format!("reading the derivation closure of {top}"))?;
+        let id = client
+            .submit(SubmitRequest {
+                derivations,
+                sources,
+                top_drv_path: top.to_absolute(),
+                priority: args.priority,
+                metadata: args.metadata.iter().cloned().collect(),
+            })
             .await
-            .map_err(SubmitError::Refused)?
-            .into_inner();
-        let status = build.status();
-        if matches!(
-            status,
-            BuildStatus::Queued | BuildStatus::Running | BuildStatus::Unknown
-        ) {
-            tokio::time::sleep(POLL_INTERVAL).await;
-            continue;
+            .map_err(SubmitError::Refused)
+            .with_context(|| format!("submitting {top}"))?
+            .into_inner()
+            .build_id;
+        eprintln!("build {id} queued: {top}");
+        if !args.watch {
+            println!("{id}");
         }
-        let name = status
-            .as_str_name()
-            .trim_start_matches("BUILD_STATUS_")
-            .to_lowercase();
-        eprintln!("build {id} {name}");
-        if status == BuildStatus::Succeeded {
-            let outputs: BTreeMap<_, _> = build.outputs.into_iter().collect();
-            for (output, path) in outputs {
-                println!("{output} {path}");
+        builds.push(id);
+    }
+    if args.watch {
+        watch(&mut client, &builds).await?;
+    }
+    Ok(())
+}
+
+/// Waits for every build to end, printing each one's outputs or failure as it ends.
+async fn watch(
+    client: &mut BuildServiceClient<tonic::transport::Channel>,
+    builds: &[i64],
+) -> Result<(), SubmitError> {
+    let mut pending: Vec<i64> = builds.to_vec();
+    let mut failed = Vec::new();
+    while !pending.is_empty() {
+        let mut still = Vec::with_capacity(pending.len());
+        for id in pending {
+            let build = client
+                .get(GetRequest { build_id: id })
+                .await
+                .map_err(SubmitError::Refused)?
+                .into_inner();
+            let status = build.status();
+            if matches!(
+                status,
+                BuildStatus::Queued | BuildStatus::Running | BuildStatus::Unknown
+            ) {
+                still.push(id);
+                continue;
             }
-            return Ok(());
+            let name = status
+                .as_str_name()
+                .trim_start_matches("BUILD_STATUS_")
+                .to_lowercase();
+            if status == BuildStatus::Succeeded {
+                eprintln!("build {id} succeeded");
+                let outputs: BTreeMap<_, _> = build.outputs.into_iter().collect();
+                for (output, path) in outputs {
+                    println!("{output} {path}");
+                }
+            } else {
+                eprintln!("build {id} ended {name}: {}", build.failure_reason);
+                failed.push(id);
+            }
         }
-        return Err(SubmitError::BuildFailed {
-            id,
-            status: name,
-            reason: build.failure_reason,
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(POLL_INTERVAL).await;
         }
-        .into());
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(SubmitError::BuildsFailed {
+            failed,
+            total: builds.len(),
+        })
     }
 }

@@ -1,7 +1,7 @@
 //! `drover dev-farm` and `drover submit` as a user runs them: the farm comes up and writes its
-//! exports, `drover submit --watch` builds the example graph (exit 0, outputs printed) and reports
-//! a failing derivation with exit 1, and SIGTERM stops the farm leaving nothing running; SIGKILL
-//! leaves no builder running either.
+//! exports; `drover submit --watch` builds the example graph (exit 0, outputs printed), reports a
+//! failing derivation with exit 1, and builds every derivation of a file that has several;
+//! SIGTERM stops the farm leaving nothing running, and so does SIGKILL.
 
 #![allow(
     clippy::unwrap_used,
@@ -33,7 +33,7 @@ fn submit(
     dir: &Path,
     env: &BTreeMap<String, String>,
     file: &Path,
-    attribute: &str,
+    attribute: Option<&str>,
 ) -> std::process::Output {
     let store = dir.join("client-store");
     fs_err::create_dir_all(&store).unwrap();
@@ -44,7 +44,13 @@ fn submit(
         .arg(DROVER)
         .args(["submit"])
         .arg(file)
-        .args(["--attr", attribute, "--watch"])
+        .args(
+            attribute
+                .map(|attribute| ["--attr", attribute])
+                .into_iter()
+                .flatten(),
+        )
+        .arg("--watch")
         .envs(env)
         .env(
             "NIX_CONFIG",
@@ -83,7 +89,7 @@ async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
     assert!(env["DROVER_CACHE_KEY"].starts_with("drover-dev-farm-1:"));
 
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/diamond.nix");
-    let built = submit(dir.path(), &env, &examples, "top");
+    let built = submit(dir.path(), &env, &examples, Some("top"));
     let stdout = String::from_utf8_lossy(&built.stdout);
     assert!(
         built.status.success(),
@@ -97,10 +103,25 @@ async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
 
     let fixtures =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../queue-runner/tests/fixtures/builds.nix");
-    let failed = submit(dir.path(), &env, &fixtures, "broken");
+    let failed = submit(dir.path(), &env, &fixtures, Some("broken"));
     assert_eq!(failed.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(stderr.contains("ended failed"), "{stderr}");
+
+    let jobs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs.nix");
+    let both = submit(dir.path(), &env, &jobs, None);
+    let stdout = String::from_utf8_lossy(&both.stdout);
+    let stderr = String::from_utf8_lossy(&both.stderr);
+    assert!(both.status.success(), "{stdout}{stderr}");
+    assert_eq!(
+        stderr.matches(" queued: /nix/store/").count(),
+        2,
+        "each derivation of the file is a build: {stderr}"
+    );
+    assert!(
+        stdout.contains("-diamond-left") && stdout.contains("-diamond-right"),
+        "{stdout}"
+    );
 
     let pid = farm.id();
     let farm = std::sync::Mutex::new(farm);
