@@ -58,6 +58,42 @@ pub struct Report {
     /// Garbage-collector roots that keep the step's inputs and outputs in the local store until
     /// the report (and with it the upload) is done.
     pub pins: Option<std::sync::Arc<GcPins>>,
+    /// How long each phase of the step took, for the debug log and the benchmarks.
+    pub phases: Phases,
+}
+
+/// Named durations of a step's phases, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Phases(Vec<(&'static str, std::time::Duration)>);
+
+impl Phases {
+    /// Records that phase `name` ran from `since` until now; returns now, where the next phase
+    /// starts.
+    pub fn end(&mut self, name: &'static str, since: std::time::Instant) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        self.0.push((name, now - since));
+        now
+    }
+
+    /// Appends the phases of `other`.
+    pub fn extend(&mut self, other: Self) {
+        self.0.extend(other.0);
+    }
+}
+
+impl std::fmt::Display for Phases {
+    /// `name=1.234ms` pairs, space-separated.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (index, (name, duration)) in self.0.iter().enumerate() {
+            let separator = if index == 0 { "" } else { " " };
+            write!(
+                f,
+                "{separator}{name}={:.3}ms",
+                duration.as_secs_f64() * 1000.0
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// A directory of garbage-collector roots for one attempt, removed when dropped: nothing the
@@ -106,6 +142,7 @@ impl Report {
             message: message.into(),
             outputs: Vec::new(),
             pins: None,
+            phases: Phases::default(),
         }
     }
 }

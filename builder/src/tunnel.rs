@@ -25,7 +25,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::config::{Config, ExecutorConfig, ReconnectPolicy};
 use crate::executor::nix::NixExecutor;
 use crate::executor::noop::NoopExecutor;
-use crate::executor::{Executor, LogSink};
+use crate::executor::{Executor, LogSink, Phases};
 use crate::upload;
 
 /// How long running steps get to stop when the session ends.
@@ -408,12 +408,20 @@ async fn run_step(
     let (sender, receiver) = mpsc::channel(LOG_QUEUE);
     // The log ends when the executor's last sink is dropped: for Nix, when its serve process
     // ends, which is after the outputs were read from it and uploaded.
+    let started = std::time::Instant::now();
+    let mut phases = Phases::default();
     let building = async {
-        let report = executor.run(job, abort, LogSink::new(sender)).await;
-        upload::outputs(client, job, report).await
+        let mut report = executor.run(job, abort, LogSink::new(sender)).await;
+        phases.extend(std::mem::take(&mut report.phases));
+        let uploading = std::time::Instant::now();
+        let result = upload::outputs(client, job, report).await;
+        phases.end("upload", uploading);
+        result
     };
     let (result, uploaded) =
         tokio::join!(building, upload_log(log_client, &job.attempt_id, receiver));
+    phases.end("step", started);
+    tracing::debug!(attempt = %job.attempt_id, %phases, "step timings");
     uploaded?;
     result
 }

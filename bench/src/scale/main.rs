@@ -28,13 +28,12 @@
 )]
 
 mod baselines;
-mod farm;
 mod timeline;
 
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use farm::{Farm, ProcessStats};
+use drover_bench::farm::{Farm, ProcessStats};
 use test_support::TestPostgres;
 use test_support::fake_derivations::{Factory, FakeDrv};
 use timeline::Timeline;

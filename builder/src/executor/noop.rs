@@ -80,6 +80,7 @@ impl NoopExecutor {
             message: String::new(),
             outputs,
             pins: None,
+            phases: super::Phases::default(),
         }
     }
 }

@@ -20,7 +20,7 @@ use nix_primitives::derivation::Derivation;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use super::{BuiltOutput, GcPins, LogSink, NarSource, Outcome, Report};
+use super::{BuiltOutput, GcPins, LogSink, NarSource, Outcome, Phases, Report};
 use crate::serve::{BuildLimits, BuildResult, PathInfo, ServeError};
 use crate::tunnel::Job;
 
@@ -111,6 +111,22 @@ impl NixExecutor {
     }
 
     async fn run_step(&self, job: &Job, abort: &CancellationToken, log: LogSink) -> Report {
+        let mut phases = Phases::default();
+        let started = std::time::Instant::now();
+        let mut report = self.conduct(job, abort, log, &mut phases).await;
+        phases.end("executor", started);
+        report.phases.extend(phases);
+        report
+    }
+
+    /// Runs the step on a serve process, recording the phases of the conversation in `phases`.
+    async fn conduct(
+        &self,
+        job: &Job,
+        abort: &CancellationToken,
+        log: LogSink,
+        phases: &mut Phases,
+    ) -> Report {
         let mut notes = log.clone();
         let pins = match GcPins::new(&job.attempt_id).and_then(|pins| {
             pins.pin("input", &job.input_paths)?;
@@ -134,6 +150,7 @@ impl NixExecutor {
                 );
             }
         };
+        let taking = std::time::Instant::now();
         let mut process = match self.spares.take().await {
             Ok(process) => process,
             Err(error) => {
@@ -143,15 +160,19 @@ impl NixExecutor {
                 );
             }
         };
+        phases.end("process", taking);
         process.attach_log(log);
         let stopper = process.stopper();
         let request = Request::new(job, derivation);
         let mut task = tokio::task::spawn_blocking(move || {
-            let conducted = request.conduct(&mut process.connection).map_err(|error| {
-                let said = process.last_words();
-                (error, said)
-            });
-            (process, conducted)
+            let mut phases = Phases::default();
+            let conducted = request
+                .conduct(&mut process.connection, &mut phases)
+                .map_err(|error| {
+                    let said = process.last_words();
+                    (error, said)
+                });
+            (process, conducted, phases)
         });
         let joined = tokio::select! {
             joined = &mut task => joined,
@@ -160,7 +181,7 @@ impl NixExecutor {
                 return Report::failure(Outcome::InfrastructureFailure, "aborted");
             }
         };
-        let (process, conducted) = match joined {
+        let (process, conducted, conversation) = match joined {
             Ok(joined) => joined,
             Err(error) => {
                 return Report::failure(
@@ -169,42 +190,54 @@ impl NixExecutor {
                 );
             }
         };
-        match conducted {
-            Err((error, said)) => Report::failure(
-                Outcome::InfrastructureFailure,
-                format!(
-                    "nix-store --serve failed ({}){}",
-                    error_context::report(&error)
-                        .to_string()
-                        .replace('\n', "; "),
-                    if said.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {said}")
-                    }
-                ),
-            ),
-            Ok(Conducted::MissingInputs(missing)) => {
-                let message = format!(
-                    "inputs not in the farm's cache or any substituter: {}",
-                    missing.join(", ")
-                );
-                notes.write(format!("drover: {message}\n").as_bytes()).await;
-                Report::failure(Outcome::InfrastructureFailure, message)
-            }
-            Ok(Conducted::Finished(result)) => {
-                let (outcome, message) = result.outcome();
-                Report::failure(outcome, message)
-            }
-            Ok(Conducted::Built(infos)) => {
-                let report = built(job, &infos, process, pins);
-                if report.outcome != Outcome::Succeeded {
-                    notes
-                        .write(format!("drover: {}\n", report.message).as_bytes())
-                        .await;
+        phases.extend(conversation);
+        outcome(job, conducted, process, pins, &mut notes).await
+    }
+}
+
+/// The report of a step from how the conversation with Nix ended.
+async fn outcome(
+    job: &Job,
+    conducted: Result<Conducted, (ServeError, String)>,
+    process: ServeProcess,
+    pins: Arc<GcPins>,
+    notes: &mut LogSink,
+) -> Report {
+    match conducted {
+        Err((error, said)) => Report::failure(
+            Outcome::InfrastructureFailure,
+            format!(
+                "nix-store --serve failed ({}){}",
+                error_context::report(&error)
+                    .to_string()
+                    .replace('\n', "; "),
+                if said.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {said}")
                 }
-                report
+            ),
+        ),
+        Ok(Conducted::MissingInputs(missing)) => {
+            let message = format!(
+                "inputs not in the farm's cache or any substituter: {}",
+                missing.join(", ")
+            );
+            notes.write(format!("drover: {message}\n").as_bytes()).await;
+            Report::failure(Outcome::InfrastructureFailure, message)
+        }
+        Ok(Conducted::Finished(result)) => {
+            let (outcome, message) = result.outcome();
+            Report::failure(outcome, message)
+        }
+        Ok(Conducted::Built(infos)) => {
+            let report = built(job, &infos, process, pins);
+            if report.outcome != Outcome::Succeeded {
+                notes
+                    .write(format!("drover: {}\n", report.message).as_bytes())
+                    .await;
             }
+            report
         }
     }
 }
@@ -253,8 +286,14 @@ impl Request {
         }
     }
 
-    /// Makes the inputs valid, builds, and reads the outputs' infos. Blocking.
-    fn conduct(&self, connection: &mut ServeConnection) -> Result<Conducted, ServeError> {
+    /// Makes the inputs valid, builds, and reads the outputs' infos, recording each phase.
+    /// Blocking.
+    fn conduct(
+        &self,
+        connection: &mut ServeConnection,
+        phases: &mut Phases,
+    ) -> Result<Conducted, ServeError> {
+        let mut phase = std::time::Instant::now();
         if !self.inputs.is_empty() {
             let valid = connection.query_valid_paths(&self.inputs, true)?;
             let missing: Vec<String> = self
@@ -267,18 +306,20 @@ impl Request {
                 return Ok(Conducted::MissingInputs(missing));
             }
         }
+        phase = phases.end("inputs", phase);
         let result = connection.build_derivation(
             &self.drv_path,
             &self.derivation,
             &self.inputs,
             self.limits,
         )?;
+        phase = phases.end("build", phase);
         if result.status.outcome() != Outcome::Succeeded {
             return Ok(Conducted::Finished(result));
         }
-        Ok(Conducted::Built(
-            connection.query_path_infos(&self.outputs)?,
-        ))
+        let infos = connection.query_path_infos(&self.outputs)?;
+        phases.end("outputs", phase);
+        Ok(Conducted::Built(infos))
     }
 }
 
@@ -315,6 +356,7 @@ fn built(job: &Job, infos: &[PathInfo], process: ServeProcess, pins: Arc<GcPins>
         message: String::new(),
         outputs: order_by_references(outputs),
         pins: Some(pins),
+        phases: Phases::default(),
     }
 }
 

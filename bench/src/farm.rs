@@ -1,6 +1,7 @@
-//! The farm a scale run measures: a durable PostgreSQL cluster, the runner as a child process
-//! (so its memory and CPU are its own), simulated builders in this process (the real builder
-//! library with the noop executor over real mTLS tunnels), and a client.
+//! The farm a benchmark measures: a durable PostgreSQL cluster, the runner as a child process
+//! (so its memory and CPU are its own), builders, and a client. Builders are either simulated in
+//! this process (the real builder library with the noop executor over real mTLS tunnels) or
+//! real `drover-builder` processes with the Nix executor, each with a private `/nix`.
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::Path;
@@ -16,13 +17,22 @@ use test_support::{ChildGuard, TestPostgres, workspace_binary};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+/// Settings of every Nix the benchmarks run: single-user root, no sandbox, no network
+/// substituters, no negative narinfo caching.
+pub const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\nsubstituters =\n\
+narinfo-cache-negative-ttl = 0\n";
+
 /// A runner process with its database, certificates and builders.
 pub struct Farm {
     dir: tempfile::TempDir,
     runner: ChildGuard,
     port: u16,
+    cache_port: u16,
+    cache_key: SecretKey,
     builders: CancellationToken,
+    builder_processes: Vec<ChildGuard>,
     ca: CertificateAuthority,
+    /// A connection to the farm's database.
     pub db: tokio_postgres::Client,
 }
 
@@ -44,17 +54,15 @@ impl Farm {
             .unwrap()
             .write(dir.path())
             .unwrap();
-        fs_err::write(
-            dir.path().join("cache.sec"),
-            SecretKey::generate("scale-1").unwrap().to_nix_format(),
-        )
-        .unwrap();
+        let cache_key = SecretKey::generate("bench-1").unwrap();
+        fs_err::write(dir.path().join("cache.sec"), cache_key.to_nix_format()).unwrap();
         let database = cluster.create_database().await;
         let port = free_port();
+        let cache_port = free_port();
         let config = dir.path().join("runner.toml");
         fs_err::write(
             &config,
-            runner_config(dir.path(), &database.connection_string, port),
+            runner_config(dir.path(), &database.connection_string, port, cache_port),
         )
         .unwrap();
         let runner = ChildGuard::spawn(
@@ -73,7 +81,10 @@ impl Farm {
             dir,
             runner,
             port,
+            cache_port,
+            cache_key,
             builders: CancellationToken::new(),
+            builder_processes: Vec::new(),
             ca,
             db,
         }
@@ -84,36 +95,86 @@ impl Farm {
         self.runner.id()
     }
 
+    /// The configuration of builder `name` with `jobs` slots and the given `[executor]` table;
+    /// issues its certificate.
+    fn builder_config(&self, name: &str, jobs: u32, executor: &str) -> String {
+        self.ca
+            .issue(&Identity::new(Role::Builder, name).unwrap(), &[], &[])
+            .unwrap()
+            .write(self.dir.path())
+            .unwrap();
+        format!(
+            "[runner]\nurl = \"https://localhost:{port}\"\n[tls]\nca_certificate = \"{d}/ca.pem\"\n\
+             certificate = \"{d}/builder-{name}.pem\"\nkey = \"{d}/builder-{name}.key\"\n\
+             [builder]\nsystems = [\"x86_64-linux\"]\nmax_jobs = {jobs}\n[executor]\n{executor}\n\
+             [reconnect]\ninitial_ms = 100\nmax_ms = 1000\nbudget_secs = 120\n",
+            port = self.port,
+            d = self.dir.path().display()
+        )
+    }
+
     /// Starts `count` builders with `jobs` slots each, named `prefix-<n>`, and waits until all
     /// joined.
     pub async fn start_builders(&self, prefix: &str, count: usize, jobs: u32) {
         for index in 0..count {
-            let name = format!("{prefix}-{index}");
-            self.ca
-                .issue(&Identity::new(Role::Builder, &name).unwrap(), &[], &[])
-                .unwrap()
-                .write(self.dir.path())
-                .unwrap();
-            let text = format!(
-                "[runner]\nurl = \"https://localhost:{port}\"\n[tls]\nca_certificate = \"{d}/ca.pem\"\n\
-                 certificate = \"{d}/builder-{name}.pem\"\nkey = \"{d}/builder-{name}.key\"\n\
-                 [builder]\nsystems = [\"x86_64-linux\"]\nmax_jobs = {jobs}\n[executor]\nkind = \"noop\"\n\
-                 [reconnect]\ninitial_ms = 100\nmax_ms = 1000\nbudget_secs = 120\n",
-                port = self.port,
-                d = self.dir.path().display()
-            );
+            let text = self.builder_config(&format!("{prefix}-{index}"), jobs, "kind = \"noop\"");
             let config =
                 drover_builder::config::Config::parse(&text, Path::new("builder.toml")).unwrap();
             let token = self.builders.clone();
             tokio::spawn(async move { drover_builder::tunnel::run(&config, &token).await });
         }
+        self.wait_for_builders(prefix, count).await;
+    }
+
+    /// Starts builder `name` as a `drover-builder` process with the Nix executor, `jobs` slots,
+    /// and `store` as its private `/nix`, logging to `log` at `log_level`; waits until it
+    /// joined.
+    pub async fn start_nix_builder(
+        &mut self,
+        name: &str,
+        jobs: u32,
+        store: &Path,
+        log: &Path,
+        log_level: &str,
+    ) {
+        let executor = format!(
+            "kind = \"nix\"\ncache_url = \"http://127.0.0.1:{}\"\ntrusted_public_keys = [\"{}\"]",
+            self.cache_port,
+            self.cache_key.public_key()
+        );
+        let config = self.dir.path().join(format!("builder-{name}.toml"));
+        fs_err::write(&config, self.builder_config(name, jobs, &executor)).unwrap();
+        let home = self.dir.path().join(format!("home-{name}"));
+        fs_err::create_dir_all(&home).unwrap();
+        fs_err::create_dir_all(store).unwrap();
+        let log = fs_err::File::create(log).unwrap().into_parts().0;
+        let child = ChildGuard::spawn(
+            private_store(store)
+                .arg(workspace_binary("drover-builder"))
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", log_level)
+                .env("NIX_CONFIG", NIX_CONFIG)
+                .env("XDG_CACHE_HOME", home.join("cache"))
+                .env("HOME", &home)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log),
+        )
+        .unwrap();
+        self.builder_processes.push(child);
+        self.wait_for_builders(name, 1).await;
+    }
+
+    /// Waits until `count` builders whose names start with `prefix` are connected.
+    async fn wait_for_builders(&self, prefix: &str, count: usize) {
         let expected = i64::try_from(count).unwrap();
         test_support::poll_until(Duration::from_mins(5), "the builders to join", || async {
             let joined: i64 = self
                 .db
                 .query_one(
                     "SELECT count(*) FROM machines WHERE connected AND name LIKE $1",
-                    &[&format!("{prefix}-%")],
+                    &[&format!("{prefix}%")],
                 )
                 .await
                 .ok()?
@@ -196,8 +257,23 @@ impl Farm {
     /// Stops the builders and the runner.
     pub fn stop(mut self) {
         self.builders.cancel();
+        for mut builder in self.builder_processes.drain(..) {
+            let _ = builder.terminate(Duration::from_secs(10));
+        }
         let _ = self.runner.terminate(Duration::from_secs(20));
     }
+}
+
+/// A command that runs its arguments with `store` bind-mounted over `/nix` in a mount namespace
+/// of its own (needs root): a separate machine's store, on this one.
+#[must_use]
+pub fn private_store(store: &Path) -> Command {
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /nix && exec "$@""#)
+        .arg(store);
+    command
 }
 
 fn free_port() -> u16 {
@@ -208,12 +284,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn runner_config(dir: &Path, database: &str, port: u16) -> String {
+fn runner_config(dir: &Path, database: &str, port: u16, cache_port: u16) -> String {
     let d = dir.display();
     format!(
         "[database]\nurl = \"{database}\"\npool_size = 16\n[grpc]\nlisten = \"127.0.0.1:{port}\"\n\
          [tls]\nca_certificate = \"{d}/ca.pem\"\ncertificate = \"{d}/runner-scale.pem\"\nkey = \"{d}/runner-scale.key\"\n\
-         [logs]\ndirectory = \"{d}/logs\"\n[cache]\ndirectory = \"{d}/cache\"\nlisten = \"127.0.0.1:0\"\nsecret_key_file = \"{d}/cache.sec\"\n\
+         [logs]\ndirectory = \"{d}/logs\"\n[cache]\ndirectory = \"{d}/cache\"\nlisten = \"127.0.0.1:{cache_port}\"\nsecret_key_file = \"{d}/cache.sec\"\n\
          [builders]\nping_interval_secs = 10\nliveness_timeout_secs = 60\n"
     )
 }
@@ -221,8 +297,11 @@ fn runner_config(dir: &Path, database: &str, port: u16) -> String {
 /// What `/proc` says about a process: resident memory now and at its peak, and CPU time used.
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessStats {
+    /// Resident memory now.
     pub rss_bytes: u64,
+    /// Resident memory at its peak.
     pub peak_rss_bytes: u64,
+    /// CPU time used, user and system.
     pub cpu: Duration,
 }
 
