@@ -8,11 +8,11 @@
 //! Usage (build the binaries first: `cargo build --release --bins`):
 //! `cargo run --release -p drover-bench --bin nix-chain -- [--length 100] [--runs 3]`
 //!
-//! The per-step breakdown comes from the builder's debug log (`step timings`: taking a serve
-//! process, making inputs valid, BuildDerivation, QueryPathInfos, uploading, the whole step on
-//! the builder) and from PostgreSQL (`dispatch`: from the previous step's result committed to
-//! this step's attempt committed); `runner` is the step period less the builder's whole step:
-//! dispatch, the result's transfer and the commit that records it.
+//! The per-step breakdown comes from the builder's debug log: `step timings` (taking a serve
+//! process, making inputs valid, BuildDerivation, QueryPathInfos, the executor in all, uploading
+//! outputs, the whole step until its log is uploaded too) and `round trip`, from the builder
+//! sending a step's result to it receiving the next step: the runner recording the result and
+//! dispatching the next step (one transaction), and both transfers.
 
 #![allow(
     clippy::unwrap_used,
@@ -112,6 +112,7 @@ fn per_step(total: Duration, length: usize) -> f64 {
 }
 
 fn median(mut values: Vec<Duration>) -> Duration {
+    assert!(!values.is_empty(), "no figures to take the median of");
     values.sort();
     values[values.len() / 2]
 }
@@ -142,7 +143,14 @@ fn report(runs: &[Run], length: usize) {
         }
     }
     let order = [
-        "dispatch", "process", "inputs", "build", "outputs", "executor", "upload", "step", "runner",
+        "process",
+        "inputs",
+        "build",
+        "outputs",
+        "executor",
+        "upload",
+        "step",
+        "round trip",
     ];
     let line: Vec<String> = order
         .iter()
@@ -205,18 +213,9 @@ async fn through_the_farm(
         .build_id;
     farm.wait_for_success(build).await;
     let elapsed = started.elapsed();
-    let mut phases = builder_phases(&fs_err::read_to_string(&builder_log).unwrap());
-    let dispatch = dispatch_gaps(&farm).await;
-    let period = elapsed / u32::try_from(length).unwrap();
-    let steps = phases.get("step").cloned().unwrap_or_default();
-    phases.insert(
-        "runner".to_owned(),
-        steps
-            .iter()
-            .map(|step| period.saturating_sub(*step))
-            .collect(),
-    );
-    phases.insert("dispatch".to_owned(), dispatch);
+    let log = fs_err::read_to_string(&builder_log).unwrap();
+    let mut phases = builder_phases(&log);
+    phases.insert("round trip".to_owned(), round_trips(&log));
     farm.stop();
     (elapsed, phases)
 }
@@ -245,22 +244,36 @@ fn builder_phases(log: &str) -> BTreeMap<String, Vec<Duration>> {
     phases
 }
 
-/// For every step after the first: from the previous attempt's result committed to this
-/// attempt's dispatch committed (a chain has one runnable step at a time).
-async fn dispatch_gaps(farm: &Farm) -> Vec<Duration> {
-    let rows = farm
-        .db
-        .query(
-            "SELECT extract(epoch FROM started_at - lag(finished_at) OVER (ORDER BY started_at))::float8
-             FROM step_attempts ORDER BY started_at",
-            &[],
-        )
-        .await
-        .unwrap();
-    rows.iter()
-        .filter_map(|row| row.get::<_, Option<f64>>(0))
-        .map(|seconds| Duration::from_secs_f64(seconds.max(0.0)))
-        .collect()
+/// Seconds since midnight of a log line's timestamp (`2026-12-01T17:10:00.123456Z ...`).
+fn timestamp(line: &str) -> Option<f64> {
+    let time = line
+        .split_whitespace()
+        .next()?
+        .split_once('T')?
+        .1
+        .trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let hours: f64 = parts.next()?.parse().ok()?;
+    let minutes: f64 = parts.next()?.parse().ok()?;
+    let seconds: f64 = parts.next()?.parse().ok()?;
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
+/// For every step after the first: from the builder sending the previous step's result to it
+/// receiving the next step, as its log shows (the runner's whole share of a chain link).
+fn round_trips(log: &str) -> Vec<Duration> {
+    let mut sent = None;
+    let mut trips = Vec::new();
+    for line in log.lines() {
+        if line.contains("result sent") {
+            sent = timestamp(line);
+        } else if line.contains("step received")
+            && let (Some(sent), Some(received)) = (sent.take(), timestamp(line))
+        {
+            trips.push(Duration::from_secs_f64((received - sent).max(0.0)));
+        }
+    }
+    trips
 }
 
 /// Runs `arguments` with `store` as `/nix`; returns stdout.

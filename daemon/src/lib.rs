@@ -70,10 +70,13 @@ pub fn load_config<C>(
     })
 }
 
-/// Logs to stderr at the level `RUST_LOG` names (default `info`).
+/// Logs to stderr at the level `RUST_LOG` names (default `info`), coloured only on a terminal:
+/// a journal or a log file gets plain text.
 pub fn init_tracing() {
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -321,3 +321,100 @@ impl<R: BufRead> BufRead for Tee<'_, R> {
 struct IgnoreContents;
 
 impl NarVisitor for IgnoreContents {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server's side of a conversation, as bytes.
+    fn server(words: &[u64], tail: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for word in words {
+            wire::write_u64(&mut bytes, *word).unwrap();
+        }
+        bytes.extend_from_slice(tail);
+        bytes
+    }
+
+    #[test]
+    fn a_process_that_is_not_nix_or_too_old_is_refused_at_the_handshake() {
+        let not_nix = server(&[0x1234, 0x206], b"");
+        assert!(matches!(
+            Connection::handshake(not_nix.as_slice(), Vec::new()),
+            Err(ServeError::BadMagic { found: 0x1234 })
+        ));
+        let too_old = server(&[SERVER_MAGIC, 0x205], b"");
+        assert!(matches!(
+            Connection::handshake(too_old.as_slice(), Vec::new()),
+            Err(ServeError::TooOld { found: 0x205 })
+        ));
+        let silent: &[u8] = &[];
+        assert!(matches!(
+            Connection::handshake(silent, Vec::new()),
+            Err(ServeError::Io { .. })
+        ));
+    }
+
+    #[test]
+    fn a_nar_cut_off_mid_stream_is_an_error_and_what_arrived_was_passed_on() {
+        let mut nar = Vec::new();
+        nar::write_file_nar(&[7u8; 10_000], false, &mut nar).unwrap();
+        let cut = nar.len() / 2;
+        let reply = server(&[SERVER_MAGIC, 0x207], &nar[..cut]);
+        let mut connection = Connection::handshake(reply.as_slice(), Vec::new()).unwrap();
+        let mut received = Vec::new();
+        let error = connection
+            .dump_store_path("/nix/store/x", &mut |bytes| {
+                received.extend_from_slice(bytes);
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(
+            matches!(&error, ServeError::Nar { source, .. } if matches!(source.kind, nar::NarErrorKind::Truncated)),
+            "{error:?}"
+        );
+        assert_eq!(received, nar[..cut]);
+    }
+
+    #[test]
+    fn a_whole_nar_is_passed_on_and_the_next_reply_stays_readable() {
+        let mut nar = Vec::new();
+        nar::write_file_nar(b"contents", true, &mut nar).unwrap();
+        let mut reply = server(&[SERVER_MAGIC, 0x207], &nar);
+        wire::write_u64(&mut reply, 0).unwrap();
+        let mut connection = Connection::handshake(
+            std::io::BufReader::with_capacity(16, reply.as_slice()),
+            Vec::new(),
+        )
+        .unwrap();
+        let mut received = Vec::new();
+        let summary = connection
+            .dump_store_path("/nix/store/x", &mut |bytes| {
+                received.extend_from_slice(bytes);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(received, nar);
+        assert_eq!(summary.nar_size, nar.len() as u64);
+        assert_eq!(connection.query_valid_paths(&[], false).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn an_unknown_build_status_is_refused() {
+        let derivation = Derivation::parse(
+            br#"Derive([("out","/nix/store/00000000000000000000000000000000-x","","")],[],[],"x86_64-linux","/bin/sh",[],[])"#,
+        )
+        .unwrap();
+        let reply = server(&[SERVER_MAGIC, 0x207, 99], b"");
+        let mut connection = Connection::handshake(reply.as_slice(), Vec::new()).unwrap();
+        assert!(matches!(
+            connection.build_derivation(
+                "/nix/store/x.drv",
+                &derivation,
+                &[],
+                BuildLimits::default()
+            ),
+            Err(ServeError::UnknownStatus(99))
+        ));
+    }
+}

@@ -12,6 +12,7 @@
 
 mod ansi;
 mod process;
+mod spares;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +26,8 @@ use crate::serve::{BuildLimits, BuildResult, PathInfo, ServeError};
 use crate::tunnel::Job;
 
 pub use ansi::strip_ansi;
-pub use process::{ServeConnection, ServeProcess, Spares, StartError};
+pub use process::{ServeConnection, ServeProcess, StartError};
+pub use spares::Spares;
 
 /// Why Nix cannot be used on this machine.
 #[derive(Debug, thiserror::Error)]
@@ -100,17 +102,12 @@ impl NixExecutor {
         let version = run_checked("nix-store", &["--version"], "nix-store --version").await?;
         let first = self.spares.take().await.map_err(PrepareError::Serve)?;
         drop(first);
-        self.spares.refill().await;
+        self.spares.refill();
         Ok(version)
     }
 
-    /// Runs one step, starting the next spare process while it builds.
+    /// Runs one step on a serve process of its own.
     pub async fn run(&self, job: &Job, abort: &CancellationToken, log: LogSink) -> Report {
-        let (report, ()) = tokio::join!(self.run_step(job, abort, log), self.spares.refill());
-        report
-    }
-
-    async fn run_step(&self, job: &Job, abort: &CancellationToken, log: LogSink) -> Report {
         let mut phases = Phases::default();
         let started = std::time::Instant::now();
         let mut report = self.conduct(job, abort, log, &mut phases).await;
@@ -161,6 +158,7 @@ impl NixExecutor {
             }
         };
         phases.end("process", taking);
+        self.spares.refill();
         process.attach_log(log);
         let stopper = process.stopper();
         let request = Request::new(job, derivation);

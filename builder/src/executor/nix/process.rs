@@ -8,8 +8,7 @@
 //! builder killed with SIGKILL leaves nothing of its builds running.
 //!
 //! A process serves one step: Nix turns substitution off for the rest of a serve process's life
-//! after its first BuildDerivation. Starting one and its handshake cost ~20 ms, so each slot
-//! keeps one started, handshaken spare, and a step starts the next spare while it builds.
+//! after its first BuildDerivation (see [`super::spares`] for the ones kept ready).
 
 use std::io::{BufReader, BufWriter, Read as _};
 use std::os::fd::OwnedFd;
@@ -260,64 +259,5 @@ fn copy_log(mut stderr: std::process::ChildStderr, sink: &Receiver<LogSink>, tai
         if let Some(sink) = &mut sink {
             sink.blocking_write(&clean);
         }
-    }
-}
-
-/// Started, handshaken processes waiting for steps: one per slot.
-pub struct Spares {
-    ready: Mutex<Vec<ServeProcess>>,
-    slots: usize,
-    options: Arc<[String]>,
-}
-
-impl Spares {
-    /// An empty pool for `slots` concurrent steps of processes started with `options`.
-    #[must_use]
-    pub fn new(slots: usize, options: Vec<String>) -> Self {
-        Self {
-            ready: Mutex::new(Vec::with_capacity(slots)),
-            slots,
-            options: options.into(),
-        }
-    }
-
-    /// A spare, or a process started now if none is ready.
-    pub async fn take(&self) -> Result<ServeProcess, StartError> {
-        let spare = self.ready.lock().ok().and_then(|mut ready| ready.pop());
-        match spare {
-            Some(process) => Ok(process),
-            None => self.start().await,
-        }
-    }
-
-    /// Starts spares until every slot has one. A failure is left to the next step, which starts
-    /// its own process and reports the failure as its own.
-    pub async fn refill(&self) {
-        while self
-            .ready
-            .lock()
-            .is_ok_and(|ready| ready.len() < self.slots)
-        {
-            match self.start().await {
-                Ok(process) => {
-                    if let Ok(mut ready) = self.ready.lock()
-                        && ready.len() < self.slots
-                    {
-                        ready.push(process);
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error_context::report(&error), "starting a spare nix-store --serve failed");
-                    return;
-                }
-            }
-        }
-    }
-
-    async fn start(&self) -> Result<ServeProcess, StartError> {
-        let options = Arc::clone(&self.options);
-        tokio::task::spawn_blocking(move || ServeProcess::start(&options))
-            .await
-            .map_err(StartError::Task)?
     }
 }
