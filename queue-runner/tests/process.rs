@@ -61,7 +61,7 @@ async fn migrate_creates_the_schema_once() {
     assert!(first.status.success(), "{first:?}");
     assert_eq!(
         String::from_utf8_lossy(&first.stdout).trim(),
-        "applied migrations: [1, 2, 3]"
+        "applied migrations: [1, 2, 3, 4]"
     );
     let second = run(&["--config", config.to_str().unwrap(), "migrate"]);
     assert!(second.status.success(), "{second:?}");

@@ -210,7 +210,7 @@ impl Ingest {
             .last()
             .map(StorePath::to_absolute)
             .unwrap_or_default();
-        if let Some((status, reason)) = cached_outcome(&closure, &steps, &top) {
+        if let Some((status, reason)) = cached_outcome(&steps, &top) {
             queries::record_ingested_build(&transaction, build.id, &[], &substituted, &[]).await?;
             queries::finish_build(&transaction, build.id, status, reason.as_deref()).await?;
             transaction
@@ -221,9 +221,13 @@ impl Ingest {
         }
         let planned = plan_steps(&closure, &steps);
         let needed: Vec<StepId> = planned.iter().map(|step| step.id).collect();
+        // A step that failed on its own stays failed (the core fails it again in this build);
+        // other ends (cancelled, dep_failed) are tried again.
         let reset: Vec<StepId> = planned
             .iter()
-            .filter(|step| step.recorded_status.is_terminal())
+            .filter(|step| {
+                step.recorded_status.is_terminal() && step.recorded_status != StepStatus::Failed
+            })
             .map(|step| step.id)
             .collect();
         queries::record_ingested_build(&transaction, build.id, &needed, &substituted, &reset)
@@ -456,28 +460,21 @@ fn fixed_output(derivation: &Derivation) -> Option<(IngestionMethod, Hash)> {
     })
 }
 
-/// A build whose closure holds a step that already failed fails at once, and one whose
-/// top-level step already succeeded succeeds at once: the terminal status and reason, if so.
+/// A build whose top-level step already failed fails at once, and one whose top-level step
+/// already succeeded succeeds at once: the terminal status and reason, if so. A failed step
+/// further down goes to the core with the plan, which fails its dependents in this build while
+/// the build's independent steps go on, exactly as when it fails while the build runs.
 fn cached_outcome(
-    closure: &VerifiedClosure,
     steps: &BTreeMap<String, StepRow>,
     top: &str,
 ) -> Option<(BuildStatus, Option<String>)> {
-    let failed = closure
-        .order
-        .iter()
-        .find(|path| steps[&path.to_absolute()].status == StepStatus::Failed);
-    if let Some(failed) = failed {
-        let status = if failed.to_absolute() == top {
-            BuildStatus::Failed
-        } else {
-            BuildStatus::DepFailed
-        };
-        Some((status, Some(format!("{failed} failed in an earlier build"))))
-    } else if steps[top].status == StepStatus::Succeeded {
-        Some((BuildStatus::Succeeded, None))
-    } else {
-        None
+    match steps[top].status {
+        StepStatus::Failed => Some((
+            BuildStatus::Failed,
+            Some(format!("{top} failed in an earlier build")),
+        )),
+        StepStatus::Succeeded => Some((BuildStatus::Succeeded, None)),
+        _ => None,
     }
 }
 

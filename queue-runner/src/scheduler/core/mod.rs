@@ -14,7 +14,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use drover_proto::Outcome;
@@ -242,11 +242,16 @@ impl Core {
         let mut failed = Vec::new();
         let mut top_succeeded = false;
         for planned in plan.steps {
-            match self.recent.after(plan.snapshot, planned.id) {
+            let finish = self.recent.after(plan.snapshot, planned.id).or(
+                // Failed in an earlier build: a cached failure.
+                (planned.recorded_status == StepStatus::Failed).then_some(Finish::Failed),
+            );
+            match finish {
                 Some(Finish::Succeeded) => top_succeeded |= planned.id == plan.top,
                 Some(Finish::Failed) => {
                     // Joins the graph only to fail again at once, taking its dependents in
-                    // this build with it, while the build's independent steps go on.
+                    // this build with it, while the build's independent steps go on. Its own
+                    // row already says failed, and why.
                     failed.push((planned.id, format!("{} failed", planned.spec.drv_path)));
                     steps.push(planned);
                 }
@@ -289,7 +294,11 @@ impl Core {
                     .iter()
                     .map(|step| (*step, StepStatus::Waiting)),
             );
+        let failing: HashSet<StepId> = failed.iter().map(|(step, _)| *step).collect();
         for (step, status) in new_steps {
+            if failing.contains(&step) {
+                continue;
+            }
             if status == StepStatus::Runnable {
                 self.enqueue(step);
             }
@@ -311,7 +320,7 @@ impl Core {
             }
         }
         for (step, reason) in failed {
-            self.fail(step, StepStatus::Failed, &reason);
+            self.propagate_failure(step, StepStatus::Failed, &reason);
         }
     }
 
@@ -516,17 +525,22 @@ impl Core {
 
     /// Ends a step for good with `status` and everything that depends on it.
     fn fail(&mut self, step: StepId, status: StepStatus, reason: &str) {
+        self.persist(Change::StepStatus {
+            step,
+            status,
+            reason: Some(reason.to_owned()),
+        });
+        self.propagate_failure(step, status, reason);
+    }
+
+    /// What a step's failure does to the graph: its dependents and the builds needing it fail.
+    fn propagate_failure(&mut self, step: StepId, status: StepStatus, reason: &str) {
         let (effects, removed) = self.graph.fail(step);
         for (id, node) in &removed {
             if node.state == StepState::Runnable {
                 self.placement.remove_runnable(node.class, &node.order(*id));
             }
         }
-        self.persist(Change::StepStatus {
-            step,
-            status,
-            reason: Some(reason.to_owned()),
-        });
         if status == StepStatus::Failed {
             self.recent.record(step, Finish::Failed);
         }

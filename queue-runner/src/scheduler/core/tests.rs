@@ -211,6 +211,31 @@ fn a_failure_fails_its_dependents_and_every_build_that_needs_them() {
 }
 
 #[test]
+fn a_step_that_failed_in_an_earlier_build_fails_its_dependents_while_its_siblings_build() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 4)));
+    // 3 needs 1 (failed in an earlier build) and 2 (independent of it).
+    let mut failed_before = step(1, &[]);
+    failed_before.recorded_status = StepStatus::Failed;
+    let planned = core.handle(plan(
+        10,
+        0,
+        3,
+        vec![failed_before, step(2, &[]), step(3, &[1, 2])],
+    ));
+    assert_eq!(step_status(&planned, 3), Some(StepStatus::DepFailed));
+    assert_eq!(
+        step_status(&planned, 1),
+        None,
+        "the failed step's own row, and its reason, stay as they are"
+    );
+    assert_eq!(build_finished(&planned), vec![(10, BuildStatus::DepFailed)]);
+    let dispatched: Vec<StepId> = builds(&core.dispatch(now)).iter().map(|b| b.2).collect();
+    assert_eq!(dispatched, [2], "the independent sibling is still built");
+}
+
+#[test]
 fn global_priority_beats_build_priority_which_beats_critical_path_which_beats_age() {
     let now = Instant::now();
     let mut core = core();
