@@ -13,7 +13,7 @@ use drover_proto::v1::{DerivationText, SubmitRequest};
 use drover_tls::{CertificateAuthority, Identity, Role};
 use nix_primitives::SecretKey;
 use test_support::fake_derivations::FakeDrv;
-use test_support::{ChildGuard, TestPostgres, workspace_binary};
+use test_support::{ChildGuard, TestPostgres, private_store_command, workspace_binary};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -149,7 +149,7 @@ impl Farm {
         fs_err::create_dir_all(store).unwrap();
         let log = fs_err::File::create(log).unwrap().into_parts().0;
         let child = ChildGuard::spawn(
-            private_store(store)
+            private_store_command(store)
                 .arg(workspace_binary("drover-builder"))
                 .arg("--config")
                 .arg(&config)
@@ -262,18 +262,6 @@ impl Farm {
         }
         let _ = self.runner.terminate(Duration::from_secs(20));
     }
-}
-
-/// A command that runs its arguments with `store` bind-mounted over `/nix` in a mount namespace
-/// of its own (needs root): a separate machine's store, on this one.
-#[must_use]
-pub fn private_store(store: &Path) -> Command {
-    let mut command = Command::new("unshare");
-    command
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$0" /nix && exec "$@""#)
-        .arg(store);
-    command
 }
 
 fn free_port() -> u16 {

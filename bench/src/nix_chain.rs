@@ -27,9 +27,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use drover_bench::farm::{Farm, NIX_CONFIG, private_store};
+use drover_bench::farm::{Farm, NIX_CONFIG};
 use drover_proto::v1::{DerivationText, SubmitRequest};
-use test_support::TestPostgres;
+use test_support::{TestPostgres, private_store_command};
 
 #[derive(Parser)]
 struct Args {
@@ -279,7 +279,7 @@ fn round_trips(log: &str) -> Vec<Duration> {
 /// Runs `arguments` with `store` as `/nix`; returns stdout.
 fn in_store(store: &Path, arguments: &[&str]) -> String {
     fs_err::create_dir_all(store).unwrap();
-    let output = private_store(store)
+    let output = private_store_command(store)
         .args(arguments)
         .env("NIX_CONFIG", NIX_CONFIG)
         .output()

@@ -35,12 +35,7 @@ fn submit(
     file: &Path,
     attribute: Option<&str>,
 ) -> std::process::Output {
-    let store = dir.join("client-store");
-    fs_err::create_dir_all(&store).unwrap();
-    Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$0" /nix && exec "$@""#)
-        .arg(&store)
+    test_support::private_store_command(&dir.join("client-store"))
         .arg(DROVER)
         .args(["submit"])
         .arg(file)
@@ -61,11 +56,11 @@ fn submit(
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let farm_dir = dir.path().join("farm");
-    let log = fs_err::File::create(dir.path().join("farm.log")).unwrap();
+/// Starts `drover dev-farm` with two builders in `dir/farm`, logging to `dir/farm.log`; returns
+/// it once its exports are written, with the exports.
+async fn start_farm(dir: &Path) -> (ChildGuard, BTreeMap<String, String>) {
+    let farm_dir = dir.join("farm");
+    let log = fs_err::File::create(dir.join("farm.log")).unwrap();
     let farm = ChildGuard::spawn(
         Command::new(DROVER)
             .args(["dev-farm", "--builders", "2", "--dir"])
@@ -86,6 +81,14 @@ async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
         },
     )
     .await;
+    (farm, env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let farm_dir = dir.path().join("farm");
+    let (farm, env) = start_farm(dir.path()).await;
     assert!(env["DROVER_CACHE_KEY"].starts_with("drover-dev-farm-1:"));
 
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/diamond.nix");
@@ -148,23 +151,7 @@ async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
 async fn a_dev_farm_killed_with_sigkill_leaves_no_builder_running() {
     let dir = tempfile::tempdir().unwrap();
     let farm_dir = dir.path().join("farm");
-    let log = fs_err::File::create(dir.path().join("farm.log")).unwrap();
-    let mut farm = ChildGuard::spawn(
-        Command::new(DROVER)
-            .args(["dev-farm", "--builders", "2", "--dir"])
-            .arg(&farm_dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap().into_parts().0)
-            .stderr(log.into_parts().0),
-    )
-    .unwrap();
-    let env_file = farm_dir.join("env");
-    poll_until(
-        Duration::from_secs(90),
-        "the dev farm to come up",
-        || async { fs_err::read_to_string(&env_file).ok() },
-    )
-    .await;
+    let (mut farm, _) = start_farm(dir.path()).await;
     let builder_pids = |index: u32| {
         let config = farm_dir.join(format!("builder-b{index}.toml"));
         let found = Command::new("pgrep")

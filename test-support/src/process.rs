@@ -1,5 +1,5 @@
-//! Child processes that cannot outlive the test that started them, and finding the binaries the
-//! workspace built.
+//! Child processes that cannot outlive the test that started them, commands that run with a
+//! private `/nix` of their own, and finding the binaries the workspace built.
 
 use std::env;
 use std::io;
@@ -101,4 +101,25 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A command that runs its arguments with `store` (created if missing) bind-mounted over `/nix`
+/// in a mount namespace of its own, as a separate machine's store would be. Needs root.
+///
+/// # Panics
+/// If `store` cannot be created or `/nix` does not exist.
+#[must_use]
+pub fn private_store_command(store: &std::path::Path) -> Command {
+    fs_err::create_dir_all(store)
+        .unwrap_or_else(|error| panic!("creating the private store: {error}"));
+    assert!(
+        std::path::Path::new("/nix").is_dir(),
+        "/nix must exist to mount private stores over it (install nix-bin; scripts/test does)"
+    );
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /nix && exec "$@""#)
+        .arg(store);
+    command
 }

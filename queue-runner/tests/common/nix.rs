@@ -13,21 +13,7 @@ use nix_primitives::{Derivation, StorePath};
 pub const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\nsubstituters =\n\
 narinfo-cache-negative-ttl = 0\nexperimental-features = nix-command\n";
 
-/// A command that runs its arguments with `store` bind-mounted over `/nix` in a private mount
-/// namespace (needs root).
-pub fn private_store_command(store: &Path) -> Command {
-    fs_err::create_dir_all(store).unwrap();
-    assert!(
-        Path::new("/nix").is_dir(),
-        "/nix must exist to mount private stores over it (install nix-bin; scripts/test does)"
-    );
-    let mut command = Command::new("unshare");
-    command
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$0" /nix && exec "$@""#)
-        .arg(store);
-    command
-}
+pub use test_support::private_store_command;
 
 /// A chroot store under a test directory: `nix --store DIR` keeps everything below DIR.
 pub struct ChrootStore {
