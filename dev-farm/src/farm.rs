@@ -184,8 +184,12 @@ DROVER_CACHE={cache_url} DROVER_CACHE_KEY={public_key}\n",
     Ok(result?)
 }
 
+/// Writes a file whole or not at all (a temporary file renamed into place): scripts wait for
+/// `DIR/env` to appear and must never read half of it.
 fn write(path: &Path, contents: &str) -> Result<(), DevFarmError> {
-    fs_err::write(path, contents).map_err(DevFarmError::Files)
+    let partial = path.with_extension("partial");
+    fs_err::write(&partial, contents).map_err(DevFarmError::Files)?;
+    fs_err::rename(&partial, path).map_err(DevFarmError::Files)
 }
 
 /// A CA, the runner's certificate, one per builder, and a client certificate `client/dev`.
