@@ -236,7 +236,7 @@ fn start_scheduler(
     let core = Core::new(
         CoreLimits {
             max_builder_losses: config.max_builder_losses,
-            max_infrastructure_failures: config.max_builder_losses,
+            retry: config.retry,
         },
         Box::new(uuid::Uuid::new_v4),
     );

@@ -8,6 +8,7 @@ use std::time::Duration;
 pub use drover_daemon::ConfigError;
 
 use crate::cache::upstream::Upstream;
+use crate::scheduler::core::RetryPolicy;
 use serde::Deserialize;
 
 /// The file as written.
@@ -23,6 +24,53 @@ struct RawConfig {
     builders: RawBuilders,
     #[serde(default)]
     submissions: RawSubmissions,
+    #[serde(default)]
+    retry: RawRetry,
+}
+
+/// How a step whose attempt failed for a reason not its own (an input that could not be made
+/// valid, a transfer cut, a Nix process that died) is retried. A builder lost mid-step is not
+/// such a failure: its step goes back in line at once (`builders.max_builder_losses`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    /// Attempts a step may have that fail this way; the last one's failure is final and the step
+    /// ends `cancelled` with the reason. Default 5.
+    #[serde(default = "default_retry_max_attempts")]
+    max_attempts: u32,
+    /// Milliseconds before the first retry. Default 10000.
+    #[serde(default = "default_retry_initial_interval_ms")]
+    initial_interval_ms: u64,
+    /// Each further delay is the previous one times this (at least 1). Default 2.
+    #[serde(default = "default_retry_multiplier")]
+    multiplier: f64,
+    /// The longest delay, in milliseconds. Default 600000 (10 minutes).
+    #[serde(default = "default_retry_max_interval_ms")]
+    max_interval_ms: u64,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_retry_max_attempts(),
+            initial_interval_ms: default_retry_initial_interval_ms(),
+            multiplier: default_retry_multiplier(),
+            max_interval_ms: default_retry_max_interval_ms(),
+        }
+    }
+}
+
+const fn default_retry_max_attempts() -> u32 {
+    5
+}
+const fn default_retry_initial_interval_ms() -> u64 {
+    10_000
+}
+const fn default_retry_multiplier() -> f64 {
+    2.0
+}
+const fn default_retry_max_interval_ms() -> u64 {
+    600_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +270,8 @@ pub struct Config {
     pub max_derivation_bytes: usize,
     /// Largest Submit request.
     pub max_submission_bytes: usize,
+    /// How infrastructure failures are retried.
+    pub retry: RetryPolicy,
 }
 
 impl Config {
@@ -278,23 +328,9 @@ impl Config {
                 raw.builders.liveness_timeout_secs, raw.builders.ping_interval_secs
             ));
         }
-        let derivation_ceiling = drover_proto::MAX_TUNNEL_MESSAGE_BYTES / 2;
-        let max_derivation_bytes =
-            usize::try_from(raw.submissions.max_derivation_bytes).unwrap_or(usize::MAX);
-        if max_derivation_bytes == 0 || max_derivation_bytes > derivation_ceiling {
-            problems.push(format!(
-                "submissions.max_derivation_bytes = {max_derivation_bytes} must be between 1 and \
-                 {derivation_ceiling} (half the builder tunnel's message limit)"
-            ));
-        }
-        let max_submission_bytes =
-            usize::try_from(raw.submissions.max_submission_bytes).unwrap_or(usize::MAX);
-        if max_submission_bytes < max_derivation_bytes {
-            problems.push(format!(
-                "submissions.max_submission_bytes = {max_submission_bytes} is below \
-                 submissions.max_derivation_bytes = {max_derivation_bytes}"
-            ));
-        }
+        let (max_derivation_bytes, max_submission_bytes) =
+            validate_submissions(&raw.submissions, &mut problems);
+        let retry = validate_retry(&raw.retry, &mut problems);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -319,7 +355,58 @@ impl Config {
             max_output_bytes: raw.builders.max_output_bytes,
             max_derivation_bytes,
             max_submission_bytes,
+            retry,
         })
+    }
+}
+
+/// The submission limits, each problem noted in `problems`.
+fn validate_submissions(
+    submissions: &RawSubmissions,
+    problems: &mut Vec<String>,
+) -> (usize, usize) {
+    let derivation_ceiling = drover_proto::MAX_TUNNEL_MESSAGE_BYTES / 2;
+    let max_derivation_bytes =
+        usize::try_from(submissions.max_derivation_bytes).unwrap_or(usize::MAX);
+    if max_derivation_bytes == 0 || max_derivation_bytes > derivation_ceiling {
+        problems.push(format!(
+            "submissions.max_derivation_bytes = {max_derivation_bytes} must be between 1 and \
+             {derivation_ceiling} (half the builder tunnel's message limit)"
+        ));
+    }
+    let max_submission_bytes =
+        usize::try_from(submissions.max_submission_bytes).unwrap_or(usize::MAX);
+    if max_submission_bytes < max_derivation_bytes {
+        problems.push(format!(
+            "submissions.max_submission_bytes = {max_submission_bytes} is below \
+             submissions.max_derivation_bytes = {max_derivation_bytes}"
+        ));
+    }
+    (max_derivation_bytes, max_submission_bytes)
+}
+
+/// The retry policy, each problem noted in `problems`.
+fn validate_retry(retry: &RawRetry, problems: &mut Vec<String>) -> RetryPolicy {
+    if retry.max_attempts == 0 {
+        problems.push("retry.max_attempts = 0: need at least 1".to_owned());
+    }
+    if !(retry.multiplier >= 1.0 && retry.multiplier.is_finite()) {
+        problems.push(format!(
+            "retry.multiplier = {} must be a number of at least 1",
+            retry.multiplier
+        ));
+    }
+    if retry.initial_interval_ms > retry.max_interval_ms {
+        problems.push(format!(
+            "retry.initial_interval_ms = {} exceeds retry.max_interval_ms = {}",
+            retry.initial_interval_ms, retry.max_interval_ms
+        ));
+    }
+    RetryPolicy {
+        max_attempts: retry.max_attempts,
+        initial: Duration::from_millis(retry.initial_interval_ms),
+        multiplier: retry.multiplier,
+        max: Duration::from_millis(retry.max_interval_ms),
     }
 }
 
@@ -360,11 +447,14 @@ mod tests {
             [submissions]
             max_derivation_bytes = 1073741824
             max_submission_bytes = 1024
+            [retry]
+            max_attempts = 0
+            multiplier = 0.5
         "#;
         let Err(ConfigError::Invalid(problems)) = Config::parse(text, Path::new("t.toml")) else {
             panic!("invalid config accepted");
         };
-        assert_eq!(problems.len(), 6, "{problems:?}");
+        assert_eq!(problems.len(), 8, "{problems:?}");
         assert!(
             problems
                 .iter()

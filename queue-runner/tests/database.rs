@@ -18,7 +18,7 @@ use drover_queue_runner::db::transitions::Transitions;
 use drover_queue_runner::db::{self, DbError, queries};
 use drover_queue_runner::scheduler::core::{
     BuildPlan, Capabilities, Command, Core, CoreLimits, Event, OutputRecord, PlannedStep, Report,
-    Requirements, StepSpec, ToBuilder,
+    Requirements, RetryPolicy, StepSpec, ToBuilder,
 };
 use error_context::{Classify, Severity};
 use test_support::TestPostgres;
@@ -93,6 +93,14 @@ async fn queue_one_step(client: &deadpool_postgres::Client) -> (FakeDrv, i64, qu
     (drv, build, row)
 }
 
+/// Five attempts, retried at once: this test needs no clock.
+const RETRY_AT_ONCE: RetryPolicy = RetryPolicy {
+    max_attempts: 5,
+    initial: std::time::Duration::ZERO,
+    multiplier: 1.0,
+    max: std::time::Duration::ZERO,
+};
+
 #[tokio::test]
 async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() {
     let database = TestPostgres::shared().create_database().await;
@@ -104,7 +112,7 @@ async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() 
     let mut core = Core::new(
         CoreLimits {
             max_builder_losses: 5,
-            max_infrastructure_failures: 5,
+            retry: RETRY_AT_ONCE,
         },
         Box::new(uuid::Uuid::new_v4),
     );
@@ -145,6 +153,7 @@ async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() 
             recorded_status: row.status,
             builder_losses: 0,
             infrastructure_failures: 0,
+            visible_in: None,
         }],
         available: Vec::new(),
         snapshot: 0,

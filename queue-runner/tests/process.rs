@@ -59,9 +59,13 @@ async fn migrate_creates_the_schema_once() {
     .unwrap();
     let first = run(&["--config", config.to_str().unwrap(), "migrate"]);
     assert!(first.status.success(), "{first:?}");
+    let shipped = fs_err::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .count();
+    let every: Vec<usize> = (1..=shipped).collect();
     assert_eq!(
         String::from_utf8_lossy(&first.stdout).trim(),
-        "applied migrations: [1, 2, 3, 4]"
+        format!("applied migrations: {every:?}")
     );
     let second = run(&["--config", config.to_str().unwrap(), "migrate"]);
     assert!(second.status.success(), "{second:?}");

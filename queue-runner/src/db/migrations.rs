@@ -25,6 +25,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "log limit attempt status",
         include_str!("../../migrations/0004_log_limit.sql"),
     ),
+    (
+        5,
+        "step visible_after for retry backoff",
+        include_str!("../../migrations/0005_visible_after.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

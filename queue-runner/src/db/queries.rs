@@ -88,6 +88,8 @@ pub struct StepRow {
     pub builder_losses: u32,
     /// Infrastructure failures it survived.
     pub infrastructure_failures: u32,
+    /// How long it is still held back (`visible_after` in the future), if at all.
+    pub visible_in: Option<std::time::Duration>,
 }
 
 /// A step to create if it does not exist.
@@ -115,7 +117,8 @@ pub async fn ensure_steps(
              SELECT path, 'waiting', system, string_to_array(features, ' ')
              FROM unnest($1::text[], $2::text[], $3::text[]) AS s(path, system, features)
              ON CONFLICT (drv_path) DO UPDATE SET drv_path = EXCLUDED.drv_path
-             RETURNING id, drv_path, status::text, builder_losses, infrastructure_failures",
+             RETURNING id, drv_path, status::text, builder_losses, infrastructure_failures,
+                 (extract(epoch FROM visible_after - now()) * 1000)::bigint",
             &[&paths, &systems, &features],
         )
         .await
@@ -133,6 +136,11 @@ pub async fn ensure_steps(
                 })?,
                 builder_losses: count(row.get(3)),
                 infrastructure_failures: count(row.get(4)),
+                visible_in: row
+                    .get::<_, Option<i64>>(5)
+                    .and_then(|milliseconds| u64::try_from(milliseconds).ok())
+                    .filter(|milliseconds| *milliseconds > 0)
+                    .map(std::time::Duration::from_millis),
             })
         })
         .collect()

@@ -21,6 +21,8 @@ struct StepWrite {
     reason: Option<String>,
     started: bool,
     counters: Option<(u32, u32)>,
+    /// Held back for this long from the write: `visible_after`.
+    held_for: Option<std::time::Duration>,
 }
 
 /// An attempt dispatched in this batch, possibly already ended.
@@ -81,6 +83,9 @@ impl Transitions {
                 let row = self.steps.entry(step).or_default();
                 row.status = Some(status);
                 row.reason = reason;
+            }
+            Change::StepHeld { step, delay } => {
+                self.steps.entry(step).or_default().held_for = Some(delay);
             }
             Change::StepCounters {
                 step,
@@ -169,7 +174,7 @@ impl Transitions {
 
     #[expect(
         clippy::too_many_lines,
-        reason = "one statement's 27 array parameters, each built in a line or two"
+        reason = "one statement's 28 array parameters, each built in a line or two"
     )]
     async fn write_rows(&self, client: &impl GenericClient) -> Result<(), DbError> {
         let attempts = &self.new_attempts;
@@ -216,6 +221,14 @@ impl Transitions {
             .steps
             .values()
             .map(|s| s.counters.map(|(_, failures)| saturating_i32(failures)))
+            .collect();
+        let held_ms: Vec<Option<i64>> = self
+            .steps
+            .values()
+            .map(|s| {
+                s.held_for
+                    .map(|delay| i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
+            })
             .collect();
         let started_steps: Vec<StepId> = self
             .steps
@@ -274,10 +287,12 @@ impl Transitions {
                          failure_reason = CASE WHEN c.status IS NULL THEN s.failure_reason
                                                ELSE c.reason END,
                          builder_losses = coalesce(c.losses, s.builder_losses),
-                         infrastructure_failures = coalesce(c.failures, s.infrastructure_failures)
+                         infrastructure_failures = coalesce(c.failures, s.infrastructure_failures),
+                         visible_after = coalesce(now() + c.held * interval '1 millisecond',
+                                                  s.visible_after)
                      FROM unnest($9::bigint[], $10::text[], $11::bool[], $12::bool[], $13::text[],
-                                 $14::int[], $15::int[])
-                         AS c(id, status, finished, started, reason, losses, failures)
+                                 $14::int[], $15::int[], $28::bigint[])
+                         AS c(id, status, finished, started, reason, losses, failures, held)
                      WHERE s.id = c.id),
                  outputs AS (
                      INSERT INTO step_outputs (step_id, output_name, path, nar_hash, nar_size)
@@ -325,6 +340,7 @@ impl Transitions {
                     &ping_free,
                     &started_steps,
                     &new_logs,
+                    &held_ms,
                 ],
             )
             .await

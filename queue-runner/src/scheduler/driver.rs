@@ -135,6 +135,7 @@ impl Driver {
         tracing::info!(aborted, "scheduler started");
         let mut batch = Vec::new();
         loop {
+            let wakeup = self.core.next_wakeup();
             tokio::select! {
                 // Shutdown first: sessions end at the same moment, and their departures must not
                 // count as builder losses. Attempts still running are aborted by the next start.
@@ -142,6 +143,8 @@ impl Driver {
                 () = shutdown.cancelled() => return Ok(()),
                 Some(event) = sessions.recv() => batch.push(event),
                 Some(event) = plans.recv() => batch.push(SessionEvent::Core(event)),
+                // A step held back by a retry's backoff is due: dispatch with no event.
+                () = sleep_until_due(wakeup), if wakeup.is_some() => {}
                 else => return Ok(()),
             }
             while batch.len() < MAX_BATCH {
@@ -388,5 +391,13 @@ impl Driver {
             },
         );
         build
+    }
+}
+
+/// Resolves at `due`; never, without one.
+async fn sleep_until_due(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => std::future::pending().await,
     }
 }

@@ -320,6 +320,7 @@ fn plan_steps(closure: &VerifiedClosure, steps: &BTreeMap<String, StepRow>) -> V
             } else {
                 row.infrastructure_failures
             },
+            visible_in: row.visible_in,
         });
     }
     planned

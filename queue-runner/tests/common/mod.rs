@@ -186,6 +186,11 @@ impl Farm {
             step_timeout_secs = {step_timeout}
             max_silent_secs = {max_silent}
             max_output_bytes = {max_output_bytes}
+            [retry]
+            max_attempts = 4
+            initial_interval_ms = 100
+            multiplier = 2.0
+            max_interval_ms = 400
             "#,
             url = database_url,
             port = self.grpc_port,

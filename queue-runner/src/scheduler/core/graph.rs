@@ -52,6 +52,8 @@ pub struct StepNode {
     pub builder_losses: u32,
     /// Infrastructure failures survived.
     pub infrastructure_failures: u32,
+    /// The builder its last infrastructure failure happened on: its retry prefers another.
+    pub avoid: Option<String>,
     global_priority: i32,
     build_priority: i32,
     critical_path: u32,
@@ -210,6 +212,7 @@ impl StepGraph {
                     class,
                     builder_losses: planned.builder_losses,
                     infrastructure_failures: planned.infrastructure_failures,
+                    avoid: None,
                     global_priority: new.global_priority,
                     build_priority: new.priority,
                     critical_path: 1,

@@ -5,8 +5,10 @@
 //!
 //! The core owns the step graph, the runnable index and the builders' slots ([`Placement`]),
 //! and the running attempts (one map). [`Core::dispatch`] gives free slots the best runnable
-//! steps; the driver calls it once per batch of events.
+//! steps; the driver calls it once per batch of events, and at [`Core::next_wakeup`], when a
+//! step held back by a retry's backoff ([`backoff`]) is due.
 
+mod backoff;
 mod graph;
 mod placement;
 mod types;
@@ -15,12 +17,13 @@ mod types;
 mod tests;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use drover_proto::Outcome;
 
 use crate::db::status::{AttemptStatus, BuildStatus, StepStatus};
 
+pub use backoff::RetryPolicy;
 pub use graph::{Order, StepGraph, StepNode, StepState};
 pub use placement::{Builder, ClassId, Placement};
 pub use types::{
@@ -28,6 +31,7 @@ pub use types::{
     Event, OutputRecord, PlannedStep, Report, Requirements, SessionId, StepId, StepSpec, ToBuilder,
 };
 
+use backoff::Held;
 use graph::NewBuild;
 
 /// Why an attempt ended without a result of the build's own: which counter it moves.
@@ -92,6 +96,7 @@ pub struct Core {
     attempts: HashMap<AttemptId, Attempt>,
     by_session: HashMap<SessionId, BTreeSet<AttemptId>>,
     recent: RecentFinishes,
+    held: Held,
     limits: CoreLimits,
     new_attempt_id: Box<dyn FnMut() -> AttemptId + Send + Sync>,
     commands: Vec<Command>,
@@ -111,6 +116,7 @@ impl Core {
             attempts: HashMap::new(),
             by_session: HashMap::new(),
             recent: RecentFinishes::default(),
+            held: Held::default(),
             limits,
             new_attempt_id,
             commands: Vec::new(),
@@ -182,9 +188,30 @@ impl Core {
 
     /// Gives every free slot the best runnable step it can take.
     pub fn dispatch(&mut self, now: Instant) -> Vec<Command> {
-        while let Some((step, class, session)) = self.placement.next() {
+        for step in self.held.release(now) {
+            if self
+                .graph
+                .step(step)
+                .is_some_and(|node| node.state == StepState::Runnable)
+            {
+                self.enqueue(step);
+            }
+        }
+        while let Some((step, class, best)) = self.placement.next() {
             let Some(node) = self.graph.step(step) else {
                 break;
+            };
+            // A retry prefers any other free builder to the one it failed on.
+            let session = match &node.avoid {
+                Some(avoid)
+                    if self
+                        .placement
+                        .builder(best)
+                        .is_some_and(|b| b.name == *avoid) =>
+                {
+                    self.placement.other_free(class, best).unwrap_or(best)
+                }
+                _ => best,
             };
             let order = node.order(step);
             let spec = node.spec.clone();
@@ -221,6 +248,12 @@ impl Core {
             );
         }
         std::mem::take(&mut self.commands)
+    }
+
+    /// When [`Core::dispatch`] must run next although no event came: a held step is due.
+    #[must_use]
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        self.held.next_due()
     }
 
     fn persist(&mut self, change: Change) {
@@ -270,6 +303,10 @@ impl Core {
             .iter()
             .map(|step| (step.id, step.recorded_status))
             .collect();
+        let steps_postponed: HashMap<StepId, Duration> = steps
+            .iter()
+            .filter_map(|step| Some((step.id, step.visible_in?)))
+            .collect();
         let steps = steps
             .into_iter()
             .map(|planned| {
@@ -295,9 +332,14 @@ impl Core {
                     .map(|step| (*step, StepStatus::Waiting)),
             );
         let failing: HashSet<StepId> = failed.iter().map(|(step, _)| *step).collect();
+        let postponed: HashMap<StepId, Duration> = steps_postponed;
         for (step, status) in new_steps {
             if failing.contains(&step) {
                 continue;
+            }
+            if let Some(delay) = postponed.get(&step) {
+                // Its row says so already (`visible_after`), and nothing is used up.
+                self.held.hold(step, *delay);
             }
             if status == StepStatus::Runnable {
                 self.enqueue(step);
@@ -313,6 +355,9 @@ impl Core {
             }
         }
         for (step, old) in added.reordered {
+            if self.held.holds(step) {
+                continue;
+            }
             if let Some(node) = self.graph.step(step) {
                 let (class, new) = (node.class, node.order(step));
                 self.placement.remove_runnable(class, &old);
@@ -404,6 +449,10 @@ impl Core {
                 self.fail(step, StepStatus::Failed, &report.message);
             }
             Outcome::InfrastructureFailure => {
+                let builder = self.placement.builder(session).map(|b| b.name.clone());
+                if let (Some(node), Some(builder)) = (self.graph.step_mut(step), builder) {
+                    node.avoid = Some(builder);
+                }
                 self.requeue(
                     attempt,
                     step,
@@ -468,9 +517,10 @@ impl Core {
         }
     }
 
-    /// Ends an attempt that was not the build's fault and puts its step back in line, unless
-    /// that cause has hit it too often: then the step ends `cancelled` (not a cached failure:
-    /// the next build that needs it tries again).
+    /// Ends an attempt that was not the build's fault and puts its step back in line (at once
+    /// after a builder loss; after the retry policy's backoff after an infrastructure failure),
+    /// unless that cause has hit it too often: then the step ends `cancelled` (not a cached
+    /// failure: the next build that needs it tries again) with the reason.
     fn requeue(&mut self, attempt: AttemptId, step: StepId, cause: Requeue, message: &str) {
         let status = match cause {
             Requeue::BuilderLost => AttemptStatus::BuilderLost,
@@ -497,11 +547,13 @@ impl Core {
                 node.infrastructure_failures += 1;
                 (
                     node.infrastructure_failures,
-                    self.limits.max_infrastructure_failures,
+                    // The last allowed attempt's failure is final.
+                    self.limits.retry.max_attempts.saturating_sub(1),
                     "infrastructure failures",
                 )
             }
         };
+        let failures = node.infrastructure_failures;
         let counters = Change::StepCounters {
             step,
             builder_losses: node.builder_losses,
@@ -514,6 +566,11 @@ impl Core {
             return;
         }
         if self.graph.requeue(step) {
+            if cause == Requeue::InfrastructureFailure {
+                let delay = self.limits.retry.delay(failures);
+                self.held.hold(step, delay);
+                self.persist(Change::StepHeld { step, delay });
+            }
             self.enqueue(step);
             self.persist(Change::StepStatus {
                 step,
@@ -570,6 +627,9 @@ impl Core {
 
     /// Puts a runnable step in its class's line.
     fn enqueue(&mut self, step: StepId) {
+        if self.held.holds(step) {
+            return;
+        }
         if let Some(node) = self.graph.step(step) {
             self.placement.add_runnable(node.class, node.order(step));
         }

@@ -191,6 +191,17 @@ impl Placement {
         }
     }
 
+    /// The best free builder of `class` other than `session`, if there is one.
+    #[must_use]
+    pub fn other_free(&self, class: ClassId, session: SessionId) -> Option<SessionId> {
+        self.classes
+            .get(class)?
+            .free
+            .iter()
+            .map(|rank| rank.session)
+            .find(|other| *other != session)
+    }
+
     /// The next assignment: the best runnable step that some free builder can take, and the
     /// best such builder. Nothing is changed; the caller starts the step and occupies the slot.
     #[must_use]

@@ -12,15 +12,26 @@ use uuid::Uuid;
 
 use super::*;
 
+/// Two attempts for infrastructure failures, retried at once: the tests of other policies need
+/// no clock.
 const LIMITS: CoreLimits = CoreLimits {
     max_builder_losses: 2,
-    max_infrastructure_failures: 1,
+    retry: RetryPolicy {
+        max_attempts: 2,
+        initial: Duration::ZERO,
+        multiplier: 1.0,
+        max: Duration::ZERO,
+    },
 };
 
 fn core() -> Core {
+    core_with(LIMITS)
+}
+
+fn core_with(limits: CoreLimits) -> Core {
     let mut next = 0u128;
     Core::new(
-        LIMITS,
+        limits,
         Box::new(move || {
             next += 1;
             Uuid::from_u128(next)
@@ -51,6 +62,7 @@ fn step(id: StepId, inputs: &[StepId]) -> PlannedStep {
         recorded_status: StepStatus::Waiting,
         builder_losses: 0,
         infrastructure_failures: 0,
+        visible_in: None,
     }
 }
 
@@ -402,6 +414,127 @@ fn an_infrastructure_failure_is_retried_and_a_reconnect_replaces_the_old_session
     assert_eq!(third[0].0, 2);
     let failed = core.handle(finished(2, third[0].1, Outcome::InfrastructureFailure));
     assert_eq!(step_status(&failed, 1), Some(StepStatus::Cancelled));
+}
+
+#[test]
+fn infrastructure_failures_wait_out_a_growing_backoff_then_fail_with_the_reason() {
+    let start = Instant::now();
+    let seconds = |n: u64| start + Duration::from_secs(n);
+    let mut core = core_with(CoreLimits {
+        max_builder_losses: 2,
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial: Duration::from_secs(10),
+            multiplier: 2.0,
+            max: Duration::from_mins(1),
+        },
+    });
+    core.handle(plan(1, 0, 1, vec![step(1, &[])]));
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    let first = builds(&core.dispatch(seconds(1)));
+    let failed = core.handle(finished(1, first[0].1, Outcome::InfrastructureFailure));
+    assert!(changes(&failed).contains(&&Change::StepHeld {
+        step: 1,
+        delay: Duration::from_secs(10)
+    }));
+    assert!(
+        builds(&core.dispatch(seconds(1))).is_empty(),
+        "held for 10 s"
+    );
+    assert_eq!(core.next_wakeup(), Some(seconds(11)));
+    let second = builds(&core.dispatch(seconds(11)));
+    assert_eq!(second.len(), 1, "due after its backoff");
+    core.handle(finished(1, second[0].1, Outcome::InfrastructureFailure));
+    // The driver dispatches right after every batch: that dates the new delay.
+    assert!(builds(&core.dispatch(seconds(11))).is_empty());
+    assert!(
+        builds(&core.dispatch(seconds(30))).is_empty(),
+        "20 s the second time"
+    );
+    let third = builds(&core.dispatch(seconds(31)));
+    assert_eq!(third.len(), 1);
+    let last = core.handle(finished(1, third[0].1, Outcome::InfrastructureFailure));
+    assert_eq!(step_status(&last, 1), Some(StepStatus::Cancelled));
+    let reason = changes(&last).iter().find_map(|change| match change {
+        Change::StepStatus {
+            step: 1,
+            reason: Some(reason),
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        reason.as_deref(),
+        Some("3 infrastructure failures; the last: InfrastructureFailure")
+    );
+    assert_eq!(core.next_wakeup(), None);
+}
+
+#[test]
+fn a_retry_prefers_another_builder_and_a_builder_loss_is_retried_at_once() {
+    let now = Instant::now();
+    let mut core = core_with(CoreLimits {
+        max_builder_losses: 2,
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial: Duration::from_secs(1),
+            multiplier: 1.0,
+            max: Duration::from_secs(1),
+        },
+    });
+    core.handle(plan(1, 0, 1, vec![step(1, &[])]));
+    // The faster builder gets the first attempt.
+    core.handle(join(
+        "fast",
+        1,
+        Capabilities {
+            speed_factor: 2.0,
+            ..caps(&["x86_64-linux"], &[], &[], 1)
+        },
+    ));
+    core.handle(join("slow", 2, caps(&["x86_64-linux"], &[], &[], 1)));
+    let first = builds(&core.dispatch(now));
+    assert_eq!(first[0].0, 1);
+    core.handle(finished(1, first[0].1, Outcome::InfrastructureFailure));
+    assert!(builds(&core.dispatch(now)).is_empty());
+    let retry = builds(&core.dispatch(now + Duration::from_secs(1)));
+    assert_eq!(retry[0].0, 2, "the retry goes to the other builder");
+    let lost = core.handle(Event::BuilderLeft {
+        session: 2,
+        reason: "gone".to_owned(),
+    });
+    assert!(
+        !changes(&lost)
+            .iter()
+            .any(|change| matches!(change, Change::StepHeld { .. })),
+        "a builder loss is not held back"
+    );
+    assert_eq!(
+        builds(&core.dispatch(now + Duration::from_secs(1))).len(),
+        1
+    );
+}
+
+#[test]
+fn a_step_postponed_in_its_row_waits_without_using_a_retry() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    let mut postponed = step(1, &[]);
+    postponed.visible_in = Some(Duration::from_mins(1));
+    let planned = core.handle(plan(1, 0, 1, vec![postponed]));
+    assert!(
+        !changes(&planned).iter().any(|change| matches!(
+            change,
+            Change::StepHeld { .. } | Change::StepCounters { .. }
+        )),
+        "the row already says so, and no counter moves"
+    );
+    assert!(builds(&core.dispatch(now)).is_empty());
+    assert_eq!(
+        builds(&core.dispatch(now + Duration::from_mins(1))).len(),
+        1
+    );
 }
 
 #[test]

@@ -97,6 +97,8 @@ pub struct PlannedStep {
     pub builder_losses: u32,
     /// Infrastructure failures it has survived so far.
     pub infrastructure_failures: u32,
+    /// How long it is still held back (`steps.visible_after` in the future), if at all.
+    pub visible_in: Option<std::time::Duration>,
 }
 
 /// A build expanded by ingest, ready to join the graph.
@@ -203,6 +205,13 @@ pub enum Change {
         status: StepStatus,
         /// Why, for failures.
         reason: Option<String>,
+    },
+    /// A step is held back from dispatch for `delay` (a retry's backoff): `visible_after`.
+    StepHeld {
+        /// The step.
+        step: StepId,
+        /// For how long, from now.
+        delay: std::time::Duration,
     },
     /// A step was requeued without failing; its counters changed.
     StepCounters {
@@ -322,12 +331,12 @@ pub enum Command {
 }
 
 /// The core's limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CoreLimits {
     /// Builder losses a step survives; one more fails it as `builder_lost`.
     pub max_builder_losses: u32,
-    /// Infrastructure failures a step survives; one more fails it.
-    pub max_infrastructure_failures: u32,
+    /// How infrastructure failures are retried.
+    pub retry: super::backoff::RetryPolicy,
 }
 
 /// A running attempt.
