@@ -31,7 +31,8 @@ async fn main() -> ExitCode {
     tokio::pin!(run);
     let result = tokio::select! {
         result = &mut run => result,
-        () = drover_daemon::termination() => {
+        signal = drover_daemon::termination() => {
+            tracing::info!(signal, "shutting down: received {signal}");
             shutdown.cancel();
             run.await
         }

@@ -88,13 +88,34 @@ pub enum TunnelError {
     /// The runner did not answer Join with Joined.
     #[error("the runner did not acknowledge Join")]
     NotJoined,
+    /// A certificate was refused in the TLS handshake (this builder's by the runner, or the
+    /// runner's by this builder): retrying cannot help.
+    #[error("{problem}")]
+    CertificateRefused {
+        /// What was wrong.
+        problem: String,
+    },
+}
+
+impl TunnelError {
+    /// This error, or [`TunnelError::CertificateRefused`] if a refused certificate caused it.
+    fn or_certificate_refused(self) -> Self {
+        let problem = match &self {
+            Self::Connect(error) => drover_tls::refusal::certificate_problem(error),
+            Self::Status(status) => drover_tls::refusal::certificate_problem(status),
+            _ => None,
+        };
+        problem.map_or(self, |problem| Self::CertificateRefused { problem })
+    }
 }
 
 impl Classify for TunnelError {
     /// A refusal retrying cannot fix is fatal; anything else ends this session and is retried.
     fn severity(&self) -> Severity {
         match self {
-            Self::ReadTls { .. } | Self::Executor(_) => Severity::Fatal,
+            Self::ReadTls { .. } | Self::Executor(_) | Self::CertificateRefused { .. } => {
+                Severity::Fatal
+            }
             Self::Status(status)
                 if matches!(
                     status.code(),
@@ -144,7 +165,9 @@ pub async fn run(
     let mut last_joined = Instant::now();
     loop {
         let mut joined = false;
-        let result = session(config, &executor, &nix_version, shutdown, &mut joined).await;
+        let result = session(config, &executor, &nix_version, shutdown, &mut joined)
+            .await
+            .map_err(TunnelError::or_certificate_refused);
         if joined {
             last_joined = Instant::now();
             delay = policy.initial;

@@ -34,15 +34,18 @@ pub enum ConnectError {
     #[error("{0:?} is not an https:// URL with a host")]
     Url(String),
     /// The connection failed.
-    #[error("connecting to the runner")]
+    #[error("could not reach the runner")]
     Transport(#[source] tonic::transport::Error),
+    /// A certificate was refused in the TLS handshake.
+    #[error("{0}")]
+    CertificateRefused(String),
 }
 
 impl Classify for ConnectError {
     fn severity(&self) -> Severity {
         match self {
             Self::Url(_) => Severity::Reject,
-            Self::Read(_) | Self::Transport(_) => Severity::Fatal,
+            Self::Read(_) | Self::Transport(_) | Self::CertificateRefused(_) => Severity::Fatal,
         }
     }
 }
@@ -67,6 +70,11 @@ impl ConnectionArgs {
             .map_err(ConnectError::Transport)?
             .connect()
             .await
-            .map_err(ConnectError::Transport)
+            .map_err(
+                |error| match drover_tls::refusal::certificate_problem(&error) {
+                    Some(problem) => ConnectError::CertificateRefused(problem),
+                    None => ConnectError::Transport(error),
+                },
+            )
     }
 }

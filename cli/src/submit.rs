@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use drover_proto::v1::build_service_client::BuildServiceClient;
@@ -18,6 +18,10 @@ use crate::connection::{ConnectError, ConnectionArgs};
 
 /// How often `--watch` asks for the build's state.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long `--watch` waits for an unreachable runner to come back (a restart, an upgrade)
+/// before it gives up.
+const UNREACHABLE_BUDGET: Duration = Duration::from_mins(10);
 
 /// `drover submit` arguments.
 #[derive(Debug, Args)]
@@ -80,6 +84,12 @@ pub enum SubmitError {
     /// The runner refused the request.
     #[error("the runner refused: {}", .0.message())]
     Refused(tonic::Status),
+    /// The runner could not be reached (the request may never have arrived).
+    #[error("could not reach the runner: {}", .0.message())]
+    Unreachable(tonic::Status),
+    /// A certificate was refused in the TLS handshake.
+    #[error("{0}")]
+    CertificateRefused(String),
     /// Instantiating gave no derivation.
     #[error("the target evaluates to no derivation")]
     NothingToBuild,
@@ -99,6 +109,20 @@ fn ids(builds: &[i64]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+impl SubmitError {
+    /// What a failed call means: the runner's own refusal carries no cause; a status made on
+    /// this side (the connection failed) does.
+    fn from_status(status: tonic::Status) -> Self {
+        if let Some(problem) = drover_tls::refusal::certificate_problem(&status) {
+            Self::CertificateRefused(problem)
+        } else if std::error::Error::source(&status).is_some() {
+            Self::Unreachable(status)
+        } else {
+            Self::Refused(status)
+        }
+    }
 }
 
 impl Classify for SubmitError {
@@ -219,7 +243,7 @@ pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
                 metadata: args.metadata.iter().cloned().collect(),
             })
             .await
-            .map_err(SubmitError::Refused)
+            .map_err(SubmitError::from_status)
             .with_context(|| format!("submitting {top}"))?
             .into_inner()
             .build_id;
@@ -242,14 +266,36 @@ async fn watch(
 ) -> Result<(), SubmitError> {
     let mut pending: Vec<i64> = builds.to_vec();
     let mut failed = Vec::new();
+    // Since when the runner has been unreachable, and whether the user was told.
+    let mut lost: Option<Instant> = None;
+    let mut told = false;
     while !pending.is_empty() {
         let mut still = Vec::with_capacity(pending.len());
         for id in pending {
-            let build = client
-                .get(GetRequest { build_id: id })
-                .await
-                .map_err(SubmitError::Refused)?
-                .into_inner();
+            let build = match client.get(GetRequest { build_id: id }).await {
+                Ok(build) => build.into_inner(),
+                Err(status) => match SubmitError::from_status(status) {
+                    // The builds are safe in the runner's database: wait for it to come back.
+                    SubmitError::Unreachable(status)
+                        if lost.get_or_insert_with(Instant::now).elapsed() < UNREACHABLE_BUDGET =>
+                    {
+                        if !told {
+                            eprintln!(
+                                "lost the runner ({}); still waiting for it to come back",
+                                status.message()
+                            );
+                            told = true;
+                        }
+                        still.push(id);
+                        continue;
+                    }
+                    error => return Err(error),
+                },
+            };
+            if lost.take().is_some() {
+                eprintln!("the runner is back");
+                told = false;
+            }
             let status = build.status();
             if matches!(
                 status,

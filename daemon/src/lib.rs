@@ -84,8 +84,9 @@ pub fn init_tracing() {
         .init();
 }
 
-/// Resolves on SIGINT or SIGTERM (never, if the handlers cannot be installed).
-pub async fn termination() {
+/// Resolves on SIGINT or SIGTERM with the signal's name (never, if the handlers cannot be
+/// installed), so the daemon can log why it stops.
+pub async fn termination() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut interrupt), Ok(mut terminate)) = (
         signal(SignalKind::interrupt()),
@@ -94,7 +95,7 @@ pub async fn termination() {
         return std::future::pending().await;
     };
     tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
     }
 }

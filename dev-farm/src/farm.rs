@@ -173,7 +173,7 @@ DROVER_CACHE={cache_url} DROVER_CACHE_KEY={public_key}\n",
     tokio::pin!(waiting);
     let result = tokio::select! {
         result = &mut waiting => result.map_err(|error| DevFarmError::Runner(error.report().to_string())),
-        () = drover_daemon::termination() => {
+        _ = drover_daemon::termination() => {
             shutdown.cancel();
             waiting.await.map_err(|error| DevFarmError::Runner(error.report().to_string()))
         }

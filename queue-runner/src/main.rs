@@ -69,7 +69,12 @@ async fn run(config: Config) -> Result<(), WithContext<RunnerError>> {
     tokio::pin!(waiting);
     tokio::select! {
         result = &mut waiting => return result,
-        () = drover_daemon::termination() => signals.cancel(),
+        signal = drover_daemon::termination() => {
+            tracing::info!(signal, "shutting down: received {signal}");
+            signals.cancel();
+        }
     }
-    waiting.await
+    let result = waiting.await;
+    tracing::info!("queue runner stopped");
+    result
 }

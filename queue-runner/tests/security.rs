@@ -669,3 +669,35 @@ async fn an_upload_whose_attempt_was_taken_away_midway_publishes_nothing() {
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert_eq!(cache_entries(&farm), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_with_a_certificate_from_another_ca_exits_at_once_saying_why() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    // Its certificate is in place before the farm would issue one from its own CA.
+    let stranger_ca = CertificateAuthority::generate("someone else's CA").unwrap();
+    stranger_ca
+        .issue(&Identity::new(Role::Builder, "intruder").unwrap(), &[], &[])
+        .unwrap()
+        .write(farm.dir.path())
+        .unwrap();
+    let index = farm.start_builder(&common::BuilderSpec::new("intruder"));
+    // Its reconnect budget is a minute: giving up within seconds means it did not retry.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = farm.builder_exit(index) {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the foreign builder is still retrying"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "{status}");
+    let log = fs_err::read_to_string(farm.dir.path().join("builder-intruder.log")).unwrap();
+    assert!(
+        log.contains("certificate"),
+        "the builder does not say its certificate was refused: {log}"
+    );
+}

@@ -14,6 +14,7 @@
 //!   leaf certificates.
 //! - `files`: writing PEM files without ever replacing one, keys with mode 0600.
 //! - `error`: [`IdentityError`] and [`CertError`], each classified by variant.
+//! - [`refusal`]: finding a certificate problem in a failed connection's chain of causes.
 //!
 //! This crate does no TLS itself: it makes and reads the certificates that the runner's and the
 //! builder's TLS configuration load.
@@ -22,6 +23,7 @@ mod authority;
 mod error;
 mod files;
 mod identity;
+pub mod refusal;
 
 pub use authority::{CA_CERT_FILE, CA_KEY_FILE, CertificateAuthority, IssuedCertificate};
 pub use error::{CertError, IdentityError};

@@ -341,6 +341,11 @@ impl Farm {
         self.builders.len() - 1
     }
 
+    /// How builder `index` exited, if it has.
+    pub fn builder_exit(&mut self, index: usize) -> Option<std::process::ExitStatus> {
+        self.builders[index].child_mut().try_wait().unwrap()
+    }
+
     /// Kills a builder process with SIGKILL, as a crashed machine would vanish.
     pub fn kill_builder(&mut self, index: usize) {
         let child = self.builders[index].child_mut();

@@ -1,0 +1,47 @@
+//! `drover submit` against a runner that is not there says it could not reach the runner (not
+//! that the runner refused), and exits 1.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed assertion"
+)]
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::process::Command;
+
+use drover_tls::{CertificateAuthority, Identity, Role};
+
+#[test]
+fn submitting_to_a_runner_that_is_not_there_says_it_could_not_reach_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("test CA").unwrap();
+    ca.write(dir.path()).unwrap();
+    let (cert, key) = ca
+        .issue(&Identity::new(Role::Client, "alice").unwrap(), &[], &[])
+        .unwrap()
+        .write(dir.path())
+        .unwrap();
+    // A port nobody listens on: bound, then released.
+    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let drv = format!("/nix/store/{}-x.drv", "0".repeat(32));
+    let output = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["submit", &drv])
+        .args(["--runner", &format!("https://localhost:{port}")])
+        .arg("--ca")
+        .arg(dir.path().join("ca.pem"))
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("could not reach the runner"), "{stderr}");
+    assert!(!stderr.contains("refused:"), "{stderr}");
+}
