@@ -56,6 +56,15 @@ struct RawBuilder {
     /// Relative speed; faster builders are preferred. Default 1.0.
     #[serde(default = "default_speed_factor")]
     speed_factor: f64,
+    /// On SIGTERM the builder drains: it takes no new steps and lets running ones finish for at
+    /// most this many seconds, then stops what is left and hands it back to the runner (which
+    /// requeues it without counting a loss), and exits 0. Default 300.
+    #[serde(default = "default_drain_deadline_secs")]
+    drain_deadline_secs: u64,
+}
+
+const fn default_drain_deadline_secs() -> u64 {
+    300
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,6 +188,8 @@ pub struct Config {
     pub max_jobs: u32,
     /// Speed factor.
     pub speed_factor: f64,
+    /// How long a drain lets running steps finish.
+    pub drain_deadline: Duration,
     /// Executor.
     pub executor: ExecutorConfig,
     /// Reconnect policy.
@@ -258,6 +269,7 @@ impl Config {
             mandatory_features: raw.builder.mandatory_features,
             max_jobs: raw.builder.max_jobs,
             speed_factor: raw.builder.speed_factor,
+            drain_deadline: Duration::from_secs(raw.builder.drain_deadline_secs),
             executor,
             reconnect: ReconnectPolicy {
                 initial: Duration::from_millis(raw.reconnect.initial_ms),

@@ -4,14 +4,14 @@
 //! refusals that retrying cannot fix (wrong API version, bad certificate, wrong role) end the
 //! builder.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use drover_proto::API_VERSION;
 use drover_proto::v1::builder_message::Message as Outbound;
 use drover_proto::v1::builder_service_client::BuilderServiceClient;
 use drover_proto::v1::runner_message::Message as Inbound;
-use drover_proto::v1::{BuilderMessage, Join, LogChunk, Ping, StepResult};
+use drover_proto::v1::{BuilderMessage, Draining, Join, LogChunk, Ping, StepResult};
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -264,13 +264,17 @@ async fn session(
     tracing::info!(runner = %config.runner_url, "joined the runner");
 
     let mut jobs = Jobs::default();
+    let timing = Timing {
+        ping_interval,
+        drain_deadline: config.drain_deadline,
+    };
     let result = serve(
         &mut inbound,
         &outbox,
         &client,
         executor,
         shutdown,
-        ping_interval,
+        timing,
         &mut jobs,
     )
     .await;
@@ -350,21 +354,49 @@ fn infrastructure_failure(attempt_id: &str, message: &str) -> StepResult {
     }
 }
 
+/// The session's clocks.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    /// How often to ping.
+    ping_interval: Duration,
+    /// How long a drain lets running steps finish.
+    drain_deadline: Duration,
+}
+
 /// Reads the runner's messages, runs the steps it sends, pings, and sends each finished step's
 /// result; jobs upload their own logs and outputs, so a long upload never delays pings.
+///
+/// On `shutdown` it drains: it tells the runner (which sends no more work), starts nothing new,
+/// and returns once the running steps have finished and reported, or at the drain deadline;
+/// the caller then stops what is left, which the runner hands back to its queue.
 async fn serve(
     inbound: &mut tonic::Streaming<drover_proto::v1::RunnerMessage>,
     outbox: &mpsc::Sender<BuilderMessage>,
     client: &BuilderServiceClient<Channel>,
     executor: &Executor,
     shutdown: &CancellationToken,
-    ping_interval: Duration,
+    timing: Timing,
     jobs: &mut Jobs,
 ) -> Result<(), TunnelError> {
-    let mut ping = tokio::time::interval(ping_interval);
+    let mut ping = tokio::time::interval(timing.ping_interval);
+    let mut drain_until: Option<Instant> = None;
+    // Results sent and not yet acknowledged: a drain ends only once the runner has them all,
+    // since closing the tunnel may drop what is still in flight.
+    let mut unacknowledged: HashSet<String> = HashSet::new();
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled(), if drain_until.is_none() => {
+                if jobs.len() == 0 && unacknowledged.is_empty() {
+                    return Ok(());
+                }
+                tracing::info!(running = jobs.len(), deadline = ?timing.drain_deadline, "draining: taking no new steps, letting the running ones finish");
+                send(outbox, Outbound::Draining(Draining {})).await?;
+                drain_until = Some(Instant::now() + timing.drain_deadline);
+            }
+            () = sleep_until(drain_until), if drain_until.is_some() => {
+                tracing::warn!(running = jobs.len(), "the drain deadline passed: stopping the steps still running and handing them back");
+                return Ok(());
+            }
             _ = ping.tick() => {
                 let running = u32::try_from(jobs.len()).unwrap_or(u32::MAX);
                 let free_disk_bytes = free_store_bytes().await.unwrap_or(0);
@@ -372,6 +404,10 @@ async fn serve(
             }
             message = inbound.message() => match message.map_err(TunnelError::Status)? {
                 Some(message) => match message.message {
+                    Some(Inbound::Build(build)) if drain_until.is_some() => {
+                        // Sent before the runner heard of the drain: handed back when we leave.
+                        tracing::info!(attempt = %build.attempt_id, "not starting a step while draining");
+                    }
                     Some(Inbound::Build(build)) => {
                         tracing::debug!(attempt = %build.attempt_id, "step received");
                         let job = Job {
@@ -390,8 +426,14 @@ async fn serve(
                         jobs.start(job, executor.clone(), client.clone());
                     }
                     Some(Inbound::Abort(abort)) => jobs.abort(&abort.attempt_id),
-                    // Results are not kept across sessions yet, so there is nothing to forget.
-                    Some(Inbound::Ping(_) | Inbound::Joined(_) | Inbound::ResultRecorded(_)) | None => {}
+                    Some(Inbound::ResultRecorded(recorded)) => {
+                        unacknowledged.remove(&recorded.attempt_id);
+                        if drain_until.is_some() && jobs.len() == 0 && unacknowledged.is_empty() {
+                            tracing::info!("drained: every running step finished and was recorded");
+                            return Ok(());
+                        }
+                    }
+                    Some(Inbound::Ping(_) | Inbound::Joined(_)) | None => {}
                 },
                 None => return Err(TunnelError::Closed),
             },
@@ -399,8 +441,17 @@ async fn serve(
                 let attempt = result.attempt_id.clone();
                 send(outbox, Outbound::StepResult(result)).await?;
                 tracing::debug!(%attempt, "result sent");
+                unacknowledged.insert(attempt);
             }
         }
+    }
+}
+
+/// Resolves at `until`; never, without one.
+async fn sleep_until(until: Option<Instant>) {
+    match until {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -392,7 +392,10 @@ impl BuilderSession {
                 session: self.session,
                 free_disk_bytes: (ping.free_disk_bytes > 0).then_some(ping.free_disk_bytes),
             },
-            Some(Inbound::StepUpdate(_) | Inbound::Draining(_)) | None => return Ok(()),
+            Some(Inbound::Draining(_)) => Event::BuilderDraining {
+                session: self.session,
+            },
+            Some(Inbound::StepUpdate(_)) | None => return Ok(()),
         };
         // The runner is shutting down when the scheduler is gone; the session ends with it.
         let _ = self.events.send(SessionEvent::Core(event)).await;

@@ -199,6 +199,9 @@ impl Driver {
                         tracing::info!(session, reason, "builder left");
                         self.sessions.remove(session);
                     }
+                    Event::BuilderDraining { session } => {
+                        tracing::info!(session, "builder draining: it takes no new work");
+                    }
                     Event::StepFinished {
                         attempt, report, ..
                     } => {

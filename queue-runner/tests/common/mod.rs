@@ -82,6 +82,8 @@ pub struct BuilderSpec<'a> {
     /// With a directory: the builder runs the Nix executor with that directory as its private
     /// `/nix` (a mount namespace of its own).
     pub nix_store: Option<&'a Path>,
+    /// How long a drain (SIGTERM) lets running steps finish.
+    pub drain_deadline_secs: u64,
 }
 
 impl<'a> BuilderSpec<'a> {
@@ -95,6 +97,7 @@ impl<'a> BuilderSpec<'a> {
             max_jobs: 2,
             build_ms: 0,
             nix_store: None,
+            drain_deadline_secs: 30,
         }
     }
 }
@@ -272,6 +275,7 @@ impl Farm {
             supported_features = {features}
             mandatory_features = {mandatory}
             max_jobs = {max_jobs}
+            drain_deadline_secs = {drain}
             {executor}
             [reconnect]
             initial_ms = 50
@@ -286,6 +290,7 @@ impl Farm {
             features = toml_list(spec.features),
             mandatory = toml_list(spec.mandatory),
             max_jobs = spec.max_jobs,
+            drain = spec.drain_deadline_secs,
             executor = match spec.nix_store {
                 None => format!("[executor]\nkind = \"noop\"\nbuild_ms = {}", spec.build_ms),
                 Some(_) => format!(
@@ -339,6 +344,13 @@ impl Farm {
         .unwrap();
         self.builders.push(child);
         self.builders.len() - 1
+    }
+
+    /// Sends SIGTERM to builder `index`, as systemd stopping it would.
+    pub fn terminate_builder(&mut self, index: usize) {
+        let pid = self.builders[index].id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
     }
 
     /// How builder `index` exited, if it has.

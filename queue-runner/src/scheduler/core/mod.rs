@@ -41,6 +41,8 @@ enum Requeue {
     BuilderLost,
     /// The builder reported a failure that was not the build's.
     InfrastructureFailure,
+    /// The builder drained and left with the attempt unfinished: handed back, nobody's fault.
+    HandedBack,
 }
 
 /// How a step ended, as remembered for builds ingested while it ended.
@@ -165,6 +167,7 @@ impl Core {
                 nix_version,
             } => self.on_builder_joined(name, session, capabilities, nix_version),
             Event::BuilderLeft { session, reason } => self.on_builder_left(session, &reason),
+            Event::BuilderDraining { session } => self.placement.drain(session),
             Event::BuilderPinged {
                 session,
                 free_disk_bytes,
@@ -394,13 +397,31 @@ impl Core {
         let Some(builder) = self.placement.leave(session) else {
             return;
         };
-        self.lose_session(session, reason);
+        if builder.draining {
+            self.hand_back(session);
+        } else {
+            self.lose_session(session, reason);
+        }
         let replaced = self
             .placement
             .builders()
             .any(|(_, other)| other.name == builder.name);
         if !replaced {
             self.persist(Change::MachineLeft { name: builder.name });
+        }
+    }
+
+    /// Requeues every attempt a drained builder still held when it left, as nobody's fault.
+    fn hand_back(&mut self, session: SessionId) {
+        for attempt in self.by_session.remove(&session).unwrap_or_default() {
+            if let Some(running) = self.attempts.remove(&attempt) {
+                self.requeue(
+                    attempt,
+                    running.step,
+                    Requeue::HandedBack,
+                    "builder left: draining",
+                );
+            }
         }
     }
 
@@ -525,6 +546,7 @@ impl Core {
         let status = match cause {
             Requeue::BuilderLost => AttemptStatus::BuilderLost,
             Requeue::InfrastructureFailure => AttemptStatus::InfrastructureFailure,
+            Requeue::HandedBack => AttemptStatus::Aborted,
         };
         self.persist(Change::AttemptEnded {
             attempt,
@@ -535,6 +557,7 @@ impl Core {
             return;
         };
         let (count, limit, what) = match cause {
+            Requeue::HandedBack => (0, 0, "hand-backs"),
             Requeue::BuilderLost => {
                 node.builder_losses += 1;
                 (
@@ -559,7 +582,9 @@ impl Core {
             builder_losses: node.builder_losses,
             infrastructure_failures: node.infrastructure_failures,
         };
-        self.persist(counters);
+        if cause != Requeue::HandedBack {
+            self.persist(counters);
+        }
         if count > limit {
             let reason = format!("{count} {what}; the last: {message}");
             self.fail(step, StepStatus::Cancelled, &reason);

@@ -40,13 +40,16 @@ pub struct Builder {
     pub capabilities: Capabilities,
     /// Jobs it runs now.
     pub running: u32,
+    /// It is draining: it takes no new work, and what it still holds when it leaves is handed
+    /// back, not lost.
+    pub draining: bool,
     classes: Vec<ClassId>,
 }
 
 impl Builder {
     fn rank(&self, session: SessionId) -> Option<Rank> {
         let max = self.capabilities.max_jobs;
-        (self.running < max).then(|| Rank {
+        (!self.draining && self.running < max).then(|| Rank {
             speed: Reverse(self.capabilities.speed_factor.to_bits()),
             load: (u64::from(self.running) << 32) / u64::from(max.max(1)),
             session,
@@ -125,6 +128,7 @@ impl Placement {
             name,
             capabilities,
             running: 0,
+            draining: false,
             classes,
         };
         self.set_rank(None, builder.rank(session), &builder.classes);
@@ -158,6 +162,17 @@ impl Placement {
     /// One more job runs on `session`.
     pub fn occupy(&mut self, session: SessionId) {
         self.adjust(session, |running| running + 1);
+    }
+
+    /// `session` takes no new work from now on.
+    pub fn drain(&mut self, session: SessionId) {
+        let Some(builder) = self.builders.get_mut(&session) else {
+            return;
+        };
+        let old = builder.rank(session);
+        builder.draining = true;
+        let classes = builder.classes.clone();
+        self.set_rank(old, None, &classes);
     }
 
     /// One job fewer runs on `session`.

@@ -516,6 +516,43 @@ fn a_retry_prefers_another_builder_and_a_builder_loss_is_retried_at_once() {
 }
 
 #[test]
+fn a_draining_builder_gets_no_new_work_and_what_it_hands_back_is_nobodys_fault() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(plan(1, 0, 2, vec![step(1, &[]), step(2, &[])]));
+    core.handle(join("draining", 1, caps(&["x86_64-linux"], &[], &[], 2)));
+    let first = builds(&core.dispatch(now));
+    assert_eq!(first.len(), 2);
+    core.handle(Event::BuilderDraining { session: 1 });
+    // One step finishes; the slot it frees is not filled again.
+    core.handle(finished(1, first[0].1, Outcome::Succeeded));
+    core.handle(plan(2, 0, 3, vec![step(3, &[])]));
+    assert!(
+        builds(&core.dispatch(now)).is_empty(),
+        "a draining builder took work"
+    );
+    let left = core.handle(Event::BuilderLeft {
+        session: 1,
+        reason: "drained".to_owned(),
+    });
+    assert!(changes(&left).contains(&&Change::AttemptEnded {
+        attempt: first[1].1,
+        status: AttemptStatus::Aborted,
+        message: Some("builder left: draining".to_owned()),
+    }));
+    assert!(
+        !changes(&left).iter().any(|change| matches!(
+            change,
+            Change::StepCounters { .. } | Change::StepHeld { .. }
+        )),
+        "a hand-back counts as nothing"
+    );
+    core.handle(join("other", 2, caps(&["x86_64-linux"], &[], &[], 2)));
+    let next: BTreeSet<StepId> = builds(&core.dispatch(now)).iter().map(|b| b.2).collect();
+    assert_eq!(next, BTreeSet::from([first[1].2, 3]), "handed back at once");
+}
+
+#[test]
 fn a_step_postponed_in_its_row_waits_without_using_a_retry() {
     let now = Instant::now();
     let mut core = core();

@@ -182,6 +182,12 @@ pub enum Event {
         /// Free bytes on its store's file system, if it knows.
         free_disk_bytes: Option<u64>,
     },
+    /// A builder is draining: it takes no new work; what it still holds when it leaves goes
+    /// back in line without counting as a loss.
+    BuilderDraining {
+        /// The connection.
+        session: SessionId,
+    },
     /// A builder reported the end of an attempt (the session checked it owns it).
     StepFinished {
         /// The connection that reported.

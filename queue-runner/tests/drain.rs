@@ -1,0 +1,144 @@
+//! SIGTERM drains a builder: it takes no new steps, lets the running ones finish and report, and
+//! exits 0; at its drain deadline it stops what is left and the runner hands those steps to
+//! another builder without counting a loss.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed assertion"
+)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{BuilderSpec, Farm};
+use test_support::fake_derivations::{Factory, Spec};
+
+/// Waits for builder `index` to exit; its exit status.
+async fn exit_of(farm: &mut Farm, index: usize, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = farm.builder_exit(index) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "builder {index} did not exit within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the builder really runs a step: its log has reached the runner (the runner marks
+/// the attempt running when it sends the step, a moment before the builder has it).
+async fn wait_until_started(farm: &Farm) {
+    let db = farm.db().await;
+    test_support::poll_until(
+        common::DEADLINE,
+        "the builder to start the step",
+        || async {
+            let file: String = db
+                .query_one(
+                    "SELECT log_file FROM step_attempts WHERE status = 'running'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            farm.dir
+                .path()
+                .join("logs")
+                .join(file)
+                .exists()
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Attempt statuses and messages, and the builder losses counted on any step.
+async fn outcome(farm: &Farm) -> (Vec<(String, String)>, i64) {
+    let db = farm.db().await;
+    let attempts = db
+        .query(
+            "SELECT status::text, coalesce(message, '') FROM step_attempts ORDER BY started_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let losses = farm
+        .count("SELECT coalesce(sum(builder_losses), 0)::bigint FROM steps")
+        .await;
+    (attempts, losses)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_running_step_finish_and_the_builder_exits_0() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let b1 = farm.start_builder(&BuilderSpec {
+        max_jobs: 1,
+        build_ms: 1500,
+        ..BuilderSpec::new("b1")
+    });
+    let mut factory = Factory::default();
+    let first = factory.make(&Spec::new("first"));
+    let second = factory.make(&Spec::new("second"));
+    let first_build = farm.submit(&[&first]).await;
+    let second_build = farm.submit(&[&second]).await;
+    wait_until_started(&farm).await;
+    farm.terminate_builder(b1);
+    let status = exit_of(&mut farm, b1, Duration::from_secs(20)).await;
+    assert!(status.success(), "a drained builder exits 0: {status}");
+    let (attempts, losses) = outcome(&farm).await;
+    assert_eq!(
+        attempts,
+        [("succeeded".to_owned(), String::new())],
+        "the running step finished; nothing new started"
+    );
+    assert_eq!(losses, 0);
+
+    farm.start_builder(&BuilderSpec::new("b2"));
+    assert_eq!(farm.wait_for_build(first_build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(second_build).await, "succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_drain_deadline_the_rest_is_handed_back_without_a_loss() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let b1 = farm.start_builder(&BuilderSpec {
+        max_jobs: 1,
+        build_ms: 60_000,
+        drain_deadline_secs: 1,
+        ..BuilderSpec::new("b1")
+    });
+    let mut factory = Factory::default();
+    let slow = factory.make(&Spec::new("slow"));
+    let build = farm.submit(&[&slow]).await;
+    wait_until_started(&farm).await;
+    farm.terminate_builder(b1);
+    let status = exit_of(&mut farm, b1, Duration::from_secs(20)).await;
+    assert!(status.success(), "a drained builder exits 0: {status}");
+    farm.wait_for_count(
+        "the step to be handed back",
+        "SELECT count(*) FROM step_attempts WHERE status = 'aborted'",
+        1,
+    )
+    .await;
+    farm.start_builder(&BuilderSpec::new("b2"));
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    let (attempts, losses) = outcome(&farm).await;
+    assert_eq!(
+        attempts,
+        [
+            ("aborted".to_owned(), "builder left: draining".to_owned()),
+            ("succeeded".to_owned(), String::new())
+        ]
+    );
+    assert_eq!(losses, 0, "a hand-back is not a loss");
+}
