@@ -237,6 +237,7 @@ fn start_scheduler(
         CoreLimits {
             max_builder_losses: config.max_builder_losses,
             retry: config.retry,
+            unsupported_grace: config.unsupported_grace,
         },
         Box::new(uuid::Uuid::new_v4),
     );

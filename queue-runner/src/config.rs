@@ -187,6 +187,14 @@ struct RawBuilders {
     /// A build whose output NAR is larger than this many bytes fails. Default 32 GiB.
     #[serde(default = "default_max_output_bytes")]
     max_output_bytes: u64,
+    /// Runnable steps that no connected builder can take (system, features) wait this many
+    /// seconds, then end `unsupported`. Long enough for a whole fleet to restart. Default 900.
+    #[serde(default = "default_unsupported_grace_secs")]
+    unsupported_grace_secs: u64,
+}
+
+const fn default_unsupported_grace_secs() -> u64 {
+    900
 }
 
 impl Default for RawBuilders {
@@ -198,6 +206,7 @@ impl Default for RawBuilders {
             step_timeout_secs: default_step_timeout_secs(),
             max_silent_secs: default_max_silent_secs(),
             max_output_bytes: default_max_output_bytes(),
+            unsupported_grace_secs: default_unsupported_grace_secs(),
         }
     }
 }
@@ -266,6 +275,8 @@ pub struct Config {
     pub max_silent: Duration,
     /// Largest output NAR.
     pub max_output_bytes: u64,
+    /// How long steps wait for a builder that can run them.
+    pub unsupported_grace: Duration,
     /// Largest derivation in a submission.
     pub max_derivation_bytes: usize,
     /// Largest Submit request.
@@ -353,6 +364,7 @@ impl Config {
             step_timeout: Duration::from_secs(raw.builders.step_timeout_secs),
             max_silent: Duration::from_secs(raw.builders.max_silent_secs),
             max_output_bytes: raw.builders.max_output_bytes,
+            unsupported_grace: Duration::from_secs(raw.builders.unsupported_grace_secs),
             max_derivation_bytes,
             max_submission_bytes,
             retry,

@@ -93,12 +93,16 @@ async fn queue_one_step(client: &deadpool_postgres::Client) -> (FakeDrv, i64, qu
     (drv, build, row)
 }
 
-/// Five attempts, retried at once: this test needs no clock.
-const RETRY_AT_ONCE: RetryPolicy = RetryPolicy {
-    max_attempts: 5,
-    initial: std::time::Duration::ZERO,
-    multiplier: 1.0,
-    max: std::time::Duration::ZERO,
+/// Five attempts retried at once, a long wait for builders: this test needs no clock.
+const LIMITS: CoreLimits = CoreLimits {
+    max_builder_losses: 5,
+    retry: RetryPolicy {
+        max_attempts: 5,
+        initial: std::time::Duration::ZERO,
+        multiplier: 1.0,
+        max: std::time::Duration::ZERO,
+    },
+    unsupported_grace: std::time::Duration::from_mins(15),
 };
 
 #[tokio::test]
@@ -109,13 +113,7 @@ async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() 
     let mut client = pool.get().await.unwrap();
     let (drv, build, row) = queue_one_step(&client).await;
     let step = row.id;
-    let mut core = Core::new(
-        CoreLimits {
-            max_builder_losses: 5,
-            retry: RETRY_AT_ONCE,
-        },
-        Box::new(uuid::Uuid::new_v4),
-    );
+    let mut core = Core::new(LIMITS, Box::new(uuid::Uuid::new_v4));
     let mut batch = Transitions::default();
     let capabilities = Capabilities {
         systems: BTreeSet::from(["x86_64-linux".to_owned()]),

@@ -30,6 +30,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "step visible_after for retry backoff",
         include_str!("../../migrations/0005_visible_after.sql"),
     ),
+    (
+        6,
+        "unsupported steps",
+        include_str!("../../migrations/0006_unsupported.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

@@ -230,6 +230,31 @@ pub async fn abort_orphaned_attempts(client: &impl GenericClient) -> Result<u64,
         .map_err(DbError::query("aborting orphaned attempts"))
 }
 
+/// What every builder that ever joined offered at its latest join.
+pub async fn known_machines(
+    client: &impl GenericClient,
+) -> Result<Vec<crate::scheduler::core::Capabilities>, DbError> {
+    let rows = client
+        .query(
+            "SELECT systems, supported_features, mandatory_features, max_jobs, speed_factor
+             FROM machines",
+            &[],
+        )
+        .await
+        .map_err(DbError::query("reading the builders that joined before"))?;
+    let set = |values: Vec<String>| values.into_iter().collect();
+    Ok(rows
+        .into_iter()
+        .map(|row| crate::scheduler::core::Capabilities {
+            systems: set(row.get(0)),
+            supported_features: set(row.get(1)),
+            mandatory_features: set(row.get(2)),
+            max_jobs: u32::try_from(row.get::<_, i32>(3)).unwrap_or(0),
+            speed_factor: row.get(4),
+        })
+        .collect())
+}
+
 /// The log file of the latest attempt of the step building `drv_path`.
 pub async fn latest_log_file(
     client: &impl GenericClient,

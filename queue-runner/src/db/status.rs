@@ -81,6 +81,9 @@ sql_enum!(
         /// Ran out of retries for faults that were not its own; the next build needing it tries
         /// again.
         Cancelled => "cancelled",
+        /// No connected builder offered its system and features for the whole grace period;
+        /// the next build needing it tries again.
+        Unsupported => "unsupported",
     }
 );
 
@@ -112,7 +115,7 @@ impl StepStatus {
     pub const fn is_terminal(self) -> bool {
         matches!(
             self,
-            Self::Succeeded | Self::Failed | Self::DepFailed | Self::Cancelled
+            Self::Succeeded | Self::Failed | Self::DepFailed | Self::Cancelled | Self::Unsupported
         )
     }
 }

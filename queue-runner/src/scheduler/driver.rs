@@ -132,6 +132,9 @@ impl Driver {
         shutdown: CancellationToken,
     ) -> Result<(), WithContext<SchedulerError>> {
         let aborted = self.abort_orphaned_attempts().await?;
+        for capabilities in self.known_machines().await? {
+            self.core.remember_builder(capabilities);
+        }
         tracing::info!(aborted, "scheduler started");
         let mut batch = Vec::new();
         loop {
@@ -162,6 +165,17 @@ impl Driver {
             }
             self.carry_out(commands).await?;
         }
+    }
+
+    async fn known_machines(&self) -> Result<Vec<Capabilities>, SchedulerError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| SchedulerError::Recover(DbError::Connection(error)))?;
+        queries::known_machines(&client)
+            .await
+            .map_err(SchedulerError::Recover)
     }
 
     async fn abort_orphaned_attempts(&self) -> Result<u64, SchedulerError> {

@@ -60,6 +60,8 @@ pub struct Farm {
     pub step_limits_secs: (u64, u64),
     /// The runner's output size limit.
     pub max_output_bytes: u64,
+    /// How long runnable steps wait for a builder that can run them, in seconds.
+    pub unsupported_grace_secs: u64,
     runner: Option<RunningRunner>,
     builders: Vec<ChildGuard>,
 }
@@ -146,6 +148,7 @@ impl Farm {
             hide_upstreams_from_builders: false,
             step_limits_secs: (600, 600),
             max_output_bytes: 1 << 30,
+            unsupported_grace_secs: 300,
             runner: None,
             builders: Vec::new(),
         }
@@ -189,6 +192,7 @@ impl Farm {
             step_timeout_secs = {step_timeout}
             max_silent_secs = {max_silent}
             max_output_bytes = {max_output_bytes}
+            unsupported_grace_secs = {unsupported_grace}
             [retry]
             max_attempts = 4
             initial_interval_ms = 100
@@ -203,6 +207,7 @@ impl Farm {
             step_timeout = self.step_limits_secs.0,
             max_silent = self.step_limits_secs.1,
             max_output_bytes = self.max_output_bytes,
+            unsupported_grace = self.unsupported_grace_secs,
         )
     }
 

@@ -12,6 +12,7 @@ mod backoff;
 mod graph;
 mod placement;
 mod types;
+mod unsupported;
 
 #[cfg(test)]
 mod tests;
@@ -33,6 +34,7 @@ pub use types::{
 
 use backoff::Held;
 use graph::NewBuild;
+use unsupported::Unsupported;
 
 /// Why an attempt ended without a result of the build's own: which counter it moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +101,7 @@ pub struct Core {
     by_session: HashMap<SessionId, BTreeSet<AttemptId>>,
     recent: RecentFinishes,
     held: Held,
+    unsupported: Unsupported,
     limits: CoreLimits,
     new_attempt_id: Box<dyn FnMut() -> AttemptId + Send + Sync>,
     commands: Vec<Command>,
@@ -119,6 +122,7 @@ impl Core {
             by_session: HashMap::new(),
             recent: RecentFinishes::default(),
             held: Held::default(),
+            unsupported: Unsupported::default(),
             limits,
             new_attempt_id,
             commands: Vec::new(),
@@ -191,6 +195,17 @@ impl Core {
 
     /// Gives every free slot the best runnable step it can take.
     pub fn dispatch(&mut self, now: Instant) -> Vec<Command> {
+        let grace = self.limits.unsupported_grace;
+        for class in self.unsupported.expired(now, &self.placement, grace) {
+            let Some(requirements) = self.placement.requirements(class) else {
+                continue;
+            };
+            let reason = self.unsupported.reason(requirements, grace);
+            for order in self.placement.runnable(class) {
+                self.placement.remove_runnable(class, &order);
+                self.fail(order.step, StepStatus::Unsupported, &reason);
+            }
+        }
         for step in self.held.release(now) {
             if self
                 .graph
@@ -253,10 +268,23 @@ impl Core {
         std::mem::take(&mut self.commands)
     }
 
-    /// When [`Core::dispatch`] must run next although no event came: a held step is due.
+    /// When [`Core::dispatch`] must run next although no event came: a held step is due, or
+    /// steps no builder can take reach the end of their grace period.
     #[must_use]
     pub fn next_wakeup(&self) -> Option<Instant> {
-        self.held.next_due()
+        let unsupported = self
+            .unsupported
+            .next_deadline(self.limits.unsupported_grace);
+        match (self.held.next_due(), unsupported) {
+            (Some(held), Some(unsupported)) => Some(held.min(unsupported)),
+            (held, unsupported) => held.or(unsupported),
+        }
+    }
+
+    /// Remembers that a builder once offered `capabilities` (the driver tells it those the
+    /// database knows at start), so a step nobody can take says whether anybody ever could.
+    pub fn remember_builder(&mut self, capabilities: Capabilities) {
+        self.unsupported.remember(capabilities);
     }
 
     fn persist(&mut self, change: Change) {
@@ -384,6 +412,7 @@ impl Core {
             capabilities: capabilities.clone(),
             nix_version,
         });
+        self.unsupported.remember(capabilities.clone());
         if let Some(previous) = self.placement.join(session, name, capabilities) {
             self.commands.push(Command::EndSession {
                 session: previous,

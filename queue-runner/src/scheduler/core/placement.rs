@@ -29,6 +29,8 @@ struct Class {
     requirements: Requirements,
     runnable: BTreeSet<Order>,
     free: BTreeSet<Rank>,
+    /// Connected builders that can run it, free or not.
+    capable: usize,
 }
 
 /// A connected builder as placement sees it.
@@ -74,16 +76,19 @@ impl Placement {
         }
         let id = self.classes.len();
         let mut free = BTreeSet::new();
+        let mut capable = 0;
         for (session, builder) in &mut self.builders {
             if builder.capabilities.can_run(requirements) {
                 builder.classes.push(id);
                 free.extend(builder.rank(*session));
+                capable += 1;
             }
         }
         self.classes.push(Class {
             requirements: requirements.clone(),
             runnable: BTreeSet::new(),
             free,
+            capable,
         });
         self.by_requirements.insert(requirements.clone(), id);
         id
@@ -132,6 +137,9 @@ impl Placement {
             classes,
         };
         self.set_rank(None, builder.rank(session), &builder.classes);
+        for class in &builder.classes {
+            self.classes[*class].capable += 1;
+        }
         self.builders.insert(session, builder);
         replaced
     }
@@ -143,7 +151,34 @@ impl Placement {
             self.by_name.remove(&builder.name);
         }
         self.set_rank(builder.rank(session), None, &builder.classes);
+        for class in &builder.classes {
+            self.classes[*class].capable -= 1;
+        }
         Some(builder)
+    }
+
+    /// Classes that have runnable steps and no connected builder that can run them.
+    pub fn without_a_builder(&self) -> impl Iterator<Item = ClassId> + '_ {
+        self.classes
+            .iter()
+            .enumerate()
+            .filter(|(_, class)| class.capable == 0 && !class.runnable.is_empty())
+            .map(|(id, _)| id)
+    }
+
+    /// What steps of `class` need.
+    #[must_use]
+    pub fn requirements(&self, class: ClassId) -> Option<&Requirements> {
+        self.classes.get(class).map(|class| &class.requirements)
+    }
+
+    /// The runnable steps of `class`, in line order.
+    #[must_use]
+    pub fn runnable(&self, class: ClassId) -> Vec<Order> {
+        self.classes
+            .get(class)
+            .map(|class| class.runnable.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// A connected builder session.

@@ -22,6 +22,7 @@ const LIMITS: CoreLimits = CoreLimits {
         multiplier: 1.0,
         max: Duration::ZERO,
     },
+    unsupported_grace: Duration::from_mins(15),
 };
 
 fn core() -> Core {
@@ -428,6 +429,7 @@ fn infrastructure_failures_wait_out_a_growing_backoff_then_fail_with_the_reason(
             multiplier: 2.0,
             max: Duration::from_mins(1),
         },
+        ..LIMITS
     });
     core.handle(plan(1, 0, 1, vec![step(1, &[])]));
     core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
@@ -481,6 +483,7 @@ fn a_retry_prefers_another_builder_and_a_builder_loss_is_retried_at_once() {
             multiplier: 1.0,
             max: Duration::from_secs(1),
         },
+        ..LIMITS
     });
     core.handle(plan(1, 0, 1, vec![step(1, &[])]));
     // The faster builder gets the first attempt.
@@ -550,6 +553,54 @@ fn a_draining_builder_gets_no_new_work_and_what_it_hands_back_is_nobodys_fault()
     core.handle(join("other", 2, caps(&["x86_64-linux"], &[], &[], 2)));
     let next: BTreeSet<StepId> = builds(&core.dispatch(now)).iter().map(|b| b.2).collect();
     assert_eq!(next, BTreeSet::from([first[1].2, 3]), "handed back at once");
+}
+
+#[test]
+fn steps_no_builder_can_take_wait_out_the_grace_then_end_unsupported_saying_why() {
+    let start = Instant::now();
+    let minutes = |n: u64| start + Duration::from_mins(n);
+    let mut core = core();
+    // Seen once (say, before a restart): a darwin builder.
+    core.remember_builder(caps(&["aarch64-darwin"], &[], &[], 1));
+    let darwin = PlannedStep {
+        spec: spec(1, "aarch64-darwin", &[]),
+        ..step(1, &[])
+    };
+    let kvm = PlannedStep {
+        spec: spec(2, "x86_64-linux", &["kvm"]),
+        ..step(2, &[])
+    };
+    core.handle(plan(1, 0, 1, vec![darwin]));
+    core.handle(plan(2, 0, 2, vec![kvm]));
+    core.handle(join("linux", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    assert!(builds(&core.dispatch(minutes(0))).is_empty());
+    assert_eq!(core.next_wakeup(), Some(minutes(15)));
+    assert!(
+        changes(&core.dispatch(minutes(14))).is_empty(),
+        "still in its grace"
+    );
+    // A darwin builder comes back in time; nobody ever offered kvm.
+    core.handle(join("mac", 2, caps(&["aarch64-darwin"], &[], &[], 1)));
+    let ended = core.dispatch(minutes(15));
+    assert_eq!(builds(&ended).iter().map(|b| b.2).collect::<Vec<_>>(), [1]);
+    assert_eq!(step_status(&ended, 2), Some(StepStatus::Unsupported));
+    let reason = changes(&ended).iter().find_map(|change| match change {
+        Change::StepStatus {
+            step: 2,
+            reason: Some(reason),
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        reason.as_deref(),
+        Some(
+            "no connected builder offered system x86_64-linux with features kvm for 900s; \
+             no builder has ever offered that"
+        )
+    );
+    assert_eq!(build_finished(&ended), vec![(2, BuildStatus::Failed)]);
+    assert_eq!(core.next_wakeup(), None);
 }
 
 #[test]

@@ -343,6 +343,9 @@ pub struct CoreLimits {
     pub max_builder_losses: u32,
     /// How infrastructure failures are retried.
     pub retry: super::backoff::RetryPolicy,
+    /// How long runnable steps wait for a connected builder that can run them before they end
+    /// `unsupported`.
+    pub unsupported_grace: std::time::Duration,
 }
 
 /// A running attempt.
