@@ -2,9 +2,11 @@
 //! print the whole error chain and exit with a code that says whether the input was refused
 //! (64, `EX_USAGE`) or the work failed (1).
 
+mod call;
 mod certs;
 mod connection;
 mod external;
+mod manage;
 mod submit;
 
 use std::error::Error;
@@ -34,6 +36,10 @@ enum Command {
     Certs(certs::CertsCommand),
     /// Submit a build: a Nix file (instantiated here) or a .drv path.
     Submit(submit::SubmitArgs),
+    /// Cancel a build you submitted (admins: any build): its steps no other build needs stop.
+    Cancel(manage::BuildArgs),
+    /// Queue a failed or cancelled build again, clearing its steps' failures.
+    Restart(manage::BuildArgs),
     /// Run a whole farm on this machine (PostgreSQL, runner, builders with private stores);
     /// `drover dev-farm --help` lists its options.
     #[command(disable_help_flag = true)]
@@ -50,6 +56,8 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Certs(command) => finish(certs::run(command)),
         Command::Submit(args) => finish(submit::run(args).await),
+        Command::Cancel(args) => finish(manage::cancel(args).await),
+        Command::Restart(args) => finish(manage::restart(args).await),
         Command::DevFarm { args } => finish(external::run("drover-dev-farm", &args)),
     }
 }

@@ -14,6 +14,7 @@ use drover_proto::v1::{BuildStatus, DerivationText, GetRequest, SourceNar, Submi
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use nix_primitives::StorePath;
 
+use crate::call::CallError;
 use crate::connection::{ConnectError, ConnectionArgs};
 
 /// How often `--watch` asks for the build's state.
@@ -81,15 +82,9 @@ pub enum SubmitError {
     /// The runner cannot be reached.
     #[error("reaching the runner")]
     Connect(#[from] ConnectError),
-    /// The runner refused the request.
-    #[error("the runner refused: {}", .0.message())]
-    Refused(tonic::Status),
-    /// The runner could not be reached (the request may never have arrived).
-    #[error("could not reach the runner: {}", .0.message())]
-    Unreachable(tonic::Status),
-    /// A certificate was refused in the TLS handshake.
-    #[error("{0}")]
-    CertificateRefused(String),
+    /// A call to the runner failed.
+    #[error(transparent)]
+    Call(#[from] CallError),
     /// Instantiating gave no derivation.
     #[error("the target evaluates to no derivation")]
     NothingToBuild,
@@ -111,31 +106,10 @@ fn ids(builds: &[i64]) -> String {
         .join(", ")
 }
 
-impl SubmitError {
-    /// What a failed call means: the runner's own refusal carries no cause; a status made on
-    /// this side (the connection failed) does.
-    fn from_status(status: tonic::Status) -> Self {
-        if let Some(problem) = drover_tls::refusal::certificate_problem(&status) {
-            Self::CertificateRefused(problem)
-        } else if std::error::Error::source(&status).is_some() {
-            Self::Unreachable(status)
-        } else {
-            Self::Refused(status)
-        }
-    }
-}
-
 impl Classify for SubmitError {
     fn severity(&self) -> Severity {
         match self {
-            Self::Refused(status)
-                if matches!(
-                    status.code(),
-                    tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
-                ) =>
-            {
-                Severity::Reject
-            }
+            Self::Call(error) => error.severity(),
             Self::BuildsFailed { .. } => Severity::Step,
             Self::NothingToBuild => Severity::Reject,
             Self::Connect(error) => error.severity(),
@@ -243,7 +217,7 @@ pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
                 metadata: args.metadata.iter().cloned().collect(),
             })
             .await
-            .map_err(SubmitError::from_status)
+            .map_err(|status| SubmitError::from(CallError::from(status)))
             .with_context(|| format!("submitting {top}"))?
             .into_inner()
             .build_id;
@@ -274,9 +248,9 @@ async fn watch(
         for id in pending {
             let build = match client.get(GetRequest { build_id: id }).await {
                 Ok(build) => build.into_inner(),
-                Err(status) => match SubmitError::from_status(status) {
+                Err(status) => match CallError::from(status) {
                     // The builds are safe in the runner's database: wait for it to come back.
-                    SubmitError::Unreachable(status)
+                    CallError::Unreachable(status)
                         if lost.get_or_insert_with(Instant::now).elapsed() < UNREACHABLE_BUDGET =>
                     {
                         if !told {
@@ -289,7 +263,7 @@ async fn watch(
                         still.push(id);
                         continue;
                     }
-                    error => return Err(error),
+                    error => return Err(error.into()),
                 },
             };
             if lost.take().is_some() {

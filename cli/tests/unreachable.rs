@@ -1,5 +1,5 @@
-//! `drover submit` against a runner that is not there says it could not reach the runner (not
-//! that the runner refused), and exits 1.
+//! `drover submit`, `cancel` and `restart` against a runner that is not there say they could not
+//! reach the runner (not that the runner refused), and exit 1.
 
 #![allow(
     clippy::unwrap_used,
@@ -13,7 +13,7 @@ use std::process::Command;
 use drover_tls::{CertificateAuthority, Identity, Role};
 
 #[test]
-fn submitting_to_a_runner_that_is_not_there_says_it_could_not_reach_it() {
+fn commands_against_a_runner_that_is_not_there_say_they_could_not_reach_it() {
     let dir = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::generate("test CA").unwrap();
     ca.write(dir.path()).unwrap();
@@ -29,19 +29,24 @@ fn submitting_to_a_runner_that_is_not_there_says_it_could_not_reach_it() {
         .unwrap()
         .port();
     let drv = format!("/nix/store/{}-x.drv", "0".repeat(32));
-    let output = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args(["submit", &drv])
-        .args(["--runner", &format!("https://localhost:{port}")])
-        .arg("--ca")
-        .arg(dir.path().join("ca.pem"))
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("could not reach the runner"), "{stderr}");
-    assert!(!stderr.contains("refused:"), "{stderr}");
+    for command in [["submit", drv.as_str()], ["cancel", "7"], ["restart", "7"]] {
+        let output = Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(command)
+            .args(["--runner", &format!("https://localhost:{port}")])
+            .arg("--ca")
+            .arg(dir.path().join("ca.pem"))
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{command:?}: {stderr}");
+        assert!(
+            stderr.contains("could not reach the runner"),
+            "{command:?}: {stderr}"
+        );
+        assert!(!stderr.contains("refused:"), "{command:?}: {stderr}");
+    }
 }

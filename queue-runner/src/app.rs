@@ -140,6 +140,7 @@ pub async fn start(
     let logs = LogStore::new(config.log_directory.clone(), config.max_log_bytes);
     let attempts = Attempts::default();
     let (events, receiver) = mpsc::channel(EVENT_QUEUE);
+    let events_for_clients = events.clone();
     let builds_queued = Arc::new(Notify::new());
     let handoff = Handoff::default();
     let mut supervisor = Supervisor::new();
@@ -196,6 +197,7 @@ pub async fn start(
                 cache_for_clients,
                 handoff,
                 config.max_derivation_bytes,
+                events_for_clients,
             ))
             .max_decoding_message_size(config.max_submission_bytes),
         )

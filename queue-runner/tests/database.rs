@@ -73,9 +73,16 @@ fn commands_changes(commands: Vec<Command>, transitions: &mut Transitions) -> Ve
 async fn queue_one_step(client: &deadpool_postgres::Client) -> (FakeDrv, i64, queries::StepRow) {
     let drv = Factory::default().make(&Spec::new("batched"));
     let texts = vec![(drv.path.to_absolute(), drv.text.clone())];
-    let build = queries::insert_build(client, &texts, &texts[0].0, 0, &serde_json::json!({}))
-        .await
-        .unwrap();
+    let build = queries::insert_build(
+        client,
+        &texts,
+        &texts[0].0,
+        0,
+        &serde_json::json!({}),
+        "client/test",
+    )
+    .await
+    .unwrap();
     let mut rows = queries::ensure_steps(
         client,
         &[queries::StepSpec {

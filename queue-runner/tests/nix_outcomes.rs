@@ -1,7 +1,8 @@
 //! Every way a real Nix build can end, as drover records it: a derivation's own failures (exit
 //! code, no output, a fixed-output hash mismatch, too much log) are permanent after exactly one
 //! attempt; an input that cannot be made valid is the infrastructure's fault and never built on
-//! the builder; and a builder killed mid-build leaves no process of the build behind.
+//! the builder; a builder killed mid-build, or a cancelled build, leaves no process of the build
+//! behind.
 
 #![allow(
     clippy::unwrap_used,
@@ -133,10 +134,9 @@ fn process_state(pid: u32) -> Option<char> {
     stat.rsplit_once(") ")?.1.chars().next()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_builder_killed_mid_build_leaves_no_process_of_the_build() {
-    let mut farm = Farm::new().await;
-    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
+/// Submits a derivation that writes its pid (as the host sees it) and sleeps; returns the build
+/// and that pid once the build's process runs.
+async fn start_sleeper(farm: &Farm, submitter: &common::nix::ChrootStore) -> (i64, u32) {
     let pid_file = farm.dir.path().join("sleeper.pid");
     let expression = farm.dir.path().join("sleeper.nix");
     // `cut` reads its parent's pid, the shell's, as the host sees it (the build runs in a PID
@@ -155,23 +155,55 @@ async fn a_builder_killed_mid_build_leaves_no_process_of_the_build() {
     )
     .unwrap();
     let top = submitter.instantiate(&expression, "sleeper");
-    submit_closure(&farm, &submitter, &top).await;
+    let build = submit_closure(farm, submitter, &top).await;
     let pid: u32 = test_support::poll_until(DEADLINE, "the build to write its pid", || async {
         fs_err::read_to_string(&pid_file)
             .ok()
             .and_then(|text| text.trim().parse().ok())
     })
     .await;
-    let command = fs_err::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
-    assert!(
-        command.starts_with("/bin/sleep"),
-        "pid {pid} is not the build: {command:?}"
-    );
-    farm.kill_builder(0);
-    test_support::poll_until(
-        Duration::from_secs(10),
-        "the build's process to die with its builder",
-        || async { matches!(process_state(pid), None | Some('Z')).then_some(()) },
-    )
+    // The shell writes the file, then becomes `sleep`.
+    test_support::poll_until(DEADLINE, "the build's process to become sleep", || async {
+        let command = fs_err::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
+        command.starts_with("/bin/sleep").then_some(())
+    })
     .await;
+    (build, pid)
+}
+
+/// Waits until process `pid` is gone (or a zombie nobody reaped yet).
+async fn wait_until_gone(pid: u32, what: &str) {
+    test_support::poll_until(Duration::from_secs(10), what, || async {
+        matches!(process_state(pid), None | Some('Z')).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_killed_mid_build_leaves_no_process_of_the_build() {
+    let mut farm = Farm::new().await;
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let (_, pid) = start_sleeper(&farm, &submitter).await;
+    farm.kill_builder(0);
+    wait_until_gone(pid, "the build's process to die with its builder").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_real_build_stops_its_process() {
+    let mut farm = Farm::new().await;
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let (build, pid) = start_sleeper(&farm, &submitter).await;
+    farm.client()
+        .await
+        .cancel(drover_proto::v1::CancelRequest { build_id: build })
+        .await
+        .unwrap();
+    assert_eq!(farm.wait_for_build(build).await, "cancelled");
+    wait_until_gone(pid, "the cancelled build's process to stop").await;
+    assert_eq!(
+        farm.count("SELECT count(*) FROM machines WHERE connected")
+            .await,
+        1,
+        "the builder stays"
+    );
 }

@@ -35,9 +35,16 @@ async fn prepare(cluster: &TestPostgres, drvs: &[FakeDrv]) -> Prepared {
         .map(|drv| (drv.path.to_absolute(), drv.text.clone()))
         .collect();
     let top = texts.last().unwrap().0.clone();
-    let build = queries::insert_build(&client, &texts, &top, 0, &serde_json::json!({}))
-        .await
-        .unwrap();
+    let build = queries::insert_build(
+        &client,
+        &texts,
+        &top,
+        0,
+        &serde_json::json!({}),
+        "client/bench",
+    )
+    .await
+    .unwrap();
     let specs: Vec<queries::StepSpec> = drvs
         .iter()
         .map(|drv| queries::StepSpec {

@@ -35,6 +35,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "unsupported steps",
         include_str!("../../migrations/0006_unsupported.sql"),
     ),
+    (
+        7,
+        "who submitted a build",
+        include_str!("../../migrations/0007_submitted_by.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

@@ -279,6 +279,7 @@ pub async fn insert_build(
     top: &str,
     priority: i32,
     metadata: &serde_json::Value,
+    submitted_by: &str,
 ) -> Result<i64, DbError> {
     let paths: Vec<&str> = derivations.iter().map(|(path, _)| path.as_str()).collect();
     let texts: Vec<&[u8]> = derivations
@@ -295,12 +296,80 @@ pub async fn insert_build(
         .map_err(DbError::query("storing derivations"))?;
     let row = client
         .query_one(
-            "INSERT INTO builds (drv_path, priority, metadata) VALUES ($1, $2, $3) RETURNING id",
-            &[&top, &priority, metadata],
+            "INSERT INTO builds (drv_path, priority, metadata, submitted_by)
+             VALUES ($1, $2, $3, $4) RETURNING id",
+            &[&top, &priority, metadata, &submitted_by],
         )
         .await
         .map_err(DbError::query("queueing a build"))?;
     Ok(row.get(0))
+}
+
+/// Who submitted a build, and whether it has ended; `None` if there is no such build.
+pub async fn build_owner(
+    client: &impl GenericClient,
+    build: i64,
+) -> Result<Option<(Option<String>, BuildStatus)>, DbError> {
+    let row = client
+        .query_opt(
+            "SELECT submitted_by, status::text FROM builds WHERE id = $1",
+            &[&build],
+        )
+        .await
+        .map_err(DbError::query("reading a build's owner"))?;
+    row.map(|row| {
+        let label: String = row.get(1);
+        let status = BuildStatus::from_label(&label).ok_or(DbError::UnknownStatus {
+            sql_type: BuildStatus::SQL_TYPE,
+            label,
+        })?;
+        Ok((row.get(0), status))
+    })
+    .transpose()
+}
+
+/// Queues an ended build again: the steps of its closure that did not succeed start over
+/// (cleared failures, counters and holds), and ingest is woken. `false` if it had not ended in
+/// failure or cancellation.
+pub async fn restart_build(
+    client: &mut deadpool_postgres::Client,
+    build: i64,
+) -> Result<bool, DbError> {
+    let transaction = client
+        .transaction()
+        .await
+        .map_err(DbError::query("starting a restart"))?;
+    let restarted = transaction
+        .execute(
+            "UPDATE builds SET status = 'queued', ingested_at = NULL, started_at = NULL,
+                 finished_at = NULL, failure_reason = NULL
+             WHERE id = $1 AND status IN ('failed', 'dep_failed', 'cancelled')",
+            &[&build],
+        )
+        .await
+        .map_err(DbError::query("queueing a build again"))?;
+    if restarted == 0 {
+        return Ok(false);
+    }
+    transaction
+        .execute(
+            "UPDATE steps SET status = 'waiting', failure_reason = NULL, finished_at = NULL,
+                 builder_losses = 0, infrastructure_failures = 0, visible_after = NULL
+             WHERE id IN (SELECT step_id FROM build_steps WHERE build_id = $1)
+               AND status IN ('failed', 'dep_failed', 'cancelled', 'unsupported')",
+            &[&build],
+        )
+        .await
+        .map_err(DbError::query("clearing the failures of a build's steps"))?;
+    transaction
+        .execute("SELECT pg_notify('drover_builds_queued', '')", &[])
+        .await
+        .map_err(DbError::query("waking ingest"))?;
+    transaction
+        .commit()
+        .await
+        .map_err(DbError::query("committing a restart"))?;
+    Ok(true)
 }
 
 /// A build as clients see it.

@@ -109,6 +109,14 @@ sql_enum!(
     }
 );
 
+impl BuildStatus {
+    /// Whether the build has ended.
+    #[must_use]
+    pub const fn is_terminal(self) -> bool {
+        !matches!(self, Self::Queued | Self::Running)
+    }
+}
+
 impl StepStatus {
     /// Whether the step is done for good (for this build at least).
     #[must_use]

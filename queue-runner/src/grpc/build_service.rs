@@ -1,25 +1,30 @@
-//! `BuildService`: submitting builds and reading them back. Submit verifies the whole derivation
-//! closure before it writes anything, and writes the derivations and the build in one
-//! transaction, so a refused submission leaves no trace.
+//! `BuildService`: submitting builds, reading them back, cancelling and restarting them. Submit
+//! verifies the whole derivation closure before it writes anything, and writes the derivations
+//! and the build in one transaction, so a refused submission leaves no trace. Cancel goes to the
+//! scheduler, which owns every running build; restart queues an ended build again for ingest.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use drover_proto::v1::build_service_server::BuildService;
 use drover_proto::v1::{
-    BuildStatus, GetLogRequest, GetLogResponse, GetRequest, GetResponse, SourceNar, SubmitRequest,
-    SubmitResponse,
+    BuildStatus, CancelRequest, CancelResponse, GetLogRequest, GetLogResponse, GetRequest,
+    GetResponse, RestartRequest, RestartResponse, SourceNar, SubmitRequest, SubmitResponse,
 };
-use drover_tls::Role;
+use drover_tls::{Identity, Role};
 use error_context::{Classify, Severity};
 use nix_primitives::StorePath;
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::auth;
 use crate::cache::{BinaryCache, CacheError};
 use crate::db::queries;
+use crate::db::status::BuildStatus as QueueBuildStatus;
 use crate::db::{DbError, Pool};
 use crate::logs::LogStore;
+use crate::scheduler::core::Event;
+use crate::scheduler::driver::SessionEvent;
 use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::complete_closure;
 use crate::verify::{self, VerifyError};
@@ -97,6 +102,8 @@ pub struct BuildServiceImpl {
     handoff: Handoff,
     /// The largest derivation accepted (`submissions.max_derivation_bytes`).
     max_derivation_bytes: usize,
+    /// Where cancels go: the scheduler, which owns every running build.
+    scheduler: mpsc::Sender<SessionEvent>,
 }
 
 /// Roles that may use the build service.
@@ -112,6 +119,7 @@ impl BuildServiceImpl {
         cache: Arc<BinaryCache>,
         handoff: Handoff,
         max_derivation_bytes: usize,
+        scheduler: mpsc::Sender<SessionEvent>,
     ) -> Self {
         Self {
             pool,
@@ -119,6 +127,29 @@ impl BuildServiceImpl {
             cache,
             handoff,
             max_derivation_bytes,
+            scheduler,
+        }
+    }
+
+    /// Checks that `identity` may cancel or restart `build` (its submitter, or an admin); its
+    /// status if so.
+    async fn owned(&self, identity: &Identity, build: i64) -> Result<QueueBuildStatus, Status> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| unavailable(&DbError::Connection(error)))?;
+        let (submitted_by, status) = queries::build_owner(&client, build)
+            .await
+            .map_err(|error| unavailable(&error))?
+            .ok_or_else(|| Status::not_found(format!("no build {build}")))?;
+        if identity.role == Role::Admin || submitted_by.as_deref() == Some(&identity.to_string()) {
+            Ok(status)
+        } else {
+            Err(Status::permission_denied(format!(
+                "build {build} was submitted by {}; only it and admins may change it",
+                submitted_by.as_deref().unwrap_or("SQL")
+            )))
         }
     }
 
@@ -163,7 +194,7 @@ impl BuildServiceImpl {
         Ok(())
     }
 
-    async fn submit(&self, request: SubmitRequest) -> Result<i64, SubmitError> {
+    async fn submit(&self, request: SubmitRequest, caller: &Identity) -> Result<i64, SubmitError> {
         // Before anything else, so a refused submission leaves nothing behind.
         if let Some(large) = request
             .derivations
@@ -208,6 +239,7 @@ impl BuildServiceImpl {
             &top.to_absolute(),
             request.priority,
             &metadata,
+            &caller.to_string(),
         )
         .await?;
         // Offered before the commit, so ingest (woken by the commit) finds it.
@@ -233,9 +265,62 @@ impl BuildService for BuildServiceImpl {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        auth::require(&request, CALLERS)?;
-        let build_id = self.submit(request.into_inner()).await?;
+        let submitter = auth::require(&request, CALLERS)?;
+        let build_id = self.submit(request.into_inner(), &submitter).await?;
         Ok(Response::new(SubmitResponse { build_id }))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        let caller = auth::require(&request, CALLERS)?;
+        let build = request.into_inner().build_id;
+        let status = self.owned(&caller, build).await?;
+        if status.is_terminal() {
+            return Err(Status::failed_precondition(format!(
+                "build {build} already ended {status}"
+            )));
+        }
+        let cancel = Event::CancelBuild {
+            build,
+            by: caller.to_string(),
+        };
+        self.scheduler
+            .send(SessionEvent::Core(cancel))
+            .await
+            .map_err(|_| Status::unavailable("the runner is shutting down"))?;
+        tracing::info!(build, by = %caller, "build cancelled");
+        Ok(Response::new(CancelResponse {}))
+    }
+
+    async fn restart(
+        &self,
+        request: Request<RestartRequest>,
+    ) -> Result<Response<RestartResponse>, Status> {
+        let caller = auth::require(&request, CALLERS)?;
+        let build = request.into_inner().build_id;
+        self.owned(&caller, build).await?;
+        // Told first, so a plan for it after the restart is not taken for a stale one.
+        self.scheduler
+            .send(SessionEvent::Core(Event::RestartBuild { build }))
+            .await
+            .map_err(|_| Status::unavailable("the runner is shutting down"))?;
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| unavailable(&DbError::Connection(error)))?;
+        let restarted = queries::restart_build(&mut client, build)
+            .await
+            .map_err(|error| unavailable(&error))?;
+        if !restarted {
+            return Err(Status::failed_precondition(format!(
+                "build {build} has not failed or been cancelled: only those can be restarted"
+            )));
+        }
+        tracing::info!(build, by = %caller, "build restarted");
+        Ok(Response::new(RestartResponse {}))
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {

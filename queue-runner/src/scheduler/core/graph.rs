@@ -298,6 +298,38 @@ impl StepGraph {
         effects
     }
 
+    /// Removes a cancelled build, and the steps of its closure that no other build in the graph
+    /// needs (a step's dependents are needed by fewer builds than it, so they go too); `None` if
+    /// the build is not in the graph. Returns the removed steps' nodes, so the caller can unindex
+    /// them and stop the running ones.
+    pub fn cancel_build(&mut self, build: BuildId) -> Option<Vec<(StepId, StepNode)>> {
+        let top = self.builds.remove(&build)?.top;
+        let mut closure = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut pending = vec![top];
+        while let Some(id) = pending.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            if let Some(node) = self.steps.get(&id) {
+                pending.extend(node.inputs.iter().copied());
+                closure.push(id);
+            }
+        }
+        let mut removed = Vec::new();
+        for id in closure {
+            let still_needed = self.steps.get(&id).is_some_and(|node| {
+                node.builds
+                    .iter()
+                    .any(|other| *other != build && self.builds.contains_key(other))
+            });
+            if !still_needed && let Some(node) = self.steps.remove(&id) {
+                removed.push((id, node));
+            }
+        }
+        Some(removed)
+    }
+
     /// Removes a failed step and every step that depends on it; the builds that needed them
     /// fail. Returns the removed steps' nodes too, so the caller can unindex them.
     pub fn fail(&mut self, step: StepId) -> (Effects, Vec<(StepId, StepNode)>) {

@@ -100,6 +100,8 @@ pub struct Core {
     attempts: HashMap<AttemptId, Attempt>,
     by_session: HashMap<SessionId, BTreeSet<AttemptId>>,
     recent: RecentFinishes,
+    /// Builds cancelled before ingest planned them: a late plan for one is ignored.
+    cancelled: HashSet<BuildId>,
     held: Held,
     unsupported: Unsupported,
     limits: CoreLimits,
@@ -121,6 +123,7 @@ impl Core {
             attempts: HashMap::new(),
             by_session: HashMap::new(),
             recent: RecentFinishes::default(),
+            cancelled: HashSet::new(),
             held: Held::default(),
             unsupported: Unsupported::default(),
             limits,
@@ -172,6 +175,10 @@ impl Core {
             } => self.on_builder_joined(name, session, capabilities, nix_version),
             Event::BuilderLeft { session, reason } => self.on_builder_left(session, &reason),
             Event::BuilderDraining { session } => self.placement.drain(session),
+            Event::CancelBuild { build, by } => self.cancel_build(build, &by),
+            Event::RestartBuild { build } => {
+                self.cancelled.remove(&build);
+            }
             Event::BuilderPinged {
                 session,
                 free_disk_bytes,
@@ -296,7 +303,7 @@ impl Core {
     }
 
     fn on_build_planned(&mut self, plan: BuildPlan) {
-        if self.graph.has_build(plan.build) {
+        if self.graph.has_build(plan.build) || self.cancelled.remove(&plan.build) {
             return;
         }
         for step in plan.available {
@@ -437,6 +444,56 @@ impl Core {
             .any(|(_, other)| other.name == builder.name);
         if !replaced {
             self.persist(Change::MachineLeft { name: builder.name });
+        }
+    }
+
+    /// Cancels a build: the steps of it that no other build needs leave the graph, the running
+    /// ones stopped on their builders; the steps other builds need go on.
+    fn cancel_build(&mut self, build: BuildId, by: &str) {
+        let reason = format!("cancelled by {by}");
+        self.persist(Change::BuildFinished {
+            build,
+            status: BuildStatus::Cancelled,
+            reason: Some(reason.clone()),
+        });
+        let Some(removed) = self.graph.cancel_build(build) else {
+            // Not planned yet (or already ended, which the write leaves alone).
+            self.cancelled.insert(build);
+            return;
+        };
+        let step_reason = format!("no build needs it any more: build {build} was {reason}");
+        for (step, node) in removed {
+            match node.state {
+                StepState::Runnable => self
+                    .placement
+                    .remove_runnable(node.class, &node.order(step)),
+                StepState::Running(attempt) => {
+                    if let Some(running) = self.attempts.remove(&attempt) {
+                        if let Some(attempts) = self.by_session.get_mut(&running.session) {
+                            attempts.remove(&attempt);
+                        }
+                        self.placement.release(running.session);
+                        self.send(
+                            running.session,
+                            ToBuilder::Abort {
+                                attempt,
+                                reason: step_reason.clone(),
+                            },
+                        );
+                    }
+                    self.persist(Change::AttemptEnded {
+                        attempt,
+                        status: AttemptStatus::Aborted,
+                        message: Some(step_reason.clone()),
+                    });
+                }
+                StepState::Waiting(_) => {}
+            }
+            self.persist(Change::StepStatus {
+                step,
+                status: StepStatus::Cancelled,
+                reason: Some(step_reason.clone()),
+            });
         }
     }
 

@@ -604,6 +604,76 @@ fn steps_no_builder_can_take_wait_out_the_grace_then_end_unsupported_saying_why(
 }
 
 #[test]
+fn cancelling_a_build_stops_the_steps_only_it_needs_and_spares_the_shared_ones() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 4)));
+    // Build 1 needs 1 (shared with build 2) and 2 (its own); 3 waits on both.
+    core.handle(plan(
+        1,
+        0,
+        3,
+        vec![step(1, &[]), step(2, &[]), step(3, &[1, 2])],
+    ));
+    core.handle(plan(2, 0, 1, vec![step(1, &[])]));
+    let running = builds(&core.dispatch(now));
+    let own = running.iter().find(|b| b.2 == 2).unwrap().1;
+    let cancelled = core.handle(Event::CancelBuild {
+        build: 1,
+        by: "client/alice".to_owned(),
+    });
+    assert!(cancelled.iter().any(|command| matches!(
+        command,
+        Command::Send { session: 1, message: ToBuilder::Abort { attempt, .. } } if *attempt == own
+    )));
+    assert_eq!(
+        cancelled
+            .iter()
+            .filter(|command| matches!(
+                command,
+                Command::Send {
+                    message: ToBuilder::Abort { .. },
+                    ..
+                }
+            ))
+            .count(),
+        1,
+        "the shared step keeps running"
+    );
+    assert_eq!(step_status(&cancelled, 2), Some(StepStatus::Cancelled));
+    assert_eq!(step_status(&cancelled, 3), Some(StepStatus::Cancelled));
+    assert_eq!(step_status(&cancelled, 1), None);
+    assert_eq!(
+        build_finished(&cancelled),
+        vec![(1, BuildStatus::Cancelled)]
+    );
+    assert!(core.graph().step(1).is_some() && core.graph().step(2).is_none());
+}
+
+#[test]
+fn a_build_cancelled_before_its_plan_ignores_the_plan_until_restarted() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 4)));
+    let cancelled = core.handle(Event::CancelBuild {
+        build: 1,
+        by: "admin/root".to_owned(),
+    });
+    assert_eq!(
+        build_finished(&cancelled),
+        vec![(1, BuildStatus::Cancelled)]
+    );
+    core.handle(plan(1, 0, 1, vec![step(1, &[])]));
+    assert!(
+        builds(&core.dispatch(now)).is_empty(),
+        "a stale plan was taken"
+    );
+    core.handle(Event::RestartBuild { build: 1 });
+    core.handle(plan(1, 0, 1, vec![step(1, &[])]));
+    assert_eq!(builds(&core.dispatch(now)).len(), 1);
+}
+
+#[test]
 fn a_step_postponed_in_its_row_waits_without_using_a_retry() {
     let now = Instant::now();
     let mut core = core();

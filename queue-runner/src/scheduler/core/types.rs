@@ -188,6 +188,18 @@ pub enum Event {
         /// The connection.
         session: SessionId,
     },
+    /// A user cancelled a build: its steps that no other build needs stop.
+    CancelBuild {
+        /// The build.
+        build: BuildId,
+        /// Who cancelled it, for the reason recorded.
+        by: String,
+    },
+    /// A user is restarting an ended build: a plan for it may come again.
+    RestartBuild {
+        /// The build.
+        build: BuildId,
+    },
     /// A builder reported the end of an attempt (the session checked it owns it).
     StepFinished {
         /// The connection that reported.

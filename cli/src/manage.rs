@@ -1,0 +1,69 @@
+//! `drover cancel ID` and `drover restart ID`: changing a build one submitted (admins: any
+//! build). Cancel stops the build's steps that no other build needs; restart queues a failed or
+//! cancelled build again, clearing its steps' failures.
+
+use clap::Args;
+use drover_proto::v1::build_service_client::BuildServiceClient;
+use drover_proto::v1::{CancelRequest, RestartRequest};
+use error_context::{Classify, Severity, WithContext};
+
+use crate::call::CallError;
+use crate::connection::{ConnectError, ConnectionArgs};
+
+/// Arguments naming one build.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The build's id.
+    build: i64,
+    /// Where the runner is.
+    #[command(flatten)]
+    connection: ConnectionArgs,
+}
+
+/// Why a build could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ManageError {
+    /// The runner cannot be reached.
+    #[error("reaching the runner")]
+    Connect(#[from] ConnectError),
+    /// The call failed.
+    #[error(transparent)]
+    Call(#[from] CallError),
+}
+
+impl Classify for ManageError {
+    fn severity(&self) -> Severity {
+        match self {
+            Self::Connect(error) => error.severity(),
+            Self::Call(error) => error.severity(),
+        }
+    }
+}
+
+/// Runs `drover cancel`.
+pub async fn cancel(args: BuildArgs) -> Result<(), WithContext<ManageError>> {
+    let mut client =
+        BuildServiceClient::new(args.connection.connect().await.map_err(ManageError::from)?);
+    client
+        .cancel(CancelRequest {
+            build_id: args.build,
+        })
+        .await
+        .map_err(|status| ManageError::from(CallError::from(status)))?;
+    eprintln!("build {} cancelled", args.build);
+    Ok(())
+}
+
+/// Runs `drover restart`.
+pub async fn restart(args: BuildArgs) -> Result<(), WithContext<ManageError>> {
+    let mut client =
+        BuildServiceClient::new(args.connection.connect().await.map_err(ManageError::from)?);
+    client
+        .restart(RestartRequest {
+            build_id: args.build,
+        })
+        .await
+        .map_err(|status| ManageError::from(CallError::from(status)))?;
+    eprintln!("build {} queued again", args.build);
+    Ok(())
+}
