@@ -45,6 +45,9 @@ pub enum StartError {
     Task(#[source] tokio::task::JoinError),
 }
 
+/// The buffer replies are read through: output NARs come through it in pieces of this size.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+
 /// How much of the end of a serve process's stderr is kept to explain why it died.
 const LAST_WORDS_BYTES: usize = 2048;
 
@@ -116,10 +119,19 @@ impl ServeProcess {
                 .stderr(Stdio::piped());
         })
         .map_err(StartError::Spawn)?;
-        let stopper = Stopper::new(child.id()).map_err(StartError::Spawn)?;
+        let stopper = match Stopper::new(child.id()) {
+            Ok(stopper) => stopper,
+            Err(error) => {
+                // Not reaped yet, so the pid is still this child's.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(StartError::Spawn(error));
+            }
+        };
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
+            stopper.kill();
             return Err(StartError::Spawn(std::io::Error::other(
                 "a pipe is missing",
             )));
@@ -136,11 +148,11 @@ impl ServeProcess {
                 let _ = child.wait();
             })
             .map_err(StartError::Spawn)?;
-        let connection = Connection::handshake(BufReader::new(stdout), BufWriter::new(stdin))
-            .map_err(|error| {
-                stopper.kill();
-                StartError::Handshake(error)
-            })?;
+        let reader = BufReader::with_capacity(READ_BUFFER_BYTES, stdout);
+        let connection = Connection::handshake(reader, BufWriter::new(stdin)).map_err(|error| {
+            stopper.kill();
+            StartError::Handshake(error)
+        })?;
         Ok(Self {
             connection,
             stopper,
