@@ -131,14 +131,18 @@ impl BuildServiceImpl {
         }
     }
 
+    /// A database connection, or `UNAVAILABLE`.
+    async fn client(&self) -> Result<deadpool_postgres::Client, Status> {
+        self.pool
+            .get()
+            .await
+            .map_err(|error| unavailable(&DbError::Connection(error)))
+    }
+
     /// Checks that `identity` may cancel or restart `build` (its submitter, or an admin); its
     /// status if so.
     async fn owned(&self, identity: &Identity, build: i64) -> Result<QueueBuildStatus, Status> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|error| unavailable(&DbError::Connection(error)))?;
+        let client = self.client().await?;
         let (submitted_by, status) = queries::build_owner(&client, build)
             .await
             .map_err(|error| unavailable(&error))?
@@ -306,11 +310,7 @@ impl BuildService for BuildServiceImpl {
             .send(SessionEvent::Core(Event::RestartBuild { build }))
             .await
             .map_err(|_| Status::unavailable("the runner is shutting down"))?;
-        let mut client = self
-            .pool
-            .get()
-            .await
-            .map_err(|error| unavailable(&DbError::Connection(error)))?;
+        let mut client = self.client().await?;
         let restarted = queries::restart_build(&mut client, build)
             .await
             .map_err(|error| unavailable(&error))?;
@@ -326,11 +326,7 @@ impl BuildService for BuildServiceImpl {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         auth::require(&request, CALLERS)?;
         let id = request.into_inner().build_id;
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|error| unavailable(&DbError::Connection(error)))?;
+        let client = self.client().await?;
         let build = queries::build(&client, id)
             .await
             .map_err(|error| unavailable(&error))?
@@ -361,11 +357,7 @@ impl BuildService for BuildServiceImpl {
     ) -> Result<Response<GetLogResponse>, Status> {
         auth::require(&request, CALLERS)?;
         let drv_path = request.into_inner().drv_path;
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|error| unavailable(&DbError::Connection(error)))?;
+        let client = self.client().await?;
         let file = queries::latest_log_file(&client, &drv_path)
             .await
             .map_err(|error| unavailable(&error))?

@@ -131,10 +131,7 @@ impl Driver {
         mut plans: mpsc::Receiver<Event>,
         shutdown: CancellationToken,
     ) -> Result<(), WithContext<SchedulerError>> {
-        let aborted = self.abort_orphaned_attempts().await?;
-        for capabilities in self.known_machines().await? {
-            self.core.remember_builder(capabilities);
-        }
+        let aborted = self.recover().await?;
         tracing::info!(aborted, "scheduler started");
         let mut batch = Vec::new();
         loop {
@@ -167,26 +164,24 @@ impl Driver {
         }
     }
 
-    async fn known_machines(&self) -> Result<Vec<Capabilities>, SchedulerError> {
+    /// Takes over from the previous runner process: the attempts it left running are aborted
+    /// (their count is returned), and the core learns what builders ever offered.
+    async fn recover(&mut self) -> Result<u64, SchedulerError> {
         let client = self
             .pool
             .get()
             .await
             .map_err(|error| SchedulerError::Recover(DbError::Connection(error)))?;
-        queries::known_machines(&client)
+        let aborted = queries::abort_orphaned_attempts(&client)
             .await
-            .map_err(SchedulerError::Recover)
-    }
-
-    async fn abort_orphaned_attempts(&self) -> Result<u64, SchedulerError> {
-        let client = self
-            .pool
-            .get()
+            .map_err(SchedulerError::Recover)?;
+        for capabilities in queries::known_machines(&client)
             .await
-            .map_err(|error| SchedulerError::Recover(DbError::Connection(error)))?;
-        queries::abort_orphaned_attempts(&client)
-            .await
-            .map_err(SchedulerError::Recover)
+            .map_err(SchedulerError::Recover)?
+        {
+            self.core.remember_builder(capabilities);
+        }
+        Ok(aborted)
     }
 
     fn accept(&mut self, event: SessionEvent) -> Vec<Command> {
