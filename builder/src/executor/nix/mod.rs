@@ -148,7 +148,13 @@ impl NixExecutor {
             }
         };
         let taking = std::time::Instant::now();
-        let mut process = match self.spares.take().await {
+        let taken = tokio::select! {
+            taken = self.spares.take() => taken,
+            () = abort.cancelled() => {
+                return Report::failure(Outcome::InfrastructureFailure, "aborted");
+            }
+        };
+        let mut process = match taken {
             Ok(process) => process,
             Err(error) => {
                 return Report::failure(

@@ -13,7 +13,7 @@
 use std::io::{BufReader, BufWriter, Read as _};
 use std::os::fd::OwnedFd;
 use std::process::{ChildStdin, ChildStdout, Stdio};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -44,6 +44,9 @@ pub enum StartError {
     #[error("the task starting nix-store --serve failed")]
     Task(#[source] tokio::task::JoinError),
 }
+
+/// How long a new process may take to greet: starting one takes ~20 ms.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The buffer replies are read through: output NARs come through it in pieces of this size.
 const READ_BUFFER_BYTES: usize = 256 * 1024;
@@ -147,12 +150,31 @@ impl ServeProcess {
                 // The process ended (its stderr closed): reap it.
                 let _ = child.wait();
             })
-            .map_err(StartError::Spawn)?;
+            .map_err(|error| {
+                stopper.kill();
+                StartError::Spawn(error)
+            })?;
+        // A process that never greets (Nix stuck on a lock of its store, say) is killed, which
+        // ends the handshake's read, so no step waits on it for ever.
+        let (greeted, greeting) = std::sync::mpsc::channel::<()>();
+        let watchdog = stopper.clone();
+        std::thread::Builder::new()
+            .name("nix-serve-start".to_owned())
+            .spawn(move || {
+                if greeting.recv_timeout(START_TIMEOUT) == Err(RecvTimeoutError::Timeout) {
+                    watchdog.kill();
+                }
+            })
+            .map_err(|error| {
+                stopper.kill();
+                StartError::Spawn(error)
+            })?;
         let reader = BufReader::with_capacity(READ_BUFFER_BYTES, stdout);
         let connection = Connection::handshake(reader, BufWriter::new(stdin)).map_err(|error| {
             stopper.kill();
             StartError::Handshake(error)
         })?;
+        let _ = greeted.send(());
         Ok(Self {
             connection,
             stopper,

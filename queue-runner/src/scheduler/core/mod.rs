@@ -102,6 +102,9 @@ pub struct Core {
     recent: RecentFinishes,
     /// Builds cancelled before ingest planned them: a late plan for one is ignored.
     cancelled: HashSet<BuildId>,
+    /// Attempts of cancelled steps, told to stop: they hold their builder's slot until its
+    /// result comes (whatever it says) or the builder leaves.
+    stopping: HashSet<AttemptId>,
     held: Held,
     unsupported: Unsupported,
     limits: CoreLimits,
@@ -124,6 +127,7 @@ impl Core {
             by_session: HashMap::new(),
             recent: RecentFinishes::default(),
             cancelled: HashSet::new(),
+            stopping: HashSet::new(),
             held: Held::default(),
             unsupported: Unsupported::default(),
             limits,
@@ -202,6 +206,15 @@ impl Core {
 
     /// Gives every free slot the best runnable step it can take.
     pub fn dispatch(&mut self, now: Instant) -> Vec<Command> {
+        for step in self.held.release(now) {
+            if self
+                .graph
+                .step(step)
+                .is_some_and(|node| node.state == StepState::Runnable)
+            {
+                self.enqueue(step);
+            }
+        }
         let grace = self.limits.unsupported_grace;
         for class in self.unsupported.expired(now, &self.placement, grace) {
             let Some(requirements) = self.placement.requirements(class) else {
@@ -211,15 +224,6 @@ impl Core {
             for order in self.placement.runnable(class) {
                 self.placement.remove_runnable(class, &order);
                 self.fail(order.step, StepStatus::Unsupported, &reason);
-            }
-        }
-        for step in self.held.release(now) {
-            if self
-                .graph
-                .step(step)
-                .is_some_and(|node| node.state == StepState::Runnable)
-            {
-                self.enqueue(step);
             }
         }
         while let Some((step, class, best)) = self.placement.next() {
@@ -468,11 +472,8 @@ impl Core {
                     .placement
                     .remove_runnable(node.class, &node.order(step)),
                 StepState::Running(attempt) => {
-                    if let Some(running) = self.attempts.remove(&attempt) {
-                        if let Some(attempts) = self.by_session.get_mut(&running.session) {
-                            attempts.remove(&attempt);
-                        }
-                        self.placement.release(running.session);
+                    // The slot stays taken until the builder says the attempt has stopped.
+                    if let Some(running) = self.attempts.get(&attempt) {
                         self.send(
                             running.session,
                             ToBuilder::Abort {
@@ -480,6 +481,7 @@ impl Core {
                                 reason: step_reason.clone(),
                             },
                         );
+                        self.stopping.insert(attempt);
                     }
                     self.persist(Change::AttemptEnded {
                         attempt,
@@ -500,7 +502,9 @@ impl Core {
     /// Requeues every attempt a drained builder still held when it left, as nobody's fault.
     fn hand_back(&mut self, session: SessionId) {
         for attempt in self.by_session.remove(&session).unwrap_or_default() {
-            if let Some(running) = self.attempts.remove(&attempt) {
+            if self.stopping.remove(&attempt) {
+                self.attempts.remove(&attempt);
+            } else if let Some(running) = self.attempts.remove(&attempt) {
                 self.requeue(
                     attempt,
                     running.step,
@@ -515,7 +519,9 @@ impl Core {
     fn lose_session(&mut self, session: SessionId, reason: &str) {
         self.placement.leave(session);
         for attempt in self.by_session.remove(&session).unwrap_or_default() {
-            if let Some(running) = self.attempts.remove(&attempt) {
+            if self.stopping.remove(&attempt) {
+                self.attempts.remove(&attempt);
+            } else if let Some(running) = self.attempts.remove(&attempt) {
                 self.requeue(
                     attempt,
                     running.step,
@@ -539,6 +545,11 @@ impl Core {
             attempts.remove(&attempt);
         }
         self.placement.release(session);
+        if self.stopping.remove(&attempt) {
+            // A cancelled step's attempt has stopped; its end is already recorded.
+            self.send(session, ToBuilder::ResultRecorded { attempt });
+            return;
+        }
         let step = running.step;
         match report.outcome {
             Outcome::Succeeded => self.succeed(attempt, step, report.outputs),

@@ -651,6 +651,36 @@ fn cancelling_a_build_stops_the_steps_only_it_needs_and_spares_the_shared_ones()
 }
 
 #[test]
+fn a_cancelled_attempt_holds_its_slot_until_the_builder_says_it_stopped() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    core.handle(plan(1, 0, 1, vec![step(1, &[])]));
+    let first = builds(&core.dispatch(now));
+    core.handle(Event::CancelBuild {
+        build: 1,
+        by: "client/alice".to_owned(),
+    });
+    core.handle(plan(2, 0, 2, vec![step(2, &[])]));
+    assert!(
+        builds(&core.dispatch(now)).is_empty(),
+        "the slot is free before the cancelled build stopped"
+    );
+    let stopped = core.handle(finished(1, first[0].1, Outcome::InfrastructureFailure));
+    assert!(stopped.contains(&Command::Send {
+        session: 1,
+        message: ToBuilder::ResultRecorded {
+            attempt: first[0].1
+        }
+    }));
+    assert!(
+        changes(&stopped).is_empty(),
+        "its end was recorded at the cancel"
+    );
+    assert_eq!(builds(&core.dispatch(now))[0].2, 2);
+}
+
+#[test]
 fn a_build_cancelled_before_its_plan_ignores_the_plan_until_restarted() {
     let now = Instant::now();
     let mut core = core();
