@@ -5,7 +5,7 @@
 //! Events carry no time, so a delay decided while handling one is kept as a duration until the
 //! next dispatch, whose `now` makes it a due time.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use super::types::StepId;
@@ -41,8 +41,8 @@ impl RetryPolicy {
 /// The held steps.
 #[derive(Debug, Default)]
 pub struct Held {
-    /// Every held step.
-    steps: HashSet<StepId>,
+    /// Every held step, with its due time once dated.
+    steps: HashMap<StepId, Option<Instant>>,
     /// Due times made absolute.
     due: BTreeSet<(Instant, StepId)>,
     /// Delays decided since the last dispatch.
@@ -50,23 +50,31 @@ pub struct Held {
 }
 
 impl Held {
-    /// Holds `step` back for `delay` from the next dispatch.
+    /// Holds `step` back for `delay` from the next dispatch, replacing an earlier hold.
     pub fn hold(&mut self, step: StepId, delay: Duration) {
-        self.steps.insert(step);
+        match self.steps.insert(step, None) {
+            Some(Some(at)) => {
+                self.due.remove(&(at, step));
+            }
+            Some(None) => self.undated.retain(|(held, _)| *held != step),
+            None => {}
+        }
         self.undated.push((step, delay));
     }
 
     /// Whether `step` is held back.
     #[must_use]
     pub fn holds(&self, step: StepId) -> bool {
-        self.steps.contains(&step)
+        self.steps.contains_key(&step)
     }
 
     /// Dates the delays decided since the last call, and returns the steps due at `now`, no
     /// longer held.
     pub fn release(&mut self, now: Instant) -> Vec<StepId> {
         for (step, delay) in self.undated.drain(..) {
-            self.due.insert((now + delay, step));
+            let at = now + delay;
+            self.due.insert((at, step));
+            self.steps.insert(step, Some(at));
         }
         let mut released = Vec::new();
         while let Some(&(at, step)) = self.due.first() {
@@ -74,9 +82,8 @@ impl Held {
                 break;
             }
             self.due.pop_first();
-            if self.steps.remove(&step) {
-                released.push(step);
-            }
+            self.steps.remove(&step);
+            released.push(step);
         }
         released
     }
@@ -118,5 +125,16 @@ mod tests {
         assert_eq!(held.release(start + Duration::from_secs(9)), [1]);
         assert!(!held.holds(1));
         assert_eq!(held.next_due(), None);
+    }
+
+    #[test]
+    fn a_second_hold_replaces_the_first() {
+        let start = Instant::now();
+        let mut held = Held::default();
+        held.hold(1, Duration::from_secs(1));
+        held.release(start);
+        held.hold(1, Duration::from_secs(10));
+        assert!(held.release(start + Duration::from_secs(1)).is_empty());
+        assert_eq!(held.release(start + Duration::from_secs(11)), [1]);
     }
 }
