@@ -438,7 +438,8 @@ impl Core {
             return;
         };
         if builder.draining {
-            self.hand_back(session);
+            // What a drained builder still held is handed back: nobody's fault.
+            self.requeue_session(session, Requeue::HandedBack, "builder left: draining");
         } else {
             self.lose_session(session, reason);
         }
@@ -499,35 +500,24 @@ impl Core {
         }
     }
 
-    /// Requeues every attempt a drained builder still held when it left, as nobody's fault.
-    fn hand_back(&mut self, session: SessionId) {
-        for attempt in self.by_session.remove(&session).unwrap_or_default() {
-            if self.stopping.remove(&attempt) {
-                self.attempts.remove(&attempt);
-            } else if let Some(running) = self.attempts.remove(&attempt) {
-                self.requeue(
-                    attempt,
-                    running.step,
-                    Requeue::HandedBack,
-                    "builder left: draining",
-                );
-            }
-        }
-    }
-
     /// Requeues every attempt of a session that is gone, without counting a build failure.
     fn lose_session(&mut self, session: SessionId, reason: &str) {
         self.placement.leave(session);
+        self.requeue_session(
+            session,
+            Requeue::BuilderLost,
+            &format!("builder lost: {reason}"),
+        );
+    }
+
+    /// Requeues every attempt `session` held, for `cause`; the attempts of cancelled steps,
+    /// already ended, are only forgotten.
+    fn requeue_session(&mut self, session: SessionId, cause: Requeue, message: &str) {
         for attempt in self.by_session.remove(&session).unwrap_or_default() {
             if self.stopping.remove(&attempt) {
                 self.attempts.remove(&attempt);
             } else if let Some(running) = self.attempts.remove(&attempt) {
-                self.requeue(
-                    attempt,
-                    running.step,
-                    Requeue::BuilderLost,
-                    &format!("builder lost: {reason}"),
-                );
+                self.requeue(attempt, running.step, cause, message);
             }
         }
     }
@@ -653,24 +643,25 @@ impl Core {
         let Some(node) = self.graph.step_mut(step) else {
             return;
         };
-        let (count, limit, what) = match cause {
-            Requeue::HandedBack => (0, 0, "hand-backs"),
+        // A hand-back moves no counter and has no cap.
+        let cap = match cause {
+            Requeue::HandedBack => None,
             Requeue::BuilderLost => {
                 node.builder_losses += 1;
-                (
+                Some((
                     node.builder_losses,
                     self.limits.max_builder_losses,
                     "builder losses",
-                )
+                ))
             }
             Requeue::InfrastructureFailure => {
                 node.infrastructure_failures += 1;
-                (
+                Some((
                     node.infrastructure_failures,
                     // The last allowed attempt's failure is final.
                     self.limits.retry.max_attempts.saturating_sub(1),
                     "infrastructure failures",
-                )
+                ))
             }
         };
         let failures = node.infrastructure_failures;
@@ -679,13 +670,13 @@ impl Core {
             builder_losses: node.builder_losses,
             infrastructure_failures: node.infrastructure_failures,
         };
-        if cause != Requeue::HandedBack {
+        if let Some((count, limit, what)) = cap {
             self.persist(counters);
-        }
-        if count > limit {
-            let reason = format!("{count} {what}; the last: {message}");
-            self.fail(step, StepStatus::Cancelled, &reason);
-            return;
+            if count > limit {
+                let reason = format!("{count} {what}; the last: {message}");
+                self.fail(step, StepStatus::Cancelled, &reason);
+                return;
+            }
         }
         if self.graph.requeue(step) {
             if cause == Requeue::InfrastructureFailure {
