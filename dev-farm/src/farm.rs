@@ -288,9 +288,7 @@ trusted_public_keys = ["{public_key}"]
     // their builds) along instead of leaving them retrying a runner that is gone.
     drover_daemon::tied::spawn("unshare", |command| {
         command
-            .args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(r#"mount --bind "$0" /nix && exec "$@""#)
-            .arg(&store)
+            .args(test_support::private_store_arguments(&store))
             .arg(binary)
             .arg("--config")
             .arg(&config_path)

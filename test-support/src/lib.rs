@@ -18,5 +18,5 @@ pub mod process;
 pub mod wait;
 
 pub use postgres::{TestDatabase, TestPostgres};
-pub use process::{ChildGuard, private_store_command, workspace_binary};
+pub use process::{ChildGuard, private_store_arguments, private_store_command, workspace_binary};
 pub use wait::poll_until;

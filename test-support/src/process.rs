@@ -117,9 +117,21 @@ pub fn private_store_command(store: &std::path::Path) -> Command {
         "/nix must exist to mount private stores over it (install nix-bin; scripts/test does)"
     );
     let mut command = Command::new("unshare");
+    command.args(private_store_arguments(store));
     command
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$0" /nix && exec "$@""#)
-        .arg(store);
-    command
+}
+
+/// The arguments of `unshare` that run what follows them with `store` bind-mounted over `/nix`
+/// in a mount namespace of their own (for callers that build the command themselves).
+#[must_use]
+pub fn private_store_arguments(store: &std::path::Path) -> [&std::ffi::OsStr; 7] {
+    [
+        "--mount".as_ref(),
+        "--propagation".as_ref(),
+        "private".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        r#"mount --bind "$0" /nix && exec "$@""#.as_ref(),
+        store.as_os_str(),
+    ]
 }
