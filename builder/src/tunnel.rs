@@ -1,39 +1,36 @@
 //! The builder's side of the tunnel: dial the runner with the builder's certificate, Join, run
-//! the steps it sends (at most `max_jobs` at once), upload each log on its own stream, report each
-//! result, and ping. When the tunnel drops, [`run`] reconnects under the [`ReconnectPolicy`];
-//! refusals that retrying cannot fix (wrong API version, bad certificate, wrong role) end the
-//! builder.
+//! the steps it sends (at most `max_jobs` at once), report each result, and ping. When the
+//! tunnel drops, [`run`] reconnects under the [`ReconnectPolicy`] while the steps go on
+//! ([`crate::jobs`]); every Join names the attempts the builder still runs or holds a result of,
+//! and results are sent again until the runner acknowledges them, so a restarted runner takes
+//! them back instead of building them again. Refusals that retrying cannot fix (wrong API
+//! version, bad certificate, wrong role) end the builder.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use drover_proto::API_VERSION;
 use drover_proto::v1::builder_message::Message as Outbound;
 use drover_proto::v1::builder_service_client::BuilderServiceClient;
 use drover_proto::v1::runner_message::Message as Inbound;
-use drover_proto::v1::{BuilderMessage, Draining, Join, LogChunk, Ping, StepResult};
+use drover_proto::v1::{BuilderMessage, Draining, Join, Ping, StepResult};
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::{Config, ExecutorConfig, ReconnectPolicy};
+use crate::executor::Executor;
 use crate::executor::nix::NixExecutor;
 use crate::executor::noop::NoopExecutor;
-use crate::executor::{Executor, LogSink, Phases};
-use crate::upload;
+use crate::jobs::Jobs;
+use crate::link::{self, Link, Publisher};
 
-/// How long running steps get to stop when the session ends.
+/// How long running steps get to stop when the builder stops.
 const JOB_STOP_GRACE: Duration = Duration::from_secs(10);
-
-/// Log chunks buffered between a running build and its upload; a slow upload slows the build's
-/// log reading, never the builder's memory.
-const LOG_QUEUE: usize = 64;
 
 /// Messages queued towards the runner.
 const OUTBOX: usize = 256;
@@ -88,6 +85,12 @@ pub enum TunnelError {
     /// The runner did not answer Join with Joined.
     #[error("the runner did not acknowledge Join")]
     NotJoined,
+    /// The builder stopped while a step waited for a session to upload over.
+    #[error("the builder is stopping")]
+    Stopping,
+    /// A step's log could not be spooled to a temporary file.
+    #[error("spooling the log")]
+    Spool(#[source] std::io::Error),
     /// A certificate was refused in the TLS handshake (this builder's by the runner, or the
     /// runner's by this builder): retrying cannot help.
     #[error("{problem}")]
@@ -127,9 +130,12 @@ impl Classify for TunnelError {
             {
                 Severity::Fatal
             }
-            Self::Connect(_) | Self::Status(_) | Self::Closed | Self::NotJoined => {
-                Severity::Session
-            }
+            Self::Connect(_)
+            | Self::Status(_)
+            | Self::Closed
+            | Self::NotJoined
+            | Self::Stopping
+            | Self::Spool(_) => Severity::Session,
         }
     }
 }
@@ -160,14 +166,57 @@ pub async fn run(
             .map_err(|problem| WithContext::from(TunnelError::Executor(problem)))?,
         Executor::Noop(_) => String::new(),
     };
+    let (mut publisher, link) = link::new();
+    let mut work = Work {
+        jobs: Jobs::default(),
+        results: BTreeMap::new(),
+    };
+    let result = reconnect(
+        config,
+        (&executor, &nix_version),
+        shutdown,
+        (&mut publisher, &link),
+        &mut work,
+    )
+    .await;
+    drop(publisher);
+    work.jobs.stop(JOB_STOP_GRACE).await;
+    result
+}
+
+/// What the builder holds across sessions.
+struct Work {
+    /// The running steps.
+    jobs: Jobs,
+    /// Results sent (or to send) and not yet acknowledged, by attempt.
+    results: BTreeMap<String, StepResult>,
+}
+
+/// Runs sessions one after another until `shutdown` (or a drain) ends one cleanly, a refusal is
+/// fatal, or no Join succeeded within the reconnect budget.
+async fn reconnect(
+    config: &Config,
+    (executor, nix_version): (&Executor, &str),
+    shutdown: &CancellationToken,
+    (publisher, link): (&mut Publisher, &Link),
+    work: &mut Work,
+) -> Result<(), WithContext<TunnelError>> {
     let policy = &config.reconnect;
     let mut delay = policy.initial;
     let mut last_joined = Instant::now();
     loop {
         let mut joined = false;
-        let result = session(config, &executor, &nix_version, shutdown, &mut joined)
-            .await
-            .map_err(TunnelError::or_certificate_refused);
+        let result = session(
+            config,
+            (executor, nix_version),
+            shutdown,
+            (publisher, link),
+            work,
+            &mut joined,
+        )
+        .await
+        .map_err(TunnelError::or_certificate_refused);
+        publisher.down();
         if joined {
             last_joined = Instant::now();
             delay = policy.initial;
@@ -183,7 +232,7 @@ pub async fn run(
             return Err(WithContext::from(error))
                 .with_context(|| format!("no session with the runner for {:?}", policy.budget));
         }
-        tracing::warn!(error = %error_context::report(&error), retry_in = ?delay, "tunnel lost");
+        tracing::warn!(error = %error_context::report(&error), retry_in = ?delay, running = work.jobs.len(), "tunnel lost; running steps go on");
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(delay) => {}
@@ -226,12 +275,14 @@ async fn connect(config: &Config) -> Result<Channel, TunnelError> {
         .map_err(TunnelError::Connect)
 }
 
-/// One tunnel's life. Sets `joined` once the runner accepted Join.
+/// One tunnel's life. Sets `joined` once the runner accepted Join, and publishes the session's
+/// client to the steps.
 async fn session(
     config: &Config,
-    executor: &Executor,
-    nix_version: &str,
+    (executor, nix_version): (&Executor, &str),
     shutdown: &CancellationToken,
+    (publisher, link): (&mut Publisher, &Link),
+    work: &mut Work,
     joined: &mut bool,
 ) -> Result<(), TunnelError> {
     let channel = connect(config).await?;
@@ -247,6 +298,12 @@ async fn session(
         max_jobs: config.max_jobs,
         speed_factor: config.speed_factor,
         nix_version: nix_version.to_owned(),
+        held_attempts: work
+            .jobs
+            .attempts()
+            .chain(work.results.keys())
+            .cloned()
+            .collect(),
     };
     send(&outbox, Outbound::Join(join)).await?;
     let mut inbound = client
@@ -261,97 +318,25 @@ async fn session(
         _ => return Err(TunnelError::NotJoined),
     };
     *joined = true;
-    tracing::info!(runner = %config.runner_url, "joined the runner");
-
-    let mut jobs = Jobs::default();
+    tracing::info!(runner = %config.runner_url, held = work.jobs.len() + work.results.len(), "joined the runner");
+    publisher.up(client);
+    for result in work.results.values() {
+        send(&outbox, Outbound::StepResult(result.clone())).await?;
+    }
     let timing = Timing {
         ping_interval,
         drain_deadline: config.drain_deadline,
     };
-    let result = serve(
+    serve(
         &mut inbound,
         &outbox,
-        &client,
+        link,
         executor,
         shutdown,
         timing,
-        &mut jobs,
+        work,
     )
-    .await;
-    // Stop what still runs with SIGTERM (through each job's abort), never by dropping it: a
-    // killed nix-store would leave the derivation's own builder running.
-    for (_, abort) in jobs.running.values() {
-        abort.cancel();
-    }
-    let _ = tokio::time::timeout(JOB_STOP_GRACE, async {
-        while jobs.set.join_next().await.is_some() {}
-    })
-    .await;
-    result
-}
-
-/// The steps running on this builder. Each job ends in a result of its own: an error or a
-/// panic inside one job is that step's infrastructure failure, never the session's.
-#[derive(Default)]
-struct Jobs {
-    set: JoinSet<StepResult>,
-    /// Attempt id and abort token of each running job, by task.
-    running: HashMap<tokio::task::Id, (String, CancellationToken)>,
-}
-
-impl Jobs {
-    fn start(&mut self, job: Job, executor: Executor, mut client: BuilderServiceClient<Channel>) {
-        let abort = CancellationToken::new();
-        let attempt_id = job.attempt_id.clone();
-        let token = abort.clone();
-        let handle = self.set.spawn(async move {
-            match run_step(&mut client, &executor, &job, &token).await {
-                Ok(result) => result,
-                Err(error) => {
-                    tracing::warn!(attempt = %job.attempt_id, error = %error_context::report(&error), "a step failed on this builder");
-                    infrastructure_failure(&job.attempt_id, &error_context::report(&error).to_string())
-                }
-            }
-        });
-        self.running.insert(handle.id(), (attempt_id, abort));
-    }
-
-    fn abort(&self, attempt_id: &str) {
-        for (attempt, token) in self.running.values() {
-            if attempt == attempt_id {
-                token.cancel();
-            }
-        }
-    }
-
-    /// The result of the next job to end; a panicked job's is an infrastructure failure.
-    async fn next(&mut self) -> Option<StepResult> {
-        let (id, result) = match self.set.join_next_with_id().await? {
-            Ok((id, result)) => (id, Some(result)),
-            Err(error) => (error.id(), None),
-        };
-        let (attempt_id, _) = self.running.remove(&id)?;
-        Some(result.unwrap_or_else(|| {
-            tracing::error!(attempt = %attempt_id, "a step's job panicked");
-            infrastructure_failure(&attempt_id, "the builder's job for this step panicked")
-        }))
-    }
-
-    fn len(&self) -> usize {
-        self.running.len()
-    }
-}
-
-fn infrastructure_failure(attempt_id: &str, message: &str) -> StepResult {
-    StepResult {
-        attempt_id: attempt_id.to_owned(),
-        outcome: drover_proto::v1::StepOutcome::from(
-            crate::executor::Outcome::InfrastructureFailure,
-        )
-        .into(),
-        message: message.to_owned(),
-        outputs: Vec::new(),
-    }
+    .await
 }
 
 /// The session's clocks.
@@ -372,21 +357,21 @@ struct Timing {
 async fn serve(
     inbound: &mut tonic::Streaming<drover_proto::v1::RunnerMessage>,
     outbox: &mpsc::Sender<BuilderMessage>,
-    client: &BuilderServiceClient<Channel>,
+    link: &Link,
     executor: &Executor,
     shutdown: &CancellationToken,
     timing: Timing,
-    jobs: &mut Jobs,
+    work: &mut Work,
 ) -> Result<(), TunnelError> {
     let mut ping = tokio::time::interval(timing.ping_interval);
     let mut drain_until: Option<Instant> = None;
-    // Results sent and not yet acknowledged: a drain ends only once the runner has them all,
-    // since closing the tunnel may drop what is still in flight.
-    let mut unacknowledged: HashSet<String> = HashSet::new();
+    // A drain ends only once the runner has acknowledged every result, since closing the tunnel
+    // may drop what is still in flight.
+    let Work { jobs, results } = work;
     loop {
         tokio::select! {
             () = shutdown.cancelled(), if drain_until.is_none() => {
-                if jobs.len() == 0 && unacknowledged.is_empty() {
+                if jobs.is_empty() && results.is_empty() {
                     return Ok(());
                 }
                 tracing::info!(running = jobs.len(), deadline = ?timing.drain_deadline, "draining: taking no new steps, letting the running ones finish");
@@ -423,12 +408,12 @@ async fn serve(
                                 .limits
                                 .map_or(u64::MAX, |l| if l.max_output_bytes == 0 { u64::MAX } else { l.max_output_bytes }),
                         };
-                        jobs.start(job, executor.clone(), client.clone());
+                        jobs.start(job, executor.clone(), link.clone());
                     }
                     Some(Inbound::Abort(abort)) => jobs.abort(&abort.attempt_id),
                     Some(Inbound::ResultRecorded(recorded)) => {
-                        unacknowledged.remove(&recorded.attempt_id);
-                        if drain_until.is_some() && jobs.len() == 0 && unacknowledged.is_empty() {
+                        results.remove(&recorded.attempt_id);
+                        if drain_until.is_some() && jobs.is_empty() && results.is_empty() {
                             tracing::info!("drained: every running step finished and was recorded");
                             return Ok(());
                         }
@@ -439,9 +424,9 @@ async fn serve(
             },
             Some(result) = jobs.next() => {
                 let attempt = result.attempt_id.clone();
+                results.insert(attempt.clone(), result.clone());
                 send(outbox, Outbound::StepResult(result)).await?;
                 tracing::debug!(%attempt, "result sent");
-                unacknowledged.insert(attempt);
             }
         }
     }
@@ -470,36 +455,6 @@ async fn free_store_bytes() -> Option<u64> {
         .ok()
 }
 
-/// Runs a step while streaming its log to the runner, then uploads its outputs and makes its
-/// result.
-async fn run_step(
-    client: &mut BuilderServiceClient<Channel>,
-    executor: &Executor,
-    job: &Job,
-    abort: &CancellationToken,
-) -> Result<StepResult, TunnelError> {
-    let log_client = client.clone();
-    let (sender, receiver) = mpsc::channel(LOG_QUEUE);
-    // The log ends when the executor's last sink is dropped: for Nix, when its serve process
-    // ends, which is after the outputs were read from it and uploaded.
-    let started = std::time::Instant::now();
-    let mut phases = Phases::default();
-    let building = async {
-        let mut report = executor.run(job, abort, LogSink::new(sender)).await;
-        phases.extend(std::mem::take(&mut report.phases));
-        let uploading = std::time::Instant::now();
-        let result = upload::outputs(client, job, report).await;
-        phases.end("upload", uploading);
-        result
-    };
-    let (result, uploaded) =
-        tokio::join!(building, upload_log(log_client, &job.attempt_id, receiver));
-    phases.end("step", started);
-    tracing::debug!(attempt = %job.attempt_id, %phases, "step timings");
-    uploaded?;
-    result
-}
-
 async fn send(outbox: &mpsc::Sender<BuilderMessage>, message: Outbound) -> Result<(), TunnelError> {
     outbox
         .send(BuilderMessage {
@@ -507,26 +462,4 @@ async fn send(outbox: &mpsc::Sender<BuilderMessage>, message: Outbound) -> Resul
         })
         .await
         .map_err(|_| TunnelError::Closed)
-}
-
-/// Streams a log to the runner as it is written, until the executor drops its sink.
-async fn upload_log(
-    mut client: BuilderServiceClient<Channel>,
-    attempt_id: &str,
-    log: mpsc::Receiver<Vec<u8>>,
-) -> Result<(), TunnelError> {
-    let attempt_id = attempt_id.to_owned();
-    let chunk = move |data: Vec<u8>| LogChunk {
-        attempt_id: attempt_id.clone(),
-        data,
-    };
-    // The first message names the attempt even when the build prints nothing.
-    let chunks = tokio_stream::once(chunk(Vec::new())).chain(ReceiverStream::new(log).map(chunk));
-    match client.upload_log(chunks).await {
-        // The runner no longer runs this attempt (it was requeued): its result will be ignored
-        // too, and the session carries on.
-        Err(status) if status.code() == Code::NotFound => Ok(()),
-        Err(status) => Err(TunnelError::Status(status)),
-        Ok(_) => Ok(()),
-    }
 }

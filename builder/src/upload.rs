@@ -1,18 +1,17 @@
 //! Uploading a finished attempt's outputs, each as a NAR on its own stream, in reference order,
 //! and turning the report into the result message. An output the runner refuses turns a success
-//! into an infrastructure failure (the runner requeues it); the hashes in the result are the ones
-//! the runner computed.
+//! into an infrastructure failure (the runner requeues it); an upload cut with its session is
+//! made again over the next one; the hashes in the result are the ones the runner computed.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use drover_proto::v1::builder_service_client::BuilderServiceClient;
 use drover_proto::v1::{BuiltOutput as WireOutput, NarChunk, StepOutcome, StepResult};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::executor::{BuiltOutput, NarSource, Outcome, Report};
+use crate::link::{Client, Link};
 use crate::tunnel::{Job, TunnelError};
 
 /// NAR bytes per upload message.
@@ -30,7 +29,7 @@ const UPLOAD_BUSY_BUDGET: Duration = Duration::from_mins(2);
 
 /// Uploads the outputs of a successful report and builds the result to send.
 pub async fn outputs(
-    client: &mut BuilderServiceClient<Channel>,
+    link: &mut Link,
     job: &Job,
     report: Report,
 ) -> Result<StepResult, TunnelError> {
@@ -39,15 +38,14 @@ pub async fn outputs(
     let mut uploaded = Vec::new();
     if outcome == Outcome::Succeeded {
         for output in &report.outputs {
-            match upload_when_room(client, &job.attempt_id, output).await {
+            match upload_over_sessions(link, &job.attempt_id, output).await? {
                 Ok(wire) => uploaded.push(wire),
-                Err(UploadFailure::Refused(status)) => {
+                Err(status) => {
                     outcome = Outcome::InfrastructureFailure;
                     message = format!("uploading {} failed: {}", output.path, status.message());
                     uploaded.clear();
                     break;
                 }
-                Err(UploadFailure::Tunnel(error)) => return Err(error),
             }
         }
     }
@@ -59,17 +57,38 @@ pub async fn outputs(
     })
 }
 
-/// Uploads one output, again while the runner answers that it has no room.
-async fn upload_when_room(
-    client: &mut BuilderServiceClient<Channel>,
+/// Uploads one output over the joined session, and over the next one if that session ends
+/// during the upload. The inner error is the runner's refusal; the outer one, that the builder
+/// is stopping.
+async fn upload_over_sessions(
+    link: &mut Link,
     attempt_id: &str,
     output: &BuiltOutput,
-) -> Result<WireOutput, UploadFailure> {
+) -> Result<Result<WireOutput, tonic::Status>, TunnelError> {
+    let mut failed = None;
+    loop {
+        let (session, mut client) = link.client(failed).await.ok_or(TunnelError::Stopping)?;
+        match upload_when_room(&mut client, attempt_id, output).await {
+            Err(status) if link.cut(session, &status).await => {
+                tracing::info!(attempt = %attempt_id, path = %output.path, "an output upload was cut with its session; sending it again over the next");
+                failed = Some(session);
+            }
+            result => return Ok(result),
+        }
+    }
+}
+
+/// Uploads one output, again while the runner answers that it has no room.
+async fn upload_when_room(
+    client: &mut Client,
+    attempt_id: &str,
+    output: &BuiltOutput,
+) -> Result<WireOutput, tonic::Status> {
     let started = Instant::now();
     let mut pause = UPLOAD_BUSY_FIRST_PAUSE;
     loop {
         match upload_one(client, attempt_id, output).await {
-            Err(UploadFailure::Refused(status))
+            Err(status)
                 if status.code() == tonic::Code::ResourceExhausted
                     && started.elapsed() + pause < UPLOAD_BUSY_BUDGET =>
             {
@@ -81,18 +100,11 @@ async fn upload_when_room(
     }
 }
 
-enum UploadFailure {
-    /// The runner refused this output.
-    Refused(tonic::Status),
-    /// The connection failed: the session ends.
-    Tunnel(TunnelError),
-}
-
 async fn upload_one(
-    client: &mut BuilderServiceClient<Channel>,
+    client: &mut Client,
     attempt_id: &str,
     output: &BuiltOutput,
-) -> Result<WireOutput, UploadFailure> {
+) -> Result<WireOutput, tonic::Status> {
     let header = NarChunk {
         attempt_id: attempt_id.to_owned(),
         store_path: output.path.clone(),
@@ -103,15 +115,10 @@ async fn upload_one(
     let feeding = feed(sender, header, attempt_id.to_owned(), output.clone());
     let upload = client.upload_nar(ReceiverStream::new(receiver));
     let (fed, response) = tokio::join!(feeding, upload);
-    let response = response.map_err(|status| match status.code() {
-        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
-            UploadFailure::Tunnel(TunnelError::Status(status))
-        }
-        _ => UploadFailure::Refused(status),
-    })?;
+    let response = response?;
     if let Err(error) = fed {
         let message = error_context::report(&error).to_string();
-        return Err(UploadFailure::Refused(tonic::Status::aborted(message)));
+        return Err(tonic::Status::aborted(message));
     }
     let response = response.into_inner();
     Ok(WireOutput {
@@ -136,7 +143,8 @@ enum FeedError {
     Task(#[source] tokio::task::JoinError),
 }
 
-/// Sends the header, then the NAR in chunks.
+/// Sends the header, then the NAR in chunks. If the upload stops, the rest of the NAR is still
+/// read (and dropped), so the serve process stays in step for another try.
 async fn feed(
     sender: tokio::sync::mpsc::Sender<NarChunk>,
     header: NarChunk,
@@ -165,13 +173,15 @@ async fn feed(
             tokio::task::spawn_blocking(move || {
                 let mut process = process.lock().map_err(|_| FeedError::Poisoned)?;
                 let mut pending = Vec::with_capacity(NAR_CHUNK);
-                let mut send = |bytes: &[u8]| {
+                let mut stopped = false;
+                let mut send = |bytes: &[u8]| -> std::io::Result<()> {
+                    if stopped {
+                        return Ok(());
+                    }
                     pending.extend_from_slice(bytes);
                     if pending.len() >= NAR_CHUNK {
                         let full = std::mem::replace(&mut pending, Vec::with_capacity(NAR_CHUNK));
-                        sender
-                            .blocking_send(chunk(full))
-                            .map_err(|_| std::io::Error::other("the upload stopped"))?;
+                        stopped = sender.blocking_send(chunk(full)).is_err();
                     }
                     Ok(())
                 };

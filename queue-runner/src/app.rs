@@ -24,7 +24,7 @@ use crate::grpc::tunnel::BuilderServiceImpl;
 use crate::logs::LogStore;
 use crate::scheduler::attempts::Attempts;
 use crate::scheduler::core::{Core, CoreLimits};
-use crate::scheduler::driver::{Driver, SchedulerError};
+use crate::scheduler::driver::{Driver, QueueRecovered, SchedulerError};
 use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::{Ingest, IngestError};
 use crate::scheduler::listen;
@@ -112,6 +112,8 @@ pub struct Runner {
     pub cache_address: SocketAddr,
     /// The key clients must trust to substitute from the cache.
     pub cache_public_key: nix_primitives::PublicKey,
+    /// Set once the scheduler has recovered the queue; builders can join from then on.
+    pub queue_recovered: QueueRecovered,
     shutdown: CancellationToken,
     supervisor: Supervisor<RunnerError>,
     sessions: TaskTracker,
@@ -143,10 +145,12 @@ pub async fn start(
     let events_for_clients = events.clone();
     let builds_queued = Arc::new(Notify::new());
     let handoff = Handoff::default();
+    let recovered = QueueRecovered::default();
     let mut supervisor = Supervisor::new();
     start_scheduler(
         &config,
         (&pool, &cache, &attempts, &handoff),
+        &recovered,
         receiver,
         builds_queued.clone(),
         &shutdown,
@@ -168,7 +172,7 @@ pub async fn start(
     let cache_for_clients = cache.clone();
     let sessions = TaskTracker::new();
     let builder_service = BuilderServiceImpl::new(
-        events,
+        (events, recovered.clone()),
         attempts,
         cache,
         logs.clone(),
@@ -213,6 +217,7 @@ pub async fn start(
         grpc_address,
         cache_address,
         cache_public_key,
+        queue_recovered: recovered,
         shutdown,
         supervisor,
         sessions,
@@ -228,6 +233,7 @@ fn start_scheduler(
         &Attempts,
         &Handoff,
     ),
+    recovered: &QueueRecovered,
     sessions: mpsc::Receiver<crate::scheduler::driver::SessionEvent>,
     builds_queued: Arc<Notify>,
     shutdown: &CancellationToken,
@@ -240,6 +246,7 @@ fn start_scheduler(
             max_builder_losses: config.max_builder_losses,
             retry: config.retry,
             unsupported_grace: config.unsupported_grace,
+            readoption_grace: config.readoption_grace,
         },
         Box::new(uuid::Uuid::new_v4),
     );
@@ -252,9 +259,9 @@ fn start_scheduler(
     let driver = Driver::new(
         core,
         pool.clone(),
-        attempts.clone(),
-        committed.clone(),
+        (attempts.clone(), committed.clone()),
         build_limits,
+        recovered.clone(),
     );
     let scheduler_run = driver.run(sessions, plan_receiver, shutdown.clone());
     supervisor.spawn_critical("scheduler", async move {

@@ -191,10 +191,20 @@ struct RawBuilders {
     /// seconds, then end `unsupported`. Long enough for a whole fleet to restart. Default 900.
     #[serde(default = "default_unsupported_grace_secs")]
     unsupported_grace_secs: u64,
+    /// After a restart, attempts the previous runner process left running wait this many
+    /// seconds (from the moment the queue is recovered) for their builders to reconnect and
+    /// claim them; then their steps are requeued. Longer than the builders' longest reconnect
+    /// delay. Default 120.
+    #[serde(default = "default_readoption_grace_secs")]
+    readoption_grace_secs: u64,
 }
 
 const fn default_unsupported_grace_secs() -> u64 {
     900
+}
+
+const fn default_readoption_grace_secs() -> u64 {
+    120
 }
 
 impl Default for RawBuilders {
@@ -207,6 +217,7 @@ impl Default for RawBuilders {
             max_silent_secs: default_max_silent_secs(),
             max_output_bytes: default_max_output_bytes(),
             unsupported_grace_secs: default_unsupported_grace_secs(),
+            readoption_grace_secs: default_readoption_grace_secs(),
         }
     }
 }
@@ -277,6 +288,8 @@ pub struct Config {
     pub max_output_bytes: u64,
     /// How long steps wait for a builder that can run them.
     pub unsupported_grace: Duration,
+    /// How long attempts left by a previous runner process wait for their builders.
+    pub readoption_grace: Duration,
     /// Largest derivation in a submission.
     pub max_derivation_bytes: usize,
     /// Largest Submit request.
@@ -365,6 +378,7 @@ impl Config {
             max_silent: Duration::from_secs(raw.builders.max_silent_secs),
             max_output_bytes: raw.builders.max_output_bytes,
             unsupported_grace: Duration::from_secs(raw.builders.unsupported_grace_secs),
+            readoption_grace: Duration::from_secs(raw.builders.readoption_grace_secs),
             max_derivation_bytes,
             max_submission_bytes,
             retry,

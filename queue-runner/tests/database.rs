@@ -63,7 +63,7 @@ fn commands_changes(commands: Vec<Command>, transitions: &mut Transitions) -> Ve
         match command {
             Command::Persist(change) => transitions.add(change),
             Command::Send { message, .. } => sent.push(message),
-            Command::EndSession { .. } => {}
+            Command::EndSession { .. } | Command::Adopt { .. } => {}
         }
     }
     sent
@@ -110,6 +110,7 @@ const LIMITS: CoreLimits = CoreLimits {
         max: std::time::Duration::ZERO,
     },
     unsupported_grace: std::time::Duration::from_mins(15),
+    readoption_grace: std::time::Duration::from_mins(2),
 };
 
 #[tokio::test]
@@ -145,6 +146,7 @@ async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() 
         session: 1,
         capabilities,
         nix_version: "2.8".to_owned(),
+        held: Vec::new(),
     });
     commands.extend(core.handle(Event::BuildPlanned(BuildPlan {
         build,
@@ -165,7 +167,10 @@ async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() 
     })));
     commands.extend(core.dispatch(Instant::now()));
     let sent = commands_changes(commands, &mut batch);
-    let Some(ToBuilder::Build(assignment)) = sent.first() else {
+    let Some(assignment) = sent.iter().find_map(|message| match message {
+        ToBuilder::Build(assignment) => Some(assignment),
+        _ => None,
+    }) else {
         panic!("the step was not dispatched: {sent:?}");
     };
     let attempt = assignment.attempt;

@@ -402,7 +402,7 @@ async fn a_builder_killed_mid_step_has_the_step_requeued_without_burning_a_retry
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_runner_recovers_its_queue_and_builders_rejoin() {
+async fn a_restarted_runner_recovers_its_queue_and_takes_back_what_builders_ran_meanwhile() {
     let mut farm = Farm::new().await;
     farm.start_runner().await;
     let mut factory = Factory::default();
@@ -442,7 +442,16 @@ async fn a_restarted_runner_recovers_its_queue_and_builders_rejoin() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(attempts, ["aborted", "succeeded"]);
+    assert_eq!(
+        attempts,
+        ["succeeded"],
+        "the builder went on building across the restart, and the runner took the attempt back"
+    );
+    assert_eq!(
+        farm.count("SELECT count(*) FROM steps WHERE status = 'running'")
+            .await,
+        0
+    );
     let first_attempts: i64 = db
         .query_one(
             "SELECT count(*) FROM step_attempts WHERE status = 'succeeded'",

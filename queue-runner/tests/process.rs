@@ -10,11 +10,11 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::Farm;
-use test_support::{ChildGuard, TestPostgres, poll_until};
+use test_support::{TestPostgres, poll_until};
 
 const RUNNER: &str = env!("CARGO_BIN_EXE_drover-queue-runner");
 
@@ -95,30 +95,10 @@ async fn losing_the_database_ends_the_runner_with_its_context_chain() {
     let farm = Farm::new().await;
     let cluster = TestPostgres::start();
     let database = cluster.create_database().await;
-    let config = farm.dir.path().join("runner.toml");
-    fs_err::write(
-        &config,
-        farm.runner_config_text(&database.connection_string),
-    )
-    .unwrap();
+    let runner = farm
+        .spawn_runner_process(&database.connection_string, "runner.log")
+        .await;
     let log_path = farm.dir.path().join("runner.log");
-    let log = fs_err::File::create(&log_path).unwrap();
-    let runner = ChildGuard::spawn(
-        Command::new(RUNNER)
-            .args(["--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log.into_parts().0),
-    )
-    .unwrap();
-    poll_until(common::DEADLINE, "the runner to serve", || async {
-        fs_err::read_to_string(&log_path)
-            .unwrap()
-            .contains("queue runner serving")
-            .then_some(())
-    })
-    .await;
 
     cluster.kill();
     let runner = std::sync::Mutex::new(runner);

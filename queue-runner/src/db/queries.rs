@@ -215,19 +215,26 @@ pub async fn finish_build(
     Ok(())
 }
 
-/// Attempts a previous runner process left running: they are aborted, and their steps rejoin the
-/// graph when unfinished builds are reloaded.
-pub async fn abort_orphaned_attempts(client: &impl GenericClient) -> Result<u64, DbError> {
+/// Attempts a previous runner process left running, as (attempt, step, builder): the core waits
+/// for their builders to claim them. Every builder is marked disconnected until it joins again.
+pub async fn orphaned_attempts(
+    client: &impl GenericClient,
+) -> Result<Vec<(uuid::Uuid, i64, String)>, DbError> {
     client
-        .execute(
-            "WITH marked AS (UPDATE machines SET connected = false WHERE connected)
-             UPDATE step_attempts SET status = 'aborted', finished_at = now(),
-                 message = 'the runner restarted'
-             WHERE status = 'running'",
+        .execute("UPDATE machines SET connected = false WHERE connected", &[])
+        .await
+        .map_err(DbError::query("marking builders disconnected"))?;
+    let rows = client
+        .query(
+            "SELECT id, step_id, machine FROM step_attempts WHERE status = 'running'",
             &[],
         )
         .await
-        .map_err(DbError::query("aborting orphaned attempts"))
+        .map_err(DbError::query("reading the attempts left running"))?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect())
 }
 
 /// What every builder that ever joined offered at its latest join.

@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use drover_proto::v1::builder_message::Message as Inbound;
 use drover_proto::v1::builder_service_server::BuilderService;
-use drover_proto::v1::runner_message::Message as Outbound;
 use drover_proto::v1::{
-    BuilderMessage, Join, Joined, LogChunk, NarChunk, RunnerMessage, StepResult, UploadLogResponse,
+    BuilderMessage, Join, Joined, LogChunk, NarChunk, StepResult, UploadLogResponse,
     UploadNarResponse,
 };
 use drover_proto::{API_VERSION, Outcome};
@@ -32,7 +31,7 @@ use crate::cache::BinaryCache;
 use crate::logs::LogStore;
 use crate::scheduler::attempts::{AttemptOwner, Attempts};
 use crate::scheduler::core::{Capabilities, Event, OutputRecord, Report, SessionId};
-use crate::scheduler::driver::{OutboxItem, SessionEvent, SessionLink};
+use crate::scheduler::driver::{OutboxItem, QueueRecovered, SessionEvent, SessionLink};
 use crate::tasks;
 
 /// Messages queued for one builder beyond its job slots: Joined, pings and aborts. The scheduler
@@ -60,14 +59,15 @@ pub struct BuilderServiceImpl {
     next_session: Arc<AtomicU64>,
     uploads: Arc<tokio::sync::Semaphore>,
     sessions: TaskTracker,
+    recovered: QueueRecovered,
 }
 
 impl BuilderServiceImpl {
     /// A service feeding `events`; its builder sessions run on `sessions`, which shutdown waits
-    /// for.
+    /// for. Builders may join once the scheduler has `recovered` the queue.
     #[must_use]
     pub fn new(
-        events: mpsc::Sender<SessionEvent>,
+        (events, recovered): (mpsc::Sender<SessionEvent>, QueueRecovered),
         attempts: Attempts,
         cache: Arc<BinaryCache>,
         logs: LogStore,
@@ -86,11 +86,12 @@ impl BuilderServiceImpl {
             next_session: Arc::new(AtomicU64::new(1)),
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
             sessions,
+            recovered,
         }
     }
 
-    /// Checks a Join and turns it into capabilities.
-    fn accept_join(join: &Join) -> Result<Capabilities, Status> {
+    /// Checks a Join and turns it into capabilities and the attempts the builder holds.
+    fn accept_join(join: &Join) -> Result<(Capabilities, Vec<Uuid>), Status> {
         if join.api_version != API_VERSION {
             return Err(Status::failed_precondition(format!(
                 "API version mismatch: the runner speaks {API_VERSION}, the builder {}",
@@ -108,14 +109,20 @@ impl BuilderServiceImpl {
         if !join.speed_factor.is_finite() || join.speed_factor <= 0.0 {
             return Err(Status::invalid_argument("speed_factor must be positive"));
         }
+        let held = join
+            .held_attempts
+            .iter()
+            .map(|attempt| parse_attempt(attempt))
+            .collect::<Result<Vec<_>, _>>()?;
         let set = |items: &[String]| items.iter().cloned().collect::<BTreeSet<_>>();
-        Ok(Capabilities {
+        let capabilities = Capabilities {
             systems: set(&join.systems),
             supported_features: set(&join.supported_features),
             mandatory_features: set(&join.mandatory_features),
             max_jobs: join.max_jobs,
             speed_factor: join.speed_factor,
-        })
+        };
+        Ok((capabilities, held))
     }
 }
 
@@ -130,6 +137,11 @@ impl BuilderService for BuilderServiceImpl {
         request: Request<Streaming<BuilderMessage>>,
     ) -> Result<Response<Self::OpenTunnelStream>, Status> {
         let identity = auth::require(&request, &[Role::Builder])?;
+        if !self.recovered.get() {
+            return Err(Status::unavailable(
+                "the runner is still recovering its queue; join again shortly",
+            ));
+        }
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.liveness_timeout, inbound.message())
             .await
@@ -140,18 +152,10 @@ impl BuilderService for BuilderServiceImpl {
         else {
             return Err(Status::invalid_argument("the first message must be Join"));
         };
-        let capabilities = Self::accept_join(&join)?;
-        let capacity = capabilities.max_jobs as usize + OUTBOX_SLACK;
+        let (capabilities, held) = Self::accept_join(&join)?;
+        // Room for an Abort of every attempt it holds, past its slots and the usual slack.
+        let capacity = capabilities.max_jobs as usize + held.len() + OUTBOX_SLACK;
         let (outbox, receiver) = mpsc::channel(capacity);
-        let joined = RunnerMessage {
-            message: Some(Outbound::Joined(Joined {
-                builder_name: identity.name.clone(),
-                ping_interval_ms: u64::try_from(self.ping_interval.as_millis()).unwrap_or(u64::MAX),
-            })),
-        };
-        outbox
-            .try_send(Ok(joined))
-            .map_err(|_| Status::internal("the new tunnel's outbox is full"))?;
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         let end = self.shutdown.child_token();
         self.events
@@ -163,7 +167,13 @@ impl BuilderService for BuilderServiceImpl {
                 link: SessionLink {
                     outbox: outbox.clone(),
                     end: end.clone(),
+                    joined: Joined {
+                        builder_name: identity.name.clone(),
+                        ping_interval_ms: u64::try_from(self.ping_interval.as_millis())
+                            .unwrap_or(u64::MAX),
+                    },
                 },
+                held,
             })
             .await
             .map_err(|_| Status::unavailable("the runner is shutting down"))?;

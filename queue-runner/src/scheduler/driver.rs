@@ -9,12 +9,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use drover_proto::Outcome;
 use drover_proto::v1::{
-    Abort, Build, BuildLimits, ResultRecorded, RunnerMessage, runner_message::Message,
+    Abort, Build, BuildLimits, Joined, ResultRecorded, RunnerMessage, runner_message::Message,
 };
 use error_context::{Classify, Severity, WithContext};
 use nix_primitives::StorePath;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::attempts::{AttemptOwner, Attempts};
 use super::core::{
-    Assignment, Capabilities, Change, Command, Core, Event, Report, SessionId, ToBuilder,
+    Assignment, AttemptId, Capabilities, Change, Command, Core, Event, Report, SessionId, ToBuilder,
 };
 use crate::db::transitions::Transitions;
 use crate::db::{DbError, Pool, queries};
@@ -45,6 +45,26 @@ pub struct SessionLink {
     pub outbox: mpsc::Sender<OutboxItem>,
     /// Cancelled to end the session.
     pub end: CancellationToken,
+    /// The answer to its Join, sent once the core has taken the attempts it holds.
+    pub joined: Joined,
+}
+
+/// Whether the scheduler has recovered the queue: attempts a previous runner left running are
+/// known and every unfinished build is planned. Until then builders cannot join, since what they
+/// hold could not be matched to a step.
+#[derive(Debug, Clone, Default)]
+pub struct QueueRecovered(Arc<AtomicBool>);
+
+impl QueueRecovered {
+    /// Whether it has.
+    #[must_use]
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// What builder sessions tell the driver.
@@ -62,6 +82,8 @@ pub enum SessionEvent {
         nix_version: String,
         /// Its outbox and the token that ends it.
         link: SessionLink,
+        /// The attempts it says it runs or holds a result of.
+        held: Vec<AttemptId>,
     },
     /// Anything else, for the core as it is.
     Core(Event),
@@ -70,8 +92,8 @@ pub enum SessionEvent {
 /// Why the scheduler stopped. Fatal: the queue cannot be kept without its database.
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
-    /// Attempts a previous runner left running could not be aborted.
-    #[error("aborting the attempts a previous runner left running")]
+    /// The attempts a previous runner process left running could not be read.
+    #[error("reading the attempts a previous runner left running")]
     Recover(#[source] DbError),
     /// A batch of changes could not be written.
     #[error("writing a batch of {changes} scheduler changes (tried {tries} times)")]
@@ -100,18 +122,20 @@ pub struct Driver {
     attempts: Attempts,
     committed: Arc<AtomicU64>,
     build_limits: BuildLimits,
+    recovered: QueueRecovered,
 }
 
 impl Driver {
     /// A driver around `core`; `committed` is where it publishes how many step completions are
-    /// durable (ingest reads it, see [`super::core::BuildPlan::snapshot`]).
+    /// durable (ingest reads it, see [`super::core::BuildPlan::snapshot`]); it sets `recovered`
+    /// once the queue is.
     #[must_use]
     pub fn new(
         core: Core,
         pool: Pool,
-        attempts: Attempts,
-        committed: Arc<AtomicU64>,
+        (attempts, committed): (Attempts, Arc<AtomicU64>),
         build_limits: BuildLimits,
+        recovered: QueueRecovered,
     ) -> Self {
         Self {
             core,
@@ -120,6 +144,7 @@ impl Driver {
             attempts,
             committed,
             build_limits,
+            recovered,
         }
     }
 
@@ -131,14 +156,15 @@ impl Driver {
         mut plans: mpsc::Receiver<Event>,
         shutdown: CancellationToken,
     ) -> Result<(), WithContext<SchedulerError>> {
-        let aborted = self.recover().await?;
-        tracing::info!(aborted, "scheduler started");
+        let orphans = self.recover().await?;
+        tracing::info!(orphans, "scheduler started");
         let mut batch = Vec::new();
         loop {
             let wakeup = self.core.next_wakeup();
             tokio::select! {
                 // Shutdown first: sessions end at the same moment, and their departures must not
-                // count as builder losses. Attempts still running are aborted by the next start.
+                // count as builder losses. Attempts still running wait for the next start, where
+                // their builders claim them.
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
                 Some(event) = sessions.recv() => batch.push(event),
@@ -164,24 +190,27 @@ impl Driver {
         }
     }
 
-    /// Takes over from the previous runner process: the attempts it left running are aborted
-    /// (their count is returned), and the core learns what builders ever offered.
-    async fn recover(&mut self) -> Result<u64, SchedulerError> {
+    /// Takes over from the previous runner process: the core learns the attempts it left
+    /// running (their count is returned), which wait for their builders, and what builders ever
+    /// offered.
+    async fn recover(&mut self) -> Result<usize, SchedulerError> {
         let client = self
             .pool
             .get()
             .await
             .map_err(|error| SchedulerError::Recover(DbError::Connection(error)))?;
-        let aborted = queries::abort_orphaned_attempts(&client)
+        let orphans = queries::orphaned_attempts(&client)
             .await
             .map_err(SchedulerError::Recover)?;
+        let count = orphans.len();
+        self.core.recover_attempts(orphans, Instant::now());
         for capabilities in queries::known_machines(&client)
             .await
             .map_err(SchedulerError::Recover)?
         {
             self.core.remember_builder(capabilities);
         }
-        Ok(aborted)
+        Ok(count)
     }
 
     fn accept(&mut self, event: SessionEvent) -> Vec<Command> {
@@ -192,15 +221,24 @@ impl Driver {
                 capabilities,
                 nix_version,
                 link,
+                held,
             } => {
-                tracing::info!(builder = %name, session, "builder joined");
+                tracing::info!(builder = %name, session, held = held.len(), "builder joined");
                 self.sessions.insert(session, link);
                 self.core.handle(Event::BuilderJoined {
                     name,
                     session,
                     capabilities,
                     nix_version,
+                    held,
                 })
+            }
+            SessionEvent::Core(event @ Event::IngestCaughtUp { .. }) if !self.recovered.get() => {
+                let mut commands = self.core.handle(event);
+                commands.extend(self.core.recovered(Instant::now()));
+                self.recovered.set();
+                tracing::info!("queue recovered: builders may join");
+                commands
             }
             SessionEvent::Core(event) => {
                 match &event {
@@ -248,6 +286,10 @@ impl Driver {
                         transitions.add(change);
                         changes += 1;
                     }
+                    Command::Adopt {
+                        session,
+                        assignment,
+                    } => self.adopt(session, assignment),
                     other => messages.push(other),
                 }
             }
@@ -294,7 +336,7 @@ impl Driver {
     /// a session could not take its message.
     fn deliver(&mut self, command: Command) -> Option<Event> {
         match command {
-            Command::Persist(_) => None,
+            Command::Persist(_) | Command::Adopt { .. } => None,
             Command::EndSession { session, reason } => {
                 if let Some(link) = self.sessions.remove(&session) {
                     let _ = link.outbox.try_send(Err(tonic::Status::aborted(reason)));
@@ -322,6 +364,23 @@ impl Driver {
         }
     }
 
+    /// Lets a session upload and report for an attempt it took over; registered before the
+    /// builder hears it has joined, so nothing it sends is refused.
+    fn adopt(&self, session: SessionId, assignment: Assignment) {
+        let Some(builder) = self.core.placement().builder(session) else {
+            return;
+        };
+        tracing::info!(attempt = %assignment.attempt, step = assignment.step, builder = %builder.name, "attempt re-adopted");
+        self.attempts.insert(
+            assignment.attempt,
+            AttemptOwner {
+                builder: builder.name.clone(),
+                step: assignment.step,
+                spec: assignment.spec,
+            },
+        );
+    }
+
     /// The message to send, or, for a Build message larger than the builder can read, the
     /// step's failure instead: sending it would break the tunnel and every step on it.
     fn runner_message(
@@ -330,6 +389,7 @@ impl Driver {
         message: ToBuilder,
     ) -> Option<Result<RunnerMessage, Event>> {
         let message = match message {
+            ToBuilder::Joined => Message::Joined(self.sessions.get(&session)?.joined.clone()),
             ToBuilder::Build(assignment) => {
                 let builder = self.core.placement().builder(session)?.name.clone();
                 let attempt = assignment.attempt;

@@ -232,6 +232,7 @@ impl Farm {
         let runner = app::start(self.runner_config(), shutdown.clone())
             .await
             .unwrap_or_else(|error| panic!("starting the runner: {}", error.report()));
+        let recovered = runner.queue_recovered.clone();
         #[expect(clippy::disallowed_methods, reason = "the test owns the runner task")]
         let task = tokio::spawn(async move {
             runner
@@ -240,6 +241,38 @@ impl Farm {
                 .map_err(|error| error.report().to_string())
         });
         self.runner = Some(RunningRunner { shutdown, task });
+        poll_until(DEADLINE, "the runner to recover its queue", || async {
+            recovered.get().then_some(())
+        })
+        .await;
+    }
+
+    /// Starts the `drover-queue-runner` binary on this farm's ports with `database_url`, logging
+    /// to `log_name` in the farm directory, and waits until it serves. For tests that kill the
+    /// runner or watch it exit.
+    pub async fn spawn_runner_process(&self, database_url: &str, log_name: &str) -> ChildGuard {
+        let config = self.path("runner-process.toml");
+        fs_err::write(&config, self.runner_config_text(database_url)).unwrap();
+        let log_path = self.path(log_name);
+        let log = fs_err::File::create(&log_path).unwrap();
+        let runner = ChildGuard::spawn(
+            Command::new(workspace_binary("drover-queue-runner"))
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log.into_parts().0),
+        )
+        .unwrap();
+        poll_until(DEADLINE, "the runner to serve", || async {
+            fs_err::read_to_string(&log_path)
+                .unwrap()
+                .contains("queue runner serving")
+                .then_some(())
+        })
+        .await;
+        runner
     }
 
     /// Stops the runner and waits until it has.

@@ -10,6 +10,7 @@
 
 mod backoff;
 mod graph;
+mod orphans;
 mod placement;
 mod types;
 mod unsupported;
@@ -34,6 +35,7 @@ pub use types::{
 
 use backoff::Held;
 use graph::NewBuild;
+use orphans::{Orphan, Orphans};
 use unsupported::Unsupported;
 
 /// Why an attempt ended without a result of the build's own: which counter it moves.
@@ -107,6 +109,7 @@ pub struct Core {
     stopping: HashSet<AttemptId>,
     held: Held,
     unsupported: Unsupported,
+    orphans: Orphans,
     limits: CoreLimits,
     new_attempt_id: Box<dyn FnMut() -> AttemptId + Send + Sync>,
     commands: Vec<Command>,
@@ -130,6 +133,7 @@ impl Core {
             stopping: HashSet::new(),
             held: Held::default(),
             unsupported: Unsupported::default(),
+            orphans: Orphans::default(),
             limits,
             new_attempt_id,
             commands: Vec::new(),
@@ -176,7 +180,8 @@ impl Core {
                 session,
                 capabilities,
                 nix_version,
-            } => self.on_builder_joined(name, session, capabilities, nix_version),
+                held,
+            } => self.on_builder_joined(name, session, capabilities, nix_version, &held),
             Event::BuilderLeft { session, reason } => self.on_builder_left(session, &reason),
             Event::BuilderDraining { session } => self.placement.drain(session),
             Event::CancelBuild { build, by } => self.cancel_build(build, &by),
@@ -206,6 +211,13 @@ impl Core {
 
     /// Gives every free slot the best runnable step it can take.
     pub fn dispatch(&mut self, now: Instant) -> Vec<Command> {
+        for (attempt, orphan) in self.orphans.expired(now) {
+            let reason = format!(
+                "builder lost: {} did not claim the attempt within {:?} of the runner's restart",
+                orphan.builder, self.limits.readoption_grace
+            );
+            self.end_orphan(attempt, orphan.step, &reason);
+        }
         for step in self.held.release(now) {
             if self
                 .graph
@@ -286,10 +298,48 @@ impl Core {
         let unsupported = self
             .unsupported
             .next_deadline(self.limits.unsupported_grace);
-        match (self.held.next_due(), unsupported) {
-            (Some(held), Some(unsupported)) => Some(held.min(unsupported)),
-            (held, unsupported) => held.or(unsupported),
+        [self.held.next_due(), unsupported, self.orphans.deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Takes the attempts the database says are running, left by a previous runner process:
+    /// their steps wait for their builders to claim them instead of being built again. Call
+    /// before any event.
+    pub fn recover_attempts(
+        &mut self,
+        running: impl IntoIterator<Item = (AttemptId, StepId, String)>,
+        now: Instant,
+    ) {
+        for (attempt, step, builder) in running {
+            let orphan = Orphan {
+                step,
+                builder,
+                found: now,
+            };
+            if let Some(duplicate) = self.orphans.add(attempt, orphan) {
+                self.persist(Change::AttemptEnded {
+                    attempt: duplicate,
+                    status: AttemptStatus::Aborted,
+                    message: Some("a second running attempt of its step".to_owned()),
+                });
+            }
         }
+    }
+
+    /// The queue is recovered (every unfinished build planned) and builders may join: the
+    /// orphans no build needs any more end now, the others wait for their builders until the
+    /// re-adoption grace ends.
+    pub fn recovered(&mut self, now: Instant) -> Vec<Command> {
+        for (attempt, step) in self.orphans.list() {
+            if !self.orphan_wanted(attempt, step) {
+                self.orphans.take(&attempt);
+                self.end_orphan(attempt, step, "no unfinished build needs it any more");
+            }
+        }
+        self.orphans.start_grace(now, self.limits.readoption_grace);
+        std::mem::take(&mut self.commands)
     }
 
     /// Remembers that a builder once offered `capabilities` (the driver tells it those the
@@ -379,6 +429,9 @@ impl Core {
             if failing.contains(&step) {
                 continue;
             }
+            if status == StepStatus::Runnable && self.resume_orphan(step) {
+                continue;
+            }
             if let Some(delay) = postponed.get(&step) {
                 // Its row says so already (`visible_after`), and nothing is used up.
                 self.held.hold(step, *delay);
@@ -417,6 +470,7 @@ impl Core {
         session: SessionId,
         capabilities: Capabilities,
         nix_version: String,
+        held: &[AttemptId],
     ) {
         self.persist(Change::MachineJoined {
             name: name.clone(),
@@ -424,12 +478,115 @@ impl Core {
             nix_version,
         });
         self.unsupported.remember(capabilities.clone());
-        if let Some(previous) = self.placement.join(session, name, capabilities) {
+        let previous = self.placement.join(session, name, capabilities);
+        let mut unknown = Vec::new();
+        for attempt in held {
+            if !self.claim(session, previous, *attempt) {
+                unknown.push(*attempt);
+            }
+        }
+        self.send(session, ToBuilder::Joined);
+        for attempt in unknown {
+            // Ended while the builder was away, or never given: the builder stops it. A result
+            // it holds for it is acknowledged when it comes.
+            self.send(
+                session,
+                ToBuilder::Abort {
+                    attempt,
+                    reason: "the runner no longer runs this attempt".to_owned(),
+                },
+            );
+        }
+        if let Some(previous) = previous {
             self.commands.push(Command::EndSession {
                 session: previous,
                 reason: "replaced by a newer session of the same builder".to_owned(),
             });
             self.lose_session(previous, "the builder reconnected");
+        }
+    }
+
+    /// Marks a newly planned step running under its orphaned attempt, if it has one: the
+    /// builder still runs it and claims it when it rejoins. Returns whether it did.
+    fn resume_orphan(&mut self, step: StepId) -> bool {
+        let Some(attempt) = self.orphans.of_step(step) else {
+            return false;
+        };
+        self.graph.start(step, attempt);
+        true
+    }
+
+    /// Gives a joining `session` an attempt it says it holds, if it is its builder's and still
+    /// wanted: left by a previous runner process, or by the session this one replaces. Returns
+    /// whether it was claimed.
+    fn claim(
+        &mut self,
+        session: SessionId,
+        previous: Option<SessionId>,
+        attempt: AttemptId,
+    ) -> bool {
+        let step = if let Some(running) = self.attempts.get_mut(&attempt) {
+            if Some(running.session) != previous {
+                return false;
+            }
+            running.session = session;
+            if let Some(attempts) = previous.and_then(|p| self.by_session.get_mut(&p)) {
+                attempts.remove(&attempt);
+            }
+            running.step
+        } else {
+            let Some(orphan) = self.orphans.take(&attempt) else {
+                return false;
+            };
+            let builder = self.placement.builder(session).map(|b| b.name.as_str());
+            if builder != Some(orphan.builder.as_str()) || !self.orphan_wanted(attempt, orphan.step)
+            {
+                // Not this builder's to claim: it stays an orphan for its own builder.
+                self.orphans.add(attempt, orphan);
+                return false;
+            }
+            self.attempts.insert(
+                attempt,
+                Attempt {
+                    step: orphan.step,
+                    session,
+                    started: orphan.found,
+                },
+            );
+            orphan.step
+        };
+        self.by_session.entry(session).or_default().insert(attempt);
+        self.placement.occupy(session);
+        let Some(spec) = self.graph.step(step).map(|node| node.spec.clone()) else {
+            return true;
+        };
+        self.commands.push(Command::Adopt {
+            session,
+            assignment: Assignment {
+                attempt,
+                step,
+                spec,
+            },
+        });
+        true
+    }
+
+    /// Whether an orphaned attempt is its step's running attempt in the graph.
+    fn orphan_wanted(&self, attempt: AttemptId, step: StepId) -> bool {
+        self.graph.step(step).map(|node| node.state) == Some(StepState::Running(attempt))
+    }
+
+    /// Ends an orphaned attempt nobody claimed: its step, if still wanted, is requeued as
+    /// after a builder loss.
+    fn end_orphan(&mut self, attempt: AttemptId, step: StepId, reason: &str) {
+        if self.orphan_wanted(attempt, step) {
+            self.requeue(attempt, step, Requeue::BuilderLost, reason);
+        } else {
+            self.persist(Change::AttemptEnded {
+                attempt,
+                status: AttemptStatus::Aborted,
+                message: Some(reason.to_owned()),
+            });
         }
     }
 
@@ -473,6 +630,7 @@ impl Core {
                     .placement
                     .remove_runnable(node.class, &node.order(step)),
                 StepState::Running(attempt) => {
+                    self.orphans.take(&attempt);
                     // The slot stays taken until the builder says the attempt has stopped.
                     if let Some(running) = self.attempts.get(&attempt) {
                         self.send(

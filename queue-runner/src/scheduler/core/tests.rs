@@ -23,6 +23,7 @@ const LIMITS: CoreLimits = CoreLimits {
         max: Duration::ZERO,
     },
     unsupported_grace: Duration::from_mins(15),
+    readoption_grace: Duration::from_mins(2),
 };
 
 fn core() -> Core {
@@ -96,6 +97,7 @@ fn join(name: &str, session: SessionId, capabilities: Capabilities) -> Event {
         session,
         capabilities,
         nix_version: String::new(),
+        held: Vec::new(),
     }
 }
 
@@ -553,6 +555,147 @@ fn a_draining_builder_gets_no_new_work_and_what_it_hands_back_is_nobodys_fault()
     core.handle(join("other", 2, caps(&["x86_64-linux"], &[], &[], 2)));
     let next: BTreeSet<StepId> = builds(&core.dispatch(now)).iter().map(|b| b.2).collect();
     assert_eq!(next, BTreeSet::from([first[1].2, 3]), "handed back at once");
+}
+
+fn join_holding(name: &str, session: SessionId, held: &[AttemptId]) -> Event {
+    Event::BuilderJoined {
+        name: name.to_owned(),
+        session,
+        capabilities: caps(&["x86_64-linux"], &[], &[], 2),
+        nix_version: String::new(),
+        held: held.to_vec(),
+    }
+}
+
+fn attempt_ended(commands: &[Command], wanted: AttemptId) -> Option<AttemptStatus> {
+    changes(commands)
+        .into_iter()
+        .find_map(|change| match change {
+            Change::AttemptEnded {
+                attempt, status, ..
+            } if *attempt == wanted => Some(*status),
+            _ => None,
+        })
+}
+
+/// A core restarted while attempt 100 of step 1 ran on `b1`: 1 ← 2 in build 10, recovered.
+fn restarted(now: Instant) -> (Core, AttemptId) {
+    let mut core = core();
+    let orphan = Uuid::from_u128(100);
+    core.recover_attempts([(orphan, 1, "b1".to_owned())], now);
+    let mut running = step(1, &[]);
+    running.recorded_status = StepStatus::Running;
+    let planned = core.handle(plan(10, 0, 2, vec![running, step(2, &[1])]));
+    assert_eq!(step_status(&planned, 1), None, "its row stays running");
+    core.recovered(now);
+    (core, orphan)
+}
+
+#[test]
+fn a_restarted_runner_takes_back_what_a_builder_holds_and_accepts_its_result() {
+    let now = Instant::now();
+    let (mut core, orphan) = restarted(now);
+    let joined = core.handle(join_holding("b1", 1, &[orphan]));
+    let adopted: Vec<(SessionId, AttemptId)> = joined
+        .iter()
+        .filter_map(|command| match command {
+            Command::Adopt {
+                session,
+                assignment,
+            } => Some((*session, assignment.attempt)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(adopted, [(1, orphan)]);
+    let welcome = joined.iter().position(|c| {
+        *c == Command::Send {
+            session: 1,
+            message: ToBuilder::Joined,
+        }
+    });
+    let adoption = joined
+        .iter()
+        .position(|c| matches!(c, Command::Adopt { .. }));
+    assert!(
+        adoption < welcome,
+        "taken back before the builder hears it joined"
+    );
+    assert!(
+        builds(&core.dispatch(now)).is_empty(),
+        "nothing is built again"
+    );
+    let done = core.handle(finished(1, orphan, Outcome::Succeeded));
+    assert_eq!(attempt_ended(&done, orphan), Some(AttemptStatus::Succeeded));
+    let next: Vec<StepId> = builds(&core.dispatch(now)).iter().map(|b| b.2).collect();
+    assert_eq!(next, [2]);
+}
+
+#[test]
+fn an_attempt_nobody_claims_is_requeued_when_the_grace_ends() {
+    let now = Instant::now();
+    let (mut core, orphan) = restarted(now);
+    let grace = LIMITS.readoption_grace;
+    assert_eq!(core.next_wakeup(), Some(now + grace));
+    let other = core.handle(join_holding("b2", 1, &[orphan]));
+    assert!(
+        other.contains(&Command::Send {
+            session: 1,
+            message: ToBuilder::Abort {
+                attempt: orphan,
+                reason: "the runner no longer runs this attempt".to_owned()
+            }
+        }),
+        "another builder cannot claim it"
+    );
+    assert!(builds(&core.dispatch(now + grace / 2)).is_empty());
+    let expired = core.dispatch(now + grace);
+    assert_eq!(
+        attempt_ended(&expired, orphan),
+        Some(AttemptStatus::BuilderLost)
+    );
+    let rebuilt: Vec<StepId> = builds(&expired).iter().map(|b| b.2).collect();
+    assert_eq!(rebuilt, [1]);
+    let late = core.handle(join_holding("b1", 2, &[orphan]));
+    assert!(
+        late.iter().any(|c| matches!(
+            c,
+            Command::Send { session: 2, message: ToBuilder::Abort { attempt, .. } } if *attempt == orphan
+        )),
+        "its own builder, come too late, stops it"
+    );
+}
+
+#[test]
+fn an_attempt_no_unfinished_build_needs_ends_at_recovery() {
+    let now = Instant::now();
+    let mut core = core();
+    let orphan = Uuid::from_u128(100);
+    core.recover_attempts([(orphan, 7, "b1".to_owned())], now);
+    let recovered = core.recovered(now);
+    assert_eq!(
+        attempt_ended(&recovered, orphan),
+        Some(AttemptStatus::Aborted)
+    );
+    assert_eq!(core.next_wakeup(), None);
+}
+
+#[test]
+fn a_reconnect_before_the_old_session_ended_keeps_the_attempts_it_holds() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(join("b1", 1, caps(&["x86_64-linux"], &[], &[], 2)));
+    core.handle(plan(10, 0, 2, vec![step(1, &[]), step(2, &[])]));
+    let sent = builds(&core.dispatch(now));
+    let (kept, dropped) = (sent[0].1, sent[1].1);
+    let rejoined = core.handle(join_holding("b1", 2, &[kept]));
+    assert_eq!(attempt_ended(&rejoined, kept), None);
+    assert_eq!(
+        attempt_ended(&rejoined, dropped),
+        Some(AttemptStatus::BuilderLost)
+    );
+    assert_eq!(core.attempt(&kept).map(|a| a.session), Some(2));
+    let done = core.handle(finished(2, kept, Outcome::Succeeded));
+    assert_eq!(attempt_ended(&done, kept), Some(AttemptStatus::Succeeded));
 }
 
 #[test]

@@ -167,6 +167,9 @@ pub enum Event {
         capabilities: Capabilities,
         /// Its Nix version.
         nix_version: String,
+        /// The attempts it still runs or holds a result of, from an earlier session (of this
+        /// runner process or of one before it): re-adopted if they are still wanted.
+        held: Vec<AttemptId>,
     },
     /// A builder's session ended.
     BuilderLeft {
@@ -311,6 +314,8 @@ pub struct Assignment {
 /// A message for one builder session.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ToBuilder {
+    /// The builder is in: its re-adopted attempts are registered, so it may report on them.
+    Joined,
     /// Build this.
     Build(Assignment),
     /// Stop this attempt; its result is no longer wanted.
@@ -339,6 +344,14 @@ pub enum Command {
         /// The message.
         message: ToBuilder,
     },
+    /// A session took over an attempt it holds (the driver lets it upload and report for it);
+    /// nothing is sent and nothing changes in the database: the attempt was running already.
+    Adopt {
+        /// The session that holds it now.
+        session: SessionId,
+        /// The attempt and its step.
+        assignment: Assignment,
+    },
     /// End a builder session (it reconnects and joins afresh).
     EndSession {
         /// The session.
@@ -358,6 +371,9 @@ pub struct CoreLimits {
     /// How long runnable steps wait for a connected builder that can run them before they end
     /// `unsupported`.
     pub unsupported_grace: std::time::Duration,
+    /// How long attempts a previous runner process left running wait for their builders to
+    /// reconnect and claim them before their steps are requeued.
+    pub readoption_grace: std::time::Duration,
 }
 
 /// A running attempt.
