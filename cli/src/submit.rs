@@ -39,6 +39,10 @@ pub struct SubmitArgs {
     /// Higher builds are dispatched first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     priority: i32,
+    /// After a step fails, build everything that can still be built; by default the steps no
+    /// other build needs are cancelled.
+    #[arg(long)]
+    keep_going: bool,
     /// Metadata returned with the build (repeatable `key=value`).
     #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
     metadata: Vec<(String, String)>,
@@ -215,6 +219,7 @@ pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
                 top_drv_path: top.to_absolute(),
                 priority: args.priority,
                 metadata: args.metadata.iter().cloned().collect(),
+                keep_going: args.keep_going,
             })
             .await
             .map_err(|status| SubmitError::from(CallError::from(status)))

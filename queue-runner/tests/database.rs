@@ -76,10 +76,13 @@ async fn queue_one_step(client: &deadpool_postgres::Client) -> (FakeDrv, i64, qu
     let build = queries::insert_build(
         client,
         &texts,
-        &texts[0].0,
-        0,
-        &serde_json::json!({}),
-        "client/test",
+        &queries::NewBuild {
+            top: &texts[0].0,
+            priority: 0,
+            metadata: &serde_json::json!({}),
+            submitted_by: "client/test",
+            keep_going: false,
+        },
     )
     .await
     .unwrap();
@@ -153,6 +156,7 @@ async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() 
         priority: 0,
         global_priority: 0,
         top: step,
+        keep_going: false,
         steps: vec![PlannedStep {
             id: step,
             spec,

@@ -249,61 +249,72 @@ async fn steps_go_only_to_builders_that_can_run_them() {
     assert_eq!(arm_step, "runnable");
 }
 
+/// A step's status, failure reason and number of attempts.
+async fn step_row(farm: &Farm, drv: &FakeDrv) -> (String, String, i64) {
+    let row = farm
+        .db()
+        .await
+        .query_one(
+            "SELECT s.status::text, coalesce(s.failure_reason, ''),
+                    (SELECT count(*) FROM step_attempts a WHERE a.step_id = s.id)
+             FROM steps s WHERE drv_path = $1",
+            &[&drv.path.to_absolute()],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_step_fails_its_build_keeps_its_log_and_dep_fails_dependents() {
+async fn a_failure_dep_fails_dependents_cancels_what_only_they_needed_and_is_cached() {
     let mut farm = Farm::new().await;
     farm.start_runner().await;
     let mut factory = Factory::default();
     let broken =
         factory.make(&Spec::new("broken").env("DROVER_NOOP_FAIL", "boom: the build exploded"));
-    let fine = factory.make(&Spec::new("fine"));
-    let dependent = factory.make(&Spec::new("dependent").inputs(&[&broken, &fine]));
+    let spared = factory.make(&Spec::new("spared"));
+    let dependent = factory.make(&Spec::new("dependent").inputs(&[&broken, &spared]));
+    let kept = factory.make(&Spec::new("kept"));
+    let keeps_going = factory.make(&Spec::new("keeps-going").inputs(&[&broken, &kept]));
     let failed = farm.submit(&[&broken]).await;
-    let dep_failed = farm.submit(&[&broken, &fine, &dependent]).await;
-    // Both builds are planned before anything runs, so the failure propagates through the
-    // graph; a build ingested after the failure is a cached failure instead.
+    let dep_failed = farm.submit(&[&broken, &spared, &dependent]).await;
+    let mut request = Farm::request(&[&broken, &kept, &keeps_going]);
+    request.keep_going = true;
+    let kept_going = farm.submit_request(request).await;
+    // Every build is planned before anything runs, so the failure propagates through the
+    // graph. One slot: broken (the oldest step) runs first.
     farm.wait_for_count(
-        "both builds to be ingested",
+        "the builds to be ingested",
         "SELECT count(*) FROM builds WHERE ingested_at IS NOT NULL",
-        2,
+        3,
     )
     .await;
-    farm.start_builder(&BuilderSpec::new("b1"));
+    farm.start_builder(&BuilderSpec {
+        max_jobs: 1,
+        ..BuilderSpec::new("b1")
+    });
 
     assert_eq!(farm.wait_for_build(failed).await, "failed");
     assert_eq!(farm.wait_for_build(dep_failed).await, "dep_failed");
-    let statuses: BTreeMap<String, String> = farm
-        .db()
-        .await
-        .query("SELECT drv_path, status::text FROM steps", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
-    assert_eq!(statuses[&broken.path.to_absolute()], "failed");
-    assert_eq!(statuses[&dependent.path.to_absolute()], "dep_failed");
-    let fine_status = test_support::poll_until(common::DEADLINE, "the independent branch", || {
-        let farm = &farm;
-        let path = fine.path.to_absolute();
-        async move {
-            let status: String = farm
-                .db()
-                .await
-                .query_one(
-                    "SELECT status::text FROM steps WHERE drv_path = $1",
-                    &[&path],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (status != "runnable" && status != "running" && status != "waiting").then_some(status)
-        }
-    })
-    .await;
+    assert_eq!(farm.wait_for_build(kept_going).await, "dep_failed");
+    assert_eq!(step_row(&farm, &broken).await.0, "failed");
+    assert_eq!(step_row(&farm, &dependent).await.0, "dep_failed");
+    let (status, reason, attempts) = step_row(&farm, &spared).await;
     assert_eq!(
-        fine_status, "succeeded",
-        "an independent branch is still built"
+        (status.as_str(), attempts),
+        ("cancelled", 0),
+        "only a failed build needed it: {reason}"
+    );
+    assert!(reason.contains("no build needs it any more"), "{reason}");
+    let kept_status =
+        test_support::poll_until(common::DEADLINE, "the kept step to end", || async {
+            let (status, _, _) = step_row(&farm, &kept).await;
+            (!matches!(status.as_str(), "runnable" | "running" | "waiting")).then_some(status)
+        })
+        .await;
+    assert_eq!(
+        kept_status, "succeeded",
+        "a keep-going build builds what it can"
     );
 
     let response = farm.get(dep_failed).await;
@@ -326,16 +337,22 @@ async fn a_failed_step_fails_its_build_keeps_its_log_and_dep_fails_dependents() 
     let log = String::from_utf8(log).unwrap();
     assert!(log.contains("boom: the build exploded"), "{log}");
 
-    let again = farm.submit(&[&broken]).await;
-    assert_eq!(
-        farm.wait_for_build(again).await,
-        "failed",
-        "a known failure is not rebuilt"
+    let again = farm.submit(&[&broken, &spared, &dependent]).await;
+    assert_eq!(farm.wait_for_build(again).await, "cached_failure");
+    let response = farm.get(again).await;
+    assert_eq!(response.status(), BuildStatus::CachedFailure);
+    assert!(
+        response.failure_reason.contains(&format!(
+            "{} failed in build {failed}: ",
+            broken.path.to_absolute()
+        )) && response.failure_reason.contains("DROVER_NOOP_FAIL"),
+        "names the original build and reason: {}",
+        response.failure_reason
     );
     assert_eq!(
         farm.count("SELECT count(*) FROM step_attempts").await,
         2,
-        "broken and fine ran once each"
+        "broken and kept ran once each; nothing ran for the cached failure"
     );
 }
 

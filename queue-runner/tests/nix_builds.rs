@@ -17,8 +17,8 @@ use std::process::Command;
 
 use common::nix::{ChrootStore, NIX_CONFIG, examples, private_store_command};
 use common::nix_farm::{
-    served_log, start_with_one_nix_builder, submit_closure, submit_fixture, succeed,
-    upstream_with_diamond_base,
+    closure_request, served_log, start_with_one_nix_builder, submit_closure, submit_fixture,
+    succeed, upstream_with_diamond_base,
 };
 use common::{BuilderSpec, DEADLINE, Farm};
 use drover_proto::v1::{DerivationText, SubmitRequest};
@@ -118,8 +118,6 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
         ("usesDev", "succeeded"),
         ("usesFixed", "succeeded"),
         ("chatty", "succeeded"),
-        ("broken", "failed"),
-        ("dependsOnBroken", "dep_failed"),
     ];
     let mut builds = BTreeMap::new();
     for (attribute, _) in expectations {
@@ -128,10 +126,20 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
             submit_fixture(&farm, &submitter, attribute).await,
         );
     }
+    // It needs `broken` and `independent`; with keep-going the independent sibling is built
+    // although `broken` fails.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builds.nix");
+    let mut request = closure_request(
+        &submitter,
+        &submitter.instantiate(&fixtures, "dependsOnBroken"),
+    );
+    request.keep_going = true;
+    let depends_on_broken = farm.submit_request(request).await;
     for (attribute, expected) in expectations {
         let (build, _) = builds[attribute];
         assert_eq!(farm.wait_for_build(build).await, expected, "{attribute}");
     }
+    assert_eq!(farm.wait_for_build(depends_on_broken).await, "dep_failed");
 
     let db = farm.db().await;
     let published: Vec<String> = db
@@ -151,7 +159,8 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
         "both outputs of multi are published"
     );
 
-    let log = served_log(&farm, &builds["broken"].1).await;
+    let broken = submitter.instantiate(&fixtures, "broken");
+    let log = served_log(&farm, broken.base_name()).await;
     assert!(log.contains("this build breaks on purpose"), "{log}");
     let chatty = served_log(&farm, &builds["chatty"].1).await;
     for line in [
@@ -176,7 +185,7 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
     .await;
     assert_eq!(
         independent, "succeeded",
-        "an independent branch is still built"
+        "a keep-going build's independent branch is still built"
     );
 
     let before = farm.count("SELECT count(*) FROM step_attempts").await;

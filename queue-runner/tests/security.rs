@@ -44,7 +44,7 @@ fn request(texts: &[(&StorePath, &[u8])], top: &StorePath) -> SubmitRequest {
         top_drv_path: top.to_absolute(),
         priority: 0,
         metadata: BTreeMap::new().into_iter().collect(),
-        sources: Vec::new(),
+        ..SubmitRequest::default()
     }
 }
 

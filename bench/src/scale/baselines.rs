@@ -38,10 +38,13 @@ async fn prepare(cluster: &TestPostgres, drvs: &[FakeDrv]) -> Prepared {
     let build = queries::insert_build(
         &client,
         &texts,
-        &top,
-        0,
-        &serde_json::json!({}),
-        "client/bench",
+        &queries::NewBuild {
+            top: &top,
+            priority: 0,
+            metadata: &serde_json::json!({}),
+            submitted_by: "client/bench",
+            keep_going: false,
+        },
     )
     .await
     .unwrap();

@@ -40,6 +40,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "who submitted a build",
         include_str!("../../migrations/0007_submitted_by.sql"),
     ),
+    (
+        8,
+        "cached failures and keep-going builds",
+        include_str!("../../migrations/0008_cached_failures_keep_going.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

@@ -17,6 +17,8 @@ pub struct QueuedBuild {
     pub priority: i32,
     /// Its global priority, set by administrators.
     pub global_priority: i32,
+    /// Whether it builds what it can after a step failed.
+    pub keep_going: bool,
 }
 
 /// Which builds to load.
@@ -37,11 +39,11 @@ pub async fn queued_builds(
 ) -> Result<Vec<QueuedBuild>, DbError> {
     let sql = match selection {
         BuildSelection::NotIngested => {
-            "SELECT id, drv_path, priority, global_priority FROM builds
+            "SELECT id, drv_path, priority, global_priority, keep_going FROM builds
              WHERE ingested_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
         }
         BuildSelection::Unfinished => {
-            "SELECT id, drv_path, priority, global_priority FROM builds
+            "SELECT id, drv_path, priority, global_priority, keep_going FROM builds
              WHERE finished_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
         }
     };
@@ -56,6 +58,7 @@ pub async fn queued_builds(
             drv_path: row.get(1),
             priority: row.get(2),
             global_priority: row.get(3),
+            keep_going: row.get(4),
         })
         .collect())
 }
@@ -195,6 +198,26 @@ pub async fn record_substituted_outputs(
     Ok(())
 }
 
+/// Where the failure of a step that failed on its own comes from: the first build it failed
+/// (if that build still says so) and the failure's reason.
+pub async fn failure_origin(
+    client: &impl GenericClient,
+    step: i64,
+) -> Result<(Option<i64>, Option<String>), DbError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT b.id FROM build_steps bs JOIN builds b ON b.id = bs.build_id
+                     WHERE bs.step_id = s.id AND b.status IN ('failed', 'dep_failed')
+                     ORDER BY b.finished_at, b.id LIMIT 1),
+                    s.failure_reason
+             FROM steps s WHERE s.id = $1",
+            &[&step],
+        )
+        .await
+        .map_err(DbError::query("finding where a failure comes from"))?;
+    Ok((row.get(0), row.get(1)))
+}
+
 /// Ends a build with a terminal status and a reason.
 pub async fn finish_build(
     client: &impl GenericClient,
@@ -279,14 +302,26 @@ pub async fn latest_log_file(
     Ok(row.map(|row| row.get(0)))
 }
 
+/// A build as submitted.
+#[derive(Debug, Clone)]
+pub struct NewBuild<'a> {
+    /// Its top-level derivation.
+    pub top: &'a str,
+    /// Its priority.
+    pub priority: i32,
+    /// Its metadata.
+    pub metadata: &'a serde_json::Value,
+    /// Who submitted it.
+    pub submitted_by: &'a str,
+    /// Whether it builds what it can after a step failed.
+    pub keep_going: bool,
+}
+
 /// Stores new derivations and queues a build, in the caller's transaction.
 pub async fn insert_build(
     client: &impl GenericClient,
     derivations: &[(String, Vec<u8>)],
-    top: &str,
-    priority: i32,
-    metadata: &serde_json::Value,
-    submitted_by: &str,
+    build: &NewBuild<'_>,
 ) -> Result<i64, DbError> {
     let paths: Vec<&str> = derivations.iter().map(|(path, _)| path.as_str()).collect();
     let texts: Vec<&[u8]> = derivations
@@ -303,9 +338,15 @@ pub async fn insert_build(
         .map_err(DbError::query("storing derivations"))?;
     let row = client
         .query_one(
-            "INSERT INTO builds (drv_path, priority, metadata, submitted_by)
-             VALUES ($1, $2, $3, $4) RETURNING id",
-            &[&top, &priority, metadata, &submitted_by],
+            "INSERT INTO builds (drv_path, priority, metadata, submitted_by, keep_going)
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            &[
+                &build.top,
+                &build.priority,
+                build.metadata,
+                &build.submitted_by,
+                &build.keep_going,
+            ],
         )
         .await
         .map_err(DbError::query("queueing a build"))?;
@@ -350,7 +391,7 @@ pub async fn restart_build(
         .execute(
             "UPDATE builds SET status = 'queued', ingested_at = NULL, started_at = NULL,
                  finished_at = NULL, failure_reason = NULL
-             WHERE id = $1 AND status IN ('failed', 'dep_failed', 'cancelled')",
+             WHERE id = $1 AND status IN ('failed', 'dep_failed', 'cancelled', 'cached_failure')",
             &[&build],
         )
         .await

@@ -60,6 +60,8 @@ sql_enum!(
         DepFailed => "dep_failed",
         /// Cancelled, or out of retries for faults that were not its own.
         Cancelled => "cancelled",
+        /// It needs a derivation that failed on its own in an earlier build; nothing was built.
+        CachedFailure => "cached_failure",
     }
 );
 

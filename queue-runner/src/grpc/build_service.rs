@@ -240,10 +240,13 @@ impl BuildServiceImpl {
         let id = queries::insert_build(
             &transaction,
             &new,
-            &top.to_absolute(),
-            request.priority,
-            &metadata,
-            &caller.to_string(),
+            &queries::NewBuild {
+                top: &top.to_absolute(),
+                priority: request.priority,
+                metadata: &metadata,
+                submitted_by: &caller.to_string(),
+                keep_going: request.keep_going,
+            },
         )
         .await?;
         // Offered before the commit, so ingest (woken by the commit) finds it.
@@ -338,6 +341,7 @@ impl BuildService for BuildServiceImpl {
             "failed" => BuildStatus::Failed,
             "dep_failed" => BuildStatus::DepFailed,
             "cancelled" => BuildStatus::Cancelled,
+            "cached_failure" => BuildStatus::CachedFailure,
             _ => BuildStatus::Unknown,
         };
         let metadata = serde_json::from_value(build.metadata).unwrap_or_default();

@@ -210,24 +210,25 @@ impl Ingest {
             .last()
             .map(StorePath::to_absolute)
             .unwrap_or_default();
-        if let Some((status, reason)) = cached_outcome(&steps, &top) {
-            queries::record_ingested_build(&transaction, build.id, &[], &substituted, &[]).await?;
+        let planned = plan_steps(&closure, &steps);
+        let needed: Vec<StepId> = planned.iter().map(|step| step.id).collect();
+        let known = known_outcome(&transaction, steps[&top].status, &planned).await?;
+        if let Some((status, reason)) = known {
+            // Linked to its steps, so that restarting it clears a cached failure.
+            queries::record_ingested_build(&transaction, build.id, &needed, &substituted, &[])
+                .await?;
             queries::finish_build(&transaction, build.id, status, reason.as_deref()).await?;
             transaction
                 .commit()
                 .await
                 .map_err(DbError::query("committing an ingested build"))?;
+            tracing::info!(build = build.id, %status, ?reason, "build ended at ingest");
             return Ok(None);
         }
-        let planned = plan_steps(&closure, &steps);
-        let needed: Vec<StepId> = planned.iter().map(|step| step.id).collect();
-        // A step that failed on its own stays failed (the core fails it again in this build);
-        // other ends (cancelled, dep_failed) are tried again.
+        // Other ends (cancelled, dep_failed, unsupported) are tried again.
         let reset: Vec<StepId> = planned
             .iter()
-            .filter(|step| {
-                step.recorded_status.is_terminal() && step.recorded_status != StepStatus::Failed
-            })
+            .filter(|step| step.recorded_status.is_terminal())
             .map(|step| step.id)
             .collect();
         queries::record_ingested_build(&transaction, build.id, &needed, &substituted, &reset)
@@ -249,6 +250,7 @@ impl Ingest {
             build: build.id,
             priority: build.priority,
             global_priority: build.global_priority,
+            keep_going: build.keep_going,
             top: steps[&top].id,
             steps: planned,
             available: substituted,
@@ -461,22 +463,31 @@ fn fixed_output(derivation: &Derivation) -> Option<(IngestionMethod, Hash)> {
     })
 }
 
-/// A build whose top-level step already failed fails at once, and one whose top-level step
-/// already succeeded succeeds at once: the terminal status and reason, if so. A failed step
-/// further down goes to the core with the plan, which fails its dependents in this build while
-/// the build's independent steps go on, exactly as when it fails while the build runs.
-fn cached_outcome(
-    steps: &BTreeMap<String, StepRow>,
-    top: &str,
-) -> Option<(BuildStatus, Option<String>)> {
-    match steps[top].status {
-        StepStatus::Failed => Some((
-            BuildStatus::Failed,
-            Some(format!("{top} failed in an earlier build")),
-        )),
-        StepStatus::Succeeded => Some((BuildStatus::Succeeded, None)),
-        _ => None,
+/// The outcome of a build known before anything is built: it succeeded if its top-level step
+/// did; it is a cached failure if it needs a step that failed on its own in an earlier build
+/// (the reason names that build and its reason).
+async fn known_outcome(
+    client: &impl deadpool_postgres::GenericClient,
+    top: StepStatus,
+    planned: &[PlannedStep],
+) -> Result<Option<(BuildStatus, Option<String>)>, DbError> {
+    if top == StepStatus::Succeeded {
+        return Ok(Some((BuildStatus::Succeeded, None)));
     }
+    let Some(failed) = planned
+        .iter()
+        .find(|step| step.recorded_status == StepStatus::Failed)
+    else {
+        return Ok(None);
+    };
+    let (origin, reason) = queries::failure_origin(client, failed.id).await?;
+    let drv = failed.spec.drv_path.to_absolute();
+    let reason = reason.unwrap_or_else(|| "no reason recorded".to_owned());
+    let reason = match origin {
+        Some(origin) => format!("{drv} failed in build {origin}: {reason}"),
+        None => format!("{drv} failed in an earlier build: {reason}"),
+    };
+    Ok(Some((BuildStatus::CachedFailure, Some(reason))))
 }
 
 /// Reads the closure of `top` from the `derivations` table and verifies it. The outer error is

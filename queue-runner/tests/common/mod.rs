@@ -436,22 +436,32 @@ impl Farm {
 
     /// Submits the derivations, building the last one.
     pub async fn submit(&self, drvs: &[&FakeDrv]) -> i64 {
+        self.submit_request(Self::request(drvs)).await
+    }
+
+    /// The Submit request for the derivations, building the last one.
+    pub fn request(drvs: &[&FakeDrv]) -> SubmitRequest {
         let top = drvs.last().expect("at least one derivation");
+        SubmitRequest {
+            derivations: drvs
+                .iter()
+                .map(|drv| DerivationText {
+                    path: drv.path.to_absolute(),
+                    text: drv.text.clone(),
+                })
+                .collect(),
+            top_drv_path: top.path.to_absolute(),
+            priority: 0,
+            metadata: [("origin".to_owned(), "test".to_owned())].into(),
+            ..SubmitRequest::default()
+        }
+    }
+
+    /// Submits a request; returns the build id.
+    pub async fn submit_request(&self, request: SubmitRequest) -> i64 {
         self.client()
             .await
-            .submit(SubmitRequest {
-                derivations: drvs
-                    .iter()
-                    .map(|drv| DerivationText {
-                        path: drv.path.to_absolute(),
-                        text: drv.text.clone(),
-                    })
-                    .collect(),
-                top_drv_path: top.path.to_absolute(),
-                priority: 0,
-                metadata: [("origin".to_owned(), "test".to_owned())].into(),
-                sources: Vec::new(),
-            })
+            .submit(request)
             .await
             .unwrap_or_else(|status| panic!("submit refused: {status}"))
             .into_inner()

@@ -36,25 +36,24 @@ pub async fn start_with_one_nix_builder(farm: &mut Farm) -> (PathBuf, ChrootStor
 
 /// Submits the derivation closure of `top` as read from the submitter's store.
 pub async fn submit_closure(farm: &Farm, submitter: &ChrootStore, top: &StorePath) -> i64 {
+    farm.submit_request(closure_request(submitter, top)).await
+}
+
+/// The Submit request for the derivation closure of `top` in the submitter's store.
+pub fn closure_request(submitter: &ChrootStore, top: &StorePath) -> SubmitRequest {
     let closure = submitter.closure(top);
-    farm.client()
-        .await
-        .submit(SubmitRequest {
-            sources: submitter.sources(&closure),
-            derivations: closure
-                .into_iter()
-                .map(|(path, (text, _))| DerivationText {
-                    path: path.to_absolute(),
-                    text,
-                })
-                .collect(),
-            top_drv_path: top.to_absolute(),
-            ..SubmitRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .build_id
+    SubmitRequest {
+        sources: submitter.sources(&closure),
+        derivations: closure
+            .into_iter()
+            .map(|(path, (text, _))| DerivationText {
+                path: path.to_absolute(),
+                text,
+            })
+            .collect(),
+        top_drv_path: top.to_absolute(),
+        ..SubmitRequest::default()
+    }
 }
 
 /// Instantiates `attribute` of the test fixtures and submits its closure; returns the build id

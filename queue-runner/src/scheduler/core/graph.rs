@@ -12,7 +12,7 @@
 //! Completing a step costs O(its dependents and builds), never O(queue).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::placement::ClassId;
@@ -97,6 +97,8 @@ pub struct NewBuild {
     pub global_priority: i32,
     /// Its top-level step (in `steps`, or already in the graph).
     pub top: StepId,
+    /// Whether its steps stay wanted after it failed, to build everything it can.
+    pub keep_going: bool,
     /// Its unfinished steps, inputs first, each with its class; inputs not in the graph or in
     /// this list count as done.
     pub steps: Vec<(PlannedStep, ClassId)>,
@@ -133,6 +135,8 @@ pub struct Effects {
 pub struct StepGraph {
     steps: HashMap<StepId, StepNode>,
     builds: HashMap<BuildId, BuildNode>,
+    /// Builds submitted with keep-going: their steps stay wanted after they failed.
+    keep_going: HashSet<BuildId>,
 }
 
 impl StepGraph {
@@ -174,6 +178,9 @@ impl StepGraph {
     /// priorities and critical paths.
     pub fn add_build(&mut self, new: NewBuild) -> Added {
         let mut added = Added::default();
+        if new.keep_going {
+            self.keep_going.insert(new.build);
+        }
         let closure: Vec<StepId> = new.steps.iter().map(|(step, _)| step.id).collect();
         let before: HashMap<StepId, Order> = closure
             .iter()
@@ -303,6 +310,7 @@ impl StepGraph {
     /// the build is not in the graph. Returns the removed steps' nodes, so the caller can unindex
     /// them and stop the running ones.
     pub fn cancel_build(&mut self, build: BuildId) -> Option<Vec<(StepId, StepNode)>> {
+        self.keep_going.remove(&build);
         let top = self.builds.remove(&build)?.top;
         let mut closure = Vec::new();
         let mut seen = BTreeSet::new();
@@ -318,11 +326,7 @@ impl StepGraph {
         }
         let mut removed = Vec::new();
         for id in closure {
-            let still_needed = self.steps.get(&id).is_some_and(|node| {
-                node.builds
-                    .iter()
-                    .any(|other| *other != build && self.builds.contains_key(other))
-            });
+            let still_needed = self.steps.get(&id).is_some_and(|node| self.wanted(node));
             if !still_needed && let Some(node) = self.steps.remove(&id) {
                 removed.push((id, node));
             }
@@ -359,5 +363,34 @@ impl StepGraph {
         }
         effects.dep_failed_steps.sort_unstable();
         (effects, removed)
+    }
+
+    /// Removes what only failed builds needed: from the inputs of `removed` (the steps a failure
+    /// took out) on, every step that no live build, and no failed keep-going build, needs any
+    /// more. Returns them, for the caller to stop and unindex.
+    pub fn drop_unwanted(&mut self, removed: &[(StepId, StepNode)]) -> Vec<(StepId, StepNode)> {
+        let mut pending: Vec<StepId> = removed
+            .iter()
+            .flat_map(|(_, node)| node.inputs.iter().copied())
+            .collect();
+        let mut dropped = Vec::new();
+        while let Some(id) = pending.pop() {
+            if self.steps.get(&id).is_none_or(|node| self.wanted(node)) {
+                continue;
+            }
+            if let Some(node) = self.steps.remove(&id) {
+                // Its dependents are normally gone already: only failed builds needed it.
+                pending.extend(node.inputs.iter().chain(&node.dependents).copied());
+                dropped.push((id, node));
+            }
+        }
+        dropped
+    }
+
+    /// Whether a build that has not ended, or a failed keep-going build, needs the step.
+    fn wanted(&self, node: &StepNode) -> bool {
+        node.builds
+            .iter()
+            .any(|build| self.builds.contains_key(build) || self.keep_going.contains(build))
     }
 }

@@ -367,16 +367,13 @@ impl Core {
         let mut failed = Vec::new();
         let mut top_succeeded = false;
         for planned in plan.steps {
-            let finish = self.recent.after(plan.snapshot, planned.id).or(
-                // Failed in an earlier build: a cached failure.
-                (planned.recorded_status == StepStatus::Failed).then_some(Finish::Failed),
-            );
-            match finish {
+            // Ingest ends a build needing a step recorded as failed (a cached failure); one that
+            // failed after ingest read it is corrected here.
+            match self.recent.after(plan.snapshot, planned.id) {
                 Some(Finish::Succeeded) => top_succeeded |= planned.id == plan.top,
                 Some(Finish::Failed) => {
                     // Joins the graph only to fail again at once, taking its dependents in
-                    // this build with it, while the build's independent steps go on. Its own
-                    // row already says failed, and why.
+                    // this build with it. Its own row already says failed, and why.
                     failed.push((planned.id, format!("{} failed", planned.spec.drv_path)));
                     steps.push(planned);
                 }
@@ -411,6 +408,7 @@ impl Core {
             priority: plan.priority,
             global_priority: plan.global_priority,
             top: plan.top,
+            keep_going: plan.keep_going,
             steps,
         });
         let new_steps = added
@@ -623,7 +621,15 @@ impl Core {
             self.cancelled.insert(build);
             return;
         };
-        let step_reason = format!("no build needs it any more: build {build} was {reason}");
+        self.drop_steps(
+            removed,
+            &format!("no build needs it any more: build {build} was {reason}"),
+        );
+    }
+
+    /// Ends steps that left the graph because no build needs them any more: `cancelled`, the
+    /// running ones stopped on their builders.
+    fn drop_steps(&mut self, removed: Vec<(StepId, StepNode)>, step_reason: &str) {
         for (step, node) in removed {
             match node.state {
                 StepState::Runnable => self
@@ -637,7 +643,7 @@ impl Core {
                             running.session,
                             ToBuilder::Abort {
                                 attempt,
-                                reason: step_reason.clone(),
+                                reason: step_reason.to_owned(),
                             },
                         );
                         self.stopping.insert(attempt);
@@ -645,7 +651,7 @@ impl Core {
                     self.persist(Change::AttemptEnded {
                         attempt,
                         status: AttemptStatus::Aborted,
-                        message: Some(step_reason.clone()),
+                        message: Some(step_reason.to_owned()),
                     });
                 }
                 StepState::Waiting(_) => {}
@@ -653,7 +659,7 @@ impl Core {
             self.persist(Change::StepStatus {
                 step,
                 status: StepStatus::Cancelled,
-                reason: Some(step_reason.clone()),
+                reason: Some(step_reason.to_owned()),
             });
         }
     }
@@ -894,6 +900,11 @@ impl Core {
                 reason: Some(dependency_reason.clone()),
             });
         }
+        let unwanted = self.graph.drop_unwanted(&removed);
+        self.drop_steps(
+            unwanted,
+            &format!("no build needs it any more: the builds that did failed: {reason}"),
+        );
     }
 
     /// Puts a runnable step in its class's line.

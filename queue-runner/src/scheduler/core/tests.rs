@@ -74,6 +74,7 @@ fn plan(build: BuildId, priority: i32, top: StepId, steps: Vec<PlannedStep>) -> 
         priority,
         global_priority: 0,
         top,
+        keep_going: false,
         steps,
         available: Vec::new(),
         snapshot: 0,
@@ -218,36 +219,65 @@ fn a_failure_fails_its_dependents_and_every_build_that_needs_them() {
         ended,
         vec![(10, BuildStatus::DepFailed), (11, BuildStatus::Failed)]
     );
-    assert!(
-        core.graph().step(3).is_some(),
-        "an independent branch goes on"
+    assert_eq!(
+        step_status(&failed, 3),
+        Some(StepStatus::Cancelled),
+        "a branch only the failed builds need is not built"
     );
-    assert!(core.graph().step(6).is_some());
+    assert!(core.graph().step(6).is_some(), "another build goes on");
 }
 
 #[test]
-fn a_step_that_failed_in_an_earlier_build_fails_its_dependents_while_its_siblings_build() {
+fn a_failed_builds_other_steps_stop_unless_another_build_needs_them_or_it_keeps_going() {
     let now = Instant::now();
     let mut core = core();
-    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 4)));
-    // 3 needs 1 (failed in an earlier build) and 2 (independent of it).
-    let mut failed_before = step(1, &[]);
-    failed_before.recorded_status = StepStatus::Failed;
-    let planned = core.handle(plan(
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 8)));
+    // Build 10: 3 ← {1, 2, 9}; build 12 needs 9 alone; build 11 keeps going: 6 ← {4, 5}.
+    core.handle(plan(
         10,
         0,
         3,
-        vec![failed_before, step(2, &[]), step(3, &[1, 2])],
+        vec![
+            step(1, &[]),
+            step(2, &[]),
+            step(9, &[]),
+            step(3, &[1, 2, 9]),
+        ],
     ));
-    assert_eq!(step_status(&planned, 3), Some(StepStatus::DepFailed));
-    assert_eq!(
-        step_status(&planned, 1),
-        None,
-        "the failed step's own row, and its reason, stay as they are"
+    core.handle(plan(12, 0, 9, vec![step(9, &[])]));
+    let Event::BuildPlanned(mut keeps_going) =
+        plan(11, 0, 6, vec![step(4, &[]), step(5, &[]), step(6, &[4, 5])])
+    else {
+        unreachable!()
+    };
+    keeps_going.keep_going = true;
+    core.handle(Event::BuildPlanned(keeps_going));
+    let running: HashMap<StepId, AttemptId> = builds(&core.dispatch(now))
+        .into_iter()
+        .map(|(_, attempt, step)| (step, attempt))
+        .collect();
+    assert_eq!(running.len(), 5);
+
+    let failed = core.handle(finished(1, running[&1], Outcome::Failed));
+    assert_eq!(build_finished(&failed), vec![(10, BuildStatus::DepFailed)]);
+    assert_eq!(step_status(&failed, 2), Some(StepStatus::Cancelled));
+    assert!(
+        failed.contains(&Command::Send {
+            session: 1,
+            message: ToBuilder::Abort {
+                attempt: running[&2],
+                reason: "no build needs it any more: the builds that did failed: Failed".to_owned()
+            }
+        }),
+        "{failed:?}"
     );
-    assert_eq!(build_finished(&planned), vec![(10, BuildStatus::DepFailed)]);
-    let dispatched: Vec<StepId> = builds(&core.dispatch(now)).iter().map(|b| b.2).collect();
-    assert_eq!(dispatched, [2], "the independent sibling is still built");
+    assert!(core.graph().step(9).is_some(), "build 12 still needs it");
+
+    let kept = core.handle(finished(1, running[&4], Outcome::Failed));
+    assert_eq!(build_finished(&kept), vec![(11, BuildStatus::DepFailed)]);
+    assert_eq!(step_status(&kept, 5), None, "a keep-going build builds on");
+    let done = core.handle(finished(1, running[&5], Outcome::Succeeded));
+    assert_eq!(step_status(&done, 5), Some(StepStatus::Succeeded));
 }
 
 #[test]
@@ -886,6 +916,7 @@ fn a_plan_corrects_for_steps_that_finished_after_ingest_read_them() {
             priority: 0,
             global_priority: 0,
             top,
+            keep_going: false,
             steps,
             available: Vec::new(),
             snapshot,
@@ -911,8 +942,8 @@ fn a_plan_corrects_for_steps_that_finished_after_ingest_read_them() {
     assert!(core.graph().step(4).is_none() && core.graph().step(2).is_none());
     assert_eq!(
         step_status(&cached, 5),
-        Some(StepStatus::Runnable),
-        "an independent step of the build is still built"
+        Some(StepStatus::Cancelled),
+        "a step only the failed build needed is not built"
     );
     // Once ingest caught up past them, the core forgets them.
     core.handle(Event::IngestCaughtUp {
@@ -931,6 +962,7 @@ fn steps_available_in_a_cache_succeed_without_building() {
         priority: 0,
         global_priority: 0,
         top: 3,
+        keep_going: false,
         steps: vec![step(3, &[])],
         available: vec![1],
         snapshot: 0,

@@ -112,6 +112,9 @@ pub struct BuildPlan {
     pub global_priority: i32,
     /// Its top-level step.
     pub top: StepId,
+    /// Whether it builds everything it can after a step failed, rather than letting the steps
+    /// only it needs be cancelled.
+    pub keep_going: bool,
     /// Every unfinished step of its closure, inputs before the steps that use them.
     pub steps: Vec<PlannedStep>,
     /// Steps of its closure that ingest found done without building (every output already in
