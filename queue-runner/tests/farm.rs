@@ -479,3 +479,108 @@ async fn a_restarted_runner_recovers_its_queue_and_takes_back_what_builders_ran_
         .get(0);
     assert_eq!(first_attempts, 2, "the finished step was not run again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_builder_loses_its_step_to_another_and_its_late_result_changes_nothing() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let drv = factory.make(&Spec::new("frozen"));
+    let frozen = farm.start_builder(&BuilderSpec {
+        build_ms: 1500,
+        ..BuilderSpec::new("frozen")
+    });
+    let build = farm.submit(&[&drv]).await;
+    farm.wait_for_count(
+        "the step to run on the builder about to freeze",
+        "SELECT count(*) FROM step_attempts WHERE status = 'running'",
+        1,
+    )
+    .await;
+    farm.signal_builder(frozen, "STOP");
+    farm.start_builder(&BuilderSpec::new("thawed"));
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    farm.signal_builder(frozen, "CONT");
+    farm.wait_for_count(
+        "the frozen builder to rejoin",
+        "SELECT count(*) FROM machines WHERE connected",
+        2,
+    )
+    .await;
+    let attempts: Vec<(String, String)> = farm
+        .db()
+        .await
+        .query(
+            "SELECT machine, status::text FROM step_attempts ORDER BY started_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            ("frozen".to_owned(), "builder_lost".to_owned()),
+            ("thawed".to_owned(), "succeeded".to_owned())
+        ]
+    );
+    assert_eq!(
+        farm.count("SELECT builder_losses::bigint FROM steps").await,
+        1,
+        "a loss, not a failure"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_its_builder_never_claims_after_a_runner_restart_is_requeued_after_the_grace() {
+    let mut farm = Farm::new().await;
+    farm.readoption_grace_secs = 1;
+    farm.start_runner().await;
+    let drv = Factory::default().make(&Spec::new("unclaimed"));
+    let gone = farm.start_builder(&BuilderSpec {
+        build_ms: 60_000,
+        ..BuilderSpec::new("gone")
+    });
+    let build = farm.submit(&[&drv]).await;
+    farm.wait_for_count(
+        "the step to run",
+        "SELECT count(*) FROM step_attempts WHERE status = 'running'",
+        1,
+    )
+    .await;
+    farm.stop_runner().await;
+    farm.kill_builder(gone);
+    farm.start_runner().await;
+    farm.start_builder(&BuilderSpec::new("stays"));
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    let attempts: Vec<(String, String, String)> = farm
+        .db()
+        .await
+        .query(
+            "SELECT machine, status::text, coalesce(message, '') FROM step_attempts
+             ORDER BY started_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(
+        (attempts[0].0.as_str(), attempts[0].1.as_str()),
+        ("gone", "builder_lost")
+    );
+    assert!(attempts[0].2.contains("did not claim"), "{attempts:?}");
+    assert_eq!(
+        (attempts[1].0.as_str(), attempts[1].1.as_str()),
+        ("stays", "succeeded")
+    );
+    assert_eq!(
+        farm.count("SELECT count(*) FROM steps WHERE status = 'running'")
+            .await,
+        0
+    );
+}

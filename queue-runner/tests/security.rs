@@ -703,3 +703,67 @@ async fn a_builder_with_a_certificate_from_another_ca_exits_at_once_saying_why()
         "the builder does not say its certificate was refused: {log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nar_cut_in_the_middle_publishes_nothing_and_its_step_is_retried_after_its_backoff() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let drv = Factory::default().make(&Spec::new("cut-upload"));
+    let mut builder = ScriptedBuilder::join(&farm, "cutter").await;
+    let build = farm.submit(&[&drv]).await;
+    let first = next_build(&mut builder).await;
+    let before = cache_entries(&farm);
+    let cut = upload(
+        &mut builder.client,
+        &first.attempt_id,
+        &drv.out,
+        &[],
+        nar_of(b"the whole output, never sent whole")[..48].to_vec(),
+    )
+    .await
+    .expect_err("a NAR cut in the middle");
+    assert_eq!(cut.code(), Code::InvalidArgument, "{cut:?}");
+    assert_eq!(
+        cache_entries(&farm),
+        before,
+        "something of it was published"
+    );
+    // What the builder reports when an upload fails.
+    let reported = std::time::Instant::now();
+    builder
+        .send(Outbound::StepResult(StepResult {
+            attempt_id: first.attempt_id.clone(),
+            outcome: StepOutcome::InfrastructureFailure.into(),
+            message: format!("uploading {} failed: {}", drv.out, cut.message()),
+            outputs: Vec::new(),
+        }))
+        .await;
+    let retried = next_build(&mut builder).await;
+    assert!(
+        reported.elapsed() >= std::time::Duration::from_millis(100),
+        "retried before the farm's 100 ms first backoff"
+    );
+    assert_eq!(retried.drv_path, drv.path.to_absolute());
+    let good = upload(
+        &mut builder.client,
+        &retried.attempt_id,
+        &drv.out,
+        &[],
+        nar_of(b"whole"),
+    )
+    .await
+    .unwrap();
+    builder
+        .send(Outbound::StepResult(success(
+            &retried.attempt_id,
+            &drv.out,
+            good.nar_hash,
+        )))
+        .await;
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(
+        farm.count("SELECT infrastructure_failures::bigint FROM steps")
+            .await,
+        1
+    );
+}

@@ -62,6 +62,8 @@ pub struct Farm {
     pub max_output_bytes: u64,
     /// How long runnable steps wait for a builder that can run them, in seconds.
     pub unsupported_grace_secs: u64,
+    /// How long attempts left by a previous runner wait for their builders, in seconds.
+    pub readoption_grace_secs: u64,
     runner: Option<RunningRunner>,
     builders: Vec<ChildGuard>,
 }
@@ -149,6 +151,7 @@ impl Farm {
             step_limits_secs: (600, 600),
             max_output_bytes: 1 << 30,
             unsupported_grace_secs: 300,
+            readoption_grace_secs: 120,
             runner: None,
             builders: Vec::new(),
         }
@@ -193,6 +196,7 @@ impl Farm {
             max_silent_secs = {max_silent}
             max_output_bytes = {max_output_bytes}
             unsupported_grace_secs = {unsupported_grace}
+            readoption_grace_secs = {readoption_grace}
             [retry]
             max_attempts = 4
             initial_interval_ms = 100
@@ -208,6 +212,7 @@ impl Farm {
             max_silent = self.step_limits_secs.1,
             max_output_bytes = self.max_output_bytes,
             unsupported_grace = self.unsupported_grace_secs,
+            readoption_grace = self.readoption_grace_secs,
         )
     }
 
@@ -401,6 +406,17 @@ impl Farm {
         let child = self.builders[index].child_mut();
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to builder `index`, as `kill -SIGNAL` would.
+    pub fn signal_builder(&mut self, index: usize, signal: &str) {
+        let pid = self.builders[index].child_mut().id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
     }
 
     /// A TLS channel to the runner presenting the certificate of `role`/`name`.
