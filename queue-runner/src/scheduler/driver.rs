@@ -92,8 +92,9 @@ pub enum SessionEvent {
 /// Why the scheduler stopped. Fatal: the queue cannot be kept without its database.
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
-    /// The attempts a previous runner process left running could not be read.
-    #[error("reading the attempts a previous runner left running")]
+    /// What a previous runner process left (running attempts, known builders) could not be
+    /// read.
+    #[error("recovering the scheduler's state from the database")]
     Recover(#[source] DbError),
     /// A batch of changes could not be written.
     #[error("writing a batch of {changes} scheduler changes (tried {tries} times)")]

@@ -253,8 +253,8 @@ impl Farm {
     }
 
     /// Starts the `drover-queue-runner` binary on this farm's ports with `database_url`, logging
-    /// to `log_name` in the farm directory, and waits until it serves. For tests that kill the
-    /// runner or watch it exit.
+    /// to `log_name` in the farm directory, and waits until it has recovered its queue (builders
+    /// can join). For tests that kill the runner or watch it exit.
     pub async fn spawn_runner_process(&self, database_url: &str, log_name: &str) -> ChildGuard {
         let config = self.path("runner-process.toml");
         fs_err::write(&config, self.runner_config_text(database_url)).unwrap();
@@ -270,10 +270,10 @@ impl Farm {
                 .stderr(log.into_parts().0),
         )
         .unwrap();
-        poll_until(DEADLINE, "the runner to serve", || async {
+        poll_until(DEADLINE, "the runner to recover its queue", || async {
             fs_err::read_to_string(&log_path)
                 .unwrap()
-                .contains("queue runner serving")
+                .contains("queue recovered")
                 .then_some(())
         })
         .await;
