@@ -1,7 +1,8 @@
 //! `drover submit`: instantiate an expression (or take a `.drv`), send the runner each
 //! derivation's closure and input sources as a build of its own (a file may evaluate to several
 //! derivations, as a CI job set does), and with `--watch` wait for every build, print the outputs
-//! and exit non-zero if any did not succeed.
+//! and exit non-zero if any did not succeed. A farm with no room is waited for: the submission is
+//! tried again after the delay the runner names, under the same idempotency key.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -10,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use drover_proto::v1::build_service_client::BuildServiceClient;
-use drover_proto::v1::{BuildStatus, DerivationText, GetRequest, SourceNar, SubmitRequest};
+use drover_proto::v1::{BuildPhase, DerivationText, GetRequest, SourceNar, SubmitRequest};
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use nix_primitives::StorePath;
+use tonic::transport::Channel;
+use tonic_types::StatusExt as _;
 
 use crate::call::CallError;
 use crate::connection::{ConnectError, ConnectionArgs};
@@ -203,6 +206,52 @@ fn closure(top: &StorePath) -> Result<(Vec<DerivationText>, Vec<SourceNar>), Sub
     Ok((derivations, sources))
 }
 
+/// How long `drover submit` keeps retrying a submission the farm has no room for.
+const ADMISSION_PATIENCE: Duration = Duration::from_mins(30);
+
+/// A key unique to this submission of `top`, so that retrying it never queues a second build.
+fn idempotency_key(top: &StorePath) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "{}-{}-{}",
+        top.base_name(),
+        std::process::id(),
+        now.as_nanos()
+    )
+}
+
+/// Submits, and while the farm answers that it has no room (`RESOURCE_EXHAUSTED`), waits as
+/// long as it says and tries again with the same idempotency key, saying so.
+async fn submit_when_admitted(
+    client: &mut BuildServiceClient<Channel>,
+    request: SubmitRequest,
+) -> Result<i64, tonic::Status> {
+    let started = Instant::now();
+    loop {
+        match client.submit(request.clone()).await {
+            Ok(response) => return Ok(response.into_inner().build_id),
+            Err(status)
+                if status.code() == tonic::Code::ResourceExhausted
+                    && started.elapsed() < ADMISSION_PATIENCE =>
+            {
+                let wait = status
+                    .get_details_retry_info()
+                    .and_then(|info| info.retry_delay)
+                    .unwrap_or(Duration::from_secs(30));
+                eprintln!(
+                    "the farm has no room for this build now ({}); retrying in {} s",
+                    status.message(),
+                    wait.as_secs()
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(status) => return Err(status),
+        }
+    }
+}
+
 /// Runs `drover submit`.
 pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
     let tops = derivations(&args).context("instantiating the target")?;
@@ -212,20 +261,19 @@ pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
     for top in &tops {
         let (derivations, sources) =
             closure(top).with_context(|| format!("reading the derivation closure of {top}"))?;
-        let id = client
-            .submit(SubmitRequest {
-                derivations,
-                sources,
-                top_drv_path: top.to_absolute(),
-                priority: args.priority,
-                metadata: args.metadata.iter().cloned().collect(),
-                keep_going: args.keep_going,
-            })
+        let request = SubmitRequest {
+            derivations,
+            sources,
+            top_drv_path: top.to_absolute(),
+            priority: args.priority,
+            metadata: args.metadata.iter().cloned().collect(),
+            keep_going: args.keep_going,
+            idempotency_key: idempotency_key(top),
+        };
+        let id = submit_when_admitted(&mut client, request)
             .await
             .map_err(|status| SubmitError::from(CallError::from(status)))
-            .with_context(|| format!("submitting {top}"))?
-            .into_inner()
-            .build_id;
+            .with_context(|| format!("submitting {top}"))?;
         eprintln!("build {id} queued: {top}");
         if !args.watch {
             println!("{id}");
@@ -275,19 +323,17 @@ async fn watch(
                 eprintln!("the runner is back");
                 told = false;
             }
-            let status = build.status();
-            if matches!(
-                status,
-                BuildStatus::Queued | BuildStatus::Running | BuildStatus::Unknown
-            ) {
+            // A phase this client does not know has not ended: keep watching.
+            if !build.phase().is_terminal() {
                 still.push(id);
                 continue;
             }
-            let name = status
+            let name = build
+                .status()
                 .as_str_name()
                 .trim_start_matches("BUILD_STATUS_")
                 .to_lowercase();
-            if status == BuildStatus::Succeeded {
+            if build.phase() == BuildPhase::Succeeded {
                 eprintln!("build {id} succeeded");
                 let outputs: BTreeMap<_, _> = build.outputs.into_iter().collect();
                 for (output, path) in outputs {

@@ -20,6 +20,7 @@ pub const API_VERSION: &str = env!("DROVER_API_VERSION");
 pub const MAX_TUNNEL_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 mod outcome;
+mod phase;
 
 pub use outcome::{Outcome, UnknownOutcome};
 

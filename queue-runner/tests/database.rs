@@ -82,10 +82,12 @@ async fn queue_one_step(client: &deadpool_postgres::Client) -> (FakeDrv, i64, qu
             metadata: &serde_json::json!({}),
             submitted_by: "client/test",
             keep_going: false,
+            idempotency_key: None,
         },
     )
     .await
-    .unwrap();
+    .unwrap()
+    .0;
     let mut rows = queries::ensure_steps(
         client,
         &[queries::StepSpec {

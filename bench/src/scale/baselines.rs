@@ -44,10 +44,12 @@ async fn prepare(cluster: &TestPostgres, drvs: &[FakeDrv]) -> Prepared {
             metadata: &serde_json::json!({}),
             submitted_by: "client/bench",
             keep_going: false,
+            idempotency_key: None,
         },
     )
     .await
-    .unwrap();
+    .unwrap()
+    .0;
     let specs: Vec<queries::StepSpec> = drvs
         .iter()
         .map(|drv| queries::StepSpec {

@@ -45,6 +45,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "cached failures and keep-going builds",
         include_str!("../../migrations/0008_cached_failures_keep_going.sql"),
     ),
+    (
+        9,
+        "idempotent submissions, step waiting reasons, the admission cap",
+        include_str!("../../migrations/0009_client_api.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

@@ -34,6 +34,9 @@ pub enum DbError {
         /// The label read.
         label: String,
     },
+    /// A row a statement just relied on is not there (another transaction removed it).
+    #[error("{0} is missing")]
+    Missing(&'static str),
     /// A statement failed.
     #[error("{what}")]
     Query {
@@ -64,6 +67,7 @@ impl Classify for DbError {
             {
                 Severity::Step
             }
+            Self::Missing(_) => Severity::Step,
             Self::Configure(_)
             | Self::UnknownStatus { .. }
             | Self::Connection(_)

@@ -315,14 +315,33 @@ pub struct NewBuild<'a> {
     pub submitted_by: &'a str,
     /// Whether it builds what it can after a step failed.
     pub keep_going: bool,
+    /// The submitter's key that makes a retried Submit return this build.
+    pub idempotency_key: Option<&'a str>,
 }
 
-/// Stores new derivations and queues a build, in the caller's transaction.
+/// The build a submitter queued earlier with an idempotency key, if any.
+pub async fn build_with_key(
+    client: &impl GenericClient,
+    submitted_by: &str,
+    key: &str,
+) -> Result<Option<i64>, DbError> {
+    let row = client
+        .query_opt(
+            "SELECT id FROM builds WHERE submitted_by = $1 AND idempotency_key = $2",
+            &[&submitted_by, &key],
+        )
+        .await
+        .map_err(DbError::query("looking up an idempotency key"))?;
+    Ok(row.map(|row| row.get(0)))
+}
+
+/// Stores new derivations and queues a build, in the caller's transaction; returns its id and
+/// whether its idempotency key named an earlier build instead (then nothing was queued).
 pub async fn insert_build(
     client: &impl GenericClient,
     derivations: &[(String, Vec<u8>)],
     build: &NewBuild<'_>,
-) -> Result<i64, DbError> {
+) -> Result<(i64, bool), DbError> {
     let paths: Vec<&str> = derivations.iter().map(|(path, _)| path.as_str()).collect();
     let texts: Vec<&[u8]> = derivations
         .iter()
@@ -337,20 +356,177 @@ pub async fn insert_build(
         .await
         .map_err(DbError::query("storing derivations"))?;
     let row = client
-        .query_one(
-            "INSERT INTO builds (drv_path, priority, metadata, submitted_by, keep_going)
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        .query_opt(
+            "INSERT INTO builds (drv_path, priority, metadata, submitted_by, keep_going,
+                 idempotency_key)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (submitted_by, idempotency_key) WHERE idempotency_key IS NOT NULL
+             DO NOTHING RETURNING id",
             &[
                 &build.top,
                 &build.priority,
                 build.metadata,
                 &build.submitted_by,
                 &build.keep_going,
+                &build.idempotency_key,
             ],
         )
         .await
         .map_err(DbError::query("queueing a build"))?;
-    Ok(row.get(0))
+    if let Some(row) = row {
+        return Ok((row.get(0), false));
+    }
+    // Another Submit with the same key committed first.
+    let key = build.idempotency_key.unwrap_or_default();
+    let existing = build_with_key(client, build.submitted_by, key)
+        .await?
+        .ok_or(DbError::Missing(
+            "the build an idempotency key conflicted with",
+        ))?;
+    Ok((existing, true))
+}
+
+/// How many steps wait or are runnable, and the admission cap on them (`farm_limits`).
+pub async fn queued_steps_and_cap(client: &impl GenericClient) -> Result<(i64, i64), DbError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM steps WHERE status IN ('waiting', 'runnable')),
+                    (SELECT max_queued_steps::bigint FROM farm_limits)",
+            &[],
+        )
+        .await
+        .map_err(DbError::query("reading the admission cap"))?;
+    Ok((row.get(0), row.get::<_, Option<i64>>(1).unwrap_or(i64::MAX)))
+}
+
+/// One step of a build as clients see it.
+#[derive(Debug, Clone)]
+pub struct StepStateRow {
+    /// Step id.
+    pub id: i64,
+    /// Its derivation.
+    pub drv_path: String,
+    /// Its status label.
+    pub status: String,
+    /// Why it waits, if it does.
+    pub waiting_reason: String,
+    /// The builder running it, if one is.
+    pub builder: String,
+    /// Why it ended without success, if it did.
+    pub failure_reason: String,
+}
+
+/// The steps a build needed when it was planned, by id, with why each unfinished one waits.
+pub async fn build_steps(
+    client: &impl GenericClient,
+    build: i64,
+) -> Result<Vec<StepStateRow>, DbError> {
+    let rows = client
+        .query(
+            "SELECT s.id, s.drv_path, s.status::text, coalesce(w.reason, ''),
+                    coalesce((SELECT a.machine FROM step_attempts a
+                              WHERE a.step_id = s.id AND a.status = 'running' LIMIT 1), ''),
+                    coalesce(s.failure_reason, '')
+             FROM build_steps bs
+             JOIN steps s ON s.id = bs.step_id
+             LEFT JOIN step_waiting_reasons w ON w.step_id = s.id
+             WHERE bs.build_id = $1
+             ORDER BY s.id",
+            &[&build],
+        )
+        .await
+        .map_err(DbError::query("reading a build's steps"))?;
+    Ok(rows
+        .iter()
+        .map(|row| StepStateRow {
+            id: row.get(0),
+            drv_path: row.get(1),
+            status: row.get(2),
+            waiting_reason: row.get(3),
+            builder: row.get(4),
+            failure_reason: row.get(5),
+        })
+        .collect())
+}
+
+/// Which builds [`list_builds`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct BuildFilter {
+    /// Status labels to keep (empty: any).
+    pub statuses: Vec<String>,
+    /// Metadata every build must contain (a JSON object).
+    pub metadata: serde_json::Value,
+    /// Submitted at or after, in Unix milliseconds.
+    pub submitted_after_ms: Option<i64>,
+    /// Submitted before, in Unix milliseconds.
+    pub submitted_before_ms: Option<i64>,
+    /// Only builds with a smaller id (the page cursor).
+    pub before_id: Option<i64>,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// A build in a list.
+#[derive(Debug, Clone)]
+pub struct BuildSummaryRow {
+    /// Build id.
+    pub id: i64,
+    /// Its status label.
+    pub status: String,
+    /// Its top-level derivation.
+    pub drv_path: String,
+    /// Its metadata.
+    pub metadata: serde_json::Value,
+    /// When it was queued, in Unix milliseconds.
+    pub submitted_at_ms: i64,
+    /// When it ended, in Unix milliseconds.
+    pub finished_at_ms: Option<i64>,
+    /// Why it failed.
+    pub failure_reason: Option<String>,
+}
+
+/// Builds matching `filter`, newest first.
+pub async fn list_builds(
+    client: &impl GenericClient,
+    filter: &BuildFilter,
+) -> Result<Vec<BuildSummaryRow>, DbError> {
+    let rows = client
+        .query(
+            "SELECT id, status::text, drv_path, metadata,
+                    (extract(epoch FROM submitted_at) * 1000)::bigint,
+                    (extract(epoch FROM finished_at) * 1000)::bigint,
+                    failure_reason
+             FROM builds
+             WHERE (cardinality($1::text[]) = 0 OR status::text = ANY ($1))
+               AND metadata @> $2
+               AND ($3::bigint IS NULL OR submitted_at >= to_timestamp($3 / 1000.0))
+               AND ($4::bigint IS NULL OR submitted_at < to_timestamp($4 / 1000.0))
+               AND ($5::bigint IS NULL OR id < $5)
+             ORDER BY id DESC
+             LIMIT $6",
+            &[
+                &filter.statuses,
+                &filter.metadata,
+                &filter.submitted_after_ms,
+                &filter.submitted_before_ms,
+                &filter.before_id,
+                &filter.limit,
+            ],
+        )
+        .await
+        .map_err(DbError::query("listing builds"))?;
+    Ok(rows
+        .iter()
+        .map(|row| BuildSummaryRow {
+            id: row.get(0),
+            status: row.get(1),
+            drv_path: row.get(2),
+            metadata: row.get(3),
+            submitted_at_ms: row.get(4),
+            finished_at_ms: row.get(5),
+            failure_reason: row.get(6),
+        })
+        .collect())
 }
 
 /// Who submitted a build, and whether it has ended; `None` if there is no such build.

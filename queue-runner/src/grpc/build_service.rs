@@ -1,23 +1,28 @@
-//! `BuildService`: submitting builds, reading them back, cancelling and restarting them. Submit
-//! verifies the whole derivation closure before it writes anything, and writes the derivations
-//! and the build in one transaction, so a refused submission leaves no trace. Cancel goes to the
-//! scheduler, which owns every running build; restart queues an ended build again for ingest.
+//! `BuildService`: submitting builds, reading and listing them, cancelling and restarting them.
+//! Submit verifies the whole derivation closure and checks the admission cap before it writes
+//! anything, and writes the derivations and the build in one transaction, so a refused
+//! submission leaves no trace; an idempotency key makes a retried Submit return the first one's
+//! build. Cancel goes to the scheduler, which owns every running build; restart queues an ended
+//! build again for ingest.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use drover_proto::v1::build_service_server::BuildService;
 use drover_proto::v1::{
-    BuildStatus, CancelRequest, CancelResponse, GetLogRequest, GetLogResponse, GetRequest,
-    GetResponse, RestartRequest, RestartResponse, SourceNar, SubmitRequest, SubmitResponse,
+    CancelRequest, CancelResponse, GetLogRequest, GetLogResponse, GetRequest, GetResponse,
+    ListRequest, ListResponse, RestartRequest, RestartResponse, SourceNar, SubmitRequest,
+    SubmitResponse,
 };
 use drover_tls::{Identity, Role};
 use error_context::{Classify, Severity};
 use nix_primitives::StorePath;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
 
-use super::auth;
+use super::{auth, build_view};
 use crate::cache::{BinaryCache, CacheError};
 use crate::db::queries;
 use crate::db::status::BuildStatus as QueueBuildStatus;
@@ -56,10 +61,27 @@ pub enum SubmitError {
     /// A source's path or references are not store paths.
     #[error("an input source names an invalid store path")]
     SourcePath(#[from] nix_primitives::store_path::StorePathError),
+    /// The farm has more steps queued than its admission cap allows.
+    #[error(
+        "the farm cannot take this build now: {queued} steps are queued, the cap is {cap} \
+         (farm_limits.max_queued_steps) and the build may add {adding}; retry in {} s",
+        ADMISSION_RETRY_AFTER.as_secs()
+    )]
+    FarmFull {
+        /// Steps waiting or runnable.
+        queued: i64,
+        /// The cap.
+        cap: i64,
+        /// Steps the build may add (its closure's derivations).
+        adding: i64,
+    },
     /// The database failed.
     #[error("storing the build")]
     Database(#[from] DbError),
 }
+
+/// How long a client refused for lack of room is told to wait before it tries again.
+const ADMISSION_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 impl Classify for SubmitError {
     fn severity(&self) -> Severity {
@@ -67,7 +89,8 @@ impl Classify for SubmitError {
             Self::DerivationTooLarge { .. }
             | Self::Verify(_)
             | Self::Metadata(_)
-            | Self::SourcePath(_) => Severity::Reject,
+            | Self::SourcePath(_)
+            | Self::FarmFull { .. } => Severity::Reject,
             Self::Source(error) => error.severity(),
             Self::Database(error) => error.severity(),
         }
@@ -89,6 +112,11 @@ impl From<SubmitError> for Status {
             | SubmitError::Metadata(_)
             | SubmitError::Source(_)
             | SubmitError::SourcePath(_) => Status::invalid_argument(message),
+            SubmitError::FarmFull { .. } => Status::with_error_details(
+                tonic::Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_retry_info(Some(ADMISSION_RETRY_AFTER)),
+            ),
             SubmitError::Database(_) => Status::unavailable(message),
         }
     }
@@ -198,7 +226,12 @@ impl BuildServiceImpl {
         Ok(())
     }
 
-    async fn submit(&self, request: SubmitRequest, caller: &Identity) -> Result<i64, SubmitError> {
+    /// Queues a build; returns its id and whether the idempotency key named an earlier one.
+    async fn submit(
+        &self,
+        request: SubmitRequest,
+        caller: &Identity,
+    ) -> Result<(i64, bool), SubmitError> {
         // Before anything else, so a refused submission leaves nothing behind.
         if let Some(large) = request
             .derivations
@@ -211,6 +244,14 @@ impl BuildServiceImpl {
                 limit: self.max_derivation_bytes,
             });
         }
+        let submitted_by = caller.to_string();
+        let key = (!request.idempotency_key.is_empty()).then_some(request.idempotency_key.as_str());
+        let mut client = self.pool.get().await.map_err(DbError::Connection)?;
+        if let Some(key) = key
+            && let Some(existing) = queries::build_with_key(&client, &submitted_by, key).await?
+        {
+            return Ok((existing, true));
+        }
         let top = verify::parse_path(&request.top_drv_path)?;
         let mut parsed = BTreeMap::new();
         for given in request.derivations {
@@ -219,9 +260,18 @@ impl BuildServiceImpl {
             parsed.insert(path, (given.text, derivation));
         }
         let submitted: Vec<_> = parsed.keys().cloned().collect();
-        let mut client = self.pool.get().await.map_err(DbError::Connection)?;
         complete_closure(&client, &top, &mut parsed).await??;
         let closure = verify::verify_closure(&top, parsed)?;
+        let (queued, cap) = queries::queued_steps_and_cap(&client).await?;
+        let adding = i64::try_from(closure.derivations.len()).unwrap_or(i64::MAX);
+        // An empty queue takes any build, so no build is too large to ever be admitted.
+        if queued > 0 && queued.saturating_add(adding) > cap {
+            return Err(SubmitError::FarmFull {
+                queued,
+                cap,
+                adding,
+            });
+        }
         self.publish_sources(request.sources).await?;
         let new: Vec<(String, Vec<u8>)> = submitted
             .iter()
@@ -237,28 +287,31 @@ impl BuildServiceImpl {
             .transaction()
             .await
             .map_err(DbError::query("starting a submission"))?;
-        let id = queries::insert_build(
+        let (id, existing) = queries::insert_build(
             &transaction,
             &new,
             &queries::NewBuild {
                 top: &top.to_absolute(),
                 priority: request.priority,
                 metadata: &metadata,
-                submitted_by: &caller.to_string(),
+                submitted_by: &submitted_by,
                 keep_going: request.keep_going,
+                idempotency_key: key,
             },
         )
         .await?;
         // Offered before the commit, so ingest (woken by the commit) finds it.
-        let offered = self.handoff.offer(id, closure);
+        let offered = !existing && self.handoff.offer(id, closure);
         if let Err(error) = transaction.commit().await {
             if offered {
                 self.handoff.withdraw(id);
             }
             return Err(DbError::query("committing a submission")(error).into());
         }
-        tracing::info!(build = id, top = %top, derivations = new.len(), "build submitted");
-        Ok(id)
+        if !existing {
+            tracing::info!(build = id, top = %top, derivations = new.len(), "build submitted");
+        }
+        Ok((id, existing))
     }
 }
 
@@ -273,8 +326,8 @@ impl BuildService for BuildServiceImpl {
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
         let submitter = auth::require(&request, CALLERS)?;
-        let build_id = self.submit(request.into_inner(), &submitter).await?;
-        Ok(Response::new(SubmitResponse { build_id }))
+        let (build_id, existing) = self.submit(request.into_inner(), &submitter).await?;
+        Ok(Response::new(SubmitResponse { build_id, existing }))
     }
 
     async fn cancel(
@@ -334,16 +387,10 @@ impl BuildService for BuildServiceImpl {
             .await
             .map_err(|error| unavailable(&error))?
             .ok_or_else(|| Status::not_found(format!("no build {id}")))?;
-        let status = match build.status.as_str() {
-            "queued" => BuildStatus::Queued,
-            "running" => BuildStatus::Running,
-            "succeeded" => BuildStatus::Succeeded,
-            "failed" => BuildStatus::Failed,
-            "dep_failed" => BuildStatus::DepFailed,
-            "cancelled" => BuildStatus::Cancelled,
-            "cached_failure" => BuildStatus::CachedFailure,
-            _ => BuildStatus::Unknown,
-        };
+        let steps = queries::build_steps(&client, id)
+            .await
+            .map_err(|error| unavailable(&error))?;
+        let status = build_view::wire_status(&build.status);
         let metadata = serde_json::from_value(build.metadata).unwrap_or_default();
         Ok(Response::new(GetResponse {
             build_id: id,
@@ -352,6 +399,22 @@ impl BuildService for BuildServiceImpl {
             metadata,
             failure_reason: build.failure_reason.unwrap_or_default(),
             outputs: build.outputs.into_iter().collect(),
+            phase: status.phase().into(),
+            steps: steps.into_iter().map(build_view::step_state).collect(),
+        }))
+    }
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        auth::require(&request, CALLERS)?;
+        let filter = build_view::filter(request.get_ref())?;
+        let client = self.client().await?;
+        let rows = queries::list_builds(&client, &filter)
+            .await
+            .map_err(|error| unavailable(&error))?;
+        let next_page_token = build_view::next_page_token(&rows, &filter);
+        Ok(Response::new(ListResponse {
+            builds: rows.into_iter().map(build_view::summary).collect(),
+            next_page_token,
         }))
     }
 

@@ -3,5 +3,6 @@
 
 pub mod auth;
 pub mod build_service;
+pub mod build_view;
 pub mod tunnel;
 pub mod upload;

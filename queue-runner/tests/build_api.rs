@@ -1,0 +1,284 @@
+//! The build API users live in, over real mTLS gRPC against a real runner and PostgreSQL:
+//! idempotent submissions, listing with filters and pages, why each step waits, and admission
+//! control that refuses with a retry-after hint and writes nothing.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed assertion"
+)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{BuilderSpec, DEADLINE, Farm};
+use drover_proto::v1::build_service_client::BuildServiceClient;
+use drover_proto::v1::{BuildPhase, BuildStatus, GetRequest, ListRequest, StepState};
+use drover_tls::Role;
+use test_support::fake_derivations::{Factory, Spec};
+use tonic_types::StatusExt as _;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_submit_with_the_same_key_returns_the_same_build() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let drv = Factory::default().make(&Spec::new("idempotent"));
+    let mut request = Farm::request(&[&drv]);
+    request.idempotency_key = "ci-run-17".to_owned();
+    let mut client = farm.client().await;
+    let first = client.submit(request.clone()).await.unwrap().into_inner();
+    let again = client.submit(request.clone()).await.unwrap().into_inner();
+    assert!(!first.existing);
+    assert!(again.existing, "the retry queued nothing");
+    assert_eq!(first.build_id, again.build_id);
+    assert_eq!(farm.count("SELECT count(*) FROM builds").await, 1);
+
+    let mut other = BuildServiceClient::new(farm.channel(Role::Client, "someone-else").await);
+    let theirs = other.submit(request.clone()).await.unwrap().into_inner();
+    assert_ne!(theirs.build_id, first.build_id, "keys are per submitter");
+    request.idempotency_key = "ci-run-18".to_owned();
+    let next = client.submit(request).await.unwrap().into_inner();
+    assert_ne!(next.build_id, first.build_id);
+    assert_eq!(farm.count("SELECT count(*) FROM builds").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_filters_by_status_metadata_and_time_and_pages_newest_first() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let mut ids = Vec::new();
+    for (index, job) in ["a", "b", "a", "b", "a"].iter().enumerate() {
+        let drv = factory.make(&Spec::new(&format!("listed-{index}")));
+        let mut request = Farm::request(&[&drv]);
+        request.metadata = [("job".to_owned(), (*job).to_owned())].into();
+        ids.push(farm.submit_request(request).await);
+    }
+    let mut client = farm.client().await;
+    client
+        .cancel(drover_proto::v1::CancelRequest { build_id: ids[4] })
+        .await
+        .unwrap();
+    assert_eq!(farm.wait_for_build(ids[4]).await, "cancelled");
+    let list = |request: ListRequest| {
+        let mut client = client.clone();
+        async move { client.list(request).await.unwrap().into_inner() }
+    };
+    let listed = |response: &drover_proto::v1::ListResponse| -> Vec<i64> {
+        response.builds.iter().map(|build| build.build_id).collect()
+    };
+
+    let queued = list(ListRequest {
+        statuses: vec![BuildStatus::Queued.into()],
+        ..ListRequest::default()
+    })
+    .await;
+    assert_eq!(listed(&queued), [ids[3], ids[2], ids[1], ids[0]]);
+    assert!(
+        queued
+            .builds
+            .iter()
+            .all(|build| build.phase() == BuildPhase::Accepted)
+    );
+    let job_a = list(ListRequest {
+        metadata: [("job".to_owned(), "a".to_owned())].into(),
+        ..ListRequest::default()
+    })
+    .await;
+    assert_eq!(listed(&job_a), [ids[4], ids[2], ids[0]]);
+    assert_eq!(job_a.builds[0].phase(), BuildPhase::Cancelled);
+    assert!(job_a.builds[0].finished_at_ms > 0);
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let later = list(ListRequest {
+        submitted_after_ms: now_ms + 60_000,
+        ..ListRequest::default()
+    })
+    .await;
+    assert!(later.builds.is_empty());
+    let earlier = list(ListRequest {
+        submitted_before_ms: now_ms + 60_000,
+        submitted_after_ms: now_ms - 600_000,
+        ..ListRequest::default()
+    })
+    .await;
+    assert_eq!(earlier.builds.len(), 5);
+
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = list(ListRequest {
+            page_size: 2,
+            page_token: token.clone(),
+            ..ListRequest::default()
+        })
+        .await;
+        pages.push(listed(&page));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        pages,
+        [vec![ids[4], ids[3]], vec![ids[2], ids[1]], vec![ids[0]]]
+    );
+    let refused = client
+        .list(ListRequest {
+            page_token: "not a token".to_owned(),
+            ..ListRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+}
+
+/// The steps of a build by derivation name, once ingest has planned it.
+async fn planned_steps(farm: &Farm, build: i64) -> BTreeMap<String, StepState> {
+    test_support::poll_until(DEADLINE, "the build to be planned", || async {
+        let response = farm
+            .client()
+            .await
+            .get(GetRequest { build_id: build })
+            .await
+            .unwrap()
+            .into_inner();
+        (!response.steps.is_empty()).then(|| {
+            response
+                .steps
+                .into_iter()
+                .map(|step| {
+                    let name = step
+                        .drv_path
+                        .rsplit_once('-')
+                        .map(|(_, name)| name.trim_end_matches(".drv").to_owned())
+                        .unwrap_or_default();
+                    (name, step)
+                })
+                .collect()
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_says_why_each_unfinished_step_waits() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let base = factory.make(&Spec::new("base"));
+    let top = factory.make(&Spec::new("top").inputs(&[&base]));
+    let chain = farm.submit(&[&base, &top]).await;
+    let steps = planned_steps(&farm, chain).await;
+    assert_eq!(
+        steps["top"].waiting_reason,
+        "waiting for its inputs to be built"
+    );
+    assert_eq!(
+        steps["base"].waiting_reason,
+        "no connected builder offers system x86_64-linux (no builder ever has)"
+    );
+
+    farm.start_builder(&BuilderSpec {
+        max_jobs: 1,
+        build_ms: 60_000,
+        ..BuilderSpec::new("busy")
+    });
+    farm.wait_for_count(
+        "the base step to run",
+        "SELECT count(*) FROM step_attempts WHERE status = 'running'",
+        1,
+    )
+    .await;
+    let steps = planned_steps(&farm, chain).await;
+    assert_eq!(steps["base"].status, "running");
+    assert_eq!(steps["base"].builder, "busy");
+    assert_eq!(steps["base"].waiting_reason, "");
+
+    let other = factory.make(&Spec::new("other"));
+    let queued_behind = farm.submit(&[&other]).await;
+    let steps = planned_steps(&farm, queued_behind).await;
+    assert_eq!(
+        steps["other"].waiting_reason,
+        "every builder that can run it is busy"
+    );
+    farm.db()
+        .await
+        .execute(
+            "UPDATE steps SET visible_after = '2099-01-01T00:00:00Z' WHERE drv_path = $1",
+            &[&other.path.to_absolute()],
+        )
+        .await
+        .unwrap();
+    let steps = planned_steps(&farm, queued_behind).await;
+    assert_eq!(
+        steps["other"].waiting_reason,
+        "held back until 2099-01-01T00:00:00Z (postponed)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_farm_refuses_with_a_retry_after_hint_writes_nothing_and_admits_once_drained() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    farm.db()
+        .await
+        .execute("UPDATE farm_limits SET max_queued_steps = 2", &[])
+        .await
+        .unwrap();
+    let mut factory = Factory::default();
+    let base = factory.make(&Spec::new("fills-base"));
+    let top = factory.make(&Spec::new("fills-top").inputs(&[&base]));
+    let first = farm.submit(&[&base, &top]).await;
+    farm.wait_for_count(
+        "the first build's steps to queue",
+        "SELECT count(*) FROM steps WHERE status IN ('waiting', 'runnable')",
+        2,
+    )
+    .await;
+    let extra = factory.make(&Spec::new("one-too-many"));
+    let before = (
+        farm.count("SELECT count(*) FROM builds").await,
+        farm.count("SELECT count(*) FROM derivations").await,
+    );
+    let refused = farm
+        .client()
+        .await
+        .submit(Farm::request(&[&extra]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("farm_limits.max_queued_steps"),
+        "{}",
+        refused.message()
+    );
+    let retry = refused
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .expect("a retry-after hint in the status details");
+    assert!(retry.as_secs() > 0);
+    assert_eq!(
+        (
+            farm.count("SELECT count(*) FROM builds").await,
+            farm.count("SELECT count(*) FROM derivations").await,
+        ),
+        before,
+        "the refused submission left rows behind"
+    );
+
+    farm.start_builder(&BuilderSpec::new("drains"));
+    assert_eq!(farm.wait_for_build(first).await, "succeeded");
+    let admitted = farm.submit(&[&extra]).await;
+    assert_eq!(farm.wait_for_build(admitted).await, "succeeded");
+}
