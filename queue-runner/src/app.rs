@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use drover_proto::v1::BuildLimits;
@@ -24,7 +23,7 @@ use crate::grpc::tunnel::BuilderServiceImpl;
 use crate::logs::LogStore;
 use crate::scheduler::attempts::Attempts;
 use crate::scheduler::core::{Core, CoreLimits};
-use crate::scheduler::driver::{Driver, QueueRecovered, SchedulerError};
+use crate::scheduler::driver::{Driver, Published, QueueRecovered, SchedulerError};
 use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::{Ingest, IngestError};
 use crate::scheduler::listen;
@@ -35,6 +34,10 @@ const EVENT_QUEUE: usize = 4096;
 
 /// Plans buffered between ingest and the scheduler: few, since one may hold a whole closure.
 const PLAN_QUEUE: usize = 4;
+
+/// Committed batches of changes kept for Watch streams that read slowly; one that falls further
+/// behind gets its build's whole state again.
+const WATCH_QUEUE: usize = 1024;
 
 /// How long shutdown waits for builder sessions and tasks to end.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -145,12 +148,12 @@ pub async fn start(
     let events_for_clients = events.clone();
     let builds_queued = Arc::new(Notify::new());
     let handoff = Handoff::default();
-    let recovered = QueueRecovered::default();
+    let published = Published::new(WATCH_QUEUE);
     let mut supervisor = Supervisor::new();
     start_scheduler(
         &config,
         (&pool, &cache, &attempts, &handoff),
-        &recovered,
+        &published,
         receiver,
         builds_queued.clone(),
         &shutdown,
@@ -172,7 +175,7 @@ pub async fn start(
     let cache_for_clients = cache.clone();
     let sessions = TaskTracker::new();
     let builder_service = BuilderServiceImpl::new(
-        (events, recovered.clone()),
+        (events, published.recovered.clone()),
         attempts,
         cache,
         logs.clone(),
@@ -202,6 +205,7 @@ pub async fn start(
                 handoff,
                 config.max_derivation_bytes,
                 events_for_clients,
+                (published.changes.clone(), config.heartbeat),
             ))
             .max_decoding_message_size(config.max_submission_bytes),
         )
@@ -217,7 +221,7 @@ pub async fn start(
         grpc_address,
         cache_address,
         cache_public_key,
-        queue_recovered: recovered,
+        queue_recovered: published.recovered.clone(),
         shutdown,
         supervisor,
         sessions,
@@ -233,14 +237,13 @@ fn start_scheduler(
         &Attempts,
         &Handoff,
     ),
-    recovered: &QueueRecovered,
+    published: &Published,
     sessions: mpsc::Receiver<crate::scheduler::driver::SessionEvent>,
     builds_queued: Arc<Notify>,
     shutdown: &CancellationToken,
     supervisor: &mut Supervisor<RunnerError>,
 ) {
     let (plans, plan_receiver) = mpsc::channel(PLAN_QUEUE);
-    let committed = Arc::new(AtomicU64::new(0));
     let core = Core::new(
         CoreLimits {
             max_builder_losses: config.max_builder_losses,
@@ -259,20 +262,20 @@ fn start_scheduler(
     let driver = Driver::new(
         core,
         pool.clone(),
-        (attempts.clone(), committed.clone()),
+        attempts.clone(),
         build_limits,
-        recovered.clone(),
+        published.clone(),
     );
     let scheduler_run = driver.run(sessions, plan_receiver, shutdown.clone());
     supervisor.spawn_critical("scheduler", async move {
         scheduler_run.await.map_err(RunnerError::Scheduler)
     });
     let ingest_run = Ingest::new(
-        pool.clone(),
-        cache.clone(),
+        (pool.clone(), cache.clone()),
         plans,
-        committed,
+        published.completions.clone(),
         handoff.clone(),
+        published.changes.clone(),
     )
     .run(builds_queued, shutdown.clone());
     supervisor.spawn_critical("ingest", async move {

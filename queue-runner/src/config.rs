@@ -143,6 +143,14 @@ struct RawDatabase {
 struct RawGrpc {
     /// Address the mTLS gRPC server binds, e.g. `0.0.0.0:7700`; port 0 picks a free port.
     listen: String,
+    /// A Watch stream with nothing to say sends a heartbeat this often, in milliseconds, so
+    /// proxies and load balancers keep it open. Default 15000.
+    #[serde(default = "default_heartbeat_ms")]
+    heartbeat_ms: u64,
+}
+
+const fn default_heartbeat_ms() -> u64 {
+    15_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +264,8 @@ pub struct Config {
     pub pool_size: usize,
     /// gRPC listen address.
     pub grpc_listen: SocketAddr,
+    /// How often an idle Watch stream sends a heartbeat.
+    pub heartbeat: Duration,
     /// CA certificate file.
     pub ca_certificate: PathBuf,
     /// Runner certificate file.
@@ -343,6 +353,9 @@ impl Config {
         if raw.database.pool_size == 0 {
             problems.push("database.pool_size = 0: need at least 1".to_owned());
         }
+        if raw.grpc.heartbeat_ms == 0 {
+            problems.push("grpc.heartbeat_ms = 0: need at least 1".to_owned());
+        }
         if raw.builders.ping_interval_secs == 0 {
             problems.push("builders.ping_interval_secs = 0: need at least 1".to_owned());
         }
@@ -362,6 +375,7 @@ impl Config {
             database_url: raw.database.url,
             pool_size: raw.database.pool_size,
             grpc_listen,
+            heartbeat: Duration::from_millis(raw.grpc.heartbeat_ms),
             ca_certificate: raw.tls.ca_certificate,
             certificate: raw.tls.certificate,
             key: raw.tls.key,

@@ -14,7 +14,10 @@ use std::collections::BTreeMap;
 
 use common::{BuilderSpec, DEADLINE, Farm};
 use drover_proto::v1::build_service_client::BuildServiceClient;
-use drover_proto::v1::{BuildPhase, BuildStatus, GetRequest, ListRequest, StepState};
+use drover_proto::v1::watch_event::Event as WatchKind;
+use drover_proto::v1::{
+    BuildPhase, BuildStatus, GetRequest, ListRequest, StepState, WatchEvent, WatchRequest,
+};
 use drover_tls::Role;
 use test_support::fake_derivations::{Factory, Spec};
 use tonic_types::StatusExt as _;
@@ -281,4 +284,120 @@ async fn a_full_farm_refuses_with_a_retry_after_hint_writes_nothing_and_admits_o
     assert_eq!(farm.wait_for_build(first).await, "succeeded");
     let admitted = farm.submit(&[&extra]).await;
     assert_eq!(farm.wait_for_build(admitted).await, "succeeded");
+}
+
+/// Reads a Watch stream to its end, with a deadline.
+async fn watch_to_the_end(farm: &Farm, build: i64) -> Vec<WatchEvent> {
+    let mut stream = farm
+        .client()
+        .await
+        .watch(WatchRequest { build_id: build })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(event) = stream.message().await.unwrap() {
+            events.push(event);
+        }
+    })
+    .await
+    .expect("the stream to end with the build");
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sends_the_state_then_every_transition_in_order_heartbeats_and_the_state_again() {
+    let mut farm = Farm::new().await;
+    farm.heartbeat_ms = 200;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let base = factory.make(&Spec::new("watched-base"));
+    let top = factory.make(&Spec::new("watched-top").inputs(&[&base]));
+    let build = farm.submit(&[&base, &top]).await;
+
+    let mut stream = farm
+        .client()
+        .await
+        .watch(WatchRequest { build_id: build })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(
+        matches!(first.event, Some(WatchKind::State(_))),
+        "{first:?}"
+    );
+    // Nothing happens without a builder: heartbeats keep the stream alive.
+    let heartbeat = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let event = stream.message().await.unwrap().unwrap();
+            if matches!(event.event, Some(WatchKind::Heartbeat(_))) {
+                return event;
+            }
+        }
+    })
+    .await;
+    assert!(heartbeat.is_ok(), "no heartbeat while idle");
+
+    farm.start_builder(&BuilderSpec {
+        build_ms: 100,
+        ..BuilderSpec::new("b1")
+    });
+    let mut seen = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(event) = stream.message().await.unwrap() {
+            match event.event {
+                Some(WatchKind::Step(step)) => {
+                    let name = if step.drv_path.ends_with("-watched-base.drv") {
+                        "base"
+                    } else {
+                        "top"
+                    };
+                    seen.push(format!("{name} {}", step.status));
+                }
+                Some(WatchKind::Build(update)) => {
+                    seen.push(format!("build {:?}", update.status()));
+                }
+                Some(WatchKind::State(state)) => {
+                    seen.push(format!("state {:?}", state.status()));
+                }
+                Some(WatchKind::Heartbeat(_)) | None => {}
+            }
+        }
+    })
+    .await
+    .expect("the stream to end with the build");
+    // The build was planned before the builder came (a state, then nothing new), or just after.
+    seen.retain(|line| line != "state Queued");
+    assert_eq!(
+        seen,
+        [
+            "base running",
+            "build Running",
+            "base succeeded",
+            "top runnable",
+            "top running",
+            "top succeeded",
+            "build Succeeded",
+        ],
+        "every transition once, in order"
+    );
+
+    let again = watch_to_the_end(&farm, build).await;
+    assert_eq!(again.len(), 1, "{again:?}");
+    let Some(WatchKind::State(state)) = &again[0].event else {
+        panic!("{again:?}");
+    };
+    assert_eq!(state.phase(), BuildPhase::Succeeded);
+    assert_eq!(state.steps.len(), 2);
+    assert!(state.steps.iter().all(|step| step.status == "succeeded"));
+
+    let missing = farm
+        .client()
+        .await
+        .watch(WatchRequest { build_id: 9999 })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
 }

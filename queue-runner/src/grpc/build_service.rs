@@ -13,7 +13,7 @@ use drover_proto::v1::build_service_server::BuildService;
 use drover_proto::v1::{
     CancelRequest, CancelResponse, GetLogRequest, GetLogResponse, GetRequest, GetResponse,
     ListRequest, ListResponse, RestartRequest, RestartResponse, SourceNar, SubmitRequest,
-    SubmitResponse,
+    SubmitResponse, WatchRequest,
 };
 use drover_tls::{Identity, Role};
 use error_context::{Classify, Severity};
@@ -22,14 +22,14 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use super::{auth, build_view};
+use super::{auth, build_view, watch};
 use crate::cache::{BinaryCache, CacheError};
 use crate::db::queries;
 use crate::db::status::BuildStatus as QueueBuildStatus;
 use crate::db::{DbError, Pool};
 use crate::logs::LogStore;
 use crate::scheduler::core::Event;
-use crate::scheduler::driver::SessionEvent;
+use crate::scheduler::driver::{CommittedChanges, SessionEvent};
 use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::complete_closure;
 use crate::verify::{self, VerifyError};
@@ -132,6 +132,10 @@ pub struct BuildServiceImpl {
     max_derivation_bytes: usize,
     /// Where cancels go: the scheduler, which owns every running build.
     scheduler: mpsc::Sender<SessionEvent>,
+    /// What the scheduler and ingest commit, for Watch streams.
+    changes: CommittedChanges,
+    /// How often an idle Watch stream sends a heartbeat.
+    heartbeat: Duration,
 }
 
 /// Roles that may use the build service.
@@ -139,7 +143,8 @@ const CALLERS: &[Role] = &[Role::Client, Role::Admin];
 
 impl BuildServiceImpl {
     /// A service over `pool`; verified closures go to ingest through `handoff`; derivations
-    /// over `max_derivation_bytes` are refused.
+    /// over `max_derivation_bytes` are refused; Watch streams follow `changes` and send a
+    /// heartbeat every `heartbeat` when idle.
     #[must_use]
     pub fn new(
         pool: Pool,
@@ -148,6 +153,7 @@ impl BuildServiceImpl {
         handoff: Handoff,
         max_derivation_bytes: usize,
         scheduler: mpsc::Sender<SessionEvent>,
+        (changes, heartbeat): (CommittedChanges, Duration),
     ) -> Self {
         Self {
             pool,
@@ -156,6 +162,8 @@ impl BuildServiceImpl {
             handoff,
             max_derivation_bytes,
             scheduler,
+            changes,
+            heartbeat,
         }
     }
 
@@ -315,6 +323,32 @@ impl BuildServiceImpl {
     }
 }
 
+/// A build's whole state, as Get answers: `NOT_FOUND` if there is no such build.
+async fn build_state(pool: &Pool, id: i64) -> Result<GetResponse, Status> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|error| unavailable(&DbError::Connection(error)))?;
+    let build = queries::build(&client, id)
+        .await
+        .map_err(|error| unavailable(&error))?
+        .ok_or_else(|| Status::not_found(format!("no build {id}")))?;
+    let steps = queries::build_steps(&client, id)
+        .await
+        .map_err(|error| unavailable(&error))?;
+    let status = build_view::wire_status(&build.status);
+    Ok(GetResponse {
+        build_id: id,
+        status: status.into(),
+        top_drv_path: build.drv_path,
+        metadata: serde_json::from_value(build.metadata).unwrap_or_default(),
+        failure_reason: build.failure_reason.unwrap_or_default(),
+        outputs: build.outputs.into_iter().collect(),
+        phase: status.phase().into(),
+        steps: steps.into_iter().map(build_view::step_state).collect(),
+    })
+}
+
 fn unavailable(error: &DbError) -> Status {
     Status::unavailable(error_context::report(error).to_string())
 }
@@ -382,26 +416,24 @@ impl BuildService for BuildServiceImpl {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         auth::require(&request, CALLERS)?;
         let id = request.into_inner().build_id;
-        let client = self.client().await?;
-        let build = queries::build(&client, id)
-            .await
-            .map_err(|error| unavailable(&error))?
-            .ok_or_else(|| Status::not_found(format!("no build {id}")))?;
-        let steps = queries::build_steps(&client, id)
-            .await
-            .map_err(|error| unavailable(&error))?;
-        let status = build_view::wire_status(&build.status);
-        let metadata = serde_json::from_value(build.metadata).unwrap_or_default();
-        Ok(Response::new(GetResponse {
-            build_id: id,
-            status: status.into(),
-            top_drv_path: build.drv_path,
-            metadata,
-            failure_reason: build.failure_reason.unwrap_or_default(),
-            outputs: build.outputs.into_iter().collect(),
-            phase: status.phase().into(),
-            steps: steps.into_iter().map(build_view::step_state).collect(),
-        }))
+        Ok(Response::new(build_state(&self.pool, id).await?))
+    }
+
+    type WatchStream = watch::WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        auth::require(&request, CALLERS)?;
+        let build = request.into_inner().build_id;
+        let pool = self.pool.clone();
+        let read_state: watch::StateReader = Arc::new(move |build| {
+            let pool = pool.clone();
+            Box::pin(async move { build_state(&pool, build).await })
+        });
+        let stream = watch::open(build, &self.changes, read_state, self.heartbeat).await?;
+        Ok(Response::new(stream))
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {

@@ -6,3 +6,4 @@ pub mod build_service;
 pub mod build_view;
 pub mod tunnel;
 pub mod upload;
+pub mod watch;

@@ -18,12 +18,13 @@ use drover_proto::v1::{
 };
 use error_context::{Classify, Severity, WithContext};
 use nix_primitives::StorePath;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::attempts::{AttemptOwner, Attempts};
 use super::core::{
-    Assignment, AttemptId, Capabilities, Change, Command, Core, Event, Report, SessionId, ToBuilder,
+    Assignment, AttemptId, BuildId, Capabilities, Change, Command, Core, Event, Report, SessionId,
+    ToBuilder,
 };
 use crate::db::transitions::Transitions;
 use crate::db::{DbError, Pool, queries};
@@ -47,6 +48,44 @@ pub struct SessionLink {
     pub end: CancellationToken,
     /// The answer to its Join, sent once the core has taken the attempts it holds.
     pub joined: Joined,
+}
+
+/// Something committed that Watch streams follow.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Committed {
+    /// A step's status, a dispatch, or a build's end, from the scheduler.
+    Change(Change),
+    /// Ingest expanded a build (linked its steps) or ended it at once: its state is worth
+    /// reading again.
+    Expanded(BuildId),
+}
+
+/// What was committed, in commit order, one batch per commit, for Watch streams.
+pub type CommittedChanges = broadcast::Sender<Arc<[Committed]>>;
+
+/// What the driver publishes for the other tasks.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// How many step completions are durable (ingest reads it, see
+    /// [`super::core::BuildPlan::snapshot`]).
+    pub completions: Arc<AtomicU64>,
+    /// Set once the queue is recovered.
+    pub recovered: QueueRecovered,
+    /// Every batch's changes that clients watch, once committed.
+    pub changes: CommittedChanges,
+}
+
+impl Published {
+    /// Nothing committed or recovered yet; the last `watch_queue` batches of changes are kept
+    /// for slow Watch streams.
+    #[must_use]
+    pub fn new(watch_queue: usize) -> Self {
+        Self {
+            completions: Arc::new(AtomicU64::new(0)),
+            recovered: QueueRecovered::default(),
+            changes: broadcast::channel(watch_queue).0,
+        }
+    }
 }
 
 /// Whether the scheduler has recovered the queue: attempts a previous runner left running are
@@ -121,31 +160,28 @@ pub struct Driver {
     pool: Pool,
     sessions: HashMap<SessionId, SessionLink>,
     attempts: Attempts,
-    committed: Arc<AtomicU64>,
     build_limits: BuildLimits,
-    recovered: QueueRecovered,
+    published: Published,
 }
 
 impl Driver {
-    /// A driver around `core`; `committed` is where it publishes how many step completions are
-    /// durable (ingest reads it, see [`super::core::BuildPlan::snapshot`]); it sets `recovered`
-    /// once the queue is.
+    /// A driver around `core`, mirroring running attempts into `attempts` and publishing its
+    /// progress through `published`.
     #[must_use]
     pub fn new(
         core: Core,
         pool: Pool,
-        (attempts, committed): (Attempts, Arc<AtomicU64>),
+        attempts: Attempts,
         build_limits: BuildLimits,
-        recovered: QueueRecovered,
+        published: Published,
     ) -> Self {
         Self {
             core,
             pool,
             sessions: HashMap::new(),
             attempts,
-            committed,
             build_limits,
-            recovered,
+            published,
         }
     }
 
@@ -234,10 +270,12 @@ impl Driver {
                     held,
                 })
             }
-            SessionEvent::Core(event @ Event::IngestCaughtUp { .. }) if !self.recovered.get() => {
+            SessionEvent::Core(event @ Event::IngestCaughtUp { .. })
+                if !self.published.recovered.get() =>
+            {
                 let mut commands = self.core.handle(event);
                 commands.extend(self.core.recovered(Instant::now()));
-                self.recovered.set();
+                self.published.recovered.set();
                 tracing::info!("queue recovered: builders may join");
                 commands
             }
@@ -277,12 +315,19 @@ impl Driver {
             }
             let mut transitions = Transitions::default();
             let mut changes = 0;
+            let mut watched = Vec::new();
             let mut messages = Vec::new();
             for command in commands.drain(..) {
                 match command {
                     Command::Persist(change) => {
-                        if let Change::AttemptEnded { attempt, .. } = &change {
-                            self.attempts.remove(attempt);
+                        match &change {
+                            Change::AttemptEnded { attempt, .. } => self.attempts.remove(attempt),
+                            Change::StepStatus { .. }
+                            | Change::AttemptStarted { .. }
+                            | Change::BuildFinished { .. } => {
+                                watched.push(Committed::Change(change.clone()));
+                            }
+                            _ => {}
                         }
                         transitions.add(change);
                         changes += 1;
@@ -297,8 +342,13 @@ impl Driver {
             if !transitions.is_empty() {
                 self.write(&transitions, changes).await?;
             }
-            self.committed
+            self.published
+                .completions
                 .store(self.core.completions(), Ordering::Release);
+            if !watched.is_empty() {
+                // Nobody watching is not an error.
+                let _ = self.published.changes.send(watched.into());
+            }
             for message in messages {
                 if let Some(ended) = self.deliver(message) {
                     commands.extend(self.core.handle(ended));

@@ -17,6 +17,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::core::{self, BuildPlan, Event, PlannedStep, Requirements, StepId};
+use super::driver::{Committed, CommittedChanges};
 use super::handoff::Handoff;
 use crate::cache::{BinaryCache, CacheError, Publication};
 use crate::db::queries::{self, BuildSelection, QueuedBuild, StepRow, StepSpec};
@@ -62,18 +63,20 @@ pub struct Ingest {
     plans: mpsc::Sender<Event>,
     committed: Arc<AtomicU64>,
     handoff: Handoff,
+    expanded: CommittedChanges,
 }
 
 impl Ingest {
     /// An ingest task feeding `plans`; `committed` is the driver's count of durable step
-    /// completions; `handoff` holds the closures Submit verified already.
+    /// completions; `handoff` holds the closures Submit verified already; every build it
+    /// expands is announced on `expanded`, for Watch streams.
     #[must_use]
     pub fn new(
-        pool: Pool,
-        cache: Arc<BinaryCache>,
+        (pool, cache): (Pool, Arc<BinaryCache>),
         plans: mpsc::Sender<Event>,
         committed: Arc<AtomicU64>,
         handoff: Handoff,
+        expanded: CommittedChanges,
     ) -> Self {
         Self {
             pool,
@@ -81,6 +84,7 @@ impl Ingest {
             plans,
             committed,
             handoff,
+            expanded,
         }
     }
 
@@ -131,6 +135,11 @@ impl Ingest {
                     .expand(&mut client, &build, snapshot)
                     .await
                     .with_context(|| format!("expanding build {}", build.id))?;
+                // Before the plan goes to the scheduler, so a watcher reads the build's steps
+                // before any change of them. Nobody watching is not an error.
+                let _ = self
+                    .expanded
+                    .send(Arc::from([Committed::Expanded(build.id)]));
                 if let Some(plan) = plan {
                     self.send(Event::BuildPlanned(plan)).await?;
                 }

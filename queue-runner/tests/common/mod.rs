@@ -64,6 +64,8 @@ pub struct Farm {
     pub unsupported_grace_secs: u64,
     /// How long attempts left by a previous runner wait for their builders, in seconds.
     pub readoption_grace_secs: u64,
+    /// How often idle Watch streams send a heartbeat, in milliseconds.
+    pub heartbeat_ms: u64,
     runner: Option<RunningRunner>,
     builders: Vec<ChildGuard>,
 }
@@ -152,6 +154,7 @@ impl Farm {
             max_output_bytes: 1 << 30,
             unsupported_grace_secs: 300,
             readoption_grace_secs: 120,
+            heartbeat_ms: 15_000,
             runner: None,
             builders: Vec::new(),
         }
@@ -176,6 +179,7 @@ impl Farm {
             pool_size = 4
             [grpc]
             listen = "127.0.0.1:{port}"
+            heartbeat_ms = {heartbeat_ms}
             [tls]
             ca_certificate = "{dir}/ca.pem"
             certificate = "{dir}/runner-main.pem"
@@ -213,6 +217,7 @@ impl Farm {
             max_output_bytes = self.max_output_bytes,
             unsupported_grace = self.unsupported_grace_secs,
             readoption_grace = self.readoption_grace_secs,
+            heartbeat_ms = self.heartbeat_ms,
         )
     }
 
