@@ -9,6 +9,7 @@
 //! - [`grpc`]: the builder tunnel and the build service, authenticated by client certificates.
 //! - [`cache`]: the signed binary cache (publishing uploaded NARs, serving it over HTTP).
 //! - [`logs`]: compressed step logs on disk.
+//! - [`live_logs`]: the logs builders are still sending, for followers.
 //! - [`compression`]: zstd with a reused context per thread.
 //! - [`tasks`]: spawning, and supervision of the critical tasks.
 //! - [`app`]: assembling all of it.
@@ -19,6 +20,7 @@ pub mod compression;
 pub mod config;
 pub mod db;
 pub mod grpc;
+pub mod live_logs;
 pub mod logs;
 pub mod scheduler;
 pub mod tasks;

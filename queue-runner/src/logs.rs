@@ -11,11 +11,14 @@ use std::path::PathBuf;
 
 use uuid::Uuid;
 
+use crate::live_logs::{LiveFollower, LiveLogs, LiveWriter};
+
 /// Where logs live and how large one may be.
 #[derive(Debug, Clone)]
 pub struct LogStore {
     directory: PathBuf,
     max_bytes: u64,
+    live: LiveLogs,
 }
 
 /// Log bytes kept in memory before a log is streamed through a compressor of its own: most
@@ -32,6 +35,7 @@ pub struct LogWriter {
     stored: u64,
     truncated: u64,
     max_bytes: u64,
+    live: LiveWriter,
 }
 
 impl LogStore {
@@ -41,6 +45,7 @@ impl LogStore {
         Self {
             directory,
             max_bytes,
+            live: LiveLogs::default(),
         }
     }
 
@@ -60,7 +65,14 @@ impl LogStore {
             stored: 0,
             truncated: 0,
             max_bytes: self.max_bytes,
+            live: self.live.start(attempt),
         })
+    }
+
+    /// Follows the log of an attempt while its builder is still sending it.
+    #[must_use]
+    pub fn follow(&self, attempt: Uuid) -> Option<LiveFollower> {
+        self.live.follow(attempt)
     }
 
     /// Reads a log back, decompressed.
@@ -84,6 +96,7 @@ impl LogWriter {
         let room =
             usize::try_from(self.max_bytes.saturating_sub(self.stored)).unwrap_or(usize::MAX);
         let kept = chunk.len().min(room);
+        self.live.append(&chunk[..kept]);
         if let Some(encoder) = &mut self.encoder {
             encoder.write_all(&chunk[..kept])?;
         } else {

@@ -285,6 +285,39 @@ pub async fn known_machines(
         .collect())
 }
 
+/// The latest attempt of the step building `drv_path`: its id, whether it still runs, and its
+/// log file.
+pub async fn latest_attempt(
+    client: &impl GenericClient,
+    drv_path: &str,
+) -> Result<Option<(uuid::Uuid, bool, Option<String>)>, DbError> {
+    let row = client
+        .query_opt(
+            "SELECT a.id, a.status = 'running', a.log_file
+             FROM step_attempts a JOIN steps s ON s.id = a.step_id
+             WHERE s.drv_path = $1 ORDER BY a.started_at DESC LIMIT 1",
+            &[&drv_path],
+        )
+        .await
+        .map_err(DbError::query("finding the latest attempt"))?;
+    Ok(row.map(|row| (row.get(0), row.get(1), row.get(2))))
+}
+
+/// The log file of an attempt.
+pub async fn attempt_log_file(
+    client: &impl GenericClient,
+    attempt: uuid::Uuid,
+) -> Result<Option<String>, DbError> {
+    let row = client
+        .query_opt(
+            "SELECT log_file FROM step_attempts WHERE id = $1",
+            &[&attempt],
+        )
+        .await
+        .map_err(DbError::query("finding an attempt's log"))?;
+    Ok(row.and_then(|row| row.get(0)))
+}
+
 /// The log file of the latest attempt of the step building `drv_path`.
 pub async fn latest_log_file(
     client: &impl GenericClient,

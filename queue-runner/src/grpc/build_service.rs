@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use drover_proto::v1::build_service_server::BuildService;
 use drover_proto::v1::{
-    CancelRequest, CancelResponse, GetLogRequest, GetLogResponse, GetRequest, GetResponse,
-    ListRequest, ListResponse, RestartRequest, RestartResponse, SourceNar, SubmitRequest,
-    SubmitResponse, WatchRequest,
+    CancelRequest, CancelResponse, FollowLogRequest, GetLogRequest, GetLogResponse, GetRequest,
+    GetResponse, ListRequest, ListResponse, RestartRequest, RestartResponse, SourceNar,
+    SubmitRequest, SubmitResponse, WatchRequest,
 };
 use drover_tls::{Identity, Role};
 use error_context::{Classify, Severity};
@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use super::{auth, build_view, watch};
+use super::{auth, build_view, follow_log, watch};
 use crate::cache::{BinaryCache, CacheError};
 use crate::db::queries;
 use crate::db::status::BuildStatus as QueueBuildStatus;
@@ -433,6 +433,24 @@ impl BuildService for BuildServiceImpl {
             Box::pin(async move { build_state(&pool, build).await })
         });
         let stream = watch::open(build, &self.changes, read_state, self.heartbeat).await?;
+        Ok(Response::new(stream))
+    }
+
+    type FollowLogStream = follow_log::LogStream;
+
+    async fn follow_log(
+        &self,
+        request: Request<FollowLogRequest>,
+    ) -> Result<Response<Self::FollowLogStream>, Status> {
+        auth::require(&request, CALLERS)?;
+        let drv_path = request.into_inner().drv_path;
+        let stream = follow_log::open(
+            self.pool.clone(),
+            self.logs.clone(),
+            drv_path,
+            self.heartbeat,
+        )
+        .await?;
         Ok(Response::new(stream))
     }
 

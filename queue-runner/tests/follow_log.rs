@@ -1,0 +1,117 @@
+//! `FollowLog` of a real Nix build: the lines arrive while the build runs, the stream ends with
+//! the build, heartbeats fill the silences, and following it afterwards gives the whole log from
+//! the start.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed assertion"
+)]
+
+mod common;
+
+use common::nix_farm::{start_with_one_nix_builder, submit_closure};
+use common::{DEADLINE, Farm};
+use drover_proto::v1::log_event::Event;
+use drover_proto::v1::{FollowLogRequest, LogEvent};
+
+/// Reads a `FollowLog` stream to its end: the log, and whether a heartbeat came.
+async fn follow(farm: &Farm, drv_path: &str, mut seen: impl FnMut(&str)) -> (String, bool) {
+    let mut stream = farm
+        .client()
+        .await
+        .follow_log(FollowLogRequest {
+            drv_path: drv_path.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut log = String::new();
+    let mut heartbeat = false;
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(LogEvent { event }) = stream.message().await.unwrap() {
+            match event {
+                Some(Event::Data(data)) => {
+                    log.push_str(&String::from_utf8_lossy(&data));
+                    seen(&log);
+                }
+                Some(Event::Heartbeat(_)) => heartbeat = true,
+                None => {}
+            }
+        }
+    })
+    .await
+    .expect("the log to end with the build");
+    (log, heartbeat)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_real_builds_log_arrives_live_and_whole_afterwards() {
+    let mut farm = Farm::new().await;
+    farm.heartbeat_ms = 300;
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let expression = farm.dir.path().join("talker.nix");
+    fs_err::write(
+        &expression,
+        r#"{ talker = derivation {
+            name = "talker";
+            system = "x86_64-linux";
+            builder = "/bin/sh";
+            args = [ "-c" "for i in 1 2 3 4 5 6; do echo \"line $i\" >&2; /bin/sleep 0.5; done; echo done > $out" ];
+        }; }"#,
+    )
+    .unwrap();
+    let top = submitter.instantiate(&expression, "talker");
+    let build = submit_closure(&farm, &submitter, &top).await;
+    farm.wait_for_count(
+        "the build to start",
+        "SELECT count(*) FROM step_attempts WHERE status = 'running'",
+        1,
+    )
+    .await;
+
+    let mut first_line_at = None;
+    let (live, heartbeat) = follow(&farm, &top.to_absolute(), |log| {
+        if first_line_at.is_none() && log.contains("line 1") {
+            first_line_at = Some(std::time::SystemTime::now());
+        }
+    })
+    .await;
+    let finished_at: f64 = farm
+        .db()
+        .await
+        .query_one(
+            "SELECT extract(epoch FROM finished_at)::float8 FROM step_attempts",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let first_line_at = first_line_at
+        .expect("line 1 never came")
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        first_line_at + 1.0 < finished_at,
+        "the first line came {:.2} s before the build ended: not live",
+        finished_at - first_line_at
+    );
+    assert!(live.contains("line 6"), "{live:?}");
+    assert!(heartbeat, "no heartbeat in the half-second silences");
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+
+    let (whole, _) = follow(&farm, &top.to_absolute(), |_| {}).await;
+    for line in ["line 1", "line 3", "line 6"] {
+        assert!(whole.contains(line), "{line} missing from {whole:?}");
+    }
+    let missing = farm
+        .client()
+        .await
+        .follow_log(FollowLogRequest {
+            drv_path: "/nix/store/00000000000000000000000000000000-never.drv".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+}
