@@ -203,7 +203,7 @@ pub async fn start(
                 logs,
                 cache_for_clients,
                 handoff,
-                config.max_derivation_bytes,
+                (config.max_derivation_bytes, config.refuse_unknown_systems),
                 events_for_clients,
                 (published.changes.clone(), config.heartbeat),
             ))

@@ -85,11 +85,20 @@ struct RawSubmissions {
     /// 256 MiB.
     #[serde(default = "default_max_submission_bytes")]
     max_submission_bytes: u64,
+    /// Refuse (`FAILED_PRECONDITION`) a submission needing a system or feature that no builder
+    /// has ever offered. A farm no builder has joined yet accepts everything. Default true.
+    #[serde(default = "default_true")]
+    refuse_unknown_systems: bool,
+}
+
+const fn default_true() -> bool {
+    true
 }
 
 impl Default for RawSubmissions {
     fn default() -> Self {
         Self {
+            refuse_unknown_systems: true,
             max_derivation_bytes: default_max_derivation_bytes(),
             max_submission_bytes: default_max_submission_bytes(),
         }
@@ -304,6 +313,8 @@ pub struct Config {
     pub max_derivation_bytes: usize,
     /// Largest Submit request.
     pub max_submission_bytes: usize,
+    /// Whether submissions needing a system or feature no builder ever offered are refused.
+    pub refuse_unknown_systems: bool,
     /// How infrastructure failures are retried.
     pub retry: RetryPolicy,
 }
@@ -395,6 +406,7 @@ impl Config {
             readoption_grace: Duration::from_secs(raw.builders.readoption_grace_secs),
             max_derivation_bytes,
             max_submission_bytes,
+            refuse_unknown_systems: raw.submissions.refuse_unknown_systems,
             retry,
         })
     }

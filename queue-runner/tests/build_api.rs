@@ -401,3 +401,38 @@ async fn watch_sends_the_state_then_every_transition_in_order_heartbeats_and_the
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_system_no_builder_ever_offered_is_refused_at_submit_naming_it() {
+    let mut farm = Farm::new().await;
+    farm.refuse_unknown_systems = true;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    // Before any builder joined, the farm cannot judge: it accepts.
+    let early = factory.make(&Spec::new("before-any-builder").system("riscv64-linux"));
+    farm.submit(&[&early]).await;
+    farm.start_builder(&BuilderSpec::new("x86"));
+    farm.wait_for_count("the builder to join", "SELECT count(*) FROM machines", 1)
+        .await;
+    let before = farm.count("SELECT count(*) FROM builds").await;
+    let exotic = factory.make(&Spec::new("exotic").system("riscv64-linux"));
+    let refused = farm
+        .client()
+        .await
+        .submit(Farm::request(&[&exotic]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("needs system riscv64-linux")
+            && refused
+                .message()
+                .contains("no builder of this farm has ever offered"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(farm.count("SELECT count(*) FROM builds").await, before);
+    let fine = factory.make(&Spec::new("ordinary"));
+    let build = farm.submit(&[&fine]).await;
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+}

@@ -28,7 +28,7 @@ use crate::db::queries;
 use crate::db::status::BuildStatus as QueueBuildStatus;
 use crate::db::{DbError, Pool};
 use crate::logs::LogStore;
-use crate::scheduler::core::Event;
+use crate::scheduler::core::{Event, Requirements};
 use crate::scheduler::driver::{CommittedChanges, SessionEvent};
 use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::complete_closure;
@@ -61,6 +61,20 @@ pub enum SubmitError {
     /// A source's path or references are not store paths.
     #[error("an input source names an invalid store path")]
     SourcePath(#[from] nix_primitives::store_path::StorePathError),
+    /// A derivation needs a system or features no builder has ever offered.
+    #[error(
+        "{drv} needs system {system}{}, which no builder of this farm has ever offered \
+         (submissions.refuse_unknown_systems)",
+        if features.is_empty() { String::new() } else { format!(" with features {}", features.join(", ")) }
+    )]
+    UnknownSystem {
+        /// The derivation.
+        drv: String,
+        /// Its system.
+        system: String,
+        /// Its required features.
+        features: Vec<String>,
+    },
     /// The farm has more steps queued than its admission cap allows.
     #[error(
         "the farm cannot take this build now: {queued} steps are queued, the cap is {cap} \
@@ -90,6 +104,7 @@ impl Classify for SubmitError {
             | Self::Verify(_)
             | Self::Metadata(_)
             | Self::SourcePath(_)
+            | Self::UnknownSystem { .. }
             | Self::FarmFull { .. } => Severity::Reject,
             Self::Source(error) => error.severity(),
             Self::Database(error) => error.severity(),
@@ -101,9 +116,8 @@ impl From<SubmitError> for Status {
     fn from(error: SubmitError) -> Self {
         let message = error_context::report(&error).to_string();
         match error {
-            SubmitError::Verify(VerifyError::Unsupported { .. }) => {
-                Status::failed_precondition(message)
-            }
+            SubmitError::Verify(VerifyError::Unsupported { .. })
+            | SubmitError::UnknownSystem { .. } => Status::failed_precondition(message),
             SubmitError::Source(CacheError::Io(_) | CacheError::NarInfo(_)) => {
                 Status::internal(message)
             }
@@ -136,6 +150,8 @@ pub struct BuildServiceImpl {
     changes: CommittedChanges,
     /// How often an idle Watch stream sends a heartbeat.
     heartbeat: Duration,
+    /// Whether submissions needing a system or feature no builder ever offered are refused.
+    refuse_unknown_systems: bool,
 }
 
 /// Roles that may use the build service.
@@ -151,7 +167,7 @@ impl BuildServiceImpl {
         logs: LogStore,
         cache: Arc<BinaryCache>,
         handoff: Handoff,
-        max_derivation_bytes: usize,
+        (max_derivation_bytes, refuse_unknown_systems): (usize, bool),
         scheduler: mpsc::Sender<SessionEvent>,
         (changes, heartbeat): (CommittedChanges, Duration),
     ) -> Self {
@@ -164,6 +180,7 @@ impl BuildServiceImpl {
             scheduler,
             changes,
             heartbeat,
+            refuse_unknown_systems,
         }
     }
 
@@ -270,6 +287,9 @@ impl BuildServiceImpl {
         let submitted: Vec<_> = parsed.keys().cloned().collect();
         complete_closure(&client, &top, &mut parsed).await??;
         let closure = verify::verify_closure(&top, parsed)?;
+        if self.refuse_unknown_systems {
+            refuse_unknown_systems(&client, &closure).await?;
+        }
         let (queued, cap) = queries::queued_steps_and_cap(&client).await?;
         let adding = i64::try_from(closure.derivations.len()).unwrap_or(i64::MAX);
         // An empty queue takes any build, so no build is too large to ever be admitted.
@@ -321,6 +341,35 @@ impl BuildServiceImpl {
         }
         Ok((id, existing))
     }
+}
+
+/// Refuses a closure with a derivation whose system and features no builder that ever joined
+/// offered; a farm no builder has joined yet refuses nothing.
+async fn refuse_unknown_systems(
+    client: &impl deadpool_postgres::GenericClient,
+    closure: &verify::VerifiedClosure,
+) -> Result<(), SubmitError> {
+    let machines = queries::known_machines(client).await?;
+    if machines.is_empty() {
+        return Ok(());
+    }
+    for (path, verified) in &closure.derivations {
+        let requirements = Requirements {
+            system: String::from_utf8_lossy(&verified.derivation.system).into_owned(),
+            features: verified.features.clone(),
+        };
+        if !machines
+            .iter()
+            .any(|machine| machine.can_run(&requirements))
+        {
+            return Err(SubmitError::UnknownSystem {
+                drv: path.to_absolute(),
+                system: requirements.system,
+                features: requirements.features.into_iter().collect(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A build's whole state, as Get answers: `NOT_FOUND` if there is no such build.

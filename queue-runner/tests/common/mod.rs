@@ -66,6 +66,9 @@ pub struct Farm {
     pub readoption_grace_secs: u64,
     /// How often idle Watch streams send a heartbeat, in milliseconds.
     pub heartbeat_ms: u64,
+    /// Whether Submit refuses systems and features no builder ever offered (off by default
+    /// here, so tests can queue work for builders that join later).
+    pub refuse_unknown_systems: bool,
     runner: Option<RunningRunner>,
     builders: Vec<ChildGuard>,
 }
@@ -155,6 +158,7 @@ impl Farm {
             unsupported_grace_secs: 300,
             readoption_grace_secs: 120,
             heartbeat_ms: 15_000,
+            refuse_unknown_systems: false,
             runner: None,
             builders: Vec::new(),
         }
@@ -201,6 +205,8 @@ impl Farm {
             max_output_bytes = {max_output_bytes}
             unsupported_grace_secs = {unsupported_grace}
             readoption_grace_secs = {readoption_grace}
+            [submissions]
+            refuse_unknown_systems = {refuse_unknown_systems}
             [retry]
             max_attempts = 4
             initial_interval_ms = 100
@@ -218,6 +224,7 @@ impl Farm {
             unsupported_grace = self.unsupported_grace_secs,
             readoption_grace = self.readoption_grace_secs,
             heartbeat_ms = self.heartbeat_ms,
+            refuse_unknown_systems = self.refuse_unknown_systems,
         )
     }
 
