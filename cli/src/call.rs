@@ -31,7 +31,8 @@ impl From<tonic::Status> for CallError {
 }
 
 impl Classify for CallError {
-    /// The caller's request was wrong (exit 64), or the call failed (exit 1).
+    /// The caller's request was wrong (exit 64), the runner is out of reach or failing (exit
+    /// 69), or the call failed otherwise (exit 1).
     fn severity(&self) -> Severity {
         match self {
             Self::Refused(status)
@@ -44,6 +45,16 @@ impl Classify for CallError {
                 ) =>
             {
                 Severity::Reject
+            }
+            // The runner out of reach, or failing: the builds are safe, try again later.
+            Self::Unreachable(_) => Severity::Session,
+            Self::Refused(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::Unknown
+                ) =>
+            {
+                Severity::Session
             }
             _ => Severity::Fatal,
         }

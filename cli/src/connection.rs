@@ -45,7 +45,9 @@ impl Classify for ConnectError {
     fn severity(&self) -> Severity {
         match self {
             Self::Url(_) => Severity::Reject,
-            Self::Read(_) | Self::Transport(_) | Self::CertificateRefused(_) => Severity::Fatal,
+            // Out of reach: try again later (exit 69).
+            Self::Transport(_) => Severity::Session,
+            Self::Read(_) | Self::CertificateRefused(_) => Severity::Fatal,
         }
     }
 }

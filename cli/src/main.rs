@@ -1,12 +1,15 @@
 //! `drover`, the command line of the farm: parse the arguments, run the subcommand, and on failure
 //! print the whole error chain and exit with a code that says whether the input was refused
-//! (64, `EX_USAGE`) or the work failed (1).
+//! (64, `EX_USAGE`), the runner could not be reached or failed (69, `EX_UNAVAILABLE`), or the
+//! work failed (1: a build that did not succeed, or a local error).
 
 mod call;
 mod certs;
 mod connection;
 mod external;
+mod inspect;
 mod manage;
+mod progress;
 mod submit;
 
 use std::error::Error;
@@ -19,9 +22,17 @@ use error_context::{Classify, Severity, WithContext};
 /// runner will not build).
 const EX_USAGE: u8 = 64;
 
+/// `EX_UNAVAILABLE` from sysexits.h: the runner could not be reached, or failed.
+const EX_UNAVAILABLE: u8 = 69;
+
+/// What the exit codes mean, for `--help`.
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 a build did not succeed (or a local \
+error); 64 the request was refused (invalid input, unknown build, not allowed); 69 the runner \
+could not be reached or failed (the builds are safe: ask again later).";
+
 /// The drover command line.
 #[derive(Debug, Parser)]
-#[command(name = "drover", version, about = "Operate a drover build farm.")]
+#[command(name = "drover", version, about = "Operate a drover build farm.", after_help = EXIT_CODES)]
 struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -40,6 +51,12 @@ enum Command {
     Cancel(manage::BuildArgs),
     /// Queue a failed or cancelled build again, clearing its steps' failures.
     Restart(manage::BuildArgs),
+    /// Show a build: its status, outputs, and why each unfinished step waits.
+    Status(inspect::StatusArgs),
+    /// List builds, newest first.
+    List(inspect::ListArgs),
+    /// Print a step's log (`-f`: follow it live).
+    Logs(inspect::LogsArgs),
     /// Run a whole farm on this machine (PostgreSQL, runner, builders with private stores);
     /// `drover dev-farm --help` lists its options.
     #[command(disable_help_flag = true)]
@@ -58,6 +75,9 @@ async fn main() -> ExitCode {
         Command::Submit(args) => finish(submit::run(args).await),
         Command::Cancel(args) => finish(manage::cancel(args).await),
         Command::Restart(args) => finish(manage::restart(args).await),
+        Command::Status(args) => finish(inspect::status(args).await),
+        Command::List(args) => finish(inspect::list(args).await),
+        Command::Logs(args) => finish(inspect::logs(args).await),
         Command::DevFarm { args } => finish(external::run("drover-dev-farm", &args)),
     }
 }
@@ -71,7 +91,8 @@ fn finish<E: Classify + Error + 'static>(result: Result<(), WithContext<E>>) -> 
             eprintln!("error: {}", error.report());
             match error.severity() {
                 Severity::Reject => ExitCode::from(EX_USAGE),
-                Severity::Fatal | Severity::Session | Severity::Step => ExitCode::FAILURE,
+                Severity::Session => ExitCode::from(EX_UNAVAILABLE),
+                Severity::Fatal | Severity::Step => ExitCode::FAILURE,
             }
         }
     }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use drover_proto::v1::build_service_client::BuildServiceClient;
-use drover_proto::v1::{BuildPhase, DerivationText, GetRequest, SourceNar, SubmitRequest};
+use drover_proto::v1::{
+    BuildPhase, DerivationText, GetLogRequest, GetRequest, SourceNar, SubmitRequest,
+};
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use nix_primitives::StorePath;
 use tonic::transport::Channel;
@@ -19,6 +21,7 @@ use tonic_types::StatusExt as _;
 
 use crate::call::CallError;
 use crate::connection::{ConnectError, ConnectionArgs};
+use crate::progress::Progress;
 
 /// How often `--watch` asks for the build's state.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -54,7 +57,8 @@ pub struct SubmitArgs {
     connection: ConnectionArgs,
 }
 
-fn parse_meta(text: &str) -> Result<(String, String), String> {
+/// Parses a `key=value` metadata argument.
+pub fn parse_meta(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(key, value)| (key.to_owned(), value.to_owned()))
         .ok_or_else(|| format!("{text:?} is not key=value"))
@@ -286,13 +290,43 @@ pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
     Ok(())
 }
 
-/// Waits for every build to end, printing each one's outputs or failure as it ends.
+/// Lines of a failed build's log shown when it ends.
+const LOG_TAIL_LINES: usize = 20;
+
+/// The last lines of the log of the step that failed a build (or its top-level step), if the
+/// runner has one.
+async fn log_tail(
+    client: &mut BuildServiceClient<Channel>,
+    build: &drover_proto::v1::GetResponse,
+) -> Option<(String, Vec<String>)> {
+    let step = crate::inspect::chosen_step(build, None)?;
+    let log = client
+        .get_log(GetLogRequest {
+            drv_path: step.clone(),
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .log;
+    let text = String::from_utf8_lossy(&log);
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..]
+        .iter()
+        .map(|line| (*line).to_owned())
+        .collect();
+    Some((step, tail))
+}
+
+/// Waits for every build to end, showing their progress, and printing each one's outputs or
+/// failure (with the end of the failing step's log) as it ends.
 async fn watch(
     client: &mut BuildServiceClient<tonic::transport::Channel>,
     builds: &[i64],
 ) -> Result<(), SubmitError> {
     let mut pending: Vec<i64> = builds.to_vec();
     let mut failed = Vec::new();
+    let mut progress = Progress::on_stderr();
+    let started = Instant::now();
     // Since when the runner has been unreachable, and whether the user was told.
     let mut lost: Option<Instant> = None;
     let mut told = false;
@@ -307,6 +341,7 @@ async fn watch(
                         if lost.get_or_insert_with(Instant::now).elapsed() < UNREACHABLE_BUDGET =>
                     {
                         if !told {
+                            progress.clear();
                             eprintln!(
                                 "lost the runner ({}); still waiting for it to come back",
                                 status.message()
@@ -320,19 +355,18 @@ async fn watch(
                 },
             };
             if lost.take().is_some() {
+                progress.clear();
                 eprintln!("the runner is back");
                 told = false;
             }
             // A phase this client does not know has not ended: keep watching.
             if !build.phase().is_terminal() {
+                progress.update(&build, started.elapsed());
                 still.push(id);
                 continue;
             }
-            let name = build
-                .status()
-                .as_str_name()
-                .trim_start_matches("BUILD_STATUS_")
-                .to_lowercase();
+            progress.clear();
+            let name = crate::inspect::status_name(build.status());
             if build.phase() == BuildPhase::Succeeded {
                 eprintln!("build {id} succeeded");
                 let outputs: BTreeMap<_, _> = build.outputs.into_iter().collect();
@@ -341,6 +375,12 @@ async fn watch(
                 }
             } else {
                 eprintln!("build {id} ended {name}: {}", build.failure_reason);
+                if let Some((step, tail)) = log_tail(client, &build).await {
+                    eprintln!("last lines of the log of {step}:");
+                    for line in tail {
+                        eprintln!("  | {line}");
+                    }
+                }
                 failed.push(id);
             }
         }

@@ -84,6 +84,41 @@ async fn start_farm(dir: &Path) -> (ChildGuard, BTreeMap<String, String>) {
     (farm, env)
 }
 
+/// `drover status`, `list` and `logs` on the failed build that `drover submit` reported on
+/// `stderr`, plain and as JSON.
+fn reads_a_failed_build(env: &BTreeMap<String, String>, stderr: &str) {
+    let id = stderr
+        .split_once("build ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .expect("a build id");
+    let drover = |args: &[&str]| {
+        let output = Command::new(DROVER).args(args).envs(env).output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{args:?}: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    };
+    let status: serde_json::Value =
+        serde_json::from_str(&drover(&["status", id, "--json"])).unwrap();
+    assert_eq!(status["status"], "failed", "{status}");
+    assert_eq!(status["phase"], "failed", "{status}");
+    assert!(drover(&["status", id]).contains(": failed"));
+    let listed: serde_json::Value =
+        serde_json::from_str(&drover(&["list", "--status", "failed", "--json"])).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|build| build["build_id"].as_i64() == id.parse().ok()),
+        "{listed}"
+    );
+    assert!(drover(&["logs", id]).contains("this build breaks on purpose"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -110,6 +145,11 @@ async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
     assert_eq!(failed.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(stderr.contains("ended failed"), "{stderr}");
+    assert!(
+        stderr.contains("this build breaks on purpose"),
+        "the failing step's log tail: {stderr}"
+    );
+    reads_a_failed_build(&env, &stderr);
 
     let jobs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs.nix");
     let both = submit(dir.path(), &env, &jobs, None);

@@ -1,5 +1,6 @@
-//! `drover submit`, `cancel` and `restart` against a runner that is not there say they could not
-//! reach the runner (not that the runner refused), and exit 1.
+//! `drover submit`, `cancel`, `restart`, `status` and `logs` against a runner that is not there
+//! say they could not reach the runner (not that the runner refused), and exit 69
+//! (`EX_UNAVAILABLE`).
 
 #![allow(
     clippy::unwrap_used,
@@ -29,7 +30,13 @@ fn commands_against_a_runner_that_is_not_there_say_they_could_not_reach_it() {
         .unwrap()
         .port();
     let drv = format!("/nix/store/{}-x.drv", "0".repeat(32));
-    for command in [["submit", drv.as_str()], ["cancel", "7"], ["restart", "7"]] {
+    for command in [
+        ["submit", drv.as_str()],
+        ["cancel", "7"],
+        ["restart", "7"],
+        ["status", "7"],
+        ["logs", "7"],
+    ] {
         let output = Command::new(env!("CARGO_BIN_EXE_drover"))
             .args(command)
             .args(["--runner", &format!("https://localhost:{port}")])
@@ -42,7 +49,11 @@ fn commands_against_a_runner_that_is_not_there_say_they_could_not_reach_it() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{command:?}: {stderr}");
+        assert_eq!(
+            output.status.code(),
+            Some(69),
+            "EX_UNAVAILABLE: {command:?}: {stderr}"
+        );
         assert!(
             stderr.contains("could not reach the runner"),
             "{command:?}: {stderr}"

@@ -1,0 +1,316 @@
+//! The read commands: `drover status ID`, `drover list` and `drover logs`, each printing plain
+//! lines for people or, with `--json`, one JSON document for scripts.
+
+use std::io::Write as _;
+
+use clap::Args;
+use drover_proto::v1::build_service_client::BuildServiceClient;
+use drover_proto::v1::log_event::Event as LogKind;
+use drover_proto::v1::{
+    BuildStatus, BuildSummary, FollowLogRequest, GetLogRequest, GetRequest, GetResponse,
+    ListRequest, StepState,
+};
+use error_context::{Classify, Severity, WithContext};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::call::CallError;
+use crate::connection::{ConnectError, ConnectionArgs};
+
+/// Why a read command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// The runner cannot be reached.
+    #[error("reaching the runner")]
+    Connect(#[from] ConnectError),
+    /// The call failed.
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// The build has no step matching the one asked for.
+    #[error("build {build} has no step matching {wanted:?}")]
+    NoSuchStep {
+        /// The build.
+        build: i64,
+        /// What was asked for.
+        wanted: String,
+    },
+    /// A status name is not one `drover list --status` knows.
+    #[error(
+        "unknown status {0:?}: use queued, running, succeeded, failed, dep_failed, cancelled or cached_failure"
+    )]
+    UnknownStatus(String),
+    /// Writing to stdout failed.
+    #[error("writing the output")]
+    Output(#[source] std::io::Error),
+}
+
+impl Classify for InspectError {
+    fn severity(&self) -> Severity {
+        match self {
+            Self::Connect(error) => error.severity(),
+            Self::Call(error) => error.severity(),
+            Self::NoSuchStep { .. } | Self::UnknownStatus(_) => Severity::Reject,
+            Self::Output(_) => Severity::Fatal,
+        }
+    }
+}
+
+/// `drover status` arguments.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The build's id.
+    build: i64,
+    /// Print one JSON document.
+    #[arg(long)]
+    json: bool,
+    /// Where the runner is.
+    #[command(flatten)]
+    connection: ConnectionArgs,
+}
+
+/// `drover list` arguments.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only builds with this status (repeatable).
+    #[arg(long = "status", value_name = "STATUS")]
+    statuses: Vec<String>,
+    /// Only builds with this metadata (repeatable `key=value`).
+    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = crate::submit::parse_meta)]
+    metadata: Vec<(String, String)>,
+    /// At most this many builds, newest first.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Print one JSON document.
+    #[arg(long)]
+    json: bool,
+    /// Where the runner is.
+    #[command(flatten)]
+    connection: ConnectionArgs,
+}
+
+/// `drover logs` arguments.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The build's id.
+    build: i64,
+    /// The step: any part of its derivation path (default: the failed step, else a running
+    /// one, else the top-level one).
+    step: Option<String>,
+    /// Follow the log while the step runs, until it ends.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Where the runner is.
+    #[command(flatten)]
+    connection: ConnectionArgs,
+}
+
+async fn client(connection: &ConnectionArgs) -> Result<BuildServiceClient<Channel>, InspectError> {
+    Ok(BuildServiceClient::new(connection.connect().await?))
+}
+
+fn call(status: tonic::Status) -> InspectError {
+    InspectError::Call(CallError::from(status))
+}
+
+/// The name of a status as the database and the CLI spell it.
+pub fn status_name(status: BuildStatus) -> String {
+    status
+        .as_str_name()
+        .trim_start_matches("BUILD_STATUS_")
+        .to_lowercase()
+}
+
+fn print(text: &str) -> Result<(), InspectError> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}").map_err(InspectError::Output)
+}
+
+fn step_json(step: &StepState) -> serde_json::Value {
+    json!({
+        "step_id": step.step_id,
+        "drv_path": step.drv_path,
+        "status": step.status,
+        "waiting_reason": step.waiting_reason,
+        "builder": step.builder,
+        "failure_reason": step.failure_reason,
+    })
+}
+
+/// A build's state as one JSON document.
+#[must_use]
+pub fn build_json(build: &GetResponse) -> serde_json::Value {
+    json!({
+        "build_id": build.build_id,
+        "status": status_name(build.status()),
+        "phase": build.phase().as_str_name().trim_start_matches("BUILD_PHASE_").to_lowercase(),
+        "top_drv_path": build.top_drv_path,
+        "metadata": build.metadata,
+        "failure_reason": build.failure_reason,
+        "outputs": build.outputs,
+        "steps": build.steps.iter().map(step_json).collect::<Vec<_>>(),
+    })
+}
+
+/// One line about a step, as `drover status` prints it.
+#[must_use]
+pub fn step_line(step: &StepState) -> String {
+    let detail = [&step.builder, &step.waiting_reason, &step.failure_reason]
+        .into_iter()
+        .find(|text| !text.is_empty())
+        .map(|text| {
+            if text == &step.builder {
+                format!(" on {text}")
+            } else {
+                format!(": {text}")
+            }
+        })
+        .unwrap_or_default();
+    format!("  {} {}{detail}", step.status, step.drv_path)
+}
+
+/// Runs `drover status`.
+pub async fn status(args: StatusArgs) -> Result<(), WithContext<InspectError>> {
+    let mut client = client(&args.connection).await?;
+    let build = client
+        .get(GetRequest {
+            build_id: args.build,
+        })
+        .await
+        .map_err(call)?
+        .into_inner();
+    if args.json {
+        print(&build_json(&build).to_string())?;
+        return Ok(());
+    }
+    let done = build
+        .steps
+        .iter()
+        .filter(|step| step.status == "succeeded")
+        .count();
+    print(&format!(
+        "build {}: {} ({} of {} steps done)\n  top: {}",
+        build.build_id,
+        status_name(build.status()),
+        done,
+        build.steps.len(),
+        build.top_drv_path
+    ))?;
+    if !build.failure_reason.is_empty() {
+        print(&format!("  why: {}", build.failure_reason))?;
+    }
+    for (name, path) in &build.outputs {
+        print(&format!("  output {name}: {path}"))?;
+    }
+    for step in build.steps.iter().filter(|step| step.status != "succeeded") {
+        print(&step_line(step))?;
+    }
+    Ok(())
+}
+
+fn summary_json(build: &BuildSummary) -> serde_json::Value {
+    json!({
+        "build_id": build.build_id,
+        "status": status_name(build.status()),
+        "top_drv_path": build.top_drv_path,
+        "metadata": build.metadata,
+        "submitted_at_ms": build.submitted_at_ms,
+        "finished_at_ms": build.finished_at_ms,
+        "failure_reason": build.failure_reason,
+    })
+}
+
+/// Runs `drover list`.
+pub async fn list(args: ListArgs) -> Result<(), WithContext<InspectError>> {
+    let statuses = args
+        .statuses
+        .iter()
+        .map(|name| {
+            BuildStatus::from_str_name(&format!("BUILD_STATUS_{}", name.to_uppercase()))
+                .filter(|status| *status != BuildStatus::Unknown)
+                .map(i32::from)
+                .ok_or_else(|| InspectError::UnknownStatus(name.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut client = client(&args.connection).await?;
+    let builds = client
+        .list(ListRequest {
+            statuses,
+            metadata: args.metadata.into_iter().collect(),
+            page_size: args.limit.clamp(1, 1000),
+            ..ListRequest::default()
+        })
+        .await
+        .map_err(call)?
+        .into_inner()
+        .builds;
+    if args.json {
+        let builds: Vec<_> = builds.iter().map(summary_json).collect();
+        print(&serde_json::Value::Array(builds).to_string())?;
+        return Ok(());
+    }
+    for build in &builds {
+        print(&format!(
+            "{}\t{}\t{}",
+            build.build_id,
+            status_name(build.status()),
+            build.top_drv_path
+        ))?;
+    }
+    Ok(())
+}
+
+/// The step of `build` whose log `drover logs` shows.
+pub fn chosen_step(build: &GetResponse, wanted: Option<&str>) -> Option<String> {
+    if let Some(wanted) = wanted {
+        return build
+            .steps
+            .iter()
+            .find(|step| step.drv_path.contains(wanted))
+            .map(|step| step.drv_path.clone());
+    }
+    ["failed", "running"]
+        .iter()
+        .find_map(|status| build.steps.iter().find(|step| step.status == *status))
+        .map(|step| step.drv_path.clone())
+        .or_else(|| Some(build.top_drv_path.clone()))
+}
+
+/// Runs `drover logs`.
+pub async fn logs(args: LogsArgs) -> Result<(), WithContext<InspectError>> {
+    let mut client = client(&args.connection).await?;
+    let build = client
+        .get(GetRequest {
+            build_id: args.build,
+        })
+        .await
+        .map_err(call)?
+        .into_inner();
+    let drv_path =
+        chosen_step(&build, args.step.as_deref()).ok_or_else(|| InspectError::NoSuchStep {
+            build: args.build,
+            wanted: args.step.clone().unwrap_or_default(),
+        })?;
+    let mut stdout = std::io::stdout().lock();
+    if !args.follow {
+        let log = client
+            .get_log(GetLogRequest { drv_path })
+            .await
+            .map_err(call)?
+            .into_inner()
+            .log;
+        stdout.write_all(&log).map_err(InspectError::Output)?;
+        return Ok(());
+    }
+    let mut stream = client
+        .follow_log(FollowLogRequest { drv_path })
+        .await
+        .map_err(call)?
+        .into_inner();
+    while let Some(event) = stream.message().await.map_err(call)? {
+        if let Some(LogKind::Data(data)) = event.event {
+            stdout.write_all(&data).map_err(InspectError::Output)?;
+            stdout.flush().map_err(InspectError::Output)?;
+        }
+    }
+    Ok(())
+}
