@@ -3,6 +3,7 @@
 //! (64, `EX_USAGE`), the runner could not be reached or failed (69, `EX_UNAVAILABLE`), or the
 //! work failed (1: a build that did not succeed, or a local error).
 
+mod build;
 mod call;
 mod certs;
 mod connection;
@@ -47,6 +48,9 @@ enum Command {
     Certs(certs::CertsCommand),
     /// Submit a build: a Nix file (instantiated here) or a .drv path.
     Submit(submit::SubmitArgs),
+    /// Build on the farm like nix-build: submit, watch, then substitute the outputs into the
+    /// local store from the farm's cache and leave ./result.
+    Build(build::BuildArgs),
     /// Cancel a build you submitted (admins: any build): its steps no other build needs stop.
     Cancel(manage::BuildArgs),
     /// Queue a failed or cancelled build again, clearing its steps' failures.
@@ -73,6 +77,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Certs(command) => finish(certs::run(command)),
         Command::Submit(args) => finish(submit::run(args).await),
+        Command::Build(args) => finish(build::run(args).await),
         Command::Cancel(args) => finish(manage::cancel(args).await),
         Command::Restart(args) => finish(manage::restart(args).await),
         Command::Status(args) => finish(inspect::status(args).await),

@@ -33,15 +33,23 @@ const UNREACHABLE_BUDGET: Duration = Duration::from_mins(10);
 /// `drover submit` arguments.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
+    /// What to build, and where.
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Wait for every build, print their outputs, and exit non-zero unless all succeeded.
+    #[arg(long)]
+    watch: bool,
+}
+
+/// What to build and how, and where the runner is: shared by `drover submit` and `drover build`.
+#[derive(Debug, Args)]
+pub struct TargetArgs {
     /// A Nix file to instantiate (each derivation it evaluates to becomes a build of its own),
     /// or a `/nix/store/….drv` path.
     target: PathBuf,
     /// The attribute to instantiate.
     #[arg(long, short = 'A')]
     attr: Option<String>,
-    /// Wait for every build, print their outputs, and exit non-zero unless all succeeded.
-    #[arg(long)]
-    watch: bool,
     /// Higher builds are dispatched first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     priority: i32,
@@ -99,6 +107,17 @@ pub enum SubmitError {
     /// Instantiating gave no derivation.
     #[error("the target evaluates to no derivation")]
     NothingToBuild,
+    /// The local Nix daemon does not trust the farm's cache.
+    #[error(
+        "this Nix ignores the farm's cache {cache} as an untrusted substituter (a multi-user \
+         install): add it to `trusted-substituters` and its key to `trusted-public-keys` in \
+         /etc/nix/nix.conf (or make your user a `trusted-users` member), restart nix-daemon, \
+         and run again"
+    )]
+    UntrustedCache {
+        /// The cache.
+        cache: String,
+    },
     /// Builds did not succeed.
     #[error("{} of {total} builds did not succeed: {}", .failed.len(), ids(.failed))]
     BuildsFailed {
@@ -149,7 +168,7 @@ fn store_path(text: &str) -> Result<StorePath, SubmitError> {
 
 /// The `.drv` files to build: the target itself, or every derivation instantiating it gives (a
 /// file may evaluate to a set or list of them), each once, in Nix's order.
-fn derivations(args: &SubmitArgs) -> Result<Vec<StorePath>, SubmitError> {
+fn derivations(args: &TargetArgs) -> Result<Vec<StorePath>, SubmitError> {
     if args
         .target
         .extension()
@@ -258,7 +277,27 @@ async fn submit_when_admitted(
 
 /// Runs `drover submit`.
 pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
-    let tops = derivations(&args).context("instantiating the target")?;
+    let (mut client, builds) = submit_target(&args.target).await?;
+    if args.watch {
+        for (_, outputs) in watch(&mut client, &builds).await? {
+            for (output, path) in outputs {
+                println!("{output} {path}");
+            }
+        }
+    } else {
+        for id in &builds {
+            println!("{id}");
+        }
+    }
+    Ok(())
+}
+
+/// Submits every derivation the target evaluates to as a build of its own; returns the client
+/// and the build ids.
+pub async fn submit_target(
+    args: &TargetArgs,
+) -> Result<(BuildServiceClient<Channel>, Vec<i64>), WithContext<SubmitError>> {
+    let tops = derivations(args).context("instantiating the target")?;
     let channel = args.connection.connect().await.map_err(SubmitError::from)?;
     let mut client = BuildServiceClient::new(channel).max_encoding_message_size(256 * 1024 * 1024);
     let mut builds = Vec::with_capacity(tops.len());
@@ -279,15 +318,9 @@ pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
             .map_err(|status| SubmitError::from(CallError::from(status)))
             .with_context(|| format!("submitting {top}"))?;
         eprintln!("build {id} queued: {top}");
-        if !args.watch {
-            println!("{id}");
-        }
         builds.push(id);
     }
-    if args.watch {
-        watch(&mut client, &builds).await?;
-    }
-    Ok(())
+    Ok((client, builds))
 }
 
 /// Lines of a failed build's log shown when it ends.
@@ -317,14 +350,15 @@ async fn log_tail(
     Some((step, tail))
 }
 
-/// Waits for every build to end, showing their progress, and printing each one's outputs or
-/// failure (with the end of the failing step's log) as it ends.
-async fn watch(
-    client: &mut BuildServiceClient<tonic::transport::Channel>,
+/// Waits for every build to end, showing their progress and each one's end (with the end of the
+/// failing step's log); returns each build's outputs, in the order of `builds`, if all succeeded.
+pub async fn watch(
+    client: &mut BuildServiceClient<Channel>,
     builds: &[i64],
-) -> Result<(), SubmitError> {
+) -> Result<Vec<(i64, BTreeMap<String, String>)>, SubmitError> {
     let mut pending: Vec<i64> = builds.to_vec();
     let mut failed = Vec::new();
+    let mut succeeded = BTreeMap::new();
     let mut progress = Progress::on_stderr();
     let started = Instant::now();
     // Since when the runner has been unreachable, and whether the user was told.
@@ -369,10 +403,7 @@ async fn watch(
             let name = crate::inspect::status_name(build.status());
             if build.phase() == BuildPhase::Succeeded {
                 eprintln!("build {id} succeeded");
-                let outputs: BTreeMap<_, _> = build.outputs.into_iter().collect();
-                for (output, path) in outputs {
-                    println!("{output} {path}");
-                }
+                succeeded.insert(id, build.outputs.into_iter().collect::<BTreeMap<_, _>>());
             } else {
                 eprintln!("build {id} ended {name}: {}", build.failure_reason);
                 if let Some((step, tail)) = log_tail(client, &build).await {
@@ -390,7 +421,10 @@ async fn watch(
         }
     }
     if failed.is_empty() {
-        Ok(())
+        Ok(builds
+            .iter()
+            .filter_map(|id| Some((*id, succeeded.remove(id)?)))
+            .collect())
     } else {
         Err(SubmitError::BuildsFailed {
             failed,

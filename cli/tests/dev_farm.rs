@@ -84,6 +84,50 @@ async fn start_farm(dir: &Path) -> (ChildGuard, BTreeMap<String, String>) {
     (farm, env)
 }
 
+/// `drover build` in a fresh store of its own leaves a working `./result` and prints the path.
+fn builds_like_nix_build(dir: &Path, env: &BTreeMap<String, String>, file: &Path) {
+    let store = dir.join("build-store");
+    let work = dir.join("work");
+    fs_err::create_dir_all(&work).unwrap();
+    let in_store = || {
+        let mut command = test_support::private_store_command(&store);
+        command
+            .envs(env)
+            .env(
+                "NIX_CONFIG",
+                "sandbox = false\nbuild-users-group =\nsubstituters =\n",
+            )
+            .env("HOME", dir)
+            .current_dir(&work);
+        command
+    };
+    let built = in_store()
+        .arg(DROVER)
+        .arg("build")
+        .arg(file)
+        .args(["--attr", "top"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&built.stdout);
+    assert!(
+        built.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let target = fs_err::read_link(work.join("result")).unwrap();
+    assert_eq!(stdout.trim(), target.to_str().unwrap());
+    assert!(stdout.trim().ends_with("-diamond-top"), "{stdout}");
+    let shown = in_store()
+        .args(["sh", "-c", "./result/bin/show && cat result/summary"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("-diamond-right") && shown.contains("left, built on"),
+        "./result does not work: {shown}"
+    );
+}
+
 /// `drover status`, `list` and `logs` on the failed build that `drover submit` reported on
 /// `stderr`, plain and as JSON.
 fn reads_a_failed_build(env: &BTreeMap<String, String>, stderr: &str) {
@@ -138,6 +182,8 @@ async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
         stdout.starts_with("out /nix/store/") && stdout.contains("-diamond-top"),
         "{stdout}"
     );
+
+    builds_like_nix_build(dir.path(), &env, &examples);
 
     let fixtures =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../queue-runner/tests/fixtures/builds.nix");
