@@ -128,6 +128,44 @@ fn builds_like_nix_build(dir: &Path, env: &BTreeMap<String, String>, file: &Path
     );
 }
 
+/// `drover submit --watch` on a terminal (`script` gives it one) draws its progress on one line,
+/// redrawn in place; the plain output of the other submissions here has no such codes.
+fn shows_progress_on_a_terminal(dir: &Path, env: &BTreeMap<String, String>, fixtures: &Path) {
+    let mut command = test_support::private_store_command(&dir.join("client-store"));
+    command
+        .arg(DROVER)
+        .arg("submit")
+        .arg(fixtures)
+        .args(["--attr", "chatty", "--watch"]);
+    let quoted: Vec<String> = std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|part| format!("'{}'", part.to_string_lossy().replace('\'', "'\\''")))
+        .collect();
+    let output = Command::new("script")
+        .args([
+            "--quiet",
+            "--return",
+            "--command",
+            &quoted.join(" "),
+            "/dev/null",
+        ])
+        .envs(env)
+        .env(
+            "NIX_CONFIG",
+            "sandbox = false\nbuild-users-group =\nsubstituters =\n",
+        )
+        .env("HOME", dir)
+        .output()
+        .expect("`script` (bsdutils) gives the test a terminal");
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{shown}");
+    assert!(
+        shown.contains("\r\x1b[2Kbuild ") && shown.contains(" steps done"),
+        "no progress line drawn on the terminal: {shown:?}"
+    );
+    assert!(shown.contains("succeeded"), "{shown:?}");
+}
+
 /// `drover status`, `list` and `logs` on the failed build that `drover submit` reported on
 /// `stderr`, plain and as JSON.
 fn reads_a_failed_build(env: &BTreeMap<String, String>, stderr: &str) {
@@ -195,7 +233,12 @@ async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
         stderr.contains("this build breaks on purpose"),
         "the failing step's log tail: {stderr}"
     );
+    assert!(
+        stderr.contains(" steps done") && !stderr.contains('\u{1b}'),
+        "progress as plain lines when stderr is not a terminal: {stderr}"
+    );
     reads_a_failed_build(&env, &stderr);
+    shows_progress_on_a_terminal(dir.path(), &env, &fixtures);
 
     let jobs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs.nix");
     let both = submit(dir.path(), &env, &jobs, None);

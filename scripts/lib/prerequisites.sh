@@ -4,6 +4,8 @@
 install_prerequisites() {
   local missing=()
   command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
+  # `script` gives the CLI's progress-display test a terminal.
+  command -v script >/dev/null 2>&1 || missing+=(bsdutils)
   # Throwaway PostgreSQL clusters need the server binaries, not a running service.
   if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
     missing+=(postgresql)
