@@ -264,6 +264,20 @@ impl Farm {
     }
 }
 
+/// The builders and the runner need a file descriptor per connection.
+pub fn raise_open_file_limit() {
+    let status = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            "--nofile=20000:20000",
+        ])
+        .status();
+    if !status.is_ok_and(|status| status.success()) {
+        println!("(could not raise the open-file limit; the idle run may fail)");
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .unwrap()

@@ -33,7 +33,7 @@ mod timeline;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use drover_bench::farm::{Farm, ProcessStats};
+use drover_bench::farm::{Farm, ProcessStats, raise_open_file_limit};
 use test_support::TestPostgres;
 use test_support::fake_derivations::{Factory, FakeDrv};
 use timeline::Timeline;
@@ -98,20 +98,6 @@ async fn main() {
             "idle" => idle(&cluster, &args).await,
             other => panic!("unknown mode {other}: throughput, latency or idle"),
         }
-    }
-}
-
-/// The builders and the runner need a file descriptor per connection.
-fn raise_open_file_limit() {
-    let status = std::process::Command::new("prlimit")
-        .args([
-            "--pid",
-            &std::process::id().to_string(),
-            "--nofile=20000:20000",
-        ])
-        .status();
-    if !status.is_ok_and(|status| status.success()) {
-        println!("(could not raise the open-file limit; the idle run may fail)");
     }
 }
 
