@@ -108,6 +108,17 @@ async fn client(connection: &ConnectionArgs) -> Result<BuildServiceClient<Channe
     Ok(BuildServiceClient::new(connection.connect().await?))
 }
 
+async fn get(
+    client: &mut BuildServiceClient<Channel>,
+    build: i64,
+) -> Result<GetResponse, InspectError> {
+    Ok(client
+        .get(GetRequest { build_id: build })
+        .await
+        .map_err(call)?
+        .into_inner())
+}
+
 fn call(status: tonic::Status) -> InspectError {
     InspectError::Call(CallError::from(status))
 }
@@ -171,13 +182,7 @@ pub fn step_line(step: &StepState) -> String {
 /// Runs `drover status`.
 pub async fn status(args: StatusArgs) -> Result<(), WithContext<InspectError>> {
     let mut client = client(&args.connection).await?;
-    let build = client
-        .get(GetRequest {
-            build_id: args.build,
-        })
-        .await
-        .map_err(call)?
-        .into_inner();
+    let build = get(&mut client, args.build).await?;
     if args.json {
         print(&build_json(&build).to_string())?;
         return Ok(());
@@ -278,13 +283,7 @@ pub fn chosen_step(build: &GetResponse, wanted: Option<&str>) -> Option<String> 
 /// Runs `drover logs`.
 pub async fn logs(args: LogsArgs) -> Result<(), WithContext<InspectError>> {
     let mut client = client(&args.connection).await?;
-    let build = client
-        .get(GetRequest {
-            build_id: args.build,
-        })
-        .await
-        .map_err(call)?
-        .into_inner();
+    let build = get(&mut client, args.build).await?;
     let drv_path =
         chosen_step(&build, args.step.as_deref()).ok_or_else(|| InspectError::NoSuchStep {
             build: args.build,

@@ -388,15 +388,11 @@ async fn a_builder_killed_mid_step_has_the_step_requeued_without_burning_a_retry
     farm.start_builder(&BuilderSpec::new("survivor"));
     assert_eq!(farm.wait_for_build(build).await, "succeeded");
 
-    let attempts: Vec<(String, String)> = db
-        .query(
-            "SELECT machine, status::text FROM step_attempts ORDER BY started_at",
-            &[],
-        )
+    let attempts: Vec<(String, String)> = farm
+        .attempts()
         .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
+        .into_iter()
+        .map(|(builder, status, _)| (builder, status))
         .collect();
     assert_eq!(
         attempts,
@@ -508,16 +504,10 @@ async fn a_frozen_builder_loses_its_step_to_another_and_its_late_result_changes_
     )
     .await;
     let attempts: Vec<(String, String)> = farm
-        .db()
+        .attempts()
         .await
-        .query(
-            "SELECT machine, status::text FROM step_attempts ORDER BY started_at",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
+        .into_iter()
+        .map(|(builder, status, _)| (builder, status))
         .collect();
     assert_eq!(
         attempts,
@@ -555,19 +545,7 @@ async fn a_step_its_builder_never_claims_after_a_runner_restart_is_requeued_afte
     farm.start_runner().await;
     farm.start_builder(&BuilderSpec::new("stays"));
     assert_eq!(farm.wait_for_build(build).await, "succeeded");
-    let attempts: Vec<(String, String, String)> = farm
-        .db()
-        .await
-        .query(
-            "SELECT machine, status::text, coalesce(message, '') FROM step_attempts
-             ORDER BY started_at",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
-        .collect();
+    let attempts = farm.attempts().await;
     assert_eq!(attempts.len(), 2, "{attempts:?}");
     assert_eq!(
         (attempts[0].0.as_str(), attempts[0].1.as_str()),

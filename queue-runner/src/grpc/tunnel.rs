@@ -34,9 +34,10 @@ use crate::scheduler::core::{Capabilities, Event, OutputRecord, Report, SessionI
 use crate::scheduler::driver::{OutboxItem, QueueRecovered, SessionEvent, SessionLink};
 use crate::tasks;
 
-/// Messages queued for one builder beyond its job slots: Joined, pings and aborts. The scheduler
-/// never sends more Build messages than the builder has slots, so this bound is never reached by
-/// a builder that reads its tunnel.
+/// Messages queued for one builder beyond two per job slot: Joined, pings and aborts. Between two
+/// reads of its tunnel a slot can have at most one unread Build (the builder must read it before
+/// it can finish it) and one unread ResultRecorded, so the scheduler never fills an outbox whose
+/// builder reads its tunnel, even when every slot finishes in one batch.
 const OUTBOX_SLACK: usize = 16;
 
 /// NAR uploads received at once, across all builders. Each holds a blocking thread while it
@@ -154,7 +155,7 @@ impl BuilderService for BuilderServiceImpl {
         };
         let (capabilities, held) = Self::accept_join(&join)?;
         // Room for an Abort of every attempt it holds, past its slots and the usual slack.
-        let capacity = capabilities.max_jobs as usize + held.len() + OUTBOX_SLACK;
+        let capacity = 2 * capabilities.max_jobs as usize + held.len() + OUTBOX_SLACK;
         let (outbox, receiver) = mpsc::channel(capacity);
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         let end = self.shutdown.child_token();

@@ -506,6 +506,22 @@ impl Farm {
         self.db().await.query_one(sql, &[]).await.unwrap().get(0)
     }
 
+    /// Every attempt as (builder, status, message), oldest first.
+    pub async fn attempts(&self) -> Vec<(String, String, String)> {
+        self.db()
+            .await
+            .query(
+                "SELECT machine, status::text, coalesce(message, '') FROM step_attempts
+                 ORDER BY started_at",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect()
+    }
+
     /// Waits until a one-number query returns `expected`.
     pub async fn wait_for_count(&self, what: &str, sql: &str, expected: i64) {
         let db = self.db().await;
