@@ -36,7 +36,7 @@ use crate::tasks;
 
 /// Messages queued for one builder beyond two per job slot: Joined, pings and aborts. Between two
 /// reads of its tunnel a slot can have at most one unread Build (the builder must read it before
-/// it can finish it) and one unread ResultRecorded, so the scheduler never fills an outbox whose
+/// it can finish it) and one unread `ResultRecorded`, so the scheduler never fills an outbox whose
 /// builder reads its tunnel, even when every slot finishes in one batch.
 const OUTBOX_SLACK: usize = 16;
 
