@@ -28,6 +28,7 @@ use crate::executor::nix::NixExecutor;
 use crate::executor::noop::NoopExecutor;
 use crate::jobs::Jobs;
 use crate::link::{self, Link, Publisher};
+use drover_daemon::notify::Notifier;
 
 /// How long running steps get to stop when the builder stops.
 const JOB_STOP_GRACE: Duration = Duration::from_secs(10);
@@ -170,6 +171,7 @@ pub async fn run(
     let mut work = Work {
         jobs: Jobs::default(),
         results: BTreeMap::new(),
+        systemd: Notifier::from_env(),
     };
     let result = reconnect(
         config,
@@ -190,6 +192,8 @@ struct Work {
     jobs: Jobs,
     /// Results sent (or to send) and not yet acknowledged, by attempt.
     results: BTreeMap<String, StepResult>,
+    /// systemd: ready once joined, a status line, and the watchdog fed from the session loop.
+    systemd: Notifier,
 }
 
 /// Runs sessions one after another until `shutdown` (or a drain) ends one cleanly, a refusal is
@@ -233,6 +237,11 @@ async fn reconnect(
                 .with_context(|| format!("no session with the runner for {:?}", policy.budget));
         }
         tracing::warn!(error = %error_context::report(&error), retry_in = ?delay, running = work.jobs.len(), "tunnel lost; running steps go on");
+        work.systemd.status(&format!(
+            "no tunnel ({error}); reconnecting; {} steps running",
+            work.jobs.len()
+        ));
+        work.systemd.watchdog();
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(delay) => {}
@@ -320,6 +329,12 @@ async fn session(
     *joined = true;
     tracing::info!(runner = %config.runner_url, held = work.jobs.len() + work.results.len(), "joined the runner");
     publisher.up(client);
+    work.systemd.ready();
+    work.systemd.status(&format!(
+        "joined {}; {} steps running",
+        config.runner_url,
+        work.jobs.len()
+    ));
     for result in work.results.values() {
         send(&outbox, Outbound::StepResult(result.clone())).await?;
     }
@@ -367,7 +382,11 @@ async fn serve(
     let mut drain_until: Option<Instant> = None;
     // A drain ends only once the runner has acknowledged every result, since closing the tunnel
     // may drop what is still in flight.
-    let Work { jobs, results } = work;
+    let Work {
+        jobs,
+        results,
+        systemd,
+    } = work;
     loop {
         tokio::select! {
             () = shutdown.cancelled(), if drain_until.is_none() => {
@@ -376,6 +395,7 @@ async fn serve(
                 }
                 tracing::info!(running = jobs.len(), deadline = ?timing.drain_deadline, "draining: taking no new steps, letting the running ones finish");
                 send(outbox, Outbound::Draining(Draining {})).await?;
+                systemd.status(&format!("draining: {} steps still running", jobs.len()));
                 drain_until = Some(Instant::now() + timing.drain_deadline);
             }
             () = sleep_until(drain_until), if drain_until.is_some() => {
@@ -383,6 +403,7 @@ async fn serve(
                 return Ok(());
             }
             _ = ping.tick() => {
+                systemd.watchdog();
                 let running = u32::try_from(jobs.len()).unwrap_or(u32::MAX);
                 let free_disk_bytes = free_store_bytes().await.unwrap_or(0);
                 send(outbox, Outbound::Ping(Ping { running, free_disk_bytes, ..Ping::default() })).await?;

@@ -1,7 +1,9 @@
 //! The process skeleton `drover-queue-runner` and `drover-builder` share: logging to stderr,
-//! waiting for SIGINT or SIGTERM, and reading a TOML configuration file into raw serde structs
-//! with one typed error, so both daemons fail the same way on the same mistakes.
+//! waiting for SIGINT or SIGTERM, reading a TOML configuration file into raw serde structs with
+//! one typed error (so both daemons fail the same way on the same mistakes), and telling systemd
+//! how they are ([`notify`]).
 
+pub mod notify;
 pub mod tied;
 
 use std::path::{Path, PathBuf};

@@ -28,6 +28,7 @@ use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::{Ingest, IngestError};
 use crate::scheduler::listen;
 use crate::tasks::Supervisor;
+use drover_daemon::notify::Notifier;
 
 /// Events buffered between builder sessions and the scheduler.
 const EVENT_QUEUE: usize = 4096;
@@ -117,6 +118,7 @@ pub struct Runner {
     pub cache_public_key: nix_primitives::PublicKey,
     /// Set once the scheduler has recovered the queue; builders can join from then on.
     pub queue_recovered: QueueRecovered,
+    systemd: Arc<Notifier>,
     shutdown: CancellationToken,
     supervisor: Supervisor<RunnerError>,
     sessions: TaskTracker,
@@ -148,7 +150,8 @@ pub async fn start(
     let events_for_clients = events.clone();
     let builds_queued = Arc::new(Notify::new());
     let handoff = Handoff::default();
-    let published = Published::new(WATCH_QUEUE);
+    let systemd = Arc::new(Notifier::from_env());
+    let published = Published::new(WATCH_QUEUE, systemd.clone());
     let mut supervisor = Supervisor::new();
     start_scheduler(
         &config,
@@ -164,14 +167,10 @@ pub async fn start(
         listen.await.map_err(RunnerError::Database)
     });
 
-    let cache_routes = crate::cache::http::router(cache.clone(), logs.clone(), pool.clone());
-    let cache_shutdown = shutdown.clone();
-    supervisor.spawn_critical("cache http server", async move {
-        axum::serve(cache_listener, cache_routes)
-            .with_graceful_shutdown(cache_shutdown.cancelled_owned())
-            .await
-            .map_err(RunnerError::ServeCache)
-    });
+    let routes = crate::cache::http::router(cache.clone(), logs.clone(), pool.clone()).merge(
+        crate::health::router(pool.clone(), published.recovered.clone(), shutdown.clone()),
+    );
+    serve_http(cache_listener, routes, &shutdown, &mut supervisor);
     let cache_for_clients = cache.clone();
     let sessions = TaskTracker::new();
     let builder_service = BuilderServiceImpl::new(
@@ -222,10 +221,27 @@ pub async fn start(
         cache_address,
         cache_public_key,
         queue_recovered: published.recovered.clone(),
+        systemd,
         shutdown,
         supervisor,
         sessions,
     })
+}
+
+/// Serves the binary cache and the health routes on the HTTP listener until shutdown.
+fn serve_http(
+    listener: tokio::net::TcpListener,
+    routes: axum::Router,
+    shutdown: &CancellationToken,
+    supervisor: &mut Supervisor<RunnerError>,
+) {
+    let shutdown = shutdown.clone();
+    supervisor.spawn_critical("cache http server", async move {
+        axum::serve(listener, routes)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(RunnerError::ServeCache)
+    });
 }
 
 /// Starts the scheduler (driver and core) and ingest, which feeds it plans.
@@ -349,6 +365,7 @@ impl Runner {
         let first = self.supervisor.next_exit().await;
         let shutting_down = self.shutdown.is_cancelled();
         self.shutdown.cancel();
+        self.systemd.stopping();
         let result = match first {
             None => Ok(()),
             Some(Ok((_, Ok(())))) if shutting_down => Ok(()),

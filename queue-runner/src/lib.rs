@@ -12,6 +12,7 @@
 //! - [`live_logs`]: the logs builders are still sending, for followers.
 //! - [`compression`]: zstd with a reused context per thread.
 //! - [`tasks`]: spawning, and supervision of the critical tasks.
+//! - [`health`]: `/healthz` and `/readyz`.
 //! - [`app`]: assembling all of it.
 
 pub mod app;
@@ -20,6 +21,7 @@ pub mod compression;
 pub mod config;
 pub mod db;
 pub mod grpc;
+pub mod health;
 pub mod live_logs;
 pub mod logs;
 pub mod scheduler;

@@ -6,6 +6,8 @@ install_prerequisites() {
   command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
   # `script` gives the CLI's progress-display test a terminal.
   command -v script >/dev/null 2>&1 || missing+=(bsdutils)
+  # The systemd units are checked with `systemd-analyze verify`.
+  command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   # Throwaway PostgreSQL clusters need the server binaries, not a running service.
   if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
     missing+=(postgresql)

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use drover_daemon::notify::Notifier;
 use drover_proto::Outcome;
 use drover_proto::v1::{
     Abort, Build, BuildLimits, Joined, ResultRecorded, RunnerMessage, runner_message::Message,
@@ -31,6 +32,10 @@ use crate::db::{DbError, Pool, queries};
 
 /// What the driver sends a builder session: a message, or the status that ends the session.
 pub type OutboxItem = Result<RunnerMessage, tonic::Status>;
+
+/// How often the scheduler refreshes its systemd status line (and feeds the watchdog, at least
+/// this often).
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Events handled in one batch at most; more wait for the next batch.
 const MAX_BATCH: usize = 1024;
@@ -73,17 +78,20 @@ pub struct Published {
     pub recovered: QueueRecovered,
     /// Every batch's changes that clients watch, once committed.
     pub changes: CommittedChanges,
+    /// systemd, told when the queue is recovered, and pinged from the scheduler's own loop.
+    pub systemd: Arc<Notifier>,
 }
 
 impl Published {
     /// Nothing committed or recovered yet; the last `watch_queue` batches of changes are kept
     /// for slow Watch streams.
     #[must_use]
-    pub fn new(watch_queue: usize) -> Self {
+    pub fn new(watch_queue: usize, systemd: Arc<Notifier>) -> Self {
         Self {
             completions: Arc::new(AtomicU64::new(0)),
             recovered: QueueRecovered::default(),
             changes: broadcast::channel(watch_queue).0,
+            systemd,
         }
     }
 }
@@ -196,6 +204,15 @@ impl Driver {
         let orphans = self.recover().await?;
         tracing::info!(orphans, "scheduler started");
         let mut batch = Vec::new();
+        // The watchdog is fed from this loop, so a scheduler stuck anywhere (a write that never
+        // returns, a busy loop) stops feeding it and systemd restarts the runner.
+        let mut alive = tokio::time::interval(
+            self.published
+                .systemd
+                .watchdog_interval()
+                .unwrap_or(STATUS_INTERVAL)
+                .min(STATUS_INTERVAL),
+        );
         loop {
             let wakeup = self.core.next_wakeup();
             tokio::select! {
@@ -208,6 +225,11 @@ impl Driver {
                 Some(event) = plans.recv() => batch.push(SessionEvent::Core(event)),
                 // A step held back by a retry's backoff is due: dispatch with no event.
                 () = sleep_until_due(wakeup), if wakeup.is_some() => {}
+                _ = alive.tick() => {
+                    self.published.systemd.watchdog();
+                    self.published.systemd.status(&self.status_line());
+                    continue;
+                }
                 else => return Ok(()),
             }
             while batch.len() < MAX_BATCH {
@@ -277,6 +299,8 @@ impl Driver {
                 commands.extend(self.core.recovered(Instant::now()));
                 self.published.recovered.set();
                 tracing::info!("queue recovered: builders may join");
+                self.published.systemd.ready();
+                self.published.systemd.status(&self.status_line());
                 commands
             }
             SessionEvent::Core(event) => {
@@ -413,6 +437,16 @@ impl Driver {
                 Some(Event::BuilderLeft { session, reason })
             }
         }
+    }
+
+    /// The one-line summary systemd shows: builds, running steps, connected builders.
+    fn status_line(&self) -> String {
+        format!(
+            "{} builds queued or running, {} steps running, {} builders connected",
+            self.core.graph().build_count(),
+            self.core.attempts().count(),
+            self.core.placement().builders().count()
+        )
     }
 
     /// Lets a session upload and report for an attempt it took over; registered before the

@@ -157,6 +157,51 @@ impl TestPostgres {
             .unwrap_or_else(|message| panic!("killing the test PostgreSQL: {message}"));
     }
 
+    /// Freezes the server and every backend (`SIGSTOP`): connections stay open and statements
+    /// hang, as on a stalled database host. [`thaw`](Self::thaw) resumes it.
+    ///
+    /// # Panics
+    /// If the server is not running.
+    pub fn freeze(&self) {
+        self.signal_all("STOP");
+    }
+
+    /// Resumes a [`freeze`](Self::freeze)d server.
+    ///
+    /// # Panics
+    /// If the server is not running.
+    pub fn thaw(&self) {
+        self.signal_all("CONT");
+    }
+
+    /// Sends `signal` to the postmaster and each of its children.
+    fn signal_all(&self, signal: &str) {
+        let pid_file = fs_err::read_to_string(self.data_dir().join("postmaster.pid"))
+            .unwrap_or_else(|error| panic!("the test PostgreSQL is not running: {error}"));
+        let postmaster = pid_file
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let mut pids = vec![postmaster.clone()];
+        for entry in fs_err::read_dir("/proc").into_iter().flatten().flatten() {
+            let stat = fs_err::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let parent = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').nth(1));
+            if parent == Some(postmaster.as_str()) {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(&pids)
+            .status()
+            .unwrap_or_else(|error| panic!("running kill: {error}"));
+        assert!(status.success(), "kill -{signal} {pids:?}");
+    }
+
     /// Starts the server again on the same socket and data, after [`kill`](Self::kill); it
     /// runs crash recovery and is accepting connections when this returns.
     ///

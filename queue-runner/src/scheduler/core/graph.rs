@@ -157,6 +157,12 @@ impl StepGraph {
         self.builds.contains_key(&build)
     }
 
+    /// Number of unfinished builds.
+    #[must_use]
+    pub fn build_count(&self) -> usize {
+        self.builds.len()
+    }
+
     /// Number of unfinished steps.
     #[must_use]
     pub fn len(&self) -> usize {

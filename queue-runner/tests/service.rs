@@ -1,0 +1,200 @@
+//! The daemons as systemd runs them: `sd_notify` messages on a socket the test reads (READY
+//! once the queue is recovered, a STATUS line, WATCHDOG fed from the scheduler's own loop, which
+//! stops when that loop is stuck on a frozen database), `/healthz` and `/readyz`, and the units
+//! in `contrib/systemd` passing `systemd-analyze verify`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed assertion"
+)]
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::nix_farm::http_get;
+use common::{BuilderSpec, DEADLINE, Farm};
+use test_support::{ChildGuard, TestPostgres, poll_until, workspace_binary};
+
+/// A socket standing in for systemd's notification socket.
+struct NotifySocket {
+    socket: UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl NotifySocket {
+    fn bind(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Self { socket, path }
+    }
+
+    /// The messages that arrive within `wait`.
+    fn read_for(&self, wait: Duration) -> Vec<String> {
+        let until = Instant::now() + wait;
+        let mut messages = Vec::new();
+        let mut buffer = [0; 4096];
+        while Instant::now() < until {
+            if let Ok(size) = self.socket.recv(&mut buffer) {
+                messages.push(String::from_utf8_lossy(&buffer[..size]).into_owned());
+            }
+        }
+        messages
+    }
+
+    /// Reads until a message starting with `prefix` arrives.
+    fn wait_for(&self, prefix: &str) -> String {
+        let until = Instant::now() + DEADLINE;
+        let mut buffer = [0; 4096];
+        while Instant::now() < until {
+            if let Ok(size) = self.socket.recv(&mut buffer) {
+                let message = String::from_utf8_lossy(&buffer[..size]).into_owned();
+                if message.starts_with(prefix) {
+                    return message;
+                }
+            }
+        }
+        panic!("no {prefix} within {DEADLINE:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_notifies_systemd_and_its_watchdog_stops_when_the_scheduler_is_stuck() {
+    let mut farm = Farm::new().await;
+    let cluster = TestPostgres::start();
+    let database = cluster.create_database().await;
+    let notify = NotifySocket::bind(farm.dir.path());
+    let config = farm.dir.path().join("runner-notify.toml");
+    fs_err::write(
+        &config,
+        farm.runner_config_text(&database.connection_string),
+    )
+    .unwrap();
+    let log = fs_err::File::create(farm.dir.path().join("runner.log")).unwrap();
+    let _runner = ChildGuard::spawn(
+        Command::new(workspace_binary("drover-queue-runner"))
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify.path)
+            // A 2 s watchdog: fed every second.
+            .env("WATCHDOG_USEC", "2000000")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.into_parts().0),
+    )
+    .unwrap();
+    assert_eq!(notify.wait_for("READY"), "READY=1");
+    let status = notify.wait_for("STATUS=");
+    assert!(
+        status.contains("builds queued or running") && status.contains("builders connected"),
+        "{status}"
+    );
+    let (ready, _) = http_get(farm.cache_port, "/readyz").await;
+    assert!(ready.contains("200"), "{ready}");
+    // A builder's pings give the scheduler something to write.
+    farm.start_builder(&BuilderSpec::new("pinger"));
+    assert!(notify.wait_for("STATUS=").starts_with("STATUS="));
+    let fed = notify.read_for(Duration::from_secs(3));
+    assert!(
+        fed.iter()
+            .filter(|message| *message == "WATCHDOG=1")
+            .count()
+            >= 2,
+        "{fed:?}"
+    );
+
+    cluster.freeze();
+    // The scheduler's next write hangs on the frozen database; its loop feeds the watchdog no
+    // more, while the HTTP server still answers.
+    let starved = poll_until(DEADLINE, "the watchdog to starve", || async {
+        let fed = notify.read_for(Duration::from_secs(3));
+        (!fed.iter().any(|message| message == "WATCHDOG=1")).then_some(())
+    });
+    starved.await;
+    let (alive, _) = http_get(farm.cache_port, "/healthz").await;
+    assert!(alive.contains("200"), "{alive}");
+    let (unready, body) = http_get(farm.cache_port, "/readyz").await;
+    assert!(unready.contains("503"), "{unready}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("the database did not answer"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    cluster.thaw();
+    assert_eq!(notify.wait_for("WATCHDOG"), "WATCHDOG=1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_notifies_systemd_once_it_joined() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let notify = NotifySocket::bind(farm.dir.path());
+    let config = farm.dir.path().join("builder-notify.toml");
+    farm.start_builder(&BuilderSpec::new("config-source"));
+    fs_err::copy(farm.dir.path().join("builder-config-source.toml"), &config).unwrap();
+    let _builder = ChildGuard::spawn(
+        Command::new(workspace_binary("drover-builder"))
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify.path)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    assert_eq!(notify.wait_for("READY"), "READY=1");
+    let status = notify.wait_for("STATUS=");
+    assert!(
+        status.starts_with("STATUS=joined https://localhost:"),
+        "{status}"
+    );
+}
+
+#[test]
+fn the_systemd_units_pass_systemd_analyze_verify() {
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/systemd");
+    let binaries = tempfile::tempdir().unwrap();
+    // `verify` checks that ExecStart names an executable: stand-ins at the units' paths would
+    // need /usr/local/bin; the units name /usr/bin, which a package installs, so the test copies
+    // the units and points them at the built binaries.
+    let mut checked = 0;
+    for entry in fs_err::read_dir(&units).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .extension()
+            .is_none_or(|extension| extension != "service")
+        {
+            continue;
+        }
+        let text = fs_err::read_to_string(&path)
+            .unwrap()
+            .replace(
+                "/usr/bin/drover-queue-runner",
+                workspace_binary("drover-queue-runner").to_str().unwrap(),
+            )
+            .replace(
+                "/usr/bin/drover-builder",
+                workspace_binary("drover-builder").to_str().unwrap(),
+            );
+        let copy = binaries.path().join(path.file_name().unwrap());
+        fs_err::write(&copy, text).unwrap();
+        let output = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&copy)
+            .output()
+            .expect("systemd-analyze (package systemd) to verify the units");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{}: {stderr}", path.display());
+        checked += 1;
+    }
+    assert_eq!(checked, 2, "a unit for the runner and one for the builder");
+}
