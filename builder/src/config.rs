@@ -165,6 +165,10 @@ pub struct ReconnectPolicy {
     pub budget: Duration,
 }
 
+/// A complete configuration file with every key at its default (and example values for the
+/// keys that have none), each documented: what `--print-default-config` prints.
+pub const DEFAULT_CONFIG: &str = include_str!("../../examples/config/builder.toml");
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -285,16 +289,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_example_config_loads() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/config/builder.toml");
-        let config = Config::load(&path).unwrap();
-        assert_eq!(config.runner_domain, "runner.example.org");
-        assert_eq!(config.max_jobs, 4);
+    fn the_printed_default_configuration_loads_and_holds_the_defaults() {
+        let path = Path::new("builder.toml");
+        let printed = Config::parse(DEFAULT_CONFIG, path).unwrap();
+        assert_eq!(printed.runner_domain, "runner.example.org");
+        // The required keys (and the executor, whose absence means noop) with nothing else.
+        let mut required = String::from("[builder]\nsystems = [\"x86_64-linux\"]\n");
+        for section in DEFAULT_CONFIG.split("\n[").filter(|section| {
+            ["runner]", "tls]", "executor]"]
+                .iter()
+                .any(|name| section.starts_with(name))
+        }) {
+            required.push_str("\n[");
+            required.push_str(section);
+        }
+        let defaults = Config::parse(&required, path).unwrap();
         assert_eq!(
-            config.executor,
-            ExecutorConfig::Noop {
-                build_time: Duration::from_millis(100)
-            }
+            format!("{printed:?}"),
+            format!("{defaults:?}"),
+            "a value in the printed configuration is not the default"
         );
     }
 

@@ -16,11 +16,18 @@ struct Cli {
     /// The configuration file.
     #[arg(long, short, default_value = "/etc/drover/builder.toml")]
     config: PathBuf,
+    /// Print a complete configuration file with every key at its default, documented, and exit.
+    #[arg(long)]
+    print_default_config: bool,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.print_default_config {
+        print!("{}", drover_builder::config::DEFAULT_CONFIG);
+        return ExitCode::SUCCESS;
+    }
     drover_daemon::init_tracing();
     let config = match drover_daemon::load_config("drover-builder", &cli.config, Config::load) {
         Ok(config) => config,

@@ -264,6 +264,10 @@ const fn default_max_output_bytes() -> u64 {
     32 * 1024 * 1024 * 1024
 }
 
+/// A complete configuration file with every key at its default (and example values for the
+/// keys that have none), each documented: what `--print-default-config` prints.
+pub const DEFAULT_CONFIG: &str = include_str!("../../examples/config/queue-runner.toml");
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -466,13 +470,49 @@ fn validate_retry(retry: &RawRetry, problems: &mut Vec<String>) -> RetryPolicy {
 mod tests {
     use super::*;
 
+    /// `text` without the lines that set keys other than `kept` (`section.key`).
+    fn keeping(text: &str, kept: &[&str]) -> String {
+        let mut section = String::new();
+        let mut lines = Vec::new();
+        for line in text.lines() {
+            let trimmed = line.trim();
+            if let Some(name) = trimmed
+                .strip_prefix('[')
+                .and_then(|rest| rest.strip_suffix(']'))
+            {
+                name.clone_into(&mut section);
+            } else if let Some((key, _)) = trimmed.split_once('=')
+                && !trimmed.starts_with('#')
+                && !kept.contains(&format!("{section}.{}", key.trim()).as_str())
+            {
+                continue;
+            }
+            lines.push(line);
+        }
+        lines.join("\n")
+    }
+
     #[test]
-    fn the_example_config_loads() {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/config/queue-runner.toml");
-        let config = Config::load(&path).unwrap();
-        assert_eq!(config.ping_interval, Duration::from_secs(10));
-        assert_eq!(config.max_builder_losses, 5);
+    fn the_printed_default_configuration_loads_and_holds_the_defaults() {
+        let path = Path::new("queue-runner.toml");
+        let printed = Config::parse(DEFAULT_CONFIG, path).unwrap();
+        let required = [
+            "database.url",
+            "grpc.listen",
+            "tls.ca_certificate",
+            "tls.certificate",
+            "tls.key",
+            "logs.directory",
+            "cache.directory",
+            "cache.listen",
+            "cache.secret_key_file",
+        ];
+        let defaults = Config::parse(&keeping(DEFAULT_CONFIG, &required), path).unwrap();
+        assert_eq!(
+            format!("{printed:?}"),
+            format!("{defaults:?}"),
+            "a value in the printed configuration is not the default"
+        );
     }
 
     #[test]

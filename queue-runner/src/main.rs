@@ -18,6 +18,9 @@ struct Cli {
     /// The configuration file.
     #[arg(long, short, default_value = "/etc/drover/queue-runner.toml")]
     config: PathBuf,
+    /// Print a complete configuration file with every key at its default, documented, and exit.
+    #[arg(long)]
+    print_default_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -33,6 +36,10 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.print_default_config {
+        print!("{}", drover_queue_runner::config::DEFAULT_CONFIG);
+        return ExitCode::SUCCESS;
+    }
     drover_daemon::init_tracing();
     let config = match drover_daemon::load_config("drover-queue-runner", &cli.config, Config::load)
     {

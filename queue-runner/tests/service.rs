@@ -198,3 +198,28 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
     }
     assert_eq!(checked, 2, "a unit for the runner and one for the builder");
 }
+
+#[test]
+fn print_default_config_prints_the_documented_defaults_of_each_daemon() {
+    for (daemon, file) in [
+        ("drover-queue-runner", "queue-runner.toml"),
+        ("drover-builder", "builder.toml"),
+    ] {
+        let output = Command::new(workspace_binary(daemon))
+            .arg("--print-default-config")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{daemon}");
+        let expected = fs_err::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../examples/config")
+                .join(file),
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(output.stdout).unwrap(),
+            expected,
+            "{daemon}"
+        );
+    }
+}
