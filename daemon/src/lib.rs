@@ -86,6 +86,23 @@ pub fn init_tracing() {
         .init();
 }
 
+/// Every SIGHUP, as a message (none, if the handler cannot be installed).
+#[must_use]
+pub fn hangups() -> tokio::sync::mpsc::Receiver<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    if let Ok(mut hangup) = signal(SignalKind::hangup()) {
+        #[expect(clippy::disallowed_methods, reason = "lives as long as the process")]
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                // A reload already pending covers this one too.
+                let _ = sender.try_send(());
+            }
+        });
+    }
+    receiver
+}
+
 /// Resolves on SIGINT or SIGTERM with the signal's name (never, if the handlers cannot be
 /// installed), so the daemon can log why it stops.
 pub async fn termination() -> &'static str {

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_proto::v1::BuildLimits;
 use drover_proto::v1::build_service_server::BuildServiceServer;
 use drover_proto::v1::builder_service_server::BuilderServiceServer;
 use error_context::{Classify, Severity, WithContext};
@@ -22,7 +21,7 @@ use crate::grpc::build_service::BuildServiceImpl;
 use crate::grpc::tunnel::BuilderServiceImpl;
 use crate::logs::LogStore;
 use crate::scheduler::attempts::Attempts;
-use crate::scheduler::core::{Core, CoreLimits};
+use crate::scheduler::core::Core;
 use crate::scheduler::driver::{Driver, Published, QueueRecovered, SchedulerError};
 use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::{Ingest, IngestError};
@@ -119,6 +118,7 @@ pub struct Runner {
     /// Set once the scheduler has recovered the queue; builders can join from then on.
     pub queue_recovered: QueueRecovered,
     systemd: Arc<Notifier>,
+    scheduler: mpsc::Sender<crate::scheduler::driver::SessionEvent>,
     shutdown: CancellationToken,
     supervisor: Supervisor<RunnerError>,
     sessions: TaskTracker,
@@ -148,6 +148,7 @@ pub async fn start(
     let attempts = Attempts::default();
     let (events, receiver) = mpsc::channel(EVENT_QUEUE);
     let events_for_clients = events.clone();
+    let events_for_reloads = events.clone();
     let builds_queued = Arc::new(Notify::new());
     let handoff = Handoff::default();
     let systemd = Arc::new(Notifier::from_env());
@@ -222,6 +223,7 @@ pub async fn start(
         cache_public_key,
         queue_recovered: published.recovered.clone(),
         systemd,
+        scheduler: events_for_reloads,
         shutdown,
         supervisor,
         sessions,
@@ -261,25 +263,14 @@ fn start_scheduler(
 ) {
     let (plans, plan_receiver) = mpsc::channel(PLAN_QUEUE);
     let core = Core::new(
-        CoreLimits {
-            max_builder_losses: config.max_builder_losses,
-            retry: config.retry,
-            unsupported_grace: config.unsupported_grace,
-            readoption_grace: config.readoption_grace,
-        },
+        crate::reload::core_limits(config),
         Box::new(uuid::Uuid::new_v4),
     );
-    let build_limits = BuildLimits {
-        timeout_ms: millis(config.step_timeout),
-        max_silent_ms: millis(config.max_silent),
-        max_log_bytes: config.max_log_bytes,
-        max_output_bytes: config.max_output_bytes,
-    };
     let driver = Driver::new(
         core,
         pool.clone(),
         attempts.clone(),
-        build_limits,
+        crate::reload::build_limits(config),
         published.clone(),
     );
     let scheduler_run = driver.run(sessions, plan_receiver, shutdown.clone());
@@ -312,10 +303,6 @@ fn without_delay(
         stream.set_nodelay(true)?;
         Ok(stream)
     })
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Binds a listener and returns it with the address it got (port 0 picks a free port).
@@ -359,6 +346,13 @@ fn tls_config(config: &Config) -> Result<ServerTlsConfig, RunnerError> {
 }
 
 impl Runner {
+    /// What applies the configuration file at `path` again (on SIGHUP); `running` is the
+    /// configuration this runner was started with.
+    #[must_use]
+    pub fn reloader(&self, path: std::path::PathBuf, running: Config) -> crate::reload::Reloader {
+        crate::reload::Reloader::new(path, running, self.scheduler.clone())
+    }
+
     /// Waits until a critical task ends. After a requested shutdown that is success; otherwise
     /// it is the fatal error the runner exits with. The other tasks are then told to stop.
     pub async fn wait(mut self) -> Result<(), WithContext<RunnerError>> {

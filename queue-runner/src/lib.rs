@@ -13,6 +13,7 @@
 //! - [`compression`]: zstd with a reused context per thread.
 //! - [`tasks`]: spawning, and supervision of the critical tasks.
 //! - [`health`]: `/healthz` and `/readyz`.
+//! - [`reload`]: applying a reloaded configuration (SIGHUP).
 //! - [`app`]: assembling all of it.
 
 pub mod app;
@@ -24,6 +25,7 @@ pub mod grpc;
 pub mod health;
 pub mod live_logs;
 pub mod logs;
+pub mod reload;
 pub mod scheduler;
 pub mod tasks;
 pub mod verify;

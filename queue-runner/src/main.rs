@@ -48,7 +48,10 @@ async fn main() -> ExitCode {
     };
     let failure = match cli.command.unwrap_or(Command::Run) {
         Command::Migrate => migrate(&config).await.err().map(|e| e.report().to_string()),
-        Command::Run => run(config).await.err().map(|e| e.report().to_string()),
+        Command::Run => run(config, cli.config)
+            .await
+            .err()
+            .map(|e| e.report().to_string()),
     };
     match failure {
         None => ExitCode::SUCCESS,
@@ -68,17 +71,23 @@ async fn migrate(config: &Config) -> Result<(), WithContext<DbError>> {
     Ok(())
 }
 
-async fn run(config: Config) -> Result<(), WithContext<RunnerError>> {
+async fn run(config: Config, path: PathBuf) -> Result<(), WithContext<RunnerError>> {
     let shutdown = CancellationToken::new();
-    let runner = app::start(config, shutdown.clone()).await?;
+    let runner = app::start(config.clone(), shutdown.clone()).await?;
+    let mut reloader = runner.reloader(path, config);
     let signals = shutdown.clone();
     let waiting = runner.wait();
     tokio::pin!(waiting);
-    tokio::select! {
-        result = &mut waiting => return result,
-        signal = drover_daemon::termination() => {
-            tracing::info!(signal, "shutting down: received {signal}");
-            signals.cancel();
+    let mut hangups = drover_daemon::hangups();
+    loop {
+        tokio::select! {
+            result = &mut waiting => return result,
+            signal = drover_daemon::termination() => {
+                tracing::info!(signal, "shutting down: received {signal}");
+                signals.cancel();
+                break;
+            }
+            Some(()) = hangups.recv() => reloader.reload().await,
         }
     }
     let result = waiting.await;

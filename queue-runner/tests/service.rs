@@ -223,3 +223,50 @@ fn print_default_config_prints_the_documented_defaults_of_each_daemon() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_new_retry_limit_without_a_restart_and_names_what_needs_one() {
+    let mut farm = Farm::new().await;
+    let url = farm.database.connection_string.clone();
+    let mut runner = farm.spawn_runner_process(&url, "runner.log").await;
+    let config = farm.dir.path().join("runner-process.toml");
+    let text = fs_err::read_to_string(&config).unwrap();
+    assert!(text.contains("max_attempts = 4"), "{text}");
+    fs_err::write(
+        &config,
+        text.replace("max_attempts = 4", "max_attempts = 1")
+            .replace("heartbeat_ms = 15000", "heartbeat_ms = 5000"),
+    )
+    .unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &runner.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let log_path = farm.dir.path().join("runner.log");
+    let log = poll_until(DEADLINE, "the runner to reload", || async {
+        let log = fs_err::read_to_string(&log_path).unwrap();
+        log.contains("configuration reloaded").then_some(log)
+    })
+    .await;
+    assert!(
+        log.contains("takes effect after a restart") && log.contains("grpc.heartbeat_ms"),
+        "{log}"
+    );
+
+    farm.start_builder(&BuilderSpec::new("b1"));
+    let doomed = test_support::fake_derivations::Factory::default()
+        .make(&test_support::fake_derivations::Spec::new("doomed").env("DROVER_NOOP_PANIC", "1"));
+    let build = farm.submit(&[&doomed]).await;
+    assert_eq!(farm.wait_for_build(build).await, "failed");
+    let attempts = farm.attempts().await;
+    assert_eq!(
+        attempts.len(),
+        1,
+        "the reloaded limit allows one attempt: {attempts:?}"
+    );
+    assert!(
+        runner.child_mut().try_wait().unwrap().is_none(),
+        "the same runner process served it all"
+    );
+}

@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::attempts::{AttemptOwner, Attempts};
 use super::core::{
-    Assignment, AttemptId, BuildId, Capabilities, Change, Command, Core, Event, Report, SessionId,
-    ToBuilder,
+    Assignment, AttemptId, BuildId, Capabilities, Change, Command, Core, CoreLimits, Event, Report,
+    SessionId, ToBuilder,
 };
 use crate::db::transitions::Transitions;
 use crate::db::{DbError, Pool, queries};
@@ -131,6 +131,13 @@ pub enum SessionEvent {
         link: SessionLink,
         /// The attempts it says it runs or holds a result of.
         held: Vec<AttemptId>,
+    },
+    /// The configuration was reloaded: limits for the core and for the steps it sends.
+    Reconfigure {
+        /// The core's new limits.
+        limits: CoreLimits,
+        /// The new limits of each step.
+        build_limits: BuildLimits,
     },
     /// Anything else, for the core as it is.
     Core(Event),
@@ -302,6 +309,15 @@ impl Driver {
                 self.published.systemd.ready();
                 self.published.systemd.status(&self.status_line());
                 commands
+            }
+            SessionEvent::Reconfigure {
+                limits,
+                build_limits,
+            } => {
+                tracing::info!(?limits, ?build_limits, "limits reloaded");
+                self.core.set_limits(limits);
+                self.build_limits = build_limits;
+                Vec::new()
             }
             SessionEvent::Core(event) => {
                 match &event {

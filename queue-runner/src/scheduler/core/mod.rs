@@ -342,6 +342,12 @@ impl Core {
         std::mem::take(&mut self.commands)
     }
 
+    /// Applies new limits (a reloaded configuration): retries, caps and grace periods decided
+    /// from now on use them.
+    pub fn set_limits(&mut self, limits: CoreLimits) {
+        self.limits = limits;
+    }
+
     /// Remembers that a builder once offered `capabilities` (the driver tells it those the
     /// database knows at start), so a step nobody can take says whether anybody ever could.
     pub fn remember_builder(&mut self, capabilities: Capabilities) {

@@ -1,0 +1,163 @@
+//! SIGHUP: the runner reads its configuration file again and applies what can change while it
+//! runs: the scheduler's limits (builder losses, the retry policy, the unsupported and
+//! re-adoption grace periods) and the limits every step is sent with (time, silence, output
+//! size). Everything else is read once at start (listeners, the database, certificates and
+//! keys, the cache, submission limits, the runner's own log cap): a change to it is named in the
+//! log as waiting for a restart. A file that does not load is logged and the running
+//! configuration kept.
+
+use std::path::PathBuf;
+
+use drover_proto::v1::BuildLimits;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::scheduler::core::CoreLimits;
+use crate::scheduler::driver::SessionEvent;
+
+/// Reloads the configuration on request.
+pub struct Reloader {
+    path: PathBuf,
+    running: Config,
+    scheduler: mpsc::Sender<SessionEvent>,
+}
+
+/// The scheduler core's limits in a configuration.
+#[must_use]
+pub fn core_limits(config: &Config) -> CoreLimits {
+    CoreLimits {
+        max_builder_losses: config.max_builder_losses,
+        retry: config.retry,
+        unsupported_grace: config.unsupported_grace,
+        readoption_grace: config.readoption_grace,
+    }
+}
+
+/// The limits every step is sent with, in a configuration.
+#[must_use]
+pub fn build_limits(config: &Config) -> BuildLimits {
+    let millis =
+        |duration: std::time::Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+    BuildLimits {
+        timeout_ms: millis(config.step_timeout),
+        max_silent_ms: millis(config.max_silent),
+        max_log_bytes: config.max_log_bytes,
+        max_output_bytes: config.max_output_bytes,
+    }
+}
+
+impl Reloader {
+    /// A reloader of the file at `path`, from which `running` was loaded, telling `scheduler`.
+    #[must_use]
+    pub fn new(path: PathBuf, running: Config, scheduler: mpsc::Sender<SessionEvent>) -> Self {
+        Self {
+            path,
+            running,
+            scheduler,
+        }
+    }
+
+    /// Reads the file again and applies what can change without a restart.
+    pub async fn reload(&mut self) {
+        let mut new = match Config::load(&self.path) {
+            Ok(new) => new,
+            Err(error) => {
+                tracing::error!(path = %self.path.display(), error = %error_context::report(&error), "SIGHUP: the configuration file cannot be used; keeping the running configuration");
+                return;
+            }
+        };
+        let waiting = needs_restart(&self.running, &new);
+        // The runner's own log cap is part of its log store: keep what runs, for builders too.
+        new.max_log_bytes = self.running.max_log_bytes;
+        let reconfigure = SessionEvent::Reconfigure {
+            limits: core_limits(&new),
+            build_limits: build_limits(&new),
+        };
+        if self.scheduler.send(reconfigure).await.is_err() {
+            return;
+        }
+        for key in &waiting {
+            tracing::warn!(
+                key,
+                "SIGHUP: changed in the file, takes effect after a restart"
+            );
+        }
+        tracing::info!(path = %self.path.display(), "SIGHUP: configuration reloaded");
+        self.running = new;
+    }
+}
+
+/// The keys whose values differ between `old` and `new` and are read only at start.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    [
+        (
+            "database.url",
+            differs(&old.database_url, &new.database_url),
+        ),
+        (
+            "database.pool_size",
+            differs(&old.pool_size, &new.pool_size),
+        ),
+        ("grpc.listen", differs(&old.grpc_listen, &new.grpc_listen)),
+        ("grpc.heartbeat_ms", differs(&old.heartbeat, &new.heartbeat)),
+        (
+            "tls (certificates and keys)",
+            differs(
+                &(&old.ca_certificate, &old.certificate, &old.key),
+                &(&new.ca_certificate, &new.certificate, &new.key),
+            ),
+        ),
+        (
+            "logs.directory",
+            differs(&old.log_directory, &new.log_directory),
+        ),
+        (
+            "logs.max_bytes",
+            differs(&old.max_log_bytes, &new.max_log_bytes),
+        ),
+        (
+            "cache",
+            differs(
+                &(
+                    &old.cache_directory,
+                    &old.cache_listen,
+                    &old.cache_secret_key_file,
+                ),
+                &(
+                    &new.cache_directory,
+                    &new.cache_listen,
+                    &new.cache_secret_key_file,
+                ),
+            ),
+        ),
+        ("cache.upstreams", differs(&old.upstreams, &new.upstreams)),
+        (
+            "builders.ping_interval_secs",
+            differs(&old.ping_interval, &new.ping_interval),
+        ),
+        (
+            "builders.liveness_timeout_secs",
+            differs(&old.liveness_timeout, &new.liveness_timeout),
+        ),
+        (
+            "submissions",
+            differs(
+                &(
+                    old.max_derivation_bytes,
+                    old.max_submission_bytes,
+                    old.refuse_unknown_systems,
+                ),
+                &(
+                    new.max_derivation_bytes,
+                    new.max_submission_bytes,
+                    new.refuse_unknown_systems,
+                ),
+            ),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
+}
