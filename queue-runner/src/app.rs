@@ -346,11 +346,15 @@ fn tls_config(config: &Config) -> Result<ServerTlsConfig, RunnerError> {
 }
 
 impl Runner {
-    /// What applies the configuration file at `path` again (on SIGHUP); `running` is the
-    /// configuration this runner was started with.
+    /// What applies the configuration file at `path` again (on SIGHUP), with the command
+    /// line's `overrides`; `running` is the configuration this runner was started with.
     #[must_use]
-    pub fn reloader(&self, path: std::path::PathBuf, running: Config) -> crate::reload::Reloader {
-        crate::reload::Reloader::new(path, running, self.scheduler.clone())
+    pub fn reloader(
+        &self,
+        file: (std::path::PathBuf, crate::reload::Overrides),
+        running: Config,
+    ) -> crate::reload::Reloader {
+        crate::reload::Reloader::new(file, running, self.scheduler.clone())
     }
 
     /// Waits until a critical task ends. After a requested shutdown that is success; otherwise

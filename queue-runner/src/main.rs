@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use drover_queue_runner::app::{self, RunnerError};
 use drover_queue_runner::config::Config;
 use drover_queue_runner::db::{self, DbError};
+use drover_queue_runner::reload::Overrides;
 use error_context::WithContext;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +22,12 @@ struct Cli {
     /// Print a complete configuration file with every key at its default, documented, and exit.
     #[arg(long)]
     print_default_config: bool,
+    /// Overrides `[grpc] listen` (what differs between machines of one configuration).
+    #[arg(long, env = "DROVER_GRPC_LISTEN", value_name = "ADDRESS:PORT")]
+    grpc_listen: Option<std::net::SocketAddr>,
+    /// Overrides `[cache] listen`.
+    #[arg(long, env = "DROVER_CACHE_LISTEN", value_name = "ADDRESS:PORT")]
+    cache_listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -41,14 +48,20 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     drover_daemon::init_tracing();
-    let config = match drover_daemon::load_config("drover-queue-runner", &cli.config, Config::load)
-    {
-        Ok(config) => config,
-        Err(exit) => return exit,
-    };
+    let mut config =
+        match drover_daemon::load_config("drover-queue-runner", &cli.config, Config::load) {
+            Ok(config) => config,
+            Err(exit) => return exit,
+        };
+    let (grpc_listen, cache_listen) = (cli.grpc_listen, cli.cache_listen);
+    let overrides: Overrides = Box::new(move |config: &mut Config| {
+        config.grpc_listen = grpc_listen.unwrap_or(config.grpc_listen);
+        config.cache_listen = cache_listen.unwrap_or(config.cache_listen);
+    });
+    overrides(&mut config);
     let failure = match cli.command.unwrap_or(Command::Run) {
         Command::Migrate => migrate(&config).await.err().map(|e| e.report().to_string()),
-        Command::Run => run(config, cli.config)
+        Command::Run => run(config, (cli.config, overrides))
             .await
             .err()
             .map(|e| e.report().to_string()),
@@ -71,10 +84,10 @@ async fn migrate(config: &Config) -> Result<(), WithContext<DbError>> {
     Ok(())
 }
 
-async fn run(config: Config, path: PathBuf) -> Result<(), WithContext<RunnerError>> {
+async fn run(config: Config, file: (PathBuf, Overrides)) -> Result<(), WithContext<RunnerError>> {
     let shutdown = CancellationToken::new();
     let runner = app::start(config.clone(), shutdown.clone()).await?;
-    let mut reloader = runner.reloader(path, config);
+    let mut reloader = runner.reloader(file, config);
     let signals = shutdown.clone();
     let waiting = runner.wait();
     tokio::pin!(waiting);

@@ -15,10 +15,14 @@ use crate::config::Config;
 use crate::scheduler::core::CoreLimits;
 use crate::scheduler::driver::SessionEvent;
 
+/// What the command line overrides in the file, applied again to every reload.
+pub type Overrides = Box<dyn Fn(&mut Config) + Send + Sync>;
+
 /// Reloads the configuration on request.
 pub struct Reloader {
     path: PathBuf,
     running: Config,
+    overrides: Overrides,
     scheduler: mpsc::Sender<SessionEvent>,
 }
 
@@ -47,12 +51,18 @@ pub fn build_limits(config: &Config) -> BuildLimits {
 }
 
 impl Reloader {
-    /// A reloader of the file at `path`, from which `running` was loaded, telling `scheduler`.
+    /// A reloader of the file at `path`, from which `running` was loaded (with `overrides`
+    /// applied), telling `scheduler`.
     #[must_use]
-    pub fn new(path: PathBuf, running: Config, scheduler: mpsc::Sender<SessionEvent>) -> Self {
+    pub fn new(
+        (path, overrides): (PathBuf, Overrides),
+        running: Config,
+        scheduler: mpsc::Sender<SessionEvent>,
+    ) -> Self {
         Self {
             path,
             running,
+            overrides,
             scheduler,
         }
     }
@@ -66,6 +76,7 @@ impl Reloader {
                 return;
             }
         };
+        (self.overrides)(&mut new);
         let waiting = needs_restart(&self.running, &new);
         // The runner's own log cap is part of its log store: keep what runs, for builders too.
         new.max_log_bytes = self.running.max_log_bytes;

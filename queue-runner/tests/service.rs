@@ -270,3 +270,50 @@ async fn sighup_applies_a_new_retry_limit_without_a_restart_and_names_what_needs
         "the same runner process served it all"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_and_an_environment_variable_override_the_files_listen_addresses() {
+    let farm = Farm::new().await;
+    let config = farm.dir.path().join("runner-overridden.toml");
+    fs_err::write(
+        &config,
+        farm.runner_config_text(&farm.database.connection_string),
+    )
+    .unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (grpc, cache) = (free(), free());
+    let log_path = farm.dir.path().join("overridden.log");
+    let log = fs_err::File::create(&log_path).unwrap();
+    let _runner = ChildGuard::spawn(
+        Command::new(workspace_binary("drover-queue-runner"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
+            .env("DROVER_CACHE_LISTEN", format!("127.0.0.1:{cache}"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.into_parts().0),
+    )
+    .unwrap();
+    let serving = poll_until(DEADLINE, "the runner to serve", || async {
+        let log = fs_err::read_to_string(&log_path).unwrap();
+        log.lines()
+            .find(|line| line.contains("queue runner serving"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(
+        serving.contains(&format!("grpc_address=127.0.0.1:{grpc}"))
+            && serving.contains(&format!("cache_address=127.0.0.1:{cache}")),
+        "{serving}"
+    );
+    let (status, _) = http_get(cache, "/healthz").await;
+    assert!(status.contains("200"), "{status}");
+}
