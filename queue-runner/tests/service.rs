@@ -317,3 +317,28 @@ async fn a_flag_and_an_environment_variable_override_the_files_listen_addresses(
     let (status, _) = http_get(cache, "/healthz").await;
     assert!(status.contains("200"), "{status}");
 }
+
+#[test]
+fn the_nixos_modules_parse() {
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixos-modules");
+    let mut parsed = 0;
+    for entry in fs_err::read_dir(&modules).unwrap() {
+        let path = entry.unwrap().path();
+        let output = Command::new("nix-instantiate")
+            .arg("--parse")
+            .arg(&path)
+            .output()
+            .expect("nix-instantiate (package nix-bin) to parse the modules");
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        parsed += 1;
+    }
+    assert_eq!(
+        parsed, 4,
+        "default.nix, common.nix, queue-runner.nix, builder.nix"
+    );
+}
