@@ -19,6 +19,10 @@ pub const API_VERSION: &str = env!("DROVER_API_VERSION");
 /// other step of that builder with it. The runner keeps derivations to at most half of it.
 pub const MAX_TUNNEL_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// The encoded `FileDescriptorSet` of the drover.v1 protocol, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/drover_descriptors.bin"));
+
 mod outcome;
 mod phase;
 

@@ -93,6 +93,9 @@ pub enum RunnerError {
     /// The TLS configuration was refused, or the server failed.
     #[error("serving gRPC")]
     Serve(#[source] tonic::transport::Error),
+    /// The protocol's descriptors could not be read for gRPC reflection.
+    #[error("preparing gRPC reflection")]
+    Reflection(#[source] tonic_reflection::server::Error),
     /// A critical task returned while the runner was not shutting down.
     #[error("the {0} task ended unexpectedly")]
     TaskEnded(&'static str),
@@ -192,6 +195,7 @@ pub async fn start(
         .map_err(RunnerError::Serve)?
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .add_service(health_service)
+        .add_service(reflection()?)
         .add_service(
             BuilderServiceServer::new(builder_service)
                 .max_decoding_message_size(drover_proto::MAX_TUNNEL_MESSAGE_BYTES)
@@ -228,6 +232,20 @@ pub async fn start(
         supervisor,
         sessions,
     })
+}
+
+/// gRPC server reflection of drover.v1 and grpc.health.v1, for grpcurl and the like.
+fn reflection() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    RunnerError,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(RunnerError::Reflection)
 }
 
 /// Serves the binary cache and the health routes on the HTTP listener until shutdown.

@@ -342,3 +342,45 @@ fn the_nixos_modules_parse() {
         "default.nix, common.nix, queue-runner.nix, builder.nix"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_answers_grpc_reflection_with_its_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut client =
+        ServerReflectionClient::new(farm.channel(drover_tls::Role::Client, "grpcurl").await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("{response:?}");
+    };
+    let mut services: Vec<String> = list
+        .service
+        .into_iter()
+        .map(|service| service.name)
+        .collect();
+    services.sort();
+    for wanted in [
+        "drover.v1.BuildService",
+        "drover.v1.BuilderService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            services.iter().any(|name| name == wanted),
+            "{wanted} missing from {services:?}"
+        );
+    }
+}
