@@ -203,7 +203,17 @@ pub struct Config {
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::validate(drover_daemon::read_toml(path)?)
+        Self::load_overriding(path, None)
+    }
+
+    /// Reads a configuration file, replaces `[runner] url` with `runner_url` if given (what
+    /// differs between machines of one configuration), and validates it.
+    pub fn load_overriding(path: &Path, runner_url: Option<&str>) -> Result<Self, ConfigError> {
+        let mut raw: RawConfig = drover_daemon::read_toml(path)?;
+        if let Some(url) = runner_url {
+            url.clone_into(&mut raw.runner.url);
+        }
+        Self::validate(raw)
     }
 
     /// Parses and validates configuration text; `path` is only used in messages.

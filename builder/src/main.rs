@@ -19,6 +19,9 @@ struct Cli {
     /// Print a complete configuration file with every key at its default, documented, and exit.
     #[arg(long)]
     print_default_config: bool,
+    /// Overrides `[runner] url`.
+    #[arg(long, env = "DROVER_RUNNER_URL", value_name = "URL")]
+    runner_url: Option<String>,
 }
 
 #[tokio::main]
@@ -29,7 +32,8 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     drover_daemon::init_tracing();
-    let config = match drover_daemon::load_config("drover-builder", &cli.config, Config::load) {
+    let load = |path: &std::path::Path| Config::load_overriding(path, cli.runner_url.as_deref());
+    let config = match drover_daemon::load_config("drover-builder", &cli.config, load) {
         Ok(config) => config,
         Err(exit) => return exit,
     };

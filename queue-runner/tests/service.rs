@@ -133,17 +133,25 @@ async fn the_runner_notifies_systemd_and_its_watchdog_stops_when_the_scheduler_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_builder_notifies_systemd_once_it_joined() {
+async fn a_builder_notifies_systemd_once_it_joined_the_runner_its_flag_names() {
     let mut farm = Farm::new().await;
     farm.start_runner().await;
     let notify = NotifySocket::bind(farm.dir.path());
     let config = farm.dir.path().join("builder-notify.toml");
     farm.start_builder(&BuilderSpec::new("config-source"));
-    fs_err::copy(farm.dir.path().join("builder-config-source.toml"), &config).unwrap();
+    // The file names a port nothing listens on; the flag names the runner's.
+    let text = fs_err::read_to_string(farm.dir.path().join("builder-config-source.toml"))
+        .unwrap()
+        .replace(&format!("localhost:{}", farm.grpc_port), "localhost:1");
+    fs_err::write(&config, text).unwrap();
     let _builder = ChildGuard::spawn(
         Command::new(workspace_binary("drover-builder"))
             .arg("--config")
             .arg(&config)
+            .args([
+                "--runner-url",
+                &format!("https://localhost:{}", farm.grpc_port),
+            ])
             .env("NOTIFY_SOCKET", &notify.path)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
