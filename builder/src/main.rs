@@ -31,7 +31,8 @@ async fn main() -> ExitCode {
         print!("{}", drover_builder::config::DEFAULT_CONFIG);
         return ExitCode::SUCCESS;
     }
-    drover_daemon::init_tracing();
+    // The builder's filter comes from RUST_LOG only.
+    let _log_filter = drover_daemon::init_tracing();
     let load = |path: &std::path::Path| Config::load_overriding(path, cli.runner_url.as_deref());
     let config = match drover_daemon::load_config("drover-builder", &cli.config, load) {
         Ok(config) => config,

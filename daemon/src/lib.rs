@@ -72,18 +72,69 @@ pub fn load_config<C>(
     })
 }
 
-/// Logs to stderr at the level `RUST_LOG` names (default `info`), coloured only on a terminal:
-/// a journal or a log file gets plain text.
-pub fn init_tracing() {
+/// The log filter of a daemon: `RUST_LOG` if set, otherwise `info` until the daemon's
+/// configuration names one, and again on every reload.
+#[derive(Clone)]
+pub struct LogFilter {
+    handle: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    from_environment: bool,
+}
+
+impl LogFilter {
+    /// Applies `directives` (`RUST_LOG` syntax), unless `RUST_LOG` set the filter, which wins.
+    /// Returns whether the filter changed.
+    pub fn set(&self, directives: &str) -> Result<bool, String> {
+        if self.from_environment {
+            return Ok(false);
+        }
+        let filter = tracing_subscriber::EnvFilter::try_new(directives)
+            .map_err(|error| format!("log filter {directives:?}: {error}"))?;
+        let old = self
+            .handle
+            .with_current(ToString::to_string)
+            .map_err(|error| error.to_string())?;
+        if old == filter.to_string() {
+            return Ok(false);
+        }
+        self.handle
+            .reload(filter)
+            .map_err(|error| error.to_string())?;
+        Ok(true)
+    }
+}
+
+/// Checks that `directives` are a valid log filter (`RUST_LOG` syntax).
+pub fn check_log_filter(directives: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(directives)
+        .map(drop)
+        .map_err(|error| error.to_string())
+}
+
+/// Logs to stderr (with colours on a terminal) through a filter the daemon can change later.
+#[must_use]
+pub fn init_tracing() -> LogFilter {
     use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let from_environment = std::env::var_os("RUST_LOG").is_some();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
         )
         .init();
+    LogFilter {
+        handle,
+        from_environment,
+    }
 }
 
 /// Every SIGHUP, as a message (none, if the handler cannot be installed).

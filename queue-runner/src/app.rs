@@ -365,14 +365,16 @@ fn tls_config(config: &Config) -> Result<ServerTlsConfig, RunnerError> {
 
 impl Runner {
     /// What applies the configuration file at `path` again (on SIGHUP), with the command
-    /// line's `overrides`; `running` is the configuration this runner was started with.
+    /// line's `overrides`, to the scheduler and to `log_filter`; `running` is the configuration
+    /// this runner was started with.
     #[must_use]
     pub fn reloader(
         &self,
         file: (std::path::PathBuf, crate::reload::Overrides),
         running: Config,
+        log_filter: drover_daemon::LogFilter,
     ) -> crate::reload::Reloader {
-        crate::reload::Reloader::new(file, running, self.scheduler.clone())
+        crate::reload::Reloader::new(file, running, (self.scheduler.clone(), log_filter))
     }
 
     /// Waits until a critical task ends. After a requested shutdown that is success; otherwise

@@ -26,11 +26,34 @@ struct RawConfig {
     submissions: RawSubmissions,
     #[serde(default)]
     retry: RawRetry,
+    #[serde(default)]
+    logging: RawLogging,
 }
 
 /// How a step whose attempt failed for a reason not its own (an input that could not be made
 /// valid, a transfer cut, a Nix process that died) is retried. A builder lost mid-step is not
 /// such a failure: its step goes back in line at once (`builders.max_builder_losses`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    /// What the runner logs, in `RUST_LOG` syntax (`info`, `warn,drover_queue_runner=debug`).
+    /// `RUST_LOG`, when set, wins. Reloaded on SIGHUP. Default `info`.
+    #[serde(default = "default_log_filter")]
+    filter: String,
+}
+
+fn default_log_filter() -> String {
+    "info".to_owned()
+}
+
+impl Default for RawLogging {
+    fn default() -> Self {
+        Self {
+            filter: default_log_filter(),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRetry {
@@ -321,6 +344,8 @@ pub struct Config {
     pub refuse_unknown_systems: bool,
     /// How infrastructure failures are retried.
     pub retry: RetryPolicy,
+    /// What the runner logs (`RUST_LOG` syntax).
+    pub log_filter: String,
 }
 
 impl Config {
@@ -364,6 +389,12 @@ impl Config {
         }
         if raw.database.url.trim().is_empty() {
             problems.push("database.url is empty".to_owned());
+        }
+        if let Err(problem) = drover_daemon::check_log_filter(&raw.logging.filter) {
+            problems.push(format!(
+                "logging.filter {:?}: {problem}",
+                raw.logging.filter
+            ));
         }
         if raw.database.pool_size == 0 {
             problems.push("database.pool_size = 0: need at least 1".to_owned());
@@ -412,6 +443,7 @@ impl Config {
             max_submission_bytes,
             refuse_unknown_systems: raw.submissions.refuse_unknown_systems,
             retry,
+            log_filter: raw.logging.filter,
         })
     }
 }

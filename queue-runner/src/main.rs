@@ -47,7 +47,7 @@ async fn main() -> ExitCode {
         print!("{}", drover_queue_runner::config::DEFAULT_CONFIG);
         return ExitCode::SUCCESS;
     }
-    drover_daemon::init_tracing();
+    let log_filter = drover_daemon::init_tracing();
     let mut config =
         match drover_daemon::load_config("drover-queue-runner", &cli.config, Config::load) {
             Ok(config) => config,
@@ -59,9 +59,12 @@ async fn main() -> ExitCode {
         config.cache_listen = cache_listen.unwrap_or(config.cache_listen);
     });
     overrides(&mut config);
+    if let Err(problem) = log_filter.set(&config.log_filter) {
+        tracing::error!(%problem, "keeping the log filter");
+    }
     let failure = match cli.command.unwrap_or(Command::Run) {
         Command::Migrate => migrate(&config).await.err().map(|e| e.report().to_string()),
-        Command::Run => run(config, (cli.config, overrides))
+        Command::Run => run(config, (cli.config, overrides), log_filter)
             .await
             .err()
             .map(|e| e.report().to_string()),
@@ -84,10 +87,14 @@ async fn migrate(config: &Config) -> Result<(), WithContext<DbError>> {
     Ok(())
 }
 
-async fn run(config: Config, file: (PathBuf, Overrides)) -> Result<(), WithContext<RunnerError>> {
+async fn run(
+    config: Config,
+    file: (PathBuf, Overrides),
+    log_filter: drover_daemon::LogFilter,
+) -> Result<(), WithContext<RunnerError>> {
     let shutdown = CancellationToken::new();
     let runner = app::start(config.clone(), shutdown.clone()).await?;
-    let mut reloader = runner.reloader(file, config);
+    let mut reloader = runner.reloader(file, config, log_filter);
     let signals = shutdown.clone();
     let waiting = runner.wait();
     tokio::pin!(waiting);

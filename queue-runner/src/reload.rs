@@ -1,7 +1,7 @@
 //! SIGHUP: the runner reads its configuration file again and applies what can change while it
 //! runs: the scheduler's limits (builder losses, the retry policy, the unsupported and
-//! re-adoption grace periods) and the limits every step is sent with (time, silence, output
-//! size). Everything else is read once at start (listeners, the database, certificates and
+//! re-adoption grace periods), the limits every step is sent with (time, silence, output size)
+//! and the log filter. Everything else is read once at start (listeners, the database, certificates and
 //! keys, the cache, submission limits, the runner's own log cap): a change to it is named in the
 //! log as waiting for a restart. A file that does not load is logged and the running
 //! configuration kept.
@@ -10,6 +10,8 @@ use std::path::PathBuf;
 
 use drover_proto::v1::BuildLimits;
 use tokio::sync::mpsc;
+
+use drover_daemon::LogFilter;
 
 use crate::config::Config;
 use crate::scheduler::core::CoreLimits;
@@ -24,6 +26,7 @@ pub struct Reloader {
     running: Config,
     overrides: Overrides,
     scheduler: mpsc::Sender<SessionEvent>,
+    log_filter: LogFilter,
 }
 
 /// The scheduler core's limits in a configuration.
@@ -52,18 +55,19 @@ pub fn build_limits(config: &Config) -> BuildLimits {
 
 impl Reloader {
     /// A reloader of the file at `path`, from which `running` was loaded (with `overrides`
-    /// applied), telling `scheduler`.
+    /// applied), telling `scheduler` and `log_filter`.
     #[must_use]
     pub fn new(
         (path, overrides): (PathBuf, Overrides),
         running: Config,
-        scheduler: mpsc::Sender<SessionEvent>,
+        (scheduler, log_filter): (mpsc::Sender<SessionEvent>, LogFilter),
     ) -> Self {
         Self {
             path,
             running,
             overrides,
             scheduler,
+            log_filter,
         }
     }
 
@@ -86,6 +90,11 @@ impl Reloader {
         };
         if self.scheduler.send(reconfigure).await.is_err() {
             return;
+        }
+        match self.log_filter.set(&new.log_filter) {
+            Ok(true) => tracing::info!(filter = %new.log_filter, "SIGHUP: log filter changed"),
+            Ok(false) => {}
+            Err(problem) => tracing::error!(%problem, "SIGHUP: keeping the log filter"),
         }
         for key in &waiting {
             tracing::warn!(

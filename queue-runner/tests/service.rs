@@ -233,17 +233,42 @@ fn print_default_config_prints_the_documented_defaults_of_each_daemon() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_applies_a_new_retry_limit_without_a_restart_and_names_what_needs_one() {
+async fn sighup_applies_a_new_retry_limit_and_log_filter_without_a_restart() {
     let mut farm = Farm::new().await;
-    let url = farm.database.connection_string.clone();
-    let mut runner = farm.spawn_runner_process(&url, "runner.log").await;
-    let config = farm.dir.path().join("runner-process.toml");
-    let text = fs_err::read_to_string(&config).unwrap();
+    let config = farm.dir.path().join("runner-reloaded.toml");
+    let text = farm.runner_config_text(&farm.database.connection_string)
+        + "\n[logging]\nfilter = \"warn\"\n";
     assert!(text.contains("max_attempts = 4"), "{text}");
+    fs_err::write(&config, &text).unwrap();
+    let log_path = farm.dir.path().join("runner.log");
+    let log = fs_err::File::create(&log_path).unwrap();
+    let mut runner = ChildGuard::spawn(
+        Command::new(workspace_binary("drover-queue-runner"))
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.into_parts().0),
+    )
+    .unwrap();
+    poll_until(DEADLINE, "the runner to be ready", || async {
+        // Refused until it listens.
+        tokio::net::TcpStream::connect(("127.0.0.1", farm.cache_port))
+            .await
+            .ok()?;
+        let (status, _) = http_get(farm.cache_port, "/readyz").await;
+        status.contains("200").then_some(())
+    })
+    .await;
     fs_err::write(
         &config,
         text.replace("max_attempts = 4", "max_attempts = 1")
-            .replace("heartbeat_ms = 15000", "heartbeat_ms = 5000"),
+            .replace("heartbeat_ms = 15000", "heartbeat_ms = 5000")
+            .replace(
+                "filter = \"warn\"",
+                "filter = \"info,drover_queue_runner=debug\"",
+            ),
     )
     .unwrap();
     let status = Command::new("kill")
@@ -251,12 +276,15 @@ async fn sighup_applies_a_new_retry_limit_without_a_restart_and_names_what_needs
         .status()
         .unwrap();
     assert!(status.success());
-    let log_path = farm.dir.path().join("runner.log");
     let log = poll_until(DEADLINE, "the runner to reload", || async {
         let log = fs_err::read_to_string(&log_path).unwrap();
         log.contains("configuration reloaded").then_some(log)
     })
     .await;
+    assert!(
+        !log.contains("queue recovered"),
+        "info lines were logged under the file's first filter (warn): {log}"
+    );
     assert!(
         log.contains("takes effect after a restart") && log.contains("grpc.heartbeat_ms"),
         "{log}"
@@ -272,6 +300,12 @@ async fn sighup_applies_a_new_retry_limit_without_a_restart_and_names_what_needs
         attempts.len(),
         1,
         "the reloaded limit allows one attempt: {attempts:?}"
+    );
+    assert!(
+        fs_err::read_to_string(&log_path)
+            .unwrap()
+            .contains("dispatching"),
+        "the reloaded filter logs the scheduler's debug lines"
     );
     assert!(
         runner.child_mut().try_wait().unwrap().is_none(),
