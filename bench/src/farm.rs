@@ -214,17 +214,7 @@ impl Farm {
     pub async fn submit(&self, drvs: &[FakeDrv]) -> i64 {
         self.client()
             .await
-            .submit(SubmitRequest {
-                derivations: drvs
-                    .iter()
-                    .map(|drv| DerivationText {
-                        path: drv.path.to_absolute(),
-                        text: drv.text.clone(),
-                    })
-                    .collect(),
-                top_drv_path: drvs.last().unwrap().path.to_absolute(),
-                ..SubmitRequest::default()
-            })
+            .submit(request(drvs))
             .await
             .unwrap()
             .into_inner()
@@ -261,6 +251,21 @@ impl Farm {
             let _ = builder.terminate(Duration::from_secs(10));
         }
         let _ = self.runner.terminate(Duration::from_secs(20));
+    }
+}
+
+/// The Submit request for one build of the last of `drvs`.
+pub fn request(drvs: &[FakeDrv]) -> SubmitRequest {
+    SubmitRequest {
+        derivations: drvs
+            .iter()
+            .map(|drv| DerivationText {
+                path: drv.path.to_absolute(),
+                text: drv.text.clone(),
+            })
+            .collect(),
+        top_drv_path: drvs.last().unwrap().path.to_absolute(),
+        ..SubmitRequest::default()
     }
 }
 

@@ -24,9 +24,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use drover_bench::farm::{Farm, ProcessStats, raise_open_file_limit};
+use drover_bench::farm::{Farm, ProcessStats, raise_open_file_limit, request};
+use drover_proto::v1::WatchRequest;
 use drover_proto::v1::watch_event::Event;
-use drover_proto::v1::{DerivationText, SubmitRequest, WatchRequest};
 use test_support::TestPostgres;
 use test_support::fake_derivations::Factory;
 
@@ -110,18 +110,8 @@ async fn run(cluster: &TestPostgres, args: &Args, watch: bool) -> Run {
     let mut builds = Vec::with_capacity(args.builds);
     for index in 0..args.builds {
         let drvs = factory.chain(&format!("watched-{index}"), args.steps);
-        let request = SubmitRequest {
-            derivations: drvs
-                .iter()
-                .map(|drv| DerivationText {
-                    path: drv.path.to_absolute(),
-                    text: drv.text.clone(),
-                })
-                .collect(),
-            top_drv_path: drvs.last().unwrap().path.to_absolute(),
-            ..SubmitRequest::default()
-        };
-        builds.push(client.submit(request).await.unwrap().into_inner().build_id);
+        let submitted = client.submit(request(&drvs)).await.unwrap();
+        builds.push(submitted.into_inner().build_id);
     }
     let planned = i64::try_from(args.builds).unwrap();
     let planned_sql = "SELECT count(*) FROM builds WHERE ingested_at IS NOT NULL";
