@@ -137,21 +137,21 @@ pub fn init_tracing() -> LogFilter {
     }
 }
 
-/// Every SIGHUP, as a message (none, if the handler cannot be installed).
-#[must_use]
-pub fn hangups() -> tokio::sync::mpsc::Receiver<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (sender, receiver) = tokio::sync::mpsc::channel(1);
-    if let Ok(mut hangup) = signal(SignalKind::hangup()) {
-        #[expect(clippy::disallowed_methods, reason = "lives as long as the process")]
-        tokio::spawn(async move {
-            while hangup.recv().await.is_some() {
-                // A reload already pending covers this one too.
-                let _ = sender.try_send(());
-            }
-        });
+/// Resolves on the next SIGHUP (never, if the handler cannot be installed).
+pub async fn hangup(signal: &mut Option<tokio::signal::unix::Signal>) {
+    let received = match signal.as_mut() {
+        Some(signal) => signal.recv().await.is_some(),
+        None => false,
+    };
+    if !received {
+        std::future::pending::<()>().await;
     }
-    receiver
+}
+
+/// The SIGHUP stream [`hangup`] waits on; install it once, at start.
+#[must_use]
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
 }
 
 /// Resolves on SIGINT or SIGTERM with the signal's name (never, if the handlers cannot be

@@ -107,7 +107,7 @@ async fn run(
                 signals.cancel();
                 break;
             }
-            Some(()) = hangups.recv() => reloader.reload().await,
+            () = drover_daemon::hangup(&mut hangups) => reloader.reload().await,
         }
     }
     let result = waiting.await;
