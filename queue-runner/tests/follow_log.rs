@@ -77,6 +77,8 @@ async fn a_running_real_builds_log_arrives_live_and_whole_afterwards() {
         }
     })
     .await;
+    // The log ends before the result is recorded.
+    assert_eq!(farm.wait_for_build(build).await, "succeeded");
     let finished_at: f64 = farm
         .db()
         .await
@@ -99,7 +101,6 @@ async fn a_running_real_builds_log_arrives_live_and_whole_afterwards() {
     );
     assert!(live.contains("line 6"), "{live:?}");
     assert!(heartbeat, "no heartbeat in the half-second silences");
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
 
     let (whole, _) = follow(&farm, &top.to_absolute(), |_| {}).await;
     for line in ["line 1", "line 3", "line 6"] {

@@ -66,6 +66,8 @@ pub struct Farm {
     pub readoption_grace_secs: u64,
     /// How often idle Watch streams send a heartbeat, in milliseconds.
     pub heartbeat_ms: u64,
+    /// How long a builder may be silent before its session ends, in seconds.
+    pub liveness_timeout_secs: u64,
     /// Whether Submit refuses systems and features no builder ever offered (off by default
     /// here, so tests can queue work for builders that join later).
     pub refuse_unknown_systems: bool,
@@ -158,6 +160,7 @@ impl Farm {
             unsupported_grace_secs: 300,
             readoption_grace_secs: 120,
             heartbeat_ms: 15_000,
+            liveness_timeout_secs: 5,
             refuse_unknown_systems: false,
             runner: None,
             builders: Vec::new(),
@@ -198,7 +201,7 @@ impl Farm {
             {upstreams}
             [builders]
             ping_interval_secs = 1
-            liveness_timeout_secs = 5
+            liveness_timeout_secs = {liveness_timeout}
             max_builder_losses = 3
             step_timeout_secs = {step_timeout}
             max_silent_secs = {max_silent}
@@ -224,6 +227,7 @@ impl Farm {
             unsupported_grace = self.unsupported_grace_secs,
             readoption_grace = self.readoption_grace_secs,
             heartbeat_ms = self.heartbeat_ms,
+            liveness_timeout = self.liveness_timeout_secs,
             refuse_unknown_systems = self.refuse_unknown_systems,
         )
     }
