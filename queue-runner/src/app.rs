@@ -13,11 +13,12 @@ use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::grpc::build_service::BuildServiceImpl;
+use crate::grpc::tls::ServerTls;
 use crate::grpc::tunnel::BuilderServiceImpl;
 use crate::logs::LogStore;
 use crate::scheduler::attempts::Attempts;
@@ -90,7 +91,10 @@ pub enum RunnerError {
         #[source]
         source: std::io::Error,
     },
-    /// The TLS configuration was refused, or the server failed.
+    /// The certificates, key or CA cannot be used.
+    #[error("setting up TLS")]
+    Tls(#[source] crate::grpc::tls::TlsError),
+    /// The gRPC server failed.
     #[error("serving gRPC")]
     Serve(#[source] tonic::transport::Error),
     /// The protocol's descriptors could not be read for gRPC reflection.
@@ -122,6 +126,7 @@ pub struct Runner {
     pub queue_recovered: QueueRecovered,
     systemd: Arc<Notifier>,
     scheduler: mpsc::Sender<crate::scheduler::driver::SessionEvent>,
+    tls: ServerTls,
     shutdown: CancellationToken,
     supervisor: Supervisor<RunnerError>,
     sessions: TaskTracker,
@@ -141,7 +146,7 @@ pub async fn start(
     if !applied.is_empty() {
         tracing::info!(?applied, "database migrated");
     }
-    let tls = tls_config(&config)?;
+    let tls = ServerTls::load(&config).map_err(RunnerError::Tls)?;
     let (listener, grpc_address) = bind(config.grpc_listen).await?;
     let cache = Arc::new(open_cache(&config)?);
     let (cache_listener, cache_address) = bind(config.cache_listen).await?;
@@ -191,8 +196,6 @@ pub async fn start(
         .set_serving::<BuilderServiceServer<BuilderServiceImpl>>()
         .await;
     let server = Server::builder()
-        .tls_config(tls)
-        .map_err(RunnerError::Serve)?
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .add_service(health_service)
         .add_service(reflection()?)
@@ -214,7 +217,7 @@ pub async fn start(
             .max_decoding_message_size(config.max_submission_bytes),
         )
         .serve_with_incoming_shutdown(
-            without_delay(TcpListenerStream::new(listener)),
+            tls.accept(TcpListenerStream::new(listener)),
             shutdown.clone().cancelled_owned(),
         );
     supervisor.spawn_critical("grpc server", async move {
@@ -228,6 +231,7 @@ pub async fn start(
         queue_recovered: published.recovered.clone(),
         systemd,
         scheduler: events_for_reloads,
+        tls: tls.clone(),
         shutdown,
         supervisor,
         sessions,
@@ -308,21 +312,6 @@ fn start_scheduler(
     });
 }
 
-/// Accepted connections with Nagle's algorithm off. tonic turns it off only for listeners it
-/// binds itself; left on, a builder's small messages on concurrent streams (a step's log end and
-/// its NAR upload) waited for delayed acknowledgements: ~45 ms a step in a chain (the `scale`
-/// benchmark's 1k chain ran at 20 steps/s).
-fn without_delay(
-    incoming: TcpListenerStream,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt as _;
-    incoming.map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
-}
-
 /// Binds a listener and returns it with the address it got (port 0 picks a free port).
 async fn bind(address: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), RunnerError> {
     let bind_error = |source| RunnerError::Bind { address, source };
@@ -347,22 +336,6 @@ fn open_cache(config: &Config) -> Result<crate::cache::BinaryCache, RunnerError>
         .map_err(|error| RunnerError::Cache(error.into()))
 }
 
-fn tls_config(config: &Config) -> Result<ServerTlsConfig, RunnerError> {
-    let read = |path: &PathBuf| {
-        fs_err::read(path).map_err(|source| RunnerError::ReadTls {
-            path: path.clone(),
-            source,
-        })
-    };
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read(&config.certificate)?,
-            read(&config.key)?,
-        ))
-        .client_ca_root(Certificate::from_pem(read(&config.ca_certificate)?))
-        .client_auth_optional(false))
-}
-
 impl Runner {
     /// What applies the configuration file at `path` again (on SIGHUP), with the command
     /// line's `overrides`, to the scheduler and to `log_filter`; `running` is the configuration
@@ -374,7 +347,11 @@ impl Runner {
         running: Config,
         log_filter: drover_daemon::LogFilter,
     ) -> crate::reload::Reloader {
-        crate::reload::Reloader::new(file, running, (self.scheduler.clone(), log_filter))
+        crate::reload::Reloader::new(
+            file,
+            running,
+            (self.scheduler.clone(), log_filter, self.tls.clone()),
+        )
     }
 
     /// Waits until a critical task ends. After a requested shutdown that is success; otherwise

@@ -77,3 +77,26 @@ async fn unready(readiness: &Readiness) -> Option<String> {
     }
     (!readiness.recovered.get()).then(|| "the scheduler is still recovering its queue".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ready_only_once_recovered_with_a_database_and_not_while_shutting_down() {
+        let database = test_support::TestPostgres::shared().create_database().await;
+        let readiness = Readiness {
+            pool: crate::db::pool(&database.connection_string, 1).unwrap(),
+            recovered: QueueRecovered::default(),
+            shutdown: CancellationToken::new(),
+        };
+        assert_eq!(
+            unready(&readiness).await.as_deref(),
+            Some("the scheduler is still recovering its queue")
+        );
+        readiness.recovered.set();
+        assert_eq!(unready(&readiness).await, None);
+        readiness.shutdown.cancel();
+        assert_eq!(unready(&readiness).await.as_deref(), Some("shutting down"));
+    }
+}

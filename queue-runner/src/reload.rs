@@ -1,10 +1,10 @@
 //! SIGHUP: the runner reads its configuration file again and applies what can change while it
 //! runs: the scheduler's limits (builder losses, the retry policy, the unsupported and
-//! re-adoption grace periods), the limits every step is sent with (time, silence, output size)
-//! and the log filter. Everything else is read once at start (listeners, the database, certificates and
-//! keys, the cache, submission limits, the runner's own log cap): a change to it is named in the
-//! log as waiting for a restart. A file that does not load is logged and the running
-//! configuration kept.
+//! re-adoption grace periods), the limits every step is sent with (time, silence, output size),
+//! the log filter, and the TLS certificate, key and CA (for new connections). Everything else is
+//! read once at start (listeners, the database, the cache, submission limits, the runner's own
+//! log cap): a change to it is named in the log as waiting for a restart. A file that does not
+//! load is logged and the running configuration kept.
 
 use std::path::PathBuf;
 
@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use drover_daemon::LogFilter;
 
 use crate::config::Config;
+use crate::grpc::tls::ServerTls;
 use crate::scheduler::core::CoreLimits;
 use crate::scheduler::driver::SessionEvent;
 
@@ -27,6 +28,7 @@ pub struct Reloader {
     overrides: Overrides,
     scheduler: mpsc::Sender<SessionEvent>,
     log_filter: LogFilter,
+    tls: ServerTls,
 }
 
 /// The scheduler core's limits in a configuration.
@@ -55,12 +57,12 @@ pub fn build_limits(config: &Config) -> BuildLimits {
 
 impl Reloader {
     /// A reloader of the file at `path`, from which `running` was loaded (with `overrides`
-    /// applied), telling `scheduler` and `log_filter`.
+    /// applied), telling `scheduler`, `log_filter` and the gRPC server's `tls`.
     #[must_use]
     pub fn new(
         (path, overrides): (PathBuf, Overrides),
         running: Config,
-        (scheduler, log_filter): (mpsc::Sender<SessionEvent>, LogFilter),
+        (scheduler, log_filter, tls): (mpsc::Sender<SessionEvent>, LogFilter, ServerTls),
     ) -> Self {
         Self {
             path,
@@ -68,6 +70,7 @@ impl Reloader {
             overrides,
             scheduler,
             log_filter,
+            tls,
         }
     }
 
@@ -90,6 +93,13 @@ impl Reloader {
         };
         if self.scheduler.send(reconfigure).await.is_err() {
             return;
+        }
+        // Read again even if the paths are the same: renewed files replace the old ones.
+        match self.tls.reload(&new) {
+            Ok(()) => tracing::info!("SIGHUP: certificates and key reloaded for new connections"),
+            Err(error) => {
+                tracing::error!(error = %error_context::report(&error), "SIGHUP: keeping the running certificates");
+            }
         }
         match self.log_filter.set(&new.log_filter) {
             Ok(true) => tracing::info!(filter = %new.log_filter, "SIGHUP: log filter changed"),
@@ -122,13 +132,6 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("grpc.listen", differs(&old.grpc_listen, &new.grpc_listen)),
         ("grpc.heartbeat_ms", differs(&old.heartbeat, &new.heartbeat)),
-        (
-            "tls (certificates and keys)",
-            differs(
-                &(&old.ca_certificate, &old.certificate, &old.key),
-                &(&new.ca_certificate, &new.certificate, &new.key),
-            ),
-        ),
         (
             "logs.directory",
             differs(&old.log_directory, &new.log_directory),

@@ -233,7 +233,7 @@ fn print_default_config_prints_the_documented_defaults_of_each_daemon() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_applies_a_new_retry_limit_and_log_filter_without_a_restart() {
+async fn sighup_applies_a_new_retry_limit_log_filter_and_certificate_without_a_restart() {
     let mut farm = Farm::new().await;
     let config = farm.dir.path().join("runner-reloaded.toml");
     let text = farm.runner_config_text(&farm.database.connection_string)
@@ -261,6 +261,9 @@ async fn sighup_applies_a_new_retry_limit_and_log_filter_without_a_restart() {
         status.contains("200").then_some(())
     })
     .await;
+    let served_before = served_certificate(&farm);
+    let (renewed, renewed_key) = farm.renew_runner_certificate(&farm.dir.path().join("renewed"));
+    let dir = farm.dir.path().display().to_string();
     fs_err::write(
         &config,
         text.replace("max_attempts = 4", "max_attempts = 1")
@@ -268,6 +271,11 @@ async fn sighup_applies_a_new_retry_limit_and_log_filter_without_a_restart() {
             .replace(
                 "filter = \"warn\"",
                 "filter = \"info,drover_queue_runner=debug\"",
+            )
+            .replace(&format!("{dir}/runner-main.pem"), renewed.to_str().unwrap())
+            .replace(
+                &format!("{dir}/runner-main.key"),
+                renewed_key.to_str().unwrap(),
             ),
     )
     .unwrap();
@@ -288,6 +296,13 @@ async fn sighup_applies_a_new_retry_limit_and_log_filter_without_a_restart() {
     assert!(
         log.contains("takes effect after a restart") && log.contains("grpc.heartbeat_ms"),
         "{log}"
+    );
+    let served_after = served_certificate(&farm);
+    assert_ne!(served_before, served_after);
+    assert_eq!(
+        served_after,
+        fingerprint(&["x509", "-in", renewed.to_str().unwrap()]),
+        "new connections get the renewed certificate"
     );
 
     farm.start_builder(&BuilderSpec::new("b1"));
@@ -425,4 +440,40 @@ async fn the_runner_answers_grpc_reflection_with_its_services() {
             "{wanted} missing from {services:?}"
         );
     }
+}
+
+/// The SHA-256 fingerprint `openssl` prints for the certificate its arguments name.
+fn fingerprint(args: &[&str]) -> String {
+    let output = Command::new("openssl")
+        .args(args)
+        .args(["-noout", "-fingerprint", "-sha256"])
+        .output()
+        .expect("openssl");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The fingerprint of the certificate the runner's gRPC listener presents to a new connection.
+fn served_certificate(farm: &Farm) -> String {
+    let (cert, key) = farm.issue(drover_tls::Role::Client, "openssl");
+    let output = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{}", farm.grpc_port),
+        ])
+        .args(["-servername", "localhost", "-cert", cert.to_str().unwrap()])
+        .args(["-key", key.to_str().unwrap()])
+        .arg("-CAfile")
+        .arg(farm.dir.path().join("ca.pem"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let served = farm.dir.path().join("served.pem");
+    fs_err::write(&served, &output.stdout).unwrap();
+    fingerprint(&["x509", "-in", served.to_str().unwrap()])
 }

@@ -8,6 +8,8 @@ install_prerequisites() {
   command -v script >/dev/null 2>&1 || missing+=(bsdutils)
   # The systemd units are checked with `systemd-analyze verify`.
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+  # The certificate-reload test reads the certificate the runner serves with `openssl s_client`.
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   # Throwaway PostgreSQL clusters need the server binaries, not a running service.
   if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
     missing+=(postgresql)

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod build_service;
 pub mod build_view;
 pub mod follow_log;
+pub mod tls;
 pub mod tunnel;
 pub mod upload;
 pub mod watch;

@@ -109,7 +109,7 @@ impl QueueRecovered {
         self.0.load(Ordering::Acquire)
     }
 
-    fn set(&self) {
+    pub(crate) fn set(&self) {
         self.0.store(true, Ordering::Release);
     }
 }

@@ -318,6 +318,21 @@ impl Farm {
             .unwrap()
     }
 
+    /// Issues the runner a new certificate and key (same identity) into `dir`; returns their
+    /// paths.
+    pub fn renew_runner_certificate(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        fs_err::create_dir_all(dir).unwrap();
+        self.ca
+            .issue(
+                &Identity::new(Role::Runner, "main").unwrap(),
+                &["localhost".to_owned()],
+                &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            )
+            .unwrap()
+            .write(dir)
+            .unwrap()
+    }
+
     /// Starts a `drover-builder` process; returns its index for [`Farm::kill_builder`].
     pub fn start_builder(&mut self, spec: &BuilderSpec<'_>) -> usize {
         let (cert, key) = self.issue(Role::Builder, spec.name);

@@ -1,0 +1,147 @@
+//! The runner's side of mutual TLS, owned here rather than by tonic so that SIGHUP can replace
+//! the certificate, key and CA without a restart: a rustls server configuration (client
+//! certificates required, signed by the farm's CA; HTTP/2 by ALPN) that every new connection
+//! takes, and the stream of accepted connections, each with Nagle's algorithm off and its
+//! handshake done (concurrently, under a deadline) before tonic sees it. Connections already
+//! open keep the configuration they were accepted with.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::Config;
+
+/// Handshakes in progress at once; more connections wait for one to finish.
+const CONCURRENT_HANDSHAKES: usize = 64;
+
+/// How long a connection may take to finish its handshake.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why the TLS configuration cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate or key file cannot be read or holds no PEM item of the kind.
+    #[error("reading {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The CA certificate cannot verify client certificates.
+    #[error("using the CA certificate to verify clients")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// rustls refused the certificate, key or CA.
+    #[error("configuring TLS")]
+    Rustls(#[source] rustls::Error),
+}
+
+/// The current server configuration, replaceable.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+}
+
+impl ServerTls {
+    /// The configuration from the files `config` names.
+    pub fn load(config: &Config) -> Result<Self, TlsError> {
+        Ok(Self {
+            current: Arc::new(RwLock::new(Arc::new(server_config(config)?))),
+        })
+    }
+
+    /// Replaces the configuration for new connections with one from the files `config` names;
+    /// on failure the current one stays.
+    pub fn reload(&self, config: &Config) -> Result<(), TlsError> {
+        let new = Arc::new(server_config(config)?);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = new;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The connections `listener` accepts, once their handshakes succeed; the others are
+    /// dropped (the client sees the TLS alert).
+    pub fn accept(
+        &self,
+        listener: TcpListenerStream,
+    ) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>> + use<> {
+        let tls = self.clone();
+        listener
+            .map(move |accepted| {
+                let acceptor = TlsAcceptor::from(tls.current());
+                async move {
+                    let stream = accepted?;
+                    // Left on, a builder's small messages on concurrent streams (a step's log
+                    // end and its NAR upload) waited for delayed acknowledgements: ~45 ms a step.
+                    stream.set_nodelay(true)?;
+                    tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(stream))
+                        .await
+                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+                }
+            })
+            .buffer_unordered(CONCURRENT_HANDSHAKES)
+            .filter_map(|handshake| async move {
+                match handshake {
+                    Ok(stream) => Some(Ok(stream)),
+                    Err(error) => {
+                        tracing::debug!(%error, "a TLS handshake failed");
+                        None
+                    }
+                }
+            })
+    }
+}
+
+fn server_config(config: &Config) -> Result<rustls::ServerConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certificates(&config.ca_certificate)? {
+        roots.add(ca).map_err(TlsError::Rustls)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(TlsError::Verifier)?;
+    let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|source| TlsError::Read {
+        path: config.key.clone(),
+        source,
+    })?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Rustls)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certificates(&config.certificate)?, key)
+        .map_err(TlsError::Rustls)?;
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(server)
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read_error = |source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let certificates = CertificateDer::pem_file_iter(path)
+        .map_err(read_error)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read_error)?;
+    if certificates.is_empty() {
+        return Err(read_error(rustls::pki_types::pem::Error::NoItemsFound));
+    }
+    Ok(certificates)
+}
