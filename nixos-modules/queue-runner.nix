@@ -66,7 +66,7 @@ in
           };
           logs.directory = mkOption {
             type = types.str;
-            default = "/var/lib/drover/logs";
+            default = "/var/log/drover";
             description = "Where step logs are stored.";
           };
           cache = {
@@ -126,6 +126,8 @@ in
         Group = "drover";
         StateDirectory = "drover";
         StateDirectoryMode = "0750";
+        LogsDirectory = "drover";
+        LogsDirectoryMode = "0750";
         Restart = "on-failure";
         RestartSec = "5s";
         RestartPreventExitStatus = 78;

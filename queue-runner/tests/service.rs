@@ -165,6 +165,8 @@ async fn a_builder_notifies_systemd_once_it_joined_the_runner_its_flag_names() {
         status.starts_with("STATUS=joined https://localhost:"),
         "{status}"
     );
+    // Fed from the session loop at every ping (every second on the test farm).
+    assert_eq!(notify.wait_for("WATCHDOG"), "WATCHDOG=1");
 }
 
 #[test]
