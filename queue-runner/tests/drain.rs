@@ -59,16 +59,11 @@ async fn wait_until_started(farm: &Farm) {
 
 /// Attempt statuses and messages, and the builder losses counted on any step.
 async fn outcome(farm: &Farm) -> (Vec<(String, String)>, i64) {
-    let db = farm.db().await;
-    let attempts = db
-        .query(
-            "SELECT status::text, coalesce(message, '') FROM step_attempts ORDER BY started_at",
-            &[],
-        )
+    let attempts = farm
+        .attempts()
         .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
+        .into_iter()
+        .map(|(_, status, message)| (status, message))
         .collect();
     let losses = farm
         .count("SELECT coalesce(sum(builder_losses), 0)::bigint FROM steps")
