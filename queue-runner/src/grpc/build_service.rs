@@ -398,7 +398,8 @@ async fn build_state(pool: &Pool, id: i64) -> Result<GetResponse, Status> {
     })
 }
 
-fn unavailable(error: &DbError) -> Status {
+/// `UNAVAILABLE` with a database failure's whole chain.
+pub(super) fn unavailable(error: &DbError) -> Status {
     Status::unavailable(error_context::report(error).to_string())
 }
 

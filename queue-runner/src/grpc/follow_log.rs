@@ -10,6 +10,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::Status;
 use uuid::Uuid;
 
+use super::build_service::unavailable;
 use crate::db::{DbError, Pool, queries};
 use crate::live_logs::{LiveChunk, LiveFollower};
 use crate::logs::LogStore;
@@ -64,16 +65,16 @@ pub async fn open(
     drv_path: String,
     heartbeat: Duration,
 ) -> Result<LogStream, Status> {
-    let (attempt, _, _) = latest_attempt(&pool, &drv_path).await?;
+    let latest = latest_attempt(&pool, &drv_path).await?;
     let mut follow = Follow {
         pool,
         logs,
         drv_path,
-        attempt,
+        attempt: latest.0,
         heartbeat,
         stage: Stage::Waiting,
     };
-    follow.stage = follow.look().await?;
+    follow.stage = follow.stage_of(latest).await?;
     Ok(Box::pin(futures_util::stream::unfold(follow, Follow::next)))
 }
 
@@ -91,18 +92,21 @@ async fn latest_attempt(
         .ok_or_else(|| Status::not_found(format!("{drv_path} was never dispatched")))
 }
 
-fn unavailable(error: &DbError) -> Status {
-    Status::unavailable(error_context::report(error).to_string())
-}
-
 impl Follow {
-    /// Where the latest attempt's log is now: live, stored, or not started.
+    /// Where the followed attempt's log is now: live, stored, or not started.
     async fn look(&self) -> Result<Stage, Status> {
+        let latest = latest_attempt(&self.pool, &self.drv_path).await?;
+        self.stage_of(latest).await
+    }
+
+    /// Where the followed attempt's log is, given the step's `latest` attempt (its id, whether
+    /// it runs, its log file).
+    async fn stage_of(&self, latest: (Uuid, bool, Option<String>)) -> Result<Stage, Status> {
         if let Some(follower) = self.logs.follow(self.attempt) {
             let sent = follower.start;
             return Ok(Stage::Live { follower, sent });
         }
-        let (attempt, running, file) = latest_attempt(&self.pool, &self.drv_path).await?;
+        let (attempt, running, file) = latest;
         if attempt != self.attempt {
             // A newer attempt started meanwhile: the older one's log is complete.
             return self.stored(file_of(&self.pool, self.attempt).await?);
