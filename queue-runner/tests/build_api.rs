@@ -170,6 +170,16 @@ async fn planned_steps(farm: &Farm, build: i64) -> BTreeMap<String, StepState> {
     .await
 }
 
+/// The steps of a build once its step `name` is runnable: ingest links a build's steps as
+/// waiting, and the scheduler makes them runnable a moment later.
+async fn runnable(farm: &Farm, build: i64, name: &str) -> BTreeMap<String, StepState> {
+    test_support::poll_until(DEADLINE, "the step to be runnable", || async {
+        let steps = planned_steps(farm, build).await;
+        (steps[name].status == "runnable").then_some(steps)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_says_why_each_unfinished_step_waits() {
     let mut farm = Farm::new().await;
@@ -178,7 +188,7 @@ async fn get_says_why_each_unfinished_step_waits() {
     let base = factory.make(&Spec::new("base"));
     let top = factory.make(&Spec::new("top").inputs(&[&base]));
     let chain = farm.submit(&[&base, &top]).await;
-    let steps = planned_steps(&farm, chain).await;
+    let steps = runnable(&farm, chain, "base").await;
     assert_eq!(
         steps["top"].waiting_reason,
         "waiting for its inputs to be built"
@@ -206,7 +216,7 @@ async fn get_says_why_each_unfinished_step_waits() {
 
     let other = factory.make(&Spec::new("other"));
     let queued_behind = farm.submit(&[&other]).await;
-    let steps = planned_steps(&farm, queued_behind).await;
+    let steps = runnable(&farm, queued_behind, "other").await;
     assert_eq!(
         steps["other"].waiting_reason,
         "every builder that can run it is busy"
