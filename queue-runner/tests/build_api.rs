@@ -296,15 +296,19 @@ async fn a_full_farm_refuses_with_a_retry_after_hint_writes_nothing_and_admits_o
     assert_eq!(farm.wait_for_build(admitted).await, "succeeded");
 }
 
-/// Reads a Watch stream to its end, with a deadline.
-async fn watch_to_the_end(farm: &Farm, build: i64) -> Vec<WatchEvent> {
-    let mut stream = farm
-        .client()
+/// A Watch stream of `build`.
+async fn watch(farm: &Farm, build: i64) -> tonic::Streaming<WatchEvent> {
+    farm.client()
         .await
         .watch(WatchRequest { build_id: build })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+/// Reads a Watch stream to its end, with a deadline.
+async fn watch_to_the_end(farm: &Farm, build: i64) -> Vec<WatchEvent> {
+    let mut stream = watch(farm, build).await;
     let mut events = Vec::new();
     tokio::time::timeout(DEADLINE, async {
         while let Some(event) = stream.message().await.unwrap() {
@@ -326,13 +330,7 @@ async fn watch_sends_the_state_then_every_transition_in_order_heartbeats_and_the
     let top = factory.make(&Spec::new("watched-top").inputs(&[&base]));
     let build = farm.submit(&[&base, &top]).await;
 
-    let mut stream = farm
-        .client()
-        .await
-        .watch(WatchRequest { build_id: build })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&farm, build).await;
     let first = stream.message().await.unwrap().unwrap();
     assert!(
         matches!(first.event, Some(WatchKind::State(_))),
