@@ -34,18 +34,9 @@ in
             description = "The runner's gRPC endpoint.";
           };
           tls = {
-            ca_certificate = mkOption {
-              type = types.str;
-              description = "PEM file of the farm's CA.";
-            };
-            certificate = mkOption {
-              type = types.str;
-              description = "PEM file of this builder's certificate (role builder).";
-            };
-            key = mkOption {
-              type = types.str;
-              description = "PEM file of this builder's key; read at run time, never copied into the store.";
-            };
+            ca_certificate = common.runtimePath "PEM file of the farm's CA.";
+            certificate = common.runtimePath "PEM file of this builder's certificate (role builder).";
+            key = common.runtimePath "PEM file of this builder's key; read at run time, never copied into the store.";
           };
           builder = {
             systems = mkOption {

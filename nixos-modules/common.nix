@@ -1,5 +1,6 @@
-# What the drover modules share: the systemd hardening both units start from, and the TCP port of
-# a "host:port" listen address.
+# What the drover modules share: the systemd hardening both units start from, the option for a
+# file read at run time (a path as a string, so a secret is never copied into the store), and the
+# TCP port of a "host:port" listen address.
 { lib }:
 {
   hardening = {
@@ -16,6 +17,12 @@
     RestrictRealtime = true;
     RestrictSUIDSGID = true;
     LockPersonality = true;
+  };
+
+  runtimePath = description: lib.mkOption {
+    type = lib.types.str;
+    inherit description;
+    example = "/run/keys/drover/key.pem";
   };
 
   portOf = listen: lib.toInt (lib.last (lib.splitString ":" listen));

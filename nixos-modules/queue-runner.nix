@@ -9,11 +9,7 @@ let
   toml = pkgs.formats.toml { };
   configFile = toml.generate "queue-runner.toml" cfg.settings;
   inherit (lib) mkOption types;
-  secretPath = description: mkOption {
-    type = types.str;
-    inherit description;
-    example = "/run/keys/drover/runner.key";
-  };
+  secretPath = common.runtimePath;
 in
 {
   options.services.drover.queue-runner = {
