@@ -55,9 +55,9 @@ pub enum RunnerError {
     /// Ingest failed.
     #[error("ingest failed")]
     Ingest(#[source] WithContext<IngestError>),
-    /// A certificate or key file cannot be read.
+    /// The cache signing key file cannot be read (certificates are [`RunnerError::Tls`]).
     #[error("reading {path}")]
-    ReadTls {
+    ReadCacheKey {
         /// The file.
         path: PathBuf,
         /// Why.
@@ -324,7 +324,7 @@ async fn bind(address: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAdd
 
 fn open_cache(config: &Config) -> Result<crate::cache::BinaryCache, RunnerError> {
     let path = &config.cache_secret_key_file;
-    let text = fs_err::read_to_string(path).map_err(|source| RunnerError::ReadTls {
+    let text = fs_err::read_to_string(path).map_err(|source| RunnerError::ReadCacheKey {
         path: path.clone(),
         source,
     })?;
