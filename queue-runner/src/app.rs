@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 
+use drover_scheduler::Core;
+
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::grpc::build_service::BuildServiceImpl;
@@ -22,7 +24,6 @@ use crate::grpc::tls::ServerTls;
 use crate::grpc::tunnel::BuilderServiceImpl;
 use crate::logs::LogStore;
 use crate::scheduler::attempts::Attempts;
-use crate::scheduler::core::Core;
 use crate::scheduler::driver::{Driver, Published, QueueRecovered, SchedulerError};
 use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::{Ingest, IngestError};

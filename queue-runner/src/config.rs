@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use drover_daemon::ConfigError;
+use drover_scheduler::RetryPolicy;
+use serde::Deserialize;
 
 use crate::cache::upstream::Upstream;
-use crate::scheduler::core::RetryPolicy;
-use serde::Deserialize;
 
 /// The file as written.
 #[derive(Debug, Deserialize)]

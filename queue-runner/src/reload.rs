@@ -8,14 +8,13 @@
 
 use std::path::PathBuf;
 
-use drover_proto::v1::BuildLimits;
-use tokio::sync::mpsc;
-
 use drover_daemon::LogFilter;
+use drover_proto::v1::BuildLimits;
+use drover_scheduler::CoreLimits;
+use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::grpc::tls::ServerTls;
-use crate::scheduler::core::CoreLimits;
 use crate::scheduler::driver::SessionEvent;
 
 /// What the command line overrides in the file, applied again to every reload.

@@ -12,13 +12,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use drover_proto::Outcome;
-use drover_queue_runner::db::status::{AttemptStatus, BuildStatus, StepStatus};
+use drover_queue_runner::db::status::{AttemptStatus, BuildStatus, SqlEnum as _, StepStatus};
 use drover_queue_runner::db::transitions::Transitions;
 use drover_queue_runner::db::{self, DbError, queries};
-use drover_queue_runner::scheduler::core::{
-    BuildPlan, Capabilities, Command, Core, CoreLimits, Event, OutputRecord, PlannedStep, Report,
-    Requirements, RetryPolicy, StepSpec, ToBuilder,
+use drover_scheduler::{
+    BuildPlan, Capabilities, Command, Core, CoreLimits, Event, Outcome, OutputRecord, PlannedStep,
+    Report, Requirements, RetryPolicy, StepSpec, ToBuilder,
 };
 use error_context::{Classify, Severity};
 use test_support::TestPostgres;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use drover_queue_runner::db::status::{AttemptStatus, StepStatus};
 use drover_queue_runner::db::transitions::Transitions;
 use drover_queue_runner::db::{self, queries};
-use drover_queue_runner::scheduler::core::{Capabilities, Change, OutputRecord};
+use drover_scheduler::{Capabilities, Change, OutputRecord};
 use test_support::TestPostgres;
 use test_support::fake_derivations::FakeDrv;
 use tokio::sync::{mpsc, oneshot};

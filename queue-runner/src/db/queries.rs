@@ -4,7 +4,7 @@
 use deadpool_postgres::GenericClient;
 
 use super::DbError;
-use super::status::{BuildStatus, StepStatus};
+use super::status::{BuildStatus, SqlEnum as _, StepStatus};
 
 /// A build the runner has to expand into steps.
 #[derive(Debug, Clone)]
@@ -263,7 +263,7 @@ pub async fn orphaned_attempts(
 /// What every builder that ever joined offered at its latest join.
 pub async fn known_machines(
     client: &impl GenericClient,
-) -> Result<Vec<crate::scheduler::core::Capabilities>, DbError> {
+) -> Result<Vec<drover_scheduler::Capabilities>, DbError> {
     let rows = client
         .query(
             "SELECT systems, supported_features, mandatory_features, max_jobs, speed_factor
@@ -275,7 +275,7 @@ pub async fn known_machines(
     let set = |values: Vec<String>| values.into_iter().collect();
     Ok(rows
         .into_iter()
-        .map(|row| crate::scheduler::core::Capabilities {
+        .map(|row| drover_scheduler::Capabilities {
             systems: set(row.get(0)),
             supported_features: set(row.get(1)),
             mandatory_features: set(row.get(2)),

@@ -1,131 +1,23 @@
-//! The statuses of builds, steps and attempts as Rust enums, mapped onto the PostgreSQL enums
-//! (`build_status`, `step_status`, `attempt_status`) in this one place. A test compares each
-//! with `enum_range` on a migrated database, so the two can never drift apart.
+//! The scheduler core's statuses as PostgreSQL enums: which SQL type holds each. The labels are
+//! the core's own ([`drover_scheduler::status`]); a test compares them with `enum_range` on a
+//! migrated database, so the two can never drift apart.
 
-use std::fmt;
+pub use drover_scheduler::status::{AttemptStatus, BuildStatus, StepStatus};
 
-/// Declares a status enum with its SQL labels, in the SQL enum's order.
-macro_rules! sql_enum {
-    ($(#[$meta:meta])* $name:ident, $sql:literal, { $($(#[$vmeta:meta])* $variant:ident => $label:literal,)+ }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum $name {
-            $($(#[$vmeta])* $variant,)+
-        }
-
-        impl $name {
-            /// The PostgreSQL enum type.
-            pub const SQL_TYPE: &'static str = $sql;
-            /// Every status, in the SQL enum's order.
-            pub const ALL: &'static [Self] = &[$(Self::$variant,)+];
-
-            /// The SQL label.
-            #[must_use]
-            pub const fn as_str(self) -> &'static str {
-                match self {
-                    $(Self::$variant => $label,)+
-                }
-            }
-
-            /// The status with SQL label `label`, if any.
-            #[must_use]
-            pub fn from_label(label: &str) -> Option<Self> {
-                match label {
-                    $($label => Some(Self::$variant),)+
-                    _ => None,
-                }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
+/// A status stored as a PostgreSQL enum.
+pub trait SqlEnum {
+    /// The PostgreSQL enum type.
+    const SQL_TYPE: &'static str;
 }
 
-sql_enum!(
-    /// Where a build is in its lifecycle.
-    BuildStatus, "build_status", {
-        /// Waiting for its first step to run.
-        Queued => "queued",
-        /// At least one of its steps has run.
-        Running => "running",
-        /// Its top-level step succeeded.
-        Succeeded => "succeeded",
-        /// Its top-level step failed.
-        Failed => "failed",
-        /// A step it needs failed.
-        DepFailed => "dep_failed",
-        /// Cancelled, or out of retries for faults that were not its own.
-        Cancelled => "cancelled",
-        /// It needs a derivation that failed on its own in an earlier build; nothing was built.
-        CachedFailure => "cached_failure",
-    }
-);
-
-sql_enum!(
-    /// Where a step is in its lifecycle.
-    StepStatus, "step_status", {
-        /// Waiting for its inputs.
-        Waiting => "waiting",
-        /// Ready for a builder.
-        Runnable => "runnable",
-        /// Given to a builder.
-        Running => "running",
-        /// Built; its outputs are in the cache.
-        Succeeded => "succeeded",
-        /// The build itself failed: remembered, later builds of it fail at once.
-        Failed => "failed",
-        /// A step it needs failed.
-        DepFailed => "dep_failed",
-        /// Ran out of retries for faults that were not its own; the next build needing it tries
-        /// again.
-        Cancelled => "cancelled",
-        /// No connected builder offered its system and features for the whole grace period;
-        /// the next build needing it tries again.
-        Unsupported => "unsupported",
-    }
-);
-
-sql_enum!(
-    /// How one dispatch of a step ended.
-    AttemptStatus, "attempt_status", {
-        /// On a builder now.
-        Running => "running",
-        /// Built.
-        Succeeded => "succeeded",
-        /// The build failed.
-        Failed => "failed",
-        /// The build exceeded its time or silence limit.
-        TimedOut => "timed_out",
-        /// The build printed more log than its limit allows.
-        LogLimit => "log_limit",
-        /// Something other than the build failed.
-        InfrastructureFailure => "infrastructure_failure",
-        /// The builder left or went silent mid-step.
-        BuilderLost => "builder_lost",
-        /// The runner stopped it (a previous runner process left it running).
-        Aborted => "aborted",
-    }
-);
-
-impl BuildStatus {
-    /// Whether the build has ended.
-    #[must_use]
-    pub const fn is_terminal(self) -> bool {
-        !matches!(self, Self::Queued | Self::Running)
-    }
+impl SqlEnum for BuildStatus {
+    const SQL_TYPE: &'static str = "build_status";
 }
 
-impl StepStatus {
-    /// Whether the step is done for good (for this build at least).
-    #[must_use]
-    pub const fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Self::Succeeded | Self::Failed | Self::DepFailed | Self::Cancelled | Self::Unsupported
-        )
-    }
+impl SqlEnum for StepStatus {
+    const SQL_TYPE: &'static str = "step_status";
+}
+
+impl SqlEnum for AttemptStatus {
+    const SQL_TYPE: &'static str = "attempt_status";
 }

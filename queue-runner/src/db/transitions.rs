@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 
 use deadpool_postgres::GenericClient;
+use drover_scheduler::{AttemptId, BuildId, Capabilities, Change, OutputRecord, StepId};
 
 use super::DbError;
 use super::status::{AttemptStatus, BuildStatus, StepStatus};
 use crate::logs::LogStore;
-use crate::scheduler::core::{AttemptId, BuildId, Capabilities, Change, OutputRecord, StepId};
 
 /// The final state of one step row in a batch.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

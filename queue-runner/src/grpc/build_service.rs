@@ -15,6 +15,7 @@ use drover_proto::v1::{
     GetResponse, ListRequest, ListResponse, RestartRequest, RestartResponse, SourceNar,
     SubmitRequest, SubmitResponse, WatchRequest,
 };
+use drover_scheduler::{Event, Requirements};
 use drover_tls::{Identity, Role};
 use error_context::{Classify, Severity};
 use nix_primitives::StorePath;
@@ -28,7 +29,6 @@ use crate::db::queries;
 use crate::db::status::BuildStatus as QueueBuildStatus;
 use crate::db::{DbError, Pool};
 use crate::logs::LogStore;
-use crate::scheduler::core::{Event, Requirements};
 use crate::scheduler::driver::{CommittedChanges, SessionEvent};
 use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::complete_closure;

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use drover_proto::API_VERSION;
 use drover_proto::v1::builder_message::Message as Inbound;
 use drover_proto::v1::builder_service_server::BuilderService;
 use drover_proto::v1::{
     BuilderMessage, Join, Joined, LogChunk, NarChunk, StepResult, UploadLogResponse,
     UploadNarResponse,
 };
-use drover_proto::{API_VERSION, Outcome};
+use drover_scheduler::{Capabilities, Event, Outcome, OutputRecord, Report, SessionId};
 use drover_tls::Role;
 use error_context::{Classify, Severity};
 use nix_primitives::StorePath;
@@ -30,7 +31,6 @@ use super::{auth, upload};
 use crate::cache::BinaryCache;
 use crate::logs::LogStore;
 use crate::scheduler::attempts::{AttemptOwner, Attempts};
-use crate::scheduler::core::{Capabilities, Event, OutputRecord, Report, SessionId};
 use crate::scheduler::driver::{OutboxItem, QueueRecovered, SessionEvent, SessionLink};
 use crate::tasks;
 
@@ -432,7 +432,9 @@ impl BuilderSession {
             }
             Some(owner) => Some(owner),
         };
-        let outcome = Outcome::try_from(result.outcome).map_err(SessionError::Outcome)?;
+        let outcome = drover_proto::Outcome::try_from(result.outcome)
+            .map(core_outcome)
+            .map_err(SessionError::Outcome)?;
         let outputs: Vec<OutputRecord> = result
             .outputs
             .into_iter()
@@ -528,5 +530,16 @@ impl BuilderSession {
             }
         }
         Ok(())
+    }
+}
+
+/// The core's outcome for the one a builder sent.
+fn core_outcome(wire: drover_proto::Outcome) -> Outcome {
+    match wire {
+        drover_proto::Outcome::Succeeded => Outcome::Succeeded,
+        drover_proto::Outcome::Failed => Outcome::Failed,
+        drover_proto::Outcome::TimedOut => Outcome::TimedOut,
+        drover_proto::Outcome::InfrastructureFailure => Outcome::InfrastructureFailure,
+        drover_proto::Outcome::LogLimitExceeded => Outcome::LogLimitExceeded,
     }
 }

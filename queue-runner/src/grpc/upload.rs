@@ -9,6 +9,7 @@ use std::io::{self, Read};
 use std::sync::Arc;
 
 use drover_proto::v1::{NarChunk, UploadNarResponse};
+use drover_scheduler::StepSpec;
 use error_context::{Classify, Severity};
 use nix_primitives::store_path::StorePathError;
 use nix_primitives::{ContentAddress, StorePath};
@@ -17,7 +18,6 @@ use tonic::{Status, Streaming};
 
 use crate::cache::{BinaryCache, CacheError, Publication};
 use crate::scheduler::attempts::AttemptOwner;
-use crate::scheduler::core::StepSpec;
 
 /// Chunks buffered between the gRPC stream and the publisher.
 const QUEUED_CHUNKS: usize = 8;

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use drover_proto::v1::watch_event::Event as Kind;
 use drover_proto::v1::{BuildStatus, BuildUpdate, GetResponse, Heartbeat, StepState, WatchEvent};
+use drover_scheduler::{BuildId, Change};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tonic::Status;
 
 use super::build_view;
 use crate::db::status::StepStatus;
-use crate::scheduler::core::{BuildId, Change};
 use crate::scheduler::driver::Committed;
 
 /// The stream Watch answers with.

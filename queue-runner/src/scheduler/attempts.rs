@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::core::{AttemptId, StepId, StepSpec};
+use drover_scheduler::{AttemptId, StepId, StepSpec};
 
 /// Who runs an attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]

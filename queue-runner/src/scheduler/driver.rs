@@ -13,9 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use drover_daemon::notify::Notifier;
-use drover_proto::Outcome;
 use drover_proto::v1::{
     Abort, Build, BuildLimits, Joined, ResultRecorded, RunnerMessage, runner_message::Message,
+};
+use drover_scheduler::{
+    Assignment, AttemptId, BuildId, Capabilities, Change, Command, Core, CoreLimits, Event,
+    Outcome, Report, SessionId, ToBuilder,
 };
 use error_context::{Classify, Severity, WithContext};
 use nix_primitives::StorePath;
@@ -23,10 +26,6 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::attempts::{AttemptOwner, Attempts};
-use super::core::{
-    Assignment, AttemptId, BuildId, Capabilities, Change, Command, Core, CoreLimits, Event, Report,
-    SessionId, ToBuilder,
-};
 use crate::db::transitions::Transitions;
 use crate::db::{DbError, Pool, queries};
 
@@ -72,7 +71,7 @@ pub type CommittedChanges = broadcast::Sender<Arc<[Committed]>>;
 #[derive(Debug, Clone)]
 pub struct Published {
     /// How many step completions are durable (ingest reads it, see
-    /// [`super::core::BuildPlan::snapshot`]).
+    /// [`drover_scheduler::BuildPlan::snapshot`]).
     pub completions: Arc<AtomicU64>,
     /// Set once the queue is recovered.
     pub recovered: QueueRecovered,

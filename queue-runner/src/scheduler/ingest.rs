@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use drover_scheduler::{BuildPlan, Event, PlannedStep, Requirements, StepId};
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use futures_util::StreamExt as _;
 use nix_primitives::{
@@ -16,7 +17,6 @@ use nix_primitives::{
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::core::{self, BuildPlan, Event, PlannedStep, Requirements, StepId};
 use super::driver::{Committed, CommittedChanges};
 use super::handoff::Handoff;
 use crate::cache::{BinaryCache, CacheError, Publication};
@@ -312,7 +312,7 @@ fn plan_steps(closure: &VerifiedClosure, steps: &BTreeMap<String, StepRow>) -> V
         let fresh = row.status.is_terminal();
         planned.push(PlannedStep {
             id: row.id,
-            spec: Arc::new(core::StepSpec {
+            spec: Arc::new(drover_scheduler::StepSpec {
                 drv_path: path.clone(),
                 drv_text: verified.text.clone(),
                 outputs: verified.outputs.clone(),

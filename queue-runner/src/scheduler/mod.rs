@@ -1,7 +1,8 @@
-//! The scheduler: a pure [`core`] that decides, and a thin [`driver`] that does the I/O.
+//! The scheduler: a pure core that decides (the `drover-scheduler` crate), and a thin
+//! [`driver`] that does the I/O.
 //!
-//! - [`core`]: the step graph, the runnable index, the builders' slots and the running attempts;
-//!   events in, commands out; no async, no database, no gRPC.
+//! - the core ([`drover_scheduler`]): the step graph, the runnable index, the builders' slots
+//!   and the running attempts; events in, commands out; no async, no database, no gRPC.
 //! - [`driver`]: one task that feeds the core batches of events (builder sessions, ingest),
 //!   writes each batch's changes in one transaction, and only then sends assignments, aborts and
 //!   acknowledgements to the builders' bounded outboxes.
@@ -13,7 +14,6 @@
 //! - [`attempts`]: the read-only view of running attempts the gRPC handlers authorise with.
 
 pub mod attempts;
-pub mod core;
 pub mod driver;
 pub mod handoff;
 pub mod ingest;

@@ -5,11 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use drover_proto::Outcome;
 use nix_primitives::{Hash, IngestionMethod, StorePath};
 use uuid::Uuid;
 
-use crate::db::status::{AttemptStatus, BuildStatus, StepStatus};
+use crate::status::{AttemptStatus, BuildStatus, StepStatus};
 
 /// Step id (the `steps.id` column).
 pub type StepId = i64;
@@ -123,6 +122,21 @@ pub struct BuildPlan {
     /// How many step completions had been committed before ingest read the step statuses:
     /// completions after that may be missing from the plan, and the core corrects for them.
     pub snapshot: u64,
+}
+
+/// How a builder says an attempt ended (the runner converts the wire's outcome at its edge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Built; the outputs are uploaded.
+    Succeeded,
+    /// The build itself failed: permanent, never retried.
+    Failed,
+    /// The build exceeded its time or silence limit: permanent.
+    TimedOut,
+    /// Something other than the build failed (store, disk, transfer): retried.
+    InfrastructureFailure,
+    /// The build printed more log than its limit allows: permanent.
+    LogLimitExceeded,
 }
 
 /// A builder's report on one attempt.

@@ -1,5 +1,6 @@
 //! The scheduler core: every decision the scheduler makes, as a pure function of its state and
-//! one event. No async, no database, no gRPC: events in ([`Event`]), commands out
+//! one event. No async, no database, no gRPC (this crate depends on none of them, so the
+//! compiler keeps it that way): events in ([`Event`]), commands out
 //! ([`Command`]): durable changes for the driver to commit in one batch, then messages for
 //! builder sessions. Time comes in as an argument, so tests control it.
 //!
@@ -12,6 +13,7 @@ mod backoff;
 mod graph;
 mod orphans;
 mod placement;
+pub mod status;
 mod types;
 mod unsupported;
 
@@ -21,16 +23,15 @@ mod tests;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use drover_proto::Outcome;
-
-use crate::db::status::{AttemptStatus, BuildStatus, StepStatus};
+use status::{AttemptStatus, BuildStatus, StepStatus};
 
 pub use backoff::RetryPolicy;
 pub use graph::{Order, StepGraph, StepNode, StepState};
 pub use placement::{Builder, ClassId, Placement};
 pub use types::{
     Assignment, Attempt, AttemptId, BuildId, BuildPlan, Capabilities, Change, Command, CoreLimits,
-    Event, OutputRecord, PlannedStep, Report, Requirements, SessionId, StepId, StepSpec, ToBuilder,
+    Event, Outcome, OutputRecord, PlannedStep, Report, Requirements, SessionId, StepId, StepSpec,
+    ToBuilder,
 };
 
 use backoff::Held;

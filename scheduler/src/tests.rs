@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drover_proto::Outcome;
 use nix_primitives::StorePath;
 use proptest::prelude::*;
 use uuid::Uuid;
