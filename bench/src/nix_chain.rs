@@ -185,7 +185,7 @@ async fn through_the_farm(
         1,
         &run_dir.join("builder-store"),
         &builder_log,
-        "warn,drover_builder::tunnel=debug",
+        "warn,drover_builder::tunnel=debug,drover_builder::jobs=debug",
     )
     .await;
     let submitter = run_dir.join("submitter-store");

@@ -215,7 +215,8 @@ struct RawBuilders {
     /// A builder silent for this many seconds is disconnected and its steps requeued. Default 30.
     #[serde(default = "default_liveness_timeout_secs")]
     liveness_timeout_secs: u64,
-    /// A step whose builder disconnected this many times fails as `builder_lost`. Default 5.
+    /// Builder losses a step survives (its builder disconnected or went silent mid-step); one
+    /// more ends the step `cancelled` with the reason. Default 5.
     #[serde(default = "default_max_builder_losses")]
     max_builder_losses: u32,
     /// A build running longer than this many seconds is stopped as timed out. Default 36000.

@@ -57,7 +57,8 @@ status_enum!(
         Failed => "failed",
         /// A step it needs failed.
         DepFailed => "dep_failed",
-        /// Cancelled, or out of retries for faults that were not its own.
+        /// Cancelled by a client. (A step out of retries for faults that were not its own ends
+        /// `cancelled`; the builds needing it end `failed` or `dep_failed`.)
         Cancelled => "cancelled",
         /// It needs a derivation that failed on its own in an earlier build; nothing was built.
         CachedFailure => "cached_failure",
@@ -105,7 +106,8 @@ status_enum!(
         InfrastructureFailure => "infrastructure_failure",
         /// The builder left or went silent mid-step.
         BuilderLost => "builder_lost",
-        /// The runner stopped it (a previous runner process left it running).
+        /// The runner stopped it: its build was cancelled, its builder drained and handed it
+        /// back, or a previous runner process left it running and no build needs it any more.
         Aborted => "aborted",
     }
 );
