@@ -84,6 +84,9 @@ impl StepNode {
 #[derive(Debug)]
 struct BuildNode {
     top: StepId,
+    /// Whether one of its steps has started (in this process: after a restart, the first
+    /// start says so again, which the writer and Watch take as it was).
+    started: bool,
 }
 
 /// A build joining the graph.
@@ -235,7 +238,13 @@ impl StepGraph {
                 },
             );
         }
-        self.builds.insert(new.build, BuildNode { top: new.top });
+        self.builds.insert(
+            new.build,
+            BuildNode {
+                top: new.top,
+                started: false,
+            },
+        );
         for id in closure.iter().rev() {
             let Some(node) = self.steps.get_mut(id) else {
                 continue;
@@ -264,13 +273,25 @@ impl StepGraph {
         added
     }
 
-    /// Marks a runnable step as given to a builder.
-    pub fn start(&mut self, step: StepId, attempt: AttemptId) {
-        if let Some(node) = self.steps.get_mut(&step)
-            && node.state == StepState::Runnable
-        {
-            node.state = StepState::Running(attempt);
+    /// Marks a runnable step as given to a builder; returns the builds that need it and had no
+    /// step started before: they run from now on.
+    pub fn start(&mut self, step: StepId, attempt: AttemptId) -> Vec<BuildId> {
+        let Some(node) = self.steps.get_mut(&step) else {
+            return Vec::new();
+        };
+        if node.state != StepState::Runnable {
+            return Vec::new();
         }
+        node.state = StepState::Running(attempt);
+        node.builds
+            .iter()
+            .filter(|build| {
+                self.builds
+                    .get_mut(build)
+                    .is_some_and(|node| !std::mem::replace(&mut node.started, true))
+            })
+            .copied()
+            .collect()
     }
 
     /// Puts a running step back in line; returns whether it was running.

@@ -259,7 +259,7 @@ impl Core {
             let spec = node.spec.clone();
             self.placement.remove_runnable(class, &order);
             let attempt = (self.new_attempt_id)();
-            self.graph.start(step, attempt);
+            let started_builds = self.graph.start(step, attempt);
             self.placement.occupy(session);
             self.attempts.insert(
                 attempt,
@@ -280,6 +280,9 @@ impl Core {
                 step,
                 builder,
             });
+            for build in started_builds {
+                self.persist(Change::BuildStarted { build });
+            }
             self.send(
                 session,
                 ToBuilder::Build(Assignment {

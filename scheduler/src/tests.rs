@@ -157,6 +157,16 @@ fn step_status(commands: &[Command], wanted: StepId) -> Option<StepStatus> {
         })
 }
 
+fn builds_started(commands: &[Command]) -> Vec<BuildId> {
+    changes(commands)
+        .into_iter()
+        .filter_map(|change| match change {
+            Change::BuildStarted { build } => Some(*build),
+            _ => None,
+        })
+        .collect()
+}
+
 /// 1 ← 2, 1 ← 3, {2, 3} ← 4: a diamond with 4 on top.
 fn diamond() -> Vec<PlannedStep> {
     vec![step(1, &[]), step(2, &[1]), step(3, &[1]), step(4, &[2, 3])]
@@ -192,6 +202,48 @@ fn a_diamond_runs_bottom_up_and_its_build_succeeds_with_the_top() {
     let done = core.handle(finished(1, top[0].1, Outcome::Succeeded));
     assert_eq!(build_finished(&done), vec![(10, BuildStatus::Succeeded)]);
     assert!(core.graph().is_empty());
+}
+
+#[test]
+fn a_build_runs_from_its_first_steps_start_and_that_is_said_once() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    let planned = core.handle(plan(10, 0, 4, diamond()));
+    core.handle(plan(11, 0, 5, vec![step(1, &[]), step(5, &[1])]));
+    assert!(
+        builds_started(&planned).is_empty(),
+        "a planned build is still queued"
+    );
+    let first = core.dispatch(now);
+    assert_eq!(
+        builds(&first).iter().map(|b| b.2).collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert_eq!(
+        builds_started(&first),
+        vec![10, 11],
+        "both builds need the shared step that started"
+    );
+    let started_at = |commands: &[Command]| {
+        changes(commands)
+            .iter()
+            .position(|change| matches!(change, Change::BuildStarted { .. }))
+    };
+    let attempt_at = changes(&first)
+        .iter()
+        .position(|change| matches!(change, Change::AttemptStarted { .. }));
+    assert!(
+        attempt_at < started_at(&first),
+        "the attempt is stated first"
+    );
+    core.handle(finished(1, builds(&first)[0].1, Outcome::Succeeded));
+    let next = core.dispatch(now);
+    assert_eq!(builds(&next).len(), 1);
+    assert!(
+        builds_started(&next).is_empty(),
+        "a running build does not start again"
+    );
 }
 
 #[test]

@@ -260,7 +260,7 @@ pub enum Change {
         /// Infrastructure failures so far.
         infrastructure_failures: u32,
     },
-    /// An attempt was dispatched; its step runs, and its builds run.
+    /// An attempt was dispatched; its step runs.
     AttemptStarted {
         /// The attempt.
         attempt: AttemptId,
@@ -284,6 +284,12 @@ pub enum Change {
         step: StepId,
         /// Its outputs.
         outputs: Vec<OutputRecord>,
+    },
+    /// A build's first step started: the build runs from now on. (A build is `running` from
+    /// its first step's start until it ends; the core decides it, and storage and Watch follow.)
+    BuildStarted {
+        /// The build.
+        build: BuildId,
     },
     /// A build ended.
     BuildFinished {
@@ -381,7 +387,7 @@ pub enum Command {
 /// The core's limits.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CoreLimits {
-    /// Builder losses a step survives; one more fails it as `builder_lost`.
+    /// Builder losses a step survives; one more ends it `cancelled` with the reason.
     pub max_builder_losses: u32,
     /// How infrastructure failures are retried.
     pub retry: super::backoff::RetryPolicy,

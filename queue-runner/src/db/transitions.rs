@@ -1,14 +1,19 @@
 //! Writing a batch of the scheduler core's changes: [`Transitions`] folds a batch into one final
 //! row per step, attempt and build (a step that became runnable and started in the same batch
-//! is written once, as running), and [`Transitions::write`] stores it with one statement of
-//! data-modifying CTEs over arrays, in one transaction with the rare machine changes. A dispatch
+//! is written once, as running), and [`Transitions::write`] stores it with one statement per
+//! table over arrays, pipelined, in one transaction with the rare machine changes. A dispatch
 //! costs one row in each of `step_attempts` and `steps`; a completion the same plus its outputs,
 //! whatever the batch size.
+//!
+//! A new kind of [`Change`] touches the core (which states it), [`Transitions::add`] (which folds
+//! it into the rows it changes), the statement for its table here, and, if watchers see it, the
+//! driver's filter and Watch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use deadpool_postgres::GenericClient;
+use deadpool_postgres::{GenericClient, Transaction};
 use drover_scheduler::{AttemptId, BuildId, Capabilities, Change, OutputRecord, StepId};
+use tokio_postgres::types::ToSql;
 
 use super::DbError;
 use super::status::{AttemptStatus, BuildStatus, StepStatus};
@@ -54,7 +59,8 @@ pub struct Transitions {
     new_attempts: BTreeMap<AttemptId, NewAttempt>,
     ended_attempts: BTreeMap<AttemptId, (AttemptStatus, Option<String>)>,
     outputs: Vec<(StepId, OutputRecord)>,
-    builds: BTreeMap<BuildId, (BuildStatus, Option<String>)>,
+    started_builds: BTreeSet<BuildId>,
+    finished_builds: BTreeMap<BuildId, (BuildStatus, Option<String>)>,
     machines: Vec<MachineWrite>,
     pings: BTreeMap<String, Option<u64>>,
 }
@@ -67,7 +73,8 @@ impl Transitions {
             && self.new_attempts.is_empty()
             && self.ended_attempts.is_empty()
             && self.outputs.is_empty()
-            && self.builds.is_empty()
+            && self.started_builds.is_empty()
+            && self.finished_builds.is_empty()
             && self.machines.is_empty()
             && self.pings.is_empty()
     }
@@ -130,12 +137,17 @@ impl Transitions {
                 self.outputs
                     .extend(outputs.into_iter().map(|output| (step, output)));
             }
+            Change::BuildStarted { build } => {
+                self.started_builds.insert(build);
+            }
             Change::BuildFinished {
                 build,
                 status,
                 reason,
             } => {
-                self.builds.entry(build).or_insert((status, reason));
+                self.finished_builds
+                    .entry(build)
+                    .or_insert((status, reason));
             }
             Change::MachineJoined {
                 name,
@@ -172,181 +184,220 @@ impl Transitions {
             .map_err(DbError::query("committing a batch of scheduler changes"))
     }
 
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one statement's 28 array parameters, each built in a line or two"
-    )]
-    async fn write_rows(&self, client: &impl GenericClient) -> Result<(), DbError> {
+    /// One statement per table the batch touches, sent together: the connection pipelines
+    /// them, so the whole batch costs one round trip once each statement is prepared (which a
+    /// connection does once, [`Transaction::prepare_cached`]).
+    async fn write_rows(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+        tokio::try_join!(
+            self.insert_attempts(client),
+            self.end_attempts(client),
+            self.update_steps(client),
+            self.insert_outputs(client),
+            self.start_builds(client),
+            self.finish_builds(client),
+            self.record_pings(client),
+        )?;
+        Ok(())
+    }
+
+    async fn insert_attempts(&self, client: &Transaction<'_>) -> Result<(), DbError> {
         let attempts = &self.new_attempts;
-        let new_ids: Vec<AttemptId> = attempts.keys().copied().collect();
-        let new_steps: Vec<StepId> = attempts.values().map(|a| a.step).collect();
-        let new_machines: Vec<&str> = attempts.values().map(|a| a.machine.as_str()).collect();
-        let new_statuses: Vec<&str> = attempts.values().map(|a| a.status.as_str()).collect();
-        let new_messages: Vec<Option<&str>> =
-            attempts.values().map(|a| a.message.as_deref()).collect();
-        let new_logs: Vec<String> = new_ids.iter().map(|id| LogStore::file_name(*id)).collect();
+        if attempts.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<AttemptId> = attempts.keys().copied().collect();
+        let steps: Vec<StepId> = attempts.values().map(|a| a.step).collect();
+        let machines: Vec<&str> = attempts.values().map(|a| a.machine.as_str()).collect();
+        let statuses: Vec<&str> = attempts.values().map(|a| a.status.as_str()).collect();
+        let messages: Vec<Option<&str>> = attempts.values().map(|a| a.message.as_deref()).collect();
+        let logs: Vec<String> = ids.iter().map(|id| LogStore::file_name(*id)).collect();
+        execute(
+            client,
+            "recording dispatched attempts",
+            "INSERT INTO step_attempts (id, step_id, machine, status, finished_at, message, log_file)
+             SELECT a.id, a.step, a.machine, a.status::attempt_status,
+                    CASE WHEN a.status <> 'running' THEN now() END, a.message, a.log
+             FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
+                 AS a(id, step, machine, status, message, log)",
+            &[&ids, &steps, &machines, &statuses, &messages, &logs],
+        )
+        .await
+    }
 
-        let ended_ids: Vec<AttemptId> = self.ended_attempts.keys().copied().collect();
-        let ended_statuses: Vec<&str> = self
-            .ended_attempts
-            .values()
-            .map(|(status, _)| status.as_str())
-            .collect();
-        let ended_messages: Vec<Option<&str>> = self
-            .ended_attempts
-            .values()
-            .map(|(_, message)| message.as_deref())
-            .collect();
+    async fn end_attempts(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+        let ended = &self.ended_attempts;
+        if ended.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<AttemptId> = ended.keys().copied().collect();
+        let statuses: Vec<&str> = ended.values().map(|(status, _)| status.as_str()).collect();
+        let messages: Vec<Option<&str>> = ended.values().map(|(_, m)| m.as_deref()).collect();
+        execute(
+            client,
+            "recording ended attempts",
+            "UPDATE step_attempts t SET status = e.status::attempt_status, finished_at = now(),
+                 message = e.message
+             FROM unnest($1::uuid[], $2::text[], $3::text[]) AS e(id, status, message)
+             WHERE t.id = e.id",
+            &[&ids, &statuses, &messages],
+        )
+        .await
+    }
 
-        let step_ids: Vec<StepId> = self.steps.keys().copied().collect();
-        let step_statuses: Vec<Option<&str>> = self
-            .steps
+    async fn update_steps(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+        let steps = &self.steps;
+        if steps.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<StepId> = steps.keys().copied().collect();
+        let statuses: Vec<Option<&str>> = steps
             .values()
             .map(|s| s.status.map(StepStatus::as_str))
             .collect();
-        let step_finished: Vec<bool> = self
-            .steps
+        let finished: Vec<bool> = steps
             .values()
             .map(|s| s.status.is_some_and(StepStatus::is_terminal))
             .collect();
-        let step_started: Vec<bool> = self.steps.values().map(|s| s.started).collect();
-        let step_reasons: Vec<Option<&str>> =
-            self.steps.values().map(|s| s.reason.as_deref()).collect();
-        let losses: Vec<Option<i32>> = self
-            .steps
+        let started: Vec<bool> = steps.values().map(|s| s.started).collect();
+        let reasons: Vec<Option<&str>> = steps.values().map(|s| s.reason.as_deref()).collect();
+        let losses: Vec<Option<i32>> = steps
             .values()
             .map(|s| s.counters.map(|(losses, _)| saturating_i32(losses)))
             .collect();
-        let failures: Vec<Option<i32>> = self
-            .steps
+        let failures: Vec<Option<i32>> = steps
             .values()
             .map(|s| s.counters.map(|(_, failures)| saturating_i32(failures)))
             .collect();
-        let held_ms: Vec<Option<i64>> = self
-            .steps
+        let held_ms: Vec<Option<i64>> = steps
             .values()
             .map(|s| {
                 s.held_for
                     .map(|delay| i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
             })
             .collect();
-        let started_steps: Vec<StepId> = self
-            .steps
-            .iter()
-            .filter(|(_, s)| s.started)
-            .map(|(id, _)| *id)
-            .collect();
+        execute(
+            client,
+            "recording step changes",
+            "UPDATE steps s SET
+                 status = coalesce(c.status::step_status, s.status),
+                 started_at = CASE WHEN c.started THEN now() ELSE s.started_at END,
+                 finished_at = CASE WHEN c.status IS NULL THEN s.finished_at
+                                    WHEN c.finished THEN now() END,
+                 failure_reason = CASE WHEN c.status IS NULL THEN s.failure_reason
+                                       ELSE c.reason END,
+                 builder_losses = coalesce(c.losses, s.builder_losses),
+                 infrastructure_failures = coalesce(c.failures, s.infrastructure_failures),
+                 visible_after = coalesce(now() + c.held * interval '1 millisecond',
+                                          s.visible_after)
+             FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::bool[], $5::text[], $6::int[],
+                         $7::int[], $8::bigint[])
+                 AS c(id, status, finished, started, reason, losses, failures, held)
+             WHERE s.id = c.id",
+            &[
+                &ids, &statuses, &finished, &started, &reasons, &losses, &failures, &held_ms,
+            ],
+        )
+        .await
+    }
 
-        let output_steps: Vec<StepId> = self.outputs.iter().map(|(step, _)| *step).collect();
-        let output_names: Vec<&str> = self.outputs.iter().map(|(_, o)| o.name.as_str()).collect();
-        let output_paths: Vec<&str> = self.outputs.iter().map(|(_, o)| o.path.as_str()).collect();
-        let output_hashes: Vec<&str> = self
-            .outputs
-            .iter()
-            .map(|(_, o)| o.nar_hash.as_str())
-            .collect();
-        let output_sizes: Vec<i64> = self
-            .outputs
+    async fn insert_outputs(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+        let outputs = &self.outputs;
+        if outputs.is_empty() {
+            return Ok(());
+        }
+        let steps: Vec<StepId> = outputs.iter().map(|(step, _)| *step).collect();
+        let names: Vec<&str> = outputs.iter().map(|(_, o)| o.name.as_str()).collect();
+        let paths: Vec<&str> = outputs.iter().map(|(_, o)| o.path.as_str()).collect();
+        let hashes: Vec<&str> = outputs.iter().map(|(_, o)| o.nar_hash.as_str()).collect();
+        let sizes: Vec<i64> = outputs
             .iter()
             .map(|(_, o)| i64::try_from(o.nar_size).unwrap_or(i64::MAX))
             .collect();
+        execute(
+            client,
+            "recording step outputs",
+            "INSERT INTO step_outputs (step_id, output_name, path, nar_hash, nar_size)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+             ON CONFLICT DO NOTHING",
+            &[&steps, &names, &paths, &hashes, &sizes],
+        )
+        .await
+    }
 
-        let build_ids: Vec<BuildId> = self.builds.keys().copied().collect();
-        let build_statuses: Vec<&str> = self.builds.values().map(|(s, _)| s.as_str()).collect();
-        let build_reasons: Vec<Option<&str>> =
-            self.builds.values().map(|(_, r)| r.as_deref()).collect();
+    async fn start_builds(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+        if self.started_builds.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<BuildId> = self.started_builds.iter().copied().collect();
+        execute(
+            client,
+            "recording started builds",
+            "UPDATE builds SET status = 'running', started_at = now()
+             WHERE id = ANY($1::bigint[]) AND status = 'queued'",
+            &[&ids],
+        )
+        .await
+    }
 
-        let ping_names: Vec<&str> = self.pings.keys().map(String::as_str).collect();
-        let ping_free: Vec<Option<i64>> = self
+    async fn finish_builds(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+        let builds = &self.finished_builds;
+        if builds.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<BuildId> = builds.keys().copied().collect();
+        let statuses: Vec<&str> = builds.values().map(|(s, _)| s.as_str()).collect();
+        let reasons: Vec<Option<&str>> = builds.values().map(|(_, r)| r.as_deref()).collect();
+        execute(
+            client,
+            "recording finished builds",
+            "UPDATE builds b SET status = f.status::build_status, finished_at = now(),
+                 ingested_at = coalesce(b.ingested_at, now()), failure_reason = f.reason
+             FROM unnest($1::bigint[], $2::text[], $3::text[]) AS f(id, status, reason)
+             WHERE b.id = f.id AND b.finished_at IS NULL",
+            &[&ids, &statuses, &reasons],
+        )
+        .await
+    }
+
+    async fn record_pings(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+        if self.pings.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = self.pings.keys().map(String::as_str).collect();
+        let free: Vec<Option<i64>> = self
             .pings
             .values()
             .map(|free| free.map(|bytes| i64::try_from(bytes).unwrap_or(i64::MAX)))
             .collect();
-
-        client
-            .execute(
-                "WITH new_attempts AS (
-                     INSERT INTO step_attempts (id, step_id, machine, status, finished_at, message,
-                         log_file)
-                     SELECT a.id, a.step, a.machine, a.status::attempt_status,
-                            CASE WHEN a.status <> 'running' THEN now() END, a.message, a.log
-                     FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                                 $27::text[])
-                         AS a(id, step, machine, status, message, log)),
-                 ended_attempts AS (
-                     UPDATE step_attempts t SET status = e.status::attempt_status,
-                         finished_at = now(), message = e.message
-                     FROM unnest($6::uuid[], $7::text[], $8::text[]) AS e(id, status, message)
-                     WHERE t.id = e.id),
-                 step_changes AS (
-                     UPDATE steps s SET
-                         status = coalesce(c.status::step_status, s.status),
-                         started_at = CASE WHEN c.started THEN now() ELSE s.started_at END,
-                         finished_at = CASE WHEN c.status IS NULL THEN s.finished_at
-                                            WHEN c.finished THEN now() END,
-                         failure_reason = CASE WHEN c.status IS NULL THEN s.failure_reason
-                                               ELSE c.reason END,
-                         builder_losses = coalesce(c.losses, s.builder_losses),
-                         infrastructure_failures = coalesce(c.failures, s.infrastructure_failures),
-                         visible_after = coalesce(now() + c.held * interval '1 millisecond',
-                                                  s.visible_after)
-                     FROM unnest($9::bigint[], $10::text[], $11::bool[], $12::bool[], $13::text[],
-                                 $14::int[], $15::int[], $28::bigint[])
-                         AS c(id, status, finished, started, reason, losses, failures, held)
-                     WHERE s.id = c.id),
-                 outputs AS (
-                     INSERT INTO step_outputs (step_id, output_name, path, nar_hash, nar_size)
-                     SELECT * FROM unnest($16::bigint[], $17::text[], $18::text[], $19::text[],
-                                          $20::bigint[])
-                     ON CONFLICT DO NOTHING),
-                 finished_builds AS (
-                     UPDATE builds b SET status = f.status::build_status, finished_at = now(),
-                         ingested_at = coalesce(b.ingested_at, now()), failure_reason = f.reason
-                     FROM unnest($21::bigint[], $22::text[], $23::text[]) AS f(id, status, reason)
-                     WHERE b.id = f.id AND b.finished_at IS NULL),
-                 pings AS (
-                     UPDATE machines m SET last_ping_at = now(),
-                         free_disk_bytes = coalesce(p.free, m.free_disk_bytes)
-                     FROM unnest($24::text[], $25::bigint[]) AS p(name, free)
-                     WHERE m.name = p.name)
-                 UPDATE builds SET status = 'running', started_at = now()
-                 WHERE status = 'queued' AND id <> ALL($21::bigint[])
-                     AND id IN (SELECT build_id FROM build_steps WHERE step_id = ANY($26::bigint[]))",
-                &[
-                    &new_ids,
-                    &new_steps,
-                    &new_machines,
-                    &new_statuses,
-                    &new_messages,
-                    &ended_ids,
-                    &ended_statuses,
-                    &ended_messages,
-                    &step_ids,
-                    &step_statuses,
-                    &step_finished,
-                    &step_started,
-                    &step_reasons,
-                    &losses,
-                    &failures,
-                    &output_steps,
-                    &output_names,
-                    &output_paths,
-                    &output_hashes,
-                    &output_sizes,
-                    &build_ids,
-                    &build_statuses,
-                    &build_reasons,
-                    &ping_names,
-                    &ping_free,
-                    &started_steps,
-                    &new_logs,
-                    &held_ms,
-                ],
-            )
-            .await
-            .map_err(DbError::query("writing a batch of scheduler changes"))?;
-        Ok(())
+        execute(
+            client,
+            "recording builder pings",
+            "UPDATE machines m SET last_ping_at = now(),
+                 free_disk_bytes = coalesce(p.free, m.free_disk_bytes)
+             FROM unnest($1::text[], $2::bigint[]) AS p(name, free)
+             WHERE m.name = p.name",
+            &[&names, &free],
+        )
+        .await
     }
+}
+
+/// Runs one of the batch's statements, prepared once per connection.
+async fn execute(
+    client: &Transaction<'_>,
+    what: &'static str,
+    statement: &str,
+    parameters: &[&(dyn ToSql + Sync)],
+) -> Result<(), DbError> {
+    let statement = client
+        .prepare_cached(statement)
+        .await
+        .map_err(DbError::query(what))?;
+    client
+        .execute(&statement, parameters)
+        .await
+        .map_err(DbError::query(what))?;
+    Ok(())
 }
 
 fn saturating_i32(value: u32) -> i32 {

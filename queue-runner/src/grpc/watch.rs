@@ -154,13 +154,15 @@ impl Follow {
                 };
                 self.update_step(*step, status.as_str(), String::new(), failure_reason);
             }
-            Change::AttemptStarted { step, builder, .. } if self.steps.contains_key(step) => {
+            Change::AttemptStarted { step, builder, .. } => {
                 self.update_step(
                     *step,
                     StepStatus::Running.as_str(),
                     builder.clone(),
                     String::new(),
                 );
+            }
+            Change::BuildStarted { build } if *build == self.build => {
                 self.update_build(BuildStatus::Running, String::new());
             }
             Change::BuildFinished {

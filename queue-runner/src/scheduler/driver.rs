@@ -57,11 +57,25 @@ pub struct SessionLink {
 /// Something committed that Watch streams follow.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Committed {
-    /// A step's status, a dispatch, or a build's end, from the scheduler.
+    /// A step's status, a dispatch, or a build's start or end, from the scheduler.
     Change(Change),
     /// Ingest expanded a build (linked its steps) or ended it at once: its state is worth
     /// reading again.
     Expanded(BuildId),
+}
+
+impl Committed {
+    /// `change` as Watch streams see it, if they follow its kind.
+    fn watched(change: &Change) -> Option<Self> {
+        matches!(
+            change,
+            Change::StepStatus { .. }
+                | Change::AttemptStarted { .. }
+                | Change::BuildStarted { .. }
+                | Change::BuildFinished { .. }
+        )
+        .then(|| Self::Change(change.clone()))
+    }
 }
 
 /// What was committed, in commit order, one batch per commit, for Watch streams.
@@ -359,15 +373,10 @@ impl Driver {
             for command in commands.drain(..) {
                 match command {
                     Command::Persist(change) => {
-                        match &change {
-                            Change::AttemptEnded { attempt, .. } => self.attempts.remove(attempt),
-                            Change::StepStatus { .. }
-                            | Change::AttemptStarted { .. }
-                            | Change::BuildFinished { .. } => {
-                                watched.push(Committed::Change(change.clone()));
-                            }
-                            _ => {}
+                        if let Change::AttemptEnded { attempt, .. } = &change {
+                            self.attempts.remove(attempt);
                         }
+                        watched.extend(Committed::watched(&change));
                         transitions.add(change);
                         changes += 1;
                     }
