@@ -100,10 +100,11 @@ impl Default for RawExecutor {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawReconnect {
-    /// First delay before reconnecting, in milliseconds. Default 200.
+    /// First delay before reconnecting, in milliseconds; each delay is lengthened by a random
+    /// part of up to its own length, so a fleet does not reconnect in lockstep. Default 200.
     #[serde(default = "default_initial_ms")]
     initial_ms: u64,
-    /// Longest delay between attempts, in milliseconds. Default 10000.
+    /// Longest delay between attempts before its random part, in milliseconds. Default 10000.
     #[serde(default = "default_max_ms")]
     max_ms: u64,
     /// Seconds without reaching the runner after which the builder exits non-zero. Default 300.

@@ -11,7 +11,7 @@ pub mod noop;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::tunnel::Job;
+use crate::job::Job;
 
 pub use drover_proto::Outcome;
 

@@ -12,8 +12,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::{Executor, LogSink, Phases};
+use crate::job::Job;
 use crate::link::Link;
-use crate::tunnel::{Job, TunnelError};
+use crate::upload_error::UploadError;
 use crate::{log_upload, upload};
 
 /// Log chunks buffered between a running build and its upload; a slow upload slows the build's
@@ -117,7 +118,7 @@ async fn run_step(
     executor: &Executor,
     job: &Job,
     abort: &CancellationToken,
-) -> Result<StepResult, TunnelError> {
+) -> Result<StepResult, UploadError> {
     let (sender, receiver) = mpsc::channel(LOG_QUEUE);
     // The log ends when the executor's last sink is dropped: for Nix, when its serve process
     // ends, which is after the outputs were read from it and uploaded.

@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 use crate::link::Link;
-use crate::tunnel::TunnelError;
+use crate::upload_error::UploadError;
 
 /// Log chunks buffered between the spool and the upload stream.
 const UPLOAD_QUEUE: usize = 64;
@@ -26,14 +26,14 @@ pub async fn upload(
     mut link: Link,
     attempt_id: &str,
     mut log: mpsc::Receiver<Vec<u8>>,
-) -> Result<(), TunnelError> {
+) -> Result<(), UploadError> {
     let mut spool = Spool::new()?;
     let mut ended = false;
     let mut failed = None;
     loop {
         let (session, mut client) = loop {
             tokio::select! {
-                connected = link.client(failed) => break connected.ok_or(TunnelError::Stopping)?,
+                connected = link.client(failed) => break connected.ok_or(UploadError::Stopping)?,
                 data = log.recv(), if !ended => match data {
                     Some(data) => spool.append(&data)?,
                     None => ended = true,
@@ -53,7 +53,7 @@ pub async fn upload(
                 tracing::info!(attempt = %attempt_id, "the log upload was cut with its session; sending it again over the next");
                 failed = Some(session);
             }
-            Err(status) => return Err(TunnelError::Status(status)),
+            Err(status) => return Err(UploadError::Refused(status)),
         }
     }
 }
@@ -66,7 +66,7 @@ async fn feed(
     ended: &mut bool,
     sender: mpsc::Sender<LogChunk>,
     attempt_id: &str,
-) -> Result<(), TunnelError> {
+) -> Result<(), UploadError> {
     let chunk = |data: Vec<u8>| LogChunk {
         attempt_id: attempt_id.to_owned(),
         data,
@@ -104,21 +104,21 @@ struct Spool {
 }
 
 impl Spool {
-    fn new() -> Result<Self, TunnelError> {
-        let file = tempfile::tempfile().map_err(TunnelError::Spool)?;
+    fn new() -> Result<Self, UploadError> {
+        let file = tempfile::tempfile().map_err(UploadError::Spool)?;
         Ok(Self { file, length: 0 })
     }
 
-    fn append(&mut self, data: &[u8]) -> Result<(), TunnelError> {
+    fn append(&mut self, data: &[u8]) -> Result<(), UploadError> {
         self.file
             .write_all_at(data, self.length)
-            .map_err(TunnelError::Spool)?;
+            .map_err(UploadError::Spool)?;
         self.length += data.len() as u64;
         Ok(())
     }
 
     /// The spooled bytes from the start, in chunks.
-    fn replay(&self) -> impl Iterator<Item = Result<Vec<u8>, TunnelError>> {
+    fn replay(&self) -> impl Iterator<Item = Result<Vec<u8>, UploadError>> {
         (0..self.length).step_by(REPLAY_CHUNK).map(|offset| {
             let size = usize::try_from((self.length - offset).min(REPLAY_CHUNK as u64))
                 .unwrap_or(REPLAY_CHUNK);
@@ -126,7 +126,7 @@ impl Spool {
             self.file
                 .read_exact_at(&mut data, offset)
                 .map(|()| data)
-                .map_err(TunnelError::Spool)
+                .map_err(UploadError::Spool)
         })
     }
 }

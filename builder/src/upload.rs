@@ -10,16 +10,18 @@ use tokio::time::Instant;
 use drover_proto::v1::{BuiltOutput as WireOutput, NarChunk, StepOutcome, StepResult};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::backoff;
 use crate::executor::{BuiltOutput, NarSource, Outcome, Report};
+use crate::job::Job;
 use crate::link::{Client, Link};
-use crate::tunnel::{Job, TunnelError};
+use crate::upload_error::UploadError;
 
 /// NAR bytes per upload message.
 const NAR_CHUNK: usize = 256 * 1024;
 
 /// How an upload the runner turned away for lack of room (`RESOURCE_EXHAUSTED`: too many at
-/// once) is tried again: after this pause, doubling up to [`UPLOAD_BUSY_MAX_PAUSE`], for at most
-/// [`UPLOAD_BUSY_BUDGET`] in all. A busy runner is not the step's fault, and failing the step
+/// once) is tried again: after this pause, doubling up to [`UPLOAD_BUSY_MAX_PAUSE`], each with
+/// jitter ([`backoff::jittered`]), for at most [`UPLOAD_BUSY_BUDGET`] in all. A busy runner is not the step's fault, and failing the step
 /// would only move the same upload to another builder.
 const UPLOAD_BUSY_FIRST_PAUSE: Duration = Duration::from_millis(50);
 /// The longest pause between tries of a turned-away upload.
@@ -32,7 +34,7 @@ pub async fn outputs(
     link: &mut Link,
     job: &Job,
     report: Report,
-) -> Result<StepResult, TunnelError> {
+) -> Result<StepResult, UploadError> {
     let mut outcome = report.outcome;
     let mut message = report.message;
     let mut uploaded = Vec::new();
@@ -64,10 +66,10 @@ async fn upload_over_sessions(
     link: &mut Link,
     attempt_id: &str,
     output: &BuiltOutput,
-) -> Result<Result<WireOutput, tonic::Status>, TunnelError> {
+) -> Result<Result<WireOutput, tonic::Status>, UploadError> {
     let mut failed = None;
     loop {
-        let (session, mut client) = link.client(failed).await.ok_or(TunnelError::Stopping)?;
+        let (session, mut client) = link.client(failed).await.ok_or(UploadError::Stopping)?;
         match upload_when_room(&mut client, attempt_id, output).await {
             Err(status) if link.cut(session, &status).await => {
                 tracing::info!(attempt = %attempt_id, path = %output.path, "an output upload was cut with its session; sending it again over the next");
@@ -85,16 +87,15 @@ async fn upload_when_room(
     output: &BuiltOutput,
 ) -> Result<WireOutput, tonic::Status> {
     let started = Instant::now();
-    let mut pause = UPLOAD_BUSY_FIRST_PAUSE;
+    let mut pauses = backoff::jittered(UPLOAD_BUSY_FIRST_PAUSE, UPLOAD_BUSY_MAX_PAUSE);
     loop {
         match upload_one(client, attempt_id, output).await {
-            Err(status)
-                if status.code() == tonic::Code::ResourceExhausted
-                    && started.elapsed() + pause < UPLOAD_BUSY_BUDGET =>
-            {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(UPLOAD_BUSY_MAX_PAUSE);
-            }
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => match pauses.next() {
+                Some(pause) if started.elapsed() + pause < UPLOAD_BUSY_BUDGET => {
+                    tokio::time::sleep(pause).await;
+                }
+                _ => return Err(status),
+            },
             result => return result,
         }
     }

@@ -40,6 +40,16 @@ impl Notifier {
         }
     }
 
+    /// A notifier that sends nothing, whatever the environment says (for tests).
+    #[must_use]
+    pub fn disabled() -> Self {
+        Self {
+            socket: None,
+            watchdog: None,
+            complained: AtomicBool::new(false),
+        }
+    }
+
     /// How often to send `WATCHDOG=1`: half the watchdog timeout, if systemd set one.
     #[must_use]
     pub fn watchdog_interval(&self) -> Option<Duration> {

@@ -9,7 +9,7 @@ use nix_primitives::Derivation;
 use tokio_util::sync::CancellationToken;
 
 use super::{BuiltOutput, LogSink, NarSource, Outcome, Report};
-use crate::tunnel::Job;
+use crate::job::Job;
 
 /// The environment variable that makes the noop executor fail a step.
 pub const NOOP_FAIL_VARIABLE: &str = "DROVER_NOOP_FAIL";

@@ -107,7 +107,7 @@ impl BuildResult {
     /// The outcome and the message a user reads.
     #[must_use]
     pub fn outcome(&self) -> (Outcome, String) {
-        let message = crate::executor::nix::strip_ansi(self.error_message.trim().as_bytes());
+        let message = crate::ansi::strip_ansi(self.error_message.trim().as_bytes());
         let message = String::from_utf8_lossy(&message).into_owned();
         let message = match self.status {
             BuildStatus::NotDeterministic if message.is_empty() => {

@@ -10,7 +10,6 @@
 //! references and sizes. The outputs' NARs are read with DumpStorePath while they upload, and the
 //! process is closed when the report is dropped, which also ends the step's log.
 
-mod ansi;
 mod process;
 mod spares;
 
@@ -22,10 +21,9 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use super::{BuiltOutput, GcPins, LogSink, NarSource, Outcome, Phases, Report};
+use crate::job::Job;
 use crate::serve::{BuildLimits, BuildResult, PathInfo, ServeError};
-use crate::tunnel::Job;
 
-pub use ansi::strip_ansi;
 pub use process::{ServeConnection, ServeProcess, StartError};
 pub use spares::Spares;
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 
-use super::ansi::AnsiStripper;
+use crate::ansi::AnsiStripper;
 use crate::executor::LogSink;
 use crate::serve::{Connection, ServeError};
 
