@@ -3,35 +3,31 @@
 //! this process (the real builder library with the noop executor over real mTLS tunnels) or
 //! real `drover-builder` processes with the Nix executor, each with a private `/nix`.
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::{DerivationText, SubmitRequest};
-use drover_tls::{CertificateAuthority, Identity, Role};
-use nix_primitives::SecretKey;
+use drover_tls::Role;
 use test_support::fake_derivations::FakeDrv;
-use test_support::{ChildGuard, TestPostgres, private_store_command, workspace_binary};
+use test_support::farm::{BuilderExecutor, BuilderToml, FarmFiles, Reconnect, builder_environment};
+use test_support::{ChildGuard, TestPostgres, free_port, private_store_command, workspace_binary};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-/// Settings of every Nix the benchmarks run: single-user root, no sandbox, no network
-/// substituters, no negative narinfo caching.
-pub const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\nsubstituters =\n\
-narinfo-cache-negative-ttl = 0\n";
+pub use test_support::farm::NIX_CONFIG;
 
 /// A runner process with its database, certificates and builders.
 pub struct Farm {
-    dir: tempfile::TempDir,
+    /// Holds the farm's files; removed when the farm is dropped.
+    _dir: tempfile::TempDir,
+    files: FarmFiles,
     runner: ChildGuard,
     port: u16,
     cache_port: u16,
-    cache_key: SecretKey,
     builders: CancellationToken,
     builder_processes: Vec<ChildGuard>,
-    ca: CertificateAuthority,
     /// A connection to the farm's database.
     pub db: tokio_postgres::Client,
 }
@@ -40,31 +36,19 @@ impl Farm {
     /// Starts the runner on a fresh database of `cluster`.
     pub async fn start(cluster: &TestPostgres) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::generate("scale CA").unwrap();
-        ca.write(dir.path()).unwrap();
-        ca.issue(
-            &Identity::new(Role::Runner, "scale").unwrap(),
-            &["localhost".to_owned()],
-            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        )
-        .unwrap()
-        .write(dir.path())
-        .unwrap();
-        ca.issue(&Identity::new(Role::Client, "scale").unwrap(), &[], &[])
-            .unwrap()
-            .write(dir.path())
-            .unwrap();
-        let cache_key = SecretKey::generate("bench-1").unwrap();
-        fs_err::write(dir.path().join("cache.sec"), cache_key.to_nix_format()).unwrap();
+        let files = FarmFiles::create(dir.path(), "scale").unwrap();
+        files.issue(Role::Client, "scale").unwrap();
         let database = cluster.create_database().await;
         let port = free_port();
         let cache_port = free_port();
         let config = dir.path().join("runner.toml");
-        fs_err::write(
-            &config,
-            runner_config(dir.path(), &database.connection_string, port, cache_port),
-        )
-        .unwrap();
+        let text = files
+            .runner_config(&database.connection_string, port, cache_port)
+            .set("database.pool_size", 16)
+            .set("builders.ping_interval_secs", 10)
+            .set("builders.liveness_timeout_secs", 60)
+            .to_toml();
+        fs_err::write(&config, text).unwrap();
         let runner = ChildGuard::spawn(
             Command::new(workspace_binary("drover-queue-runner"))
                 .args(["--config", config.to_str().unwrap(), "run"])
@@ -78,14 +62,13 @@ impl Farm {
         .unwrap();
         let db = database.connect().await;
         Self {
-            dir,
+            _dir: dir,
+            files,
             runner,
             port,
             cache_port,
-            cache_key,
             builders: CancellationToken::new(),
             builder_processes: Vec::new(),
-            ca,
             db,
         }
     }
@@ -95,29 +78,28 @@ impl Farm {
         self.runner.id()
     }
 
-    /// The configuration of builder `name` with `jobs` slots and the given `[executor]` table;
-    /// issues its certificate.
-    fn builder_config(&self, name: &str, jobs: u32, executor: &str) -> String {
-        self.ca
-            .issue(&Identity::new(Role::Builder, name).unwrap(), &[], &[])
+    /// The configuration of builder `name` with `jobs` slots and `executor`; issues its
+    /// certificate.
+    fn builder_config(&self, name: &str, jobs: u32, executor: BuilderExecutor<'_>) -> String {
+        self.files
+            .builder_toml(&BuilderToml {
+                executor,
+                reconnect: Some(Reconnect {
+                    initial_ms: 100,
+                    max_ms: 1000,
+                    budget_secs: 120,
+                }),
+                ..BuilderToml::new(name, self.port, jobs)
+            })
             .unwrap()
-            .write(self.dir.path())
-            .unwrap();
-        format!(
-            "[runner]\nurl = \"https://localhost:{port}\"\n[tls]\nca_certificate = \"{d}/ca.pem\"\n\
-             certificate = \"{d}/builder-{name}.pem\"\nkey = \"{d}/builder-{name}.key\"\n\
-             [builder]\nsystems = [\"x86_64-linux\"]\nmax_jobs = {jobs}\n[executor]\n{executor}\n\
-             [reconnect]\ninitial_ms = 100\nmax_ms = 1000\nbudget_secs = 120\n",
-            port = self.port,
-            d = self.dir.path().display()
-        )
     }
 
     /// Starts `count` builders with `jobs` slots each, named `prefix-<n>`, and waits until all
     /// joined.
     pub async fn start_builders(&self, prefix: &str, count: usize, jobs: u32) {
         for index in 0..count {
-            let text = self.builder_config(&format!("{prefix}-{index}"), jobs, "kind = \"noop\"");
+            let name = format!("{prefix}-{index}");
+            let text = self.builder_config(&name, jobs, BuilderExecutor::Noop { build_ms: 0 });
             let config =
                 drover_builder::config::Config::parse(&text, Path::new("builder.toml")).unwrap();
             let token = self.builders.clone();
@@ -137,26 +119,26 @@ impl Farm {
         log: &Path,
         log_level: &str,
     ) {
-        let executor = format!(
-            "kind = \"nix\"\ncache_url = \"http://127.0.0.1:{}\"\ntrusted_public_keys = [\"{}\"]",
-            self.cache_port,
-            self.cache_key.public_key()
-        );
-        let config = self.dir.path().join(format!("builder-{name}.toml"));
-        fs_err::write(&config, self.builder_config(name, jobs, &executor)).unwrap();
-        let home = self.dir.path().join(format!("home-{name}"));
+        let cache_key = self.files.cache_key().public_key().to_string();
+        let executor = BuilderExecutor::Nix {
+            cache_url: format!("http://127.0.0.1:{}", self.cache_port),
+            trusted_public_keys: vec![&cache_key],
+            upstream_substituters: Vec::new(),
+        };
+        let config = self.files.path(&format!("builder-{name}.toml"));
+        fs_err::write(&config, self.builder_config(name, jobs, executor)).unwrap();
+        let home = self.files.path(&format!("home-{name}"));
         fs_err::create_dir_all(&home).unwrap();
         fs_err::create_dir_all(store).unwrap();
         let log = fs_err::File::create(log).unwrap().into_parts().0;
+        let mut command = private_store_command(store);
+        builder_environment(&mut command, &home);
         let child = ChildGuard::spawn(
-            private_store_command(store)
+            command
                 .arg(workspace_binary("drover-builder"))
                 .arg("--config")
                 .arg(&config)
                 .env("RUST_LOG", log_level)
-                .env("NIX_CONFIG", NIX_CONFIG)
-                .env("XDG_CACHE_HOME", home.join("cache"))
-                .env("HOME", &home)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log),
@@ -188,11 +170,11 @@ impl Farm {
     pub async fn client(&self) -> BuildServiceClient<Channel> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(
-                fs_err::read(self.dir.path().join("ca.pem")).unwrap(),
+                fs_err::read(self.files.ca_certificate()).unwrap(),
             ))
             .identity(tonic::transport::Identity::from_pem(
-                fs_err::read(self.dir.path().join("client-scale.pem")).unwrap(),
-                fs_err::read(self.dir.path().join("client-scale.key")).unwrap(),
+                fs_err::read(self.files.path("client-scale.pem")).unwrap(),
+                fs_err::read(self.files.path("client-scale.key")).unwrap(),
             ))
             .domain_name("localhost");
         let endpoint = Endpoint::from_shared(format!("https://localhost:{}", self.port))
@@ -281,24 +263,6 @@ pub fn raise_open_file_limit() {
     if !status.is_ok_and(|status| status.success()) {
         println!("(could not raise the open-file limit; the idle run may fail)");
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn runner_config(dir: &Path, database: &str, port: u16, cache_port: u16) -> String {
-    let d = dir.display();
-    format!(
-        "[database]\nurl = \"{database}\"\npool_size = 16\n[grpc]\nlisten = \"127.0.0.1:{port}\"\n\
-         [tls]\nca_certificate = \"{d}/ca.pem\"\ncertificate = \"{d}/runner-scale.pem\"\nkey = \"{d}/runner-scale.key\"\n\
-         [logs]\ndirectory = \"{d}/logs\"\n[cache]\ndirectory = \"{d}/cache\"\nlisten = \"127.0.0.1:{cache_port}\"\nsecret_key_file = \"{d}/cache.sec\"\n\
-         [builders]\nping_interval_secs = 10\nliveness_timeout_secs = 60\n"
-    )
 }
 
 /// What `/proc` says about a process: resident memory now and at its peak, and CPU time used.

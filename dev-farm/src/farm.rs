@@ -6,7 +6,6 @@
 //!
 //! Private stores need root (`mount --bind` over `/nix` in a new mount namespace).
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -14,16 +13,11 @@ use std::time::Duration;
 use clap::Args;
 use drover_queue_runner::app;
 use drover_queue_runner::config::Config;
-use drover_tls::{CertError, CertificateAuthority, Identity, Role};
+use drover_tls::Role;
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
-use nix_primitives::SecretKey;
+use test_support::farm::{BuilderExecutor, BuilderToml, FarmError, FarmFiles, builder_environment};
 use test_support::{ChildGuard, TestPostgres};
 use tokio_util::sync::CancellationToken;
-
-/// Settings every Nix in the farm runs with: single-user root, no sandbox, no network
-/// substituters besides the farm's own, no negative narinfo caching.
-pub const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\nsubstituters =\n\
-narinfo-cache-negative-ttl = 0\n";
 
 /// How long the farm may take to have every builder joined.
 const READY_DEADLINE: Duration = Duration::from_mins(1);
@@ -60,9 +54,9 @@ pub enum DevFarmError {
     /// A file of the farm could not be written.
     #[error("preparing the farm directory")]
     Files(#[source] std::io::Error),
-    /// Certificates could not be made.
-    #[error("making certificates")]
-    Certificates(#[from] CertError),
+    /// Certificates, the cache's key or the configuration files could not be made.
+    #[error("making the farm's certificates and configuration")]
+    Farm(#[from] FarmError),
     /// The runner failed.
     #[error("the runner failed: {0}")]
     Runner(String),
@@ -121,11 +115,8 @@ pub async fn run(args: DevFarmArgs) -> Result<(), WithContext<DevFarmError>> {
     eprintln!("starting PostgreSQL");
     let postgres = TestPostgres::start();
     let database = postgres.create_database().await;
-    let cache_key = SecretKey::generate("drover-dev-farm-1")
-        .map_err(|error| DevFarmError::Files(std::io::Error::other(error)))?;
-    write(&dir.join("cache-key.sec"), &cache_key.to_nix_format())?;
-    certificates(&dir, args.builders).context("issuing the farm's certificates")?;
-    let config = runner_config(&dir, &database.connection_string, &args)?;
+    let files = certificates(&dir, args.builders).context("issuing the farm's certificates")?;
+    let config = runner_config(&files, &database.connection_string, &args)?;
 
     let shutdown = CancellationToken::new();
     let runner = app::start(config, shutdown.clone())
@@ -137,7 +128,7 @@ pub async fn run(args: DevFarmArgs) -> Result<(), WithContext<DevFarmError>> {
     let mut builders = Vec::new();
     for index in 1..=args.builders {
         builders.push(start_builder(
-            &dir,
+            &files,
             index,
             &args,
             grpc.port(),
@@ -192,51 +183,26 @@ fn write(path: &Path, contents: &str) -> Result<(), DevFarmError> {
     fs_err::rename(&partial, path).map_err(DevFarmError::Files)
 }
 
-/// A CA, the runner's certificate, one per builder, and a client certificate `client/dev`.
-fn certificates(dir: &Path, builders: u32) -> Result<(), DevFarmError> {
-    let ca = CertificateAuthority::generate("drover dev farm CA")?;
-    ca.write(dir)?;
-    let runner = Identity::new(Role::Runner, "dev")
-        .map_err(|e| DevFarmError::Files(std::io::Error::other(e)))?;
-    ca.issue(
-        &runner,
-        &["localhost".to_owned()],
-        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-    )?
-    .write(dir)?;
-    let mut identities = vec![(Role::Client, "dev".to_owned())];
-    identities.extend((1..=builders).map(|index| (Role::Builder, format!("b{index}"))));
-    for (role, name) in identities {
-        let identity = Identity::new(role, &name)
-            .map_err(|e| DevFarmError::Files(std::io::Error::other(e)))?;
-        ca.issue(&identity, &[], &[])?.write(dir)?;
+/// A CA, the runner's certificate and the cache's key, one certificate per builder, and a
+/// client certificate `client/dev`.
+fn certificates(dir: &Path, builders: u32) -> Result<FarmFiles, DevFarmError> {
+    let files = FarmFiles::create(dir, "dev")?;
+    files.issue(Role::Client, "dev")?;
+    for index in 1..=builders {
+        files.issue(Role::Builder, &format!("b{index}"))?;
     }
-    Ok(())
+    Ok(files)
 }
 
-fn runner_config(dir: &Path, database: &str, args: &DevFarmArgs) -> Result<Config, DevFarmError> {
-    let text = format!(
-        r#"
-[database]
-url = "{database}"
-[grpc]
-listen = "127.0.0.1:{grpc_port}"
-[tls]
-ca_certificate = "{dir}/ca.pem"
-certificate = "{dir}/runner-dev.pem"
-key = "{dir}/runner-dev.key"
-[logs]
-directory = "{dir}/logs"
-[cache]
-directory = "{dir}/cache"
-listen = "127.0.0.1:{cache_port}"
-secret_key_file = "{dir}/cache-key.sec"
-"#,
-        dir = dir.display(),
-        grpc_port = args.grpc_port,
-        cache_port = args.cache_port,
-    );
-    let path = dir.join("queue-runner.toml");
+fn runner_config(
+    files: &FarmFiles,
+    database: &str,
+    args: &DevFarmArgs,
+) -> Result<Config, DevFarmError> {
+    let text = files
+        .runner_config(database, args.grpc_port, args.cache_port)
+        .to_toml();
+    let path = files.path("queue-runner.toml");
     write(&path, &text)?;
     Config::parse(&text, &path)
         .map_err(|error| DevFarmError::Runner(error_context::report(&error).to_string()))
@@ -244,7 +210,7 @@ secret_key_file = "{dir}/cache-key.sec"
 
 /// Starts builder `b<index>` in its own mount namespace with `DIR/stores/b<index>` as `/nix`.
 fn start_builder(
-    dir: &Path,
+    files: &FarmFiles,
     index: u32,
     args: &DevFarmArgs,
     grpc_port: u16,
@@ -252,29 +218,19 @@ fn start_builder(
     public_key: &str,
 ) -> Result<ChildGuard, DevFarmError> {
     let name = format!("b{index}");
+    let dir = files.dir();
     let store = dir.join("stores").join(&name);
     let home = dir.join("homes").join(&name);
     fs_err::create_dir_all(&store).map_err(DevFarmError::Files)?;
     fs_err::create_dir_all(&home).map_err(DevFarmError::Files)?;
-    let config = format!(
-        r#"
-[runner]
-url = "https://localhost:{grpc_port}"
-[tls]
-ca_certificate = "{dir}/ca.pem"
-certificate = "{dir}/builder-{name}.pem"
-key = "{dir}/builder-{name}.key"
-[builder]
-systems = ["x86_64-linux"]
-max_jobs = {max_jobs}
-[executor]
-kind = "nix"
-cache_url = "{cache_url}"
-trusted_public_keys = ["{public_key}"]
-"#,
-        dir = dir.display(),
-        max_jobs = args.max_jobs,
-    );
+    let config = files.builder_toml(&BuilderToml {
+        executor: BuilderExecutor::Nix {
+            cache_url: cache_url.to_owned(),
+            trusted_public_keys: vec![public_key],
+            upstream_substituters: Vec::new(),
+        },
+        ..BuilderToml::new(&name, grpc_port, args.max_jobs)
+    })?;
     let config_path = dir.join(format!("builder-{name}.toml"));
     write(&config_path, &config)?;
     let log = fs_err::File::create(dir.join(format!("builder-{name}.log")))
@@ -287,14 +243,12 @@ trusted_public_keys = ["{public_key}"]
     // Tied to this process: a farm killed with SIGKILL takes its builders (and, through them,
     // their builds) along instead of leaving them retrying a runner that is gone.
     drover_daemon::tied::spawn("unshare", |command| {
+        builder_environment(command, &home);
         command
             .args(test_support::private_store_arguments(&store))
             .arg(binary)
             .arg("--config")
             .arg(&config_path)
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .env("XDG_CACHE_HOME", home.join("cache"))
-            .env("HOME", &home)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr);

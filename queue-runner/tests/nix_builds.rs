@@ -33,7 +33,7 @@ fn substitute_from_farm(
     upstream: Option<(&Path, &str)>,
 ) {
     let farm_cache = format!("http://127.0.0.1:{}", farm.cache_port);
-    let farm_key = farm.cache_key.public_key().to_string();
+    let farm_key = farm.cache_key().public_key().to_string();
     let (substituters, keys) = match upstream {
         Some((directory, key)) => (
             format!("{farm_cache} file://{}", directory.display()),

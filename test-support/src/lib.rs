@@ -7,16 +7,20 @@
 //!   [`TestPostgres::create_database`].
 //! - [`process`]: [`ChildGuard`], a child process that is terminated when the test ends, and
 //!   [`workspace_binary`], which finds the binaries `cargo build --workspace` made.
+//! - [`farm`]: what every farm is made of (certificates, configuration files, builder
+//!   environments, ports), shared by the integration tests, the benchmarks and `drover dev-farm`.
 //! - [`fake_derivations`]: valid derivation texts made in memory (random DAGs, fixed outputs)
 //!   for control-plane tests and benchmarks that need no Nix.
 //! - [`wait`]: [`poll_until`], the one way tests wait for something to happen: poll with a
 //!   deadline instead of sleeping "long enough".
 
 pub mod fake_derivations;
+pub mod farm;
 pub mod postgres;
 pub mod process;
 pub mod wait;
 
+pub use farm::free_port;
 pub use postgres::{TestDatabase, TestPostgres};
 pub use process::{ChildGuard, private_store_arguments, private_store_command, workspace_binary};
 pub use wait::poll_until;

@@ -11,7 +11,6 @@
 pub mod nix;
 pub mod nix_farm;
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -21,9 +20,14 @@ use drover_proto::v1::builder_service_client::BuilderServiceClient;
 use drover_proto::v1::{DerivationText, GetRequest, SubmitRequest};
 use drover_queue_runner::app;
 use drover_queue_runner::config::Config;
-use drover_tls::{CertificateAuthority, Identity, Role};
+use drover_tls::Role;
 use nix_primitives::SecretKey;
-use test_support::{ChildGuard, TestDatabase, TestPostgres, poll_until, workspace_binary};
+use test_support::farm::{
+    BuilderExecutor, BuilderToml, FarmFiles, Reconnect, builder_environment, integer,
+};
+use test_support::{
+    ChildGuard, TestDatabase, TestPostgres, free_port, poll_until, workspace_binary,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -44,9 +48,8 @@ pub struct Farm {
     pub dir: tempfile::TempDir,
     /// The test's database.
     pub database: TestDatabase,
-    ca: CertificateAuthority,
-    /// The key the farm's cache is signed with.
-    pub cache_key: SecretKey,
+    /// Its CA, certificates and cache key, in `dir`.
+    files: FarmFiles,
     /// The runner's gRPC port, fixed at the first start so builders can reconnect.
     pub grpc_port: u16,
     /// The runner's binary cache port.
@@ -113,44 +116,18 @@ impl<'a> BuilderSpec<'a> {
     }
 }
 
-/// A port that was free a moment ago (the runner binds it again at every start, so builders can
-/// reconnect to the same address).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn toml_list(items: &[&str]) -> String {
-    let quoted: Vec<String> = items.iter().map(|item| format!("{item:?}")).collect();
-    format!("[{}]", quoted.join(", "))
-}
-
 impl Farm {
     /// A farm with a fresh database and CA; nothing started yet.
     pub async fn new() -> Self {
         let database = TestPostgres::shared().create_database().await;
         let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::generate("drover test CA").unwrap();
-        ca.write(dir.path()).unwrap();
-        let runner = Identity::new(Role::Runner, "main").unwrap();
-        ca.issue(
-            &runner,
-            &["localhost".to_owned()],
-            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        )
-        .unwrap()
-        .write(dir.path())
-        .unwrap();
-        let cache_key = SecretKey::generate("drover-test-1").unwrap();
-        fs_err::write(dir.path().join("cache-key.sec"), cache_key.to_nix_format()).unwrap();
+        let files = FarmFiles::create(dir.path(), "main").unwrap();
         Self {
             dir,
             database,
-            ca,
-            cache_key,
+            files,
+            // Fixed at the first start: the runner binds them again at every start, so
+            // builders reconnect to the same address.
             grpc_port: free_port(),
             cache_port: free_port(),
             upstreams: Vec::new(),
@@ -177,73 +154,51 @@ impl Farm {
         Config::parse(&text, &self.path("runner.toml")).unwrap()
     }
 
-    /// The runner's configuration file for this farm, with another database if wanted.
-    pub fn runner_config_text(&self, database_url: &str) -> String {
-        format!(
-            r#"
-            [database]
-            url = "{url}"
-            pool_size = 4
-            [grpc]
-            listen = "127.0.0.1:{port}"
-            heartbeat_ms = {heartbeat_ms}
-            [tls]
-            ca_certificate = "{dir}/ca.pem"
-            certificate = "{dir}/runner-main.pem"
-            key = "{dir}/runner-main.key"
-            [logs]
-            directory = "{dir}/logs"
-            max_bytes = 1048576
-            [cache]
-            directory = "{dir}/cache"
-            listen = "127.0.0.1:{cache_port}"
-            secret_key_file = "{dir}/cache-key.sec"
-            {upstreams}
-            [builders]
-            ping_interval_secs = 1
-            liveness_timeout_secs = {liveness_timeout}
-            max_builder_losses = 3
-            step_timeout_secs = {step_timeout}
-            max_silent_secs = {max_silent}
-            max_output_bytes = {max_output_bytes}
-            unsupported_grace_secs = {unsupported_grace}
-            readoption_grace_secs = {readoption_grace}
-            [submissions]
-            refuse_unknown_systems = {refuse_unknown_systems}
-            [retry]
-            max_attempts = 4
-            initial_interval_ms = 100
-            multiplier = 2.0
-            max_interval_ms = 400
-            "#,
-            url = database_url,
-            port = self.grpc_port,
-            cache_port = self.cache_port,
-            dir = self.dir.path().display(),
-            upstreams = self.upstreams_toml(),
-            step_timeout = self.step_limits_secs.0,
-            max_silent = self.step_limits_secs.1,
-            max_output_bytes = self.max_output_bytes,
-            unsupported_grace = self.unsupported_grace_secs,
-            readoption_grace = self.readoption_grace_secs,
-            heartbeat_ms = self.heartbeat_ms,
-            liveness_timeout = self.liveness_timeout_secs,
-            refuse_unknown_systems = self.refuse_unknown_systems,
-        )
+    /// The key the farm's cache is signed with.
+    pub fn cache_key(&self) -> &SecretKey {
+        self.files.cache_key()
     }
 
-    /// The `[[cache.upstreams]]` tables of the runner's configuration.
-    fn upstreams_toml(&self) -> String {
-        use std::fmt::Write as _;
+    /// The runner's configuration file for this farm, with another database if wanted.
+    pub fn runner_config_text(&self, database_url: &str) -> String {
+        let (step_timeout, max_silent) = self.step_limits_secs;
+        let config = self
+            .files
+            .runner_config(database_url, self.grpc_port, self.cache_port)
+            .set("database.pool_size", 4)
+            .set("grpc.heartbeat_ms", integer(self.heartbeat_ms))
+            .set("logs.max_bytes", 1_048_576)
+            .set("builders.ping_interval_secs", 1)
+            .set(
+                "builders.liveness_timeout_secs",
+                integer(self.liveness_timeout_secs),
+            )
+            .set("builders.max_builder_losses", 3)
+            .set("builders.step_timeout_secs", integer(step_timeout))
+            .set("builders.max_silent_secs", integer(max_silent))
+            .set("builders.max_output_bytes", integer(self.max_output_bytes))
+            .set(
+                "builders.unsupported_grace_secs",
+                integer(self.unsupported_grace_secs),
+            )
+            .set(
+                "builders.readoption_grace_secs",
+                integer(self.readoption_grace_secs),
+            )
+            .set(
+                "submissions.refuse_unknown_systems",
+                self.refuse_unknown_systems,
+            )
+            .set("retry.max_attempts", 4)
+            .set("retry.initial_interval_ms", 100)
+            .set("retry.multiplier", 2.0)
+            .set("retry.max_interval_ms", 400);
         self.upstreams
             .iter()
-            .fold(String::new(), |mut toml, (url, key)| {
-                let _ = writeln!(
-                    toml,
-                    "[[cache.upstreams]]\nurl = {url:?}\npublic_key = {key:?}"
-                );
-                toml
+            .fold(config, |config, (url, key)| {
+                config.push("cache.upstreams", &[("url", url), ("public_key", key)])
             })
+            .to_toml()
     }
 
     /// Starts the runner (again).
@@ -306,90 +261,51 @@ impl Farm {
 
     /// Issues a certificate for `role`/`name` into the farm directory; returns (cert, key).
     pub fn issue(&self, role: Role, name: &str) -> (PathBuf, PathBuf) {
-        let identity = Identity::new(role, name).unwrap();
-        let cert = self.path(&format!("{role}-{name}.pem"));
-        if cert.exists() {
-            return (cert, self.path(&format!("{role}-{name}.key")));
-        }
-        self.ca
-            .issue(&identity, &[], &[])
-            .unwrap()
-            .write(self.dir.path())
-            .unwrap()
+        self.files.issue(role, name).unwrap()
     }
 
     /// Issues the runner a new certificate and key (same identity) into `dir`; returns their
     /// paths.
     pub fn renew_runner_certificate(&self, dir: &Path) -> (PathBuf, PathBuf) {
-        fs_err::create_dir_all(dir).unwrap();
-        self.ca
-            .issue(
-                &Identity::new(Role::Runner, "main").unwrap(),
-                &["localhost".to_owned()],
-                &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-            )
-            .unwrap()
-            .write(dir)
-            .unwrap()
+        self.files.issue_runner(dir).unwrap()
     }
 
     /// Starts a `drover-builder` process; returns its index for [`Farm::kill_builder`].
     pub fn start_builder(&mut self, spec: &BuilderSpec<'_>) -> usize {
-        let (cert, key) = self.issue(Role::Builder, spec.name);
-        let config = format!(
-            r#"
-            [runner]
-            url = "https://localhost:{port}"
-            [tls]
-            ca_certificate = "{dir}/ca.pem"
-            certificate = "{cert}"
-            key = "{key}"
-            [builder]
-            systems = {systems}
-            supported_features = {features}
-            mandatory_features = {mandatory}
-            max_jobs = {max_jobs}
-            drain_deadline_secs = {drain}
-            {executor}
-            [reconnect]
-            initial_ms = 50
-            max_ms = 500
-            budget_secs = 60
-            "#,
-            port = self.grpc_port,
-            dir = self.dir.path().display(),
-            cert = cert.display(),
-            key = key.display(),
-            systems = toml_list(spec.systems),
-            features = toml_list(spec.features),
-            mandatory = toml_list(spec.mandatory),
-            max_jobs = spec.max_jobs,
-            drain = spec.drain_deadline_secs,
-            executor = match spec.nix_store {
-                None => format!("[executor]\nkind = \"noop\"\nbuild_ms = {}", spec.build_ms),
-                Some(_) => format!(
-                    "[executor]\nkind = \"nix\"\ncache_url = \"http://127.0.0.1:{}\"\n\
-                     trusted_public_keys = {}\nupstream_substituters = {}",
-                    self.cache_port,
-                    toml_list(
-                        &std::iter::once(self.cache_key.public_key().to_string())
-                            .chain(self.upstreams.iter().map(|(_, key)| key.clone()))
-                            .collect::<Vec<_>>()
-                            .iter()
-                            .map(String::as_str)
-                            .collect::<Vec<_>>()
-                    ),
-                    toml_list(
-                        &self
-                            .upstreams
-                            .iter()
-                            .filter(|_| !self.hide_upstreams_from_builders)
-                            .map(|(url, _)| url.as_str())
-                            .collect::<Vec<_>>()
-                    ),
-                ),
+        let cache_key = self.cache_key().public_key().to_string();
+        let executor = match spec.nix_store {
+            None => BuilderExecutor::Noop {
+                build_ms: spec.build_ms,
             },
-        );
+            Some(_) => BuilderExecutor::Nix {
+                cache_url: format!("http://127.0.0.1:{}", self.cache_port),
+                trusted_public_keys: std::iter::once(cache_key.as_str())
+                    .chain(self.upstreams.iter().map(|(_, key)| key.as_str()))
+                    .collect(),
+                upstream_substituters: self
+                    .upstreams
+                    .iter()
+                    .filter(|_| !self.hide_upstreams_from_builders)
+                    .map(|(url, _)| url.as_str())
+                    .collect(),
+            },
+        };
+        let config = self
+            .files
+            .builder_toml(&BuilderToml {
+                systems: spec.systems,
+                supported_features: spec.features,
+                mandatory_features: spec.mandatory,
+                drain_deadline_secs: Some(spec.drain_deadline_secs),
+                executor,
+                reconnect: Some(Reconnect {
+                    initial_ms: 50,
+                    max_ms: 500,
+                    budget_secs: 60,
+                }),
+                ..BuilderToml::new(spec.name, self.grpc_port, spec.max_jobs)
+            })
+            .unwrap();
         let config_path = self.path(&format!("builder-{}.toml", spec.name));
         fs_err::write(&config_path, config).unwrap();
         let log = fs_err::File::create(self.path(&format!("builder-{}.log", spec.name))).unwrap();
@@ -403,14 +319,12 @@ impl Farm {
         };
         let home = self.path(&format!("home-{}", spec.name));
         fs_err::create_dir_all(&home).unwrap();
+        builder_environment(&mut command, &home);
         let child = ChildGuard::spawn(
             command
                 .arg("--config")
                 .arg(&config_path)
                 .env("RUST_LOG", "info")
-                .env("NIX_CONFIG", nix::NIX_CONFIG)
-                .env("XDG_CACHE_HOME", home.join("cache"))
-                .env("HOME", &home)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap().into_parts().0)
                 .stderr(log.into_parts().0),
@@ -455,7 +369,7 @@ impl Farm {
         let (cert, key) = self.issue(role, name);
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(
-                fs_err::read(self.path("ca.pem")).unwrap(),
+                fs_err::read(self.files.ca_certificate()).unwrap(),
             ))
             .identity(tonic::transport::Identity::from_pem(
                 fs_err::read(cert).unwrap(),

@@ -8,11 +8,7 @@ use std::process::Command;
 
 use nix_primitives::{Derivation, StorePath};
 
-/// Settings for every Nix the tests run: single-user root, no sandbox, no network substituters,
-/// no negative narinfo caching.
-pub const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\nsubstituters =\n\
-narinfo-cache-negative-ttl = 0\nexperimental-features = nix-command\n";
-
+pub use test_support::farm::NIX_CONFIG;
 pub use test_support::private_store_command;
 
 /// A chroot store under a test directory: `nix --store DIR` keeps everything below DIR.

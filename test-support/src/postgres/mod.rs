@@ -10,7 +10,6 @@ mod tools;
 mod watchdog;
 
 use std::future::Future;
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -383,7 +382,5 @@ fn pg_ctl_stop_args<'a>(data: &'a Path, mode: &'a str) -> [&'a std::ffi::OsStr; 
 
 /// A port number no TCP listener on this machine uses right now, to name the socket.
 fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .map_or(FALLBACK_PORT, |address| address.port())
+    crate::farm::unused_port().unwrap_or(FALLBACK_PORT)
 }
