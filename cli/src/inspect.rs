@@ -8,7 +8,7 @@ use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::log_event::Event as LogKind;
 use drover_proto::v1::{
     BuildStatus, BuildSummary, FollowLogRequest, GetLogRequest, GetRequest, GetResponse,
-    ListRequest, StepState,
+    ListRequest, StepState, StepStatus,
 };
 use error_context::{Classify, Severity, WithContext};
 use serde_json::json;
@@ -140,7 +140,7 @@ fn step_json(step: &StepState) -> serde_json::Value {
     json!({
         "step_id": step.step_id,
         "drv_path": step.drv_path,
-        "status": step.status,
+        "status": step.status_label(),
         "waiting_reason": step.waiting_reason,
         "builder": step.builder,
         "failure_reason": step.failure_reason,
@@ -176,7 +176,7 @@ pub fn step_line(step: &StepState) -> String {
             }
         })
         .unwrap_or_default();
-    format!("  {} {}{detail}", step.status, step.drv_path)
+    format!("  {} {}{detail}", step.status_label(), step.drv_path)
 }
 
 /// Runs `drover status`.
@@ -190,7 +190,7 @@ pub async fn status(args: StatusArgs) -> Result<(), WithContext<InspectError>> {
     let done = build
         .steps
         .iter()
-        .filter(|step| step.status == "succeeded")
+        .filter(|step| step.typed_status() == StepStatus::Succeeded)
         .count();
     print(&format!(
         "build {}: {} ({} of {} steps done)\n  top: {}",
@@ -206,7 +206,11 @@ pub async fn status(args: StatusArgs) -> Result<(), WithContext<InspectError>> {
     for (name, path) in &build.outputs {
         print(&format!("  output {name}: {path}"))?;
     }
-    for step in build.steps.iter().filter(|step| step.status != "succeeded") {
+    for step in build
+        .steps
+        .iter()
+        .filter(|step| step.typed_status() != StepStatus::Succeeded)
+    {
         print(&step_line(step))?;
     }
     Ok(())
@@ -273,9 +277,14 @@ pub fn chosen_step(build: &GetResponse, wanted: Option<&str>) -> Option<String> 
             .find(|step| step.drv_path.contains(wanted))
             .map(|step| step.drv_path.clone());
     }
-    ["failed", "running"]
+    [StepStatus::Failed, StepStatus::Running]
         .iter()
-        .find_map(|status| build.steps.iter().find(|step| step.status == *status))
+        .find_map(|status| {
+            build
+                .steps
+                .iter()
+                .find(|step| step.typed_status() == *status)
+        })
         .map(|step| step.drv_path.clone())
         .or_else(|| Some(build.top_drv_path.clone()))
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
-use drover_proto::v1::GetResponse;
+use drover_proto::v1::{GetResponse, StepStatus};
 
 /// Running steps named on the line, at most.
 const RUNNING_SHOWN: usize = 3;
@@ -75,12 +75,12 @@ fn summary(build: &GetResponse) -> String {
     let done = build
         .steps
         .iter()
-        .filter(|step| step.status == "succeeded")
+        .filter(|step| step.typed_status() == StepStatus::Succeeded)
         .count();
     let running: Vec<String> = build
         .steps
         .iter()
-        .filter(|step| step.status == "running")
+        .filter(|step| step.typed_status() == StepStatus::Running)
         .map(|step| {
             let name = step
                 .drv_path
@@ -125,6 +125,7 @@ mod tests {
                 .map(|(index, (status, builder))| StepState {
                     drv_path: format!("/nix/store/{}-step{index}.drv", "0".repeat(32)),
                     status: (*status).to_owned(),
+                    step_status: StepStatus::from_label(status).into(),
                     builder: (*builder).to_owned(),
                     ..StepState::default()
                 })

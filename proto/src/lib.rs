@@ -25,6 +25,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 mod outcome;
 mod phase;
+mod step_status;
 
 pub use outcome::{Outcome, UnknownOutcome};
 

@@ -17,6 +17,7 @@ use tonic::transport::Server;
 
 use drover_scheduler::Core;
 
+use crate::builds::{Builds, SubmitLimits};
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::grpc::build_service::BuildServiceImpl;
@@ -133,12 +134,8 @@ pub struct Runner {
     sessions: TaskTracker,
 }
 
-/// Connects, migrates, binds and starts every task; returns once the runner serves.
-pub async fn start(
-    config: Config,
-    shutdown: CancellationToken,
-) -> Result<Runner, WithContext<RunnerError>> {
-    fs_err::create_dir_all(&config.log_directory).map_err(RunnerError::LogDirectory)?;
+/// The database pool, with the schema migrated to this version.
+async fn open_database(config: &Config) -> Result<db::Pool, RunnerError> {
     let pool = db::pool(&config.database_url, config.pool_size)
         .map_err(|error| RunnerError::Database(error.into()))?;
     let applied = db::migrate(&pool).await.map_err(|error| {
@@ -147,6 +144,16 @@ pub async fn start(
     if !applied.is_empty() {
         tracing::info!(?applied, "database migrated");
     }
+    Ok(pool)
+}
+
+/// Connects, migrates, binds and starts every task; returns once the runner serves.
+pub async fn start(
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<Runner, WithContext<RunnerError>> {
+    fs_err::create_dir_all(&config.log_directory).map_err(RunnerError::LogDirectory)?;
+    let pool = open_database(&config).await?;
     let tls = ServerTls::load(&config).map_err(RunnerError::Tls)?;
     let (listener, grpc_address) = bind(config.grpc_listen).await?;
     let cache = Arc::new(open_cache(&config)?);
@@ -181,7 +188,18 @@ pub async fn start(
         crate::health::router(pool.clone(), published.recovered.clone(), shutdown.clone()),
     );
     serve_http(cache_listener, routes, &shutdown, &mut supervisor);
-    let cache_for_clients = cache.clone();
+    let limits = SubmitLimits {
+        max_derivation_bytes: config.max_derivation_bytes,
+        refuse_unknown_systems: config.refuse_unknown_systems,
+    };
+    let builds = Builds::new(
+        pool,
+        logs.clone(),
+        cache.clone(),
+        handoff,
+        limits,
+        events_for_clients,
+    );
     let sessions = TaskTracker::new();
     let builder_service = BuilderServiceImpl::new(
         (events, published.recovered.clone()),
@@ -207,13 +225,9 @@ pub async fn start(
         )
         .add_service(
             BuildServiceServer::new(BuildServiceImpl::new(
-                pool,
-                logs,
-                cache_for_clients,
-                handoff,
-                (config.max_derivation_bytes, config.refuse_unknown_systems),
-                events_for_clients,
-                (published.changes.clone(), config.heartbeat),
+                builds,
+                published.changes.clone(),
+                config.heartbeat,
             ))
             .max_decoding_message_size(config.max_submission_bytes),
         )

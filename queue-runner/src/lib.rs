@@ -6,6 +6,8 @@
 //! - [`verify`]: checking a derivation closure (paths, output paths, kinds) before it is trusted.
 //! - [`scheduler`]: the pure scheduler core (step graph, placement, attempts), the driver that
 //!   writes its decisions in batches and talks to builders, and ingest on its own task.
+//! - [`builds`]: the build API's use cases (submit, read, list, cancel, restart, logs) with typed
+//!   errors, which every front end calls.
 //! - [`grpc`]: the builder tunnel and the build service, authenticated by client certificates.
 //! - [`cache`]: the signed binary cache (publishing uploaded NARs, serving it over HTTP).
 //! - [`logs`]: compressed step logs on disk.
@@ -17,6 +19,7 @@
 //! - [`app`]: assembling all of it.
 
 pub mod app;
+pub mod builds;
 pub mod cache;
 pub mod compression;
 pub mod config;

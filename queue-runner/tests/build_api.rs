@@ -16,7 +16,8 @@ use common::{BuilderSpec, DEADLINE, Farm};
 use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::watch_event::Event as WatchKind;
 use drover_proto::v1::{
-    BuildPhase, BuildStatus, GetRequest, ListRequest, StepState, WatchEvent, WatchRequest,
+    BuildPhase, BuildStatus, GetRequest, ListRequest, StepState, StepStatus, WatchEvent,
+    WatchRequest,
 };
 use drover_tls::Role;
 use test_support::fake_derivations::{Factory, Spec};
@@ -175,7 +176,7 @@ async fn planned_steps(farm: &Farm, build: i64) -> BTreeMap<String, StepState> {
 async fn runnable(farm: &Farm, build: i64, name: &str) -> BTreeMap<String, StepState> {
     test_support::poll_until(DEADLINE, "the step to be runnable", || async {
         let steps = planned_steps(farm, build).await;
-        (steps[name].status == "runnable").then_some(steps)
+        (steps[name].step_status() == StepStatus::Runnable).then_some(steps)
     })
     .await
 }
@@ -210,7 +211,11 @@ async fn get_says_why_each_unfinished_step_waits() {
     )
     .await;
     let steps = planned_steps(&farm, chain).await;
-    assert_eq!(steps["base"].status, "running");
+    assert_eq!(steps["base"].step_status(), StepStatus::Running);
+    assert_eq!(
+        steps["base"].status, "running",
+        "the label stays for older clients"
+    );
     assert_eq!(steps["base"].builder, "busy");
     assert_eq!(steps["base"].waiting_reason, "");
 
@@ -362,7 +367,8 @@ async fn watch_sends_the_state_then_every_transition_in_order_heartbeats_and_the
                     } else {
                         "top"
                     };
-                    seen.push(format!("{name} {}", step.status));
+                    assert_eq!(step.status_label(), step.status, "label and type agree");
+                    seen.push(format!("{name} {:?}", step.step_status()));
                 }
                 Some(WatchKind::Build(update)) => {
                     seen.push(format!("build {:?}", update.status()));
@@ -381,12 +387,12 @@ async fn watch_sends_the_state_then_every_transition_in_order_heartbeats_and_the
     assert_eq!(
         seen,
         [
-            "base running",
+            "base Running",
             "build Running",
-            "base succeeded",
-            "top runnable",
-            "top running",
-            "top succeeded",
+            "base Succeeded",
+            "top Runnable",
+            "top Running",
+            "top Succeeded",
             "build Succeeded",
         ],
         "every transition once, in order"
@@ -399,7 +405,12 @@ async fn watch_sends_the_state_then_every_transition_in_order_heartbeats_and_the
     };
     assert_eq!(state.phase(), BuildPhase::Succeeded);
     assert_eq!(state.steps.len(), 2);
-    assert!(state.steps.iter().all(|step| step.status == "succeeded"));
+    assert!(
+        state
+            .steps
+            .iter()
+            .all(|step| step.step_status() == StepStatus::Succeeded)
+    );
 
     let missing = farm
         .client()

@@ -439,8 +439,8 @@ pub struct StepStateRow {
     pub id: i64,
     /// Its derivation.
     pub drv_path: String,
-    /// Its status label.
-    pub status: String,
+    /// Its status; `None` for a label this runner does not know (a newer one's migration).
+    pub status: Option<StepStatus>,
     /// Why it waits, if it does.
     pub waiting_reason: String,
     /// The builder running it, if one is.
@@ -474,7 +474,7 @@ pub async fn build_steps(
         .map(|row| StepStateRow {
             id: row.get(0),
             drv_path: row.get(1),
-            status: row.get(2),
+            status: StepStatus::from_label(row.get(2)),
             waiting_reason: row.get(3),
             builder: row.get(4),
             failure_reason: row.get(5),
@@ -485,8 +485,8 @@ pub async fn build_steps(
 /// Which builds [`list_builds`] returns.
 #[derive(Debug, Clone, Default)]
 pub struct BuildFilter {
-    /// Status labels to keep (empty: any).
-    pub statuses: Vec<String>,
+    /// Statuses to keep (empty: any).
+    pub statuses: Vec<BuildStatus>,
     /// Metadata every build must contain (a JSON object).
     pub metadata: serde_json::Value,
     /// Submitted at or after, in Unix milliseconds.
@@ -504,8 +504,8 @@ pub struct BuildFilter {
 pub struct BuildSummaryRow {
     /// Build id.
     pub id: i64,
-    /// Its status label.
-    pub status: String,
+    /// Its status; `None` for a label this runner does not know (a newer one's migration).
+    pub status: Option<BuildStatus>,
     /// Its top-level derivation.
     pub drv_path: String,
     /// Its metadata.
@@ -538,7 +538,11 @@ pub async fn list_builds(
              ORDER BY id DESC
              LIMIT $6",
             &[
-                &filter.statuses,
+                &filter
+                    .statuses
+                    .iter()
+                    .map(|status| status.as_str())
+                    .collect::<Vec<_>>(),
                 &filter.metadata,
                 &filter.submitted_after_ms,
                 &filter.submitted_before_ms,
@@ -552,7 +556,7 @@ pub async fn list_builds(
         .iter()
         .map(|row| BuildSummaryRow {
             id: row.get(0),
-            status: row.get(1),
+            status: BuildStatus::from_label(row.get(1)),
             drv_path: row.get(2),
             metadata: row.get(3),
             submitted_at_ms: row.get(4),
@@ -632,8 +636,8 @@ pub async fn restart_build(
 /// A build as clients see it.
 #[derive(Debug, Clone)]
 pub struct BuildRow {
-    /// Its status, as text.
-    pub status: String,
+    /// Its status; `None` for a label this runner does not know (a newer one's migration).
+    pub status: Option<BuildStatus>,
     /// Its top-level derivation.
     pub drv_path: String,
     /// Its metadata.
@@ -669,7 +673,7 @@ pub async fn build(client: &impl GenericClient, id: i64) -> Result<Option<BuildR
         .map(|row| (row.get(0), row.get(1)))
         .collect();
     Ok(Some(BuildRow {
-        status: row.get(0),
+        status: BuildStatus::from_label(row.get(0)),
         drv_path,
         metadata: row.get(2),
         failure_reason: row.get(3),

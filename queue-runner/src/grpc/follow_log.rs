@@ -10,7 +10,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::Status;
 use uuid::Uuid;
 
-use super::build_service::unavailable;
+use super::status::unavailable;
 use crate::db::{DbError, Pool, queries};
 use crate::live_logs::{LiveChunk, LiveFollower};
 use crate::logs::LogStore;

@@ -3,8 +3,9 @@
 
 pub mod auth;
 pub mod build_service;
-pub mod build_view;
 pub mod follow_log;
+pub mod list_filter;
+pub mod status;
 pub mod tls;
 pub mod tunnel;
 pub mod upload;

@@ -18,7 +18,7 @@ use drover_scheduler::{BuildId, Change};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tonic::Status;
 
-use super::build_view;
+use crate::builds::view;
 use crate::db::status::StepStatus;
 use crate::scheduler::driver::Committed;
 
@@ -152,15 +152,10 @@ impl Follow {
                     | StepStatus::Unsupported => reason.clone().unwrap_or_default(),
                     _ => String::new(),
                 };
-                self.update_step(*step, status.as_str(), String::new(), failure_reason);
+                self.update_step(*step, *status, String::new(), failure_reason);
             }
             Change::AttemptStarted { step, builder, .. } => {
-                self.update_step(
-                    *step,
-                    StepStatus::Running.as_str(),
-                    builder.clone(),
-                    String::new(),
-                );
+                self.update_step(*step, StepStatus::Running, builder.clone(), String::new());
             }
             Change::BuildStarted { build } if *build == self.build => {
                 self.update_build(BuildStatus::Running, String::new());
@@ -170,7 +165,7 @@ impl Follow {
                 status,
                 reason,
             } if *build == self.build => {
-                let status = build_view::wire_status(status.as_str());
+                let status = view::wire_status(Some(*status));
                 self.update_build(status, reason.clone().unwrap_or_default());
                 self.ended = status.phase().is_terminal();
             }
@@ -178,14 +173,20 @@ impl Follow {
         }
     }
 
-    fn update_step(&mut self, step: i64, status: &str, builder: String, failure_reason: String) {
+    fn update_step(
+        &mut self,
+        step: i64,
+        status: StepStatus,
+        builder: String,
+        failure_reason: String,
+    ) {
         let Some(known) = self.steps.get_mut(&step) else {
             return;
         };
-        if known.status == status && known.builder == builder {
+        if known.step_status() == view::wire_step_status(Some(status)) && known.builder == builder {
             return;
         }
-        status.clone_into(&mut known.status);
+        view::set_step_status(known, Some(status));
         known.builder = builder;
         known.failure_reason = failure_reason;
         known.waiting_reason = String::new();

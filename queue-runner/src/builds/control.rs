@@ -1,0 +1,105 @@
+//! Cancelling and restarting a build: only its submitter or an admin may. A cancel goes to the
+//! scheduler, which owns every running build and stops the steps only that build needs; a
+//! restart tells the scheduler first (so a plan for the build after it is not taken for a stale
+//! one), then queues the ended build again for ingest.
+
+use drover_scheduler::Event;
+use drover_tls::{Identity, Role};
+use error_context::{Classify, Severity};
+
+use super::Builds;
+use crate::db::status::BuildStatus;
+use crate::db::{DbError, queries};
+use crate::scheduler::driver::SessionEvent;
+
+/// Why a build could not be cancelled or restarted.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// There is no such build.
+    #[error("no build {0}")]
+    NoSuchBuild(i64),
+    /// Someone else submitted it.
+    #[error("build {build} was submitted by {submitted_by}; only it and admins may change it")]
+    NotOwner {
+        /// The build.
+        build: i64,
+        /// Its submitter (`SQL` for a build inserted directly).
+        submitted_by: String,
+    },
+    /// It has ended: there is nothing to cancel.
+    #[error("build {build} already ended {status}")]
+    AlreadyEnded {
+        /// The build.
+        build: i64,
+        /// How it ended.
+        status: BuildStatus,
+    },
+    /// It has not failed or been cancelled: there is nothing to restart.
+    #[error("build {0} has not failed or been cancelled: only those can be restarted")]
+    NotRestartable(i64),
+    /// The scheduler no longer takes events.
+    #[error("the runner is shutting down")]
+    ShuttingDown,
+    /// The database failed.
+    #[error("reading or changing the build")]
+    Database(#[from] DbError),
+}
+
+impl Classify for ControlError {
+    fn severity(&self) -> Severity {
+        match self {
+            Self::Database(error) => error.severity(),
+            _ => Severity::Reject,
+        }
+    }
+}
+
+impl Builds {
+    /// Cancels `build` for `caller`.
+    pub async fn cancel(&self, caller: &Identity, build: i64) -> Result<(), ControlError> {
+        let status = self.owned(caller, build).await?;
+        if status.is_terminal() {
+            return Err(ControlError::AlreadyEnded { build, status });
+        }
+        let by = caller.to_string();
+        self.tell_scheduler(Event::CancelBuild { build, by })
+            .await?;
+        tracing::info!(build, by = %caller, "build cancelled");
+        Ok(())
+    }
+
+    /// Queues `build` again for `caller`, once it has failed or been cancelled.
+    pub async fn restart(&self, caller: &Identity, build: i64) -> Result<(), ControlError> {
+        self.owned(caller, build).await?;
+        self.tell_scheduler(Event::RestartBuild { build }).await?;
+        let mut client = self.pool.get().await.map_err(DbError::Connection)?;
+        if !queries::restart_build(&mut client, build).await? {
+            return Err(ControlError::NotRestartable(build));
+        }
+        tracing::info!(build, by = %caller, "build restarted");
+        Ok(())
+    }
+
+    /// Checks that `caller` may change `build` (its submitter, or an admin); its status if so.
+    async fn owned(&self, caller: &Identity, build: i64) -> Result<BuildStatus, ControlError> {
+        let client = self.pool.get().await.map_err(DbError::Connection)?;
+        let (submitted_by, status) = queries::build_owner(&client, build)
+            .await?
+            .ok_or(ControlError::NoSuchBuild(build))?;
+        if caller.role == Role::Admin || submitted_by.as_deref() == Some(&caller.to_string()) {
+            Ok(status)
+        } else {
+            Err(ControlError::NotOwner {
+                build,
+                submitted_by: submitted_by.unwrap_or_else(|| "SQL".to_owned()),
+            })
+        }
+    }
+
+    async fn tell_scheduler(&self, event: Event) -> Result<(), ControlError> {
+        self.scheduler
+            .send(SessionEvent::Core(event))
+            .await
+            .map_err(|_| ControlError::ShuttingDown)
+    }
+}

@@ -1,0 +1,101 @@
+//! Reading builds: one build's whole state (as Get and Watch answer), a page of builds, and a
+//! step's stored log.
+
+use drover_proto::v1::{GetResponse, ListResponse};
+use error_context::{Classify, Severity};
+
+use super::Builds;
+use super::view;
+use crate::db::queries::{self, BuildFilter};
+use crate::db::{DbError, Pool};
+
+/// Why a build or a log could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// There is no such build.
+    #[error("no build {0}")]
+    NoSuchBuild(i64),
+    /// No attempt of the step has a log.
+    #[error("no log for {0}")]
+    NoLog(String),
+    /// The step's latest attempt has written no log yet.
+    #[error("no log for {0} yet")]
+    LogNotYet(String),
+    /// The stored log could not be read.
+    #[error("reading the stored log of {drv_path} failed")]
+    ReadLog {
+        /// The step's derivation.
+        drv_path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database failed.
+    #[error("reading builds")]
+    Database(#[from] DbError),
+}
+
+impl Classify for ReadError {
+    fn severity(&self) -> Severity {
+        match self {
+            Self::Database(error) => error.severity(),
+            _ => Severity::Reject,
+        }
+    }
+}
+
+impl Builds {
+    /// Build `id`'s whole state.
+    pub async fn get(&self, id: i64) -> Result<GetResponse, ReadError> {
+        build_state(&self.pool, id).await
+    }
+
+    /// The builds `filter` selects, newest first, and the token of the next page.
+    pub async fn list(&self, filter: &BuildFilter) -> Result<ListResponse, ReadError> {
+        let client = self.pool.get().await.map_err(DbError::Connection)?;
+        let rows = queries::list_builds(&client, filter).await?;
+        let next_page_token = view::next_page_token(&rows, filter);
+        Ok(ListResponse {
+            builds: rows.into_iter().map(view::summary).collect(),
+            next_page_token,
+        })
+    }
+
+    /// The stored log of the latest attempt of the step building `drv_path`.
+    pub async fn log(&self, drv_path: &str) -> Result<Vec<u8>, ReadError> {
+        let client = self.pool.get().await.map_err(DbError::Connection)?;
+        let file = queries::latest_log_file(&client, drv_path)
+            .await?
+            .ok_or_else(|| ReadError::NoLog(drv_path.to_owned()))?;
+        self.logs.read(&file).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                return ReadError::LogNotYet(drv_path.to_owned());
+            }
+            tracing::error!(%file, error = %source, "reading a stored log failed");
+            ReadError::ReadLog {
+                drv_path: drv_path.to_owned(),
+                source,
+            }
+        })
+    }
+}
+
+/// Build `id`'s whole state, over `pool` (Watch reads it again while it streams).
+pub async fn build_state(pool: &Pool, id: i64) -> Result<GetResponse, ReadError> {
+    let client = pool.get().await.map_err(DbError::Connection)?;
+    let build = queries::build(&client, id)
+        .await?
+        .ok_or(ReadError::NoSuchBuild(id))?;
+    let steps = queries::build_steps(&client, id).await?;
+    let status = view::wire_status(build.status);
+    Ok(GetResponse {
+        build_id: id,
+        status: status.into(),
+        top_drv_path: build.drv_path,
+        metadata: serde_json::from_value(build.metadata).unwrap_or_default(),
+        failure_reason: build.failure_reason.unwrap_or_default(),
+        outputs: build.outputs.into_iter().collect(),
+        phase: status.phase().into(),
+        steps: steps.into_iter().map(view::step_state).collect(),
+    })
+}

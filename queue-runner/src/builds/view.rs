@@ -1,0 +1,88 @@
+//! How builds look to clients, whichever front end they use: the wire status of each build and
+//! step status, and rows as messages.
+
+use drover_proto::v1::{BuildStatus, BuildSummary, StepState, StepStatus};
+
+use crate::db::queries::{BuildFilter, BuildSummaryRow, StepStateRow};
+use crate::db::status::{BuildStatus as QueueBuildStatus, StepStatus as QueueStepStatus};
+
+/// The wire status of a build's status; Unknown for one this runner does not know.
+#[must_use]
+pub fn wire_status(status: Option<QueueBuildStatus>) -> BuildStatus {
+    match status {
+        Some(QueueBuildStatus::Queued) => BuildStatus::Queued,
+        Some(QueueBuildStatus::Running) => BuildStatus::Running,
+        Some(QueueBuildStatus::Succeeded) => BuildStatus::Succeeded,
+        Some(QueueBuildStatus::Failed) => BuildStatus::Failed,
+        Some(QueueBuildStatus::DepFailed) => BuildStatus::DepFailed,
+        Some(QueueBuildStatus::Cancelled) => BuildStatus::Cancelled,
+        Some(QueueBuildStatus::CachedFailure) => BuildStatus::CachedFailure,
+        None => BuildStatus::Unknown,
+    }
+}
+
+/// The wire status of a step's status; Unknown for one this runner does not know.
+#[must_use]
+pub fn wire_step_status(status: Option<QueueStepStatus>) -> StepStatus {
+    match status {
+        Some(QueueStepStatus::Waiting) => StepStatus::Waiting,
+        Some(QueueStepStatus::Runnable) => StepStatus::Runnable,
+        Some(QueueStepStatus::Running) => StepStatus::Running,
+        Some(QueueStepStatus::Succeeded) => StepStatus::Succeeded,
+        Some(QueueStepStatus::Failed) => StepStatus::Failed,
+        Some(QueueStepStatus::DepFailed) => StepStatus::DepFailed,
+        Some(QueueStepStatus::Cancelled) => StepStatus::Cancelled,
+        Some(QueueStepStatus::Unsupported) => StepStatus::Unsupported,
+        None => StepStatus::Unknown,
+    }
+}
+
+/// The page token that continues after `rows`, if the page was full.
+#[must_use]
+pub fn next_page_token(rows: &[BuildSummaryRow], filter: &BuildFilter) -> String {
+    match rows.last() {
+        Some(last) if i64::try_from(rows.len()).ok() == Some(filter.limit) => last.id.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// A listed build as a message.
+#[must_use]
+pub fn summary(row: BuildSummaryRow) -> BuildSummary {
+    let status = wire_status(row.status);
+    BuildSummary {
+        build_id: row.id,
+        status: status.into(),
+        phase: status.phase().into(),
+        top_drv_path: row.drv_path,
+        metadata: serde_json::from_value(row.metadata).unwrap_or_default(),
+        submitted_at_ms: row.submitted_at_ms,
+        finished_at_ms: row.finished_at_ms.unwrap_or(0),
+        failure_reason: row.failure_reason.unwrap_or_default(),
+    }
+}
+
+/// A build's step as a message.
+#[must_use]
+pub fn step_state(row: StepStateRow) -> StepState {
+    let mut state = StepState {
+        step_id: row.id,
+        drv_path: row.drv_path,
+        waiting_reason: row.waiting_reason,
+        builder: row.builder,
+        failure_reason: row.failure_reason,
+        ..StepState::default()
+    };
+    set_step_status(&mut state, row.status);
+    state
+}
+
+/// Sets a step message's status: typed, and as its label for clients older than the typed
+/// field.
+pub fn set_step_status(state: &mut StepState, status: Option<QueueStepStatus>) {
+    let wire = wire_step_status(status);
+    state.step_status = wire.into();
+    wire.label()
+        .unwrap_or("unknown")
+        .clone_into(&mut state.status);
+}
