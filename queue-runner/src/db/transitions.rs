@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use deadpool_postgres::{GenericClient, Transaction};
 use drover_scheduler::{AttemptId, BuildId, Capabilities, Change, OutputRecord, StepId};
+use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
 
 use super::DbError;
@@ -145,6 +146,9 @@ impl Transitions {
                 status,
                 reason,
             } => {
+                // A build that ends in the batch it started in is written as ended only, as
+                // it always was.
+                self.started_builds.remove(&build);
                 self.finished_builds
                     .entry(build)
                     .or_insert((status, reason));
@@ -185,22 +189,30 @@ impl Transitions {
     }
 
     /// One statement per table the batch touches, sent together: the connection pipelines
-    /// them, so the whole batch costs one round trip once each statement is prepared (which a
-    /// connection does once, [`Transaction::prepare_cached`]).
+    /// them, so the whole batch costs one round trip. Every statement is prepared before any
+    /// runs (once per connection, [`Transaction::prepare_cached`]), so they run in the order
+    /// written and the first to fail reports the cause (a serialization failure is retried),
+    /// not the "transaction aborted" of a later one.
     async fn write_rows(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+        let prepared = Prepared::on(client).await?;
+        let prepared = &prepared;
         tokio::try_join!(
-            self.insert_attempts(client),
-            self.end_attempts(client),
-            self.update_steps(client),
-            self.insert_outputs(client),
-            self.start_builds(client),
-            self.finish_builds(client),
-            self.record_pings(client),
+            self.insert_attempts(client, prepared),
+            self.end_attempts(client, prepared),
+            self.update_steps(client, prepared),
+            self.insert_outputs(client, prepared),
+            self.start_builds(client, prepared),
+            self.finish_builds(client, prepared),
+            self.record_pings(client, prepared),
         )?;
         Ok(())
     }
 
-    async fn insert_attempts(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+    async fn insert_attempts(
+        &self,
+        client: &Transaction<'_>,
+        prepared: &Prepared,
+    ) -> Result<(), DbError> {
         let attempts = &self.new_attempts;
         if attempts.is_empty() {
             return Ok(());
@@ -213,18 +225,18 @@ impl Transitions {
         let logs: Vec<String> = ids.iter().map(|id| LogStore::file_name(*id)).collect();
         execute(
             client,
+            &prepared.insert_attempts,
             "recording dispatched attempts",
-            "INSERT INTO step_attempts (id, step_id, machine, status, finished_at, message, log_file)
-             SELECT a.id, a.step, a.machine, a.status::attempt_status,
-                    CASE WHEN a.status <> 'running' THEN now() END, a.message, a.log
-             FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
-                 AS a(id, step, machine, status, message, log)",
             &[&ids, &steps, &machines, &statuses, &messages, &logs],
         )
         .await
     }
 
-    async fn end_attempts(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+    async fn end_attempts(
+        &self,
+        client: &Transaction<'_>,
+        prepared: &Prepared,
+    ) -> Result<(), DbError> {
         let ended = &self.ended_attempts;
         if ended.is_empty() {
             return Ok(());
@@ -234,17 +246,18 @@ impl Transitions {
         let messages: Vec<Option<&str>> = ended.values().map(|(_, m)| m.as_deref()).collect();
         execute(
             client,
+            &prepared.end_attempts,
             "recording ended attempts",
-            "UPDATE step_attempts t SET status = e.status::attempt_status, finished_at = now(),
-                 message = e.message
-             FROM unnest($1::uuid[], $2::text[], $3::text[]) AS e(id, status, message)
-             WHERE t.id = e.id",
             &[&ids, &statuses, &messages],
         )
         .await
     }
 
-    async fn update_steps(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+    async fn update_steps(
+        &self,
+        client: &Transaction<'_>,
+        prepared: &Prepared,
+    ) -> Result<(), DbError> {
         let steps = &self.steps;
         if steps.is_empty() {
             return Ok(());
@@ -277,22 +290,8 @@ impl Transitions {
             .collect();
         execute(
             client,
+            &prepared.update_steps,
             "recording step changes",
-            "UPDATE steps s SET
-                 status = coalesce(c.status::step_status, s.status),
-                 started_at = CASE WHEN c.started THEN now() ELSE s.started_at END,
-                 finished_at = CASE WHEN c.status IS NULL THEN s.finished_at
-                                    WHEN c.finished THEN now() END,
-                 failure_reason = CASE WHEN c.status IS NULL THEN s.failure_reason
-                                       ELSE c.reason END,
-                 builder_losses = coalesce(c.losses, s.builder_losses),
-                 infrastructure_failures = coalesce(c.failures, s.infrastructure_failures),
-                 visible_after = coalesce(now() + c.held * interval '1 millisecond',
-                                          s.visible_after)
-             FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::bool[], $5::text[], $6::int[],
-                         $7::int[], $8::bigint[])
-                 AS c(id, status, finished, started, reason, losses, failures, held)
-             WHERE s.id = c.id",
             &[
                 &ids, &statuses, &finished, &started, &reasons, &losses, &failures, &held_ms,
             ],
@@ -300,7 +299,11 @@ impl Transitions {
         .await
     }
 
-    async fn insert_outputs(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+    async fn insert_outputs(
+        &self,
+        client: &Transaction<'_>,
+        prepared: &Prepared,
+    ) -> Result<(), DbError> {
         let outputs = &self.outputs;
         if outputs.is_empty() {
             return Ok(());
@@ -315,31 +318,36 @@ impl Transitions {
             .collect();
         execute(
             client,
+            &prepared.insert_outputs,
             "recording step outputs",
-            "INSERT INTO step_outputs (step_id, output_name, path, nar_hash, nar_size)
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[])
-             ON CONFLICT DO NOTHING",
             &[&steps, &names, &paths, &hashes, &sizes],
         )
         .await
     }
 
-    async fn start_builds(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+    async fn start_builds(
+        &self,
+        client: &Transaction<'_>,
+        prepared: &Prepared,
+    ) -> Result<(), DbError> {
         if self.started_builds.is_empty() {
             return Ok(());
         }
         let ids: Vec<BuildId> = self.started_builds.iter().copied().collect();
         execute(
             client,
+            &prepared.start_builds,
             "recording started builds",
-            "UPDATE builds SET status = 'running', started_at = now()
-             WHERE id = ANY($1::bigint[]) AND status = 'queued'",
             &[&ids],
         )
         .await
     }
 
-    async fn finish_builds(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+    async fn finish_builds(
+        &self,
+        client: &Transaction<'_>,
+        prepared: &Prepared,
+    ) -> Result<(), DbError> {
         let builds = &self.finished_builds;
         if builds.is_empty() {
             return Ok(());
@@ -349,17 +357,18 @@ impl Transitions {
         let reasons: Vec<Option<&str>> = builds.values().map(|(_, r)| r.as_deref()).collect();
         execute(
             client,
+            &prepared.finish_builds,
             "recording finished builds",
-            "UPDATE builds b SET status = f.status::build_status, finished_at = now(),
-                 ingested_at = coalesce(b.ingested_at, now()), failure_reason = f.reason
-             FROM unnest($1::bigint[], $2::text[], $3::text[]) AS f(id, status, reason)
-             WHERE b.id = f.id AND b.finished_at IS NULL",
             &[&ids, &statuses, &reasons],
         )
         .await
     }
 
-    async fn record_pings(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+    async fn record_pings(
+        &self,
+        client: &Transaction<'_>,
+        prepared: &Prepared,
+    ) -> Result<(), DbError> {
         if self.pings.is_empty() {
             return Ok(());
         }
@@ -371,34 +380,124 @@ impl Transitions {
             .collect();
         execute(
             client,
+            &prepared.record_pings,
             "recording builder pings",
-            "UPDATE machines m SET last_ping_at = now(),
-                 free_disk_bytes = coalesce(p.free, m.free_disk_bytes)
-             FROM unnest($1::text[], $2::bigint[]) AS p(name, free)
-             WHERE m.name = p.name",
             &[&names, &free],
         )
         .await
     }
 }
 
-/// Runs one of the batch's statements, prepared once per connection.
+/// Runs one of the batch's statements.
 async fn execute(
     client: &Transaction<'_>,
+    statement: &Statement,
     what: &'static str,
-    statement: &str,
     parameters: &[&(dyn ToSql + Sync)],
 ) -> Result<(), DbError> {
-    let statement = client
-        .prepare_cached(statement)
-        .await
-        .map_err(DbError::query(what))?;
     client
-        .execute(&statement, parameters)
+        .execute(statement, parameters)
         .await
         .map_err(DbError::query(what))?;
     Ok(())
 }
+
+/// The batch's statements, prepared on one connection.
+struct Prepared {
+    insert_attempts: Statement,
+    end_attempts: Statement,
+    update_steps: Statement,
+    insert_outputs: Statement,
+    start_builds: Statement,
+    finish_builds: Statement,
+    record_pings: Statement,
+}
+
+impl Prepared {
+    /// Prepares every statement on `client`'s connection, once per connection.
+    async fn on(client: &Transaction<'_>) -> Result<Self, DbError> {
+        let prepare = |sql: &'static str| async move {
+            client
+                .prepare_cached(sql)
+                .await
+                .map_err(DbError::query("preparing the scheduler's statements"))
+        };
+        let (
+            insert_attempts,
+            end_attempts,
+            update_steps,
+            insert_outputs,
+            start_builds,
+            finish_builds,
+            record_pings,
+        ) = tokio::try_join!(
+            prepare(INSERT_ATTEMPTS),
+            prepare(END_ATTEMPTS),
+            prepare(UPDATE_STEPS),
+            prepare(INSERT_OUTPUTS),
+            prepare(START_BUILDS),
+            prepare(FINISH_BUILDS),
+            prepare(RECORD_PINGS),
+        )?;
+        Ok(Self {
+            insert_attempts,
+            end_attempts,
+            update_steps,
+            insert_outputs,
+            start_builds,
+            finish_builds,
+            record_pings,
+        })
+    }
+}
+
+const INSERT_ATTEMPTS: &str =
+    "INSERT INTO step_attempts (id, step_id, machine, status, finished_at, message, log_file)
+     SELECT a.id, a.step, a.machine, a.status::attempt_status,
+            CASE WHEN a.status <> 'running' THEN now() END, a.message, a.log
+     FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
+         AS a(id, step, machine, status, message, log)";
+
+const END_ATTEMPTS: &str =
+    "UPDATE step_attempts t SET status = e.status::attempt_status, finished_at = now(),
+         message = e.message
+     FROM unnest($1::uuid[], $2::text[], $3::text[]) AS e(id, status, message)
+     WHERE t.id = e.id";
+
+const UPDATE_STEPS: &str = "UPDATE steps s SET
+         status = coalesce(c.status::step_status, s.status),
+         started_at = CASE WHEN c.started THEN now() ELSE s.started_at END,
+         finished_at = CASE WHEN c.status IS NULL THEN s.finished_at
+                            WHEN c.finished THEN now() END,
+         failure_reason = CASE WHEN c.status IS NULL THEN s.failure_reason
+                               ELSE c.reason END,
+         builder_losses = coalesce(c.losses, s.builder_losses),
+         infrastructure_failures = coalesce(c.failures, s.infrastructure_failures),
+         visible_after = coalesce(now() + c.held * interval '1 millisecond',
+                                  s.visible_after)
+     FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::bool[], $5::text[], $6::int[],
+                 $7::int[], $8::bigint[])
+         AS c(id, status, finished, started, reason, losses, failures, held)
+     WHERE s.id = c.id";
+
+const INSERT_OUTPUTS: &str =
+    "INSERT INTO step_outputs (step_id, output_name, path, nar_hash, nar_size)
+     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+     ON CONFLICT DO NOTHING";
+
+const START_BUILDS: &str = "UPDATE builds SET status = 'running', started_at = now()
+     WHERE id = ANY($1::bigint[]) AND status = 'queued'";
+
+const FINISH_BUILDS: &str =
+    "UPDATE builds b SET status = f.status::build_status, finished_at = now(),
+         ingested_at = coalesce(b.ingested_at, now()), failure_reason = f.reason
+     FROM unnest($1::bigint[], $2::text[], $3::text[]) AS f(id, status, reason)
+     WHERE b.id = f.id AND b.finished_at IS NULL";
+
+const RECORD_PINGS: &str = "UPDATE machines m SET last_ping_at = now(),
+         free_disk_bytes = coalesce(p.free, m.free_disk_bytes)
+     FROM unnest($1::text[], $2::bigint[]) AS p(name, free)
+     WHERE m.name = p.name";
 
 fn saturating_i32(value: u32) -> i32 {
     i32::try_from(value).unwrap_or(i32::MAX)
@@ -419,11 +518,11 @@ async fn write_machine(client: &impl GenericClient, machine: &MachineWrite) -> R
             client
                 .execute(
                     "INSERT INTO machines (name, systems, supported_features, mandatory_features,
-                         max_jobs, speed_factor, nix_version, connected)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, true)
-                     ON CONFLICT (name) DO UPDATE SET systems = $2, supported_features = $3,
-                         mandatory_features = $4, max_jobs = $5, speed_factor = $6,
-                         nix_version = $7, connected = true, last_seen_at = now()",
+                 max_jobs, speed_factor, nix_version, connected)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, true)
+             ON CONFLICT (name) DO UPDATE SET systems = $2, supported_features = $3,
+                 mandatory_features = $4, max_jobs = $5, speed_factor = $6,
+                 nix_version = $7, connected = true, last_seen_at = now()",
                     &[
                         name,
                         &systems,
