@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::grpc::build_service::BuildServiceImpl;
 use crate::grpc::tls::ServerTls;
-use crate::grpc::tunnel::BuilderServiceImpl;
+use crate::grpc::tunnel::{BuilderServiceImpl, SchedulerSide, SessionTiming};
 use crate::logs::LogStore;
 use crate::scheduler::attempts::Attempts;
 use crate::scheduler::driver::{Driver, Published, QueueRecovered, SchedulerError};
@@ -163,16 +163,20 @@ pub async fn start(
     let logs = LogStore::new(config.log_directory.clone(), config.max_log_bytes);
     let attempts = Attempts::default();
     let (events, receiver) = mpsc::channel(EVENT_QUEUE);
-    let events_for_clients = events.clone();
-    let events_for_reloads = events.clone();
     let builds_queued = Arc::new(Notify::new());
     let handoff = Handoff::default();
     let systemd = Arc::new(Notifier::from_env());
     let published = Published::new(WATCH_QUEUE, systemd.clone());
     let mut supervisor = Supervisor::new();
+    let parts = SchedulerParts {
+        pool: &pool,
+        cache: &cache,
+        attempts: &attempts,
+        handoff: &handoff,
+    };
     start_scheduler(
         &config,
-        (&pool, &cache, &attempts, &handoff),
+        &parts,
         &published,
         receiver,
         builds_queued.clone(),
@@ -188,35 +192,30 @@ pub async fn start(
         crate::health::router(pool.clone(), published.recovered.clone(), shutdown.clone()),
     );
     serve_http(cache_listener, routes, &shutdown, &mut supervisor);
-    let limits = SubmitLimits {
-        max_derivation_bytes: config.max_derivation_bytes,
-        refuse_unknown_systems: config.refuse_unknown_systems,
-    };
     let builds = Builds::new(
         pool,
         logs.clone(),
         cache.clone(),
         handoff,
-        limits,
-        events_for_clients,
+        submit_limits(&config),
+        events.clone(),
     );
     let sessions = TaskTracker::new();
     let builder_service = BuilderServiceImpl::new(
-        (events, published.recovered.clone()),
+        SchedulerSide {
+            events: events.clone(),
+            recovered: published.recovered.clone(),
+        },
         attempts,
         cache,
         logs.clone(),
-        (config.ping_interval, config.liveness_timeout),
+        session_timing(&config),
         shutdown.clone(),
         sessions.clone(),
     );
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<BuilderServiceServer<BuilderServiceImpl>>()
-        .await;
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
-        .add_service(health_service)
+        .add_service(health_service().await)
         .add_service(reflection()?)
         .add_service(
             BuilderServiceServer::new(builder_service)
@@ -245,7 +244,7 @@ pub async fn start(
         cache_public_key,
         queue_recovered: published.recovered.clone(),
         systemd,
-        scheduler: events_for_reloads,
+        scheduler: events,
         tls: tls.clone(),
         shutdown,
         supervisor,
@@ -283,15 +282,46 @@ fn serve_http(
     });
 }
 
+/// What a submission may carry.
+fn submit_limits(config: &Config) -> SubmitLimits {
+    SubmitLimits {
+        max_derivation_bytes: config.max_derivation_bytes,
+        refuse_unknown_systems: config.refuse_unknown_systems,
+    }
+}
+
+/// `grpc.health.v1`, saying the builder service serves.
+async fn health_service()
+-> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<BuilderServiceServer<BuilderServiceImpl>>()
+        .await;
+    service
+}
+
+/// How often builders ping, and how long one may be silent.
+fn session_timing(config: &Config) -> SessionTiming {
+    SessionTiming {
+        ping_interval: config.ping_interval,
+        liveness_timeout: config.liveness_timeout,
+    }
+}
+
+/// What the scheduler and ingest share with the rest of the runner.
+struct SchedulerParts<'a> {
+    pool: &'a db::Pool,
+    cache: &'a Arc<crate::cache::BinaryCache>,
+    /// The running attempts, which the gRPC handlers authorise uploads with.
+    attempts: &'a Attempts,
+    /// Closures Submit verified, for ingest.
+    handoff: &'a Handoff,
+}
+
 /// Starts the scheduler (driver and core) and ingest, which feeds it plans.
 fn start_scheduler(
     config: &Config,
-    (pool, cache, attempts, handoff): (
-        &db::Pool,
-        &Arc<crate::cache::BinaryCache>,
-        &Attempts,
-        &Handoff,
-    ),
+    parts: &SchedulerParts<'_>,
     published: &Published,
     sessions: mpsc::Receiver<crate::scheduler::driver::SessionEvent>,
     builds_queued: Arc<Notify>,
@@ -305,8 +335,8 @@ fn start_scheduler(
     );
     let driver = Driver::new(
         core,
-        pool.clone(),
-        attempts.clone(),
+        parts.pool.clone(),
+        parts.attempts.clone(),
         crate::reload::build_limits(config),
         published.clone(),
     );
@@ -315,10 +345,11 @@ fn start_scheduler(
         scheduler_run.await.map_err(RunnerError::Scheduler)
     });
     let ingest_run = Ingest::new(
-        (pool.clone(), cache.clone()),
+        parts.pool.clone(),
+        parts.cache.clone(),
         plans,
         published.completions.clone(),
-        handoff.clone(),
+        parts.handoff.clone(),
         published.changes.clone(),
     )
     .run(builds_queued, shutdown.clone());
@@ -358,14 +389,16 @@ impl Runner {
     #[must_use]
     pub fn reloader(
         &self,
-        file: (std::path::PathBuf, crate::reload::Overrides),
+        file: crate::reload::ConfigSource,
         running: Config,
         log_filter: drover_daemon::LogFilter,
     ) -> crate::reload::Reloader {
         crate::reload::Reloader::new(
             file,
             running,
-            (self.scheduler.clone(), log_filter, self.tls.clone()),
+            self.scheduler.clone(),
+            log_filter,
+            self.tls.clone(),
         )
     }
 

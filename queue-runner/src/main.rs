@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use drover_queue_runner::app::{self, RunnerError};
 use drover_queue_runner::config::Config;
 use drover_queue_runner::db::{self, DbError};
-use drover_queue_runner::reload::Overrides;
+use drover_queue_runner::reload::{ConfigSource, Overrides};
 use error_context::WithContext;
 use tokio_util::sync::CancellationToken;
 
@@ -64,10 +64,17 @@ async fn main() -> ExitCode {
     }
     let failure = match cli.command.unwrap_or(Command::Run) {
         Command::Migrate => migrate(&config).await.err().map(|e| e.report().to_string()),
-        Command::Run => run(config, (cli.config, overrides), log_filter)
-            .await
-            .err()
-            .map(|e| e.report().to_string()),
+        Command::Run => run(
+            config,
+            ConfigSource {
+                path: cli.config,
+                overrides,
+            },
+            log_filter,
+        )
+        .await
+        .err()
+        .map(|e| e.report().to_string()),
     };
     match failure {
         None => ExitCode::SUCCESS,
@@ -89,7 +96,7 @@ async fn migrate(config: &Config) -> Result<(), WithContext<DbError>> {
 
 async fn run(
     config: Config,
-    file: (PathBuf, Overrides),
+    file: ConfigSource,
     log_filter: drover_daemon::LogFilter,
 ) -> Result<(), WithContext<RunnerError>> {
     let shutdown = CancellationToken::new();

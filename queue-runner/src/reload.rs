@@ -20,6 +20,14 @@ use crate::scheduler::driver::SessionEvent;
 /// What the command line overrides in the file, applied again to every reload.
 pub type Overrides = Box<dyn Fn(&mut Config) + Send + Sync>;
 
+/// Where the configuration comes from: the file, and what the command line overrides in it.
+pub struct ConfigSource {
+    /// The file.
+    pub path: PathBuf,
+    /// Applied to every load of it.
+    pub overrides: Overrides,
+}
+
 /// Reloads the configuration on request.
 pub struct Reloader {
     path: PathBuf,
@@ -55,18 +63,20 @@ pub fn build_limits(config: &Config) -> BuildLimits {
 }
 
 impl Reloader {
-    /// A reloader of the file at `path`, from which `running` was loaded (with `overrides`
-    /// applied), telling `scheduler`, `log_filter` and the gRPC server's `tls`.
+    /// A reloader of the file `source` names, from which `running` was loaded (with its
+    /// overrides applied), telling `scheduler`, `log_filter` and the gRPC server's `tls`.
     #[must_use]
     pub fn new(
-        (path, overrides): (PathBuf, Overrides),
+        source: ConfigSource,
         running: Config,
-        (scheduler, log_filter, tls): (mpsc::Sender<SessionEvent>, LogFilter, ServerTls),
+        scheduler: mpsc::Sender<SessionEvent>,
+        log_filter: LogFilter,
+        tls: ServerTls,
     ) -> Self {
         Self {
-            path,
+            path: source.path,
             running,
-            overrides,
+            overrides: source.overrides,
             scheduler,
             log_filter,
             tls,

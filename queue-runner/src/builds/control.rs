@@ -5,7 +5,6 @@
 
 use drover_scheduler::Event;
 use drover_tls::{Identity, Role};
-use error_context::{Classify, Severity};
 
 use super::Builds;
 use crate::db::status::BuildStatus;
@@ -43,15 +42,6 @@ pub enum ControlError {
     /// The database failed.
     #[error("reading or changing the build")]
     Database(#[from] DbError),
-}
-
-impl Classify for ControlError {
-    fn severity(&self) -> Severity {
-        match self {
-            Self::Database(error) => error.severity(),
-            _ => Severity::Reject,
-        }
-    }
 }
 
 impl Builds {

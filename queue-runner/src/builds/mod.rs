@@ -23,10 +23,6 @@ use crate::logs::LogStore;
 use crate::scheduler::driver::SessionEvent;
 use crate::scheduler::handoff::Handoff;
 
-pub use control::ControlError;
-pub use read::ReadError;
-pub use submit::SubmitError;
-
 /// What a submission may carry.
 #[derive(Debug, Clone, Copy)]
 pub struct SubmitLimits {

@@ -2,7 +2,6 @@
 //! step's stored log.
 
 use drover_proto::v1::{GetResponse, ListResponse};
-use error_context::{Classify, Severity};
 
 use super::Builds;
 use super::view;
@@ -33,15 +32,6 @@ pub enum ReadError {
     /// The database failed.
     #[error("reading builds")]
     Database(#[from] DbError),
-}
-
-impl Classify for ReadError {
-    fn severity(&self) -> Severity {
-        match self {
-            Self::Database(error) => error.severity(),
-            _ => Severity::Reject,
-        }
-    }
 }
 
 impl Builds {

@@ -80,9 +80,37 @@ pub fn step_state(row: StepStateRow) -> StepState {
 /// Sets a step message's status: typed, and as its label for clients older than the typed
 /// field.
 pub fn set_step_status(state: &mut StepState, status: Option<QueueStepStatus>) {
-    let wire = wire_step_status(status);
-    state.step_status = wire.into();
-    wire.label()
-        .unwrap_or("unknown")
+    state.step_status = wire_step_status(status).into();
+    status
+        .map_or("unknown", QueueStepStatus::as_str)
         .clone_into(&mut state.status);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_step_status_has_a_wire_status_of_the_same_label() {
+        for status in QueueStepStatus::ALL {
+            let wire = wire_step_status(Some(*status));
+            assert_eq!(wire.label(), Some(status.as_str()), "{status:?}");
+            let mut state = StepState::default();
+            set_step_status(&mut state, Some(*status));
+            assert_eq!(state.typed_status(), wire);
+            assert_eq!(state.status, status.as_str());
+        }
+        assert_eq!(wire_step_status(None), StepStatus::Unknown);
+    }
+
+    #[test]
+    fn every_build_status_has_a_wire_status() {
+        for status in QueueBuildStatus::ALL {
+            assert_ne!(
+                wire_status(Some(*status)),
+                BuildStatus::Unknown,
+                "{status:?}"
+            );
+        }
+    }
 }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod build_service;
 pub mod follow_log;
 pub mod list_filter;
+pub mod refusals;
 pub mod status;
 pub mod tls;
 pub mod tunnel;

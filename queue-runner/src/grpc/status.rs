@@ -1,11 +1,17 @@
-//! How the build API's errors become gRPC statuses: exactly one `From` per error type, pinned by
-//! a table test, so every method that returns an error of a type maps it the same way.
+//! How errors become gRPC statuses: exactly one `From` per error type (the build API's use
+//! cases, and the builder service's refusals), pinned by table tests, so every method that
+//! returns an error of a type maps it the same way. Clients and builders act on the codes
+//! (`docs/client-api.md`, and [`super::refusals`] for builders).
 
 use tonic::Status;
 use tonic_types::{ErrorDetails, StatusExt as _};
 
+use super::refusals::{AttemptError, JoinError, LogUploadError, SessionError};
+use super::upload::UploadError;
+use crate::builds::control::ControlError;
+use crate::builds::read::ReadError;
 use crate::builds::submit::ADMISSION_RETRY_AFTER;
-use crate::builds::{ControlError, ReadError, SubmitError};
+use crate::builds::submit::SubmitError;
 use crate::cache::CacheError;
 use crate::db::DbError;
 use crate::verify::VerifyError;
@@ -63,6 +69,93 @@ impl From<ReadError> for Status {
             // The cause stays in the runner's log: it names files on the runner's disk.
             ReadError::ReadLog { .. } => Status::internal(error.to_string()),
             ReadError::Database(error) => unavailable(&error),
+        }
+    }
+}
+
+impl From<JoinError> for Status {
+    fn from(error: JoinError) -> Self {
+        let message = error_context::report(&error).to_string();
+        match error {
+            JoinError::Recovering | JoinError::ShuttingDown => Status::unavailable(message),
+            JoinError::NoJoin => Status::deadline_exceeded(message),
+            JoinError::ApiVersion { .. } => Status::failed_precondition(message),
+            JoinError::NotJoin
+            | JoinError::NoSystem
+            | JoinError::MaxJobs { .. }
+            | JoinError::SpeedFactor
+            | JoinError::HeldAttempt(_) => Status::invalid_argument(message),
+            JoinError::Stream(status) => status,
+        }
+    }
+}
+
+impl From<SessionError> for Status {
+    fn from(error: SessionError) -> Self {
+        let message = error_context::report(&error).to_string();
+        match error {
+            SessionError::Silent => Status::deadline_exceeded(message),
+            SessionError::Attempt(error) => error.into(),
+            SessionError::Malformed(_)
+            | SessionError::Outcome(_)
+            | SessionError::Outputs(_)
+            | SessionError::ReadCache { .. } => Status::invalid_argument(message),
+        }
+    }
+}
+
+impl From<AttemptError> for Status {
+    fn from(error: AttemptError) -> Self {
+        let message = error.to_string();
+        match error {
+            AttemptError::NotAnId(_) => Status::invalid_argument(message),
+            AttemptError::NotRunning(_) => Status::not_found(message),
+            AttemptError::NotYours { .. } => Status::permission_denied(message),
+        }
+    }
+}
+
+impl From<LogUploadError> for Status {
+    fn from(error: LogUploadError) -> Self {
+        match error {
+            LogUploadError::Empty | LogUploadError::MixedAttempts => {
+                Status::invalid_argument(error.to_string())
+            }
+            LogUploadError::Attempt(error) => error.into(),
+            // The cause stays in the runner's log: it names files on the runner's disk.
+            LogUploadError::Storing(_) => Status::internal(error.to_string()),
+            LogUploadError::Stream(status) => status,
+        }
+    }
+}
+
+impl From<UploadError> for Status {
+    fn from(error: UploadError) -> Self {
+        let message = error_context::report(&error).to_string();
+        match error {
+            UploadError::Busy => Status::resource_exhausted(message),
+            UploadError::Attempt(error) => error.into(),
+            UploadError::Stream(status) => status,
+            UploadError::Publisher(_) => Status::internal(message),
+            UploadError::InvalidPath { .. } | UploadError::MixedAttempts | UploadError::Empty => {
+                Status::invalid_argument(message)
+            }
+            UploadError::NotAnOutput(_) | UploadError::ReferenceOutsideClosure { .. } => {
+                Status::permission_denied(message)
+            }
+            UploadError::Cache(CacheError::ReferenceNotPublished { .. }) => {
+                Status::failed_precondition(message)
+            }
+            UploadError::Cache(CacheError::Withdrawn(_)) => Status::not_found(message),
+            UploadError::Cache(
+                CacheError::Nar { .. }
+                | CacheError::FixedOutputMismatch { .. }
+                | CacheError::NotAFlatFile(_)
+                | CacheError::SourceMismatch(_),
+            ) => Status::invalid_argument(message),
+            UploadError::Cache(CacheError::Io(_) | CacheError::NarInfo(_)) => {
+                Status::internal(message)
+            }
         }
     }
 }
@@ -180,6 +273,111 @@ mod tests {
                 "{}",
                 status.message()
             );
+        }
+    }
+
+    #[test]
+    fn each_join_refusal_has_one_code_and_a_builder_stops_only_on_what_retrying_cannot_fix() {
+        let cases = [
+            (JoinError::Recovering, Code::Unavailable),
+            (JoinError::ShuttingDown, Code::Unavailable),
+            (JoinError::NoJoin, Code::DeadlineExceeded),
+            (JoinError::NotJoin, Code::InvalidArgument),
+            (
+                JoinError::ApiVersion {
+                    runner: "a",
+                    builder: "b".to_owned(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (JoinError::NoSystem, Code::InvalidArgument),
+            (JoinError::MaxJobs { limit: 1024 }, Code::InvalidArgument),
+            (JoinError::SpeedFactor, Code::InvalidArgument),
+            (
+                JoinError::HeldAttempt(AttemptError::NotAnId("x".to_owned())),
+                Code::InvalidArgument,
+            ),
+            (
+                JoinError::Stream(Status::cancelled("gone")),
+                Code::Cancelled,
+            ),
+        ];
+        for (error, code) in cases {
+            let name = format!("{error:?}");
+            assert_eq!(Status::from(error).code(), code, "{name}");
+        }
+    }
+
+    #[test]
+    fn each_attempt_session_and_upload_refusal_has_one_code() {
+        let attempt = uuid::Uuid::nil();
+        let codes = [
+            (
+                Status::from(AttemptError::NotAnId("x".to_owned())).code(),
+                Code::InvalidArgument,
+            ),
+            (
+                Status::from(AttemptError::NotRunning(attempt)).code(),
+                Code::NotFound,
+            ),
+            (
+                Status::from(AttemptError::NotYours {
+                    attempt,
+                    builder: "builder/b".to_owned(),
+                })
+                .code(),
+                Code::PermissionDenied,
+            ),
+            (
+                Status::from(SessionError::Silent).code(),
+                Code::DeadlineExceeded,
+            ),
+            (
+                Status::from(SessionError::Attempt(AttemptError::NotYours {
+                    attempt,
+                    builder: "builder/b".to_owned(),
+                }))
+                .code(),
+                Code::PermissionDenied,
+            ),
+            (
+                Status::from(SessionError::Malformed("Join sent twice")).code(),
+                Code::InvalidArgument,
+            ),
+            (
+                Status::from(LogUploadError::Empty).code(),
+                Code::InvalidArgument,
+            ),
+            (
+                Status::from(LogUploadError::Storing(std::io::Error::other("disk"))).code(),
+                Code::Internal,
+            ),
+            (
+                Status::from(LogUploadError::Attempt(AttemptError::NotRunning(attempt))).code(),
+                Code::NotFound,
+            ),
+            (
+                Status::from(UploadError::Busy).code(),
+                Code::ResourceExhausted,
+            ),
+            (
+                Status::from(UploadError::Empty).code(),
+                Code::InvalidArgument,
+            ),
+            (
+                Status::from(UploadError::MixedAttempts).code(),
+                Code::InvalidArgument,
+            ),
+            (
+                Status::from(UploadError::Cache(CacheError::Io(std::io::Error::other(
+                    "disk",
+                ))))
+                .code(),
+                Code::Internal,
+            ),
+        ];
+        for (index, (code, expected)) in codes.into_iter().enumerate() {
+            assert_eq!(code, expected, "case {index}");
         }
     }
 }

@@ -27,7 +27,9 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use super::{auth, upload};
+use super::auth;
+use super::refusals::{AttemptError, JoinError, LogUploadError, SessionError, parse_attempt};
+use super::upload::{self, UploadError};
 use crate::cache::BinaryCache;
 use crate::logs::LogStore;
 use crate::scheduler::attempts::{AttemptOwner, Attempts};
@@ -48,6 +50,24 @@ const MAX_CONCURRENT_UPLOADS: usize = 64;
 /// Largest `max_jobs` a builder may claim; bounds its outbox.
 const MAX_JOBS_LIMIT: u32 = 1024;
 
+/// The scheduler as the builder service sees it.
+#[derive(Debug, Clone)]
+pub struct SchedulerSide {
+    /// Where sessions send what their builders say.
+    pub events: mpsc::Sender<SessionEvent>,
+    /// Set once the scheduler has recovered the queue: builders may join from then on.
+    pub recovered: QueueRecovered,
+}
+
+/// The clocks of every builder session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionTiming {
+    /// How often builders ping (told to them in Joined).
+    pub ping_interval: Duration,
+    /// How long a builder may be silent before its session ends.
+    pub liveness_timeout: Duration,
+}
+
 /// The builder service.
 pub struct BuilderServiceImpl {
     events: mpsc::Sender<SessionEvent>,
@@ -64,25 +84,26 @@ pub struct BuilderServiceImpl {
 }
 
 impl BuilderServiceImpl {
-    /// A service feeding `events`; its builder sessions run on `sessions`, which shutdown waits
-    /// for. Builders may join once the scheduler has `recovered` the queue.
+    /// A service feeding the `scheduler`'s events; its builder sessions run on `sessions`, which
+    /// shutdown waits for. Builders may join once the scheduler has recovered the queue.
     #[must_use]
     pub fn new(
-        (events, recovered): (mpsc::Sender<SessionEvent>, QueueRecovered),
+        scheduler: SchedulerSide,
         attempts: Attempts,
         cache: Arc<BinaryCache>,
         logs: LogStore,
-        (ping_interval, liveness_timeout): (Duration, Duration),
+        timing: SessionTiming,
         shutdown: CancellationToken,
         sessions: TaskTracker,
     ) -> Self {
+        let SchedulerSide { events, recovered } = scheduler;
         Self {
             events,
             attempts,
             cache,
             logs,
-            ping_interval,
-            liveness_timeout,
+            ping_interval: timing.ping_interval,
+            liveness_timeout: timing.liveness_timeout,
             shutdown,
             next_session: Arc::new(AtomicU64::new(1)),
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
@@ -92,29 +113,30 @@ impl BuilderServiceImpl {
     }
 
     /// Checks a Join and turns it into capabilities and the attempts the builder holds.
-    fn accept_join(join: &Join) -> Result<(Capabilities, Vec<Uuid>), Status> {
+    fn accept_join(join: &Join) -> Result<(Capabilities, Vec<Uuid>), JoinError> {
         if join.api_version != API_VERSION {
-            return Err(Status::failed_precondition(format!(
-                "API version mismatch: the runner speaks {API_VERSION}, the builder {}",
-                join.api_version
-            )));
+            return Err(JoinError::ApiVersion {
+                runner: API_VERSION,
+                builder: join.api_version.clone(),
+            });
         }
         if join.systems.is_empty() {
-            return Err(Status::invalid_argument("Join names no system"));
+            return Err(JoinError::NoSystem);
         }
         if join.max_jobs == 0 || join.max_jobs > MAX_JOBS_LIMIT {
-            return Err(Status::invalid_argument(format!(
-                "max_jobs must be between 1 and {MAX_JOBS_LIMIT}"
-            )));
+            return Err(JoinError::MaxJobs {
+                limit: MAX_JOBS_LIMIT,
+            });
         }
         if !join.speed_factor.is_finite() || join.speed_factor <= 0.0 {
-            return Err(Status::invalid_argument("speed_factor must be positive"));
+            return Err(JoinError::SpeedFactor);
         }
         let held = join
             .held_attempts
             .iter()
             .map(|attempt| parse_attempt(attempt))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(JoinError::HeldAttempt)?;
         let set = |items: &[String]| items.iter().cloned().collect::<BTreeSet<_>>();
         let capabilities = Capabilities {
             systems: set(&join.systems),
@@ -139,19 +161,18 @@ impl BuilderService for BuilderServiceImpl {
     ) -> Result<Response<Self::OpenTunnelStream>, Status> {
         let identity = auth::require(&request, &[Role::Builder])?;
         if !self.recovered.get() {
-            return Err(Status::unavailable(
-                "the runner is still recovering its queue; join again shortly",
-            ));
+            return Err(JoinError::Recovering.into());
         }
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.liveness_timeout, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no Join within the liveness timeout"))??;
+            .map_err(|_| JoinError::NoJoin)?
+            .map_err(JoinError::Stream)?;
         let Some(BuilderMessage {
             message: Some(Inbound::Join(join)),
         }) = first
         else {
-            return Err(Status::invalid_argument("the first message must be Join"));
+            return Err(JoinError::NotJoin.into());
         };
         let (capabilities, held) = Self::accept_join(&join)?;
         // Room for an Abort of every attempt it holds, past its slots and the usual slack.
@@ -177,7 +198,7 @@ impl BuilderService for BuilderServiceImpl {
                 held,
             })
             .await
-            .map_err(|_| Status::unavailable("the runner is shutting down"))?;
+            .map_err(|_| JoinError::ShuttingDown)?;
         let (reason_sender, reason) = tokio::sync::oneshot::channel();
         let builder = BuilderSession {
             name: identity.name,
@@ -221,31 +242,9 @@ impl BuilderService for BuilderServiceImpl {
         request: Request<Streaming<LogChunk>>,
     ) -> Result<Response<UploadLogResponse>, Status> {
         let identity = auth::require(&request, &[Role::Builder])?;
-        let mut chunks = request.into_inner();
-        let Some(first) = chunks.message().await? else {
-            return Err(Status::invalid_argument("an empty log upload"));
-        };
-        let attempt = parse_attempt(&first.attempt_id)?;
-        self.owned_attempt(&first.attempt_id, &identity)?;
-        let storage_error = |error: std::io::Error| {
-            tracing::error!(%attempt, %error, "storing a log failed");
-            Status::internal("storing the log failed")
-        };
-        let mut writer = self.logs.create(attempt).map_err(storage_error)?;
-        writer.write(&first.data).map_err(storage_error)?;
-        while let Some(chunk) = chunks.message().await? {
-            if chunk.attempt_id != first.attempt_id {
-                return Err(Status::invalid_argument(
-                    "a log upload must name one attempt",
-                ));
-            }
-            writer.write(&chunk.data).map_err(storage_error)?;
-        }
-        let (stored_bytes, truncated_bytes) = writer.finish().map_err(storage_error)?;
-        Ok(Response::new(UploadLogResponse {
-            stored_bytes,
-            truncated_bytes,
-        }))
+        Ok(Response::new(
+            self.store_log(request.into_inner(), &identity).await?,
+        ))
     }
 
     async fn upload_nar(
@@ -253,10 +252,11 @@ impl BuilderService for BuilderServiceImpl {
         request: Request<Streaming<NarChunk>>,
     ) -> Result<Response<UploadNarResponse>, Status> {
         let identity = auth::require(&request, &[Role::Builder])?;
-        let _permit =
-            self.uploads.clone().try_acquire_owned().map_err(|_| {
-                Status::resource_exhausted("too many NAR uploads at once; retry later")
-            })?;
+        let _permit = self
+            .uploads
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| UploadError::Busy)?;
         let chunks = request.into_inner();
         let attempts = self.attempts.clone();
         let builder = identity.name.clone();
@@ -266,7 +266,7 @@ impl BuilderService for BuilderServiceImpl {
                 .and_then(|attempt| attempts.owner(&attempt))
                 .is_some_and(|owner| owner.builder == builder)
         };
-        let owner = |attempt_id: &str| self.owned_attempt(attempt_id, &identity);
+        let owner = |attempt_id: &str| self.owned_attempt(parse_attempt(attempt_id)?, &identity);
         Ok(Response::new(
             upload::receive(chunks, &self.cache, owner, still_owned).await?,
         ))
@@ -277,25 +277,46 @@ impl BuilderServiceImpl {
     /// The owner of a running attempt, if it is `builder`.
     fn owned_attempt(
         &self,
-        attempt_id: &str,
+        attempt: Uuid,
         builder: &drover_tls::Identity,
-    ) -> Result<AttemptOwner, Status> {
-        let attempt = parse_attempt(attempt_id)?;
+    ) -> Result<AttemptOwner, AttemptError> {
         match self.attempts.owner(&attempt) {
-            None => Err(Status::not_found(format!(
-                "attempt {attempt} is not running"
-            ))),
-            Some(owner) if owner.builder != builder.name => Err(Status::permission_denied(
-                format!("attempt {attempt} was not given to {builder}"),
-            )),
+            None => Err(AttemptError::NotRunning(attempt)),
+            Some(owner) if owner.builder != builder.name => Err(AttemptError::NotYours {
+                attempt,
+                builder: builder.to_string(),
+            }),
             Some(owner) => Ok(owner),
         }
     }
-}
 
-fn parse_attempt(text: &str) -> Result<Uuid, Status> {
-    Uuid::parse_str(text)
-        .map_err(|_| Status::invalid_argument(format!("{text:?} is not an attempt id")))
+    /// Stores the log of the attempt the first chunk names, which must be `builder`'s.
+    async fn store_log(
+        &self,
+        mut chunks: Streaming<LogChunk>,
+        builder: &drover_tls::Identity,
+    ) -> Result<UploadLogResponse, LogUploadError> {
+        let first = chunks.message().await?.ok_or(LogUploadError::Empty)?;
+        let attempt = parse_attempt(&first.attempt_id)?;
+        self.owned_attempt(attempt, builder)?;
+        let storage_error = |error: std::io::Error| {
+            tracing::error!(%attempt, %error, "storing a log failed");
+            LogUploadError::Storing(error)
+        };
+        let mut writer = self.logs.create(attempt).map_err(storage_error)?;
+        writer.write(&first.data).map_err(storage_error)?;
+        while let Some(chunk) = chunks.message().await? {
+            if chunk.attempt_id != first.attempt_id {
+                return Err(LogUploadError::MixedAttempts);
+            }
+            writer.write(&chunk.data).map_err(storage_error)?;
+        }
+        let (stored_bytes, truncated_bytes) = writer.finish().map_err(storage_error)?;
+        Ok(UploadLogResponse {
+            stored_bytes,
+            truncated_bytes,
+        })
+    }
 }
 
 /// One builder's tunnel: reads its messages until it leaves, goes silent, misbehaves or is
@@ -313,54 +334,6 @@ struct BuilderSession {
     end: CancellationToken,
 }
 
-/// Why a builder's message was not passed on as it came.
-#[derive(Debug, thiserror::Error)]
-enum SessionError {
-    /// The message is malformed.
-    #[error("{0}")]
-    Malformed(&'static str),
-    /// The attempt id is not a UUID.
-    #[error("{0:?} is not an attempt id")]
-    AttemptId(String),
-    /// The builder reported on an attempt given to another builder.
-    #[error("attempt {attempt} was not given to builder/{builder}")]
-    ForeignAttempt {
-        /// The attempt.
-        attempt: Uuid,
-        /// The builder that reported.
-        builder: String,
-    },
-    /// The builder named an outcome this runner does not know.
-    #[error("a StepResult without a known outcome")]
-    Outcome(#[source] drover_proto::UnknownOutcome),
-    /// A claimed success does not match what the step must produce or what was uploaded.
-    #[error("{0}")]
-    Outputs(String),
-    /// The cache could not be read to check an output.
-    #[error("reading the cache entry of {path}")]
-    ReadCache {
-        /// The output path.
-        path: String,
-        /// Why.
-        #[source]
-        source: crate::cache::CacheError,
-    },
-}
-
-impl Classify for SessionError {
-    /// A malformed or forged message ends the session; a success that cannot be verified fails
-    /// that attempt only (its step is retried), as does a cache read error on its files.
-    fn severity(&self) -> Severity {
-        match self {
-            Self::Malformed(_)
-            | Self::AttemptId(_)
-            | Self::ForeignAttempt { .. }
-            | Self::Outcome(_) => Severity::Session,
-            Self::Outputs(_) | Self::ReadCache { .. } => Severity::Step,
-        }
-    }
-}
-
 impl BuilderSession {
     /// Reads messages until the session ends; returns why it ended.
     async fn run(mut self) -> String {
@@ -369,9 +342,7 @@ impl BuilderSession {
             tokio::select! {
                 () = self.end.cancelled() => return "the session was ended by the runner".to_owned(),
                 () = tokio::time::sleep_until(deadline) => {
-                    let _ = self.outbox.try_send(Err(Status::deadline_exceeded(
-                        "no message within the liveness timeout",
-                    )));
+                    let _ = self.outbox.try_send(Err(SessionError::Silent.into()));
                     return "silent past the liveness timeout".to_owned();
                 }
                 message = self.inbound.message() => match message {
@@ -380,11 +351,7 @@ impl BuilderSession {
                         if let Err(error) = self.on_message(message).await {
                             let reason = error_context::report(&error).to_string();
                             tracing::warn!(builder = %self.name, %reason, "ending a builder session");
-                            let status = match error {
-                                SessionError::ForeignAttempt { .. } => Status::permission_denied(reason.clone()),
-                                _ => Status::invalid_argument(reason.clone()),
-                            };
-                            let _ = self.outbox.try_send(Err(status));
+                            let _ = self.outbox.try_send(Err(error.into()));
                             return reason;
                         }
                     }
@@ -417,18 +384,18 @@ impl BuilderSession {
     /// the step's outputs, as uploaded. A success that does not check out becomes an
     /// infrastructure failure of that attempt (severity Step); anything worse ends the session.
     fn on_step_result(&self, result: StepResult) -> Result<Event, SessionError> {
-        let attempt = Uuid::parse_str(&result.attempt_id)
-            .map_err(|_| SessionError::AttemptId(result.attempt_id.clone()))?;
+        let attempt = parse_attempt(&result.attempt_id)?;
         let owner = match self.attempts.owner(&attempt) {
             None => {
                 tracing::debug!(%attempt, builder = %self.name, "result for an attempt no longer running");
                 None
             }
             Some(owner) if owner.builder != self.name => {
-                return Err(SessionError::ForeignAttempt {
+                return Err(AttemptError::NotYours {
                     attempt,
-                    builder: self.name.clone(),
-                });
+                    builder: format!("builder/{}", self.name),
+                }
+                .into());
             }
             Some(owner) => Some(owner),
         };

@@ -16,6 +16,7 @@ use nix_primitives::{ContentAddress, StorePath};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+use super::refusals::AttemptError;
 use crate::cache::{BinaryCache, CacheError, Publication};
 use crate::scheduler::attempts::AttemptOwner;
 
@@ -25,6 +26,21 @@ const QUEUED_CHUNKS: usize = 8;
 /// Why an upload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
+    /// As many uploads as the runner takes at once are under way.
+    #[error("too many NAR uploads at once; retry later")]
+    Busy,
+    /// The stream carried no chunk.
+    #[error("an empty NAR upload")]
+    Empty,
+    /// The attempt named is not this builder's.
+    #[error(transparent)]
+    Attempt(#[from] AttemptError),
+    /// The stream failed.
+    #[error("reading the upload: {}", .0.message())]
+    Stream(#[from] Status),
+    /// The blocking task publishing it failed.
+    #[error("the publisher failed")]
+    Publisher(#[source] tokio::task::JoinError),
     /// A path in the header is not a store path.
     #[error("{text:?} is not a store path")]
     InvalidPath {
@@ -57,34 +73,8 @@ impl Classify for UploadError {
     fn severity(&self) -> Severity {
         match self {
             Self::Cache(error) => error.severity(),
+            Self::Publisher(_) => Severity::Step,
             _ => Severity::Reject,
-        }
-    }
-}
-
-impl From<UploadError> for Status {
-    fn from(error: UploadError) -> Self {
-        let message = error_context::report(&error).to_string();
-        match error {
-            UploadError::InvalidPath { .. } | UploadError::MixedAttempts => {
-                Status::invalid_argument(message)
-            }
-            UploadError::NotAnOutput(_) | UploadError::ReferenceOutsideClosure { .. } => {
-                Status::permission_denied(message)
-            }
-            UploadError::Cache(CacheError::ReferenceNotPublished { .. }) => {
-                Status::failed_precondition(message)
-            }
-            UploadError::Cache(CacheError::Withdrawn(_)) => Status::not_found(message),
-            UploadError::Cache(
-                CacheError::Nar { .. }
-                | CacheError::FixedOutputMismatch { .. }
-                | CacheError::NotAFlatFile(_)
-                | CacheError::SourceMismatch(_),
-            ) => Status::invalid_argument(message),
-            UploadError::Cache(CacheError::Io(_) | CacheError::NarInfo(_)) => {
-                Status::internal(message)
-            }
         }
     }
 }
@@ -94,13 +84,10 @@ impl From<UploadError> for Status {
 pub async fn receive(
     mut chunks: Streaming<NarChunk>,
     cache: &Arc<BinaryCache>,
-    owner: impl FnOnce(&str) -> Result<AttemptOwner, Status>,
+    owner: impl FnOnce(&str) -> Result<AttemptOwner, AttemptError>,
     still_owned: impl Fn(&str) -> bool + Send + 'static,
-) -> Result<UploadNarResponse, Status> {
-    let first = chunks
-        .message()
-        .await?
-        .ok_or_else(|| Status::invalid_argument("an empty NAR upload"))?;
+) -> Result<UploadNarResponse, UploadError> {
+    let first = chunks.message().await?.ok_or(UploadError::Empty)?;
     let owner = owner(&first.attempt_id)?;
     let publication = publication(&owner.spec, &first.store_path, &first.references, cache).await?;
     let (sender, receiver) = mpsc::channel::<Vec<u8>>(QUEUED_CHUNKS);
@@ -124,13 +111,11 @@ pub async fn receive(
         }
     }
     drop(sender);
-    let result = publishing
-        .await
-        .map_err(|error| Status::internal(format!("the publisher failed: {error}")))?;
+    let result = publishing.await.map_err(UploadError::Publisher)?;
     if mixed {
-        return Err(UploadError::MixedAttempts.into());
+        return Err(UploadError::MixedAttempts);
     }
-    let (info, already_published) = result.map_err(UploadError::from)?;
+    let (info, already_published) = result?;
     Ok(UploadNarResponse {
         nar_hash: info.nar_hash.to_typed_base32(),
         nar_size: info.nar_size,

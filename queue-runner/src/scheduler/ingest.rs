@@ -72,7 +72,8 @@ impl Ingest {
     /// expands is announced on `expanded`, for Watch streams.
     #[must_use]
     pub fn new(
-        (pool, cache): (Pool, Arc<BinaryCache>),
+        pool: Pool,
+        cache: Arc<BinaryCache>,
         plans: mpsc::Sender<Event>,
         committed: Arc<AtomicU64>,
         handoff: Handoff,
