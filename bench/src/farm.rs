@@ -11,7 +11,7 @@ use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::{DerivationText, SubmitRequest};
 use drover_tls::Role;
 use test_support::fake_derivations::FakeDrv;
-use test_support::farm::{BuilderExecutor, BuilderToml, FarmFiles, Reconnect, builder_environment};
+use test_support::farm::{BuilderExecutor, BuilderToml, FarmFiles, Reconnect, nix_environment};
 use test_support::{ChildGuard, TestPostgres, free_port, private_store_command, workspace_binary};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -132,7 +132,7 @@ impl Farm {
         fs_err::create_dir_all(store).unwrap();
         let log = fs_err::File::create(log).unwrap().into_parts().0;
         let mut command = private_store_command(store);
-        builder_environment(&mut command, &home);
+        nix_environment(&mut command, &home);
         let child = ChildGuard::spawn(
             command
                 .arg(workspace_binary("drover-builder"))

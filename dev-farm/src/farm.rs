@@ -15,7 +15,7 @@ use drover_queue_runner::app;
 use drover_queue_runner::config::Config;
 use drover_tls::Role;
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
-use test_support::farm::{BuilderExecutor, BuilderToml, FarmError, FarmFiles, builder_environment};
+use test_support::farm::{BuilderExecutor, BuilderToml, FarmError, FarmFiles, nix_environment};
 use test_support::{ChildGuard, TestPostgres};
 use tokio_util::sync::CancellationToken;
 
@@ -243,7 +243,7 @@ fn start_builder(
     // Tied to this process: a farm killed with SIGKILL takes its builders (and, through them,
     // their builds) along instead of leaving them retrying a runner that is gone.
     drover_daemon::tied::spawn("unshare", |command| {
-        builder_environment(command, &home);
+        nix_environment(command, &home);
         command
             .args(test_support::private_store_arguments(&store))
             .arg(binary)

@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{BuilderSpec, DEADLINE, Farm};
+use common::{BuilderSpec, DEADLINE, Farm, Stored};
 use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::watch_event::Event as WatchKind;
 use drover_proto::v1::{
@@ -64,7 +64,7 @@ async fn list_filters_by_status_metadata_and_time_and_pages_newest_first() {
         .cancel(drover_proto::v1::CancelRequest { build_id: ids[4] })
         .await
         .unwrap();
-    assert_eq!(farm.wait_for_build(ids[4]).await, "cancelled");
+    assert_eq!(farm.wait_for_build(ids[4]).await, Stored::Cancelled);
     let list = |request: ListRequest| {
         let mut client = client.clone();
         async move { client.list(request).await.unwrap().into_inner() }
@@ -296,9 +296,9 @@ async fn a_full_farm_refuses_with_a_retry_after_hint_writes_nothing_and_admits_o
     );
 
     farm.start_builder(&BuilderSpec::new("drains"));
-    assert_eq!(farm.wait_for_build(first).await, "succeeded");
+    assert_eq!(farm.wait_for_build(first).await, Stored::Succeeded);
     let admitted = farm.submit(&[&extra]).await;
-    assert_eq!(farm.wait_for_build(admitted).await, "succeeded");
+    assert_eq!(farm.wait_for_build(admitted).await, Stored::Succeeded);
 }
 
 /// A Watch stream of `build`.
@@ -453,5 +453,5 @@ async fn a_system_no_builder_ever_offered_is_refused_at_submit_naming_it() {
     assert_eq!(farm.count("SELECT count(*) FROM builds").await, before);
     let fine = factory.make(&Spec::new("ordinary"));
     let build = farm.submit(&[&fine]).await;
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
 }

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{BuilderSpec, DEADLINE, Farm};
+use common::{BuilderSpec, DEADLINE, Farm, StepStatus, Stored, step_status};
 use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::{CancelRequest, RestartRequest};
 use drover_tls::Role;
@@ -43,8 +43,8 @@ async fn cancel_stops_what_only_that_build_needs_and_restart_queues_it_again() {
     let mut client = farm.client().await;
     client.cancel(CancelRequest { build_id: c }).await.unwrap();
     client.cancel(CancelRequest { build_id: a }).await.unwrap();
-    assert_eq!(farm.wait_for_build(c).await, "cancelled");
-    assert_eq!(farm.wait_for_build(a).await, "cancelled");
+    assert_eq!(farm.wait_for_build(c).await, Stored::Cancelled);
+    assert_eq!(farm.wait_for_build(a).await, Stored::Cancelled);
     farm.wait_for_count(
         "the cancelled build's running step to be stopped",
         "SELECT count(*) FROM step_attempts a JOIN steps s ON s.id = a.step_id
@@ -62,10 +62,10 @@ async fn cancel_stops_what_only_that_build_needs_and_restart_queues_it_again() {
 
     assert_eq!(
         farm.wait_for_build(b).await,
-        "succeeded",
+        Stored::Succeeded,
         "the shared step went on"
     );
-    let statuses: Vec<(String, String)> = farm
+    let statuses: Vec<(String, StepStatus)> = farm
         .db()
         .await
         .query(
@@ -77,19 +77,22 @@ async fn cancel_stops_what_only_that_build_needs_and_restart_queues_it_again() {
         .iter()
         .map(|row| {
             let drv: String = row.get(0);
-            (drv.split_once('-').unwrap().1.to_owned(), row.get(1))
+            (
+                drv.split_once('-').unwrap().1.to_owned(),
+                step_status(row.get(1)),
+            )
         })
         .collect();
     assert!(
-        statuses.contains(&("shared.drv".to_owned(), "succeeded".to_owned())),
+        statuses.contains(&("shared.drv".to_owned(), StepStatus::Succeeded)),
         "{statuses:?}"
     );
     assert!(
-        statuses.contains(&("on-top.drv".to_owned(), "cancelled".to_owned())),
+        statuses.contains(&("on-top.drv".to_owned(), StepStatus::Cancelled)),
         "{statuses:?}"
     );
     assert!(
-        statuses.contains(&("alone.drv".to_owned(), "cancelled".to_owned())),
+        statuses.contains(&("alone.drv".to_owned(), StepStatus::Cancelled)),
         "{statuses:?}"
     );
     assert_eq!(
@@ -102,7 +105,7 @@ async fn cancel_stops_what_only_that_build_needs_and_restart_queues_it_again() {
         .restart(RestartRequest { build_id: c })
         .await
         .unwrap();
-    assert_eq!(farm.wait_for_build(c).await, "succeeded");
+    assert_eq!(farm.wait_for_build(c).await, Stored::Succeeded);
     let finished = client
         .restart(RestartRequest { build_id: c })
         .await
@@ -118,10 +121,10 @@ async fn a_restart_clears_the_failure_later_builds_would_inherit() {
     let mut factory = Factory::default();
     let broken = factory.make(&Spec::new("broken").env("DROVER_NOOP_FAIL", "on purpose"));
     let first = farm.submit(&[&broken]).await;
-    assert_eq!(farm.wait_for_build(first).await, "failed");
+    assert_eq!(farm.wait_for_build(first).await, Stored::Failed);
     // A later build needing it fails at once, without building it again.
     let second = farm.submit(&[&broken]).await;
-    assert_eq!(farm.wait_for_build(second).await, "cached_failure");
+    assert_eq!(farm.wait_for_build(second).await, Stored::CachedFailure);
     assert_eq!(farm.count("SELECT count(*) FROM step_attempts").await, 1);
 
     // Restarting the cached failure clears the failure it inherited: it is built again.
@@ -138,5 +141,5 @@ async fn a_restart_clears_the_failure_later_builds_would_inherit() {
             .then_some(())
     })
     .await;
-    assert_eq!(farm.wait_for_build(second).await, "failed");
+    assert_eq!(farm.wait_for_build(second).await, Stored::Failed);
 }

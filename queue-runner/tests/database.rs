@@ -197,6 +197,17 @@ async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() 
     assert_eq!(acknowledged, vec![ToBuilder::ResultRecorded { attempt }]);
     batch.write(&mut client).await.unwrap();
 
+    assert_recorded(&client, step, build, attempt).await;
+}
+
+/// Asserts that the step, its build and its attempt are recorded as succeeded, with the output
+/// and the builder.
+async fn assert_recorded(
+    client: &tokio_postgres::Client,
+    step: i64,
+    build: i64,
+    attempt: uuid::Uuid,
+) {
     let row = client
         .query_one(
             "SELECT s.status::text, s.finished_at IS NOT NULL, s.started_at IS NOT NULL,
@@ -210,11 +221,21 @@ async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() 
         )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, String>(0), "succeeded");
-    assert!(row.get::<_, bool>(1) && row.get::<_, bool>(2));
-    assert_eq!(row.get::<_, String>(3), "succeeded");
-    assert!(row.get::<_, bool>(4));
-    assert_eq!(row.get::<_, String>(5), "succeeded");
+    let statuses = (
+        StepStatus::from_label(row.get(0)),
+        BuildStatus::from_label(row.get(3)),
+        AttemptStatus::from_label(row.get(5)),
+    );
+    let succeeded = (
+        StepStatus::Succeeded,
+        BuildStatus::Succeeded,
+        AttemptStatus::Succeeded,
+    );
+    assert_eq!(
+        statuses,
+        (Some(succeeded.0), Some(succeeded.1), Some(succeeded.2))
+    );
+    assert!(row.get::<_, bool>(1) && row.get::<_, bool>(2) && row.get::<_, bool>(4));
     assert_eq!(row.get::<_, String>(6), "b1");
     assert!(row.get::<_, bool>(7));
     assert_eq!(row.get::<_, i64>(8), 120);

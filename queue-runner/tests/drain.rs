@@ -12,7 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{BuilderSpec, Farm};
+use common::{AttemptStatus, BuilderSpec, Farm, Stored};
 use test_support::fake_derivations::{Factory, Spec};
 
 /// Waits for builder `index` to exit; its exit status.
@@ -58,7 +58,7 @@ async fn wait_until_started(farm: &Farm) {
 }
 
 /// Attempt statuses and messages, and the builder losses counted on any step.
-async fn outcome(farm: &Farm) -> (Vec<(String, String)>, i64) {
+async fn outcome(farm: &Farm) -> (Vec<(AttemptStatus, String)>, i64) {
     let attempts = farm
         .attempts()
         .await
@@ -92,14 +92,14 @@ async fn sigterm_lets_the_running_step_finish_and_the_builder_exits_0() {
     let (attempts, losses) = outcome(&farm).await;
     assert_eq!(
         attempts,
-        [("succeeded".to_owned(), String::new())],
+        [(AttemptStatus::Succeeded, String::new())],
         "the running step finished; nothing new started"
     );
     assert_eq!(losses, 0);
 
     farm.start_builder(&BuilderSpec::new("b2"));
-    assert_eq!(farm.wait_for_build(first_build).await, "succeeded");
-    assert_eq!(farm.wait_for_build(second_build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(first_build).await, Stored::Succeeded);
+    assert_eq!(farm.wait_for_build(second_build).await, Stored::Succeeded);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,13 +126,13 @@ async fn at_the_drain_deadline_the_rest_is_handed_back_without_a_loss() {
     )
     .await;
     farm.start_builder(&BuilderSpec::new("b2"));
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     let (attempts, losses) = outcome(&farm).await;
     assert_eq!(
         attempts,
         [
-            ("aborted".to_owned(), "builder left: draining".to_owned()),
-            ("succeeded".to_owned(), String::new())
+            (AttemptStatus::Aborted, "builder left: draining".to_owned()),
+            (AttemptStatus::Succeeded, String::new())
         ]
     );
     assert_eq!(losses, 0, "a hand-back is not a loss");

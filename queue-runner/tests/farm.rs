@@ -11,7 +11,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{BuilderSpec, Farm};
+use common::{
+    AttemptStatus, BuilderSpec, Farm, StepStatus, Stored, attempt_status, build_status, step_status,
+};
 use drover_proto::v1::{BuildStatus, GetLogRequest};
 use test_support::fake_derivations::{Factory, FakeDrv, Spec};
 
@@ -54,8 +56,8 @@ async fn a_random_dag_of_1000_steps_and_a_diamond_complete_on_three_builders() {
             ..BuilderSpec::new(name)
         });
     }
-    assert_eq!(farm.wait_for_build(dag_build).await, "succeeded");
-    assert_eq!(farm.wait_for_build(diamond_build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(dag_build).await, Stored::Succeeded);
+    assert_eq!(farm.wait_for_build(diamond_build).await, Stored::Succeeded);
 
     assert_eq!(
         farm.count("SELECT count(*) FROM steps WHERE status = 'succeeded'")
@@ -119,8 +121,8 @@ async fn builds_that_share_derivations_share_their_steps() {
     let one = farm.submit(&[&shared_base, &shared_mid, &first]).await;
     let two = farm.submit(&[&second]).await;
     farm.start_builder(&BuilderSpec::new("b1"));
-    assert_eq!(farm.wait_for_build(one).await, "succeeded");
-    assert_eq!(farm.wait_for_build(two).await, "succeeded");
+    assert_eq!(farm.wait_for_build(one).await, Stored::Succeeded);
+    assert_eq!(farm.wait_for_build(two).await, Stored::Succeeded);
 
     assert_eq!(farm.count("SELECT count(*) FROM steps").await, 4);
     assert_eq!(farm.count("SELECT count(*) FROM step_attempts").await, 4);
@@ -159,17 +161,23 @@ async fn a_build_queued_with_sql_while_the_runner_is_down_runs_when_it_starts() 
 
     farm.start_runner().await;
     farm.start_builder(&BuilderSpec::new("b1"));
-    assert_eq!(farm.wait_for_build(queued_while_down).await, "succeeded");
+    assert_eq!(
+        farm.wait_for_build(queued_while_down).await,
+        Stored::Succeeded
+    );
 
     let later = factory.make(&Spec::new("sql-later").inputs(&[&top]));
     let (later_path, later_text) = text(&later);
     let queued_while_up = enqueue_with_sql(&db, &[(&later_path, &later_text)]).await;
-    assert_eq!(farm.wait_for_build(queued_while_up).await, "succeeded");
+    assert_eq!(
+        farm.wait_for_build(queued_while_up).await,
+        Stored::Succeeded
+    );
     assert_eq!(farm.count("SELECT count(*) FROM step_attempts").await, 3);
 
     let forged = "/nix/store/00000000000000000000000000000000-forged.drv";
     let forged_build = enqueue_with_sql(&db, &[(forged, &top_text)]).await;
-    assert_eq!(farm.wait_for_build(forged_build).await, "failed");
+    assert_eq!(farm.wait_for_build(forged_build).await, Stored::Failed);
     let reason: String = db
         .query_one(
             "SELECT failure_reason FROM builds WHERE id = $1",
@@ -205,7 +213,7 @@ async fn steps_go_only_to_builders_that_can_run_them() {
         ..BuilderSpec::new("dedicated")
     });
     for build in &builds[..4] {
-        assert_eq!(farm.wait_for_build(*build).await, "succeeded");
+        assert_eq!(farm.wait_for_build(*build).await, Stored::Succeeded);
     }
     let machines: BTreeMap<String, String> = farm
         .db()
@@ -235,7 +243,7 @@ async fn steps_go_only_to_builders_that_can_run_them() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(arm_status, "queued");
+    assert_eq!(build_status(&arm_status), Stored::Queued);
     let arm_step: String = farm
         .db()
         .await
@@ -246,11 +254,11 @@ async fn steps_go_only_to_builders_that_can_run_them() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(arm_step, "runnable");
+    assert_eq!(step_status(&arm_step), StepStatus::Runnable);
 }
 
 /// A step's status, failure reason and number of attempts.
-async fn step_row(farm: &Farm, drv: &FakeDrv) -> (String, String, i64) {
+async fn step_row(farm: &Farm, drv: &FakeDrv) -> (StepStatus, String, i64) {
     let row = farm
         .db()
         .await
@@ -262,7 +270,7 @@ async fn step_row(farm: &Farm, drv: &FakeDrv) -> (String, String, i64) {
         )
         .await
         .unwrap();
-    (row.get(0), row.get(1), row.get(2))
+    (step_status(row.get(0)), row.get(1), row.get(2))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,26 +302,27 @@ async fn a_failure_dep_fails_dependents_cancels_what_only_they_needed_and_is_cac
         ..BuilderSpec::new("b1")
     });
 
-    assert_eq!(farm.wait_for_build(failed).await, "failed");
-    assert_eq!(farm.wait_for_build(dep_failed).await, "dep_failed");
-    assert_eq!(farm.wait_for_build(kept_going).await, "dep_failed");
-    assert_eq!(step_row(&farm, &broken).await.0, "failed");
-    assert_eq!(step_row(&farm, &dependent).await.0, "dep_failed");
+    assert_eq!(farm.wait_for_build(failed).await, Stored::Failed);
+    assert_eq!(farm.wait_for_build(dep_failed).await, Stored::DepFailed);
+    assert_eq!(farm.wait_for_build(kept_going).await, Stored::DepFailed);
+    assert_eq!(step_row(&farm, &broken).await.0, StepStatus::Failed);
+    assert_eq!(step_row(&farm, &dependent).await.0, StepStatus::DepFailed);
     let (status, reason, attempts) = step_row(&farm, &spared).await;
     assert_eq!(
-        (status.as_str(), attempts),
-        ("cancelled", 0),
+        (status, attempts),
+        (StepStatus::Cancelled, 0),
         "only a failed build needed it: {reason}"
     );
     assert!(reason.contains("no build needs it any more"), "{reason}");
     let kept_status =
         test_support::poll_until(common::DEADLINE, "the kept step to end", || async {
             let (status, _, _) = step_row(&farm, &kept).await;
-            (!matches!(status.as_str(), "runnable" | "running" | "waiting")).then_some(status)
+            status.is_terminal().then_some(status)
         })
         .await;
     assert_eq!(
-        kept_status, "succeeded",
+        kept_status,
+        StepStatus::Succeeded,
         "a keep-going build builds what it can"
     );
 
@@ -338,7 +347,7 @@ async fn a_failure_dep_fails_dependents_cancels_what_only_they_needed_and_is_cac
     assert!(log.contains("boom: the build exploded"), "{log}");
 
     let again = farm.submit(&[&broken, &spared, &dependent]).await;
-    assert_eq!(farm.wait_for_build(again).await, "cached_failure");
+    assert_eq!(farm.wait_for_build(again).await, Stored::CachedFailure);
     let response = farm.get(again).await;
     assert_eq!(response.status(), BuildStatus::CachedFailure);
     assert!(
@@ -386,9 +395,9 @@ async fn a_builder_killed_mid_step_has_the_step_requeued_without_burning_a_retry
     .await;
     farm.kill_builder(doomed);
     farm.start_builder(&BuilderSpec::new("survivor"));
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
 
-    let attempts: Vec<(String, String)> = farm
+    let attempts: Vec<(String, AttemptStatus)> = farm
         .attempts()
         .await
         .into_iter()
@@ -397,8 +406,8 @@ async fn a_builder_killed_mid_step_has_the_step_requeued_without_burning_a_retry
     assert_eq!(
         attempts,
         [
-            ("doomed".to_owned(), "builder_lost".to_owned()),
-            ("survivor".to_owned(), "succeeded".to_owned())
+            ("doomed".to_owned(), AttemptStatus::BuilderLost),
+            ("survivor".to_owned(), AttemptStatus::Succeeded)
         ]
     );
     let (losses, infrastructure): (i32, i32) = {
@@ -443,8 +452,8 @@ async fn a_restarted_runner_recovers_its_queue_and_takes_back_what_builders_ran_
 
     farm.stop_runner().await;
     farm.start_runner().await;
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
-    let attempts: Vec<String> = db
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
+    let attempts: Vec<AttemptStatus> = db
         .query(
             "SELECT a.status::text FROM step_attempts a JOIN steps s ON s.id = a.step_id
              WHERE s.drv_path = $1 ORDER BY a.started_at",
@@ -453,11 +462,11 @@ async fn a_restarted_runner_recovers_its_queue_and_takes_back_what_builders_ran_
         .await
         .unwrap()
         .iter()
-        .map(|row| row.get(0))
+        .map(|row| attempt_status(row.get(0)))
         .collect();
     assert_eq!(
         attempts,
-        ["succeeded"],
+        [AttemptStatus::Succeeded],
         "the builder went on building across the restart, and the runner took the attempt back"
     );
     assert_eq!(
@@ -495,7 +504,7 @@ async fn a_frozen_builder_loses_its_step_to_another_and_its_late_result_changes_
     .await;
     farm.signal_builder(frozen, "STOP");
     farm.start_builder(&BuilderSpec::new("thawed"));
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     farm.signal_builder(frozen, "CONT");
     farm.wait_for_count(
         "the frozen builder to rejoin",
@@ -503,7 +512,7 @@ async fn a_frozen_builder_loses_its_step_to_another_and_its_late_result_changes_
         2,
     )
     .await;
-    let attempts: Vec<(String, String)> = farm
+    let attempts: Vec<(String, AttemptStatus)> = farm
         .attempts()
         .await
         .into_iter()
@@ -512,8 +521,8 @@ async fn a_frozen_builder_loses_its_step_to_another_and_its_late_result_changes_
     assert_eq!(
         attempts,
         [
-            ("frozen".to_owned(), "builder_lost".to_owned()),
-            ("thawed".to_owned(), "succeeded".to_owned())
+            ("frozen".to_owned(), AttemptStatus::BuilderLost),
+            ("thawed".to_owned(), AttemptStatus::Succeeded)
         ]
     );
     assert_eq!(
@@ -544,17 +553,17 @@ async fn a_step_its_builder_never_claims_after_a_runner_restart_is_requeued_afte
     farm.kill_builder(gone);
     farm.start_runner().await;
     farm.start_builder(&BuilderSpec::new("stays"));
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     let attempts = farm.attempts().await;
     assert_eq!(attempts.len(), 2, "{attempts:?}");
     assert_eq!(
-        (attempts[0].0.as_str(), attempts[0].1.as_str()),
-        ("gone", "builder_lost")
+        (attempts[0].0.as_str(), attempts[0].1),
+        ("gone", AttemptStatus::BuilderLost)
     );
     assert!(attempts[0].2.contains("did not claim"), "{attempts:?}");
     assert_eq!(
-        (attempts[1].0.as_str(), attempts[1].1.as_str()),
-        ("stays", "succeeded")
+        (attempts[1].0.as_str(), attempts[1].1),
+        ("stays", AttemptStatus::Succeeded)
     );
     assert_eq!(
         farm.count("SELECT count(*) FROM steps WHERE status = 'running'")

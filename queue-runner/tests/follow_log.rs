@@ -11,7 +11,7 @@
 mod common;
 
 use common::nix_farm::{start_with_one_nix_builder, submit_closure};
-use common::{DEADLINE, Farm};
+use common::{DEADLINE, Farm, Stored};
 use drover_proto::v1::log_event::Event;
 use drover_proto::v1::{FollowLogRequest, LogEvent};
 
@@ -78,7 +78,7 @@ async fn a_running_real_builds_log_arrives_live_and_whole_afterwards() {
     })
     .await;
     // The log ends before the result is recorded.
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     let finished_at: f64 = farm
         .db()
         .await

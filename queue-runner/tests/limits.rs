@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{BuilderSpec, Farm};
+use common::{BuilderSpec, Farm, Stored};
 use drover_proto::v1::{DerivationText, SubmitRequest};
 use test_support::fake_derivations::{Factory, Spec};
 
@@ -76,7 +76,7 @@ async fn an_oversized_derivation_is_refused_at_submit_and_disturbs_nothing() {
         "the refused submit wrote rows"
     );
 
-    assert_eq!(farm.wait_for_build(running_build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(running_build).await, Stored::Succeeded);
     assert_eq!(
         farm.count("SELECT count(*) FROM step_attempts WHERE status <> 'succeeded'")
             .await,
@@ -95,7 +95,7 @@ async fn a_derivation_over_grpcs_default_message_size_reaches_its_builder() {
     let value = blob(6 * 1024 * 1024);
     let large = factory.make(&Spec::new("large").env("blob", &value));
     let build = farm.submit(&[&large]).await;
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     assert_eq!(
         farm.count("SELECT count(*) FROM step_attempts").await,
         1,

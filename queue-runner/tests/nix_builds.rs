@@ -20,7 +20,9 @@ use common::nix_farm::{
     closure_request, served_log, start_with_one_nix_builder, submit_closure, submit_fixture,
     succeed, upstream_with_diamond_base,
 };
-use common::{BuilderSpec, DEADLINE, Farm};
+use common::{
+    AttemptStatus, BuilderSpec, DEADLINE, Farm, StepStatus, Stored, attempt_status, step_status,
+};
 use drover_proto::v1::{DerivationText, SubmitRequest};
 use nix_primitives::StorePath;
 
@@ -73,7 +75,7 @@ async fn a_diamond_builds_across_two_private_stores_and_stock_nix_substitutes_it
     let top = submitter.instantiate(&diamond, "top");
     assert_eq!(submitter.closure(&top).len(), 4);
     let build = submit_closure(&farm, &submitter, &top).await;
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     let machines = farm
         .count("SELECT count(DISTINCT machine) FROM step_attempts")
         .await;
@@ -115,9 +117,9 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
     let mut farm = Farm::new().await;
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
     let expectations = [
-        ("usesDev", "succeeded"),
-        ("usesFixed", "succeeded"),
-        ("chatty", "succeeded"),
+        ("usesDev", Stored::Succeeded),
+        ("usesFixed", Stored::Succeeded),
+        ("chatty", Stored::Succeeded),
     ];
     let mut builds = BTreeMap::new();
     for (attribute, _) in expectations {
@@ -139,7 +141,10 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
         let (build, _) = builds[attribute];
         assert_eq!(farm.wait_for_build(build).await, expected, "{attribute}");
     }
-    assert_eq!(farm.wait_for_build(depends_on_broken).await, "dep_failed");
+    assert_eq!(
+        farm.wait_for_build(depends_on_broken).await,
+        Stored::DepFailed
+    );
 
     let db = farm.db().await;
     let published: Vec<String> = db
@@ -172,25 +177,26 @@ async fn multiple_outputs_fixed_outputs_failures_and_logs_with_real_nix() {
     }
 
     let independent = test_support::poll_until(DEADLINE, "the independent sibling", || async {
-        let status: String = db
+        let status = db
             .query_one(
                 "SELECT status::text FROM steps WHERE drv_path LIKE '%-independent.drv'",
                 &[],
             )
             .await
-            .unwrap()
-            .get(0);
-        (!matches!(status.as_str(), "waiting" | "runnable" | "running")).then_some(status)
+            .unwrap();
+        let status = step_status(status.get(0));
+        status.is_terminal().then_some(status)
     })
     .await;
     assert_eq!(
-        independent, "succeeded",
+        independent,
+        StepStatus::Succeeded,
         "a keep-going build's independent branch is still built"
     );
 
     let before = farm.count("SELECT count(*) FROM step_attempts").await;
     let (again, _) = submit_fixture(&farm, &submitter, "usesDev").await;
-    assert_eq!(farm.wait_for_build(again).await, "succeeded");
+    assert_eq!(farm.wait_for_build(again).await, Stored::Succeeded);
     assert_eq!(
         farm.count("SELECT count(*) FROM step_attempts").await,
         before,
@@ -236,7 +242,7 @@ async fn sources_are_uploaded_verified_and_used_and_forged_ones_refused() {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 
     let build = submit_closure(&farm, &submitter, &top).await;
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     let out = StorePath::from_absolute(&farm.get(build).await.outputs["out"]).unwrap();
     let consumer = ChrootStore::new(farm.dir.path().join("consumer"));
     substitute_from_farm(&farm, &consumer, &out, None);
@@ -269,7 +275,7 @@ async fn steps_an_upstream_cache_has_are_not_built_and_their_outputs_are_substit
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
     let top = submitter.instantiate(&diamond, "top");
     let build = submit_closure(&farm, &submitter, &top).await;
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     let attempted: Vec<String> = farm
         .db()
         .await
@@ -328,9 +334,9 @@ async fn builds_past_their_time_or_silence_limit_are_stopped_as_timed_out() {
         },
     )
     .await;
-    assert_eq!(farm.wait_for_build(ticker).await, "failed");
-    assert_eq!(farm.wait_for_build(silent).await, "failed");
-    let messages: BTreeMap<String, (String, String)> = farm
+    assert_eq!(farm.wait_for_build(ticker).await, Stored::Failed);
+    assert_eq!(farm.wait_for_build(silent).await, Stored::Failed);
+    let messages: BTreeMap<String, (AttemptStatus, String)> = farm
         .db()
         .await
         .query(
@@ -344,7 +350,7 @@ async fn builds_past_their_time_or_silence_limit_are_stopped_as_timed_out() {
         .map(|row| {
             let drv: String = row.get(0);
             let name = drv.rsplit('-').next().unwrap_or_default().to_owned();
-            (name, (row.get(1), row.get(2)))
+            (name, (attempt_status(row.get(1)), row.get(2)))
         })
         .collect();
     assert_eq!(
@@ -353,10 +359,10 @@ async fn builds_past_their_time_or_silence_limit_are_stopped_as_timed_out() {
         "a timed-out step is not tried again"
     );
     let (status, message) = &messages["ticker.drv"];
-    assert_eq!(status, "timed_out");
+    assert_eq!(*status, AttemptStatus::TimedOut);
     assert!(message.contains("timed out after 4 seconds"), "{message}");
     let (status, message) = &messages["silent.drv"];
-    assert_eq!(status, "timed_out");
+    assert_eq!(*status, AttemptStatus::TimedOut);
     assert!(message.contains("seconds of silence"), "{message}");
     test_support::poll_until(DEADLINE, "the pins to be removed", || async {
         (fs_err::read_dir(&pins).unwrap().count() == 0).then_some(())
@@ -378,7 +384,7 @@ async fn an_output_over_the_size_limit_fails_its_build_and_is_not_published() {
     farm.max_output_bytes = 50_000;
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
     let (build, _) = submit_fixture(&farm, &submitter, "big").await;
-    assert_eq!(farm.wait_for_build(build).await, "failed");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Failed);
     let message: String = farm
         .db()
         .await

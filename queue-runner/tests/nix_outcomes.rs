@@ -20,12 +20,12 @@ use common::nix_farm::{
     served_log, start_with_one_nix_builder, submit_closure, submit_fixture,
     upstream_with_diamond_base,
 };
-use common::{DEADLINE, Farm};
+use common::{AttemptStatus, DEADLINE, Farm, Stored, attempt_status};
 
 /// Every attempt of the farm: derivation name (`broken.drv`) to its attempts' statuses and
 /// messages, in order.
-async fn attempts(farm: &Farm) -> BTreeMap<String, Vec<(String, String)>> {
-    let mut attempts: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+async fn attempts(farm: &Farm) -> BTreeMap<String, Vec<(AttemptStatus, String)>> {
+    let mut attempts: BTreeMap<String, Vec<(AttemptStatus, String)>> = BTreeMap::new();
     for row in farm
         .db()
         .await
@@ -42,7 +42,7 @@ async fn attempts(farm: &Farm) -> BTreeMap<String, Vec<(String, String)>> {
         attempts
             .entry(name)
             .or_default()
-            .push((row.get(1), row.get(2)));
+            .push((attempt_status(row.get(1)), row.get(2)));
     }
     attempts
 }
@@ -52,10 +52,14 @@ async fn a_derivations_own_failures_are_permanent_after_one_attempt() {
     let mut farm = Farm::new().await;
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
     let cases = [
-        ("broken", "failed", "builder for"),
-        ("noOutput", "failed", "failed to produce output path"),
-        ("wrongHash", "failed", "hash mismatch"),
-        ("loud", "log_limit", "bytes of log output"),
+        ("broken", AttemptStatus::Failed, "builder for"),
+        (
+            "noOutput",
+            AttemptStatus::Failed,
+            "failed to produce output path",
+        ),
+        ("wrongHash", AttemptStatus::Failed, "hash mismatch"),
+        ("loud", AttemptStatus::LogLimit, "bytes of log output"),
     ];
     let mut builds = BTreeMap::new();
     for (attribute, _, _) in cases {
@@ -67,7 +71,7 @@ async fn a_derivations_own_failures_are_permanent_after_one_attempt() {
     for (attribute, _, _) in cases {
         assert_eq!(
             farm.wait_for_build(builds[attribute].0).await,
-            "failed",
+            Stored::Failed,
             "{attribute}"
         );
     }
@@ -101,7 +105,7 @@ async fn an_input_no_substituter_has_fails_the_step_as_infrastructure_without_bu
     let top = submitter.instantiate(&examples().join("diamond.nix"), "top");
     let build = submit_closure(&farm, &submitter, &top).await;
     let status = farm.wait_for_build(build).await;
-    assert_ne!(status, "succeeded");
+    assert_ne!(status, Stored::Succeeded);
     let attempts = attempts(&farm).await;
     assert!(
         !attempts.contains_key("diamond-base.drv"),
@@ -109,10 +113,10 @@ async fn an_input_no_substituter_has_fails_the_step_as_infrastructure_without_bu
     );
     // The build ends when the first of `left` and `right` runs out of retries; the other is
     // stopped then if it runs.
-    let finished: Vec<&(String, String)> = ["diamond-left.drv", "diamond-right.drv"]
+    let finished: Vec<&(AttemptStatus, String)> = ["diamond-left.drv", "diamond-right.drv"]
         .iter()
         .flat_map(|drv| &attempts[*drv])
-        .filter(|(status, _)| status != "running")
+        .filter(|(status, _)| *status != AttemptStatus::Running)
         .collect();
     assert!(
         finished.len() > 2,
@@ -120,14 +124,14 @@ async fn an_input_no_substituter_has_fails_the_step_as_infrastructure_without_bu
     );
     for (status, message) in finished {
         // The other branch's attempt running when the build failed is stopped: nothing needs it.
-        if status == "aborted" {
+        if *status == AttemptStatus::Aborted {
             assert!(
                 message.starts_with("no build needs it any more"),
                 "{message}"
             );
             continue;
         }
-        assert_eq!(status, "infrastructure_failure", "{message}");
+        assert_eq!(*status, AttemptStatus::InfrastructureFailure, "{message}");
         assert!(
             message.contains("inputs not in the farm's cache or any substituter")
                 && message.contains("-diamond-base"),
@@ -206,7 +210,7 @@ async fn cancelling_a_running_real_build_stops_its_process() {
         .cancel(drover_proto::v1::CancelRequest { build_id: build })
         .await
         .unwrap();
-    assert_eq!(farm.wait_for_build(build).await, "cancelled");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Cancelled);
     wait_until_gone(pid, "the cancelled build's process to stop").await;
     assert_eq!(
         farm.count("SELECT count(*) FROM machines WHERE connected")

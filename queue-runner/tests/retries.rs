@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{BuilderSpec, DEADLINE, Farm};
+use common::{BuilderSpec, DEADLINE, Farm, StepStatus, Stored, step_status};
 use test_support::fake_derivations::{Factory, Spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,7 +23,7 @@ async fn infrastructure_failures_are_retried_after_a_growing_backoff_then_fail_w
     // infrastructure failure.
     let doomed = factory.make(&Spec::new("doomed").env("DROVER_NOOP_PANIC", "1"));
     let build = farm.submit(&[&doomed]).await;
-    assert_eq!(farm.wait_for_build(build).await, "failed");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Failed);
 
     let db = farm.db().await;
     // The test farm's policy: 4 attempts, 100 ms doubling up to 400 ms.
@@ -54,7 +54,7 @@ async fn infrastructure_failures_are_retried_after_a_growing_backoff_then_fail_w
         )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, String>(0), "cancelled");
+    assert_eq!(step_status(row.get(0)), StepStatus::Cancelled);
     let reason: String = row.get(1);
     assert!(
         reason.starts_with("4 infrastructure failures; the last: ") && reason.contains("panicked"),
@@ -95,7 +95,7 @@ async fn a_step_postponed_with_sql_waits_without_using_a_retry() {
             .then_some(())
     })
     .await;
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     let row = db
         .query_one(
             "SELECT a.started_at >= s.visible_after, s.infrastructure_failures

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use common::nix::ChrootStore;
 use common::nix_farm::{served_log, submit_closure};
-use common::{BuilderSpec, DEADLINE, Farm};
+use common::{AttemptStatus, BuilderSpec, DEADLINE, Farm, Stored};
 
 /// Steps in flight when the runner dies.
 const IN_FLIGHT: usize = 10;
@@ -112,7 +112,7 @@ async fn a_killed_runner_takes_back_every_step_its_builders_ran_and_rebuilds_non
     .await;
     // The other half were still building when the runner took them back.
     fs_err::write(dir.join("release-1"), "").unwrap();
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
 
     assert_eq!(runs(&dir), [1; IN_FLIGHT], "a step was built again");
     let attempts = farm.attempts().await;
@@ -122,7 +122,9 @@ async fn a_killed_runner_takes_back_every_step_its_builders_ran_and_rebuilds_non
         "one attempt per step: {attempts:?}"
     );
     assert!(
-        attempts.iter().all(|(_, status, _)| status == "succeeded"),
+        attempts
+            .iter()
+            .all(|(_, status, _)| *status == AttemptStatus::Succeeded),
         "each taken back and succeeded: {attempts:?}"
     );
     assert_eq!(

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{BuilderSpec, DEADLINE, Farm};
+use common::{AttemptStatus, BuilderSpec, DEADLINE, Farm, Stored, attempt_status};
 use drover_proto::API_VERSION;
 use drover_proto::v1::builder_message::Message as Outbound;
 use drover_proto::v1::{BuilderMessage, Join, StepOutcome, StepResult};
@@ -80,8 +80,8 @@ async fn a_builder_that_stops_reading_its_tunnel_is_ended_and_delays_nobody() {
     farm.start_builder(&BuilderSpec::new("healthy"));
     let chain = factory.chain("flowing", 20);
     let flowing = farm.submit(&chain.iter().collect::<Vec<_>>()).await;
-    assert_eq!(farm.wait_for_build(flowing).await, "succeeded");
-    assert_eq!(farm.wait_for_build(held).await, "succeeded");
+    assert_eq!(farm.wait_for_build(flowing).await, Stored::Succeeded);
+    assert_eq!(farm.wait_for_build(held).await, Stored::Succeeded);
     spam.abort();
     let stuck = db
         .query_one(
@@ -95,7 +95,7 @@ async fn a_builder_that_stops_reading_its_tunnel_is_ended_and_delays_nobody() {
         !stuck.get::<_, bool>(0),
         "the stuck builder is still connected"
     );
-    assert_eq!(stuck.get::<_, String>(1), "builder_lost");
+    assert_eq!(attempt_status(stuck.get(1)), AttemptStatus::BuilderLost);
     assert_eq!(
         farm.count(
             "SELECT count(*) FROM step_attempts WHERE machine = 'healthy' AND status <> 'succeeded'"
@@ -142,7 +142,7 @@ async fn results_are_recorded_while_a_big_build_is_ingested() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(farm.wait_for_build(small).await, "succeeded");
+    assert_eq!(farm.wait_for_build(small).await, Stored::Succeeded);
     test_support::poll_until(DEADLINE, "the big build to be ingested", || async {
         let ingested: bool = db
             .query_one(
@@ -193,9 +193,9 @@ async fn a_job_that_panics_fails_its_step_only_and_the_session_goes_on() {
         ..BuilderSpec::new("b1")
     });
     for build in fine_builds {
-        assert_eq!(farm.wait_for_build(build).await, "succeeded");
+        assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     }
-    assert_eq!(farm.wait_for_build(doomed_build).await, "failed");
+    assert_eq!(farm.wait_for_build(doomed_build).await, Stored::Failed);
     assert_eq!(
         farm.count(
             "SELECT count(*) FROM step_attempts WHERE status = 'infrastructure_failure'

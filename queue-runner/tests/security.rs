@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{DEADLINE, Farm};
+use common::{AttemptStatus, DEADLINE, Farm, Stored, attempt_status};
 use drover_proto::API_VERSION;
 use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::builder_message::Message as Outbound;
@@ -295,7 +295,7 @@ async fn a_builder_cannot_report_on_or_upload_for_another_builders_attempt() {
         .await
         .expect_err("the thief's tunnel must end");
     assert_eq!(ended.code(), Code::PermissionDenied);
-    let (status, nar_hash): (String, Option<String>) = {
+    let (status, nar_hash): (AttemptStatus, Option<String>) = {
         let row = farm
             .db()
             .await
@@ -306,9 +306,9 @@ async fn a_builder_cannot_report_on_or_upload_for_another_builders_attempt() {
             )
             .await
             .unwrap();
-        (row.get(0), row.get(1))
+        (attempt_status(row.get(0)), row.get(1))
     };
-    assert_eq!((status.as_str(), nar_hash), ("running", None));
+    assert_eq!((status, nar_hash), (AttemptStatus::Running, None));
 
     let uploaded = upload(
         &mut honest.client,
@@ -331,7 +331,7 @@ async fn a_builder_cannot_report_on_or_upload_for_another_builders_attempt() {
             outputs: honest_outputs,
         }))
         .await;
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     let stored: String = farm
         .db()
         .await
@@ -531,7 +531,10 @@ async fn uploads_beyond_what_an_attempt_may_publish_are_refused_and_publish_noth
         .await
         .unwrap()
         .get(0);
-    assert_eq!(status, "infrastructure_failure");
+    assert_eq!(
+        attempt_status(&status),
+        AttemptStatus::InfrastructureFailure
+    );
     builder
         .send(Outbound::StepResult(success(
             &retried.attempt_id,
@@ -559,7 +562,7 @@ async fn uploads_beyond_what_an_attempt_may_publish_are_refused_and_publish_noth
             with_input_reference.nar_hash,
         )))
         .await;
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
 }
 
 fn success(attempt_id: &str, path: &StorePath, nar_hash: String) -> StepResult {
@@ -613,7 +616,7 @@ async fn a_fixed_output_with_other_contents_is_refused() {
             matching.nar_hash,
         )))
         .await;
-    assert_eq!(farm.wait_for_build(fixed_build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(fixed_build).await, Stored::Succeeded);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -652,7 +655,7 @@ async fn an_upload_whose_attempt_was_taken_away_midway_publishes_nothing() {
             .await
             .unwrap()
             .get(0);
-        (status == "builder_lost").then_some(())
+        (attempt_status(&status) == AttemptStatus::BuilderLost).then_some(())
     })
     .await;
     let rest = NarChunk {
@@ -760,7 +763,7 @@ async fn a_nar_cut_in_the_middle_publishes_nothing_and_its_step_is_retried_after
             good.nar_hash,
         )))
         .await;
-    assert_eq!(farm.wait_for_build(build).await, "succeeded");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     assert_eq!(
         farm.count("SELECT infrastructure_failures::bigint FROM steps")
             .await,

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::nix_farm::http_get;
-use common::{BuilderSpec, DEADLINE, Farm};
+use common::{BuilderSpec, DEADLINE, Farm, Stored};
 use test_support::{ChildGuard, TestPostgres, poll_until, workspace_binary};
 
 /// A socket standing in for systemd's notification socket.
@@ -311,7 +311,7 @@ async fn sighup_applies_a_new_retry_limit_log_filter_and_certificate_without_a_r
     let doomed = test_support::fake_derivations::Factory::default()
         .make(&test_support::fake_derivations::Spec::new("doomed").env("DROVER_NOOP_PANIC", "1"));
     let build = farm.submit(&[&doomed]).await;
-    assert_eq!(farm.wait_for_build(build).await, "failed");
+    assert_eq!(farm.wait_for_build(build).await, Stored::Failed);
     let attempts = farm.attempts().await;
     assert_eq!(
         attempts.len(),
@@ -339,14 +339,7 @@ async fn a_flag_and_an_environment_variable_override_the_files_listen_addresses(
         farm.runner_config_text(&farm.database.connection_string),
     )
     .unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (grpc, cache) = (free(), free());
+    let (grpc, cache) = (test_support::free_port(), test_support::free_port());
     let log_path = farm.dir.path().join("overridden.log");
     let log = fs_err::File::create(&log_path).unwrap();
     let _runner = ChildGuard::spawn(

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{BuilderSpec, Farm};
+use common::{BuilderSpec, Farm, StepStatus, Stored, step_status};
 use test_support::fake_derivations::{Factory, Spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,8 +32,8 @@ async fn a_step_nobody_can_build_ends_unsupported_after_the_grace_saying_why() {
         1,
     )
     .await;
-    assert_eq!(farm.wait_for_build(fine).await, "succeeded");
-    assert_eq!(farm.wait_for_build(stuck).await, "failed");
+    assert_eq!(farm.wait_for_build(fine).await, Stored::Succeeded);
+    assert_eq!(farm.wait_for_build(stuck).await, Stored::Failed);
     let row = farm
         .db()
         .await
@@ -45,7 +45,7 @@ async fn a_step_nobody_can_build_ends_unsupported_after_the_grace_saying_why() {
         )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, String>(0), "unsupported");
+    assert_eq!(step_status(row.get(0)), StepStatus::Unsupported);
     let reason: String = row.get(1);
     assert!(
         reason.contains("system x86_64-linux with features kvm")

@@ -1,13 +1,15 @@
 //! What every drover farm is made of, shared by the integration tests, the benchmarks and
 //! `drover dev-farm`: a directory holding a CA, certificates and the cache's signing key
 //! ([`FarmFiles`]); the runner's and the builders' configuration files
-//! ([`FarmFiles::runner_config`], [`BuilderToml`]); the environment of a builder process ([`builder_environment`]); and free
-//! ports. How each of them runs the processes differs (the tests run the runner in their own
-//! process, the benchmarks as a child, `drover dev-farm` ties its children to itself), so that
-//! stays with them.
+//! ([`FarmFiles::runner_config`], [`BuilderToml`]); the environment of a Nix process
+//! ([`nix_environment`]); and free ports. How each of them runs the processes differs (the tests
+//! run the runner in their own process, the benchmarks as a child, `drover dev-farm` ties its
+//! children to itself), so that stays with them.
 //!
-//! Unlike the rest of this crate, these functions return errors instead of panicking:
-//! `drover dev-farm` is a user's command.
+//! Unlike the rest of this crate, what can fail for reasons outside the program (files,
+//! certificates) returns an error instead of panicking: `drover dev-farm` is a user's command.
+//! Only mistakes of the calling code panic (a TOML path that is not a table, a port that cannot
+//! be bound at all).
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -41,7 +43,8 @@ pub enum FarmError {
 
 /// A farm's directory: the CA (`ca.pem`), the runner's certificate for `localhost`
 /// (`runner-NAME.pem`), the cache's signing key (`cache-key.sec`), and every certificate issued
-/// since (`ROLE-NAME.pem` and `.key`).
+/// since (`ROLE-NAME.pem` and `.key`). The directory must not hold a CA yet: making one refuses
+/// to replace another's files.
 pub struct FarmFiles {
     dir: PathBuf,
     ca: CertificateAuthority,
@@ -91,7 +94,8 @@ impl FarmFiles {
         &self.cache_key
     }
 
-    /// The certificate and key of `role`/`name`, issued the first time they are asked for.
+    /// The certificate and key of `role`/`name`, issued the first time they are asked for (a
+    /// test may put another CA's in place first, to see it refused).
     pub fn issue(&self, role: Role, name: &str) -> Result<(PathBuf, PathBuf), FarmError> {
         let certificate = self.path(&format!("{role}-{name}.pem"));
         let key = self.path(&format!("{role}-{name}.key"));
@@ -328,9 +332,10 @@ pub struct Reconnect {
     pub budget_secs: u64,
 }
 
-/// Sets the environment a builder process needs on a farm: the farm's Nix settings, and a home
-/// and narinfo cache of its own (builders that share `~/.cache/nix` share negative answers).
-pub fn builder_environment(command: &mut Command, home: &Path) {
+/// Sets the environment a Nix process (a builder, or a test's own Nix) needs on a farm: the
+/// farm's Nix settings, and a home and narinfo cache of its own (processes that share
+/// `~/.cache/nix` share negative answers).
+pub fn nix_environment(command: &mut Command, home: &Path) {
     command
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("XDG_CACHE_HOME", home.join("cache"))

@@ -23,7 +23,7 @@ use drover_queue_runner::config::Config;
 use drover_tls::Role;
 use nix_primitives::SecretKey;
 use test_support::farm::{
-    BuilderExecutor, BuilderToml, FarmFiles, Reconnect, builder_environment, integer,
+    BuilderExecutor, BuilderToml, FarmFiles, Reconnect, integer, nix_environment,
 };
 use test_support::{
     ChildGuard, TestDatabase, TestPostgres, free_port, poll_until, workspace_binary,
@@ -32,6 +32,25 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use test_support::fake_derivations::FakeDrv;
+
+/// A build's status as the runner stores it (not the wire's `BuildStatus`).
+pub use drover_queue_runner::db::status::BuildStatus as Stored;
+pub use drover_queue_runner::db::status::{AttemptStatus, StepStatus};
+
+/// A step status read from a `status::text` column.
+pub fn step_status(label: &str) -> StepStatus {
+    StepStatus::from_label(label).unwrap_or_else(|| panic!("unknown step status {label:?}"))
+}
+
+/// An attempt status read from a `status::text` column.
+pub fn attempt_status(label: &str) -> AttemptStatus {
+    AttemptStatus::from_label(label).unwrap_or_else(|| panic!("unknown attempt status {label:?}"))
+}
+
+/// A build status read from a `status::text` column.
+pub fn build_status(label: &str) -> Stored {
+    Stored::from_label(label).unwrap_or_else(|| panic!("unknown build status {label:?}"))
+}
 
 /// How long a test waits for the farm to reach a state.
 pub const DEADLINE: Duration = Duration::from_mins(1);
@@ -319,7 +338,7 @@ impl Farm {
         };
         let home = self.path(&format!("home-{}", spec.name));
         fs_err::create_dir_all(&home).unwrap();
-        builder_environment(&mut command, &home);
+        nix_environment(&mut command, &home);
         let child = ChildGuard::spawn(
             command
                 .arg("--config")
@@ -440,7 +459,7 @@ impl Farm {
     }
 
     /// Every attempt as (builder, status, message), oldest first.
-    pub async fn attempts(&self) -> Vec<(String, String, String)> {
+    pub async fn attempts(&self) -> Vec<(String, AttemptStatus, String)> {
         self.db()
             .await
             .query(
@@ -451,7 +470,7 @@ impl Farm {
             .await
             .unwrap()
             .iter()
-            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .map(|row| (row.get(0), attempt_status(row.get(1)), row.get(2)))
             .collect()
     }
 
@@ -466,7 +485,7 @@ impl Farm {
     }
 
     /// Waits until a build is in a terminal state and returns that state.
-    pub async fn wait_for_build(&self, id: i64) -> String {
+    pub async fn wait_for_build(&self, id: i64) -> Stored {
         let db = self.db().await;
         poll_until(DEADLINE, &format!("build {id} to finish"), || async {
             let row = db
@@ -476,7 +495,7 @@ impl Farm {
                 )
                 .await
                 .unwrap();
-            row.get::<_, bool>(1).then(|| row.get::<_, String>(0))
+            row.get::<_, bool>(1).then(|| build_status(row.get(0)))
         })
         .await
     }

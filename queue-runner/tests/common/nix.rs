@@ -30,12 +30,8 @@ impl ChrootStore {
     /// A Nix command bound to this store.
     pub fn command(&self, program: &str) -> Command {
         let mut command = Command::new(program);
-        command
-            .arg("--store")
-            .arg(&self.root)
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .env("XDG_CACHE_HOME", self.home.join("cache"))
-            .env("HOME", &self.home);
+        command.arg("--store").arg(&self.root);
+        test_support::farm::nix_environment(&mut command, &self.home);
         command
     }
 

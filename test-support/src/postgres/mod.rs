@@ -237,7 +237,7 @@ impl TestPostgres {
             .map_err(|error| format!("starting the cleanup watchdog: {error}"))?;
         let cluster = Self {
             tools,
-            port: free_port(),
+            port: socket_port(),
             watchdog,
             dir,
             durable,
@@ -381,6 +381,6 @@ fn pg_ctl_stop_args<'a>(data: &'a Path, mode: &'a str) -> [&'a std::ffi::OsStr; 
 }
 
 /// A port number no TCP listener on this machine uses right now, to name the socket.
-fn free_port() -> u16 {
+fn socket_port() -> u16 {
     crate::farm::unused_port().unwrap_or(FALLBACK_PORT)
 }
