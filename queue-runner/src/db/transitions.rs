@@ -241,9 +241,7 @@ impl Transitions {
         if ended.is_empty() {
             return Ok(());
         }
-        let ids: Vec<AttemptId> = ended.keys().copied().collect();
-        let statuses: Vec<&str> = ended.values().map(|(status, _)| status.as_str()).collect();
-        let messages: Vec<Option<&str>> = ended.values().map(|(_, m)| m.as_deref()).collect();
+        let (ids, statuses, messages) = status_columns(ended, AttemptStatus::as_str);
         execute(
             client,
             &prepared.end_attempts,
@@ -352,9 +350,7 @@ impl Transitions {
         if builds.is_empty() {
             return Ok(());
         }
-        let ids: Vec<BuildId> = builds.keys().copied().collect();
-        let statuses: Vec<&str> = builds.values().map(|(s, _)| s.as_str()).collect();
-        let reasons: Vec<Option<&str>> = builds.values().map(|(_, r)| r.as_deref()).collect();
+        let (ids, statuses, reasons) = status_columns(builds, BuildStatus::as_str);
         execute(
             client,
             &prepared.finish_builds,
@@ -386,6 +382,17 @@ impl Transitions {
         )
         .await
     }
+}
+
+/// The columns of rows that each end with a status and a reason: ids, status labels, reasons.
+fn status_columns<Id: Copy, Status: Copy>(
+    rows: &BTreeMap<Id, (Status, Option<String>)>,
+    label: fn(Status) -> &'static str,
+) -> (Vec<Id>, Vec<&'static str>, Vec<Option<&str>>) {
+    let ids = rows.keys().copied().collect();
+    let labels = rows.values().map(|(status, _)| label(*status)).collect();
+    let reasons = rows.values().map(|(_, reason)| reason.as_deref()).collect();
+    (ids, labels, reasons)
 }
 
 /// Runs one of the batch's statements.
