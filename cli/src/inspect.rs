@@ -75,7 +75,7 @@ pub struct ListArgs {
     #[arg(long = "status", value_name = "STATUS")]
     statuses: Vec<String>,
     /// Only builds with this metadata (repeatable `key=value`).
-    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = crate::submit::parse_meta)]
+    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = crate::meta::parse_meta)]
     metadata: Vec<(String, String)>,
     /// At most this many builds, newest first.
     #[arg(long, default_value_t = 50)]

@@ -10,6 +10,7 @@ mod connection;
 mod external;
 mod inspect;
 mod manage;
+mod meta;
 mod progress;
 mod submit;
 

@@ -58,18 +58,11 @@ pub struct TargetArgs {
     #[arg(long)]
     keep_going: bool,
     /// Metadata returned with the build (repeatable `key=value`).
-    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
+    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = crate::meta::parse_meta)]
     metadata: Vec<(String, String)>,
     /// Where the runner is.
     #[command(flatten)]
     connection: ConnectionArgs,
-}
-
-/// Parses a `key=value` metadata argument.
-pub fn parse_meta(text: &str) -> Result<(String, String), String> {
-    text.split_once('=')
-        .map(|(key, value)| (key.to_owned(), value.to_owned()))
-        .ok_or_else(|| format!("{text:?} is not key=value"))
 }
 
 /// Why a submission failed.

@@ -15,8 +15,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use super::placement::ClassId;
-use super::types::{AttemptId, BuildId, PlannedStep, StepId, StepSpec};
+use super::types::{AttemptId, BuildId, ClassId, PlannedStep, StepId, StepSpec};
 
 /// Where a runnable step stands in line: smaller goes first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

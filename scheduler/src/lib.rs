@@ -27,9 +27,9 @@ use status::{AttemptStatus, BuildStatus, StepStatus};
 
 pub use backoff::RetryPolicy;
 pub use graph::{Order, StepGraph, StepNode, StepState};
-pub use placement::{Builder, ClassId, Placement};
+pub use placement::{Builder, Placement};
 pub use types::{
-    Assignment, Attempt, AttemptId, BuildId, BuildPlan, Capabilities, Change, Command, CoreLimits,
+    Assignment, Attempt, AttemptId, BuildId, BuildPlan, Capabilities, Change, ClassId, Command,
     Event, Outcome, OutputRecord, PlannedStep, Report, Requirements, SessionId, StepId, StepSpec,
     ToBuilder,
 };
@@ -38,6 +38,21 @@ use backoff::Held;
 use graph::NewBuild;
 use orphans::{Orphan, Orphans};
 use unsupported::Unsupported;
+
+/// The core's limits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CoreLimits {
+    /// Builder losses a step survives; one more ends it `cancelled` with the reason.
+    pub max_builder_losses: u32,
+    /// How infrastructure failures are retried.
+    pub retry: RetryPolicy,
+    /// How long runnable steps wait for a connected builder that can run them before they end
+    /// `unsupported`.
+    pub unsupported_grace: std::time::Duration,
+    /// How long attempts a previous runner process left running wait for their builders to
+    /// reconnect and claim them before their steps are requeued.
+    pub readoption_grace: std::time::Duration,
+}
 
 /// Why an attempt ended without a result of the build's own: which counter it moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

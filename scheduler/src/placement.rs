@@ -8,10 +8,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 
 use super::graph::Order;
-use super::types::{Capabilities, Requirements, SessionId, StepId};
-
-/// Index of a class of runnable steps.
-pub type ClassId = usize;
+use super::types::{Capabilities, ClassId, Requirements, SessionId, StepId};
 
 /// How a free builder ranks for a class: smaller is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

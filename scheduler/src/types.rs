@@ -384,20 +384,8 @@ pub enum Command {
     },
 }
 
-/// The core's limits.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CoreLimits {
-    /// Builder losses a step survives; one more ends it `cancelled` with the reason.
-    pub max_builder_losses: u32,
-    /// How infrastructure failures are retried.
-    pub retry: super::backoff::RetryPolicy,
-    /// How long runnable steps wait for a connected builder that can run them before they end
-    /// `unsupported`.
-    pub unsupported_grace: std::time::Duration,
-    /// How long attempts a previous runner process left running wait for their builders to
-    /// reconnect and claim them before their steps are requeued.
-    pub readoption_grace: std::time::Duration,
-}
+/// Index of a class of runnable steps.
+pub type ClassId = usize;
 
 /// A running attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::placement::{ClassId, Placement};
-use super::types::{Capabilities, Requirements};
+use super::placement::Placement;
+use super::types::{Capabilities, ClassId, Requirements};
 
 /// Classes waiting for a builder, and every builder's capabilities ever seen.
 #[derive(Debug, Default)]

@@ -6,6 +6,7 @@
 use tonic::Status;
 use tonic_types::{ErrorDetails, StatusExt as _};
 
+use super::list_filter::FilterError;
 use super::refusals::{AttemptError, JoinError, LogUploadError, SessionError};
 use super::upload::UploadError;
 use crate::builds::control::ControlError;
@@ -70,6 +71,12 @@ impl From<ReadError> for Status {
             ReadError::ReadLog { .. } => Status::internal(error.to_string()),
             ReadError::Database(error) => unavailable(&error),
         }
+    }
+}
+
+impl From<FilterError> for Status {
+    fn from(error: FilterError) -> Self {
+        Status::invalid_argument(error.to_string())
     }
 }
 
@@ -273,6 +280,19 @@ mod tests {
                 "{}",
                 status.message()
             );
+        }
+    }
+
+    #[test]
+    fn a_list_request_that_cannot_be_served_is_an_invalid_argument() {
+        let filters = [
+            FilterError::PageSize { size: 5000 },
+            FilterError::PageToken("x".to_owned()),
+            FilterError::UnknownStatus(99),
+            FilterError::FilterOnUnknown,
+        ];
+        for error in filters {
+            assert_eq!(Status::from(error).code(), Code::InvalidArgument);
         }
     }
 
