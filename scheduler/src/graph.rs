@@ -115,6 +115,9 @@ pub struct Added {
     pub waiting: Vec<StepId>,
     /// Runnable steps already in the graph whose order changed: (step, old order).
     pub reordered: Vec<(StepId, Order)>,
+    /// Whether a step the build needs was already running (for another build): the build runs
+    /// from now on.
+    pub started: bool,
 }
 
 /// What a finished step changed.
@@ -237,11 +240,16 @@ impl StepGraph {
                 },
             );
         }
+        added.started = closure.iter().any(|id| {
+            self.steps
+                .get(id)
+                .is_some_and(|node| matches!(node.state, StepState::Running(_)))
+        });
         self.builds.insert(
             new.build,
             BuildNode {
                 top: new.top,
-                started: false,
+                started: added.started,
             },
         );
         for id in closure.iter().rev() {

@@ -436,6 +436,9 @@ impl Core {
             keep_going: plan.keep_going,
             steps,
         });
+        if added.started {
+            self.persist(Change::BuildStarted { build: plan.build });
+        }
         let new_steps = added
             .runnable
             .iter()

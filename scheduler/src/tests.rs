@@ -247,6 +247,24 @@ fn a_build_runs_from_its_first_steps_start_and_that_is_said_once() {
 }
 
 #[test]
+fn a_build_needing_a_step_that_already_runs_runs_from_its_plan() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    core.handle(plan(10, 0, 1, vec![step(1, &[])]));
+    let first = core.dispatch(now);
+    assert_eq!(builds_started(&first), vec![10]);
+    let planned = core.handle(plan(11, 0, 2, vec![step(1, &[]), step(2, &[1])]));
+    assert_eq!(
+        builds_started(&planned),
+        vec![11],
+        "its first step is already running"
+    );
+    let later = core.handle(plan(12, 0, 3, vec![step(3, &[])]));
+    assert!(builds_started(&later).is_empty(), "nothing it needs runs");
+}
+
+#[test]
 fn a_failure_fails_its_dependents_and_every_build_that_needs_them() {
     let now = Instant::now();
     let mut core = core();
