@@ -83,34 +83,47 @@ pub struct LogFilter {
     from_environment: bool,
 }
 
+/// Why a log filter was not applied (the running one stays).
+#[derive(Debug, thiserror::Error)]
+pub enum LogFilterError {
+    /// The directives do not parse.
+    #[error("log filter {directives:?}: {reason}")]
+    Invalid {
+        /// The directives given.
+        directives: String,
+        /// What is wrong with them.
+        reason: tracing_subscriber::filter::ParseError,
+    },
+    /// The logging layer is gone (the subscriber was dropped).
+    #[error(transparent)]
+    Reload(#[from] tracing_subscriber::reload::Error),
+}
+
 impl LogFilter {
     /// Applies `directives` (`RUST_LOG` syntax), unless `RUST_LOG` set the filter, which wins.
     /// Returns whether the filter changed.
-    pub fn set(&self, directives: &str) -> Result<bool, String> {
+    pub fn set(&self, directives: &str) -> Result<bool, LogFilterError> {
         if self.from_environment {
             return Ok(false);
         }
-        let filter = tracing_subscriber::EnvFilter::try_new(directives)
-            .map_err(|error| format!("log filter {directives:?}: {error}"))?;
-        let old = self
-            .handle
-            .with_current(ToString::to_string)
-            .map_err(|error| error.to_string())?;
+        let filter = tracing_subscriber::EnvFilter::try_new(directives).map_err(|reason| {
+            LogFilterError::Invalid {
+                directives: directives.to_owned(),
+                reason,
+            }
+        })?;
+        let old = self.handle.with_current(ToString::to_string)?;
         if old == filter.to_string() {
             return Ok(false);
         }
-        self.handle
-            .reload(filter)
-            .map_err(|error| error.to_string())?;
+        self.handle.reload(filter)?;
         Ok(true)
     }
 }
 
 /// Checks that `directives` are a valid log filter (`RUST_LOG` syntax).
-pub fn check_log_filter(directives: &str) -> Result<(), String> {
-    tracing_subscriber::EnvFilter::try_new(directives)
-        .map(drop)
-        .map_err(|error| error.to_string())
+pub fn check_log_filter(directives: &str) -> Result<(), tracing_subscriber::filter::ParseError> {
+    tracing_subscriber::EnvFilter::try_new(directives).map(drop)
 }
 
 /// Logs to stderr (with colours on a terminal) through a filter the daemon can change later.
