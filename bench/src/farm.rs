@@ -124,6 +124,7 @@ impl Farm {
             cache_url: format!("http://127.0.0.1:{}", self.cache_port),
             trusted_public_keys: vec![&cache_key],
             upstream_substituters: Vec::new(),
+            store: "local",
         };
         let config = self.files.path(&format!("builder-{name}.toml"));
         fs_err::write(&config, self.builder_config(name, jobs, executor)).unwrap();

@@ -61,6 +61,15 @@ struct RawBuilder {
     /// requeues it without counting a loss), and exits 0. Default 300.
     #[serde(default = "default_drain_deadline_secs")]
     drain_deadline_secs: u64,
+    /// A directory of the builder's own (systemd's `StateDirectory=`): the scratch space of its
+    /// Nix processes lives under it and is emptied at start, so a builder killed with SIGKILL
+    /// leaves nothing behind for long. Default `/var/lib/drover-builder`.
+    #[serde(default = "default_state_directory")]
+    state_directory: PathBuf,
+}
+
+fn default_state_directory() -> PathBuf {
+    PathBuf::from("/var/lib/drover-builder")
 }
 
 const fn default_drain_deadline_secs() -> u64 {
@@ -88,7 +97,35 @@ enum RawExecutor {
         /// Further caches to substitute inputs from, after the farm's. Default none.
         #[serde(default)]
         upstream_substituters: Vec<String>,
+        /// Which store steps build in. Default `daemon`.
+        #[serde(default)]
+        store: NixStore,
     },
+}
+
+/// Which Nix store the Nix executor builds in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NixStore {
+    /// Through the local nix-daemon: builds run in the daemon's sandbox, outside the builder's
+    /// own service and its restrictions (which break Nix's sandbox: a read-only `/proc/sys`
+    /// forbids the sandbox's `/proc`). What a multi-user Nix, NixOS's, runs.
+    #[default]
+    Daemon,
+    /// The store opened directly (single-user Nix, as root): builds run inside the builder's
+    /// own process tree and inherit its restrictions.
+    Local,
+}
+
+impl NixStore {
+    /// The value of Nix's `--store` option.
+    #[must_use]
+    pub const fn uri(self) -> &'static str {
+        match self {
+            Self::Daemon => "daemon",
+            Self::Local => "local",
+        }
+    }
 }
 
 impl Default for RawExecutor {
@@ -147,12 +184,20 @@ pub enum ExecutorConfig {
         build_time: Duration,
     },
     /// The Nix executor.
-    Nix {
-        /// Substituters, the farm's cache first.
-        substituters: Vec<String>,
-        /// Trusted public keys.
-        trusted_public_keys: Vec<String>,
-    },
+    Nix(NixConfig),
+}
+
+/// How the Nix executor reaches Nix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixConfig {
+    /// Substituters, the farm's cache first.
+    pub substituters: Vec<String>,
+    /// Trusted public keys.
+    pub trusted_public_keys: Vec<String>,
+    /// The store steps build in.
+    pub store: NixStore,
+    /// Where each Nix process gets a scratch directory of its own; emptied at start.
+    pub scratch: PathBuf,
 }
 
 /// How the builder retries reaching the runner.
@@ -266,12 +311,15 @@ impl Config {
                 cache_url,
                 trusted_public_keys,
                 upstream_substituters,
-            } => ExecutorConfig::Nix {
+                store,
+            } => ExecutorConfig::Nix(NixConfig {
                 substituters: std::iter::once(cache_url)
                     .chain(upstream_substituters)
                     .collect(),
                 trusted_public_keys,
-            },
+                store,
+                scratch: raw.builder.state_directory.join("nix"),
+            }),
         };
         Ok(Self {
             runner_url: raw.runner.url,

@@ -228,6 +228,7 @@ fn start_builder(
             cache_url: cache_url.to_owned(),
             trusted_public_keys: vec![public_key],
             upstream_substituters: Vec::new(),
+            store: "local",
         },
         ..BuilderToml::new(&name, grpc_port, args.max_jobs)
     })?;

@@ -24,6 +24,43 @@ use nix_primitives::SecretKey;
 pub const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\nsubstituters =\n\
 narinfo-cache-negative-ttl = 0\nexperimental-features = nix-command\n";
 
+/// The Nix settings of a nix-daemon that builds in Nix's sandbox, as NixOS runs it: the farm's
+/// settings with `sandbox = true`, and `sandbox-paths` giving builds this host's `/bin` (the
+/// test derivations use its `sh` and coreutils; there is no Nix-built shell on a test host) and
+/// the library directories `/bin/sh` loads from.
+///
+/// # Panics
+/// If `ldd /bin/sh` cannot be run.
+#[must_use]
+pub fn sandboxed_nix_config() -> String {
+    let bin =
+        std::fs::canonicalize("/bin").unwrap_or_else(|error| panic!("resolving /bin: {error}"));
+    let ldd = Command::new("ldd")
+        .arg("/bin/sh")
+        .output()
+        .unwrap_or_else(|error| panic!("running ldd /bin/sh (libc-bin): {error}"));
+    let mut paths = vec![format!("/bin={}", bin.display())];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let Some(library) = line
+            .split_whitespace()
+            .find(|word| word.starts_with('/'))
+            .map(Path::new)
+        else {
+            continue;
+        };
+        if let Some(directory) = library.parent().map(|dir| dir.display().to_string())
+            && !paths.contains(&directory)
+        {
+            paths.push(directory);
+        }
+    }
+    format!(
+        "{}sandbox = true\nsandbox-paths = {}\n",
+        NIX_CONFIG.replace("sandbox = false\n", ""),
+        paths.join(" ")
+    )
+}
+
 /// Why a farm's files could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum FarmError {
@@ -164,7 +201,11 @@ impl FarmFiles {
                 "builder.mandatory_features",
                 list(builder.mandatory_features),
             )
-            .set("builder.max_jobs", i64::from(builder.max_jobs));
+            .set("builder.max_jobs", i64::from(builder.max_jobs))
+            .set(
+                "builder.state_directory",
+                path(self.path(&format!("builder-state/{}", builder.name))),
+            );
         if let Some(secs) = builder.drain_deadline_secs {
             config = config.set("builder.drain_deadline_secs", integer(secs));
         }
@@ -176,8 +217,10 @@ impl FarmFiles {
                 cache_url,
                 trusted_public_keys,
                 upstream_substituters,
+                store,
             } => config
                 .set("executor.kind", "nix")
+                .set("executor.store", *store)
                 .set("executor.cache_url", cache_url.as_str())
                 .set("executor.trusted_public_keys", list(trusted_public_keys))
                 .set(
@@ -318,6 +361,8 @@ pub enum BuilderExecutor<'a> {
         trusted_public_keys: Vec<&'a str>,
         /// Upstream caches it substitutes inputs from.
         upstream_substituters: Vec<&'a str>,
+        /// `"local"` (single-user Nix, the store opened directly) or `"daemon"`.
+        store: &'a str,
     },
 }
 

@@ -21,6 +21,9 @@ pub mod process;
 pub mod wait;
 
 pub use farm::free_port;
-pub use postgres::{TestDatabase, TestPostgres};
-pub use process::{ChildGuard, private_store_arguments, private_store_command, workspace_binary};
+pub use postgres::{TestDatabase, TestPostgres, TlsSetup};
+pub use process::{
+    ChildGuard, private_store_arguments, private_store_command, restricted_private_store_command,
+    workspace_binary,
+};
 pub use wait::poll_until;

@@ -121,6 +121,36 @@ pub fn private_store_command(store: &std::path::Path) -> Command {
     command
 }
 
+/// Like [`private_store_command`], further restricted as the shipped builder unit restricts its
+/// service: `/proc/sys` read-only (systemd's `ProtectKernelTunables=`) and `/nix` read-only but
+/// for `/nix/var/nix/gcroots` (`ProtectSystem=strict` with `ReadWritePaths=`), which every Nix
+/// installation has and which is made here if missing.
+///
+/// # Panics
+/// If `/nix` does not exist.
+#[must_use]
+pub fn restricted_private_store_command(store: &std::path::Path) -> Command {
+    assert!(
+        std::path::Path::new("/nix").is_dir(),
+        "/nix must exist to mount private stores over it (install nix-bin; scripts/test does)"
+    );
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            r#"set -e
+mkdir -p "$0/var/nix/gcroots"
+mount --bind "$0" /nix
+mount --bind /nix/var/nix/gcroots /nix/var/nix/gcroots
+mount -o remount,bind,ro /nix
+mount --bind /proc/sys /proc/sys
+mount -o remount,bind,ro /proc/sys
+exec "$@""#,
+        );
+    command.arg(store);
+    command
+}
+
 /// The arguments of `unshare` that run what follows them with `store` bind-mounted over `/nix`
 /// in a mount namespace of their own (for callers that build the command themselves).
 #[must_use]

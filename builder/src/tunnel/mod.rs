@@ -52,14 +52,7 @@ pub async fn run(
         ExecutorConfig::Noop { build_time } => Executor::Noop(NoopExecutor {
             build_time: *build_time,
         }),
-        ExecutorConfig::Nix {
-            substituters,
-            trusted_public_keys,
-        } => Executor::Nix(NixExecutor::new(
-            substituters,
-            trusted_public_keys,
-            config.max_jobs,
-        )),
+        ExecutorConfig::Nix(nix) => Executor::Nix(NixExecutor::new(nix, config.max_jobs)),
     };
     let nix_version = match &executor {
         Executor::Nix(nix) => nix

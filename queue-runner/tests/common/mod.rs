@@ -95,6 +95,8 @@ pub struct Farm {
     pub refuse_unknown_systems: bool,
     runner: Option<RunningRunner>,
     builders: Vec<ChildGuard>,
+    /// The nix-daemons of sandboxed builders.
+    daemons: Vec<ChildGuard>,
 }
 
 /// What a builder offers.
@@ -117,6 +119,9 @@ pub struct BuilderSpec<'a> {
     pub nix_store: Option<&'a Path>,
     /// How long a drain (SIGTERM) lets running steps finish.
     pub drain_deadline_secs: u64,
+    /// With a `nix_store`: builds go through a nix-daemon of that store that builds in Nix's
+    /// sandbox, and the builder runs restricted as the shipped unit restricts it.
+    pub sandboxed: bool,
 }
 
 impl<'a> BuilderSpec<'a> {
@@ -131,6 +136,7 @@ impl<'a> BuilderSpec<'a> {
             build_ms: 0,
             nix_store: None,
             drain_deadline_secs: 30,
+            sandboxed: false,
         }
     }
 }
@@ -160,6 +166,7 @@ impl Farm {
             refuse_unknown_systems: false,
             runner: None,
             builders: Vec::new(),
+            daemons: Vec::new(),
         }
     }
 
@@ -307,6 +314,7 @@ impl Farm {
                     .filter(|_| !self.hide_upstreams_from_builders)
                     .map(|(url, _)| url.as_str())
                     .collect(),
+                store: if spec.sandboxed { "daemon" } else { "local" },
             },
         };
         let config = self
@@ -330,6 +338,12 @@ impl Farm {
         let log = fs_err::File::create(self.path(&format!("builder-{}.log", spec.name))).unwrap();
         let mut command = match spec.nix_store {
             None => Command::new(workspace_binary("drover-builder")),
+            Some(store) if spec.sandboxed => {
+                self.start_nix_daemon(spec.name, store);
+                let mut command = test_support::restricted_private_store_command(store);
+                command.arg(workspace_binary("drover-builder"));
+                command
+            }
             Some(store) => {
                 let mut command = nix::private_store_command(store);
                 command.arg(workspace_binary("drover-builder"));
@@ -339,6 +353,11 @@ impl Farm {
         let home = self.path(&format!("home-{}", spec.name));
         fs_err::create_dir_all(&home).unwrap();
         nix_environment(&mut command, &home);
+        if spec.sandboxed {
+            // The nix.conf the daemon reads, as on a real host: a trusted client's settings
+            // override the daemon's, `sandbox = false` included.
+            command.env("NIX_CONFIG", test_support::farm::sandboxed_nix_config());
+        }
         let child = ChildGuard::spawn(
             command
                 .arg("--config")
@@ -351,6 +370,36 @@ impl Farm {
         .unwrap();
         self.builders.push(child);
         self.builders.len() - 1
+    }
+
+    /// Starts a root nix-daemon on `store` that builds in Nix's sandbox, as NixOS runs it, and
+    /// waits for its socket.
+    fn start_nix_daemon(&mut self, name: &str, store: &Path) {
+        let home = self.path(&format!("home-daemon-{name}"));
+        fs_err::create_dir_all(&home).unwrap();
+        let log = fs_err::File::create(self.path(&format!("nix-daemon-{name}.log"))).unwrap();
+        let mut command = nix::private_store_command(store);
+        nix_environment(&mut command, &home);
+        let daemon = ChildGuard::spawn(
+            command
+                .arg("nix-daemon")
+                .env("NIX_CONFIG", test_support::farm::sandboxed_nix_config())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap().into_parts().0)
+                .stderr(log.into_parts().0),
+        )
+        .unwrap();
+        self.daemons.push(daemon);
+        let socket = store.join("var/nix/daemon-socket/socket");
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nix-daemon made no socket at {}",
+                socket.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Sends SIGTERM to builder `index`, as systemd stopping it would.

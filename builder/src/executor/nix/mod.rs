@@ -13,6 +13,7 @@
 mod process;
 mod spares;
 
+use std::os::unix::fs::DirBuilderExt as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,10 +22,11 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use super::{BuiltOutput, GcPins, LogSink, NarSource, Outcome, Phases, Report};
+use crate::config::{NixConfig, NixStore};
 use crate::job::Job;
 use crate::serve::{BuildLimits, BuildResult, PathInfo, ServeError};
 
-pub use process::{ServeConnection, ServeProcess, StartError};
+pub use process::{Launch, ServeConnection, ServeProcess, StartError};
 pub use spares::Spares;
 
 /// Why Nix cannot be used on this machine.
@@ -47,15 +49,30 @@ pub enum PrepareError {
         /// What it printed.
         stderr: String,
     },
+    /// The scratch directory could not be emptied or made.
+    #[error("preparing the scratch directory {path} (builder.state_directory)")]
+    Scratch {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// No serve process could be started.
     #[error("starting the first nix-store --serve")]
     Serve(#[source] StartError),
 }
 
+/// A store path that is never valid, whose validity check makes Nix open its store: for the
+/// daemon, a connection.
+const PROBE_PATH: &str = "/nix/store/00000000000000000000000000000000-drover-store-probe";
+
 /// Builds with the local Nix.
 #[derive(Clone)]
 pub struct NixExecutor {
     spares: Arc<Spares>,
+    store: NixStore,
+    scratch: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for NixExecutor {
@@ -65,30 +82,60 @@ impl std::fmt::Debug for NixExecutor {
 }
 
 impl NixExecutor {
-    /// An executor for `slots` concurrent steps that substitutes from `substituters` (the farm's
-    /// cache first), trusting signatures by `trusted_public_keys`.
+    /// An executor for `slots` concurrent steps in the store `config` names, substituting from
+    /// its substituters (the farm's cache first) and trusting signatures by its keys.
     #[must_use]
-    pub fn new(substituters: &[String], trusted_public_keys: &[String], slots: u32) -> Self {
+    pub fn new(config: &NixConfig, slots: u32) -> Self {
         let options = [
-            ("substituters", substituters.join(" ")),
-            ("trusted-public-keys", trusted_public_keys.join(" ")),
+            ("substituters", config.substituters.join(" ")),
+            ("trusted-public-keys", config.trusted_public_keys.join(" ")),
             // A narinfo miss must not be remembered: the farm's cache fills up as steps finish.
             ("narinfo-cache-negative-ttl", "0".to_owned()),
         ]
         .into_iter()
-        .flat_map(|(name, value)| ["--option".to_owned(), name.to_owned(), value])
-        .collect();
+        .flat_map(|(name, value)| ["--option".to_owned(), name.to_owned(), value]);
+        let arguments = ["--store".to_owned(), config.store.uri().to_owned()]
+            .into_iter()
+            .chain(options)
+            .collect();
         let slots = usize::try_from(slots.max(1)).unwrap_or(1);
+        let launch = Launch {
+            arguments,
+            scratch: config.scratch.clone(),
+        };
         Self {
-            spares: Arc::new(Spares::new(slots, options)),
+            spares: Arc::new(Spares::new(slots, launch)),
+            store: config.store,
+            scratch: config.scratch.clone(),
         }
     }
 
-    /// Prepares the local store and the spare serve processes before any step runs, and returns
-    /// Nix's version. Creating the store's database once, here, matters: two `nix-store`
-    /// processes creating it at the same moment fail with "database is busy".
+    /// Prepares the store, the scratch directory and the spare serve processes before any step
+    /// runs, and returns Nix's version. A local store's database is created once, here: two
+    /// `nix-store` processes creating it at the same moment fail with "database is busy". The
+    /// daemon is asked once, so a builder whose daemon is down says so at start.
     pub async fn prepare(&self) -> Result<String, PrepareError> {
-        run_checked("nix-store", &["--init"], "nix-store --init").await?;
+        self.empty_scratch()?;
+        match self.store {
+            NixStore::Local => {
+                run_checked("nix-store", &["--init"], "nix-store --init").await?;
+            }
+            NixStore::Daemon => {
+                run_checked(
+                    "nix-store",
+                    &[
+                        "--store",
+                        "daemon",
+                        "--check-validity",
+                        "--print-invalid",
+                        PROBE_PATH,
+                    ],
+                    "reaching the nix-daemon (executor.store = \"daemon\"; is nix-daemon running, \
+                     and is this builder's user in its trusted-users?)",
+                )
+                .await?;
+            }
+        }
         // Builds run in PID namespaces; say plainly if this machine does not allow them.
         run_checked(
             "unshare",
@@ -102,6 +149,26 @@ impl NixExecutor {
         drop(first);
         self.spares.refill();
         Ok(version)
+    }
+
+    /// Removes what processes of an earlier run left in the scratch directory (a builder killed
+    /// with SIGKILL removes nothing) and makes it again, readable by this user only.
+    fn empty_scratch(&self) -> Result<(), PrepareError> {
+        let failed = |source| PrepareError::Scratch {
+            path: self.scratch.clone(),
+            source,
+        };
+        match std::fs::remove_dir_all(&self.scratch) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(failed(error));
+            }
+            _ => {}
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.scratch)
+            .map_err(failed)
     }
 
     /// Runs one step on a serve process of its own.

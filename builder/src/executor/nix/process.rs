@@ -37,6 +37,9 @@ pub enum StartError {
     /// The process could not be spawned.
     #[error("starting nix-store --serve in a PID namespace")]
     Spawn(#[source] std::io::Error),
+    /// Its scratch directory could not be made.
+    #[error("making a scratch directory for nix-store --serve")]
+    Scratch(#[source] std::io::Error),
     /// It started but did not greet properly.
     #[error("greeting nix-store --serve")]
     Handshake(#[source] ServeError),
@@ -57,6 +60,15 @@ const LAST_WORDS_BYTES: usize = 2048;
 /// How long [`ServeProcess::last_words`] waits for the process's stderr to end.
 const LAST_WORDS_WAIT: Duration = Duration::from_secs(2);
 
+/// How serve processes start.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// What follows `nix-store --serve --write`: the store and `--option NAME VALUE` pairs.
+    pub arguments: Vec<String>,
+    /// The directory each process's scratch directory is made in.
+    pub scratch: std::path::PathBuf,
+}
+
 /// One serve process, killed (with everything it started) when dropped.
 pub struct ServeProcess {
     /// The conversation.
@@ -67,7 +79,7 @@ pub struct ServeProcess {
     log: Option<SyncSender<LogSink>>,
     /// The end of what the process printed, and whether it has stopped printing.
     tail: Arc<Tail>,
-    /// The process's own `XDG_CACHE_HOME`, removed after it. Nix keeps a `SQLite` cache of
+    /// The process's own `XDG_CACHE_HOME` (under [`Launch::scratch`]), removed after it. Nix keeps a `SQLite` cache of
     /// narinfos there, and two processes filling a shared one at the same moment fail with
     /// "constraint failed" (seen here with two steps substituting the same input).
     _cache_home: tempfile::TempDir,
@@ -99,12 +111,12 @@ impl Tail {
 }
 
 impl ServeProcess {
-    /// Starts a process with `options` (`--option NAME VALUE` pairs) and greets it. Blocking.
-    pub fn start(options: &[String]) -> Result<Self, StartError> {
+    /// Starts a process as `launch` says and greets it. Blocking.
+    pub fn start(launch: &Launch) -> Result<Self, StartError> {
         let cache_home = tempfile::Builder::new()
-            .prefix("drover-nix-serve-")
-            .tempdir()
-            .map_err(StartError::Spawn)?;
+            .prefix("serve-")
+            .tempdir_in(&launch.scratch)
+            .map_err(StartError::Scratch)?;
         let mut child = drover_daemon::tied::spawn("unshare", |command| {
             command
                 .args([
@@ -115,7 +127,7 @@ impl ServeProcess {
                     "--serve",
                     "--write",
                 ])
-                .args(options)
+                .args(&launch.arguments)
                 .env("XDG_CACHE_HOME", cache_home.path())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use super::process::{ServeProcess, StartError};
+use super::process::{Launch, ServeProcess, StartError};
 
 /// Spares kept per slot. With one, a chain of short steps on one slot waited ~15 ms per step
 /// for the spare its predecessor had just started (the `nix-chain` benchmark); with two, each
@@ -28,18 +28,18 @@ pub struct Spares {
     arrived: Notify,
     /// How many to keep.
     wanted: usize,
-    options: Arc<[String]>,
+    launch: Arc<Launch>,
 }
 
 impl Spares {
-    /// An empty pool for `slots` concurrent steps of processes started with `options`.
+    /// An empty pool for `slots` concurrent steps of processes started as `launch` says.
     #[must_use]
-    pub fn new(slots: usize, options: Vec<String>) -> Self {
+    pub fn new(slots: usize, launch: Launch) -> Self {
         Self {
             pool: Mutex::new(Pool::default()),
             arrived: Notify::new(),
             wanted: slots * SPARES_PER_SLOT,
-            options: options.into(),
+            launch: Arc::new(launch),
         }
     }
 
@@ -60,8 +60,8 @@ impl Spares {
             }
             arrived.await;
         }
-        let options = Arc::clone(&self.options);
-        tokio::task::spawn_blocking(move || ServeProcess::start(&options))
+        let launch = Arc::clone(&self.launch);
+        tokio::task::spawn_blocking(move || ServeProcess::start(&launch))
             .await
             .map_err(StartError::Task)?
     }
@@ -81,7 +81,7 @@ impl Spares {
             let spares = Arc::clone(self);
             drop(tokio::task::spawn_blocking(move || {
                 let mut starting = Starting(&spares);
-                let started = ServeProcess::start(&spares.options);
+                let started = ServeProcess::start(&spares.launch);
                 match started {
                     Ok(process) => starting.arrive(process),
                     Err(error) => tracing::warn!(
