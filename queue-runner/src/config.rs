@@ -10,6 +10,7 @@ use drover_scheduler::RetryPolicy;
 use serde::Deserialize;
 
 use crate::cache::upstream::Upstream;
+use crate::db::{DatabaseConfig, SslMode};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -168,6 +169,14 @@ struct RawDatabase {
     /// Connections in the pool. Default 8.
     #[serde(default = "default_pool_size")]
     pool_size: usize,
+    /// A file holding the password (keep it out of `url`, which may be world-readable).
+    password_file: Option<PathBuf>,
+    /// `disable` (default), `require` (encrypted, certificate unchecked) or `verify-full`
+    /// (encrypted, certificate checked against `ssl_root_certificate` and the host name).
+    #[serde(default)]
+    ssl_mode: SslMode,
+    /// PEM file of the CA that signed PostgreSQL's certificate.
+    ssl_root_certificate: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -295,8 +304,8 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../examples/config/queue-runne
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// PostgreSQL connection string.
-    pub database_url: String,
+    /// How PostgreSQL is reached.
+    pub database: DatabaseConfig,
     /// Pool size.
     pub pool_size: usize,
     /// gRPC listen address.
@@ -397,6 +406,14 @@ impl Config {
                 raw.logging.filter
             ));
         }
+        if raw.database.ssl_mode == SslMode::VerifyFull
+            && raw.database.ssl_root_certificate.is_none()
+        {
+            problems.push(
+                "database.ssl_mode = \"verify-full\" needs database.ssl_root_certificate"
+                    .to_owned(),
+            );
+        }
         if raw.database.pool_size == 0 {
             problems.push("database.pool_size = 0: need at least 1".to_owned());
         }
@@ -419,7 +436,12 @@ impl Config {
             return Err(ConfigError::Invalid(problems));
         }
         Ok(Self {
-            database_url: raw.database.url,
+            database: DatabaseConfig {
+                url: raw.database.url,
+                password_file: raw.database.password_file,
+                ssl_mode: raw.database.ssl_mode,
+                ssl_root_certificate: raw.database.ssl_root_certificate,
+            },
             pool_size: raw.database.pool_size,
             grpc_listen,
             heartbeat: Duration::from_millis(raw.grpc.heartbeat_ms),

@@ -86,7 +86,12 @@ mod tests {
     async fn ready_only_once_recovered_with_a_database_and_not_while_shutting_down() {
         let database = test_support::TestPostgres::shared().create_database().await;
         let readiness = Readiness {
-            pool: crate::db::pool(&database.connection_string, 1).unwrap(),
+            pool: crate::db::Connector::new(&crate::db::DatabaseConfig::plain(
+                &database.connection_string,
+            ))
+            .unwrap()
+            .pool(1)
+            .unwrap(),
             recovered: QueueRecovered::default(),
             shutdown: CancellationToken::new(),
         };

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use drover_queue_runner::app::{self, RunnerError};
 use drover_queue_runner::config::Config;
-use drover_queue_runner::db::{self, DbError};
+use drover_queue_runner::db;
 use drover_queue_runner::reload::{ConfigSource, Overrides};
 use error_context::WithContext;
 use tokio_util::sync::CancellationToken;
@@ -85,11 +85,14 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn migrate(config: &Config) -> Result<(), WithContext<DbError>> {
-    let pool = db::pool(&config.database_url, 1)?;
-    let applied = db::migrate(&pool)
-        .await
-        .map_err(|error| WithContext::from(error).context("migrating the schema"))?;
+async fn migrate(config: &Config) -> Result<(), WithContext<RunnerError>> {
+    let pool = db::Connector::new(&config.database)
+        .map_err(RunnerError::Connector)?
+        .pool(1)
+        .map_err(|error| RunnerError::Database(error.into()))?;
+    let applied = db::migrate(&pool).await.map_err(|error| {
+        RunnerError::Database(WithContext::from(error).context("migrating the schema"))
+    })?;
     println!("applied migrations: {applied:?}");
     Ok(())
 }

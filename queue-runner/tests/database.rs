@@ -34,7 +34,10 @@ async fn labels(client: &tokio_postgres::Client, sql_type: &str) -> Vec<String> 
 #[tokio::test]
 async fn the_status_enums_are_the_databases() {
     let database = TestPostgres::shared().create_database().await;
-    let pool = db::pool(&database.connection_string, 2).unwrap();
+    let pool = db::Connector::new(&db::DatabaseConfig::plain(&database.connection_string))
+        .unwrap()
+        .pool(2)
+        .unwrap();
     db::migrate(&pool).await.unwrap();
     let client = pool.get().await.unwrap();
     let rust = |all: Vec<&'static str>| all.into_iter().map(str::to_owned).collect::<Vec<_>>();
@@ -120,7 +123,10 @@ const LIMITS: CoreLimits = CoreLimits {
 #[tokio::test]
 async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() {
     let database = TestPostgres::shared().create_database().await;
-    let pool = db::pool(&database.connection_string, 2).unwrap();
+    let pool = db::Connector::new(&db::DatabaseConfig::plain(&database.connection_string))
+        .unwrap()
+        .pool(2)
+        .unwrap();
     db::migrate(&pool).await.unwrap();
     let mut client = pool.get().await.unwrap();
     let (drv, build, row) = queue_one_step(&client).await;
@@ -269,7 +275,10 @@ async fn a_serialization_conflict_is_retried_and_a_lost_server_is_fatal() {
         .unwrap_err();
     assert_eq!(conflict.severity(), Severity::Step, "{conflict:?}");
 
-    let pool = db::pool(&database.connection_string, 1).unwrap();
+    let pool = db::Connector::new(&db::DatabaseConfig::plain(&database.connection_string))
+        .unwrap()
+        .pool(1)
+        .unwrap();
     let client = pool.get().await.unwrap();
     cluster.kill();
     let lost = client

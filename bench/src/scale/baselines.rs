@@ -27,7 +27,10 @@ struct Prepared {
 
 async fn prepare(cluster: &TestPostgres, drvs: &[FakeDrv]) -> Prepared {
     let database = cluster.create_database().await;
-    let pool = db::pool(&database.connection_string, 2).unwrap();
+    let pool = db::Connector::new(&db::DatabaseConfig::plain(&database.connection_string))
+        .unwrap()
+        .pool(2)
+        .unwrap();
     db::migrate(&pool).await.unwrap();
     let mut client = pool.get().await.unwrap();
     let texts: Vec<(String, Vec<u8>)> = drvs

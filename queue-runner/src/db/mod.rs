@@ -2,6 +2,7 @@
 //! function named after what it does. Nothing here holds a transaction across network I/O to a
 //! builder.
 
+pub mod connect;
 mod migrations;
 pub mod queries;
 pub mod status;
@@ -9,6 +10,7 @@ pub mod transitions;
 
 use error_context::{Classify, Severity};
 
+pub use connect::{Connector, ConnectorError, DatabaseConfig, SslMode};
 pub use migrations::migrate;
 
 /// A pool of connections.
@@ -75,23 +77,4 @@ impl Classify for DbError {
             | Self::Query { .. } => Severity::Fatal,
         }
     }
-}
-
-/// Creates a pool for a libpq-style connection string; connects lazily.
-pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
-    let pg_config: tokio_postgres::Config = url.parse().map_err(|source| DbError::Query {
-        what: "parsing the database connection string",
-        source,
-    })?;
-    let manager = deadpool_postgres::Manager::from_config(
-        pg_config,
-        tokio_postgres::NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
-    deadpool_postgres::Pool::builder(manager)
-        .max_size(size)
-        .build()
-        .map_err(|error| DbError::Configure(deadpool_postgres::CreatePoolError::Build(error)))
 }

@@ -9,74 +9,115 @@ use std::time::Duration;
 use error_context::{ResultExt as _, WithContext};
 use futures_util::StreamExt as _;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::DbError;
+use crate::db::{Connector, DbError};
 
 /// The channel the builds trigger notifies.
 pub const CHANNEL: &str = "drover_builds_queued";
 
-/// Consecutive failed (re)connections of the LISTEN connection before the database counts as
-/// lost, which is fatal.
-const LISTEN_RECONNECTS: u32 = 5;
+/// How long the LISTEN connection may stay lost, reconnecting, before the database counts as
+/// lost, which is fatal: the runner exits and systemd restarts it. Together with the connect
+/// timeout this ends a runner within 5 s of losing PostgreSQL.
+const LOSS_DEADLINE: Duration = Duration::from_secs(3);
+
+/// The first delay between reconnects; each further one doubles it.
+const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(100);
+
+/// How one LISTEN connection ended.
+enum Ended {
+    /// The runner is shutting down.
+    Shutdown,
+    /// It failed; `subscribed` if it had been listening (so the database was there until now).
+    Failed {
+        error: WithContext<DbError>,
+        subscribed: bool,
+    },
+}
 
 /// Keeps a dedicated connection listening on [`CHANNEL`] and wakes ingest on every
-/// notification and after every (re)connect.
+/// notification and after every (re)connect; fails when no connection could listen for
+/// [`LOSS_DEADLINE`].
 pub async fn listen(
-    url: String,
+    connector: Connector,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) -> Result<(), WithContext<DbError>> {
-    let mut failures = 0;
+    let mut lost_since = None;
+    let mut delay = FIRST_RECONNECT_DELAY;
     loop {
-        match listen_once(&url, &wake, &shutdown, &mut failures).await {
-            Ok(()) => return Ok(()),
-            Err(error) => {
-                failures += 1;
-                if failures >= LISTEN_RECONNECTS {
-                    return Err(error).context("the LISTEN connection failed repeatedly");
-                }
-                tracing::warn!(error = %error.report(), "LISTEN connection lost; reconnecting");
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(Duration::from_millis(200 << failures)) => {}
-                }
-            }
+        let (error, subscribed) = match listen_once(&connector, &wake, &shutdown).await {
+            Ended::Shutdown => return Ok(()),
+            Ended::Failed { error, subscribed } => (error, subscribed),
+        };
+        if subscribed {
+            lost_since = None;
+            delay = FIRST_RECONNECT_DELAY;
         }
+        let since = *lost_since.get_or_insert_with(Instant::now);
+        let retry_at = Instant::now() + delay;
+        if retry_at >= since + LOSS_DEADLINE {
+            return Err(error).with_context(|| {
+                format!("the LISTEN connection could not be restored within {LOSS_DEADLINE:?}")
+            });
+        }
+        tracing::warn!(error = %error.report(), retry_in = ?delay, "LISTEN connection lost; reconnecting");
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep_until(retry_at) => {}
+        }
+        delay *= 2;
     }
 }
 
-/// One LISTEN connection's life; `Ok` only on shutdown. A connection that subscribed resets
-/// the count of consecutive failures.
-async fn listen_once(
-    url: &str,
-    wake: &Notify,
-    shutdown: &CancellationToken,
-    failures: &mut u32,
-) -> Result<(), WithContext<DbError>> {
-    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .map_err(DbError::query("opening the LISTEN connection"))?;
+/// One LISTEN connection's life.
+async fn listen_once(connector: &Connector, wake: &Notify, shutdown: &CancellationToken) -> Ended {
+    let failed = |error: WithContext<DbError>, subscribed| Ended::Failed { error, subscribed };
+    let (client, mut connection) = match connector.connect().await {
+        Ok(connected) => connected,
+        Err(source) => {
+            return failed(
+                DbError::Query {
+                    what: "opening the LISTEN connection",
+                    source,
+                }
+                .into(),
+                false,
+            );
+        }
+    };
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     let statement = format!("LISTEN {CHANNEL}");
     let listen = client.batch_execute(&statement);
     tokio::pin!(listen);
     loop {
         tokio::select! {
-            result = &mut listen => {
-                result.map_err(DbError::query("subscribing to build notifications"))?;
-                break;
+            () = shutdown.cancelled() => return Ended::Shutdown,
+            result = &mut listen => match result {
+                Ok(()) => break,
+                Err(source) => {
+                    let what = "subscribing to build notifications";
+                    return failed(DbError::Query { what, source }.into(), false);
+                }
+            },
+            message = messages.next() => {
+                if let Err(error) = handle_message(message, wake) {
+                    return failed(error, false);
+                }
             }
-            message = messages.next() => handle_message(message, wake)?,
         }
     }
-    *failures = 0;
     wake.notify_one();
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            message = messages.next() => handle_message(message, wake)?,
+            () = shutdown.cancelled() => return Ended::Shutdown,
+            message = messages.next() => {
+                if let Err(error) = handle_message(message, wake) {
+                    return failed(error, true);
+                }
+            }
         }
     }
 }

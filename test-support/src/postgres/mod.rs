@@ -56,6 +56,19 @@ pub struct TestPostgres {
     dir: TempDir,
     /// Whether commits are flushed to disk (`fsync` on): for benchmarks that claim durability.
     durable: bool,
+    /// Whether it also listens on TCP `localhost:<port>`, for encrypted connections only.
+    tls: bool,
+}
+
+/// What a cluster that takes encrypted connections serves and asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsSetup<'a> {
+    /// The server's certificate, in PEM; it must name `localhost`.
+    pub certificate_pem: &'a str,
+    /// Its private key, in PEM.
+    pub key_pem: &'a str,
+    /// The password of the role `drover` over TCP.
+    pub password: &'a str,
 }
 
 impl TestPostgres {
@@ -66,8 +79,20 @@ impl TestPostgres {
     /// command's output and the server log.
     #[must_use]
     pub fn start() -> Self {
-        Self::try_start(false)
+        Self::try_start(false, None)
             .unwrap_or_else(|message| panic!("starting a test PostgreSQL: {message}"))
+    }
+
+    /// Makes and starts a private cluster that also listens on TCP `localhost`
+    /// ([`tcp_connection_string`](Self::tcp_connection_string)), where it takes only TLS
+    /// connections (`ssl = on`, no plain `host` line) authenticated by password (SCRAM).
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    #[must_use]
+    pub fn start_tls(setup: &TlsSetup<'_>) -> Self {
+        Self::try_start(false, Some(setup))
+            .unwrap_or_else(|message| panic!("starting a TLS test PostgreSQL: {message}"))
     }
 
     /// Makes and starts a private cluster that flushes every commit to disk (`fsync` and
@@ -77,7 +102,7 @@ impl TestPostgres {
     /// As [`start`](Self::start).
     #[must_use]
     pub fn start_durable() -> Self {
-        Self::try_start(true)
+        Self::try_start(true, None)
             .unwrap_or_else(|message| panic!("starting a durable test PostgreSQL: {message}"))
     }
 
@@ -112,6 +137,16 @@ impl TestPostgres {
         format!(
             "host={} port={} user={USER} dbname={database}",
             self.socket_dir().display(),
+            self.port
+        )
+    }
+
+    /// A connection string for `database` over TCP `localhost` (a [`start_tls`](Self::start_tls)
+    /// cluster), without a password.
+    #[must_use]
+    pub fn tcp_connection_string(&self, database: &str) -> String {
+        format!(
+            "host=localhost port={} user={USER} dbname={database}",
             self.port
         )
     }
@@ -212,7 +247,7 @@ impl TestPostgres {
     }
 
     /// Makes the directory, the cluster and its watchdog, and starts the server.
-    fn try_start(durable: bool) -> Result<Self, String> {
+    fn try_start(durable: bool, tls: Option<&TlsSetup<'_>>) -> Result<Self, String> {
         // Under /tmp rather than $TMPDIR: a socket path must stay under 108 bytes, and `nobody`
         // must be able to reach the directory, which /tmp (mode 1777) guarantees.
         let dir = tempfile::Builder::new()
@@ -241,17 +276,54 @@ impl TestPostgres {
             watchdog,
             dir,
             durable,
+            tls: tls.is_some(),
         };
-        run(cluster
-            .tools
-            .command("initdb")
+        let mut initdb = cluster.tools.command("initdb");
+        initdb
             .arg("--pgdata")
             .arg(cluster.data_dir())
             .args(["--username", USER, "--auth=trust", "--encoding=UTF8"])
             // The C locale keeps sorting independent of the machine's environment.
-            .args(["--locale=C", "--no-sync"]))?;
+            .args(["--locale=C", "--no-sync"]);
+        if let Some(setup) = tls {
+            let password_file = cluster.dir.path().join("password");
+            cluster.write_owned(&password_file, setup.password)?;
+            initdb.arg("--pwfile").arg(&password_file);
+        }
+        run(&mut initdb)?;
+        if let Some(setup) = tls {
+            cluster.enable_tls(setup)?;
+        }
         cluster.start_server()?;
         Ok(cluster)
+    }
+
+    /// Gives the server its certificate and key, and lets TCP clients in only over TLS with a
+    /// password.
+    fn enable_tls(&self, setup: &TlsSetup<'_>) -> Result<(), String> {
+        let data = self.data_dir();
+        self.write_owned(&data.join("server.crt"), setup.certificate_pem)?;
+        self.write_owned(&data.join("server.key"), setup.key_pem)?;
+        self.write_owned(
+            &data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             hostssl all all ::1/128 scram-sha-256\n",
+        )
+    }
+
+    /// Writes a file only the server's user may read (PostgreSQL refuses a key others can).
+    fn write_owned(&self, path: &Path, text: &str) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs_err::write(path, text).map_err(|error| error.to_string())?;
+        fs_err::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|error| error.to_string())?;
+        if self.tools.unprivileged() {
+            run(std::process::Command::new("chown")
+                .arg(UNPRIVILEGED_USER)
+                .arg(path))?;
+        }
+        Ok(())
     }
 
     /// `pg_ctl start`: only the Unix socket, no fsync unless durable (a test cluster never
@@ -262,8 +334,13 @@ impl TestPostgres {
         } else {
             "-c fsync=off"
         };
+        let listen = if self.tls {
+            "-c listen_addresses=localhost -c ssl=on"
+        } else {
+            "-c listen_addresses=''"
+        };
         let options = format!(
-            "-k '{}' -p {} -c listen_addresses='' {sync}",
+            "-k '{}' -p {} {listen} {sync}",
             self.socket_dir().display(),
             self.port
         );

@@ -54,6 +54,11 @@ impl PgTools {
         argv
     }
 
+    /// Whether the programs run as [`UNPRIVILEGED_USER`], who must then own the cluster's files.
+    pub(crate) const fn unprivileged(&self) -> bool {
+        self.as_unprivileged
+    }
+
     /// A [`Command`] that runs `tool` as a user it accepts, from `/` so that the unprivileged
     /// user never needs access to our working directory.
     pub(crate) fn command(&self, tool: &str) -> Command {
