@@ -42,8 +42,13 @@ const PLAN_QUEUE: usize = 4;
 /// behind gets its build's whole state again.
 const WATCH_QUEUE: usize = 1024;
 
-/// How long shutdown waits for builder sessions and tasks to end.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long shutdown waits for builder sessions and tasks to end. Streams that never end by
+/// themselves are cut at shutdown (see [`crate::grpc::shutdown`]), so this only bounds requests
+/// already under way; builders keep their steps and hand them to the next runner.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+/// How long the HTTP listener, stopped last, gets for its requests under way.
+const HTTP_STOP_GRACE: Duration = Duration::from_millis(300);
 
 /// Why the runner cannot start or had to stop. Every variant is fatal.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +56,9 @@ pub enum RunnerError {
     /// The database failed.
     #[error("the database failed")]
     Database(#[source] WithContext<DbError>),
+    /// The database's settings (password file, TLS) cannot be used.
+    #[error("preparing database connections")]
+    Connector(#[source] db::ConnectorError),
     /// The scheduler failed.
     #[error("the scheduler failed")]
     Scheduler(#[source] WithContext<SchedulerError>),
@@ -131,12 +139,18 @@ pub struct Runner {
     tls: ServerTls,
     shutdown: CancellationToken,
     supervisor: Supervisor<RunnerError>,
+    /// The HTTP listener (binary cache and health), stopped after everything else so that
+    /// `/readyz` answers 503 until the process ends.
+    http: Supervisor<RunnerError>,
+    http_stop: CancellationToken,
     sessions: TaskTracker,
 }
 
-/// The database pool, with the schema migrated to this version.
-async fn open_database(config: &Config) -> Result<db::Pool, RunnerError> {
-    let pool = db::pool(&config.database_url, config.pool_size)
+/// How the database is reached, and its pool, with the schema migrated to this version.
+async fn open_database(config: &Config) -> Result<(db::Connector, db::Pool), RunnerError> {
+    let connector = db::Connector::new(&config.database).map_err(RunnerError::Connector)?;
+    let pool = connector
+        .pool(config.pool_size)
         .map_err(|error| RunnerError::Database(error.into()))?;
     let applied = db::migrate(&pool).await.map_err(|error| {
         RunnerError::Database(WithContext::from(error).context("migrating the schema"))
@@ -144,7 +158,7 @@ async fn open_database(config: &Config) -> Result<db::Pool, RunnerError> {
     if !applied.is_empty() {
         tracing::info!(?applied, "database migrated");
     }
-    Ok(pool)
+    Ok((connector, pool))
 }
 
 /// Connects, migrates, binds and starts every task; returns once the runner serves.
@@ -153,7 +167,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Runner, WithContext<RunnerError>> {
     fs_err::create_dir_all(&config.log_directory).map_err(RunnerError::LogDirectory)?;
-    let pool = open_database(&config).await?;
+    let (connector, pool) = open_database(&config).await?;
     let tls = ServerTls::load(&config).map_err(RunnerError::Tls)?;
     let (listener, grpc_address) = bind(config.grpc_listen).await?;
     let cache = Arc::new(open_cache(&config)?);
@@ -163,12 +177,12 @@ pub async fn start(
     let logs = LogStore::new(config.log_directory.clone(), config.max_log_bytes);
     let attempts = Attempts::default();
     let (events, receiver) = mpsc::channel(EVENT_QUEUE);
-    let builds_queued = Arc::new(Notify::new());
     let handoff = Handoff::default();
     let systemd = Arc::new(Notifier::from_env());
     let published = Published::new(WATCH_QUEUE, systemd.clone());
     let mut supervisor = Supervisor::new();
     let parts = SchedulerParts {
+        connector,
         pool: &pool,
         cache: &cache,
         attempts: &attempts,
@@ -176,22 +190,17 @@ pub async fn start(
     };
     start_scheduler(
         &config,
-        &parts,
+        parts,
         &published,
         receiver,
-        builds_queued.clone(),
         &shutdown,
         &mut supervisor,
     );
-    let listen = listen::listen(config.database_url.clone(), builds_queued, shutdown.clone());
-    supervisor.spawn_critical("ingest listener", async move {
-        listen.await.map_err(RunnerError::Database)
-    });
 
     let routes = crate::cache::http::router(cache.clone(), logs.clone(), pool.clone()).merge(
         crate::health::router(pool.clone(), published.recovered.clone(), shutdown.clone()),
     );
-    serve_http(cache_listener, routes, &shutdown, &mut supervisor);
+    let (http, http_stop) = serve_http(cache_listener, routes);
     let builds = Builds::new(
         pool,
         logs.clone(),
@@ -227,6 +236,7 @@ pub async fn start(
                 builds,
                 published.changes.clone(),
                 config.heartbeat,
+                shutdown.clone(),
             ))
             .max_decoding_message_size(config.max_submission_bytes),
         )
@@ -248,6 +258,8 @@ pub async fn start(
         tls: tls.clone(),
         shutdown,
         supervisor,
+        http,
+        http_stop,
         sessions,
     })
 }
@@ -266,20 +278,22 @@ fn reflection() -> Result<
         .map_err(RunnerError::Reflection)
 }
 
-/// Serves the binary cache and the health routes on the HTTP listener until shutdown.
+/// Serves the binary cache and the health routes on the HTTP listener until the returned token
+/// is cancelled: after everything else has stopped.
 fn serve_http(
     listener: tokio::net::TcpListener,
     routes: axum::Router,
-    shutdown: &CancellationToken,
-    supervisor: &mut Supervisor<RunnerError>,
-) {
-    let shutdown = shutdown.clone();
+) -> (Supervisor<RunnerError>, CancellationToken) {
+    let stop = CancellationToken::new();
+    let shutdown = stop.clone();
+    let mut supervisor = Supervisor::new();
     supervisor.spawn_critical("cache http server", async move {
         axum::serve(listener, routes)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
             .map_err(RunnerError::ServeCache)
     });
+    (supervisor, stop)
 }
 
 /// What a submission may carry.
@@ -310,6 +324,8 @@ fn session_timing(config: &Config) -> SessionTiming {
 
 /// What the scheduler and ingest share with the rest of the runner.
 struct SchedulerParts<'a> {
+    /// Opens the LISTEN connection that wakes ingest.
+    connector: db::Connector,
     pool: &'a db::Pool,
     cache: &'a Arc<crate::cache::BinaryCache>,
     /// The running attempts, which the gRPC handlers authorise uploads with.
@@ -318,16 +334,21 @@ struct SchedulerParts<'a> {
     handoff: &'a Handoff,
 }
 
-/// Starts the scheduler (driver and core) and ingest, which feeds it plans.
+/// Starts the scheduler (driver and core), ingest, which feeds it plans, and the LISTEN
+/// connection that wakes ingest.
 fn start_scheduler(
     config: &Config,
-    parts: &SchedulerParts<'_>,
+    parts: SchedulerParts<'_>,
     published: &Published,
     sessions: mpsc::Receiver<crate::scheduler::driver::SessionEvent>,
-    builds_queued: Arc<Notify>,
     shutdown: &CancellationToken,
     supervisor: &mut Supervisor<RunnerError>,
 ) {
+    let builds_queued = Arc::new(Notify::new());
+    let listen = listen::listen(parts.connector, builds_queued.clone(), shutdown.clone());
+    supervisor.spawn_critical("ingest listener", async move {
+        listen.await.map_err(RunnerError::Database)
+    });
     let (plans, plan_receiver) = mpsc::channel(PLAN_QUEUE);
     let core = Core::new(
         crate::reload::core_limits(config),
@@ -405,7 +426,10 @@ impl Runner {
     /// Waits until a critical task ends. After a requested shutdown that is success; otherwise
     /// it is the fatal error the runner exits with. The other tasks are then told to stop.
     pub async fn wait(mut self) -> Result<(), WithContext<RunnerError>> {
-        let first = self.supervisor.next_exit().await;
+        let first = tokio::select! {
+            exit = self.supervisor.next_exit() => exit,
+            exit = self.http.next_exit() => exit,
+        };
         let shutting_down = self.shutdown.is_cancelled();
         self.shutdown.cancel();
         self.systemd.stopping();
@@ -425,8 +449,18 @@ impl Runner {
         })
         .await;
         if stopped.is_err() {
-            tracing::warn!(grace = ?SHUTDOWN_GRACE, "tasks still running at the end of the shutdown grace period");
+            tracing::warn!(
+                grace = ?SHUTDOWN_GRACE,
+                tasks = ?self.supervisor.still_running(),
+                builder_sessions = self.sessions.len(),
+                "tasks still running at the end of the shutdown grace period"
+            );
         }
+        self.http_stop.cancel();
+        let _ = tokio::time::timeout(HTTP_STOP_GRACE, async {
+            while self.http.next_exit().await.is_some() {}
+        })
+        .await;
         tracing::info!("queue runner stopped");
         result
     }

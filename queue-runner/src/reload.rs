@@ -31,7 +31,8 @@ pub struct ConfigSource {
 /// Reloads the configuration on request.
 pub struct Reloader {
     path: PathBuf,
-    running: Config,
+    /// The configuration the runner started with: what runs of the keys read only at start.
+    started: Config,
     overrides: Overrides,
     scheduler: mpsc::Sender<SessionEvent>,
     log_filter: LogFilter,
@@ -63,19 +64,19 @@ pub fn build_limits(config: &Config) -> BuildLimits {
 }
 
 impl Reloader {
-    /// A reloader of the file `source` names, from which `running` was loaded (with its
+    /// A reloader of the file `source` names, from which `started` was loaded (with its
     /// overrides applied), telling `scheduler`, `log_filter` and the gRPC server's `tls`.
     #[must_use]
     pub fn new(
         source: ConfigSource,
-        running: Config,
+        started: Config,
         scheduler: mpsc::Sender<SessionEvent>,
         log_filter: LogFilter,
         tls: ServerTls,
     ) -> Self {
         Self {
             path: source.path,
-            running,
+            started,
             overrides: source.overrides,
             scheduler,
             log_filter,
@@ -93,9 +94,11 @@ impl Reloader {
             }
         };
         (self.overrides)(&mut new);
-        let waiting = needs_restart(&self.running, &new);
+        // Compared with what runs, not with the last file read: a key changed twice still
+        // waits for a restart, and one changed back no longer does.
+        let waiting = needs_restart(&self.started, &new);
         // The runner's own log cap is part of its log store: keep what runs, for builders too.
-        new.max_log_bytes = self.running.max_log_bytes;
+        new.max_log_bytes = self.started.max_log_bytes;
         let reconfigure = SessionEvent::Reconfigure {
             limits: core_limits(&new),
             build_limits: build_limits(&new),
@@ -122,7 +125,6 @@ impl Reloader {
             );
         }
         tracing::info!(path = %self.path.display(), "SIGHUP: configuration reloaded");
-        self.running = new;
     }
 }
 
@@ -131,10 +133,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     let differs =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     [
-        (
-            "database.url",
-            differs(&old.database_url, &new.database_url),
-        ),
+        ("database", differs(&old.database, &new.database)),
         (
             "database.pool_size",
             differs(&old.pool_size, &new.pool_size),

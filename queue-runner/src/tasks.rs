@@ -18,6 +18,8 @@ pub type TaskExit<E> = (&'static str, Result<(), E>);
 /// Critical tasks; the first to end ends the process.
 pub struct Supervisor<E> {
     tasks: JoinSet<TaskExit<E>>,
+    /// The names of the tasks still running, to say which did not stop in time.
+    running: std::collections::HashMap<tokio::task::Id, &'static str>,
 }
 
 impl<E: Send + 'static> Supervisor<E> {
@@ -26,6 +28,7 @@ impl<E: Send + 'static> Supervisor<E> {
     pub fn new() -> Self {
         Self {
             tasks: JoinSet::new(),
+            running: std::collections::HashMap::new(),
         }
     }
 
@@ -34,7 +37,7 @@ impl<E: Send + 'static> Supervisor<E> {
     where
         F: Future<Output = Result<(), E>> + Send + 'static,
     {
-        self.tasks.spawn(async move {
+        let handle = self.tasks.spawn(async move {
             match AssertUnwindSafe(task).catch_unwind().await {
                 Ok(result) => (name, result),
                 Err(panic) => std::panic::resume_unwind(Box::new(format!(
@@ -43,16 +46,34 @@ impl<E: Send + 'static> Supervisor<E> {
                 ))),
             }
         });
+        self.running.insert(handle.id(), name);
+    }
+
+    /// The names of the tasks that have not ended.
+    #[must_use]
+    pub fn still_running(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.running.values().copied().collect();
+        names.sort_unstable();
+        names
     }
 
     /// Waits for the next critical task to end. `Err(why)` if it panicked (naming the task) or
     /// was cancelled; `None` when none is left.
     pub async fn next_exit(&mut self) -> Option<Result<TaskExit<E>, String>> {
-        let joined = self.tasks.join_next().await?;
-        Some(joined.map_err(|error| match error.try_into_panic() {
-            Ok(panic) => panic_message(panic.as_ref()),
-            Err(error) => error.to_string(),
-        }))
+        let joined = self.tasks.join_next_with_id().await?;
+        let id = match &joined {
+            Ok((id, _)) => *id,
+            Err(error) => error.id(),
+        };
+        self.running.remove(&id);
+        Some(
+            joined
+                .map(|(_, exit)| exit)
+                .map_err(|error| match error.try_into_panic() {
+                    Ok(panic) => panic_message(panic.as_ref()),
+                    Err(error) => error.to_string(),
+                }),
+        )
     }
 }
 

@@ -10,11 +10,13 @@
 
 mod common;
 
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::process::{Command, ExitStatus, Output};
+use std::time::{Duration, Instant};
 
-use common::Farm;
-use test_support::{TestPostgres, poll_until};
+use common::nix_farm::http_get;
+use common::{BuilderSpec, DEADLINE, Farm};
+use test_support::fake_derivations::{Factory, Spec};
+use test_support::{ChildGuard, TestDatabase, TestPostgres, poll_until};
 
 const RUNNER: &str = env!("CARGO_BIN_EXE_drover-queue-runner");
 
@@ -90,27 +92,145 @@ async fn migrate_creates_the_schema_once() {
     assert_eq!(undocumented, 0, "every column carries a comment");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn losing_the_database_ends_the_runner_with_its_context_chain() {
-    let farm = Farm::new().await;
+/// Waits (with the test's deadline) for `child` to exit; returns how and how long it took.
+async fn exit_of(child: ChildGuard) -> (ExitStatus, Duration) {
+    let since = Instant::now();
+    let child = std::sync::Mutex::new(child);
+    let status = poll_until(DEADLINE, "the runner to exit", || async {
+        child.lock().unwrap().child_mut().try_wait().unwrap()
+    })
+    .await;
+    (status, since.elapsed())
+}
+
+/// Starts a runner process on a cluster of its own, and a noop builder running a step that
+/// lasts a minute, unless `with_step` is false; returns the cluster (with the runner's
+/// database) and the runner.
+async fn runner_on_own_cluster(
+    farm: &mut Farm,
+    with_step: bool,
+) -> ((TestPostgres, TestDatabase), ChildGuard) {
     let cluster = TestPostgres::start();
     let database = cluster.create_database().await;
     let runner = farm
         .spawn_runner_process(&database.connection_string, "runner.log")
         .await;
-    let log_path = farm.dir.path().join("runner.log");
+    if with_step {
+        farm.start_builder(&BuilderSpec {
+            build_ms: 60_000,
+            ..BuilderSpec::new("b1")
+        });
+        let long = Factory::default().make(&Spec::new("long"));
+        farm.submit(&[&long]).await;
+        let db = database.connect().await;
+        poll_until(DEADLINE, "the step to run", || async {
+            let running: i64 = db
+                .query_one("SELECT count(*) FROM steps WHERE status = 'running'", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (running == 1).then_some(())
+        })
+        .await;
+    }
+    ((cluster, database), runner)
+}
 
-    cluster.kill();
-    let runner = std::sync::Mutex::new(runner);
-    let status = poll_until(Duration::from_secs(45), "the runner to exit", || async {
-        runner.lock().unwrap().child_mut().try_wait().unwrap()
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_database_ends_the_runner_within_5_s_with_its_context_chain() {
+    for with_step in [false, true] {
+        let mut farm = Farm::new().await;
+        let ((cluster, _database), runner) = runner_on_own_cluster(&mut farm, with_step).await;
+        cluster.kill();
+        let (status, took) = exit_of(runner).await;
+        assert_eq!(status.code(), Some(1), "the runner must exit non-zero");
+        assert!(
+            took < Duration::from_secs(5),
+            "the runner took {took:?} to end after losing its database (step running: {with_step})"
+        );
+        let log = fs_err::read_to_string(farm.dir.path().join("runner.log")).unwrap();
+        let Some((_, report)) = log.split_once("drover-queue-runner: ") else {
+            panic!("no final report: {log}");
+        };
+        assert!(
+            report.contains("caused by:") && report.contains("database"),
+            "the whole chain is printed, down to the database: {log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_builder_connected_ends_the_runner_within_2_s() {
+    let mut farm = Farm::new().await;
+    let ((_cluster, database), runner) = runner_on_own_cluster(&mut farm, true).await;
+    terminate(&runner);
+    let (status, took) = exit_of(runner).await;
+    assert!(status.success(), "a stopped runner exits 0: {status}");
+    assert!(
+        took < Duration::from_secs(2),
+        "the runner took {took:?} to stop with a builder connected"
+    );
+
+    // The builder kept its step; the next runner re-adopts it, no loss counted.
+    let _next = farm
+        .spawn_runner_process(&database.connection_string, "next-runner.log")
+        .await;
+    poll_until(
+        DEADLINE,
+        "the builder to rejoin holding its step",
+        || async {
+            fs_err::read_to_string(farm.dir.path().join("next-runner.log"))
+                .unwrap()
+                .contains("held=1")
+                .then_some(())
+        },
+    )
+    .await;
+    let db = database.connect().await;
+    let (running, losses): (i64, i64) = {
+        let row = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'running'), coalesce(sum(builder_losses), 0)
+                 FROM steps",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((running, losses), (1, 0), "the step runs on, re-adopted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_builder_cannot_hold_a_stop_and_readyz_says_503_until_the_end() {
+    let mut farm = Farm::new().await;
+    let (_database, runner) = runner_on_own_cluster(&mut farm, true).await;
+    // A frozen builder never closes its half of the tunnel, so the stop waits its grace.
+    farm.signal_builder(0, "STOP");
+    let since = Instant::now();
+    terminate(&runner);
+    let answer = poll_until(DEADLINE, "/readyz to refuse", || async {
+        let (status, body) = http_get(farm.cache_port, "/readyz").await;
+        (!status.contains("200")).then(|| format!("{status} {}", String::from_utf8_lossy(&body)))
     })
     .await;
-    assert_eq!(status.code(), Some(1), "the runner must exit non-zero");
-    let log = fs_err::read_to_string(&log_path).unwrap();
-    assert!(log.contains("the database failed"), "{log}");
     assert!(
-        log.contains("caused by:"),
-        "the whole chain is printed: {log}"
+        answer.contains("503") && answer.contains("shutting down"),
+        "{answer}"
     );
+    let (status, _) = exit_of(runner).await;
+    farm.signal_builder(0, "CONT");
+    let took = since.elapsed();
+    assert!(status.success(), "a stopped runner exits 0: {status}");
+    assert!(
+        took < Duration::from_secs(2),
+        "the runner took {took:?} to stop with a frozen builder"
+    );
+}
+
+/// Sends SIGTERM to `process`, as systemd stopping it would.
+fn terminate(process: &ChildGuard) {
+    let pid = process.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(sent.success(), "kill -TERM {pid}");
 }

@@ -12,8 +12,10 @@ use drover_proto::v1::{
     SubmitResponse, WatchRequest,
 };
 use drover_tls::Role;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::shutdown::until_shutdown;
 use super::{auth, follow_log, list_filter, watch};
 use crate::builds::Builds;
 use crate::builds::read::build_state;
@@ -29,17 +31,25 @@ pub struct BuildServiceImpl {
     changes: CommittedChanges,
     /// How often an idle Watch or `FollowLog` stream sends a heartbeat.
     heartbeat: Duration,
+    /// Ends Watch and `FollowLog` streams when the runner shuts down.
+    shutdown: CancellationToken,
 }
 
 impl BuildServiceImpl {
     /// The service over `builds`; Watch streams follow `changes` and send a heartbeat every
-    /// `heartbeat` when idle.
+    /// `heartbeat` when idle; streams end at `shutdown`.
     #[must_use]
-    pub fn new(builds: Builds, changes: CommittedChanges, heartbeat: Duration) -> Self {
+    pub fn new(
+        builds: Builds,
+        changes: CommittedChanges,
+        heartbeat: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             builds,
             changes,
             heartbeat,
+            shutdown,
         }
     }
 }
@@ -97,7 +107,7 @@ impl BuildService for BuildServiceImpl {
             Box::pin(async move { Ok(build_state(&pool, build).await?) })
         });
         let stream = watch::open(build, &self.changes, read_state, self.heartbeat).await?;
-        Ok(Response::new(stream))
+        Ok(Response::new(until_shutdown(stream, &self.shutdown)))
     }
 
     type FollowLogStream = follow_log::LogStream;
@@ -115,7 +125,7 @@ impl BuildService for BuildServiceImpl {
             self.heartbeat,
         )
         .await?;
-        Ok(Response::new(stream))
+        Ok(Response::new(until_shutdown(stream, &self.shutdown)))
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {

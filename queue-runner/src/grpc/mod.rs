@@ -6,6 +6,7 @@ pub mod build_service;
 pub mod follow_log;
 pub mod list_filter;
 pub mod refusals;
+pub mod shutdown;
 pub mod status;
 pub mod tls;
 pub mod tunnel;

@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use super::auth;
 use super::refusals::{AttemptError, JoinError, LogUploadError, SessionError, parse_attempt};
+use super::shutdown::Incoming;
 use super::upload::{self, UploadError};
 use crate::cache::BinaryCache;
 use crate::logs::LogStore;
@@ -242,9 +243,8 @@ impl BuilderService for BuilderServiceImpl {
         request: Request<Streaming<LogChunk>>,
     ) -> Result<Response<UploadLogResponse>, Status> {
         let identity = auth::require(&request, &[Role::Builder])?;
-        Ok(Response::new(
-            self.store_log(request.into_inner(), &identity).await?,
-        ))
+        let chunks = Incoming::new(request.into_inner(), self.shutdown.clone());
+        Ok(Response::new(self.store_log(chunks, &identity).await?))
     }
 
     async fn upload_nar(
@@ -257,7 +257,7 @@ impl BuilderService for BuilderServiceImpl {
             .clone()
             .try_acquire_owned()
             .map_err(|_| UploadError::Busy)?;
-        let chunks = request.into_inner();
+        let chunks = Incoming::new(request.into_inner(), self.shutdown.clone());
         let attempts = self.attempts.clone();
         let builder = identity.name.clone();
         let still_owned = move |attempt_id: &str| {
@@ -293,7 +293,7 @@ impl BuilderServiceImpl {
     /// Stores the log of the attempt the first chunk names, which must be `builder`'s.
     async fn store_log(
         &self,
-        mut chunks: Streaming<LogChunk>,
+        mut chunks: Incoming<LogChunk>,
         builder: &drover_tls::Identity,
     ) -> Result<UploadLogResponse, LogUploadError> {
         let first = chunks.message().await?.ok_or(LogUploadError::Empty)?;

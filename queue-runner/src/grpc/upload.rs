@@ -14,9 +14,10 @@ use error_context::{Classify, Severity};
 use nix_primitives::store_path::StorePathError;
 use nix_primitives::{ContentAddress, StorePath};
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::refusals::AttemptError;
+use super::shutdown::Incoming;
 use crate::cache::{BinaryCache, CacheError, Publication};
 use crate::scheduler::attempts::AttemptOwner;
 
@@ -82,7 +83,7 @@ impl Classify for UploadError {
 /// Receives one upload; `owner` checks the attempt named in the first chunk, and `still_owned`
 /// checks it again just before the output becomes visible.
 pub async fn receive(
-    mut chunks: Streaming<NarChunk>,
+    mut chunks: Incoming<NarChunk>,
     cache: &Arc<BinaryCache>,
     owner: impl FnOnce(&str) -> Result<AttemptOwner, AttemptError>,
     still_owned: impl Fn(&str) -> bool + Send + 'static,
