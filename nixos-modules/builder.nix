@@ -1,13 +1,33 @@
 # services.drover.builder: a drover builder as a systemd service (Type=notify, watchdog, drain on
 # stop), its configuration generated from typed options with the TOML generator, its key read
 # from a path at run time. The builder runs as root (each build gets a PID namespace of its own,
-# and it adds paths to the Nix store), which the module makes a Nix trusted user explicitly.
+# and it adds paths to the Nix store), which the module makes a Nix trusted user explicitly: it
+# passes the farm's cache and keys to the daemon as substituters.
+#
+# Where builds run is `settings.executor.store`. With "daemon" (the default, NixOS's multi-user
+# Nix) steps build through the local nix-daemon, in its sandbox and outside this unit, so the unit
+# keeps the whole hardening and may write only the garbage-collector roots it pins outputs with
+# (/nix/var/nix/gcroots/drover). With "local" the builder opens the store itself and needs /nix
+# writable; its builds then inherit this unit's restrictions, which break Nix's sandbox (a
+# read-only /proc/sys forbids the sandbox's /proc), so that mode suits hosts without a daemon.
 { config, lib, pkgs, ... }:
 let
   cfg = config.services.drover.builder;
   common = import ./common.nix { inherit lib; };
   toml = pkgs.formats.toml { };
-  configFile = toml.generate "builder.toml" cfg.settings;
+  executor = cfg.settings.executor;
+  # A noop builder runs no Nix at all: no daemon to wait for, nothing of /nix to write.
+  daemon = executor.kind == "nix" && executor.store == "daemon";
+  storeAccess =
+    if executor.kind == "noop" then [ ]
+    else if daemon then [ "/nix/var/nix/gcroots" ]
+    else [ "/nix" ];
+  # The builder's parser refuses unknown keys and reads [executor] by its kind, so a noop
+  # executor must not carry the Nix executor's keys (`store` has a default, so it is always set).
+  nixOnlyKeys = [ "cache_url" "trusted_public_keys" "store" "upstream_substituters" ];
+  configFile = toml.generate "builder.toml" (common.withoutNulls (cfg.settings // {
+    executor = if executor.kind == "noop" then removeAttrs executor nixOnlyKeys else executor;
+  }));
   inherit (lib) mkOption types;
 in
 {
@@ -61,14 +81,29 @@ in
               default = "nix";
               description = "Build with the local Nix, or build nothing (tests).";
             };
+            store = mkOption {
+              type = types.enum [ "daemon" "local" ];
+              default = "daemon";
+              description = ''
+                daemon: steps build through the local nix-daemon, so builds run in the daemon's
+                sandbox outside this unit and the unit keeps its hardening (NixOS's default).
+                local: the builder opens the store itself (single-user Nix; builds then inherit
+                this unit's restrictions, which break Nix's sandbox).
+              '';
+            };
             cache_url = mkOption {
-              type = types.str;
+              type = types.nullOr types.str;
+              default = null;
               example = "http://runner.example.org:7701";
-              description = "The farm's binary cache.";
+              description = "The farm's binary cache; required when kind = \"nix\".";
             };
             trusted_public_keys = mkOption {
-              type = types.listOf types.str;
-              description = "The farm cache's public key, and those of the upstream caches.";
+              type = types.nullOr (types.listOf types.str);
+              default = null;
+              description = ''
+                The farm cache's public key, and those of the upstream caches; required when
+                kind = "nix".
+              '';
             };
           };
         };
@@ -77,13 +112,21 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    assertions = map
+      (key: {
+        assertion = executor.kind != "nix" || executor.${key} != null;
+        message = "services.drover.builder.settings.executor.${key} must be set when executor.kind = \"nix\".";
+      }) [ "cache_url" "trusted_public_keys" ];
+
     nix.settings.trusted-users = [ "root" ];
 
     systemd.services.drover-builder = {
       description = "drover builder (runs build steps for the queue runner)";
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
-      after = [ "network-online.target" "nix-daemon.service" ];
+      requires = lib.optional daemon "nix-daemon.socket";
+      after = [ "network-online.target" ]
+        ++ lib.optionals daemon [ "nix-daemon.socket" "nix-daemon.service" ];
       path = [ config.nix.package pkgs.util-linux pkgs.coreutils ];
       serviceConfig = common.hardening // {
         Type = "notify";
@@ -99,7 +142,8 @@ in
         # SIGTERM drains; only the builder gets it, and it stops its builds itself.
         KillMode = "mixed";
         TimeoutStopSec = "${toString (cfg.settings.builder.drain_deadline_secs + 30)}s";
-        ReadWritePaths = [ "/nix" ];
+        # The daemon writes the store; the builder only pins outputs with roots under drover/.
+        ReadWritePaths = storeAccess;
         UMask = "0022";
       };
     };

@@ -1,13 +1,14 @@
 # services.drover.queue-runner: drover's queue runner as a hardened systemd service (Type=notify,
 # watchdog, reload on SIGHUP), its configuration generated from typed options with the TOML
-# generator, secrets read from paths at run time (never copied into the store), and optionally a
-# local PostgreSQL database and role.
+# generator, secrets read from paths at run time (never copied into the store) with the group that
+# may read them (NixOS's keys), and optionally a local PostgreSQL database and role. A remote
+# database is reached with a password read from a file and TLS (ssl_mode).
 { config, lib, pkgs, ... }:
 let
   cfg = config.services.drover.queue-runner;
   common = import ./common.nix { inherit lib; };
   toml = pkgs.formats.toml { };
-  configFile = toml.generate "queue-runner.toml" cfg.settings;
+  configFile = toml.generate "queue-runner.toml" (common.withoutNulls cfg.settings);
   inherit (lib) mkOption types;
   secretPath = common.runtimePath;
 in
@@ -29,6 +30,15 @@ in
       '';
     };
 
+    secretsGroup = mkOption {
+      type = types.nullOr types.str;
+      default = "keys";
+      description = ''
+        The group that may read the secret files (NixOS keeps deployment keys in /run/keys,
+        readable by group keys); the service gets it as a supplementary group. null: none.
+      '';
+    };
+
     openFirewall = mkOption {
       type = types.bool;
       default = false;
@@ -45,10 +55,33 @@ in
       type = types.submodule {
         freeformType = toml.type;
         options = {
-          database.url = mkOption {
-            type = types.str;
-            default = "host=/run/postgresql dbname=drover user=drover";
-            description = "libpq connection string.";
+          database = {
+            url = mkOption {
+              type = types.str;
+              default = "host=/run/postgresql dbname=drover user=drover";
+              description = "libpq connection string.";
+            };
+            password_file = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "/run/keys/drover/database-password";
+              description = "File holding the database password, read at start; the URL then carries no password.";
+            };
+            ssl_mode = mkOption {
+              type = types.enum [ "disable" "require" "verify-full" ];
+              default = "disable";
+              description = ''
+                TLS to PostgreSQL. disable: none (the local Unix socket needs none). require:
+                encrypted, the server's certificate not checked. verify-full: encrypted, the
+                certificate checked against ssl_root_certificate and the host name.
+              '';
+            };
+            ssl_root_certificate = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "/run/keys/drover/postgresql-ca.pem";
+              description = "PEM file of the CA that signed PostgreSQL's certificate (verify-full).";
+            };
           };
           grpc.listen = mkOption {
             type = types.str;
@@ -84,6 +117,12 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    assertions = [{
+      assertion = cfg.settings.database.ssl_mode != "verify-full"
+        || cfg.settings.database.ssl_root_certificate != null;
+      message = "services.drover.queue-runner.settings.database.ssl_mode = \"verify-full\" needs settings.database.ssl_root_certificate.";
+    }];
+
     users.users.drover = {
       isSystemUser = true;
       group = "drover";
@@ -109,7 +148,9 @@ in
       description = "drover queue runner (build queue, scheduler, binary cache)";
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
-      after = [ "network-online.target" ]
+      # Recent nixpkgs creates the database and role in postgresql-setup.service; systemd ignores
+      # ordering on a unit that does not exist, so older ones and remote databases are fine.
+      after = [ "network-online.target" "postgresql-setup.service" ]
         ++ lib.optional cfg.createLocalDatabase "postgresql.service";
       requires = lib.optional cfg.createLocalDatabase "postgresql.service";
       environment.MALLOC_ARENA_MAX = "2";
@@ -120,6 +161,7 @@ in
         ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
         User = "drover";
         Group = "drover";
+        SupplementaryGroups = lib.optional (cfg.secretsGroup != null) cfg.secretsGroup;
         StateDirectory = "drover";
         StateDirectoryMode = "0750";
         LogsDirectory = "drover";
