@@ -1,5 +1,6 @@
-//! The builder's configuration: a TOML file (unknown keys refused, every field documented)
-//! validated into [`Config`], with every problem reported at once.
+//! The builder's configuration: a TOML file (every unknown key refused at once, every field
+//! documented) validated into [`Config`], with every problem reported at once; loading it also
+//! checks that its TLS files can be read.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,7 +9,6 @@ pub use drover_daemon::ConfigError;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     runner: RawRunner,
     tls: RawTls,
@@ -20,7 +20,6 @@ struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRunner {
     /// The runner's gRPC endpoint, `https://host:port`.
     url: String,
@@ -29,7 +28,6 @@ struct RawRunner {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawTls {
     /// PEM file of the CA that signed the runner's certificate.
     ca_certificate: PathBuf,
@@ -40,7 +38,6 @@ struct RawTls {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawBuilder {
     /// Systems this builder builds for: its own plus extra platforms.
     systems: Vec<String>,
@@ -76,31 +73,37 @@ const fn default_drain_deadline_secs() -> u64 {
     300
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
-enum RawExecutor {
+/// The `[executor]` table: one struct for every kind, so that unknown keys are reported with the
+/// file's others; which keys a kind takes is checked in [`Config::validate`].
+#[derive(Debug, Default, Deserialize)]
+struct RawExecutor {
+    /// `noop` (the default when the table is absent) or `nix`.
+    #[serde(default)]
+    kind: ExecutorKind,
+    /// noop: milliseconds each step takes. Default 0. A derivation whose environment sets
+    /// `DROVER_NOOP_FAIL` fails, with that value in its log.
+    build_ms: Option<u64>,
+    /// nix: the farm's binary cache, e.g. `http://runner.example.org:7701`.
+    cache_url: Option<String>,
+    /// nix: keys Nix trusts for substitution: the farm's cache key and those of the upstreams.
+    trusted_public_keys: Option<Vec<String>>,
+    /// nix: further caches to substitute inputs from, after the farm's. Default none.
+    upstream_substituters: Option<Vec<String>>,
+    /// nix: which store steps build in. Default `daemon`.
+    store: Option<NixStore>,
+}
+
+/// Which executor runs steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ExecutorKind {
     /// Builds nothing: waits `build_ms` and reports each output as a one-file NAR. For tests and
-    /// benchmarks of the control plane. A derivation whose environment sets `DROVER_NOOP_FAIL`
-    /// fails, with that value in its log.
-    Noop {
-        /// Milliseconds each step takes. Default 0.
-        #[serde(default)]
-        build_ms: u64,
-    },
+    /// benchmarks of the control plane.
+    #[default]
+    Noop,
     /// Builds with the local Nix (`nix-store` on PATH, configured by the environment, e.g.
     /// `NIX_CONFIG`).
-    Nix {
-        /// The farm's binary cache, e.g. `http://runner.example.org:7701`.
-        cache_url: String,
-        /// Keys Nix trusts for substitution: the farm's cache key and those of the upstreams.
-        trusted_public_keys: Vec<String>,
-        /// Further caches to substitute inputs from, after the farm's. Default none.
-        #[serde(default)]
-        upstream_substituters: Vec<String>,
-        /// Which store steps build in. Default `daemon`.
-        #[serde(default)]
-        store: NixStore,
-    },
+    Nix,
 }
 
 /// Which Nix store the Nix executor builds in.
@@ -128,14 +131,7 @@ impl NixStore {
     }
 }
 
-impl Default for RawExecutor {
-    fn default() -> Self {
-        Self::Noop { build_ms: 0 }
-    }
-}
-
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawReconnect {
     /// First delay before reconnecting, in milliseconds; each delay is lengthened by a random
     /// part of up to its own length, so a fleet does not reconnect in lockstep. Default 200.
@@ -200,6 +196,62 @@ pub struct NixConfig {
     pub scratch: PathBuf,
 }
 
+/// The executor `raw` describes, or every key that does not belong to its kind and every one it
+/// lacks.
+fn executor(raw: RawExecutor, state_directory: &Path) -> Result<ExecutorConfig, ConfigError> {
+    let mut problems = Vec::new();
+    let mut foreign = |key: &str, present: bool, kind: &str| {
+        if present {
+            problems.push(format!("executor.{key} is for kind = \"{kind}\""));
+        }
+    };
+    let executor = match raw.kind {
+        ExecutorKind::Noop => {
+            foreign("cache_url", raw.cache_url.is_some(), "nix");
+            foreign(
+                "trusted_public_keys",
+                raw.trusted_public_keys.is_some(),
+                "nix",
+            );
+            foreign(
+                "upstream_substituters",
+                raw.upstream_substituters.is_some(),
+                "nix",
+            );
+            foreign("store", raw.store.is_some(), "nix");
+            ExecutorConfig::Noop {
+                build_time: Duration::from_millis(raw.build_ms.unwrap_or(0)),
+            }
+        }
+        ExecutorKind::Nix => {
+            foreign("build_ms", raw.build_ms.is_some(), "noop");
+            let (Some(cache_url), Some(trusted_public_keys)) =
+                (raw.cache_url, raw.trusted_public_keys)
+            else {
+                problems.push(
+                    "executor.kind = \"nix\" needs executor.cache_url and \
+                     executor.trusted_public_keys"
+                        .to_owned(),
+                );
+                return Err(ConfigError::Invalid(problems));
+            };
+            ExecutorConfig::Nix(NixConfig {
+                substituters: std::iter::once(cache_url)
+                    .chain(raw.upstream_substituters.unwrap_or_default())
+                    .collect(),
+                trusted_public_keys,
+                store: raw.store.unwrap_or_default(),
+                scratch: state_directory.join("nix"),
+            })
+        }
+    };
+    if problems.is_empty() {
+        Ok(executor)
+    } else {
+        Err(ConfigError::Invalid(problems))
+    }
+}
+
 /// How the builder retries reaching the runner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReconnectPolicy {
@@ -259,7 +311,27 @@ impl Config {
         if let Some(url) = runner_url {
             url.clone_into(&mut raw.runner.url);
         }
-        Self::validate(raw)
+        let config = Self::validate(raw)?;
+        config.check_files()?;
+        Ok(config)
+    }
+
+    /// Checks that the TLS files can be read by this process: a missing CA, certificate or key
+    /// ends the start with `EX_CONFIG`, naming its key and path.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        for (key, path) in [
+            ("tls.ca_certificate", &self.ca_certificate),
+            ("tls.certificate", &self.certificate),
+            ("tls.key", &self.key),
+        ] {
+            drover_daemon::check_readable(key, path, &mut problems);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
     }
 
     /// Parses and validates configuration text; `path` is only used in messages.
@@ -303,24 +375,7 @@ impl Config {
             .runner
             .domain
             .unwrap_or_else(|| host.unwrap_or_default().to_owned());
-        let executor = match raw.executor {
-            RawExecutor::Noop { build_ms } => ExecutorConfig::Noop {
-                build_time: Duration::from_millis(build_ms),
-            },
-            RawExecutor::Nix {
-                cache_url,
-                trusted_public_keys,
-                upstream_substituters,
-                store,
-            } => ExecutorConfig::Nix(NixConfig {
-                substituters: std::iter::once(cache_url)
-                    .chain(upstream_substituters)
-                    .collect(),
-                trusted_public_keys,
-                store,
-                scratch: raw.builder.state_directory.join("nix"),
-            }),
-        };
+        let executor = executor(raw.executor, &raw.builder.state_directory)?;
         Ok(Self {
             runner_url: raw.runner.url,
             runner_domain,
@@ -388,5 +443,49 @@ mod tests {
             panic!("invalid config accepted");
         };
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_at_once_the_executors_included() {
+        let text = DEFAULT_CONFIG
+            .replace("max_jobs = 1", "max_job = 1")
+            .replace("initial_ms = 200", "initial_millis = 200")
+            .replace("cache_url =", "cache_ur =");
+        let Err(ConfigError::UnknownKeys(keys)) = Config::parse(&text, Path::new("b.toml")) else {
+            panic!("unknown keys accepted");
+        };
+        assert_eq!(
+            keys,
+            [
+                "builder.max_job",
+                "executor.cache_ur",
+                "reconnect.initial_millis"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_executor_key_of_another_kind_is_refused() {
+        let noop = DEFAULT_CONFIG.replace("kind = \"nix\"", "kind = \"noop\"");
+        let Err(ConfigError::Invalid(problems)) = Config::parse(&noop, Path::new("b.toml")) else {
+            panic!("nix keys accepted for noop");
+        };
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems[0].contains("executor.cache_url is for kind = \"nix\""));
+        let nix = DEFAULT_CONFIG.replace("kind = \"nix\"", "kind = \"nix\"\nbuild_ms = 5");
+        assert!(Config::parse(&nix, Path::new("b.toml")).is_err());
+    }
+
+    #[test]
+    fn a_missing_local_ca_is_named_as_such() {
+        let config = Config::parse(DEFAULT_CONFIG, Path::new("b.toml")).unwrap();
+        let Err(ConfigError::Invalid(problems)) = config.check_files() else {
+            panic!("missing TLS files accepted");
+        };
+        assert!(
+            problems[0].starts_with("tls.ca_certificate = /etc/drover/ca.pem: "),
+            "{problems:?}"
+        );
+        assert_eq!(problems.len(), 3, "{problems:?}");
     }
 }

@@ -30,6 +30,9 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
+    /// Keys the program does not know, all of them (misspelt, or from another version).
+    #[error("unknown keys: {}", .0.join(", "))]
+    UnknownKeys(Vec<String>),
     /// Values that parse but cannot work, all of them, each naming its key and value.
     #[error("invalid configuration: {}", .0.join("; "))]
     Invalid(Vec<String>),
@@ -47,12 +50,29 @@ pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     parse_toml(&text, path)
 }
 
-/// Parses TOML text into `T`; `path` only names the file in errors.
+/// Parses TOML text into `T`; `path` only names the file in errors. Every key `T` does not know
+/// is reported at once ([`ConfigError::UnknownKeys`]), so a file with several misspellings is
+/// fixed in one round.
 pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|source| ConfigError::Parse {
+    let parse_error = |source| ConfigError::Parse {
         path: path.to_owned(),
         source,
-    })
+    };
+    let document = toml::de::Deserializer::parse(text).map_err(parse_error)?;
+    let mut unknown = Vec::new();
+    let parsed = serde_ignored::deserialize(document, |key| unknown.push(key.to_string()));
+    if !unknown.is_empty() {
+        return Err(ConfigError::UnknownKeys(unknown));
+    }
+    parsed.map_err(parse_error)
+}
+
+/// Checks that the file `key` names can be opened for reading by this process, as the service's
+/// user; a problem is pushed onto `problems`, naming the key and the path.
+pub fn check_readable(key: &str, path: &Path, problems: &mut Vec<String>) {
+    if let Err(error) = std::fs::OpenOptions::new().read(true).open(path) {
+        problems.push(format!("{key} = {}: {error}", path.display()));
+    }
 }
 
 /// Loads a daemon's configuration with `load`, or prints why it cannot (naming `program` and the

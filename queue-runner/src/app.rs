@@ -118,6 +118,18 @@ pub enum RunnerError {
     TaskPanicked(String),
 }
 
+impl RunnerError {
+    /// Whether the runner cannot start because of what its configuration names (a key, a
+    /// certificate, a password file that cannot be used), which a restart cannot fix.
+    #[must_use]
+    pub const fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            Self::Connector(_) | Self::ReadCacheKey { .. } | Self::CacheKey { .. } | Self::Tls(_)
+        )
+    }
+}
+
 impl Classify for RunnerError {
     fn severity(&self) -> Severity {
         Severity::Fatal

@@ -1,5 +1,6 @@
 //! The runner's configuration: a TOML file read into raw serde structs (every field documented,
-//! unknown keys refused), then validated into [`Config`], reporting every problem at once.
+//! every unknown key refused at once), then validated into [`Config`], reporting every problem at
+//! once; [`Config::load`] also checks that every file it names can be read.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,6 @@ use crate::db::{DatabaseConfig, SslMode};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     database: RawDatabase,
     grpc: RawGrpc,
@@ -35,7 +35,6 @@ struct RawConfig {
 /// valid, a transfer cut, a Nix process that died) is retried. A builder lost mid-step is not
 /// such a failure: its step goes back in line at once (`builders.max_builder_losses`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawLogging {
     /// What the runner logs, in `RUST_LOG` syntax (`info`, `warn,drover_queue_runner=debug`).
     /// `RUST_LOG`, when set, wins. Reloaded on SIGHUP. Default `info`.
@@ -56,7 +55,6 @@ impl Default for RawLogging {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRetry {
     /// Attempts a step may have that fail this way; the last one's failure is final and the step
     /// ends `cancelled` with the reason. Default 5.
@@ -98,7 +96,6 @@ const fn default_retry_max_interval_ms() -> u64 {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawSubmissions {
     /// The largest derivation (`.drv` text) a submission may contain, in bytes: larger ones are
     /// refused at submit. At most half of the tunnel's message limit (32 MiB), since a build step
@@ -137,7 +134,6 @@ const fn default_max_submission_bytes() -> u64 {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawCache {
     /// Directory of the binary cache (Nix's file:// layout); created if missing.
     directory: PathBuf,
@@ -153,7 +149,6 @@ struct RawCache {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawUpstream {
     /// `file:///dir` or `http://host:port/prefix`.
     url: String,
@@ -162,7 +157,6 @@ struct RawUpstream {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawDatabase {
     /// libpq-style connection string, e.g. `host=/run/postgresql dbname=drover user=drover`.
     url: String,
@@ -180,7 +174,6 @@ struct RawDatabase {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawGrpc {
     /// Address the mTLS gRPC server binds, e.g. `0.0.0.0:7700`; port 0 picks a free port.
     listen: String,
@@ -195,7 +188,6 @@ const fn default_heartbeat_ms() -> u64 {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawTls {
     /// PEM file of the CA that signs builder and client certificates.
     ca_certificate: PathBuf,
@@ -206,7 +198,6 @@ struct RawTls {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawLogs {
     /// Directory for zstd-compressed step logs; created if missing.
     directory: PathBuf,
@@ -216,7 +207,6 @@ struct RawLogs {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawBuilders {
     /// How often builders ping, in seconds. Default 10.
     #[serde(default = "default_ping_interval_secs")]
@@ -361,7 +351,39 @@ pub struct Config {
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::validate(drover_daemon::read_toml(path)?)
+        let config = Self::validate(drover_daemon::read_toml(path)?)?;
+        config.check_files()?;
+        Ok(config)
+    }
+
+    /// Checks that every file the configuration names can be read by this process, so a
+    /// missing or unreadable one ends the start with `EX_CONFIG`, naming its key and path.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let files = [
+            ("tls.ca_certificate", Some(&self.ca_certificate)),
+            ("tls.certificate", Some(&self.certificate)),
+            ("tls.key", Some(&self.key)),
+            ("cache.secret_key_file", Some(&self.cache_secret_key_file)),
+            (
+                "database.password_file",
+                self.database.password_file.as_ref(),
+            ),
+            (
+                "database.ssl_root_certificate",
+                self.database.ssl_root_certificate.as_ref(),
+            ),
+        ];
+        for (key, path) in files {
+            if let Some(path) = path {
+                drover_daemon::check_readable(key, path, &mut problems);
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
     }
 
     /// Parses and validates configuration text; `path` is only used in messages.
@@ -611,11 +633,54 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_are_refused() {
-        let text = "[database]\nurl = \"x\"\nbogus = 1\n";
-        assert!(matches!(
-            Config::parse(text, Path::new("t.toml")),
-            Err(ConfigError::Parse { .. })
-        ));
+    fn every_unknown_key_is_reported_at_once() {
+        let text = DEFAULT_CONFIG
+            .replace("pool_size = 8", "pool_size = 8\nbogus = 1")
+            .replace("heartbeat_ms =", "heartbeat_millis =")
+            .replace("max_attempts = 5", "max_attempt = 5");
+        let Err(ConfigError::UnknownKeys(keys)) = Config::parse(&text, Path::new("t.toml")) else {
+            panic!("unknown keys accepted");
+        };
+        assert_eq!(
+            keys,
+            [
+                "database.bogus",
+                "grpc.heartbeat_millis",
+                "retry.max_attempt"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_file_the_configuration_names_must_be_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let present = dir.path().join("present.pem");
+        fs_err::write(&present, "").unwrap();
+        let text = DEFAULT_CONFIG
+            .replace("/etc/drover/ca.pem", &present.display().to_string())
+            .replace("# password_file", "password_file");
+        let config = Config::parse(&text, Path::new("t.toml")).unwrap();
+        let Err(ConfigError::Invalid(problems)) = config.check_files() else {
+            panic!("missing files accepted");
+        };
+        let keys: Vec<&str> = problems
+            .iter()
+            .filter_map(|problem| problem.split(" = ").next())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "tls.certificate",
+                "tls.key",
+                "cache.secret_key_file",
+                "database.password_file"
+            ],
+            "{problems:?}"
+        );
+        assert!(
+            problems[0].contains("/etc/drover/runner-main.pem")
+                && problems[0].contains("No such file"),
+            "{problems:?}"
+        );
     }
 }

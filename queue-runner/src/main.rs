@@ -62,25 +62,27 @@ async fn main() -> ExitCode {
     if let Err(problem) = log_filter.set(&config.log_filter) {
         tracing::error!(%problem, "keeping the log filter");
     }
-    let failure = match cli.command.unwrap_or(Command::Run) {
-        Command::Migrate => migrate(&config).await.err().map(|e| e.report().to_string()),
-        Command::Run => run(
-            config,
-            ConfigSource {
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Migrate => migrate(&config).await,
+        Command::Run => {
+            let source = ConfigSource {
                 path: cli.config,
                 overrides,
-            },
-            log_filter,
-        )
-        .await
-        .err()
-        .map(|e| e.report().to_string()),
+            };
+            run(config, source, log_filter).await
+        }
     };
-    match failure {
-        None => ExitCode::SUCCESS,
-        Some(report) => {
-            eprintln!("drover-queue-runner: {report}");
-            ExitCode::FAILURE
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("drover-queue-runner: {}", error.report());
+            // A file that cannot be used is the configuration's fault: systemd must not restart
+            // the runner into the same failure every few seconds.
+            if error.root().is_configuration() {
+                ExitCode::from(drover_daemon::EX_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

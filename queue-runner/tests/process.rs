@@ -45,9 +45,37 @@ async fn an_invalid_configuration_exits_78_naming_every_problem() {
         "{stderr}"
     );
 
-    fs_err::write(&config, "[database]\nurl = \"x\"\nunknown_key = 1\n").unwrap();
+    fs_err::write(
+        &config,
+        "[database]\nurl = \"x\"\nunknown_key = 1\n[grpc]\nlisten_addr = \"\"\n",
+    )
+    .unwrap();
     let output = run(&["--config", config.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("database.unknown_key") && stderr.contains("grpc.listen_addr"),
+        "every unknown key at once: {stderr}"
+    );
+
+    // Files the configuration names: missing, or there but unusable.
+    let valid = farm.runner_config_text(&farm.database.connection_string);
+    let key = farm.dir.path().join("cache-key.sec");
+    let moved = farm.dir.path().join("cache-key.moved");
+    fs_err::rename(&key, &moved).unwrap();
+    fs_err::write(&config, &valid).unwrap();
+    let output = run(&["--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cache.secret_key_file = {}", key.display())),
+        "{stderr}"
+    );
+    fs_err::write(&key, "not a key").unwrap();
+    let output = run(&["--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(78), "an unusable key: {stderr}");
+    fs_err::rename(&moved, &key).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

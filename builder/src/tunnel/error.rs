@@ -53,6 +53,20 @@ impl TunnelError {
     }
 }
 
+impl TunnelError {
+    /// What a fatal error means, for the line the builder exits with: its own files or machine,
+    /// or the runner's refusal.
+    #[must_use]
+    pub const fn fatal_context(&self) -> &'static str {
+        match self {
+            Self::ReadTls { .. } => "this builder's own TLS files cannot be read",
+            Self::Executor(_) => "this machine cannot run the executor",
+            Self::CertificateRefused { .. } => "the TLS handshake with the runner cannot succeed",
+            _ => "the runner refused this builder",
+        }
+    }
+}
+
 impl Classify for TunnelError {
     /// A refusal retrying cannot fix is fatal; anything else ends this session and is retried.
     fn severity(&self) -> Severity {

@@ -106,8 +106,8 @@ impl Tunnel<'_> {
             let error = match result {
                 Ok(()) => return Ok(()),
                 Err(error) if error.severity() == Severity::Fatal => {
-                    return Err(WithContext::from(error))
-                        .context("the runner refused this builder");
+                    let context = error.fatal_context();
+                    return Err(WithContext::from(error)).context(context);
                 }
                 Err(error) => error,
             };
