@@ -236,6 +236,9 @@ pub async fn start(
     );
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .layer(tower::util::MapRequestLayer::new(
+            crate::grpc::auth::record_method::<tonic::body::Body>,
+        ))
         .add_service(health_service().await)
         .add_service(reflection()?)
         .add_service(

@@ -15,10 +15,12 @@
 //! - [`compression`]: zstd with a reused context per thread.
 //! - [`tasks`]: spawning, and supervision of the critical tasks.
 //! - [`health`]: `/healthz` and `/readyz`.
+//! - [`audit`]: rate-limited lines naming who was refused and why.
 //! - [`reload`]: applying a reloaded configuration (SIGHUP).
 //! - [`app`]: assembling all of it.
 
 pub mod app;
+pub mod audit;
 pub mod builds;
 pub mod cache;
 pub mod compression;

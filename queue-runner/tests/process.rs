@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::nix_farm::http_get;
 use common::{BuilderSpec, DEADLINE, Farm};
+use drover_proto::v1::GetRequest;
+use drover_proto::v1::build_service_client::BuildServiceClient;
+use drover_tls::Role;
 use test_support::fake_derivations::{Factory, Spec};
 use test_support::{ChildGuard, TestDatabase, TestPostgres, poll_until};
 
@@ -261,4 +264,56 @@ fn terminate(process: &ChildGuard) {
     let pid = process.id().to_string();
     let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(sent.success(), "kill -TERM {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_rpcs_and_handshakes_are_logged_once_each_and_a_flood_is_cut() {
+    use std::io::Write as _;
+    let farm = Farm::new().await;
+    let _runner = farm
+        .spawn_runner_process(&farm.database.connection_string, "runner.log")
+        .await;
+    let log_path = farm.dir.path().join("runner.log");
+
+    let mut stranger = std::net::TcpStream::connect(("127.0.0.1", farm.grpc_port)).unwrap();
+    stranger.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let peer = stranger.local_addr().unwrap().to_string();
+    let mut builds = BuildServiceClient::new(farm.channel(Role::Builder, "b1").await);
+    let refused = builds
+        .get(GetRequest { build_id: 1 })
+        .await
+        .expect_err("a builder may not read builds");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let log = poll_until(DEADLINE, "both refusals in the log", || async {
+        let log = fs_err::read_to_string(&log_path).unwrap();
+        (log.contains("refused a TLS handshake") && log.contains("refused an RPC")).then_some(log)
+    })
+    .await;
+    let lines = |log: &str, what: &str| -> Vec<String> {
+        log.lines()
+            .filter(|line| line.contains(what))
+            .map(str::to_owned)
+            .collect()
+    };
+    let handshakes = lines(&log, "refused a TLS handshake");
+    assert_eq!(handshakes.len(), 1, "{log}");
+    assert!(handshakes[0].contains(&format!("peer={peer}")), "{log}");
+    let rpcs = lines(&log, "refused an RPC");
+    assert_eq!(rpcs.len(), 1, "{log}");
+    assert!(
+        rpcs[0].contains("caller=builder/b1")
+            && rpcs[0].contains("method=drover.v1.BuildService/Get")
+            && rpcs[0].contains("may not call this service"),
+        "{log}"
+    );
+
+    for _ in 0..300 {
+        let _ = builds.get(GetRequest { build_id: 1 }).await;
+    }
+    let log = fs_err::read_to_string(&log_path).unwrap();
+    let logged = lines(&log, "refused an RPC").len();
+    assert!(
+        (2..=40).contains(&logged),
+        "300 refusals in a burst give a bounded number of lines, not {logged}"
+    );
 }

@@ -87,24 +87,26 @@ impl ServerTls {
                 let acceptor = TlsAcceptor::from(tls.current());
                 async move {
                     let stream = accepted?;
+                    let peer = stream.peer_addr().ok();
                     // Left on, a builder's small messages on concurrent streams (a step's log
                     // end and its NAR upload) waited for delayed acknowledgements: ~45 ms a step.
                     stream.set_nodelay(true)?;
-                    tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(stream))
-                        .await
-                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(stream))
+                            .await
+                            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
+                            .and_then(|handshake| handshake);
+                    if let Err(error) = &handshake {
+                        crate::audit::refused_handshake(
+                            peer,
+                            &error_context::report(error).to_string(),
+                        );
+                    }
+                    handshake
                 }
             })
             .buffer_unordered(CONCURRENT_HANDSHAKES)
-            .filter_map(|handshake| async move {
-                match handshake {
-                    Ok(stream) => Some(Ok(stream)),
-                    Err(error) => {
-                        tracing::debug!(%error, "a TLS handshake failed");
-                        None
-                    }
-                }
-            })
+            .filter_map(|handshake| async move { handshake.ok().map(Ok) })
     }
 }
 
