@@ -237,6 +237,16 @@ struct RawBuilders {
     /// delay. Default 120.
     #[serde(default = "default_readoption_grace_secs")]
     readoption_grace_secs: u64,
+    /// Attempts of a builder whose connection failed (not one that went silent past the
+    /// liveness timeout, was refused, or closed its tunnel) wait this many seconds for it to
+    /// dial again and claim them, so a network blip does not build a step twice; then their
+    /// steps are requeued. 0 requeues them at once. Default 10.
+    #[serde(default = "default_rejoin_grace_secs")]
+    rejoin_grace_secs: u64,
+}
+
+const fn default_rejoin_grace_secs() -> u64 {
+    10
 }
 
 const fn default_unsupported_grace_secs() -> u64 {
@@ -258,6 +268,7 @@ impl Default for RawBuilders {
             max_output_bytes: default_max_output_bytes(),
             unsupported_grace_secs: default_unsupported_grace_secs(),
             readoption_grace_secs: default_readoption_grace_secs(),
+            rejoin_grace_secs: default_rejoin_grace_secs(),
         }
     }
 }
@@ -336,6 +347,8 @@ pub struct Config {
     pub unsupported_grace: Duration,
     /// How long attempts left by a previous runner process wait for their builders.
     pub readoption_grace: Duration,
+    /// How long the attempts of a builder whose connection failed wait for it.
+    pub rejoin_grace: Duration,
     /// Largest derivation in a submission.
     pub max_derivation_bytes: usize,
     /// Largest Submit request.
@@ -484,6 +497,7 @@ impl Config {
             max_output_bytes: raw.builders.max_output_bytes,
             unsupported_grace: Duration::from_secs(raw.builders.unsupported_grace_secs),
             readoption_grace: Duration::from_secs(raw.builders.readoption_grace_secs),
+            rejoin_grace: Duration::from_secs(raw.builders.rejoin_grace_secs),
             max_derivation_bytes,
             max_submission_bytes,
             refuse_unknown_systems: raw.submissions.refuse_unknown_systems,

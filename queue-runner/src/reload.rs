@@ -47,6 +47,7 @@ pub fn core_limits(config: &Config) -> CoreLimits {
         retry: config.retry,
         unsupported_grace: config.unsupported_grace,
         readoption_grace: config.readoption_grace,
+        rejoin_grace: config.rejoin_grace,
     }
 }
 

@@ -118,6 +118,7 @@ const LIMITS: CoreLimits = CoreLimits {
     },
     unsupported_grace: std::time::Duration::from_mins(15),
     readoption_grace: std::time::Duration::from_mins(2),
+    rejoin_grace: std::time::Duration::from_secs(10),
 };
 
 #[tokio::test]

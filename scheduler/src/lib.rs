@@ -30,13 +30,13 @@ pub use graph::{Order, StepGraph, StepNode, StepState};
 pub use placement::{Builder, Placement};
 pub use types::{
     Assignment, Attempt, AttemptId, BuildId, BuildPlan, Capabilities, Change, ClassId, Command,
-    Event, Outcome, OutputRecord, PlannedStep, Report, Requirements, SessionId, StepId, StepSpec,
-    ToBuilder,
+    Departure, Event, Outcome, OutputRecord, PlannedStep, Report, Requirements, SessionId, StepId,
+    StepSpec, ToBuilder,
 };
 
 use backoff::Held;
 use graph::NewBuild;
-use orphans::{Orphan, Orphans};
+use orphans::{Cause, Orphan, Orphans, Wait};
 use unsupported::Unsupported;
 
 /// The core's limits.
@@ -52,6 +52,9 @@ pub struct CoreLimits {
     /// How long attempts a previous runner process left running wait for their builders to
     /// reconnect and claim them before their steps are requeued.
     pub readoption_grace: std::time::Duration,
+    /// How long the attempts of a builder whose connection failed wait for it to come back
+    /// before they are requeued; zero requeues them at once.
+    pub rejoin_grace: std::time::Duration,
 }
 
 /// Why an attempt ended without a result of the build's own: which counter it moves.
@@ -174,6 +177,12 @@ impl Core {
         self.attempts.get(attempt)
     }
 
+    /// The step of an attempt whose builder is out of reach and may still claim it.
+    #[must_use]
+    pub fn orphaned(&self, attempt: &AttemptId) -> Option<StepId> {
+        self.orphans.step_of(attempt)
+    }
+
     /// Running attempts.
     pub fn attempts(&self) -> impl Iterator<Item = (&AttemptId, &Attempt)> {
         self.attempts.iter()
@@ -198,7 +207,11 @@ impl Core {
                 nix_version,
                 held,
             } => self.on_builder_joined(name, session, capabilities, nix_version, &held),
-            Event::BuilderLeft { session, reason } => self.on_builder_left(session, &reason),
+            Event::BuilderLeft {
+                session,
+                reason,
+                departure,
+            } => self.on_builder_left(session, &reason, departure),
             Event::BuilderDraining { session } => self.placement.drain(session),
             Event::CancelBuild { build, by } => self.cancel_build(build, &by),
             Event::RestartBuild { build } => {
@@ -227,11 +240,18 @@ impl Core {
 
     /// Gives every free slot the best runnable step it can take.
     pub fn dispatch(&mut self, now: Instant) -> Vec<Command> {
+        self.orphans.arm(now);
         for (attempt, orphan) in self.orphans.expired(now) {
-            let reason = format!(
-                "builder lost: {} did not claim the attempt within {:?} of the runner's restart",
-                orphan.builder, self.limits.readoption_grace
-            );
+            let reason = match &orphan.cause {
+                Cause::RunnerRestarted => format!(
+                    "builder lost: {} did not claim the attempt within {:?} of the runner's restart",
+                    orphan.builder, self.limits.readoption_grace
+                ),
+                Cause::ConnectionLost(why) => format!(
+                    "builder lost: {} did not come back within {:?} of losing its connection ({why})",
+                    orphan.builder, self.limits.rejoin_grace
+                ),
+            };
             self.end_orphan(attempt, orphan.step, &reason);
         }
         for step in self.held.release(now) {
@@ -336,6 +356,8 @@ impl Core {
                 step,
                 builder,
                 found: now,
+                cause: Cause::RunnerRestarted,
+                wait: Wait::Recovery,
             };
             if let Some(duplicate) = self.orphans.add(attempt, orphan) {
                 self.persist(Change::AttemptEnded {
@@ -504,6 +526,10 @@ impl Core {
             nix_version,
         });
         self.unsupported.remember(capabilities.clone());
+        // The builder names every attempt it still runs or holds a result of: those it left
+        // behind that it does not name are gone, so their steps need not wait any longer.
+        let left_behind = self.orphans.of_builder(&name);
+        let gone = format!("builder lost: {name} came back without the attempt");
         let previous = self.placement.join(session, name, capabilities);
         let mut unknown = Vec::new();
         for attempt in held {
@@ -512,6 +538,11 @@ impl Core {
             }
         }
         self.send(session, ToBuilder::Joined);
+        for attempt in left_behind {
+            if let Some(orphan) = self.orphans.take(&attempt) {
+                self.end_orphan(attempt, orphan.step, &gone);
+            }
+        }
         for attempt in unknown {
             // Ended while the builder was away, or never given: the builder stops it. A result
             // it holds for it is acknowledged when it comes.
@@ -616,13 +647,15 @@ impl Core {
         }
     }
 
-    fn on_builder_left(&mut self, session: SessionId, reason: &str) {
+    fn on_builder_left(&mut self, session: SessionId, reason: &str, departure: Departure) {
         let Some(builder) = self.placement.leave(session) else {
             return;
         };
         if builder.draining {
             // What a drained builder still held is handed back: nobody's fault.
             self.requeue_session(session, Requeue::HandedBack, "builder left: draining");
+        } else if departure == Departure::ConnectionLost && !self.limits.rejoin_grace.is_zero() {
+            self.await_rejoin(session, &builder.name, reason);
         } else {
             self.lose_session(session, reason);
         }
@@ -689,6 +722,31 @@ impl Core {
                 status: StepStatus::Cancelled,
                 reason: Some(step_reason.to_owned()),
             });
+        }
+    }
+
+    /// Keeps the attempts of a session whose connection failed for its builder to claim when
+    /// it dials again, for the rejoin grace: they go on running there meanwhile.
+    fn await_rejoin(&mut self, session: SessionId, builder: &str, reason: &str) {
+        for attempt in self.by_session.remove(&session).unwrap_or_default() {
+            if self.stopping.remove(&attempt) {
+                self.attempts.remove(&attempt);
+            } else if let Some(running) = self.attempts.remove(&attempt) {
+                let orphan = Orphan {
+                    step: running.step,
+                    builder: builder.to_owned(),
+                    found: running.started,
+                    cause: Cause::ConnectionLost(reason.to_owned()),
+                    wait: Wait::For(self.limits.rejoin_grace),
+                };
+                if let Some(duplicate) = self.orphans.add(attempt, orphan) {
+                    self.persist(Change::AttemptEnded {
+                        attempt: duplicate,
+                        status: AttemptStatus::Aborted,
+                        message: Some("a second running attempt of its step".to_owned()),
+                    });
+                }
+            }
         }
     }
 

@@ -1,12 +1,33 @@
-//! Attempts a previous runner process left running: their builders kept building while the
-//! runner was down, and claim them again when they rejoin. An orphan waits for its builder
-//! until the re-adoption grace ends, which starts once the runner has recovered its queue
-//! (builders cannot join before); then its step is requeued.
+//! Attempts whose builder is out of reach but probably still building them, waiting for that
+//! builder to claim them when it (re)joins: those a previous runner process left running, whose
+//! grace starts once the runner has recovered its queue (builders cannot join before), and
+//! those of a builder whose connection failed, each waiting the rejoin grace from the moment
+//! the core learns of the loss. An orphan nobody claims in time has its step requeued.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::types::{AttemptId, StepId};
+
+/// Why an attempt lost its builder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cause {
+    /// The runner restarted.
+    RunnerRestarted,
+    /// The builder's connection failed, for this reason.
+    ConnectionLost(String),
+}
+
+/// Until when an orphan waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The grace starts when the queue is recovered ([`Orphans::start_grace`]).
+    Recovery,
+    /// This long from the next [`Orphans::arm`].
+    For(Duration),
+    /// Until then.
+    Until(Instant),
+}
 
 /// One attempt nobody has claimed yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,21 +36,24 @@ pub struct Orphan {
     pub step: StepId,
     /// The builder it was given to: only that builder may claim it.
     pub builder: String,
-    /// When the runner found it, on the core's clock.
+    /// When it started, or when the runner found it after a restart, on the core's clock.
     pub found: Instant,
+    /// Why it lost its builder.
+    pub cause: Cause,
+    /// How long it waits.
+    pub wait: Wait,
 }
 
-/// The unclaimed attempts and the end of their grace.
+/// The unclaimed attempts.
 #[derive(Debug, Default)]
 pub struct Orphans {
     by_attempt: HashMap<AttemptId, Orphan>,
     by_step: HashMap<StepId, AttemptId>,
-    deadline: Option<Instant>,
 }
 
 impl Orphans {
-    /// Remembers an attempt the database says is running. A second one for the same step (which
-    /// a consistent database never has) is returned, to be ended.
+    /// Remembers an attempt whose builder is out of reach. A second one for the same step
+    /// (which a consistent database never has) is returned, to be ended.
     pub fn add(&mut self, attempt: AttemptId, orphan: Orphan) -> Option<AttemptId> {
         if self.by_step.contains_key(&orphan.step) {
             return Some(attempt);
@@ -45,6 +69,12 @@ impl Orphans {
         self.by_step.get(&step).copied()
     }
 
+    /// The step of an orphaned attempt.
+    #[must_use]
+    pub fn step_of(&self, attempt: &AttemptId) -> Option<StepId> {
+        self.by_attempt.get(attempt).map(|orphan| orphan.step)
+    }
+
     /// Removes an orphan: claimed, or no longer wanted.
     pub fn take(&mut self, attempt: &AttemptId) -> Option<Orphan> {
         let orphan = self.by_attempt.remove(attempt)?;
@@ -52,24 +82,59 @@ impl Orphans {
         Some(orphan)
     }
 
-    /// Starts the grace: the queue is recovered and builders may join from `now`.
+    /// Starts the grace of the attempts a previous runner left: the queue is recovered and
+    /// builders may join from `now`.
     pub fn start_grace(&mut self, now: Instant, grace: Duration) {
-        self.deadline = Some(now + grace);
+        for orphan in self.by_attempt.values_mut() {
+            if orphan.wait == Wait::Recovery {
+                orphan.wait = Wait::Until(now + grace);
+            }
+        }
     }
 
-    /// When the grace ends, while orphans remain.
+    /// Starts the wait of the attempts whose builder was lost since the last call.
+    pub fn arm(&mut self, now: Instant) {
+        for orphan in self.by_attempt.values_mut() {
+            if let Wait::For(grace) = orphan.wait {
+                orphan.wait = Wait::Until(now + grace);
+            }
+        }
+    }
+
+    /// When the next wait ends.
     #[must_use]
     pub fn deadline(&self) -> Option<Instant> {
-        self.deadline.filter(|_| !self.by_attempt.is_empty())
+        self.by_attempt
+            .values()
+            .filter_map(|orphan| match orphan.wait {
+                Wait::Until(deadline) => Some(deadline),
+                Wait::Recovery | Wait::For(_) => None,
+            })
+            .min()
     }
 
-    /// Every remaining orphan once the grace has ended at `now`; none before.
+    /// The orphans whose wait has ended at `now`, removed.
     pub fn expired(&mut self, now: Instant) -> Vec<(AttemptId, Orphan)> {
-        if self.deadline.is_none_or(|deadline| now < deadline) {
-            return Vec::new();
-        }
-        self.by_step.clear();
-        self.by_attempt.drain().collect()
+        let mut due: Vec<AttemptId> = self
+            .by_attempt
+            .iter()
+            .filter(|(_, orphan)| matches!(orphan.wait, Wait::Until(deadline) if deadline <= now))
+            .map(|(attempt, _)| *attempt)
+            .collect();
+        due.sort_unstable();
+        due.into_iter()
+            .filter_map(|attempt| Some((attempt, self.take(&attempt)?)))
+            .collect()
+    }
+
+    /// The orphans of `builder`.
+    #[must_use]
+    pub fn of_builder(&self, builder: &str) -> Vec<AttemptId> {
+        self.by_attempt
+            .iter()
+            .filter(|(_, orphan)| orphan.builder == builder)
+            .map(|(attempt, _)| *attempt)
+            .collect()
     }
 
     /// Every remaining orphan's attempt and step.

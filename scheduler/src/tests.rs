@@ -23,6 +23,7 @@ const LIMITS: CoreLimits = CoreLimits {
     },
     unsupported_grace: Duration::from_mins(15),
     readoption_grace: Duration::from_mins(2),
+    rejoin_grace: Duration::from_secs(10),
 };
 
 fn core() -> Core {
@@ -474,6 +475,7 @@ fn a_lost_builder_requeues_its_steps_without_a_failure_until_the_cap() {
         let left = core.handle(Event::BuilderLeft {
             session,
             reason: "gone".to_owned(),
+            departure: Departure::Ended,
         });
         assert!(changes(&left).iter().any(|change| matches!(
             change,
@@ -606,6 +608,7 @@ fn a_retry_prefers_another_builder_and_a_builder_loss_is_retried_at_once() {
     let lost = core.handle(Event::BuilderLeft {
         session: 2,
         reason: "gone".to_owned(),
+        departure: Departure::Ended,
     });
     assert!(
         !changes(&lost)
@@ -638,6 +641,7 @@ fn a_draining_builder_gets_no_new_work_and_what_it_hands_back_is_nobodys_fault()
     let left = core.handle(Event::BuilderLeft {
         session: 1,
         reason: "drained".to_owned(),
+        departure: Departure::Ended,
     });
     assert!(changes(&left).contains(&&Change::AttemptEnded {
         attempt: first[1].1,
@@ -1168,7 +1172,15 @@ impl Checker {
         for (id, node) in core.graph().steps() {
             assert!(!self.succeeded.contains(&id) && !self.failed.contains(&id));
             if let StepState::Running(attempt) = node.state {
-                assert_eq!(core.attempt(&attempt).map(|a| a.step), Some(id));
+                let step = core
+                    .attempt(&attempt)
+                    .map(|a| a.step)
+                    .or_else(|| core.orphaned(&attempt));
+                assert_eq!(
+                    step,
+                    Some(id),
+                    "a running step's attempt is live or awaits its builder"
+                );
             }
         }
     }
@@ -1220,7 +1232,12 @@ proptest! {
                 1 => {
                     let sessions: Vec<SessionId> = core.placement().builders().map(|(s, _)| s).collect();
                     if sessions.is_empty() { continue; }
-                    core.handle(Event::BuilderLeft { session: sessions[pick % sessions.len()], reason: "gone".to_owned() })
+                    {
+                        // Half the departures are lost connections, whose attempts wait for their
+                        // builder; a builder of the same name joining without them ends them.
+                        let departure = if pick % 2 == 0 { Departure::Ended } else { Departure::ConnectionLost };
+                        core.handle(Event::BuilderLeft { session: sessions[pick % sessions.len()], reason: "gone".to_owned(), departure })
+                    }
                 }
                 _ => {
                     let mut running: Vec<(AttemptId, SessionId)> = core.attempts().map(|(a, r)| (*a, r.session)).collect();
@@ -1244,4 +1261,93 @@ proptest! {
         }
         prop_assert_eq!(core.placement().runnable_len(), core.graph().steps().filter(|(_, n)| n.state == StepState::Runnable).count());
     }
+}
+
+/// Step 1 of build 1 runs on `b1` (session 1) when its connection fails at `now`.
+fn connection_lost(now: Instant) -> (Core, AttemptId, Vec<Command>) {
+    let mut core = core();
+    core.handle(plan(1, 0, 1, vec![step(1, &[])]));
+    core.handle(join_holding("b1", 1, &[]));
+    let started = builds(&core.dispatch(now));
+    assert_eq!(started.len(), 1);
+    let lost = core.handle(Event::BuilderLeft {
+        session: 1,
+        reason: "the tunnel failed: connection reset".to_owned(),
+        departure: Departure::ConnectionLost,
+    });
+    (core, started[0].1, lost)
+}
+
+#[test]
+fn a_builder_back_within_the_rejoin_grace_keeps_its_attempt_and_nothing_runs_twice() {
+    let now = Instant::now();
+    let (mut core, attempt, lost) = connection_lost(now);
+    assert_eq!(attempt_ended(&lost, attempt), None, "nothing ends yet");
+    assert!(
+        builds(&core.dispatch(now)).is_empty(),
+        "the step waits for its builder"
+    );
+    assert_eq!(core.next_wakeup(), Some(now + LIMITS.rejoin_grace));
+    let back = core.handle(join_holding("b1", 2, &[attempt]));
+    assert!(back.iter().any(|command| matches!(
+        command,
+        Command::Adopt { session: 2, assignment } if assignment.attempt == attempt
+    )));
+    assert!(builds(&core.dispatch(now + LIMITS.rejoin_grace)).is_empty());
+    let done = core.handle(finished(2, attempt, Outcome::Succeeded));
+    assert_eq!(
+        attempt_ended(&done, attempt),
+        Some(AttemptStatus::Succeeded)
+    );
+}
+
+#[test]
+fn an_attempt_whose_builder_does_not_come_back_is_requeued_as_a_builder_loss() {
+    let now = Instant::now();
+    let (mut core, attempt, _) = connection_lost(now);
+    core.handle(join_holding("b2", 2, &[]));
+    assert!(builds(&core.dispatch(now)).is_empty());
+    let late = now + LIMITS.rejoin_grace;
+    let expired = core.dispatch(late);
+    assert_eq!(
+        attempt_ended(&expired, attempt),
+        Some(AttemptStatus::BuilderLost)
+    );
+    assert!(changes(&expired).iter().any(|change| matches!(
+        change,
+        Change::AttemptEnded { message: Some(message), .. }
+            if message.contains("did not come back within 10s") && message.contains("connection reset")
+    )));
+    assert_eq!(
+        builds(&expired).iter().map(|b| b.2).collect::<Vec<_>>(),
+        [1]
+    );
+}
+
+#[test]
+fn a_builder_back_without_its_attempt_or_a_silent_one_loses_it_at_once() {
+    let now = Instant::now();
+    let (mut core, attempt, _) = connection_lost(now);
+    let back = core.handle(join_holding("b1", 2, &[]));
+    assert_eq!(
+        attempt_ended(&back, attempt),
+        Some(AttemptStatus::BuilderLost),
+        "it came back without the attempt"
+    );
+    assert_eq!(builds(&core.dispatch(now)).len(), 1, "built again at once");
+
+    let mut other = self::core();
+    other.handle(plan(1, 0, 1, vec![step(1, &[])]));
+    other.handle(join_holding("b1", 1, &[]));
+    let started = builds(&other.dispatch(now));
+    let silent = other.handle(Event::BuilderLeft {
+        session: 1,
+        reason: "silent past the liveness timeout".to_owned(),
+        departure: Departure::Ended,
+    });
+    assert_eq!(
+        attempt_ended(&silent, started[0].1),
+        Some(AttemptStatus::BuilderLost),
+        "a liveness timeout is no connection loss"
+    );
 }

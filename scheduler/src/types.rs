@@ -194,6 +194,8 @@ pub enum Event {
         session: SessionId,
         /// Why, for the log and the attempts it loses.
         reason: String,
+        /// Whether the builder may come back for its attempts.
+        departure: Departure,
     },
     /// A builder pinged.
     BuilderPinged {
@@ -396,4 +398,15 @@ pub struct Attempt {
     pub session: SessionId,
     /// When it was dispatched, on the core's clock.
     pub started: Instant,
+}
+
+/// How a builder's session ended, which decides what becomes of the attempts it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure {
+    /// Its connection failed: the builder is probably still building and dialling again, so
+    /// its attempts wait for it for the rejoin grace before they are requeued.
+    ConnectionLost,
+    /// Anything else (it closed the tunnel, went silent past the liveness timeout, misbehaved,
+    /// or the runner ended the session): its attempts are requeued at once.
+    Ended,
 }

@@ -18,6 +18,7 @@ pub mod fake_derivations;
 pub mod farm;
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 pub mod wait;
 
 pub use farm::free_port;
@@ -26,4 +27,5 @@ pub use process::{
     ChildGuard, private_store_arguments, private_store_command, restricted_private_store_command,
     workspace_binary,
 };
+pub use proxy::TcpProxy;
 pub use wait::poll_until;

@@ -15,7 +15,7 @@ use drover_proto::v1::{
     BuilderMessage, Join, Joined, LogChunk, NarChunk, StepResult, UploadLogResponse,
     UploadNarResponse,
 };
-use drover_scheduler::{Capabilities, Event, Outcome, OutputRecord, Report, SessionId};
+use drover_scheduler::{Capabilities, Departure, Event, Outcome, OutputRecord, Report, SessionId};
 use drover_tls::Role;
 use error_context::{Classify, Severity};
 use nix_primitives::StorePath;
@@ -223,14 +223,20 @@ impl BuilderService for BuilderServiceImpl {
                 Box::pin(async move {
                     // One exit path, whatever ended the session: the scheduler hears of it and
                     // requeues what the builder ran.
-                    let reason = match panic {
-                        Some(message) => format!("its session panicked: {message}"),
+                    let (reason, departure) = match panic {
+                        Some(message) => {
+                            (format!("its session panicked: {message}"), Departure::Ended)
+                        }
                         None => reason
                             .await
-                            .unwrap_or_else(|_| "its session ended".to_owned()),
+                            .unwrap_or_else(|_| ("its session ended".to_owned(), Departure::Ended)),
                     };
                     let _ = events
-                        .send(SessionEvent::Core(Event::BuilderLeft { session, reason }))
+                        .send(SessionEvent::Core(Event::BuilderLeft {
+                            session,
+                            reason,
+                            departure,
+                        }))
                         .await;
                 })
             },
@@ -335,15 +341,17 @@ struct BuilderSession {
 }
 
 impl BuilderSession {
-    /// Reads messages until the session ends; returns why it ended.
-    async fn run(mut self) -> String {
+    /// Reads messages until the session ends; returns why it ended, and whether the builder
+    /// may come back for its attempts (only when the connection failed under it).
+    async fn run(mut self) -> (String, Departure) {
+        let ended = |reason: &str| (reason.to_owned(), Departure::Ended);
         let mut deadline = Instant::now() + self.liveness_timeout;
         loop {
             tokio::select! {
-                () = self.end.cancelled() => return "the session was ended by the runner".to_owned(),
+                () = self.end.cancelled() => return ended("the session was ended by the runner"),
                 () = tokio::time::sleep_until(deadline) => {
                     let _ = self.outbox.try_send(Err(SessionError::Silent.into()));
-                    return "silent past the liveness timeout".to_owned();
+                    return ended("silent past the liveness timeout");
                 }
                 message = self.inbound.message() => match message {
                     Ok(Some(message)) => {
@@ -352,11 +360,14 @@ impl BuilderSession {
                             let reason = error_context::report(&error).to_string();
                             tracing::warn!(builder = %self.name, %reason, "ending a builder session");
                             let _ = self.outbox.try_send(Err(error.into()));
-                            return reason;
+                            return ended(&reason);
                         }
                     }
-                    Ok(None) => return "the builder closed its tunnel".to_owned(),
-                    Err(status) => return format!("the tunnel failed: {}", status.message()),
+                    Ok(None) => return ended("the builder closed its tunnel"),
+                    Err(status) => {
+                        let reason = format!("the tunnel failed: {}", status.message());
+                        return (reason, Departure::ConnectionLost);
+                    }
                 },
             }
         }

@@ -17,8 +17,8 @@ use drover_proto::v1::{
     Abort, Build, BuildLimits, Joined, ResultRecorded, RunnerMessage, runner_message::Message,
 };
 use drover_scheduler::{
-    Assignment, AttemptId, BuildId, Capabilities, Change, Command, Core, CoreLimits, Event,
-    Outcome, Report, SessionId, ToBuilder,
+    Assignment, AttemptId, BuildId, Capabilities, Change, Command, Core, CoreLimits, Departure,
+    Event, Outcome, Report, SessionId, ToBuilder,
 };
 use error_context::{Classify, Severity, WithContext};
 use nix_primitives::StorePath;
@@ -334,7 +334,9 @@ impl Driver {
             }
             SessionEvent::Core(event) => {
                 match &event {
-                    Event::BuilderLeft { session, reason } => {
+                    Event::BuilderLeft {
+                        session, reason, ..
+                    } => {
                         tracing::info!(session, reason, "builder left");
                         self.sessions.remove(session);
                     }
@@ -458,7 +460,11 @@ impl Driver {
                 tracing::warn!(session, reason, "ending a builder session");
                 link.end.cancel();
                 self.sessions.remove(&session);
-                Some(Event::BuilderLeft { session, reason })
+                Some(Event::BuilderLeft {
+                    session,
+                    reason,
+                    departure: Departure::Ended,
+                })
             }
         }
     }

@@ -86,6 +86,8 @@ pub struct Farm {
     pub unsupported_grace_secs: u64,
     /// How long attempts left by a previous runner wait for their builders, in seconds.
     pub readoption_grace_secs: u64,
+    /// How long the attempts of a builder whose connection failed wait for it, in seconds.
+    pub rejoin_grace_secs: u64,
     /// How often idle Watch streams send a heartbeat, in milliseconds.
     pub heartbeat_ms: u64,
     /// How long a builder may be silent before its session ends, in seconds.
@@ -122,6 +124,8 @@ pub struct BuilderSpec<'a> {
     /// With a `nix_store`: builds go through a nix-daemon of that store that builds in Nix's
     /// sandbox, and the builder runs restricted as the shipped unit restricts it.
     pub sandboxed: bool,
+    /// The port it dials instead of the runner's (a proxy's).
+    pub runner_port: Option<u16>,
 }
 
 impl<'a> BuilderSpec<'a> {
@@ -137,6 +141,7 @@ impl<'a> BuilderSpec<'a> {
             nix_store: None,
             drain_deadline_secs: 30,
             sandboxed: false,
+            runner_port: None,
         }
     }
 }
@@ -161,6 +166,7 @@ impl Farm {
             max_output_bytes: 1 << 30,
             unsupported_grace_secs: 300,
             readoption_grace_secs: 120,
+            rejoin_grace_secs: 1,
             heartbeat_ms: 15_000,
             liveness_timeout_secs: 5,
             refuse_unknown_systems: false,
@@ -210,6 +216,10 @@ impl Farm {
             .set(
                 "builders.readoption_grace_secs",
                 integer(self.readoption_grace_secs),
+            )
+            .set(
+                "builders.rejoin_grace_secs",
+                integer(self.rejoin_grace_secs),
             )
             .set(
                 "submissions.refuse_unknown_systems",
@@ -330,7 +340,11 @@ impl Farm {
                     max_ms: 500,
                     budget_secs: 60,
                 }),
-                ..BuilderToml::new(spec.name, self.grpc_port, spec.max_jobs)
+                ..BuilderToml::new(
+                    spec.name,
+                    spec.runner_port.unwrap_or(self.grpc_port),
+                    spec.max_jobs,
+                )
             })
             .unwrap();
         let config_path = self.path(&format!("builder-{}.toml", spec.name));
