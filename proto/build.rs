@@ -20,7 +20,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         out.join("drover_descriptors.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Malformed messages are INVALID_ARGUMENT, not prost's INTERNAL.
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::Codec")
+        .compile_fds(descriptors)?;
 
     // FNV-1a over the protocol files: stable across machines and toolchains.
     let mut fingerprint: u64 = 0xcbf2_9ce4_8422_2325;

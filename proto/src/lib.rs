@@ -23,6 +23,7 @@ pub const MAX_TUNNEL_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/drover_descriptors.bin"));
 
+pub mod codec;
 mod outcome;
 mod phase;
 mod step_status;

@@ -26,7 +26,7 @@ const RUNNER: &str = env!("CARGO_BIN_EXE_drover-queue-runner");
 fn run(args: &[&str]) -> Output {
     Command::new(RUNNER)
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .output()
         .unwrap()
 }
@@ -105,6 +105,11 @@ async fn migrate_creates_the_schema_once() {
     assert_eq!(
         String::from_utf8_lossy(&second.stdout).trim(),
         "applied migrations: []"
+    );
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !said.contains("already exists"),
+        "PostgreSQL's notices stay out of the log: {said}"
     );
     let undocumented: i64 = farm
         .db()

@@ -770,3 +770,69 @@ async fn a_nar_cut_in_the_middle_publishes_nothing_and_its_step_is_retried_after
         1
     );
 }
+
+/// Sends and receives bytes as they are, to put malformed messages on the wire.
+#[derive(Debug, Default, Clone)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self {
+        Self
+    }
+
+    fn decoder(&mut self) -> Self {
+        Self
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        destination: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(destination, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        source: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let remaining = prost::bytes::Buf::remaining(source);
+        Ok(Some(
+            prost::bytes::Buf::copy_to_bytes(source, remaining).to_vec(),
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_is_invalid_argument_not_internal() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut grpc = tonic::client::Grpc::new(farm.channel(Role::Client, "c1").await);
+    grpc.ready().await.unwrap();
+    let refused = grpc
+        .unary(
+            tonic::Request::new(vec![0xff, 0xff, 0xff, 0xff]),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/drover.v1.BuildService/Submit"),
+            RawBytes,
+        )
+        .await
+        .expect_err("garbage is refused");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(farm.count("SELECT count(*) FROM builds").await, 0);
+}

@@ -60,12 +60,15 @@ pub async fn migrate(pool: &Pool) -> Result<Vec<i32>, DbError> {
     let mut client = pool.get().await.map_err(DbError::Connection)?;
     client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+            // Its notice ("already exists, skipping") would be logged at every start.
+            "SET client_min_messages = warning;
+            CREATE TABLE IF NOT EXISTS schema_migrations (
                 version     integer PRIMARY KEY,
                 description text NOT NULL,
                 applied_at  timestamptz NOT NULL DEFAULT now()
             );
-            COMMENT ON TABLE schema_migrations IS 'Migrations applied to this database.';",
+            COMMENT ON TABLE schema_migrations IS 'Migrations applied to this database.';
+            RESET client_min_messages;",
         )
         .await
         .map_err(DbError::query("creating schema_migrations"))?;
