@@ -144,7 +144,13 @@ in
         TimeoutStopSec = "${toString (cfg.settings.builder.drain_deadline_secs + 30)}s";
         # The daemon writes the store; the builder only pins outputs with roots under drover/.
         ReadWritePaths = storeAccess;
+        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+        SystemCallArchitectures = "native";
         UMask = "0022";
+      } // lib.optionalAttrs daemon {
+        # The daemon builds; the builder needs only CAP_SYS_ADMIN, for the PID namespace of
+        # each serve process.
+        CapabilityBoundingSet = [ "CAP_SYS_ADMIN" ];
       };
     };
   };

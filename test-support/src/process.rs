@@ -124,7 +124,8 @@ pub fn private_store_command(store: &std::path::Path) -> Command {
 /// Like [`private_store_command`], further restricted as the shipped builder unit restricts its
 /// service: `/proc/sys` read-only (systemd's `ProtectKernelTunables=`) and `/nix` read-only but
 /// for `/nix/var/nix/gcroots` (`ProtectSystem=strict` with `ReadWritePaths=`), which every Nix
-/// installation has and which is made here if missing.
+/// installation has and which is made here if missing, and no capability but `CAP_SYS_ADMIN`
+/// (`CapabilityBoundingSet=`, `NoNewPrivileges=`).
 ///
 /// # Panics
 /// If `/nix` does not exist.
@@ -145,7 +146,7 @@ mount --bind /nix/var/nix/gcroots /nix/var/nix/gcroots
 mount -o remount,bind,ro /nix
 mount --bind /proc/sys /proc/sys
 mount -o remount,bind,ro /proc/sys
-exec "$@""#,
+exec setpriv --bounding-set -all,+sys_admin --inh-caps -all --no-new-privs -- "$@""#,
         );
     command.arg(store);
     command

@@ -279,6 +279,7 @@ fn a_daemon_store_builder_needs_the_daemon_keeps_its_hardening_and_writes_only_g
     for setting in ["ProtectKernelTunables", "ProtectHostname", "ProtectClock"] {
         assert_eq!(service[setting], true, "{setting}");
     }
+    assert_eq!(service["CapabilityBoundingSet"], json!(["CAP_SYS_ADMIN"]));
     assert_eq!(
         settings("builderDaemon", BUILDER)["executor"]["store"],
         "daemon"
@@ -294,6 +295,12 @@ fn a_local_store_builder_writes_the_store_itself() {
             "ReadWritePaths"
         ),
         ["/nix"]
+    );
+    assert!(
+        builder["serviceConfig"]
+            .get("CapabilityBoundingSet")
+            .is_none(),
+        "builds run in the unit: no capability bound"
     );
     let requires = strings(&builder["requires"], "requires");
     assert!(!requires.contains(&"nix-daemon.socket"), "{requires:?}");
