@@ -319,19 +319,11 @@ impl Config {
     /// Checks that the TLS files can be read by this process: a missing CA, certificate or key
     /// ends the start with `EX_CONFIG`, naming its key and path.
     pub fn check_files(&self) -> Result<(), ConfigError> {
-        let mut problems = Vec::new();
-        for (key, path) in [
+        drover_daemon::check_readable(&[
             ("tls.ca_certificate", &self.ca_certificate),
             ("tls.certificate", &self.certificate),
             ("tls.key", &self.key),
-        ] {
-            drover_daemon::check_readable(key, path, &mut problems);
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        ])
     }
 
     /// Parses and validates configuration text; `path` is only used in messages.

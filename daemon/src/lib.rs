@@ -67,11 +67,23 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, Con
     parsed.map_err(parse_error)
 }
 
-/// Checks that the file `key` names can be opened for reading by this process, as the service's
-/// user; a problem is pushed onto `problems`, naming the key and the path.
-pub fn check_readable(key: &str, path: &Path, problems: &mut Vec<String>) {
-    if let Err(error) = std::fs::OpenOptions::new().read(true).open(path) {
-        problems.push(format!("{key} = {}: {error}", path.display()));
+/// Checks that every file named by a key of `files` (key, path) can be opened for reading by
+/// this process, as the service's user: [`ConfigError::Invalid`] names each that cannot, with
+/// its key and path.
+pub fn check_readable(files: &[(&str, &Path)]) -> Result<(), ConfigError> {
+    let problems: Vec<String> = files
+        .iter()
+        .filter_map(|(key, path)| {
+            let opened = std::fs::OpenOptions::new().read(true).open(path);
+            opened
+                .err()
+                .map(|error| format!("{key} = {}: {error}", path.display()))
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(problems))
     }
 }
 

@@ -372,31 +372,28 @@ impl Config {
     /// Checks that every file the configuration names can be read by this process, so a
     /// missing or unreadable one ends the start with `EX_CONFIG`, naming its key and path.
     pub fn check_files(&self) -> Result<(), ConfigError> {
-        let mut problems = Vec::new();
-        let files = [
-            ("tls.ca_certificate", Some(&self.ca_certificate)),
-            ("tls.certificate", Some(&self.certificate)),
-            ("tls.key", Some(&self.key)),
-            ("cache.secret_key_file", Some(&self.cache_secret_key_file)),
-            (
-                "database.password_file",
-                self.database.password_file.as_ref(),
-            ),
+        let optional = [
+            ("database.password_file", &self.database.password_file),
             (
                 "database.ssl_root_certificate",
-                self.database.ssl_root_certificate.as_ref(),
+                &self.database.ssl_root_certificate,
             ),
         ];
-        for (key, path) in files {
-            if let Some(path) = path {
-                drover_daemon::check_readable(key, path, &mut problems);
-            }
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        let files: Vec<(&str, &Path)> = [
+            ("tls.ca_certificate", &self.ca_certificate),
+            ("tls.certificate", &self.certificate),
+            ("tls.key", &self.key),
+            ("cache.secret_key_file", &self.cache_secret_key_file),
+        ]
+        .into_iter()
+        .map(|(key, path)| (key, path.as_path()))
+        .chain(
+            optional
+                .into_iter()
+                .filter_map(|(key, path)| Some((key, path.as_deref()?))),
+        )
+        .collect();
+        drover_daemon::check_readable(&files)
     }
 
     /// Parses and validates configuration text; `path` is only used in messages.
