@@ -4,7 +4,9 @@
 //! Most tests share one cluster per test binary ([`TestPostgres::shared`]) and take a database of
 //! their own ([`TestPostgres::create_database`]); making a database takes milliseconds, a cluster
 //! most of a second. Tests that stop or crash the server start a private one
-//! ([`TestPostgres::start`]) so that they do not pull it away from their neighbours.
+//! ([`TestPostgres::start`]) so that they do not pull it away from their neighbours. A test of
+//! the documented install starts one set up as a distribution's package sets it up
+//! ([`TestPostgres::start_as_postgres_user`]: owned by `postgres`, peer authentication).
 
 mod tools;
 mod watchdog;
@@ -18,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tempfile::TempDir;
 use tokio_postgres::{Client, NoTls};
 
-use self::tools::{PgTools, UNPRIVILEGED_USER, run};
+use self::tools::{POSTGRES_USER, PgTools, UNPRIVILEGED_USER, run};
 use self::watchdog::Watchdog;
 
 /// The role the clusters are made with; it is the superuser and needs no password.
@@ -37,6 +39,33 @@ const PG_CTL_TIMEOUT_SECS: &str = "60";
 
 /// Numbers the databases made by this process so that their names never repeat.
 static NEXT_DATABASE: AtomicU64 = AtomicU64::new(0);
+
+/// Who owns a cluster, and so who may connect to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// The test's own user (`nobody` when that is root): the superuser is the role `drover` and
+    /// every local connection is trusted, so this process connects as it likes.
+    Test,
+    /// The OS user `postgres`, as a distribution's packaged server: the superuser is the role
+    /// `postgres`, a local connection gets the role named like the OS user that makes it (peer
+    /// authentication), and TCP is refused.
+    PostgresUser,
+}
+
+impl Owner {
+    /// `initdb`'s superuser and authentication arguments for such a cluster.
+    const fn initdb_args(self) -> &'static [&'static str] {
+        match self {
+            Self::Test => &["--username", USER, "--auth=trust"],
+            Self::PostgresUser => &[
+                "--username",
+                POSTGRES_USER,
+                "--auth-local=peer",
+                "--auth-host=reject",
+            ],
+        }
+    }
+}
 
 /// A running PostgreSQL cluster that accepts connections only on a Unix socket.
 ///
@@ -79,7 +108,7 @@ impl TestPostgres {
     /// command's output and the server log.
     #[must_use]
     pub fn start() -> Self {
-        Self::try_start(false, None)
+        Self::try_start(Owner::Test, false, None)
             .unwrap_or_else(|message| panic!("starting a test PostgreSQL: {message}"))
     }
 
@@ -91,7 +120,7 @@ impl TestPostgres {
     /// As [`start`](Self::start).
     #[must_use]
     pub fn start_tls(setup: &TlsSetup<'_>) -> Self {
-        Self::try_start(false, Some(setup))
+        Self::try_start(Owner::Test, false, Some(setup))
             .unwrap_or_else(|message| panic!("starting a TLS test PostgreSQL: {message}"))
     }
 
@@ -102,8 +131,31 @@ impl TestPostgres {
     /// As [`start`](Self::start).
     #[must_use]
     pub fn start_durable() -> Self {
-        Self::try_start(true, None)
+        Self::try_start(Owner::Test, true, None)
             .unwrap_or_else(|message| panic!("starting a durable test PostgreSQL: {message}"))
+    }
+
+    /// Makes and starts a private cluster set up as Debian's `postgresql` package sets one up:
+    /// owned by the OS user `postgres`, whose role is the superuser; a connection on the Unix
+    /// socket gets the role named like the OS user that makes it (peer authentication), and TCP
+    /// is refused. Its directory is mode 0755 so that every user reaches the socket, as in
+    /// `/run/postgresql`; the data directory stays private to `postgres`.
+    ///
+    /// For tests of the documented install, which run clients as users:
+    /// `runuser -u postgres -- createuser -h <socket_dir> -p <port> drover`, then the runner as
+    /// the OS user `drover`. [`create_database`](Self::create_database) and the connection
+    /// strings do not work on it: they connect as the role `drover` from this process, which
+    /// runs as root, and peer authentication refuses that.
+    ///
+    /// # Panics
+    /// If this process is not root (the server runs as `postgres` through `runuser`), if the OS
+    /// user `postgres` does not exist (the `postgresql` package creates it), or as
+    /// [`start`](Self::start).
+    #[must_use]
+    pub fn start_as_postgres_user() -> Self {
+        Self::try_start(Owner::PostgresUser, false, None).unwrap_or_else(|message| {
+            panic!("starting a test PostgreSQL owned by {POSTGRES_USER}: {message}")
+        })
     }
 
     /// The cluster shared by every test in this test binary, started by the first caller.
@@ -247,9 +299,9 @@ impl TestPostgres {
     }
 
     /// Makes the directory, the cluster and its watchdog, and starts the server.
-    fn try_start(durable: bool, tls: Option<&TlsSetup<'_>>) -> Result<Self, String> {
-        // Under /tmp rather than $TMPDIR: a socket path must stay under 108 bytes, and `nobody`
-        // must be able to reach the directory, which /tmp (mode 1777) guarantees.
+    fn try_start(owner: Owner, durable: bool, tls: Option<&TlsSetup<'_>>) -> Result<Self, String> {
+        // Under /tmp rather than $TMPDIR: a socket path must stay under 108 bytes, and the
+        // cluster's user must be able to reach the directory, which /tmp (mode 1777) guarantees.
         let dir = tempfile::Builder::new()
             .prefix("drover-pg-")
             .tempdir_in("/tmp")
@@ -258,12 +310,38 @@ impl TestPostgres {
             .map_err(|error| error.to_string())?
             .uid()
             == 0;
-        if as_root {
+        let run_as = match owner {
+            Owner::Test => as_root.then_some(UNPRIVILEGED_USER),
+            Owner::PostgresUser if !as_root => {
+                return Err(format!(
+                    "running the server as the OS user {POSTGRES_USER} (runuser) needs root"
+                ));
+            }
+            Owner::PostgresUser => {
+                run(std::process::Command::new("id").args(["-u", POSTGRES_USER])).map_err(
+                    |message| {
+                        format!(
+                            "the OS user {POSTGRES_USER} does not exist: install the \
+                             `postgresql` package, which creates it\n{message}"
+                        )
+                    },
+                )?;
+                Some(POSTGRES_USER)
+            }
+        };
+        if let Some(user) = run_as {
             run(std::process::Command::new("chown")
-                .arg(UNPRIVILEGED_USER)
+                .arg(user)
                 .arg(dir.path()))?;
         }
-        let tools = PgTools::locate(as_root)?;
+        if owner == Owner::PostgresUser {
+            // Every user may reach the socket, as in /run/postgresql; `initdb` keeps the data
+            // directory private to its owner.
+            use std::os::unix::fs::PermissionsExt as _;
+            fs_err::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .map_err(|error| error.to_string())?;
+        }
+        let tools = PgTools::locate(run_as)?;
         let data = dir.path().join("data");
         let mut stop_argv = tools.argv("pg_ctl");
         stop_argv.extend(pg_ctl_stop_args(&data, "immediate").map(Into::into));
@@ -282,7 +360,8 @@ impl TestPostgres {
         initdb
             .arg("--pgdata")
             .arg(cluster.data_dir())
-            .args(["--username", USER, "--auth=trust", "--encoding=UTF8"])
+            .args(owner.initdb_args())
+            .arg("--encoding=UTF8")
             // The C locale keeps sorting independent of the machine's environment.
             .args(["--locale=C", "--no-sync"]);
         if let Some(setup) = tls {
@@ -318,10 +397,8 @@ impl TestPostgres {
         fs_err::write(path, text).map_err(|error| error.to_string())?;
         fs_err::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|error| error.to_string())?;
-        if self.tools.unprivileged() {
-            run(std::process::Command::new("chown")
-                .arg(UNPRIVILEGED_USER)
-                .arg(path))?;
+        if let Some(user) = self.tools.run_as() {
+            run(std::process::Command::new("chown").arg(user).arg(path))?;
         }
         Ok(())
     }

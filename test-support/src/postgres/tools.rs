@@ -1,7 +1,8 @@
 //! Finding PostgreSQL's server binaries and running them as a user they accept.
 //!
 //! `initdb` and `pg_ctl` refuse to run as root, so when the tests run as root (CI containers do)
-//! every server command goes through `runuser -u nobody --` and the cluster belongs to `nobody`.
+//! every server command goes through `runuser -u nobody --` and the cluster belongs to `nobody`;
+//! a cluster that stands in for a distribution's packaged server belongs to `postgres` instead.
 
 use std::env;
 use std::ffi::OsString;
@@ -10,6 +11,10 @@ use std::process::{Command, Stdio};
 
 /// The unprivileged user that owns the clusters made while the tests run as root.
 pub(crate) const UNPRIVILEGED_USER: &str = "nobody";
+
+/// The OS user that owns a distribution's packaged cluster (Debian's `postgresql` package
+/// creates it), and the superuser role peer authentication maps it to.
+pub(crate) const POSTGRES_USER: &str = "postgres";
 
 /// Where Debian and Ubuntu install the server binaries, one `N/bin` directory per major version.
 const VERSIONED_ROOT: &str = "/usr/lib/postgresql";
@@ -23,13 +28,15 @@ const REQUIRED: [&str; 3] = ["initdb", "pg_ctl", "postgres"];
 pub(crate) struct PgTools {
     /// The directory holding every program in [`REQUIRED`].
     bin_dir: PathBuf,
-    /// Whether to run the programs as [`UNPRIVILEGED_USER`] (because we are root).
-    as_unprivileged: bool,
+    /// The user the programs run as through `runuser` (we are root), who must then own the
+    /// cluster's files; `None` runs them as ourselves.
+    run_as: Option<&'static str>,
 }
 
 impl PgTools {
-    /// Finds the binaries on `PATH`, else in the newest `/usr/lib/postgresql/N/bin`.
-    pub(crate) fn locate(as_unprivileged: bool) -> Result<Self, String> {
+    /// Finds the binaries on `PATH`, else in the newest `/usr/lib/postgresql/N/bin`, to run as
+    /// `run_as` (`None`: as ourselves).
+    pub(crate) fn locate(run_as: Option<&'static str>) -> Result<Self, String> {
         let bin_dir = find_bin_dir().ok_or_else(|| {
             format!(
                 "the PostgreSQL server binaries ({}) are neither on PATH nor in \
@@ -37,30 +44,27 @@ impl PgTools {
                 REQUIRED.join(", ")
             )
         })?;
-        Ok(Self {
-            bin_dir,
-            as_unprivileged,
-        })
+        Ok(Self { bin_dir, run_as })
     }
 
     /// The argument vector that runs `tool` as a user it accepts; the watchdog needs it as
     /// plain arguments because it runs the command from a shell after we are gone.
     pub(crate) fn argv(&self, tool: &str) -> Vec<OsString> {
         let mut argv: Vec<OsString> = Vec::new();
-        if self.as_unprivileged {
-            argv.extend(["runuser", "-u", UNPRIVILEGED_USER, "--"].map(OsString::from));
+        if let Some(user) = self.run_as {
+            argv.extend(["runuser", "-u", user, "--"].map(OsString::from));
         }
         argv.push(self.bin_dir.join(tool).into_os_string());
         argv
     }
 
-    /// Whether the programs run as [`UNPRIVILEGED_USER`], who must then own the cluster's files.
-    pub(crate) const fn unprivileged(&self) -> bool {
-        self.as_unprivileged
+    /// The user the programs run as, who must then own the cluster's files; `None`: ourselves.
+    pub(crate) const fn run_as(&self) -> Option<&'static str> {
+        self.run_as
     }
 
-    /// A [`Command`] that runs `tool` as a user it accepts, from `/` so that the unprivileged
-    /// user never needs access to our working directory.
+    /// A [`Command`] that runs `tool` as a user it accepts, from `/` so that that user never
+    /// needs access to our working directory.
     pub(crate) fn command(&self, tool: &str) -> Command {
         command_from(&self.argv(tool))
     }
