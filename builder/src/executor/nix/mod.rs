@@ -493,4 +493,27 @@ mod tests {
         let paths: Vec<&str> = ordered.iter().map(|o| o.path.as_str()).collect();
         assert_eq!(paths, ["lib", "dev", "out"]);
     }
+
+    #[test]
+    fn the_scratch_directory_is_emptied_at_start_and_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let scratch = dir.path().join("nix");
+        let left = scratch.join("serve-left-by-a-killed-builder");
+        fs_err::create_dir_all(&left).unwrap();
+        fs_err::write(left.join("narinfo-cache.sqlite"), "").unwrap();
+        let executor = NixExecutor::new(
+            &NixConfig {
+                substituters: Vec::new(),
+                trusted_public_keys: Vec::new(),
+                store: NixStore::Daemon,
+                scratch: scratch.clone(),
+            },
+            1,
+        );
+        executor.empty_scratch().unwrap();
+        assert!(!left.exists(), "what a killed builder left is removed");
+        let mode = fs_err::metadata(&scratch).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
 }
