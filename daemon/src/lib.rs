@@ -31,10 +31,10 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     /// Keys the program does not know, all of them (misspelt, or from another version).
-    #[error("unknown keys: {}", .0.join(", "))]
+    #[error("unknown keys:\n  {}", .0.join("\n  "))]
     UnknownKeys(Vec<String>),
     /// Values that parse but cannot work, all of them, each naming its key and value.
-    #[error("invalid configuration: {}", .0.join("; "))]
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
     Invalid(Vec<String>),
 }
 
