@@ -241,7 +241,7 @@ fn executor(raw: RawExecutor, state_directory: &Path) -> Result<ExecutorConfig, 
                     .collect(),
                 trusted_public_keys,
                 store: raw.store.unwrap_or_default(),
-                scratch: state_directory.join("nix"),
+                scratch: state_directory.join("nix-scratch"),
             })
         }
     };
@@ -347,6 +347,13 @@ impl Config {
         }
         if raw.builder.systems.is_empty() {
             problems.push("builder.systems is empty".to_owned());
+        }
+        let state = &raw.builder.state_directory;
+        if !state.is_absolute() || state.parent().is_none() {
+            problems.push(format!(
+                "builder.state_directory = {} must be an absolute path below /",
+                state.display()
+            ));
         }
         if raw.builder.max_jobs == 0 {
             problems.push("builder.max_jobs = 0: need at least 1".to_owned());

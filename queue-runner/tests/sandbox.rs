@@ -80,7 +80,7 @@ async fn builds_run_in_the_daemons_sandbox_from_a_restricted_builder() {
         no_output.contains("this build forgets to create its output"),
         "{no_output}"
     );
-    let scratch = farm.dir.path().join("builder-state/b1/nix");
+    let scratch = farm.dir.path().join("builder-state/b1/nix-scratch");
     assert!(
         Path::new(&scratch).is_dir(),
         "serve processes keep their scratch under the builder's state directory"

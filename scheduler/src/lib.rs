@@ -352,20 +352,16 @@ impl Core {
         now: Instant,
     ) {
         for (attempt, step, builder) in running {
-            let orphan = Orphan {
-                step,
-                builder,
-                found: now,
-                cause: Cause::RunnerRestarted,
-                wait: Wait::Recovery,
-            };
-            if let Some(duplicate) = self.orphans.add(attempt, orphan) {
-                self.persist(Change::AttemptEnded {
-                    attempt: duplicate,
-                    status: AttemptStatus::Aborted,
-                    message: Some("a second running attempt of its step".to_owned()),
-                });
-            }
+            self.add_orphan(
+                attempt,
+                Orphan {
+                    step,
+                    builder,
+                    started: now,
+                    cause: Cause::RunnerRestarted,
+                    wait: Wait::Recovery,
+                },
+            );
         }
     }
 
@@ -607,7 +603,7 @@ impl Core {
                 Attempt {
                     step: orphan.step,
                     session,
-                    started: orphan.found,
+                    started: orphan.started,
                 },
             );
             orphan.step
@@ -735,18 +731,24 @@ impl Core {
                 let orphan = Orphan {
                     step: running.step,
                     builder: builder.to_owned(),
-                    found: running.started,
+                    started: running.started,
                     cause: Cause::ConnectionLost(reason.to_owned()),
                     wait: Wait::For(self.limits.rejoin_grace),
                 };
-                if let Some(duplicate) = self.orphans.add(attempt, orphan) {
-                    self.persist(Change::AttemptEnded {
-                        attempt: duplicate,
-                        status: AttemptStatus::Aborted,
-                        message: Some("a second running attempt of its step".to_owned()),
-                    });
-                }
+                self.add_orphan(attempt, orphan);
             }
+        }
+    }
+
+    /// Keeps an attempt for its builder to claim; a second one for the same step (which a
+    /// consistent state never has) is ended.
+    fn add_orphan(&mut self, attempt: AttemptId, orphan: Orphan) {
+        if let Some(duplicate) = self.orphans.add(attempt, orphan) {
+            self.persist(Change::AttemptEnded {
+                attempt: duplicate,
+                status: AttemptStatus::Aborted,
+                message: Some("a second running attempt of its step".to_owned()),
+            });
         }
     }
 

@@ -37,7 +37,7 @@ pub struct Orphan {
     /// The builder it was given to: only that builder may claim it.
     pub builder: String,
     /// When it started, or when the runner found it after a restart, on the core's clock.
-    pub found: Instant,
+    pub started: Instant,
     /// Why it lost its builder.
     pub cause: Cause,
     /// How long it waits.
@@ -92,7 +92,9 @@ impl Orphans {
         }
     }
 
-    /// Starts the wait of the attempts whose builder was lost since the last call.
+    /// Starts the wait of the attempts whose builder was lost since the last call. The core
+    /// calls it from every dispatch, which follows every batch of events, so a wait starts
+    /// within a batch of the loss; until then [`Orphans::deadline`] does not count it.
     pub fn arm(&mut self, now: Instant) {
         for orphan in self.by_attempt.values_mut() {
             if let Wait::For(grace) = orphan.wait {

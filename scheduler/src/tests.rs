@@ -1235,7 +1235,7 @@ proptest! {
                     {
                         // Half the departures are lost connections, whose attempts wait for their
                         // builder; a builder of the same name joining without them ends them.
-                        let departure = if pick % 2 == 0 { Departure::Ended } else { Departure::ConnectionLost };
+                        let departure = if outcome % 2 == 0 { Departure::Ended } else { Departure::ConnectionLost };
                         core.handle(Event::BuilderLeft { session: sessions[pick % sessions.len()], reason: "gone".to_owned(), departure })
                     }
                 }
@@ -1251,6 +1251,14 @@ proptest! {
             checker.check(&core, &commands);
             let commands = core.dispatch(now);
             checker.check(&core, &commands);
+        }
+        // Past the rejoin grace no attempt waits for a builder any more.
+        let commands = core.dispatch(now + LIMITS.rejoin_grace);
+        checker.check(&core, &commands);
+        for (_, node) in core.graph().steps() {
+            if let StepState::Running(attempt) = node.state {
+                prop_assert!(core.attempt(&attempt).is_some(), "an orphan outlived the grace");
+            }
         }
         // Every unfinished step is runnable, running, or waits on an unfinished input.
         for (id, node) in core.graph().steps() {

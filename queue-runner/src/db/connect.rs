@@ -1,6 +1,7 @@
 //! How the runner reaches PostgreSQL: the connection string of the configuration, the password
 //! read from a file of its own (so the string, which may land in a world-readable Nix store,
-//! carries no secret), timeouts and TCP keepalives so a lost server is noticed in seconds, and
+//! carries no secret), timeouts and TCP keepalives so a lost server is noticed in seconds (the
+//! URL's `connect_timeout` wins; its `sslmode` must agree with `database.ssl_mode`), and
 //! TLS through rustls: `require` encrypts without checking the server's certificate (libpq's
 //! meaning), `verify-full` checks it against a CA file and the host name.
 
@@ -20,9 +21,16 @@ use super::{DbError, Pool};
 /// How long opening a connection may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Idle time before TCP keepalive probes start on a connection; with the kernel's probe interval
-/// and count, a server that vanished without closing its sockets is noticed in seconds.
+/// Idle time before TCP keepalive probes start on a connection, the time between probes, and
+/// how many may go unanswered: a server that vanished without closing its sockets is noticed
+/// after about 8 s of silence.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// How long the pool may take to open a connection (TLS and authentication included) or to
+/// check one it hands out again.
+const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether and how connections are encrypted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -69,6 +77,11 @@ pub enum ConnectorError {
     /// The connection string does not parse.
     #[error("parsing database.url")]
     Url(#[source] tokio_postgres::Error),
+    /// The URL sets `sslmode=require`, which `database.ssl_mode` (default `disable`) governs.
+    #[error(
+        "database.url sets sslmode; set database.ssl_mode = \"require\" or \"verify-full\" instead"
+    )]
+    SslModeInUrl,
     /// The password file cannot be read (the error names it).
     #[error("reading database.password_file")]
     PasswordFile(#[source] std::io::Error),
@@ -125,13 +138,23 @@ impl Connector {
     pub fn new(settings: &DatabaseConfig) -> Result<Self, ConnectorError> {
         let mut config: tokio_postgres::Config =
             settings.url.parse().map_err(ConnectorError::Url)?;
+        if config.get_ssl_mode() == DriverSslMode::Require && settings.ssl_mode == SslMode::Disable
+        {
+            // The URL asks for TLS, which database.ssl_mode governs: never connect in plain text
+            // behind the operator's back.
+            return Err(ConnectorError::SslModeInUrl);
+        }
         if let Some(path) = &settings.password_file {
             config.password(read_password(path)?);
         }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
         config
-            .connect_timeout(CONNECT_TIMEOUT)
             .keepalives(true)
             .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES)
             .ssl_mode(match settings.ssl_mode {
                 SslMode::Disable => DriverSslMode::Disable,
                 SslMode::Require | SslMode::VerifyFull => DriverSslMode::Require,
@@ -154,6 +177,9 @@ impl Connector {
         );
         Pool::builder(manager)
             .max_size(size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .create_timeout(Some(POOL_TIMEOUT))
+            .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|error| DbError::Configure(deadpool_postgres::CreatePoolError::Build(error)))
     }

@@ -28,6 +28,9 @@ pub enum DbError {
     /// A connection the runner keeps open closed.
     #[error("{0} closed")]
     ConnectionClosed(&'static str),
+    /// Something the database had to answer took too long.
+    #[error("{0} took too long")]
+    TimedOut(&'static str),
     /// A row holds a status this version does not know (a newer runner wrote it).
     #[error("unknown {sql_type} {label:?}")]
     UnknownStatus {
@@ -74,6 +77,7 @@ impl Classify for DbError {
             | Self::UnknownStatus { .. }
             | Self::Connection(_)
             | Self::ConnectionClosed(_)
+            | Self::TimedOut(_)
             | Self::Query { .. } => Severity::Fatal,
         }
     }

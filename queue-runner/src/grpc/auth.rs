@@ -26,7 +26,7 @@ pub fn require<T>(request: &Request<T>, roles: &[Role]) -> Result<Identity, Stat
     identified
 }
 
-/// The path of the gRPC method a request calls (`/drover.v1.BuildService/Get`), which tonic's
+/// The gRPC method a request calls (`drover.v1.BuildService/Get`), which tonic's
 /// server does not hand its handlers: [`record_method`] puts it in the request's extensions.
 #[derive(Debug, Clone)]
 pub struct CalledMethod(String);

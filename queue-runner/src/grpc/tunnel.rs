@@ -325,6 +325,20 @@ impl BuilderServiceImpl {
     }
 }
 
+/// How a tunnel that failed with `status` ended: a transport failure (the codes the transport
+/// reports a broken connection with) may be a blip the builder comes back from; anything else
+/// (a message too large or malformed) is the builder's doing, and its attempts must not wait,
+/// or a builder that sends the same bad message after every rejoin would hold them for ever.
+fn departure_after(status: &Status) -> Departure {
+    match status.code() {
+        tonic::Code::Unknown
+        | tonic::Code::Internal
+        | tonic::Code::Cancelled
+        | tonic::Code::Unavailable => Departure::ConnectionLost,
+        _ => Departure::Ended,
+    }
+}
+
 /// One builder's tunnel: reads its messages until it leaves, goes silent, misbehaves or is
 /// ended by the scheduler; [`BuilderServiceImpl::open_tunnel`] then tells the scheduler, which
 /// requeues whatever it was running.
@@ -366,7 +380,7 @@ impl BuilderSession {
                     Ok(None) => return ended("the builder closed its tunnel"),
                     Err(status) => {
                         let reason = format!("the tunnel failed: {}", status.message());
-                        return (reason, Departure::ConnectionLost);
+                        return (reason, departure_after(&status));
                     }
                 },
             }
@@ -519,5 +533,33 @@ fn core_outcome(wire: drover_proto::Outcome) -> Outcome {
         drover_proto::Outcome::TimedOut => Outcome::TimedOut,
         drover_proto::Outcome::InfrastructureFailure => Outcome::InfrastructureFailure,
         drover_proto::Outcome::LogLimitExceeded => Outcome::LogLimitExceeded,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_broken_transport_lets_a_builder_come_back_for_its_attempts() {
+        for status in [
+            Status::unknown("h2 protocol error: connection reset"),
+            Status::cancelled(""),
+            Status::unavailable(""),
+            Status::internal(""),
+        ] {
+            assert_eq!(
+                departure_after(&status),
+                Departure::ConnectionLost,
+                "{status:?}"
+            );
+        }
+        for status in [
+            Status::invalid_argument("a malformed message"),
+            Status::out_of_range("message too large"),
+            Status::resource_exhausted(""),
+        ] {
+            assert_eq!(departure_after(&status), Departure::Ended, "{status:?}");
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use error_context::{ResultExt as _, WithContext};
 use futures_util::StreamExt as _;
 use tokio::sync::Notify;
-use tokio::time::Instant;
+use tokio::time::{Instant, timeout};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +22,9 @@ pub const CHANNEL: &str = "drover_builds_queued";
 /// lost, which is fatal: the runner exits and systemd restarts it. Together with the connect
 /// timeout this ends a runner within 5 s of losing PostgreSQL.
 const LOSS_DEADLINE: Duration = Duration::from_secs(3);
+
+/// How long opening the connection (TLS and authentication included) and subscribing may take.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The first delay between reconnects; each further one doubles it.
 const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(100);
@@ -75,33 +78,27 @@ pub async fn listen(
 /// One LISTEN connection's life.
 async fn listen_once(connector: &Connector, wake: &Notify, shutdown: &CancellationToken) -> Ended {
     let failed = |error: WithContext<DbError>, subscribed| Ended::Failed { error, subscribed };
-    let (client, mut connection) = match connector.connect().await {
-        Ok(connected) => connected,
-        Err(source) => {
-            return failed(
-                DbError::Query {
-                    what: "opening the LISTEN connection",
-                    source,
-                }
-                .into(),
-                false,
-            );
-        }
+    let what = "opening the LISTEN connection";
+    let (client, mut connection) = match timeout(SUBSCRIBE_TIMEOUT, connector.connect()).await {
+        Ok(Ok(connected)) => connected,
+        Ok(Err(source)) => return failed(DbError::Query { what, source }.into(), false),
+        Err(_) => return failed(DbError::TimedOut(what).into(), false),
     };
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     let statement = format!("LISTEN {CHANNEL}");
-    let listen = client.batch_execute(&statement);
+    let listen = timeout(SUBSCRIBE_TIMEOUT, client.batch_execute(&statement));
     tokio::pin!(listen);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ended::Shutdown,
-            result = &mut listen => match result {
-                Ok(()) => break,
-                Err(source) => {
-                    let what = "subscribing to build notifications";
-                    return failed(DbError::Query { what, source }.into(), false);
+            result = &mut listen => {
+                let what = "subscribing to build notifications";
+                match result {
+                    Ok(Ok(())) => break,
+                    Ok(Err(source)) => return failed(DbError::Query { what, source }.into(), false),
+                    Err(_) => return failed(DbError::TimedOut(what).into(), false),
                 }
-            },
+            }
             message = messages.next() => {
                 if let Err(error) = handle_message(message, wake) {
                     return failed(error, false);
