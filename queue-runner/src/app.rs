@@ -18,6 +18,7 @@ use tonic::transport::Server;
 use drover_scheduler::Core;
 
 use crate::builds::{Builds, SubmitLimits};
+use crate::cache::upstream::{Upstream, Upstreams};
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::grpc::build_service::BuildServiceImpl;
@@ -86,6 +87,9 @@ pub enum RunnerError {
         #[source]
         source: nix_primitives::signing::KeyError,
     },
+    /// An upstream cache's client cannot be made (its CA file).
+    #[error("preparing an upstream cache")]
+    Upstream(#[source] crate::cache::upstream::ClientError),
     /// The cache's HTTP server failed.
     #[error("serving the binary cache")]
     ServeCache(#[source] std::io::Error),
@@ -125,7 +129,11 @@ impl RunnerError {
     pub const fn is_configuration(&self) -> bool {
         matches!(
             self,
-            Self::Connector(_) | Self::ReadCacheKey { .. } | Self::CacheKey { .. } | Self::Tls(_)
+            Self::Connector(_)
+                | Self::ReadCacheKey { .. }
+                | Self::CacheKey { .. }
+                | Self::Tls(_)
+                | Self::Upstream(_)
         )
     }
 }
@@ -414,7 +422,13 @@ fn open_cache(config: &Config) -> Result<crate::cache::BinaryCache, RunnerError>
         path: path.clone(),
         source,
     })?;
-    crate::cache::BinaryCache::open(&config.cache_directory, key, config.upstreams.clone())
+    let upstreams = config
+        .upstreams
+        .iter()
+        .map(|upstream| Upstream::open(upstream.clone(), config.upstream_negative_ttl))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(RunnerError::Upstream)?;
+    crate::cache::BinaryCache::open(&config.cache_directory, key, Upstreams::new(upstreams))
         .map_err(|error| RunnerError::Cache(error.into()))
 }
 

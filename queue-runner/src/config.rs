@@ -10,7 +10,7 @@ pub use drover_daemon::ConfigError;
 use drover_scheduler::RetryPolicy;
 use serde::Deserialize;
 
-use crate::cache::upstream::Upstream;
+use crate::cache::upstream::UpstreamConfig;
 use crate::db::{DatabaseConfig, SslMode};
 
 /// The file as written.
@@ -146,14 +146,24 @@ struct RawCache {
     /// key) is not built. Default none.
     #[serde(default)]
     upstreams: Vec<RawUpstream>,
+    /// Seconds an upstream's "not here" is believed before the path is asked for again (Nix's
+    /// `narinfo-cache-negative-ttl`). Default 3600.
+    #[serde(default = "default_upstream_negative_ttl_secs")]
+    upstream_negative_ttl_secs: u64,
+}
+
+const fn default_upstream_negative_ttl_secs() -> u64 {
+    3600
 }
 
 #[derive(Debug, Deserialize)]
 struct RawUpstream {
-    /// `file:///dir` or `http://host:port/prefix`.
+    /// `https://host[/prefix]`, `http://…` or `file:///dir`.
     url: String,
     /// The key its narinfos are signed with, `name:base64`.
     public_key: String,
+    /// A PEM file of CAs to trust for it, besides the system's. Default none.
+    ca_certificate: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -330,7 +340,9 @@ pub struct Config {
     /// Binary cache signing key file.
     pub cache_secret_key_file: PathBuf,
     /// Upstream caches.
-    pub upstreams: Vec<Upstream>,
+    pub upstreams: Vec<UpstreamConfig>,
+    /// How long an upstream's miss is believed.
+    pub upstream_negative_ttl: Duration,
     /// Builder ping interval.
     pub ping_interval: Duration,
     /// Builder liveness deadline.
@@ -417,18 +429,7 @@ impl Config {
             ));
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
-        let mut upstreams = Vec::new();
-        for (index, upstream) in raw.cache.upstreams.iter().enumerate() {
-            let key = nix_primitives::PublicKey::parse(&upstream.public_key)
-                .map_err(|error| format!("cache.upstreams[{index}].public_key: {error}"));
-            let parsed = key.and_then(|key| {
-                Upstream::new(&upstream.url, key).map_err(|error| error.to_string())
-            });
-            match parsed {
-                Ok(parsed) => upstreams.push(parsed),
-                Err(problem) => problems.push(format!("cache.upstreams[{index}]: {problem}")),
-            }
-        }
+        let upstreams = validate_upstreams(&raw.cache.upstreams, &mut problems);
         if raw.database.url.trim().is_empty() {
             problems.push("database.url is empty".to_owned());
         }
@@ -486,6 +487,7 @@ impl Config {
             cache_listen,
             cache_secret_key_file: raw.cache.secret_key_file,
             upstreams,
+            upstream_negative_ttl: Duration::from_secs(raw.cache.upstream_negative_ttl_secs),
             ping_interval: Duration::from_secs(raw.builders.ping_interval_secs),
             liveness_timeout: Duration::from_secs(raw.builders.liveness_timeout_secs),
             max_builder_losses: raw.builders.max_builder_losses,
@@ -505,6 +507,26 @@ impl Config {
 }
 
 /// The submission limits, each problem noted in `problems`.
+fn validate_upstreams(
+    upstreams: &[RawUpstream],
+    problems: &mut Vec<String>,
+) -> Vec<UpstreamConfig> {
+    let mut valid = Vec::new();
+    for (index, upstream) in upstreams.iter().enumerate() {
+        let key = nix_primitives::PublicKey::parse(&upstream.public_key)
+            .map_err(|error| format!("cache.upstreams[{index}].public_key: {error}"));
+        let parsed = key.and_then(|key| {
+            UpstreamConfig::new(&upstream.url, key, upstream.ca_certificate.clone())
+                .map_err(|error| error.to_string())
+        });
+        match parsed {
+            Ok(parsed) => valid.push(parsed),
+            Err(problem) => problems.push(format!("cache.upstreams[{index}]: {problem}")),
+        }
+    }
+    valid
+}
+
 fn validate_submissions(
     submissions: &RawSubmissions,
     problems: &mut Vec<String>,

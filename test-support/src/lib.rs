@@ -16,12 +16,14 @@
 
 pub mod fake_derivations;
 pub mod farm;
+pub mod https;
 pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod wait;
 
 pub use farm::free_port;
+pub use https::HttpsDirectory;
 pub use postgres::{TestDatabase, TestPostgres, TlsSetup};
 pub use process::{
     ChildGuard, private_store_arguments, private_store_command, restricted_private_store_command,

@@ -108,7 +108,7 @@ pub struct Publication {
 pub struct BinaryCache {
     directory: PathBuf,
     key: SecretKey,
-    upstreams: Vec<upstream::Upstream>,
+    upstreams: upstream::Upstreams,
     sync: durability::GroupSync,
 }
 
@@ -131,7 +131,7 @@ impl BinaryCache {
     pub fn open(
         directory: &Path,
         key: SecretKey,
-        upstreams: Vec<upstream::Upstream>,
+        upstreams: upstream::Upstreams,
     ) -> Result<Self, CacheError> {
         fs_err::create_dir_all(directory.join("nar")).map_err(CacheError::Io)?;
         // Uploads cut off by a crash leave partial files here; nothing else uses them.
@@ -189,15 +189,7 @@ impl BinaryCache {
 
     /// Whether `path` is here or, signed by its key, in an upstream cache.
     pub async fn is_available(&self, path: &StorePath) -> bool {
-        if self.is_published(path) {
-            return true;
-        }
-        for upstream in &self.upstreams {
-            if upstream.narinfo(path).await.is_some() {
-                return true;
-            }
-        }
-        false
+        self.is_published(path) || self.upstreams.has(path).await
     }
 
     /// The runtime closure of `roots` through the references of published paths, here or
@@ -215,12 +207,9 @@ impl BinaryCache {
             }
             let mut info = self.narinfo(&path)?;
             if info.is_none() {
-                for upstream in &self.upstreams {
-                    info = upstream.narinfo(&path).await;
-                    if info.is_some() {
-                        upstream_only.insert(path.clone());
-                        break;
-                    }
+                info = self.upstreams.narinfo(&path).await;
+                if info.is_some() {
+                    upstream_only.insert(path.clone());
                 }
             }
             if let Some(info) = info {

@@ -50,7 +50,7 @@ impl Classify for IngestError {
 const RESCAN: Duration = Duration::from_secs(30);
 
 /// Upstream cache lookups in flight at once while planning one build.
-const UPSTREAM_LOOKUPS: usize = 16;
+const UPSTREAM_LOOKUPS: usize = 64;
 
 /// Builds expanded per query.
 const BATCH: i64 = 200;

@@ -75,6 +75,9 @@ pub struct Farm {
     pub cache_port: u16,
     /// Upstream caches (URL, public key) for the runner and the Nix builders.
     pub upstreams: Vec<(String, String)>,
+    /// A CA the runner and the Nix builders trust for the upstreams (`NIX_SSL_CERT_FILE` for
+    /// Nix).
+    pub upstream_ca: Option<PathBuf>,
     /// Whether the Nix builders are left without the upstreams (the runner still uses them), so
     /// a step's input the runner expects from an upstream cannot be substituted.
     pub hide_upstreams_from_builders: bool,
@@ -161,6 +164,7 @@ impl Farm {
             grpc_port: free_port(),
             cache_port: free_port(),
             upstreams: Vec::new(),
+            upstream_ca: None,
             hide_upstreams_from_builders: false,
             step_limits_secs: (600, 600),
             max_output_bytes: 1 << 30,
@@ -229,10 +233,16 @@ impl Farm {
             .set("retry.initial_interval_ms", 100)
             .set("retry.multiplier", 2.0)
             .set("retry.max_interval_ms", 400);
+        let ca = self
+            .upstream_ca
+            .as_ref()
+            .map(|path| path.display().to_string());
         self.upstreams
             .iter()
             .fold(config, |config, (url, key)| {
-                config.push("cache.upstreams", &[("url", url), ("public_key", key)])
+                let mut entry = vec![("url", url.as_str()), ("public_key", key.as_str())];
+                entry.extend(ca.as_deref().map(|ca| ("ca_certificate", ca)));
+                config.push("cache.upstreams", &entry)
             })
             .to_toml()
     }
@@ -367,6 +377,9 @@ impl Farm {
         let home = self.path(&format!("home-{}", spec.name));
         fs_err::create_dir_all(&home).unwrap();
         nix_environment(&mut command, &home);
+        if let Some(ca) = &self.upstream_ca {
+            command.env("NIX_SSL_CERT_FILE", ca);
+        }
         if spec.sandboxed {
             // The nix.conf the daemon reads, as on a real host: a trusted client's settings
             // override the daemon's, `sandbox = false` included.
