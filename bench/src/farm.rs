@@ -11,7 +11,9 @@ use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::{DerivationText, SubmitRequest};
 use drover_tls::Role;
 use test_support::fake_derivations::FakeDrv;
-use test_support::farm::{BuilderExecutor, BuilderToml, FarmFiles, Reconnect, nix_environment};
+use test_support::farm::{
+    BuilderExecutor, BuilderToml, ConfigFile, FarmFiles, Reconnect, nix_environment,
+};
 use test_support::{ChildGuard, TestPostgres, free_port, private_store_command, workspace_binary};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -35,6 +37,15 @@ pub struct Farm {
 impl Farm {
     /// Starts the runner on a fresh database of `cluster`.
     pub async fn start(cluster: &TestPostgres) -> Self {
+        Self::start_with(cluster, |config| config).await
+    }
+
+    /// Starts the runner on a fresh database of `cluster`, its configuration adjusted by
+    /// `adjust`.
+    pub async fn start_with(
+        cluster: &TestPostgres,
+        adjust: impl FnOnce(ConfigFile) -> ConfigFile,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let files = FarmFiles::create(dir.path(), "scale").unwrap();
         files.issue(Role::Client, "scale").unwrap();
@@ -42,12 +53,14 @@ impl Farm {
         let port = free_port();
         let cache_port = free_port();
         let config = dir.path().join("runner.toml");
-        let text = files
-            .runner_config(&database.connection_string, port, cache_port)
-            .set("database.pool_size", 16)
-            .set("builders.ping_interval_secs", 10)
-            .set("builders.liveness_timeout_secs", 60)
-            .to_toml();
+        let text = adjust(
+            files
+                .runner_config(&database.connection_string, port, cache_port)
+                .set("database.pool_size", 16)
+                .set("builders.ping_interval_secs", 10)
+                .set("builders.liveness_timeout_secs", 60),
+        )
+        .to_toml();
         fs_err::write(&config, text).unwrap();
         let runner = ChildGuard::spawn(
             Command::new(workspace_binary("drover-queue-runner"))

@@ -4,6 +4,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
@@ -17,6 +18,7 @@ use tokio_rustls::server::TlsStream;
 /// A running server; dropping it stops it.
 pub struct HttpsDirectory {
     port: u16,
+    requests: Arc<AtomicU64>,
     _task: JoinSet<()>,
 }
 
@@ -49,14 +51,28 @@ impl HttpsDirectory {
             tcp,
             acceptor: TlsAcceptor::from(Arc::new(config)),
         };
+        let requests = Arc::new(AtomicU64::new(0));
         let router = axum::Router::new()
             .route("/{*file}", axum::routing::get(file))
-            .with_state(directory.to_owned());
+            .with_state(Served {
+                directory: directory.to_owned(),
+                requests: Arc::clone(&requests),
+            });
         let mut task = JoinSet::new();
         task.spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
-        Self { port, _task: task }
+        Self {
+            port,
+            requests,
+            _task: task,
+        }
+    }
+
+    /// How many files were asked for so far.
+    #[must_use]
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     /// Its port; its URL is `https://localhost:<port>`.
@@ -66,14 +82,22 @@ impl HttpsDirectory {
     }
 }
 
+/// What the server serves, and its count of requests.
+#[derive(Clone)]
+struct Served {
+    directory: PathBuf,
+    requests: Arc<AtomicU64>,
+}
+
 async fn file(
-    State(directory): State<PathBuf>,
+    State(served): State<Served>,
     UrlPath(file): UrlPath<String>,
 ) -> Result<Vec<u8>, StatusCode> {
+    served.requests.fetch_add(1, Ordering::Relaxed);
     if file.split('/').any(|part| part == "..") {
         return Err(StatusCode::NOT_FOUND);
     }
-    tokio::fs::read(directory.join(file))
+    tokio::fs::read(served.directory.join(file))
         .await
         .map_err(|_| StatusCode::NOT_FOUND)
 }
