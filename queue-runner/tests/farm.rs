@@ -120,6 +120,14 @@ async fn builds_that_share_derivations_share_their_steps() {
     let second = factory.make(&Spec::new("second").inputs(&[&shared_mid]));
     let one = farm.submit(&[&shared_base, &shared_mid, &first]).await;
     let two = farm.submit(&[&second]).await;
+    // Both planned before anything is built: a shared step that had already succeeded when
+    // the second build was planned would be done for it, not linked to it.
+    farm.wait_for_count(
+        "both builds to be planned",
+        "SELECT count(*) FROM builds WHERE ingested_at IS NOT NULL",
+        2,
+    )
+    .await;
     farm.start_builder(&BuilderSpec::new("b1"));
     assert_eq!(farm.wait_for_build(one).await, Stored::Succeeded);
     assert_eq!(farm.wait_for_build(two).await, Stored::Succeeded);
