@@ -232,6 +232,81 @@ mod tests {
         nix_primitives::SecretKey::from_seed("up-1", &[1; 32]).public_key()
     }
 
+    /// Puts a narinfo of `path` signed by `key` into `dir`, its URL naming `priority`.
+    fn write_narinfo(
+        dir: &std::path::Path,
+        priority: u32,
+        path: &StorePath,
+        key: &nix_primitives::SecretKey,
+    ) {
+        let mut info = NarInfo {
+            store_path: path.clone(),
+            url: format!("nar/from-priority-{priority}.nar"),
+            compression: "none".to_owned(),
+            file_hash: None,
+            file_size: None,
+            nar_hash: nix_primitives::Hash::sha256(b"nar"),
+            nar_size: 3,
+            references: std::collections::BTreeSet::new(),
+            deriver: None,
+            system: None,
+            signatures: Vec::new(),
+            content_address: None,
+        };
+        info.sign(key);
+        fs_err::write(
+            dir.join(format!("{}.narinfo", path.hash_part())),
+            info.to_string(),
+        )
+        .unwrap();
+    }
+
+    /// A `file://` upstream in `dir` declaring `priority`, holding `path` signed by `key`.
+    fn upstream_with(
+        dir: &std::path::Path,
+        priority: u32,
+        path: &StorePath,
+        key: &nix_primitives::SecretKey,
+    ) -> Upstream {
+        fs_err::create_dir_all(dir).unwrap();
+        fs_err::write(
+            dir.join("nix-cache-info"),
+            format!("Priority: {priority}\n"),
+        )
+        .unwrap();
+        write_narinfo(dir, priority, path, key);
+        let config =
+            UpstreamConfig::new(&format!("file://{}", dir.display()), key.public_key(), None)
+                .unwrap();
+        Upstream::open(config, Duration::from_hours(1)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn upstreams_are_asked_by_their_priority_and_a_miss_is_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = nix_primitives::SecretKey::from_seed("up-1", &[1; 32]);
+        let path =
+            StorePath::from_absolute("/nix/store/00000000000000000000000000000000-x").unwrap();
+        let upstreams = Upstreams::new(vec![
+            upstream_with(&dir.path().join("late"), 60, &path, &key),
+            upstream_with(&dir.path().join("early"), 10, &path, &key),
+        ]);
+        let info = upstreams.narinfo(&path).await.unwrap();
+        assert_eq!(info.url, "nar/from-priority-10.nar");
+
+        let missing =
+            StorePath::from_absolute("/nix/store/11111111111111111111111111111111-y").unwrap();
+        assert!(!upstreams.has(&missing).await);
+        // Published upstream afterwards: the miss is believed until its TTL ends.
+        write_narinfo(&dir.path().join("early"), 10, &missing, &key);
+        assert!(
+            !upstreams.has(&missing).await,
+            "a remembered miss was asked again"
+        );
+        let fresh = upstream_with(&dir.path().join("fresh"), 10, &missing, &key);
+        assert!(fresh.has(&missing).await, "the narinfo written is valid");
+    }
+
     #[test]
     fn urls_are_checked() {
         for good in [
