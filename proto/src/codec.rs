@@ -9,6 +9,11 @@ use tonic::codec::{BufferSettings, Codec as TonicCodec, DecodeBuf, Decoder as To
 use tonic::{Code, Status};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
+/// How the message of a status for a message that did not decode starts. The codec serves both
+/// ends, so a client that cannot decode what it received gets such a status too, from itself:
+/// that is no refusal by its peer, and this prefix tells them apart.
+pub const MALFORMED: &str = "a malformed message";
+
 /// Encodes `T` and decodes `U` as prost does, with typed decoding errors.
 #[derive(Debug, Clone)]
 pub struct Codec<T, U>(PhantomData<(T, U)>);
@@ -48,7 +53,7 @@ impl<U: Message + Default> TonicDecoder for Decoder<U> {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         self.0.decode(buf).map_err(|status| {
             if status.code() == Code::Internal {
-                Status::invalid_argument(format!("a malformed message: {}", status.message()))
+                Status::invalid_argument(format!("{MALFORMED}: {}", status.message()))
             } else {
                 status
             }

@@ -332,3 +332,29 @@ fn opening_the_firewall_opens_the_grpc_and_cache_ports() {
     );
     assert_eq!(case("runnerDefaults")["allowedTCPPorts"], json!([]));
 }
+
+/// The settings a case writes, as the TOML file the daemon reads.
+fn toml_text(case_name: &str, unit_name: &str) -> String {
+    let table: toml::Table = serde_json::from_value(settings(case_name, unit_name).clone())
+        .unwrap_or_else(|error| panic!("{case_name}: the settings are not a TOML table: {error}"));
+    table.to_string()
+}
+
+#[test]
+fn every_valid_configuration_is_one_the_daemons_accept() {
+    for case_name in VALID_RUNNER_CASES {
+        let text = toml_text(case_name, RUNNER);
+        if let Err(error) =
+            drover_queue_runner::config::Config::parse(&text, Path::new("queue-runner.toml"))
+        {
+            panic!("{case_name}: the runner refuses what the module writes: {error}\n{text}");
+        }
+    }
+    for case_name in VALID_BUILDER_CASES {
+        let text = toml_text(case_name, BUILDER);
+        if let Err(error) = drover_builder::config::Config::parse(&text, Path::new("builder.toml"))
+        {
+            panic!("{case_name}: the builder refuses what the module writes: {error}\n{text}");
+        }
+    }
+}

@@ -74,6 +74,13 @@ impl Classify for TunnelError {
             Self::ReadTls { .. } | Self::Executor(_) | Self::CertificateRefused { .. } => {
                 Severity::Fatal
             }
+            // A message this builder could not decode is no refusal: the session is broken.
+            Self::Status(status)
+                if status.code() == Code::InvalidArgument
+                    && status.message().starts_with(drover_proto::codec::MALFORMED) =>
+            {
+                Severity::Session
+            }
             Self::Status(status)
                 if matches!(
                     status.code(),
@@ -117,6 +124,13 @@ mod tests {
             ),
             (
                 TunnelError::Status(tonic::Status::unavailable("")),
+                Severity::Session,
+            ),
+            (
+                TunnelError::Status(tonic::Status::invalid_argument(format!(
+                    "{}: invalid wire type",
+                    drover_proto::codec::MALFORMED
+                ))),
                 Severity::Session,
             ),
             (
