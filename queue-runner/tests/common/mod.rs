@@ -592,7 +592,8 @@ impl Drop for Farm {
         if let Some(runner) = self.runner.take() {
             runner.shutdown.cancel();
         }
-        // A failed test shows what its builders said: their logs go with the test's directory.
+        // A failed test shows what its processes said (builders, runner processes, nix-daemons):
+        // their logs go with the test's directory.
         if std::thread::panicking() {
             let logs = fs_err::read_dir(self.dir.path())
                 .into_iter()
@@ -601,7 +602,7 @@ impl Drop for Farm {
             for entry in logs {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let is_log = entry.path().extension().is_some_and(|ext| ext == "log");
-                if name.starts_with("builder-") && is_log {
+                if is_log {
                     let text = fs_err::read_to_string(entry.path()).unwrap_or_default();
                     let tail: Vec<&str> = text.lines().rev().take(40).collect();
                     eprintln!("--- last lines of {name} ---");
