@@ -134,7 +134,6 @@ in
         ExecStart = "${cfg.package}/bin/drover-builder --config ${configFile}";
         User = "root";
         StateDirectory = "drover-builder";
-        CacheDirectory = "drover-builder";
         Restart = "on-failure";
         RestartSec = "5s";
         RestartPreventExitStatus = 78;

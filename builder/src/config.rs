@@ -198,7 +198,7 @@ pub struct NixConfig {
 
 /// The executor `raw` describes, or every key that does not belong to its kind and every one it
 /// lacks.
-fn executor(raw: RawExecutor, state_directory: &Path) -> Result<ExecutorConfig, ConfigError> {
+fn executor(raw: RawExecutor, state_directory: &Path) -> Result<ExecutorConfig, Vec<String>> {
     let mut problems = Vec::new();
     let mut foreign = |key: &str, present: bool, kind: &str| {
         if present {
@@ -233,7 +233,7 @@ fn executor(raw: RawExecutor, state_directory: &Path) -> Result<ExecutorConfig, 
                      executor.trusted_public_keys"
                         .to_owned(),
                 );
-                return Err(ConfigError::Invalid(problems));
+                return Err(problems);
             };
             ExecutorConfig::Nix(NixConfig {
                 substituters: std::iter::once(cache_url)
@@ -248,7 +248,7 @@ fn executor(raw: RawExecutor, state_directory: &Path) -> Result<ExecutorConfig, 
     if problems.is_empty() {
         Ok(executor)
     } else {
-        Err(ConfigError::Invalid(problems))
+        Err(problems)
     }
 }
 
@@ -367,14 +367,15 @@ impl Config {
         if raw.reconnect.initial_ms == 0 || raw.reconnect.max_ms < raw.reconnect.initial_ms {
             problems.push("reconnect: need 0 < initial_ms <= max_ms".to_owned());
         }
-        if !problems.is_empty() {
+        let executor = executor(raw.executor, &raw.builder.state_directory)
+            .map_err(|found| problems.extend(found));
+        let (Ok(executor), true) = (executor, problems.is_empty()) else {
             return Err(ConfigError::Invalid(problems));
-        }
+        };
         let runner_domain = raw
             .runner
             .domain
             .unwrap_or_else(|| host.unwrap_or_default().to_owned());
-        let executor = executor(raw.executor, &raw.builder.state_directory)?;
         Ok(Self {
             runner_url: raw.runner.url,
             runner_domain,
@@ -437,11 +438,18 @@ mod tests {
             systems = []
             max_jobs = 0
             speed_factor = -1.0
+            [executor]
+            kind = "noop"
+            cache_url = "http://runner:7701"
         "#;
         let Err(ConfigError::Invalid(problems)) = Config::parse(text, Path::new("b.toml")) else {
             panic!("invalid config accepted");
         };
-        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(
+            problems.len(),
+            5,
+            "the executor's with the others: {problems:?}"
+        );
     }
 
     #[test]

@@ -384,12 +384,18 @@ impl Config {
     /// Checks that every file the configuration names can be read by this process, so a
     /// missing or unreadable one ends the start with `EX_CONFIG`, naming its key and path.
     pub fn check_files(&self) -> Result<(), ConfigError> {
+        // The CA file is read only to verify the server (verify-full).
+        let root_certificate = self
+            .database
+            .ssl_root_certificate
+            .clone()
+            .filter(|_| self.database.ssl_mode == SslMode::VerifyFull);
         let optional = [
-            ("database.password_file", &self.database.password_file),
             (
-                "database.ssl_root_certificate",
-                &self.database.ssl_root_certificate,
+                "database.password_file",
+                self.database.password_file.clone(),
             ),
+            ("database.ssl_root_certificate", root_certificate),
         ];
         let files: Vec<(&str, &Path)> = [
             ("tls.ca_certificate", &self.ca_certificate),
@@ -401,8 +407,8 @@ impl Config {
         .map(|(key, path)| (key, path.as_path()))
         .chain(
             optional
-                .into_iter()
-                .filter_map(|(key, path)| Some((key, path.as_deref()?))),
+                .iter()
+                .filter_map(|(key, path)| Some((*key, path.as_deref()?))),
         )
         .collect();
         drover_daemon::check_readable(&files)

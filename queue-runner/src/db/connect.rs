@@ -54,7 +54,7 @@ pub struct DatabaseConfig {
     pub password_file: Option<PathBuf>,
     /// Encryption.
     pub ssl_mode: SslMode,
-    /// The CA that signed the server's certificate (`verify-full`).
+    /// The CA that signed the server's certificate (read for `verify-full` only).
     pub ssl_root_certificate: Option<PathBuf>,
 }
 
