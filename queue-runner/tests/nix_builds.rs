@@ -396,3 +396,22 @@ async fn an_output_over_the_size_limit_fails_its_build_and_is_not_published() {
     let outputs = farm.count("SELECT count(*) FROM step_outputs").await;
     assert_eq!(outputs, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closure_whose_source_nobody_uploaded_fails_at_ingest_naming_it() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builds.nix");
+    let top = submitter.instantiate(&fixtures, "withSources");
+    let mut request = closure_request(&submitter, &top);
+    let missing = request.sources.remove(0).path;
+    let build = farm.submit_request(request).await;
+    assert_eq!(farm.wait_for_build(build).await, Stored::Failed);
+    let reason = farm.get(build).await.failure_reason;
+    assert!(
+        reason.contains(&missing) && reason.contains("not published"),
+        "{reason}"
+    );
+    assert_eq!(farm.count("SELECT count(*) FROM step_attempts").await, 0);
+}

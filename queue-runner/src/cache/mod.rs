@@ -229,7 +229,7 @@ impl BinaryCache {
         source: impl Read,
         still_allowed: &dyn Fn() -> bool,
     ) -> Result<(NarInfo, bool), CacheError> {
-        match self.stage(publication, source, still_allowed, &BTreeSet::new())? {
+        match self.stage(publication, source, still_allowed)? {
             Stage::Published(existing) => Ok((existing, true)),
             Stage::Staged(staged) => {
                 self.sync.sync().map_err(CacheError::Io)?;
@@ -240,42 +240,13 @@ impl BinaryCache {
         }
     }
 
-    /// Publishes many small paths (given inputs first; each may refer to earlier ones) with two
-    /// flushes for the whole batch instead of two per path. Blocking.
-    pub fn publish_batch(&self, batch: &[(Publication, Vec<u8>)]) -> Result<(), CacheError> {
-        let mut staged = Vec::with_capacity(batch.len());
-        let mut in_batch = BTreeSet::new();
-        let result = batch.iter().try_for_each(|(publication, nar)| {
-            if let Stage::Staged(stage) =
-                self.stage(publication, nar.as_slice(), &|| true, &in_batch)?
-            {
-                staged.push(stage);
-            }
-            in_batch.insert(publication.store_path.clone());
-            Ok(())
-        });
-        if let Err(error) = result {
-            for stage in staged {
-                let _ = fs_err::remove_file(&stage.narinfo);
-            }
-            return Err(error);
-        }
-        self.sync.sync().map_err(CacheError::Io)?;
-        for stage in staged {
-            self.reveal(stage)?;
-        }
-        self.sync.sync().map_err(CacheError::Io)
-    }
-
     /// Validates and compresses the NAR, renames it into place and writes the signed narinfo
-    /// to a temporary file. Nothing is flushed; `in_batch` are paths staged before this one
-    /// that its references may name.
+    /// to a temporary file. Nothing is flushed.
     fn stage(
         &self,
         publication: &Publication,
         source: impl Read,
         still_allowed: &dyn Fn() -> bool,
-        in_batch: &BTreeSet<StorePath>,
     ) -> Result<Stage, CacheError> {
         let path = &publication.store_path;
         if let Some(existing) = self.narinfo(path)? {
@@ -287,7 +258,6 @@ impl BinaryCache {
         }
         for reference in &publication.references {
             if reference != path
-                && !in_batch.contains(reference)
                 && !publication.upstream_references.contains(reference)
                 && !self.is_published(reference)
             {

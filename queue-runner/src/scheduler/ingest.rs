@@ -11,15 +11,13 @@ use std::time::Duration;
 use drover_scheduler::{BuildPlan, Event, PlannedStep, Requirements, StepId};
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use futures_util::StreamExt as _;
-use nix_primitives::{
-    ContentAddress, Derivation, DerivationOutput, Hash, IngestionMethod, StorePath,
-};
+use nix_primitives::{Derivation, DerivationOutput, Hash, IngestionMethod, StorePath};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::driver::{Committed, CommittedChanges};
 use super::handoff::Handoff;
-use crate::cache::{BinaryCache, CacheError, Publication};
+use crate::cache::{BinaryCache, CacheError};
 use crate::db::queries::{self, BuildSelection, QueuedBuild, StepRow, StepSpec};
 use crate::db::status::{BuildStatus, StepStatus};
 use crate::db::{DbError, Pool};
@@ -31,9 +29,6 @@ pub enum IngestError {
     /// The database failed.
     #[error("the database failed")]
     Database(#[from] DbError),
-    /// The binary cache failed while publishing derivations.
-    #[error("the binary cache failed")]
-    Cache(#[from] CacheError),
     /// The scheduler stopped taking plans.
     #[error("the scheduler stopped taking plans")]
     SchedulerGone,
@@ -179,7 +174,7 @@ impl Ingest {
             },
         };
         let loaded = started.elapsed();
-        if let Err(error) = publish_derivations(&self.cache, &closure).await? {
+        if let Err(error) = check_sources(&self.cache, &closure) {
             refuse(client, build, &error).await?;
             return Ok(None);
         }
@@ -200,7 +195,7 @@ impl Ingest {
                 }
             })
             .collect();
-        let published = started.elapsed();
+        let checked = started.elapsed();
         let available = available_derivations(&self.cache, &closure).await;
         let looked_up = started.elapsed();
         let transaction = client
@@ -251,7 +246,7 @@ impl Ingest {
             build = build.id,
             steps = planned.len(),
             ?loaded,
-            ?published,
+            ?checked,
             ?looked_up,
             total = ?started.elapsed(),
             "build planned"
@@ -338,7 +333,7 @@ fn plan_steps(closure: &VerifiedClosure, steps: &BTreeMap<String, StepRow>) -> V
     planned
 }
 
-/// Refuses a queued build whose closure does not verify or cannot be published, storing why.
+/// Refuses a queued build whose closure does not verify or lacks a source, storing why.
 async fn refuse(
     client: &deadpool_postgres::Client,
     build: &QueuedBuild,
@@ -349,54 +344,26 @@ async fn refuse(
     queries::finish_build(client, build.id, BuildStatus::Failed, Some(&reason)).await
 }
 
-/// Publishes every `.drv` of the closure in the cache (inputs first), as content-addressed text,
-/// so builders can substitute them. The outer error is the cache failing; the inner one a
-/// derivation that cannot be published (it refers to a source nobody uploaded).
-async fn publish_derivations(
-    cache: &Arc<BinaryCache>,
-    closure: &VerifiedClosure,
-) -> Result<Result<(), CacheError>, CacheError> {
-    let unpublished: Vec<(StorePath, Vec<u8>, BTreeSet<StorePath>)> = closure
-        .order
-        .iter()
-        .filter(|path| !cache.is_published(path))
-        .map(|path| {
-            let verified = &closure.derivations[path];
-            (
-                path.clone(),
-                verified.text.clone(),
-                verified.derivation.references(),
-            )
-        })
-        .collect();
-    if unpublished.is_empty() {
-        return Ok(Ok(()));
-    }
-    let cache = cache.clone();
-    let published = tokio::task::spawn_blocking(move || {
-        let mut batch = Vec::with_capacity(unpublished.len());
-        for (path, text, references) in unpublished {
-            let mut nar = Vec::new();
-            nix_primitives::nar::write_file_nar(&text, false, &mut nar).map_err(CacheError::Io)?;
-            let publication = Publication {
-                content_address: Some(ContentAddress::Text(Hash::sha256(&text))),
-                store_path: path,
-                references,
-                upstream_references: BTreeSet::new(),
-                deriver: None,
-                fixed: None,
-            };
-            batch.push((publication, nar));
+/// Checks that every input source of the closure is in the cache, where its builders will
+/// substitute it: a derivation referring to a source nobody uploaded fails its build now, not
+/// each of its steps on a builder. `.drv` files are not published: the Build message carries
+/// each step's derivation.
+fn check_sources(cache: &BinaryCache, closure: &VerifiedClosure) -> Result<(), CacheError> {
+    for path in &closure.order {
+        let verified = &closure.derivations[path];
+        if let Some(source) = verified
+            .derivation
+            .input_sources
+            .iter()
+            .find(|source| !cache.is_published(source))
+        {
+            return Err(CacheError::ReferenceNotPublished {
+                path: path.clone(),
+                reference: source.clone(),
+            });
         }
-        cache.publish_batch(&batch)
-    })
-    .await
-    .map_err(|error| CacheError::Io(std::io::Error::other(error)))?;
-    match published {
-        Ok(()) => Ok(Ok(())),
-        Err(error @ CacheError::ReferenceNotPublished { .. }) => Ok(Err(error)),
-        Err(error) => Err(error),
     }
+    Ok(())
 }
 
 /// The derivations of a closure whose outputs are all in the farm's cache or an upstream one:
