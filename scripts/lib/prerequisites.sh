@@ -14,6 +14,11 @@ install_prerequisites() {
   if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
     missing+=(postgresql)
   fi
+  # The plain-host install test follows docs/operations.md: `createuser` run as the OS user
+  # `postgres`, which the package creates.
+  if ! id -u postgres >/dev/null 2>&1 || ! command -v createuser >/dev/null 2>&1; then
+    missing+=(postgresql)
+  fi
   if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
       echo "missing ${missing[*]}; run as root so it can be installed with apt-get" >&2
