@@ -389,7 +389,8 @@ impl Farm {
             command
                 .arg("--config")
                 .arg(&config_path)
-                .env("RUST_LOG", "info")
+                // Each step's phases (process, inputs, build, outputs), for a failed test's log.
+                .env("RUST_LOG", "info,drover_builder::jobs=debug")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap().into_parts().0)
                 .stderr(log.into_parts().0),
