@@ -4,11 +4,13 @@
 //! # Layout
 //! - [`postgres`]: an ephemeral PostgreSQL cluster on a Unix socket ([`TestPostgres`]); one per
 //!   test binary through [`TestPostgres::shared`], and a fresh database per test through
-//!   [`TestPostgres::create_database`].
+//!   [`TestPostgres::create_database`]; also with TLS on TCP, or owned by the OS user `postgres`.
 //! - [`process`]: [`ChildGuard`], a child process that is terminated when the test ends, and
 //!   [`workspace_binary`], which finds the binaries `cargo build --workspace` made.
 //! - [`farm`]: what every farm is made of (certificates, configuration files, builder
 //!   environments, ports), shared by the integration tests, the benchmarks and `drover dev-farm`.
+//! - [`https`]: [`HttpsDirectory`], a directory served over HTTPS (an upstream binary cache).
+//! - [`proxy`]: [`TcpProxy`], a loopback proxy whose connections a test can cut.
 //! - [`fake_derivations`]: valid derivation texts made in memory (random DAGs, fixed outputs)
 //!   for control-plane tests and benchmarks that need no Nix.
 //! - [`wait`]: [`poll_until`], the one way tests wait for something to happen: poll with a
