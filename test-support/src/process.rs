@@ -112,10 +112,7 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 pub fn private_store_command(store: &std::path::Path) -> Command {
     fs_err::create_dir_all(store)
         .unwrap_or_else(|error| panic!("creating the private store: {error}"));
-    assert!(
-        std::path::Path::new("/nix").is_dir(),
-        "/nix must exist to mount private stores over it (install nix-bin; scripts/test does)"
-    );
+    require_nix_directory();
     let mut command = Command::new("unshare");
     command.args(private_store_arguments(store));
     command
@@ -131,10 +128,7 @@ pub fn private_store_command(store: &std::path::Path) -> Command {
 /// If `/nix` does not exist.
 #[must_use]
 pub fn restricted_private_store_command(store: &std::path::Path) -> Command {
-    assert!(
-        std::path::Path::new("/nix").is_dir(),
-        "/nix must exist to mount private stores over it (install nix-bin; scripts/test does)"
-    );
+    require_nix_directory();
     let mut command = Command::new("unshare");
     command
         .args(["--mount", "--propagation", "private", "sh", "-c"])
@@ -150,6 +144,14 @@ exec setpriv --bounding-set -all,+sys_admin --inh-caps -all --no-new-privs -- "$
         );
     command.arg(store);
     command
+}
+
+/// Panics unless `/nix` exists: private stores are mounted over it.
+fn require_nix_directory() {
+    assert!(
+        std::path::Path::new("/nix").is_dir(),
+        "/nix must exist to mount private stores over it (install nix-bin; scripts/test does)"
+    );
 }
 
 /// The arguments of `unshare` that run what follows them with `store` bind-mounted over `/nix`
