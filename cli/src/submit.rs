@@ -1,8 +1,9 @@
-//! `drover submit`: instantiate an expression (or take a `.drv`), send the runner each
-//! derivation's closure and input sources as a build of its own (a file may evaluate to several
-//! derivations, as a CI job set does), and with `--watch` wait for every build, print the outputs
-//! and exit non-zero if any did not succeed. A farm with no room is waited for: the submission is
-//! tried again after the delay the runner names, under the same idempotency key.
+//! `drover submit`: instantiate an expression (or take a `.drv`), send the runner the
+//! derivation's closure and input sources as a build, or, when a file evaluates to several
+//! derivations (as a CI job set does), stage their closures in chunks and queue them as one job
+//! set, all or none; with `--watch` wait for every build, print the outputs and exit non-zero if
+//! any did not succeed. A farm with no room is waited for: the submission is tried again after
+//! the delay the runner names, under the same idempotency key.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -12,7 +13,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::{
-    BuildPhase, DerivationText, GetLogRequest, GetRequest, SourceNar, SubmitRequest,
+    BuildPhase, DerivationText, GetLogRequest, GetRequest, Job, SourceNar, StageDerivationsRequest,
+    SubmitJobSetRequest, SubmitRequest,
 };
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use nix_primitives::StorePath;
@@ -238,16 +240,16 @@ fn idempotency_key(top: &StorePath) -> String {
     )
 }
 
-/// Submits, and while the farm answers that it has no room (`RESOURCE_EXHAUSTED`), waits as
-/// long as it says and tries again with the same idempotency key, saying so.
-async fn submit_when_admitted(
-    client: &mut BuildServiceClient<Channel>,
-    request: SubmitRequest,
-) -> Result<i64, tonic::Status> {
+/// Makes a call, and while the farm answers that it has no room (`RESOURCE_EXHAUSTED`), waits as
+/// long as it says and makes it again (under the same idempotency key), saying so.
+async fn when_admitted<T, Call>(mut call: impl FnMut() -> Call) -> Result<T, tonic::Status>
+where
+    Call: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     let started = Instant::now();
     loop {
-        match client.submit(request.clone()).await {
-            Ok(response) => return Ok(response.into_inner().build_id),
+        match call().await {
+            Ok(response) => return Ok(response.into_inner()),
             Err(status)
                 if status.code() == tonic::Code::ResourceExhausted
                     && started.elapsed() < ADMISSION_PATIENCE =>
@@ -285,35 +287,158 @@ pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
     Ok(())
 }
 
-/// Submits every derivation the target evaluates to as a build of its own; returns the client
-/// and the build ids.
+/// Submits the derivations the target evaluates to: one as a build of its own, several as a job
+/// set (queued all or none); returns the client and the build ids, in Nix's order.
 pub async fn submit_target(
     args: &TargetArgs,
 ) -> Result<(BuildServiceClient<Channel>, Vec<i64>), WithContext<SubmitError>> {
     let tops = derivations(args).context("instantiating the target")?;
     let channel = args.connection.connect().await.map_err(SubmitError::from)?;
-    let mut client = BuildServiceClient::new(channel).max_encoding_message_size(256 * 1024 * 1024);
-    let mut builds = Vec::with_capacity(tops.len());
-    for top in &tops {
+    let client = BuildServiceClient::new(channel).max_encoding_message_size(256 * 1024 * 1024);
+    let builds = match tops.as_slice() {
+        [top] => vec![submit_one(&client, args, top).await?],
+        _ => submit_job_set(&client, args, &tops).await?,
+    };
+    Ok((client, builds))
+}
+
+/// Submits `top` with its closure as a build of its own.
+async fn submit_one(
+    client: &BuildServiceClient<Channel>,
+    args: &TargetArgs,
+    top: &StorePath,
+) -> Result<i64, WithContext<SubmitError>> {
+    let (derivations, sources) =
+        closure(top).with_context(|| format!("reading the derivation closure of {top}"))?;
+    let request = SubmitRequest {
+        derivations,
+        sources,
+        top_drv_path: top.to_absolute(),
+        priority: args.priority,
+        metadata: args.metadata.iter().cloned().collect(),
+        keep_going: args.keep_going,
+        idempotency_key: idempotency_key(top),
+    };
+    let id = when_admitted(|| {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move { client.submit(request).await }
+    })
+    .await
+    .map_err(|status| SubmitError::from(CallError::from(status)))
+    .with_context(|| format!("submitting {top}"))?
+    .build_id;
+    eprintln!("build {id} queued: {top}");
+    Ok(id)
+}
+
+/// Bytes of derivations and sources sent per `StageDerivations` call.
+const STAGE_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+
+/// Stages the union of the closures of `tops` in chunks, each derivation and source once, then
+/// queues one build per derivation as a job set.
+async fn submit_job_set(
+    client: &BuildServiceClient<Channel>,
+    args: &TargetArgs,
+    tops: &[StorePath],
+) -> Result<Vec<i64>, WithContext<SubmitError>> {
+    let mut staged = BTreeSet::new();
+    let mut chunk = StageDerivationsRequest::default();
+    let mut chunk_bytes = 0;
+    for top in tops {
         let (derivations, sources) =
             closure(top).with_context(|| format!("reading the derivation closure of {top}"))?;
-        let request = SubmitRequest {
-            derivations,
-            sources,
-            top_drv_path: top.to_absolute(),
-            priority: args.priority,
-            metadata: args.metadata.iter().cloned().collect(),
-            keep_going: args.keep_going,
-            idempotency_key: idempotency_key(top),
-        };
-        let id = submit_when_admitted(&mut client, request)
-            .await
-            .map_err(|status| SubmitError::from(CallError::from(status)))
-            .with_context(|| format!("submitting {top}"))?;
-        eprintln!("build {id} queued: {top}");
-        builds.push(id);
+        for derivation in derivations {
+            if staged.insert(derivation.path.clone()) {
+                chunk_bytes += derivation.text.len();
+                chunk.derivations.push(derivation);
+            }
+        }
+        for source in sources {
+            if staged.insert(source.path.clone()) {
+                chunk_bytes += source.nar.len();
+                chunk.sources.push(source);
+            }
+        }
+        if chunk_bytes >= STAGE_CHUNK_BYTES {
+            stage(client, std::mem::take(&mut chunk)).await?;
+            chunk_bytes = 0;
+        }
     }
-    Ok((client, builds))
+    stage(client, chunk).await?;
+    let request = SubmitJobSetRequest {
+        jobs: job_names(args, tops)
+            .into_iter()
+            .zip(tops)
+            .map(|(name, top)| Job {
+                name,
+                drv_path: top.to_absolute(),
+            })
+            .collect(),
+        priority: args.priority,
+        metadata: args.metadata.iter().cloned().collect(),
+        keep_going: args.keep_going,
+        idempotency_key: idempotency_key(&tops[0]),
+        ..SubmitJobSetRequest::default()
+    };
+    let queued = when_admitted(|| {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move { client.submit_job_set(request).await }
+    })
+    .await
+    .map_err(|status| SubmitError::from(CallError::from(status)))
+    .context("submitting the job set")?;
+    eprintln!(
+        "job set {} queued: {} builds",
+        queued.job_set_id,
+        queued.builds.len()
+    );
+    for (build, top) in queued.builds.iter().zip(tops) {
+        eprintln!("build {} queued: {top} ({})", build.build_id, build.name);
+    }
+    Ok(queued.builds.iter().map(|build| build.build_id).collect())
+}
+
+/// Sends one chunk of derivations and sources.
+async fn stage(
+    client: &BuildServiceClient<Channel>,
+    chunk: StageDerivationsRequest,
+) -> Result<(), WithContext<SubmitError>> {
+    if chunk.derivations.is_empty() && chunk.sources.is_empty() {
+        return Ok(());
+    }
+    client
+        .clone()
+        .stage_derivations(chunk)
+        .await
+        .map_err(|status| SubmitError::from(CallError::from(status)))
+        .context("sending derivations")?;
+    Ok(())
+}
+
+/// A job name for each top-level derivation: its name, numbered from the second one on when
+/// several derivations share it.
+fn job_names(args: &TargetArgs, tops: &[StorePath]) -> Vec<String> {
+    let mut taken = BTreeSet::new();
+    tops.iter()
+        .map(|top| {
+            let base = top
+                .derivation_name()
+                .map_or_else(|| top.base_name().to_owned(), str::to_owned);
+            let base = match &args.attr {
+                Some(attr) => format!("{attr}.{base}"),
+                None => base,
+            };
+            let mut name = base.clone();
+            let mut number = 1;
+            while !taken.insert(name.clone()) {
+                number += 1;
+                name = format!("{base}-{number}");
+            }
+            name
+        })
+        .collect()
 }
 
 /// Lines of a failed build's log shown when it ends.

@@ -85,13 +85,91 @@ pub struct VerifiedDerivation {
     pub features: BTreeSet<String>,
 }
 
-/// A verified closure, with its derivations in dependency order (inputs before dependents).
-#[derive(Debug)]
+/// Verified derivations with their closures: one build's, or the union of a job set's.
+#[derive(Debug, Default)]
 pub struct VerifiedClosure {
-    /// Every derivation of the closure.
+    /// Every derivation verified.
     pub derivations: BTreeMap<StorePath, VerifiedDerivation>,
-    /// Paths in dependency order; the top-level derivation is last.
+    /// Paths in dependency order (inputs before dependents); for one build's closure, its
+    /// top-level derivation is last.
     pub order: Vec<StorePath>,
+    /// The output hashes of the inputs seen so far, so a shared input is hashed once.
+    hasher: DerivationHasher,
+}
+
+impl VerifiedClosure {
+    /// Verifies the closure of `top` and adds it. Derivations verified already are not verified
+    /// again; the others are taken out of `parsed` (each already checked with
+    /// [`parse_derivation`]), so the closure holds each text and parse once. On error nothing
+    /// of `top`'s closure is added.
+    pub fn add(
+        &mut self,
+        top: &StorePath,
+        parsed: &mut BTreeMap<StorePath, (Vec<u8>, Derivation)>,
+    ) -> Result<(), VerifyError> {
+        let order = dependency_order(top, parsed, &self.derivations)?;
+        let mut verified: BTreeMap<StorePath, VerifiedDerivation> = BTreeMap::new();
+        for path in &order {
+            let (text, derivation) = parsed
+                .remove(path)
+                .ok_or_else(|| VerifyError::Missing(path.clone()))?;
+            let outputs = {
+                let lookup = |input: &StorePath| {
+                    verified
+                        .get(input)
+                        .or_else(|| self.derivations.get(input))
+                        .map(|known| &known.derivation)
+                };
+                verify_one(&mut self.hasher, path, &derivation, lookup)?
+            };
+            let features =
+                derivation
+                    .required_system_features()
+                    .map_err(|source| VerifyError::Features {
+                        path: path.clone(),
+                        source,
+                    })?;
+            verified.insert(
+                path.clone(),
+                VerifiedDerivation {
+                    text,
+                    derivation,
+                    outputs,
+                    features,
+                },
+            );
+        }
+        self.derivations.append(&mut verified);
+        self.order.extend(order);
+        Ok(())
+    }
+
+    /// The closure of `top` in dependency order, `top` last; empty if `top` is not verified.
+    #[must_use]
+    pub fn closure_of(&self, top: &StorePath) -> Vec<&StorePath> {
+        let mut order = Vec::new();
+        let mut visited = BTreeSet::new();
+        let mut stack = vec![(top, false)];
+        while let Some((path, inputs_done)) = stack.pop() {
+            let Some((path, verified)) = self.derivations.get_key_value(path) else {
+                continue;
+            };
+            if inputs_done {
+                order.push(path);
+            } else if visited.insert(path) {
+                stack.push((path, true));
+                stack.extend(
+                    verified
+                        .derivation
+                        .input_derivations
+                        .keys()
+                        .filter(|input| !visited.contains(input))
+                        .map(|input| (input, false)),
+                );
+            }
+        }
+        order
+    }
 }
 
 /// Parses a store path given by a client.
@@ -130,61 +208,37 @@ pub fn parse_derivation(path: &StorePath, text: &[u8]) -> Result<Derivation, Ver
     Ok(derivation)
 }
 
-/// Verifies the closure of `top` from parsed derivations (every one already checked with
-/// [`parse_derivation`]), taking them over: the closure holds each text and parse once.
-pub fn verify_closure(
-    top: &StorePath,
-    mut parsed: BTreeMap<StorePath, (Vec<u8>, Derivation)>,
-) -> Result<VerifiedClosure, VerifyError> {
-    let order = dependency_order(top, &parsed)?;
-    let mut hasher = DerivationHasher::new();
-    let mut derivations: BTreeMap<StorePath, VerifiedDerivation> = BTreeMap::new();
-    for path in &order {
-        let (text, derivation) = parsed
-            .remove(path)
-            .ok_or_else(|| VerifyError::Missing(path.clone()))?;
-        let kind = derivation.kind().map_err(|source| {
-            VerifyError::Outputs(OutputPathError::Kind {
-                derivation: path.clone(),
-                source,
-            })
-        })?;
-        if !kind.is_supported() {
-            return Err(VerifyError::Unsupported {
-                path: path.clone(),
-                kind,
-            });
-        }
-        // Inputs come first in `order`, so every input is verified already.
-        let lookup =
-            |input: &StorePath| derivations.get(input).map(|verified| &verified.derivation);
-        let outputs = hasher
-            .verify(path, &derivation, lookup)
-            .map_err(VerifyError::Outputs)?;
-        let features =
-            derivation
-                .required_system_features()
-                .map_err(|source| VerifyError::Features {
-                    path: path.clone(),
-                    source,
-                })?;
-        derivations.insert(
-            path.clone(),
-            VerifiedDerivation {
-                text,
-                derivation,
-                outputs,
-                features,
-            },
-        );
+/// Checks one derivation whose inputs `lookup` finds verified: a kind drover builds, and output
+/// paths its inputs determine; returns the outputs.
+fn verify_one<'a>(
+    hasher: &mut DerivationHasher,
+    path: &StorePath,
+    derivation: &Derivation,
+    lookup: impl Fn(&StorePath) -> Option<&'a Derivation>,
+) -> Result<BTreeMap<String, StorePath>, VerifyError> {
+    let kind = derivation.kind().map_err(|source| {
+        VerifyError::Outputs(OutputPathError::Kind {
+            derivation: path.clone(),
+            source,
+        })
+    })?;
+    if !kind.is_supported() {
+        return Err(VerifyError::Unsupported {
+            path: path.clone(),
+            kind,
+        });
     }
-    Ok(VerifiedClosure { derivations, order })
+    hasher
+        .verify(path, derivation, lookup)
+        .map_err(VerifyError::Outputs)
 }
 
-/// The closure of `top` in post-order (inputs first), without recursion.
+/// The part of the closure of `top` not in `verified`, in post-order (inputs first), without
+/// recursion.
 fn dependency_order(
     top: &StorePath,
     parsed: &BTreeMap<StorePath, (Vec<u8>, Derivation)>,
+    verified: &BTreeMap<StorePath, VerifiedDerivation>,
 ) -> Result<Vec<StorePath>, VerifyError> {
     let mut order = Vec::new();
     let mut visited = BTreeSet::new();
@@ -194,7 +248,7 @@ fn dependency_order(
             order.push(path);
             continue;
         }
-        if !visited.insert(path.clone()) {
+        if verified.contains_key(&path) || !visited.insert(path.clone()) {
             continue;
         }
         let (_, derivation) = parsed

@@ -4,11 +4,13 @@
 //! the error through one conversion per error type; they hold no logic of their own.
 //!
 //! - [`submit`]: verification, the admission cap, authorisation of sources, the transaction.
+//! - [`job_set`]: derivations staged in chunks, then one build per job queued, all or none.
 //! - [`control`]: cancel and restart, which only a build's submitter or an admin may do.
 //! - [`read`]: a build's whole state, a page of builds, a step's stored log.
 //! - [`view`]: how builds look to clients: statuses and rows as the API's messages.
 
 pub mod control;
+pub mod job_set;
 pub mod read;
 pub mod submit;
 pub mod view;

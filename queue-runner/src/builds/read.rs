@@ -87,5 +87,7 @@ pub async fn build_state(pool: &Pool, id: i64) -> Result<GetResponse, ReadError>
         outputs: build.outputs.into_iter().collect(),
         phase: status.phase().into(),
         steps: steps.into_iter().map(view::step_state).collect(),
+        job_set_id: build.job_set.unwrap_or_default(),
+        job_name: build.job_name.unwrap_or_default(),
     })
 }

@@ -16,7 +16,7 @@ use super::Builds;
 use crate::cache::CacheError;
 use crate::db::{DbError, queries};
 use crate::scheduler::ingest::complete_closure;
-use crate::verify::{self, VerifyError};
+use crate::verify::{self, VerifiedClosure, VerifyError};
 
 /// Why a Submit was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +97,40 @@ impl Classify for SubmitError {
 }
 
 impl Builds {
+    /// Refuses a derivation larger than the farm accepts.
+    pub(super) fn check_size(&self, path: &str, text: &[u8]) -> Result<(), SubmitError> {
+        if text.len() > self.limits.max_derivation_bytes {
+            return Err(SubmitError::DerivationTooLarge {
+                path: path.to_owned(),
+                size: text.len(),
+                limit: self.limits.max_derivation_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses a submission that may add `adding` steps when the farm's queue would pass its
+    /// admission cap. An empty queue takes any submission, so none is too large to ever be
+    /// admitted.
+    pub(super) async fn admit(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        adding: usize,
+    ) -> Result<(), SubmitError> {
+        let (queued, cap) = queries::queued_steps_and_cap(client).await?;
+        let adding = i64::try_from(adding).unwrap_or(i64::MAX);
+        if queued > 0 && queued.saturating_add(adding) > cap {
+            return Err(SubmitError::FarmFull {
+                queued,
+                cap,
+                adding,
+            });
+        }
+        Ok(())
+    }
+
     /// Publishes the sources of a submission, each after recomputing its path from its contents.
-    async fn publish_sources(&self, sources: Vec<SourceNar>) -> Result<(), SubmitError> {
+    pub(super) async fn publish_sources(&self, sources: Vec<SourceNar>) -> Result<(), SubmitError> {
         let mut parsed = Vec::with_capacity(sources.len());
         for source in sources {
             let path = StorePath::from_absolute(&source.path)?;
@@ -146,16 +178,8 @@ impl Builds {
         caller: &Identity,
     ) -> Result<(i64, bool), SubmitError> {
         // Before anything else, so a refused submission leaves nothing behind.
-        if let Some(large) = request
-            .derivations
-            .iter()
-            .find(|given| given.text.len() > self.limits.max_derivation_bytes)
-        {
-            return Err(SubmitError::DerivationTooLarge {
-                path: large.path.clone(),
-                size: large.text.len(),
-                limit: self.limits.max_derivation_bytes,
-            });
+        for given in &request.derivations {
+            self.check_size(&given.path, &given.text)?;
         }
         let submitted_by = caller.to_string();
         let key = (!request.idempotency_key.is_empty()).then_some(request.idempotency_key.as_str());
@@ -173,21 +197,13 @@ impl Builds {
             parsed.insert(path, (given.text, derivation));
         }
         let submitted: Vec<_> = parsed.keys().cloned().collect();
-        complete_closure(&client, &top, &mut parsed).await??;
-        let closure = verify::verify_closure(&top, parsed)?;
+        let mut closure = VerifiedClosure::default();
+        complete_closure(&client, &top, &closure, &mut parsed).await??;
+        closure.add(&top, &mut parsed)?;
         if self.limits.refuse_unknown_systems {
             refuse_unknown_systems(&client, &closure).await?;
         }
-        let (queued, cap) = queries::queued_steps_and_cap(&client).await?;
-        let adding = i64::try_from(closure.derivations.len()).unwrap_or(i64::MAX);
-        // An empty queue takes any build, so no build is too large to ever be admitted.
-        if queued > 0 && queued.saturating_add(adding) > cap {
-            return Err(SubmitError::FarmFull {
-                queued,
-                cap,
-                adding,
-            });
-        }
+        self.admit(&client, closure.derivations.len()).await?;
         self.publish_sources(request.sources).await?;
         let new: Vec<(String, Vec<u8>)> = submitted
             .iter()
@@ -233,7 +249,7 @@ impl Builds {
 
 /// Refuses a closure with a derivation whose system and features no builder that ever joined
 /// offered; a farm no builder has joined yet refuses nothing.
-async fn refuse_unknown_systems(
+pub(super) async fn refuse_unknown_systems(
     client: &impl deadpool_postgres::GenericClient,
     closure: &verify::VerifiedClosure,
 ) -> Result<(), SubmitError> {

@@ -50,6 +50,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "idempotent submissions, step waiting reasons, the admission cap",
         include_str!("../../migrations/0009_client_api.sql"),
     ),
+    (
+        10,
+        "job sets",
+        include_str!("../../migrations/0010_job_sets.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

@@ -19,6 +19,8 @@ pub struct QueuedBuild {
     pub global_priority: i32,
     /// Whether it builds what it can after a step failed.
     pub keep_going: bool,
+    /// The job set that queued it, if one did.
+    pub job_set: Option<i64>,
 }
 
 /// Which builds to load.
@@ -39,11 +41,11 @@ pub async fn queued_builds(
 ) -> Result<Vec<QueuedBuild>, DbError> {
     let sql = match selection {
         BuildSelection::NotIngested => {
-            "SELECT id, drv_path, priority, global_priority, keep_going FROM builds
+            "SELECT id, drv_path, priority, global_priority, keep_going, job_set_id FROM builds
              WHERE ingested_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
         }
         BuildSelection::Unfinished => {
-            "SELECT id, drv_path, priority, global_priority, keep_going FROM builds
+            "SELECT id, drv_path, priority, global_priority, keep_going, job_set_id FROM builds
              WHERE finished_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
         }
     };
@@ -59,8 +61,45 @@ pub async fn queued_builds(
             priority: row.get(2),
             global_priority: row.get(3),
             keep_going: row.get(4),
+            job_set: row.get(5),
         })
         .collect())
+}
+
+/// Each superseding job set whose builds are all planned and which has not superseded yet, with
+/// the unfinished builds of the older job sets of its series and submitter, oldest first.
+pub async fn superseded_builds(
+    client: &impl GenericClient,
+) -> Result<Vec<(i64, Vec<i64>)>, DbError> {
+    let rows = client
+        .query(
+            "SELECT j.id, coalesce(array_agg(b.id ORDER BY b.id) FILTER (WHERE b.id IS NOT NULL),
+                                   '{}')
+             FROM job_sets j
+             LEFT JOIN job_sets older ON older.series = j.series
+                 AND older.submitted_by = j.submitted_by AND older.id < j.id
+             LEFT JOIN builds b ON b.job_set_id = older.id AND b.finished_at IS NULL
+             WHERE j.supersede AND j.superseded_older_at IS NULL
+               AND NOT EXISTS (SELECT 1 FROM builds n
+                               WHERE n.job_set_id = j.id AND n.ingested_at IS NULL)
+             GROUP BY j.id ORDER BY j.id",
+            &[],
+        )
+        .await
+        .map_err(DbError::query("finding superseded job sets"))?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
+/// Records that a job set has superseded the older ones of its series.
+pub async fn mark_superseded(client: &impl GenericClient, job_set: i64) -> Result<(), DbError> {
+    client
+        .execute(
+            "UPDATE job_sets SET superseded_older_at = now() WHERE id = $1",
+            &[&job_set],
+        )
+        .await
+        .map_err(DbError::query("recording a superseding job set"))?;
+    Ok(())
 }
 
 /// The texts of the given derivations that are stored.
@@ -375,19 +414,7 @@ pub async fn insert_build(
     derivations: &[(String, Vec<u8>)],
     build: &NewBuild<'_>,
 ) -> Result<(i64, bool), DbError> {
-    let paths: Vec<&str> = derivations.iter().map(|(path, _)| path.as_str()).collect();
-    let texts: Vec<&[u8]> = derivations
-        .iter()
-        .map(|(_, text)| text.as_slice())
-        .collect();
-    client
-        .execute(
-            "INSERT INTO derivations (path, text)
-             SELECT * FROM unnest($1::text[], $2::bytea[]) ON CONFLICT DO NOTHING",
-            &[&paths, &texts],
-        )
-        .await
-        .map_err(DbError::query("storing derivations"))?;
+    store_derivations(client, derivations).await?;
     let row = client
         .query_opt(
             "INSERT INTO builds (drv_path, priority, metadata, submitted_by, keep_going,
@@ -417,6 +444,139 @@ pub async fn insert_build(
             "the build an idempotency key conflicted with",
         ))?;
     Ok((existing, true))
+}
+
+/// Stores derivations the farm does not have yet; returns how many were new.
+pub async fn store_derivations(
+    client: &impl GenericClient,
+    derivations: &[(String, Vec<u8>)],
+) -> Result<u64, DbError> {
+    let paths: Vec<&str> = derivations.iter().map(|(path, _)| path.as_str()).collect();
+    let texts: Vec<&[u8]> = derivations
+        .iter()
+        .map(|(_, text)| text.as_slice())
+        .collect();
+    client
+        .execute(
+            "INSERT INTO derivations (path, text)
+             SELECT * FROM unnest($1::text[], $2::bytea[]) ON CONFLICT DO NOTHING",
+            &[&paths, &texts],
+        )
+        .await
+        .map_err(DbError::query("storing derivations"))
+}
+
+/// A job set as submitted.
+#[derive(Debug, Clone)]
+pub struct NewJobSet<'a> {
+    /// Its jobs, as (name, top-level derivation).
+    pub jobs: &'a [(String, String)],
+    /// The priority of every build.
+    pub priority: i32,
+    /// The metadata of every build.
+    pub metadata: &'a serde_json::Value,
+    /// Who submitted it.
+    pub submitted_by: &'a str,
+    /// Whether its builds build what they can after a step failed.
+    pub keep_going: bool,
+    /// The submitter's key that makes a retried submission return this job set.
+    pub idempotency_key: Option<&'a str>,
+    /// What it is an evaluation of.
+    pub series: Option<&'a str>,
+    /// Whether it supersedes the older job sets of its series.
+    pub supersede: bool,
+}
+
+/// The job set a submitter queued earlier with an idempotency key, with its builds as
+/// (job name, build id) in the order they were queued.
+pub async fn job_set_with_key(
+    client: &impl GenericClient,
+    submitted_by: &str,
+    key: &str,
+) -> Result<Option<(i64, Vec<(String, i64)>)>, DbError> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT id FROM job_sets WHERE submitted_by = $1 AND idempotency_key = $2",
+            &[&submitted_by, &key],
+        )
+        .await
+        .map_err(DbError::query("looking up a job set's idempotency key"))?
+    else {
+        return Ok(None);
+    };
+    let id: i64 = row.get(0);
+    let builds = client
+        .query(
+            "SELECT job_name, id FROM builds WHERE job_set_id = $1 ORDER BY id",
+            &[&id],
+        )
+        .await
+        .map_err(DbError::query("reading a job set's builds"))?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    Ok(Some((id, builds)))
+}
+
+/// Queues a job set and one build per job, in the caller's transaction; returns its id and
+/// builds as (job name, build id), and whether its idempotency key named an earlier job set
+/// instead (then nothing was queued). Its derivations must be stored already.
+pub async fn insert_job_set(
+    client: &impl GenericClient,
+    job_set: &NewJobSet<'_>,
+) -> Result<(i64, Vec<(String, i64)>, bool), DbError> {
+    let row = client
+        .query_opt(
+            "INSERT INTO job_sets (series, supersede, submitted_by, idempotency_key)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (submitted_by, idempotency_key) WHERE idempotency_key IS NOT NULL
+             DO NOTHING RETURNING id",
+            &[
+                &job_set.series,
+                &job_set.supersede,
+                &job_set.submitted_by,
+                &job_set.idempotency_key,
+            ],
+        )
+        .await
+        .map_err(DbError::query("queueing a job set"))?;
+    let Some(row) = row else {
+        // Another submission with the same key committed first.
+        let key = job_set.idempotency_key.unwrap_or_default();
+        let (id, builds) = job_set_with_key(client, job_set.submitted_by, key)
+            .await?
+            .ok_or(DbError::Missing(
+                "the job set an idempotency key conflicted with",
+            ))?;
+        return Ok((id, builds, true));
+    };
+    let id: i64 = row.get(0);
+    let names: Vec<&str> = job_set.jobs.iter().map(|(name, _)| name.as_str()).collect();
+    let tops: Vec<&str> = job_set.jobs.iter().map(|(_, top)| top.as_str()).collect();
+    let builds = client
+        .query(
+            "INSERT INTO builds (drv_path, priority, metadata, submitted_by, keep_going,
+                 job_set_id, job_name)
+             SELECT top, $3, $4, $5, $6, $7, name
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS j(name, top, position)
+             ORDER BY position
+             RETURNING job_name, id",
+            &[
+                &names,
+                &tops,
+                &job_set.priority,
+                job_set.metadata,
+                &job_set.submitted_by,
+                &job_set.keep_going,
+                &id,
+            ],
+        )
+        .await
+        .map_err(DbError::query("queueing a job set's builds"))?;
+    let mut builds: Vec<(String, i64)> =
+        builds.iter().map(|row| (row.get(0), row.get(1))).collect();
+    builds.sort_by_key(|(_, build)| *build);
+    Ok((id, builds, false))
 }
 
 /// How many steps wait or are runnable, and the admission cap on them (`farm_limits`).
@@ -646,13 +806,18 @@ pub struct BuildRow {
     pub failure_reason: Option<String>,
     /// Outputs of its top-level step, if built.
     pub outputs: Vec<(String, String)>,
+    /// The job set that queued it, if one did.
+    pub job_set: Option<i64>,
+    /// Its job in that job set.
+    pub job_name: Option<String>,
 }
 
 /// Reads one build.
 pub async fn build(client: &impl GenericClient, id: i64) -> Result<Option<BuildRow>, DbError> {
     let Some(row) = client
         .query_opt(
-            "SELECT status::text, drv_path, metadata, failure_reason FROM builds WHERE id = $1",
+            "SELECT status::text, drv_path, metadata, failure_reason, job_set_id, job_name
+             FROM builds WHERE id = $1",
             &[&id],
         )
         .await
@@ -678,5 +843,7 @@ pub async fn build(client: &impl GenericClient, id: i64) -> Result<Option<BuildR
         metadata: row.get(2),
         failure_reason: row.get(3),
         outputs,
+        job_set: row.get(4),
+        job_name: row.get(5),
     }))
 }

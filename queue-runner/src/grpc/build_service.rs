@@ -8,8 +8,9 @@ use std::time::Duration;
 use drover_proto::v1::build_service_server::BuildService;
 use drover_proto::v1::{
     CancelRequest, CancelResponse, FollowLogRequest, GetLogRequest, GetLogResponse, GetRequest,
-    GetResponse, ListRequest, ListResponse, RestartRequest, RestartResponse, SubmitRequest,
-    SubmitResponse, WatchRequest,
+    GetResponse, JobBuild, ListRequest, ListResponse, RestartRequest, RestartResponse,
+    StageDerivationsRequest, StageDerivationsResponse, SubmitJobSetRequest, SubmitJobSetResponse,
+    SubmitRequest, SubmitResponse, WatchRequest,
 };
 use drover_tls::Role;
 use tokio_util::sync::CancellationToken;
@@ -63,6 +64,37 @@ impl BuildService for BuildServiceImpl {
         let submitter = auth::require(&request, CALLERS)?;
         let (build_id, existing) = self.builds.submit(request.into_inner(), &submitter).await?;
         Ok(Response::new(SubmitResponse { build_id, existing }))
+    }
+
+    async fn stage_derivations(
+        &self,
+        request: Request<StageDerivationsRequest>,
+    ) -> Result<Response<StageDerivationsResponse>, Status> {
+        auth::require(&request, CALLERS)?;
+        let stored = self.builds.stage(request.into_inner()).await?;
+        Ok(Response::new(StageDerivationsResponse {
+            stored: u32::try_from(stored).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn submit_job_set(
+        &self,
+        request: Request<SubmitJobSetRequest>,
+    ) -> Result<Response<SubmitJobSetResponse>, Status> {
+        let submitter = auth::require(&request, CALLERS)?;
+        let queued = self
+            .builds
+            .submit_job_set(request.into_inner(), &submitter)
+            .await?;
+        Ok(Response::new(SubmitJobSetResponse {
+            job_set_id: queued.id,
+            builds: queued
+                .builds
+                .into_iter()
+                .map(|(name, build_id)| JobBuild { name, build_id })
+                .collect(),
+            existing: queued.existing,
+        }))
     }
 
     async fn cancel(

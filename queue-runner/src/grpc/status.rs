@@ -10,6 +10,7 @@ use super::list_filter::FilterError;
 use super::refusals::{AttemptError, JoinError, LogUploadError, SessionError};
 use super::upload::UploadError;
 use crate::builds::control::ControlError;
+use crate::builds::job_set::JobSetError;
 use crate::builds::read::ReadError;
 use crate::builds::submit::ADMISSION_RETRY_AFTER;
 use crate::builds::submit::SubmitError;
@@ -45,6 +46,25 @@ impl From<SubmitError> for Status {
             SubmitError::Database(_) => Status::unavailable(message),
         }
     }
+}
+
+impl From<JobSetError> for Status {
+    fn from(error: JobSetError) -> Self {
+        let message = error_context::report(&error).to_string();
+        match error {
+            JobSetError::NoJobs | JobSetError::JobName(_) | JobSetError::SupersedeWithoutSeries => {
+                Status::invalid_argument(message)
+            }
+            // The code and details (a retry delay) of the cause, with the whole chain.
+            JobSetError::Job { source, .. } => with_message(&Status::from(*source), message),
+            JobSetError::Submit(source) => with_message(&Status::from(source), message),
+        }
+    }
+}
+
+/// `status` with another message, its code and details kept.
+fn with_message(status: &Status, message: String) -> Status {
+    Status::with_details(status.code(), message, status.details().to_vec().into())
 }
 
 impl From<ControlError> for Status {

@@ -48,15 +48,10 @@ impl Handoff {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
 
     fn empty() -> VerifiedClosure {
-        VerifiedClosure {
-            derivations: BTreeMap::new(),
-            order: Vec::new(),
-        }
+        VerifiedClosure::default()
     }
 
     #[test]

@@ -50,6 +50,26 @@ const UPSTREAM_LOOKUPS: usize = 64;
 /// Builds expanded per query.
 const BATCH: i64 = 200;
 
+/// The verified closure builds are expanded from. A build of its own gets a fresh one (Submit's,
+/// from the handoff, when it left one); consecutive builds of one job set share theirs, so a
+/// derivation they share is loaded and verified once.
+#[derive(Debug, Default)]
+struct SharedClosure {
+    job_set: Option<i64>,
+    closure: VerifiedClosure,
+}
+
+impl SharedClosure {
+    /// The closure to expand `build` from.
+    fn for_build(&mut self, build: &QueuedBuild, handoff: &Handoff) -> &mut VerifiedClosure {
+        if build.job_set.is_none() || build.job_set != self.job_set {
+            self.job_set = build.job_set;
+            self.closure = handoff.take(build.id).unwrap_or_default();
+        }
+        &mut self.closure
+    }
+}
+
 /// Builds expanded into plans: the ingest task. It owns no scheduling state; the core takes
 /// each plan in one event.
 pub struct Ingest {
@@ -118,6 +138,7 @@ impl Ingest {
             .map_err(|error| IngestError::Database(DbError::Connection(error)))?;
         let mut after = 0;
         let mut handled = 0;
+        let mut shared = SharedClosure::default();
         loop {
             let builds = queries::queued_builds(&client, selection, after, BATCH)
                 .await
@@ -128,7 +149,7 @@ impl Ingest {
             after = last.id;
             for build in builds {
                 let plan = self
-                    .expand(&mut client, &build, snapshot)
+                    .expand(&mut client, &build, &mut shared, snapshot)
                     .await
                     .with_context(|| format!("expanding build {}", build.id))?;
                 // Before the plan goes to the scheduler, so a watcher reads the build's steps
@@ -142,8 +163,29 @@ impl Ingest {
                 handled += 1;
             }
         }
+        drop(shared);
+        self.supersede(&client).await?;
         self.send(Event::IngestCaughtUp { snapshot }).await?;
         Ok(handled)
+    }
+
+    /// Cancels the unfinished builds of the older job sets of each superseding job set's series
+    /// once every build of it is planned (so the core keeps the steps they share), then marks
+    /// the job set as done superseding.
+    async fn supersede(&self, client: &deadpool_postgres::Client) -> Result<(), IngestError> {
+        for (job_set, builds) in queries::superseded_builds(client).await? {
+            for &build in &builds {
+                let by = format!("job set {job_set}, which supersedes it");
+                self.send(Event::CancelBuild { build, by }).await?;
+            }
+            queries::mark_superseded(client, job_set).await?;
+            tracing::info!(
+                job_set,
+                cancelled = builds.len(),
+                "older job sets superseded"
+            );
+        }
+        Ok(())
     }
 
     async fn send(&self, event: Event) -> Result<(), IngestError> {
@@ -160,29 +202,29 @@ impl Ingest {
         &self,
         client: &mut deadpool_postgres::Client,
         build: &QueuedBuild,
+        shared: &mut SharedClosure,
         snapshot: u64,
     ) -> Result<Option<BuildPlan>, IngestError> {
         let started = std::time::Instant::now();
-        let closure = match self.handoff.take(build.id) {
-            Some(verified) => verified,
-            None => match load_closure(&*client, &build.drv_path).await? {
-                Ok(closure) => closure,
-                Err(error) => {
-                    refuse(client, build, &error).await?;
-                    return Ok(None);
-                }
-            },
+        let closure = shared.for_build(build, &self.handoff);
+        let top = match load_closure(&*client, &build.drv_path, closure).await? {
+            Ok(top) => top,
+            Err(error) => {
+                refuse(client, build, &error).await?;
+                return Ok(None);
+            }
         };
+        let closure = &*closure;
+        let order = closure.closure_of(&top);
         let loaded = started.elapsed();
-        if let Err(error) = check_sources(&self.cache, &closure) {
+        if let Err(error) = check_sources(&self.cache, closure, &order) {
             refuse(client, build, &error).await?;
             return Ok(None);
         }
-        let specs: Vec<StepSpec> = closure
-            .order
+        let specs: Vec<StepSpec> = order
             .iter()
             .map(|path| {
-                let verified = &closure.derivations[path];
+                let verified = &closure.derivations[*path];
                 StepSpec {
                     drv_path: path.to_absolute(),
                     system: String::from_utf8_lossy(&verified.derivation.system).into_owned(),
@@ -196,7 +238,7 @@ impl Ingest {
             })
             .collect();
         let checked = started.elapsed();
-        let available = available_derivations(&self.cache, &closure).await;
+        let available = available_derivations(&self.cache, closure, &order).await;
         let looked_up = started.elapsed();
         let transaction = client
             .transaction()
@@ -208,14 +250,10 @@ impl Ingest {
             .map(|row| (row.drv_path.clone(), row))
             .collect();
         let substituted = mark_available_steps(&available, &mut steps);
-        let outputs = substituted_outputs(&closure, &steps, &substituted);
+        let outputs = substituted_outputs(closure, &order, &steps, &substituted);
         queries::record_substituted_outputs(&transaction, &outputs).await?;
-        let top = closure
-            .order
-            .last()
-            .map(StorePath::to_absolute)
-            .unwrap_or_default();
-        let planned = plan_steps(&closure, &steps);
+        let top = top.to_absolute();
+        let planned = plan_steps(closure, &order, &steps);
         let needed: Vec<StepId> = planned.iter().map(|step| step.id).collect();
         let known = known_outcome(&transaction, steps[&top].status, &planned).await?;
         if let Some((status, reason)) = known {
@@ -267,13 +305,14 @@ impl Ingest {
 /// The outputs of the steps done without building, as (step, output name, path).
 fn substituted_outputs(
     closure: &VerifiedClosure,
+    order: &[&StorePath],
     steps: &BTreeMap<String, StepRow>,
     substituted: &[StepId],
 ) -> Vec<(StepId, String, String)> {
-    closure
-        .derivations
+    order
         .iter()
-        .filter_map(|(path, verified)| {
+        .filter_map(|path| {
+            let verified = &closure.derivations[*path];
             let row = steps.get(&path.to_absolute())?;
             substituted.contains(&row.id).then(|| {
                 verified
@@ -289,14 +328,18 @@ fn substituted_outputs(
 
 /// The unfinished steps of a closure, inputs first. A step that ended for good in an earlier
 /// life (cancelled, dependency failed) starts again with fresh counters.
-fn plan_steps(closure: &VerifiedClosure, steps: &BTreeMap<String, StepRow>) -> Vec<PlannedStep> {
+fn plan_steps(
+    closure: &VerifiedClosure,
+    order: &[&StorePath],
+    steps: &BTreeMap<String, StepRow>,
+) -> Vec<PlannedStep> {
     let mut planned = Vec::new();
-    for path in &closure.order {
+    for path in order {
         let row = &steps[&path.to_absolute()];
         if row.status == StepStatus::Succeeded {
             continue;
         }
-        let verified = &closure.derivations[path];
+        let verified = &closure.derivations[*path];
         let inputs: Vec<StepId> = verified
             .derivation
             .input_derivations
@@ -309,7 +352,7 @@ fn plan_steps(closure: &VerifiedClosure, steps: &BTreeMap<String, StepRow>) -> V
         planned.push(PlannedStep {
             id: row.id,
             spec: Arc::new(drover_scheduler::StepSpec {
-                drv_path: path.clone(),
+                drv_path: (*path).clone(),
                 drv_text: verified.text.clone(),
                 outputs: verified.outputs.clone(),
                 requirements: Requirements {
@@ -348,9 +391,13 @@ async fn refuse(
 /// substitute it: a derivation referring to a source nobody uploaded fails its build now, not
 /// each of its steps on a builder. `.drv` files are not published: the Build message carries
 /// each step's derivation.
-fn check_sources(cache: &BinaryCache, closure: &VerifiedClosure) -> Result<(), CacheError> {
-    for path in &closure.order {
-        let verified = &closure.derivations[path];
+fn check_sources(
+    cache: &BinaryCache,
+    closure: &VerifiedClosure,
+    order: &[&StorePath],
+) -> Result<(), CacheError> {
+    for path in order {
+        let verified = &closure.derivations[*path];
         if let Some(source) = verified
             .derivation
             .input_sources
@@ -358,7 +405,7 @@ fn check_sources(cache: &BinaryCache, closure: &VerifiedClosure) -> Result<(), C
             .find(|source| !cache.is_published(source))
         {
             return Err(CacheError::ReferenceNotPublished {
-                path: path.clone(),
+                path: (*path).clone(),
                 reference: source.clone(),
             });
         }
@@ -369,11 +416,15 @@ fn check_sources(cache: &BinaryCache, closure: &VerifiedClosure) -> Result<(), C
 /// The derivations of a closure whose outputs are all in the farm's cache or an upstream one:
 /// looked up before the ingest transaction, which must not wait on the network, at most
 /// [`UPSTREAM_LOOKUPS`] at once (each lookup has its own timeout).
-async fn available_derivations(cache: &BinaryCache, closure: &VerifiedClosure) -> BTreeSet<String> {
-    let lookups: Vec<_> = closure
-        .derivations
+async fn available_derivations(
+    cache: &BinaryCache,
+    closure: &VerifiedClosure,
+    order: &[&StorePath],
+) -> BTreeSet<String> {
+    let lookups: Vec<_> = order
         .iter()
-        .map(|(path, verified)| {
+        .map(|path| {
+            let verified = &closure.derivations[*path];
             let outputs: Vec<StorePath> = verified.outputs.values().cloned().collect();
             all_available(cache, path.to_absolute(), outputs)
         })
@@ -467,48 +518,55 @@ async fn known_outcome(
     Ok(Some((BuildStatus::CachedFailure, Some(reason))))
 }
 
-/// Reads the closure of `top` from the `derivations` table and verifies it. The outer error is
-/// the database's; the inner one says why the closure is refused.
+/// Reads the closure of `top` from the `derivations` table, verifies what `closure` lacks of it
+/// and adds it there. The outer error is the database's; the inner one says why the closure is
+/// refused.
 pub async fn load_closure(
     client: &impl deadpool_postgres::GenericClient,
     top: &str,
-) -> Result<Result<VerifiedClosure, VerifyError>, DbError> {
+    closure: &mut VerifiedClosure,
+) -> Result<Result<StorePath, VerifyError>, DbError> {
     let top = match verify::parse_path(top) {
         Ok(top) => top,
         Err(error) => return Ok(Err(error)),
     };
     let mut parsed = BTreeMap::new();
-    if let Err(error) = complete_closure(client, &top, &mut parsed).await? {
+    if let Err(error) = complete_closure(client, &top, closure, &mut parsed).await? {
         return Ok(Err(error));
     }
-    Ok(verify::verify_closure(&top, parsed))
+    Ok(closure.add(&top, &mut parsed).map(|()| top))
 }
 
-/// Adds to `parsed` every derivation of the closure of `top` that it lacks, from the database,
-/// breadth-first with one query per level.
+/// Adds to `parsed` every derivation of the closure of `top` that neither it nor `known` has,
+/// from the database, breadth-first with one query per level. The closure of a derivation
+/// `known` has is complete, so the walk stops there.
 pub async fn complete_closure(
     client: &impl deadpool_postgres::GenericClient,
     top: &StorePath,
+    known: &VerifiedClosure,
     parsed: &mut BTreeMap<StorePath, (Vec<u8>, Derivation)>,
 ) -> Result<Result<(), VerifyError>, DbError> {
     let mut seen: BTreeSet<StorePath> = BTreeSet::from([top.clone()]);
     let mut frontier = vec![top.clone()];
     while !frontier.is_empty() {
+        frontier.retain(|path| !known.derivations.contains_key(path));
         let wanted: Vec<String> = frontier
             .iter()
             .filter(|path| !parsed.contains_key(*path))
             .map(StorePath::to_absolute)
             .collect();
-        for (path_text, text) in queries::derivation_texts(client, &wanted).await? {
-            let path = match verify::parse_path(&path_text) {
-                Ok(path) => path,
-                Err(error) => return Ok(Err(error)),
-            };
-            match verify::parse_derivation(&path, &text) {
-                Ok(derivation) => {
-                    parsed.insert(path, (text, derivation));
+        if !wanted.is_empty() {
+            for (path_text, text) in queries::derivation_texts(client, &wanted).await? {
+                let path = match verify::parse_path(&path_text) {
+                    Ok(path) => path,
+                    Err(error) => return Ok(Err(error)),
+                };
+                match verify::parse_derivation(&path, &text) {
+                    Ok(derivation) => {
+                        parsed.insert(path, (text, derivation));
+                    }
+                    Err(error) => return Ok(Err(error)),
                 }
-                Err(error) => return Ok(Err(error)),
             }
         }
         let mut next = Vec::new();
