@@ -144,12 +144,14 @@ impl VerifiedClosure {
         Ok(())
     }
 
-    /// The closure of `top` in dependency order, `top` last; empty if `top` is not verified.
+    /// The union of the closures of `tops` in dependency order (inputs first); derivations not
+    /// verified are left out.
     #[must_use]
-    pub fn closure_of(&self, top: &StorePath) -> Vec<&StorePath> {
+    pub fn closure_of<'a>(&self, tops: impl IntoIterator<Item = &'a StorePath>) -> Vec<&StorePath> {
         let mut order = Vec::new();
         let mut visited = BTreeSet::new();
-        let mut stack = vec![(top, false)];
+        let mut stack: Vec<(&StorePath, bool)> = tops.into_iter().map(|top| (top, false)).collect();
+        stack.reverse();
         while let Some((path, inputs_done)) = stack.pop() {
             let Some((path, verified)) = self.derivations.get_key_value(path) else {
                 continue;

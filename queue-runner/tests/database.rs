@@ -16,8 +16,8 @@ use drover_queue_runner::db::status::{AttemptStatus, BuildStatus, SqlEnum as _, 
 use drover_queue_runner::db::transitions::Transitions;
 use drover_queue_runner::db::{self, DbError, queries};
 use drover_scheduler::{
-    BuildPlan, Capabilities, Command, Core, CoreLimits, Event, Outcome, OutputRecord, PlannedStep,
-    Report, Requirements, RetryPolicy, StepSpec, ToBuilder,
+    BuildPlan, Capabilities, Command, Core, CoreLimits, Event, Outcome, OutputRecord, PlannedBuild,
+    PlannedStep, Report, Requirements, RetryPolicy, StepSpec, ToBuilder,
 };
 use error_context::{Classify, Severity};
 use test_support::TestPostgres;
@@ -101,7 +101,7 @@ async fn queue_one_step(client: &deadpool_postgres::Client) -> (FakeDrv, i64, qu
     .await
     .unwrap();
     let row = rows.remove(0);
-    queries::record_ingested_build(client, build, &[row.id], &[], &[])
+    queries::record_ingested_builds(client, &[build], &[], &[], &[])
         .await
         .unwrap();
     (drv, build, row)
@@ -160,11 +160,13 @@ async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() 
         held: Vec::new(),
     });
     commands.extend(core.handle(Event::BuildPlanned(BuildPlan {
-        build,
-        priority: 0,
-        global_priority: 0,
-        top: step,
-        keep_going: false,
+        builds: vec![PlannedBuild {
+            build,
+            priority: 0,
+            global_priority: 0,
+            top: step,
+            keep_going: false,
+        }],
         steps: vec![PlannedStep {
             id: step,
             spec,

@@ -138,7 +138,8 @@ async fn builds_that_share_derivations_share_their_steps() {
         .db()
         .await
         .query_one(
-            "SELECT count(*) FROM build_steps bs JOIN steps s ON s.id = bs.step_id
+            "SELECT count(*) FROM builds b, steps_of_build(b.id) bs
+             JOIN steps s ON s.id = bs.step_id
              WHERE s.drv_path = ANY($1) GROUP BY s.id LIMIT 1",
             &[&vec![
                 shared_base.path.to_absolute(),

@@ -1,21 +1,26 @@
-//! The step graph: which unfinished steps exist, what each waits for, which builds need it, and
-//! the order runnable steps are taken in. Pure data; the core keeps the runnable index beside
-//! it in step with what these methods return.
+//! The step graph: which unfinished steps exist, what each waits for, and the order runnable
+//! steps are taken in. Pure data; the core keeps the runnable index beside it in step with what
+//! these methods return.
+//!
+//! Which builds need a step is derived, not stored: a build holds its top-level step, and a step
+//! is wanted while it is the top of a build that has not ended, has a dependent in the graph, or
+//! is kept for a failed keep-going build. Many builds sharing a graph (the jobs of a job set)
+//! therefore cost about the graph, not the sum of their closures.
 //!
 //! The order of a runnable step is (global priority, build priority, critical path, step id):
 //! the highest global and build priority of the builds that need it, then the longest chain of
 //! steps from it up to a top-level step (so the steps that hold up the most work go first), then
-//! the oldest step. The critical path is maintained incrementally: adding a build raises it
-//! along that build's closure only. A failure that removes dependents leaves their inputs'
-//! values as they were: a slightly stale, higher value only makes such a step go a little early.
+//! the oldest step. Both are raised when builds join, along the steps they bring, and never
+//! lowered: a slightly stale, higher value only makes a step go a little early.
 //!
-//! Completing a step costs O(its dependents and builds), never O(queue).
+//! Completing a step costs O(its dependents and tops), never O(queue); a step that starts marks
+//! the steps above it once in their lifetime, to say which builds run.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use super::types::{AttemptId, BuildId, ClassId, PlannedStep, StepId, StepSpec};
+use super::types::{AttemptId, BuildId, ClassId, PlannedBuild, PlannedStep, StepId, StepSpec};
 
 /// Where a runnable step stands in line: smaller goes first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -57,8 +62,14 @@ pub struct StepNode {
     build_priority: i32,
     critical_path: u32,
     inputs: Vec<StepId>,
+    /// Steps that use it; some may have left the graph.
     dependents: Vec<StepId>,
-    builds: Vec<BuildId>,
+    /// Builds whose top-level step it is; some may have ended.
+    tops: Vec<BuildId>,
+    /// How many failed keep-going builds keep it wanted.
+    kept_for: u32,
+    /// Whether it or a step below it has started: every build above it runs.
+    started_below: bool,
 }
 
 impl StepNode {
@@ -86,27 +97,11 @@ struct BuildNode {
     /// Whether one of its steps has started (in this process: after a restart, the first
     /// start says so again, which the writer and Watch take as it was).
     started: bool,
-}
-
-/// A build joining the graph.
-#[derive(Debug)]
-pub struct NewBuild {
-    /// The build.
-    pub build: BuildId,
-    /// Its priority.
-    pub priority: i32,
-    /// Its global priority.
-    pub global_priority: i32,
-    /// Its top-level step (in `steps`, or already in the graph).
-    pub top: StepId,
     /// Whether its steps stay wanted after it failed, to build everything it can.
-    pub keep_going: bool,
-    /// Its unfinished steps, inputs first, each with its class; inputs not in the graph or in
-    /// this list count as done.
-    pub steps: Vec<(PlannedStep, ClassId)>,
+    keep_going: bool,
 }
 
-/// What adding a build changed.
+/// What adding builds changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Added {
     /// New steps that are runnable at once.
@@ -115,9 +110,9 @@ pub struct Added {
     pub waiting: Vec<StepId>,
     /// Runnable steps already in the graph whose order changed: (step, old order).
     pub reordered: Vec<(StepId, Order)>,
-    /// Whether a step the build needs was already running (for another build): the build runs
-    /// from now on.
-    pub started: bool,
+    /// Builds needing a step that was already running (for another build): they run from now
+    /// on.
+    pub started: Vec<BuildId>,
 }
 
 /// What a finished step changed.
@@ -140,8 +135,8 @@ pub struct Effects {
 pub struct StepGraph {
     steps: HashMap<StepId, StepNode>,
     builds: HashMap<BuildId, BuildNode>,
-    /// Builds submitted with keep-going: their steps stay wanted after they failed.
-    keep_going: HashSet<BuildId>,
+    /// Failed keep-going builds, with the steps each keeps wanted.
+    kept: HashMap<BuildId, Vec<StepId>>,
 }
 
 impl StepGraph {
@@ -185,84 +180,70 @@ impl StepGraph {
         self.steps.iter().map(|(id, node)| (*id, node))
     }
 
-    /// Adds a build: inserts its new steps, links it to every step of its closure, raises
-    /// priorities and critical paths.
-    pub fn add_build(&mut self, new: NewBuild) -> Added {
+    /// Adds builds and the unfinished steps of their closures (`steps`, inputs first, each with
+    /// its class; inputs neither in the graph nor in `steps` count as done): inserts the steps
+    /// some build needs that the graph lacks, links each build to its top-level step, and
+    /// raises priorities and critical paths along `steps`.
+    pub fn add_builds(
+        &mut self,
+        builds: &[PlannedBuild],
+        steps: Vec<(PlannedStep, ClassId)>,
+    ) -> Added {
         let mut added = Added::default();
-        if new.keep_going {
-            self.keep_going.insert(new.build);
-        }
-        let closure: Vec<StepId> = new.steps.iter().map(|(step, _)| step.id).collect();
-        let before: HashMap<StepId, Order> = closure
-            .iter()
-            .filter_map(|id| {
-                let node = self.steps.get(id)?;
-                (node.state == StepState::Runnable).then(|| (*id, node.order(*id)))
-            })
-            .collect();
-        for (planned, class) in new.steps {
-            if self.steps.contains_key(&planned.id) {
+        let wanted = Self::needed(builds, &steps);
+        let mut closure: Vec<StepId> = Vec::with_capacity(wanted.len());
+        let mut before: HashMap<StepId, Order> = HashMap::new();
+        for (planned, class) in steps {
+            if !wanted.contains(&planned.id) {
                 continue;
             }
-            let inputs: Vec<StepId> = planned
-                .inputs
-                .iter()
-                .copied()
-                .filter(|input| self.steps.contains_key(input))
-                .collect();
-            for input in &inputs {
-                if let Some(node) = self.steps.get_mut(input) {
-                    node.dependents.push(planned.id);
+            closure.push(planned.id);
+            if let Some(node) = self.steps.get(&planned.id) {
+                if node.state == StepState::Runnable {
+                    before.insert(planned.id, node.order(planned.id));
                 }
+                continue;
             }
-            let state = if inputs.is_empty() {
-                added.runnable.push(planned.id);
-                StepState::Runnable
-            } else {
-                added.waiting.push(planned.id);
-                StepState::Waiting(inputs.len())
-            };
-            self.steps.insert(
-                planned.id,
-                StepNode {
-                    spec: planned.spec,
-                    state,
-                    class,
-                    builder_losses: planned.builder_losses,
-                    infrastructure_failures: planned.infrastructure_failures,
-                    avoid: None,
-                    global_priority: new.global_priority,
-                    build_priority: new.priority,
-                    critical_path: 1,
-                    inputs,
-                    dependents: Vec::new(),
-                    builds: Vec::new(),
+            self.insert(planned, class, &mut added);
+        }
+        for new in builds {
+            self.builds.insert(
+                new.build,
+                BuildNode {
+                    top: new.top,
+                    started: false,
+                    keep_going: new.keep_going,
                 },
             );
-        }
-        added.started = closure.iter().any(|id| {
-            self.steps
-                .get(id)
-                .is_some_and(|node| matches!(node.state, StepState::Running(_)))
-        });
-        self.builds.insert(
-            new.build,
-            BuildNode {
-                top: new.top,
-                started: added.started,
-            },
-        );
-        for id in closure.iter().rev() {
-            let Some(node) = self.steps.get_mut(id) else {
+            // A build joining again (restarted) no longer keeps what it kept when it failed.
+            self.unkeep(new.build);
+            let Some(node) = self.steps.get_mut(&new.top) else {
                 continue;
             };
-            node.builds.push(new.build);
+            node.tops.push(new.build);
             node.global_priority = node.global_priority.max(new.global_priority);
             node.build_priority = node.build_priority.max(new.priority);
-            let path = node.critical_path + 1;
-            let inputs = node.inputs.clone();
-            for input in inputs {
+            if node.started_below || matches!(node.state, StepState::Running(_)) {
+                node.started_below = true;
+                if let Some(build) = self.builds.get_mut(&new.build) {
+                    build.started = true;
+                }
+                added.started.push(new.build);
+            }
+        }
+        for id in closure.iter().rev() {
+            let Some(node) = self.steps.get(id) else {
+                continue;
+            };
+            let (global, priority, path) = (
+                node.global_priority,
+                node.build_priority,
+                node.critical_path + 1,
+            );
+            for input in node.inputs.clone() {
                 if let Some(input) = self.steps.get_mut(&input) {
+                    input.global_priority = input.global_priority.max(global);
+                    input.build_priority = input.build_priority.max(priority);
                     input.critical_path = input.critical_path.max(path);
                 }
             }
@@ -280,6 +261,67 @@ impl StepGraph {
         added
     }
 
+    /// The steps of `steps` that some of `builds` needs: those reachable from their tops.
+    fn needed(builds: &[PlannedBuild], steps: &[(PlannedStep, ClassId)]) -> HashSet<StepId> {
+        let inputs: HashMap<StepId, &[StepId]> = steps
+            .iter()
+            .map(|(planned, _)| (planned.id, planned.inputs.as_slice()))
+            .collect();
+        let mut needed = HashSet::with_capacity(steps.len());
+        let mut pending: Vec<StepId> = builds.iter().map(|build| build.top).collect();
+        while let Some(id) = pending.pop() {
+            if let Some(step_inputs) = inputs.get(&id)
+                && needed.insert(id)
+            {
+                pending.extend(step_inputs.iter().copied());
+            }
+        }
+        needed
+    }
+
+    /// Inserts a step the graph lacks, linked to its inputs in the graph.
+    fn insert(&mut self, planned: PlannedStep, class: ClassId, added: &mut Added) {
+        let inputs: Vec<StepId> = planned
+            .inputs
+            .iter()
+            .copied()
+            .filter(|input| self.steps.contains_key(input))
+            .collect();
+        let mut started_below = false;
+        for input in &inputs {
+            if let Some(node) = self.steps.get_mut(input) {
+                node.dependents.push(planned.id);
+                started_below |= node.started_below || matches!(node.state, StepState::Running(_));
+            }
+        }
+        let state = if inputs.is_empty() {
+            added.runnable.push(planned.id);
+            StepState::Runnable
+        } else {
+            added.waiting.push(planned.id);
+            StepState::Waiting(inputs.len())
+        };
+        self.steps.insert(
+            planned.id,
+            StepNode {
+                spec: planned.spec,
+                state,
+                class,
+                builder_losses: planned.builder_losses,
+                infrastructure_failures: planned.infrastructure_failures,
+                avoid: None,
+                global_priority: i32::MIN,
+                build_priority: i32::MIN,
+                critical_path: 1,
+                inputs,
+                dependents: Vec::new(),
+                tops: Vec::new(),
+                kept_for: 0,
+                started_below,
+            },
+        );
+    }
+
     /// Marks a runnable step as given to a builder; returns the builds that need it and had no
     /// step started before: they run from now on.
     pub fn start(&mut self, step: StepId, attempt: AttemptId) -> Vec<BuildId> {
@@ -290,15 +332,28 @@ impl StepGraph {
             return Vec::new();
         }
         node.state = StepState::Running(attempt);
-        node.builds
-            .iter()
-            .filter(|build| {
-                self.builds
-                    .get_mut(build)
-                    .is_some_and(|node| !std::mem::replace(&mut node.started, true))
-            })
-            .copied()
-            .collect()
+        // Each step is marked once in its life, so starts cost O(graph) in all.
+        let mut started = Vec::new();
+        let mut pending = vec![step];
+        while let Some(id) = pending.pop() {
+            let Some(node) = self.steps.get_mut(&id) else {
+                continue;
+            };
+            if node.started_below && id != step {
+                continue;
+            }
+            node.started_below = true;
+            pending.extend(node.dependents.iter().copied());
+            for build in &node.tops {
+                if let Some(build_node) = self.builds.get_mut(build)
+                    && !std::mem::replace(&mut build_node.started, true)
+                {
+                    started.push(*build);
+                }
+            }
+        }
+        started.sort_unstable();
+        started
     }
 
     /// Puts a running step back in line; returns whether it was running.
@@ -330,7 +385,7 @@ impl StepGraph {
                 };
             }
         }
-        for build in node.builds {
+        for build in node.tops {
             if self.builds.get(&build).is_some_and(|b| b.top == step) {
                 self.builds.remove(&build);
                 effects.succeeded_builds.push(build);
@@ -340,41 +395,33 @@ impl StepGraph {
     }
 
     /// Removes a cancelled build, and the steps of its closure that no other build in the graph
-    /// needs (a step's dependents are needed by fewer builds than it, so they go too); `None` if
-    /// the build is not in the graph. Returns the removed steps' nodes, so the caller can unindex
-    /// them and stop the running ones.
+    /// needs any more; `None` if the build is neither in the graph nor kept after a failure.
+    /// Returns the removed steps' nodes, so the caller can unindex them and stop the running
+    /// ones.
     pub fn cancel_build(&mut self, build: BuildId) -> Option<Vec<(StepId, StepNode)>> {
-        self.keep_going.remove(&build);
-        let top = self.builds.remove(&build)?.top;
-        let mut closure = Vec::new();
-        let mut seen = BTreeSet::new();
-        let mut pending = vec![top];
-        while let Some(id) = pending.pop() {
-            if !seen.insert(id) {
-                continue;
-            }
-            if let Some(node) = self.steps.get(&id) {
-                pending.extend(node.inputs.iter().copied());
-                closure.push(id);
+        let kept = self.kept.remove(&build);
+        let top = self.builds.remove(&build).map(|node| node.top);
+        if kept.is_none() && top.is_none() {
+            return None;
+        }
+        let mut candidates: Vec<StepId> = top.into_iter().collect();
+        for step in kept.into_iter().flatten() {
+            if let Some(node) = self.steps.get_mut(&step) {
+                node.kept_for = node.kept_for.saturating_sub(1);
+                candidates.push(step);
             }
         }
-        let mut removed = Vec::new();
-        for id in closure {
-            let still_needed = self.steps.get(&id).is_some_and(|node| self.wanted(node));
-            if !still_needed && let Some(node) = self.steps.remove(&id) {
-                removed.push((id, node));
-            }
-        }
-        Some(removed)
+        Some(self.drop_if_unwanted(candidates))
     }
 
     /// Removes a failed step and every step that depends on it; the builds that needed them
-    /// fail. Returns the removed steps' nodes too, so the caller can unindex them.
+    /// fail, and a failed keep-going build keeps the steps it still needs wanted. Returns the
+    /// removed steps' nodes too, so the caller can unindex them.
     pub fn fail(&mut self, step: StepId) -> (Effects, Vec<(StepId, StepNode)>) {
         let mut effects = Effects::default();
         let mut removed = Vec::new();
         let mut pending = vec![step];
-        let mut affected_builds = BTreeSet::new();
+        let mut affected_builds = Vec::new();
         while let Some(id) = pending.pop() {
             let Some(node) = self.steps.remove(&id) else {
                 continue;
@@ -383,48 +430,97 @@ impl StepGraph {
                 effects.dep_failed_steps.push(id);
             }
             pending.extend(node.dependents.iter().copied());
-            affected_builds.extend(node.builds.iter().copied());
+            affected_builds.extend(node.tops.iter().copied());
             removed.push((id, node));
         }
+        affected_builds.sort_unstable();
+        affected_builds.dedup();
         for build in affected_builds {
-            if let Some(node) = self.builds.remove(&build) {
-                if node.top == step {
-                    effects.failed_builds.push(build);
-                } else {
-                    effects.dep_failed_builds.push(build);
-                }
+            let Some(node) = self.builds.remove(&build) else {
+                continue;
+            };
+            if node.top == step {
+                effects.failed_builds.push(build);
+            } else {
+                effects.dep_failed_builds.push(build);
+            }
+            if node.keep_going {
+                self.keep(build, node.top, &removed);
             }
         }
         effects.dep_failed_steps.sort_unstable();
         (effects, removed)
     }
 
+    /// Keeps wanted, for a failed keep-going build whose top is `top`, the steps in the graph
+    /// that the removed steps it needed use.
+    fn keep(&mut self, build: BuildId, top: StepId, removed: &[(StepId, StepNode)]) {
+        let removed: HashMap<StepId, &StepNode> =
+            removed.iter().map(|(id, node)| (*id, node)).collect();
+        let mut visited = HashSet::new();
+        let mut kept = Vec::new();
+        let mut pending = vec![top];
+        while let Some(id) = pending.pop() {
+            if !visited.insert(id) {
+                continue;
+            }
+            if let Some(node) = removed.get(&id) {
+                pending.extend(node.inputs.iter().copied());
+            } else if let Some(node) = self.steps.get_mut(&id) {
+                node.kept_for += 1;
+                kept.push(id);
+            }
+        }
+        self.kept.insert(build, kept);
+    }
+
+    /// Forgets what a build kept wanted after it failed, dropping nothing (it joins again).
+    fn unkeep(&mut self, build: BuildId) {
+        for step in self.kept.remove(&build).into_iter().flatten() {
+            if let Some(node) = self.steps.get_mut(&step) {
+                node.kept_for = node.kept_for.saturating_sub(1);
+            }
+        }
+    }
+
     /// Removes what only failed builds needed: from the inputs of `removed` (the steps a failure
     /// took out) on, every step that no live build, and no failed keep-going build, needs any
     /// more. Returns them, for the caller to stop and unindex.
     pub fn drop_unwanted(&mut self, removed: &[(StepId, StepNode)]) -> Vec<(StepId, StepNode)> {
-        let mut pending: Vec<StepId> = removed
+        let candidates = removed
             .iter()
             .flat_map(|(_, node)| node.inputs.iter().copied())
             .collect();
+        self.drop_if_unwanted(candidates)
+    }
+
+    /// Removes each of `candidates` that nothing wants any more, and then each of their inputs
+    /// that nothing wants any more, and so on down.
+    fn drop_if_unwanted(&mut self, mut candidates: Vec<StepId>) -> Vec<(StepId, StepNode)> {
         let mut dropped = Vec::new();
-        while let Some(id) = pending.pop() {
+        while let Some(id) = candidates.pop() {
             if self.steps.get(&id).is_none_or(|node| self.wanted(node)) {
                 continue;
             }
             if let Some(node) = self.steps.remove(&id) {
-                // Its dependents are normally gone already: only failed builds needed it.
-                pending.extend(node.inputs.iter().chain(&node.dependents).copied());
+                candidates.extend(node.inputs.iter().copied());
                 dropped.push((id, node));
             }
         }
         dropped
     }
 
-    /// Whether a build that has not ended, or a failed keep-going build, needs the step.
-    fn wanted(&self, node: &StepNode) -> bool {
-        node.builds
-            .iter()
-            .any(|build| self.builds.contains_key(build) || self.keep_going.contains(build))
+    /// Whether a build that has not ended needs the step (it is its top, or a step above it in
+    /// the graph needs it), or a failed keep-going build keeps it.
+    pub(crate) fn wanted(&self, node: &StepNode) -> bool {
+        node.kept_for > 0
+            || node
+                .tops
+                .iter()
+                .any(|build| self.builds.contains_key(build))
+            || node
+                .dependents
+                .iter()
+                .any(|dependent| self.steps.contains_key(dependent))
     }
 }

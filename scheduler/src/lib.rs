@@ -30,12 +30,11 @@ pub use graph::{Order, StepGraph, StepNode, StepState};
 pub use placement::{Builder, Placement};
 pub use types::{
     Assignment, Attempt, AttemptId, BuildId, BuildPlan, Capabilities, Change, ClassId, Command,
-    Departure, Event, Outcome, OutputRecord, PlannedStep, Report, Requirements, SessionId, StepId,
-    StepSpec, ToBuilder,
+    Departure, Event, Outcome, OutputRecord, PlannedBuild, PlannedStep, Report, Requirements,
+    SessionId, StepId, StepSpec, ToBuilder,
 };
 
 use backoff::Held;
-use graph::NewBuild;
 use orphans::{Cause, Orphan, Orphans, Wait};
 use unsupported::Unsupported;
 
@@ -399,36 +398,63 @@ impl Core {
         self.commands.push(Command::Send { session, message });
     }
 
-    fn on_build_planned(&mut self, plan: BuildPlan) {
-        if self.graph.has_build(plan.build) || self.cancelled.remove(&plan.build) {
-            return;
-        }
-        for step in plan.available {
-            self.succeed_available(step);
-        }
-        let mut steps = Vec::with_capacity(plan.steps.len());
+    /// Sorts a plan's steps by what happened to them since ingest read them: the steps to add,
+    /// those among them that failed meanwhile (with the reason to fail them again at once), and
+    /// those that succeeded meanwhile (left out).
+    fn correct_for_recent(
+        &self,
+        snapshot: u64,
+        planned: Vec<PlannedStep>,
+    ) -> (Vec<PlannedStep>, Vec<(StepId, String)>, HashSet<StepId>) {
+        let mut steps = Vec::with_capacity(planned.len());
         let mut failed = Vec::new();
-        let mut top_succeeded = false;
-        for planned in plan.steps {
+        let mut succeeded = HashSet::new();
+        for planned in planned {
             // Ingest ends a build needing a step recorded as failed (a cached failure); one that
             // failed after ingest read it is corrected here.
-            match self.recent.after(plan.snapshot, planned.id) {
-                Some(Finish::Succeeded) => top_succeeded |= planned.id == plan.top,
+            match self.recent.after(snapshot, planned.id) {
+                Some(Finish::Succeeded) => {
+                    succeeded.insert(planned.id);
+                }
                 Some(Finish::Failed) => {
                     // Joins the graph only to fail again at once, taking its dependents in
-                    // this build with it. Its own row already says failed, and why.
+                    // this plan with it. Its own row already says failed, and why.
                     failed.push((planned.id, format!("{} failed", planned.spec.drv_path)));
                     steps.push(planned);
                 }
                 None => steps.push(planned),
             }
         }
-        if top_succeeded {
-            self.persist(Change::BuildFinished {
-                build: plan.build,
-                status: BuildStatus::Succeeded,
-                reason: None,
-            });
+        (steps, failed, succeeded)
+    }
+
+    fn on_build_planned(&mut self, plan: BuildPlan) {
+        let mut builds: Vec<PlannedBuild> = plan
+            .builds
+            .into_iter()
+            .filter(|build| {
+                !self.graph.has_build(build.build) && !self.cancelled.remove(&build.build)
+            })
+            .collect();
+        if builds.is_empty() {
+            return;
+        }
+        for step in plan.available {
+            self.succeed_available(step);
+        }
+        let (steps, failed, succeeded) = self.correct_for_recent(plan.snapshot, plan.steps);
+        builds.retain(|build| {
+            let done = succeeded.contains(&build.top);
+            if done {
+                self.persist(Change::BuildFinished {
+                    build: build.build,
+                    status: BuildStatus::Succeeded,
+                    reason: None,
+                });
+            }
+            !done
+        });
+        if builds.is_empty() {
             return;
         }
         let recorded: HashMap<StepId, StepStatus> = steps
@@ -446,16 +472,9 @@ impl Core {
                 (planned, class)
             })
             .collect();
-        let added = self.graph.add_build(NewBuild {
-            build: plan.build,
-            priority: plan.priority,
-            global_priority: plan.global_priority,
-            top: plan.top,
-            keep_going: plan.keep_going,
-            steps,
-        });
-        if added.started {
-            self.persist(Change::BuildStarted { build: plan.build });
+        let added = self.graph.add_builds(&builds, steps);
+        for build in added.started {
+            self.persist(Change::BuildStarted { build });
         }
         let new_steps = added
             .runnable
@@ -965,6 +984,14 @@ impl Core {
         }
         if status == StepStatus::Failed {
             self.recent.record(step, Finish::Failed);
+        }
+        let origin = effects
+            .failed_builds
+            .iter()
+            .chain(&effects.dep_failed_builds)
+            .min();
+        if let (StepStatus::Failed, Some(&build)) = (status, origin) {
+            self.persist(Change::FailureOrigin { step, build });
         }
         let dependency_reason = format!("a dependency failed: {reason}");
         for dependent in effects.dep_failed_steps {

@@ -68,13 +68,32 @@ fn step(id: StepId, inputs: &[StepId]) -> PlannedStep {
     }
 }
 
-fn plan(build: BuildId, priority: i32, top: StepId, steps: Vec<PlannedStep>) -> Event {
-    Event::BuildPlanned(BuildPlan {
+fn planned_build(build: BuildId, priority: i32, top: StepId) -> PlannedBuild {
+    PlannedBuild {
         build,
         priority,
         global_priority: 0,
         top,
         keep_going: false,
+    }
+}
+
+fn plan(build: BuildId, priority: i32, top: StepId, steps: Vec<PlannedStep>) -> Event {
+    Event::BuildPlanned(BuildPlan {
+        builds: vec![planned_build(build, priority, top)],
+        steps,
+        available: Vec::new(),
+        snapshot: 0,
+    })
+}
+
+/// One plan for several builds sharing `steps`, as ingest sends a job set's: (build, top) each.
+fn plan_many(builds: &[(BuildId, StepId)], steps: Vec<PlannedStep>) -> Event {
+    Event::BuildPlanned(BuildPlan {
+        builds: builds
+            .iter()
+            .map(|(build, top)| planned_build(*build, 0, *top))
+            .collect(),
         steps,
         available: Vec::new(),
         snapshot: 0,
@@ -320,7 +339,7 @@ fn a_failed_builds_other_steps_stop_unless_another_build_needs_them_or_it_keeps_
     else {
         unreachable!()
     };
-    keeps_going.keep_going = true;
+    keeps_going.builds[0].keep_going = true;
     core.handle(Event::BuildPlanned(keeps_going));
     let running: HashMap<StepId, AttemptId> = builds(&core.dispatch(now))
         .into_iter()
@@ -369,7 +388,7 @@ fn global_priority_beats_build_priority_which_beats_critical_path_which_beats_ag
     let Event::BuildPlanned(mut global) = plan(4, 0, 7, vec![step(7, &[])]) else {
         unreachable!()
     };
-    global.global_priority = 1;
+    global.builds[0].global_priority = 1;
     core.handle(Event::BuildPlanned(global));
     let mut order = Vec::new();
     core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
@@ -410,7 +429,8 @@ fn the_fastest_then_least_loaded_builder_wins() {
     core.handle(join("slow-a", 1, caps(&["x86_64-linux"], &[], &[], 2)));
     core.handle(join("slow-b", 2, caps(&["x86_64-linux"], &[], &[], 2)));
     core.handle(join("fast", 3, fast));
-    core.handle(plan(1, 0, 9, (1..=5).map(|id| step(id, &[])).collect()));
+    let tops: Vec<(BuildId, StepId)> = (1..=5).map(|id| (id, id)).collect();
+    core.handle(plan_many(&tops, (1..=5).map(|id| step(id, &[])).collect()));
     let sessions: Vec<SessionId> = builds(&core.dispatch(now)).iter().map(|b| b.0).collect();
     // The fast builder fills first; then the two slow ones alternate (least loaded first).
     assert_eq!(sessions, vec![3, 3, 1, 2, 1]);
@@ -626,7 +646,10 @@ fn a_retry_prefers_another_builder_and_a_builder_loss_is_retried_at_once() {
 fn a_draining_builder_gets_no_new_work_and_what_it_hands_back_is_nobodys_fault() {
     let now = Instant::now();
     let mut core = core();
-    core.handle(plan(1, 0, 2, vec![step(1, &[]), step(2, &[])]));
+    core.handle(plan_many(
+        &[(1, 1), (5, 2)],
+        vec![step(1, &[]), step(2, &[])],
+    ));
     core.handle(join("draining", 1, caps(&["x86_64-linux"], &[], &[], 2)));
     let first = builds(&core.dispatch(now));
     assert_eq!(first.len(), 2);
@@ -787,7 +810,10 @@ fn a_reconnect_before_the_old_session_ended_keeps_the_attempts_it_holds() {
     let now = Instant::now();
     let mut core = core();
     core.handle(join("b1", 1, caps(&["x86_64-linux"], &[], &[], 2)));
-    core.handle(plan(10, 0, 2, vec![step(1, &[]), step(2, &[])]));
+    core.handle(plan_many(
+        &[(10, 1), (11, 2)],
+        vec![step(1, &[]), step(2, &[])],
+    ));
     let sent = builds(&core.dispatch(now));
     let (kept, dropped) = (sent[0].1, sent[1].1);
     let rejoined = core.handle(join_holding("b1", 2, &[kept]));
@@ -985,11 +1011,7 @@ fn a_plan_corrects_for_steps_that_finished_after_ingest_read_them() {
     // Ingest read both as unfinished before those completions were committed.
     let late = |build, top, steps| {
         Event::BuildPlanned(BuildPlan {
-            build,
-            priority: 0,
-            global_priority: 0,
-            top,
-            keep_going: false,
+            builds: vec![planned_build(build, 0, top)],
             steps,
             available: Vec::new(),
             snapshot,
@@ -1031,11 +1053,7 @@ fn steps_available_in_a_cache_succeed_without_building() {
     let mut core = core();
     core.handle(plan(1, 0, 2, vec![step(1, &[]), step(2, &[1])]));
     let available = core.handle(Event::BuildPlanned(BuildPlan {
-        build: 2,
-        priority: 0,
-        global_priority: 0,
-        top: 3,
-        keep_going: false,
+        builds: vec![planned_build(2, 0, 3)],
         steps: vec![step(3, &[])],
         available: vec![1],
         snapshot: 0,
@@ -1182,6 +1200,10 @@ impl Checker {
                     "a running step's attempt is live or awaits its builder"
                 );
             }
+            assert!(
+                core.graph().wanted(node),
+                "step {id} stays in the graph though no build needs it"
+            );
         }
     }
 }
@@ -1215,7 +1237,12 @@ proptest! {
         let commands = core.handle(plan(1, 0, id(count - 1), planned.clone()));
         checker.check(&core, &commands);
         let half = count / 2;
-        let commands = core.handle(plan(2, 3, id(half), planned[..=half].to_vec()));
+        let Event::BuildPlanned(mut second) = plan(2, 3, id(half), planned[..=half].to_vec()) else {
+            unreachable!()
+        };
+        // Keeps going in some scenarios, so failures leave kept steps behind.
+        second.builds[0].keep_going = scenario.features[0];
+        let commands = core.handle(Event::BuildPlanned(second));
         checker.check(&core, &commands);
         let mut next_session = 1;
         for (kind, pick, outcome) in scenario.actions {
@@ -1358,4 +1385,93 @@ fn a_builder_back_without_its_attempt_or_a_silent_one_loses_it_at_once() {
         Some(AttemptStatus::BuilderLost),
         "a liveness timeout is no connection loss"
     );
+}
+
+#[test]
+fn a_job_sets_builds_share_one_plan_and_each_holds_only_its_top() {
+    let now = Instant::now();
+    let mut core = core();
+    // Build 1 is 3 ← 2 ← 1; build 2 is 4 ← 1; build 3's top is build 1's input 2.
+    let shared = vec![step(1, &[]), step(2, &[1]), step(3, &[2]), step(4, &[1])];
+    core.handle(plan_many(&[(1, 3), (2, 4), (3, 2)], shared));
+    assert_eq!(core.graph().len(), 4, "each shared step joins once");
+    assert_eq!(core.graph().build_count(), 3);
+    assert_eq!(
+        core.graph().step(1).unwrap().critical_path(),
+        3,
+        "the longest chain above it"
+    );
+
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 4)));
+    let started = core.dispatch(now);
+    assert_eq!(builds(&started).len(), 1);
+    assert_eq!(
+        builds_started(&started),
+        vec![1, 2, 3],
+        "every build above step 1 runs"
+    );
+
+    let cancelled = core.handle(Event::CancelBuild {
+        build: 1,
+        by: "client/alice".to_owned(),
+    });
+    assert_eq!(step_status(&cancelled, 3), Some(StepStatus::Cancelled));
+    assert_eq!(step_status(&cancelled, 2), None, "build 3 still needs it");
+    let cancelled = core.handle(Event::CancelBuild {
+        build: 3,
+        by: "client/alice".to_owned(),
+    });
+    assert_eq!(step_status(&cancelled, 2), Some(StepStatus::Cancelled));
+    assert!(core.graph().step(1).is_some(), "build 2 still needs it");
+
+    let attempt = builds(&started)[0].1;
+    let done = core.handle(finished(1, attempt, Outcome::Succeeded));
+    assert_eq!(step_status(&done, 4), Some(StepStatus::Runnable));
+    let last = builds(&core.dispatch(now))[0].1;
+    let done = core.handle(finished(1, last, Outcome::Succeeded));
+    assert_eq!(build_finished(&done), vec![(2, BuildStatus::Succeeded)]);
+    assert!(core.graph().is_empty());
+}
+
+#[test]
+fn a_failed_keep_going_build_keeps_its_buildable_steps_until_it_is_cancelled() {
+    let now = Instant::now();
+    let mut core = core();
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 4)));
+    // 5 ← {3, 4}, 3 ← 1, 4 ← 2: when 1 fails, 2 and then 4 are still worth building.
+    let Event::BuildPlanned(mut keeps_going) = plan(
+        7,
+        0,
+        5,
+        vec![
+            step(1, &[]),
+            step(2, &[]),
+            step(3, &[1]),
+            step(4, &[2]),
+            step(5, &[3, 4]),
+        ],
+    ) else {
+        unreachable!()
+    };
+    keeps_going.builds[0].keep_going = true;
+    core.handle(Event::BuildPlanned(keeps_going));
+    let running: HashMap<StepId, AttemptId> = builds(&core.dispatch(now))
+        .into_iter()
+        .map(|(_, attempt, step)| (step, attempt))
+        .collect();
+    let failed = core.handle(finished(1, running[&1], Outcome::Failed));
+    assert_eq!(build_finished(&failed), vec![(7, BuildStatus::DepFailed)]);
+    assert_eq!(step_status(&failed, 2), None, "kept");
+    let done = core.handle(finished(1, running[&2], Outcome::Succeeded));
+    assert_eq!(
+        step_status(&done, 4),
+        Some(StepStatus::Runnable),
+        "kept too"
+    );
+    let cancelled = core.handle(Event::CancelBuild {
+        build: 7,
+        by: "client/alice".to_owned(),
+    });
+    assert_eq!(step_status(&cancelled, 4), Some(StepStatus::Cancelled));
+    assert!(core.graph().is_empty());
 }

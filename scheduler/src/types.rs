@@ -100,9 +100,9 @@ pub struct PlannedStep {
     pub visible_in: Option<std::time::Duration>,
 }
 
-/// A build expanded by ingest, ready to join the graph.
-#[derive(Debug, Clone)]
-pub struct BuildPlan {
+/// A build joining the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlannedBuild {
     /// The build.
     pub build: BuildId,
     /// Its own priority (higher first).
@@ -114,10 +114,19 @@ pub struct BuildPlan {
     /// Whether it builds everything it can after a step failed, rather than letting the steps
     /// only it needs be cancelled.
     pub keep_going: bool,
-    /// Every unfinished step of its closure, inputs before the steps that use them.
+}
+
+/// Builds expanded by ingest, ready to join the graph: one build, or the builds of a job set,
+/// which share one list of steps.
+#[derive(Debug, Clone)]
+pub struct BuildPlan {
+    /// The builds.
+    pub builds: Vec<PlannedBuild>,
+    /// Every unfinished step of their closures, each once, inputs before the steps that use
+    /// them.
     pub steps: Vec<PlannedStep>,
-    /// Steps of its closure that ingest found done without building (every output already in
-    /// a cache) and recorded as succeeded.
+    /// Steps of their closures that ingest found done without building (every output already
+    /// in a cache) and recorded as succeeded.
     pub available: Vec<StepId>,
     /// How many step completions had been committed before ingest read the step statuses:
     /// completions after that may be missing from the plan, and the core corrects for them.
@@ -245,6 +254,14 @@ pub enum Change {
         status: StepStatus,
         /// Why, for failures.
         reason: Option<String>,
+    },
+    /// A step failed on its own, and `build` is the oldest build that failed because of it:
+    /// later builds that need the step name it as where their cached failure comes from.
+    FailureOrigin {
+        /// The step.
+        step: StepId,
+        /// The build.
+        build: BuildId,
     },
     /// A step is held back from dispatch for `delay` (a retry's backoff): `visible_after`.
     StepHeld {

@@ -62,8 +62,7 @@ async fn prepare(cluster: &TestPostgres, drvs: &[FakeDrv]) -> Prepared {
         })
         .collect();
     let rows = queries::ensure_steps(&client, &specs).await.unwrap();
-    let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
-    queries::record_ingested_build(&client, build, &ids, &[], &[])
+    queries::record_ingested_builds(&client, &[build], &[], &[], &[])
         .await
         .unwrap();
     let mut join = Transitions::default();

@@ -55,6 +55,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "job sets",
         include_str!("../../migrations/0010_job_sets.sql"),
     ),
+    (
+        11,
+        "step graph edges instead of rows per build and step",
+        include_str!("../../migrations/0011_step_inputs.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

@@ -132,6 +132,8 @@ pub struct StepRow {
     pub infrastructure_failures: u32,
     /// How long it is still held back (`visible_after` in the future), if at all.
     pub visible_in: Option<std::time::Duration>,
+    /// Whether this call created it.
+    pub created: bool,
 }
 
 /// A step to create if it does not exist.
@@ -145,6 +147,47 @@ pub struct StepSpec {
     pub features: String,
 }
 
+/// The columns a [`StepRow`] is read from, after `id, drv_path`.
+const STEP_ROW: &str = "status::text, builder_losses, infrastructure_failures,
+     (extract(epoch FROM visible_after - now()) * 1000)::bigint";
+
+/// A [`StepRow`] from a row of `SELECT id, drv_path, STEP_ROW, created`.
+fn step_row(row: &tokio_postgres::Row) -> Result<StepRow, DbError> {
+    let count = |value: i32| u32::try_from(value).unwrap_or(0);
+    let label: String = row.get(2);
+    Ok(StepRow {
+        id: row.get(0),
+        drv_path: row.get(1),
+        status: StepStatus::from_label(&label).ok_or(DbError::UnknownStatus {
+            sql_type: StepStatus::SQL_TYPE,
+            label,
+        })?,
+        builder_losses: count(row.get(3)),
+        infrastructure_failures: count(row.get(4)),
+        visible_in: row
+            .get::<_, Option<i64>>(5)
+            .and_then(|milliseconds| u64::try_from(milliseconds).ok())
+            .filter(|milliseconds| *milliseconds > 0)
+            .map(std::time::Duration::from_millis),
+        created: row.get(6),
+    })
+}
+
+/// The steps that exist for the given derivations.
+pub async fn existing_steps(
+    client: &impl GenericClient,
+    paths: &[String],
+) -> Result<Vec<StepRow>, DbError> {
+    let rows = client
+        .query(
+            &format!("SELECT id, drv_path, {STEP_ROW}, false FROM steps WHERE drv_path = ANY($1)"),
+            &[&paths],
+        )
+        .await
+        .map_err(DbError::query("reading steps"))?;
+    rows.iter().map(step_row).collect()
+}
+
 /// Creates the steps that do not exist yet and returns every one, new or old, with its status.
 pub async fn ensure_steps(
     client: &impl GenericClient,
@@ -153,67 +196,70 @@ pub async fn ensure_steps(
     let paths: Vec<&str> = specs.iter().map(|s| s.drv_path.as_str()).collect();
     let systems: Vec<&str> = specs.iter().map(|s| s.system.as_str()).collect();
     let features: Vec<&str> = specs.iter().map(|s| s.features.as_str()).collect();
+    // `xmax = 0` tells a row this statement inserted from one it only touched.
     let rows = client
         .query(
-            "INSERT INTO steps (drv_path, status, system, required_features)
-             SELECT path, 'waiting', system, string_to_array(features, ' ')
-             FROM unnest($1::text[], $2::text[], $3::text[]) AS s(path, system, features)
-             ON CONFLICT (drv_path) DO UPDATE SET drv_path = EXCLUDED.drv_path
-             RETURNING id, drv_path, status::text, builder_losses, infrastructure_failures,
-                 (extract(epoch FROM visible_after - now()) * 1000)::bigint",
+            &format!(
+                "INSERT INTO steps (drv_path, status, system, required_features)
+                 SELECT path, 'waiting', system, string_to_array(features, ' ')
+                 FROM unnest($1::text[], $2::text[], $3::text[]) AS s(path, system, features)
+                 ON CONFLICT (drv_path) DO UPDATE SET drv_path = EXCLUDED.drv_path
+                 RETURNING id, drv_path, {STEP_ROW}, xmax = 0"
+            ),
             &[&paths, &systems, &features],
         )
         .await
         .map_err(DbError::query("creating steps"))?;
-    let count = |value: i32| u32::try_from(value).unwrap_or(0);
-    rows.iter()
-        .map(|row| {
-            let label: String = row.get(2);
-            Ok(StepRow {
-                id: row.get(0),
-                drv_path: row.get(1),
-                status: StepStatus::from_label(&label).ok_or(DbError::UnknownStatus {
-                    sql_type: StepStatus::SQL_TYPE,
-                    label,
-                })?,
-                builder_losses: count(row.get(3)),
-                infrastructure_failures: count(row.get(4)),
-                visible_in: row
-                    .get::<_, Option<i64>>(5)
-                    .and_then(|milliseconds| u64::try_from(milliseconds).ok())
-                    .filter(|milliseconds| *milliseconds > 0)
-                    .map(std::time::Duration::from_millis),
-            })
-        })
-        .collect()
+    rows.iter().map(step_row).collect()
 }
 
-/// Links a build to the steps it needs and marks it ingested; steps done without building
-/// (their outputs were already in a cache) succeed, and steps that start again after ending for
-/// good in an earlier life get fresh counters. The scheduler core sets the other statuses.
-pub async fn record_ingested_build(
+/// Records the edges of new steps: (step, the step building one of its inputs).
+pub async fn record_step_inputs(
     client: &impl GenericClient,
-    build: i64,
-    needed_steps: &[i64],
+    edges: &[(i64, i64)],
+) -> Result<(), DbError> {
+    let steps: Vec<i64> = edges.iter().map(|(step, _)| *step).collect();
+    let inputs: Vec<i64> = edges.iter().map(|(_, input)| *input).collect();
+    client
+        .execute(
+            "INSERT INTO step_inputs (step_id, input_id)
+             SELECT * FROM unnest($1::bigint[], $2::bigint[]) ON CONFLICT DO NOTHING",
+            &[&steps, &inputs],
+        )
+        .await
+        .map_err(DbError::query("recording step inputs"))?;
+    Ok(())
+}
+
+/// Marks builds planned (keeping the time of a first planning, so a runner restart does not
+/// change which steps they needed); steps done without building (their outputs were already in
+/// a cache) succeed, steps that start again after ending for good in an earlier life get fresh
+/// counters, and steps that can never run because an input failed earlier end `dep_failed`. The
+/// scheduler core sets the other statuses.
+pub async fn record_ingested_builds(
+    client: &impl GenericClient,
+    builds: &[i64],
     substituted_steps: &[i64],
     fresh_steps: &[i64],
+    dep_failed_steps: &[i64],
 ) -> Result<(), DbError> {
     client
         .execute(
             "WITH substituted AS (
                  UPDATE steps SET status = 'succeeded', finished_at = now(), failure_reason = NULL
-                 WHERE id = ANY($3)),
+                 WHERE id = ANY($2)),
              fresh AS (
                  UPDATE steps SET builder_losses = 0, infrastructure_failures = 0
-                 WHERE id = ANY($4)),
-             links AS (
-                 INSERT INTO build_steps (build_id, step_id)
-                 SELECT $1, unnest($2::bigint[]) ON CONFLICT DO NOTHING)
-             UPDATE builds SET ingested_at = now() WHERE id = $1",
-            &[&build, &needed_steps, &substituted_steps, &fresh_steps],
+                 WHERE id = ANY($3)),
+             dep_failed AS (
+                 UPDATE steps SET status = 'dep_failed', finished_at = now(),
+                     failure_reason = 'a dependency failed in an earlier build'
+                 WHERE id = ANY($4))
+             UPDATE builds SET ingested_at = coalesce(ingested_at, now()) WHERE id = ANY($1)",
+            &[&builds, &substituted_steps, &fresh_steps, &dep_failed_steps],
         )
         .await
-        .map_err(DbError::query("recording an ingested build"))?;
+        .map_err(DbError::query("recording ingested builds"))?;
     Ok(())
 }
 
@@ -237,19 +283,15 @@ pub async fn record_substituted_outputs(
     Ok(())
 }
 
-/// Where the failure of a step that failed on its own comes from: the first build it failed
-/// (if that build still says so) and the failure's reason.
+/// Where the failure of a step that failed on its own comes from: the oldest build it failed
+/// (if recorded) and the failure's reason.
 pub async fn failure_origin(
     client: &impl GenericClient,
     step: i64,
 ) -> Result<(Option<i64>, Option<String>), DbError> {
     let row = client
         .query_one(
-            "SELECT (SELECT b.id FROM build_steps bs JOIN builds b ON b.id = bs.build_id
-                     WHERE bs.step_id = s.id AND b.status IN ('failed', 'dep_failed')
-                     ORDER BY b.finished_at, b.id LIMIT 1),
-                    s.failure_reason
-             FROM steps s WHERE s.id = $1",
+            "SELECT failed_build_id, failure_reason FROM steps WHERE id = $1",
             &[&step],
         )
         .await
@@ -264,16 +306,33 @@ pub async fn finish_build(
     status: BuildStatus,
     reason: Option<&str>,
 ) -> Result<(), DbError> {
-    let status = status.as_str();
+    finish_builds(client, &[(build, status, reason.map(str::to_owned))]).await
+}
+
+/// Ends builds, each with a terminal status and a reason.
+pub async fn finish_builds(
+    client: &impl GenericClient,
+    builds: &[(i64, BuildStatus, Option<String>)],
+) -> Result<(), DbError> {
+    let ids: Vec<i64> = builds.iter().map(|(id, _, _)| *id).collect();
+    let statuses: Vec<&str> = builds
+        .iter()
+        .map(|(_, status, _)| status.as_str())
+        .collect();
+    let reasons: Vec<Option<&str>> = builds
+        .iter()
+        .map(|(_, _, reason)| reason.as_deref())
+        .collect();
     client
         .execute(
-            "UPDATE builds SET status = $2::text::build_status, finished_at = now(),
-                 ingested_at = coalesce(ingested_at, now()), failure_reason = $3
-             WHERE id = $1",
-            &[&build, &status, &reason],
+            "UPDATE builds b SET status = f.status::build_status, finished_at = now(),
+                 ingested_at = coalesce(b.ingested_at, now()), failure_reason = f.reason
+             FROM unnest($1::bigint[], $2::text[], $3::text[]) AS f(id, status, reason)
+             WHERE b.id = f.id",
+            &[&ids, &statuses, &reasons],
         )
         .await
-        .map_err(DbError::query("finishing a build"))?;
+        .map_err(DbError::query("finishing builds"))?;
     Ok(())
 }
 
@@ -620,10 +679,9 @@ pub async fn build_steps(
                     coalesce((SELECT a.machine FROM step_attempts a
                               WHERE a.step_id = s.id AND a.status = 'running' LIMIT 1), ''),
                     coalesce(s.failure_reason, '')
-             FROM build_steps bs
-             JOIN steps s ON s.id = bs.step_id
+             FROM steps_of_build($1) b
+             JOIN steps s ON s.id = b.step_id
              LEFT JOIN step_waiting_reasons w ON w.step_id = s.id
-             WHERE bs.build_id = $1
              ORDER BY s.id",
             &[&build],
         )
@@ -774,9 +832,19 @@ pub async fn restart_build(
     }
     transaction
         .execute(
-            "UPDATE steps SET status = 'waiting', failure_reason = NULL, finished_at = NULL,
-                 builder_losses = 0, infrastructure_failures = 0, visible_after = NULL
-             WHERE id IN (SELECT step_id FROM build_steps WHERE build_id = $1)
+            "WITH RECURSIVE closure(id) AS (
+                 SELECT s.id FROM builds b JOIN steps s ON s.drv_path = b.drv_path
+                 WHERE b.id = $1
+               UNION
+                 SELECT i.input_id FROM closure c
+                 JOIN steps s ON s.id = c.id AND s.status <> 'succeeded'
+                 JOIN step_inputs i ON i.step_id = c.id
+             )
+             UPDATE steps SET status = 'waiting', failure_reason = NULL, finished_at = NULL,
+                 builder_losses = 0, infrastructure_failures = 0, visible_after = NULL,
+                 failed_build_id = NULL
+             WHERE (id IN (SELECT id FROM closure)
+                    OR id IN (SELECT step_id FROM build_steps WHERE build_id = $1))
                AND status IN ('failed', 'dep_failed', 'cancelled', 'unsupported')",
             &[&build],
         )

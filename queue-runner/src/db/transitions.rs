@@ -29,6 +29,8 @@ struct StepWrite {
     counters: Option<(u32, u32)>,
     /// Held back for this long from the write: `visible_after`.
     held_for: Option<std::time::Duration>,
+    /// The oldest build that failed because of it: `failed_build_id`.
+    failure_origin: Option<BuildId>,
 }
 
 /// An attempt dispatched in this batch, possibly already ended.
@@ -91,6 +93,9 @@ impl Transitions {
                 let row = self.steps.entry(step).or_default();
                 row.status = Some(status);
                 row.reason = reason;
+            }
+            Change::FailureOrigin { step, build } => {
+                self.steps.entry(step).or_default().failure_origin = Some(build);
             }
             Change::StepHeld { step, delay } => {
                 self.steps.entry(step).or_default().held_for = Some(delay);
@@ -286,12 +291,14 @@ impl Transitions {
                     .map(|delay| i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
             })
             .collect();
+        let origins: Vec<Option<BuildId>> = steps.values().map(|s| s.failure_origin).collect();
         execute(
             client,
             &prepared.update_steps,
             "recording step changes",
             &[
                 &ids, &statuses, &finished, &started, &reasons, &losses, &failures, &held_ms,
+                &origins,
             ],
         )
         .await
@@ -481,10 +488,12 @@ const UPDATE_STEPS: &str = "UPDATE steps s SET
          builder_losses = coalesce(c.losses, s.builder_losses),
          infrastructure_failures = coalesce(c.failures, s.infrastructure_failures),
          visible_after = coalesce(now() + c.held * interval '1 millisecond',
-                                  s.visible_after)
+                                  s.visible_after),
+         failed_build_id = CASE WHEN c.status IS NULL THEN coalesce(s.failed_build_id, c.origin)
+                                ELSE c.origin END
      FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::bool[], $5::text[], $6::int[],
-                 $7::int[], $8::bigint[])
-         AS c(id, status, finished, started, reason, losses, failures, held)
+                 $7::int[], $8::bigint[], $9::bigint[])
+         AS c(id, status, finished, started, reason, losses, failures, held, origin)
      WHERE s.id = c.id";
 
 const INSERT_OUTPUTS: &str =

@@ -1,0 +1,102 @@
+//! Where the derivations builds are planned from come from: their closures read from the
+//! `derivations` table and verified, each derivation once per job set.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use nix_primitives::{Derivation, StorePath};
+
+use crate::db::DbError;
+use crate::db::queries::{self, QueuedBuild};
+use crate::scheduler::handoff::Handoff;
+use crate::verify::{self, VerifiedClosure, VerifyError};
+
+/// The verified closure builds are expanded from. A build of its own gets a fresh one (Submit's,
+/// from the handoff, when it left one); consecutive builds of one job set share theirs, so a
+/// derivation they share is loaded and verified once.
+#[derive(Debug, Default)]
+pub struct SharedClosure {
+    job_set: Option<i64>,
+    closure: VerifiedClosure,
+}
+
+impl SharedClosure {
+    /// The closure to expand `group` from: builds of one job set, or one build of its own.
+    pub fn for_group(&mut self, group: &[QueuedBuild], handoff: &Handoff) -> &mut VerifiedClosure {
+        let job_set = group.first().and_then(|build| build.job_set);
+        if job_set.is_none() || job_set != self.job_set {
+            self.job_set = job_set;
+            self.closure = match group {
+                [build] => handoff.take(build.id).unwrap_or_default(),
+                _ => VerifiedClosure::default(),
+            };
+        }
+        &mut self.closure
+    }
+}
+
+/// Reads the closure of `top` from the `derivations` table, verifies what `closure` lacks of it
+/// and adds it there. The outer error is the database's; the inner one says why the closure is
+/// refused.
+pub async fn load_closure(
+    client: &impl deadpool_postgres::GenericClient,
+    top: &str,
+    closure: &mut VerifiedClosure,
+) -> Result<Result<StorePath, VerifyError>, DbError> {
+    let top = match verify::parse_path(top) {
+        Ok(top) => top,
+        Err(error) => return Ok(Err(error)),
+    };
+    let mut parsed = BTreeMap::new();
+    if let Err(error) = complete_closure(client, &top, closure, &mut parsed).await? {
+        return Ok(Err(error));
+    }
+    Ok(closure.add(&top, &mut parsed).map(|()| top))
+}
+
+/// Adds to `parsed` every derivation of the closure of `top` that neither it nor `known` has,
+/// from the database, breadth-first with one query per level. The closure of a derivation
+/// `known` has is complete, so the walk stops there.
+pub async fn complete_closure(
+    client: &impl deadpool_postgres::GenericClient,
+    top: &StorePath,
+    known: &VerifiedClosure,
+    parsed: &mut BTreeMap<StorePath, (Vec<u8>, Derivation)>,
+) -> Result<Result<(), VerifyError>, DbError> {
+    let mut seen: BTreeSet<StorePath> = BTreeSet::from([top.clone()]);
+    let mut frontier = vec![top.clone()];
+    while !frontier.is_empty() {
+        frontier.retain(|path| !known.derivations.contains_key(path));
+        let wanted: Vec<String> = frontier
+            .iter()
+            .filter(|path| !parsed.contains_key(*path))
+            .map(StorePath::to_absolute)
+            .collect();
+        if !wanted.is_empty() {
+            for (path_text, text) in queries::derivation_texts(client, &wanted).await? {
+                let path = match verify::parse_path(&path_text) {
+                    Ok(path) => path,
+                    Err(error) => return Ok(Err(error)),
+                };
+                match verify::parse_derivation(&path, &text) {
+                    Ok(derivation) => {
+                        parsed.insert(path, (text, derivation));
+                    }
+                    Err(error) => return Ok(Err(error)),
+                }
+            }
+        }
+        let mut next = Vec::new();
+        for path in &frontier {
+            let Some((_, derivation)) = parsed.get(path) else {
+                return Ok(Err(VerifyError::Missing(path.clone())));
+            };
+            for input in derivation.input_derivations.keys() {
+                if seen.insert(input.clone()) {
+                    next.push(input.clone());
+                }
+            }
+        }
+        frontier = next;
+    }
+    Ok(Ok(()))
+}
