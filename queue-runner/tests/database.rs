@@ -143,7 +143,6 @@ async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() 
     };
     let spec = Arc::new(StepSpec {
         drv_path: drv.path.clone(),
-        drv_text: drv.text.clone(),
         outputs: BTreeMap::from([("out".to_owned(), drv.out.clone())]),
         requirements: Requirements {
             system: "x86_64-linux".to_owned(),

@@ -45,7 +45,6 @@ fn spec(id: StepId, system: &str, features: &[&str]) -> Arc<StepSpec> {
     let path = format!("/nix/store/{}-s{id}.drv", "0".repeat(32));
     Arc::new(StepSpec {
         drv_path: StorePath::from_absolute(&path).unwrap(),
-        drv_text: Vec::new(),
         outputs: BTreeMap::new(),
         requirements: Requirements {
             system: system.to_owned(),

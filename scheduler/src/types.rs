@@ -68,8 +68,6 @@ impl Capabilities {
 pub struct StepSpec {
     /// The derivation it builds.
     pub drv_path: StorePath,
-    /// The derivation's exact text, sent to builders.
-    pub drv_text: Vec<u8>,
     /// Its outputs, name to path.
     pub outputs: BTreeMap<String, StorePath>,
     /// What a builder needs.

@@ -174,6 +174,17 @@ pub enum SchedulerError {
         #[source]
         source: DbError,
     },
+    /// The texts of the derivations to dispatch could not be read.
+    #[error("reading the derivations of {steps} steps to dispatch (tried {tries} times)")]
+    ReadTexts {
+        /// Steps being dispatched.
+        steps: usize,
+        /// Times it was tried.
+        tries: u32,
+        /// The last failure.
+        #[source]
+        source: DbError,
+    },
 }
 
 impl Classify for SchedulerError {
@@ -399,8 +410,9 @@ impl Driver {
                 // Nobody watching is not an error.
                 let _ = self.published.changes.send(watched.into());
             }
+            let mut texts = self.derivation_texts(&messages).await?;
             for message in messages {
-                if let Some(ended) = self.deliver(message) {
+                if let Some(ended) = self.deliver(message, &mut texts) {
                     commands.extend(self.core.handle(ended));
                 }
             }
@@ -409,33 +421,56 @@ impl Driver {
 
     /// Writes one batch, again after transient failures, up to [`WRITE_RETRIES`] times.
     async fn write(&self, transitions: &Transitions, changes: usize) -> Result<(), SchedulerError> {
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let result = match self.pool.get().await {
-                Ok(mut client) => transitions.write(&mut client).await,
-                Err(error) => Err(DbError::Connection(error)),
-            };
-            match result {
-                Ok(()) => return Ok(()),
-                Err(error) if error.severity() == Severity::Step && tries <= WRITE_RETRIES => {
-                    tracing::warn!(error = %error_context::report(&error), tries, "retrying a batch of scheduler changes");
-                    tokio::time::sleep(Duration::from_millis(10 << tries)).await;
-                }
-                Err(source) => {
-                    return Err(SchedulerError::Write {
-                        changes,
-                        tries,
-                        source,
-                    });
-                }
-            }
+        retrying(
+            &self.pool,
+            "a batch of scheduler changes",
+            |mut client| async move { transitions.write(&mut client).await },
+        )
+        .await
+        .map_err(|(tries, source)| SchedulerError::Write {
+            changes,
+            tries,
+            source,
+        })
+    }
+
+    /// The texts of the derivations `messages` dispatch, read in one query: the core does not
+    /// hold them, so a queue of large derivations costs the database, not the runner's memory.
+    async fn derivation_texts(
+        &self,
+        messages: &[Command],
+    ) -> Result<HashMap<String, Vec<u8>>, SchedulerError> {
+        let paths: Vec<String> = messages
+            .iter()
+            .filter_map(|command| match command {
+                Command::Send {
+                    message: ToBuilder::Build(assignment),
+                    ..
+                } => Some(assignment.spec.drv_path.to_absolute()),
+                _ => None,
+            })
+            .collect();
+        if paths.is_empty() {
+            return Ok(HashMap::new());
         }
+        let paths = &paths;
+        retrying(
+            &self.pool,
+            "the texts of dispatched derivations",
+            |client| async move { queries::derivation_texts(&client, paths).await },
+        )
+        .await
+        .map(|texts| texts.into_iter().collect())
+        .map_err(|(tries, source)| SchedulerError::ReadTexts {
+            steps: paths.len(),
+            tries,
+            source,
+        })
     }
 
     /// Delivers a message or ends a session; returns the departure to tell the core about when
     /// a session could not take its message.
-    fn deliver(&mut self, command: Command) -> Option<Event> {
+    fn deliver(&mut self, command: Command, texts: &mut HashMap<String, Vec<u8>>) -> Option<Event> {
         match command {
             Command::Persist(_) | Command::Adopt { .. } => None,
             Command::EndSession { session, reason } => {
@@ -447,7 +482,7 @@ impl Driver {
             }
             Command::Send { session, message } => {
                 let link = self.sessions.get(&session)?;
-                let message = match self.runner_message(session, message)? {
+                let message = match self.runner_message(session, message, texts)? {
                     Ok(message) => message,
                     Err(unsendable) => return Some(unsendable),
                 };
@@ -502,14 +537,31 @@ impl Driver {
         &self,
         session: SessionId,
         message: ToBuilder,
+        texts: &mut HashMap<String, Vec<u8>>,
     ) -> Option<Result<RunnerMessage, Event>> {
         let message = match message {
             ToBuilder::Joined => Message::Joined(self.sessions.get(&session)?.joined.clone()),
             ToBuilder::Build(assignment) => {
                 let builder = self.core.placement().builder(session)?.name.clone();
                 let attempt = assignment.attempt;
+                let drv_path = assignment.spec.drv_path.to_absolute();
+                let Some(drv_text) = texts.remove(&drv_path) else {
+                    return Some(Err(Event::StepFinished {
+                        session,
+                        attempt,
+                        report: Report {
+                            outcome: Outcome::Failed,
+                            message: format!(
+                                "the text of {drv_path} is no longer in the derivations table"
+                            ),
+                            outputs: Vec::new(),
+                        },
+                    }));
+                };
                 let build = RunnerMessage {
-                    message: Some(Message::Build(self.build_message(builder, assignment))),
+                    message: Some(Message::Build(
+                        self.build_message(builder, assignment, drv_text),
+                    )),
                 };
                 let size = prost::Message::encoded_len(&build);
                 if size <= drover_proto::MAX_TUNNEL_MESSAGE_BYTES {
@@ -545,7 +597,7 @@ impl Driver {
 
     /// The Build message for an assignment; registers the attempt for the builder's uploads
     /// first.
-    fn build_message(&self, builder: String, assignment: Assignment) -> Build {
+    fn build_message(&self, builder: String, assignment: Assignment, drv_text: Vec<u8>) -> Build {
         let Assignment {
             attempt,
             step,
@@ -556,7 +608,7 @@ impl Driver {
             attempt_id: attempt.to_string(),
             step_id: step,
             drv_path: spec.drv_path.to_absolute(),
-            drv_text: spec.drv_text.clone(),
+            drv_text,
             outputs: spec
                 .outputs
                 .iter()
@@ -578,6 +630,34 @@ impl Driver {
             },
         );
         build
+    }
+}
+
+/// Runs `operation` on a pooled connection, again after transient failures, up to
+/// [`WRITE_RETRIES`] times; the tries and the last failure if it never succeeded.
+async fn retrying<T, Operation>(
+    pool: &Pool,
+    what: &str,
+    mut operation: impl FnMut(deadpool_postgres::Client) -> Operation,
+) -> Result<T, (u32, DbError)>
+where
+    Operation: Future<Output = Result<T, DbError>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let result = match pool.get().await {
+            Ok(client) => operation(client).await,
+            Err(error) => Err(DbError::Connection(error)),
+        };
+        match result {
+            Ok(value) => return Ok(value),
+            Err(error) if error.severity() == Severity::Step && tries <= WRITE_RETRIES => {
+                tracing::warn!(error = %error_context::report(&error), tries, "retrying {what}");
+                tokio::time::sleep(Duration::from_millis(10 << tries)).await;
+            }
+            Err(source) => return Err((tries, source)),
+        }
     }
 }
 

@@ -415,7 +415,6 @@ fn plan_steps(
             id: row.id,
             spec: Arc::new(drover_scheduler::StepSpec {
                 drv_path: (*path).clone(),
-                drv_text: verified.text.clone(),
                 outputs: verified.outputs.clone(),
                 requirements: Requirements {
                     system: String::from_utf8_lossy(&verified.derivation.system).into_owned(),
