@@ -8,7 +8,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use drover_proto::v1::build_service_client::BuildServiceClient;
-use drover_proto::v1::{DerivationText, SubmitRequest};
+use drover_proto::v1::{
+    DerivationText, Job, StageDerivationsRequest, SubmitJobSetRequest, SubmitRequest,
+};
 use drover_tls::Role;
 use test_support::fake_derivations::FakeDrv;
 use test_support::farm::{
@@ -25,6 +27,7 @@ pub struct Farm {
     /// Holds the farm's files; removed when the farm is dropped.
     _dir: tempfile::TempDir,
     files: FarmFiles,
+    config: std::path::PathBuf,
     runner: ChildGuard,
     port: u16,
     cache_port: u16,
@@ -62,21 +65,12 @@ impl Farm {
         )
         .to_toml();
         fs_err::write(&config, text).unwrap();
-        let runner = ChildGuard::spawn(
-            Command::new(workspace_binary("drover-queue-runner"))
-                .args(["--config", config.to_str().unwrap(), "run"])
-                .env(
-                    "RUST_LOG",
-                    std::env::var("DROVER_RUNNER_LOG").unwrap_or_else(|_| "warn".to_owned()),
-                )
-                .env("MALLOC_ARENA_MAX", "2")
-                .stdout(Stdio::null()),
-        )
-        .unwrap();
+        let runner = spawn_runner(&config);
         let db = database.connect().await;
         Self {
             _dir: dir,
             files,
+            config,
             runner,
             port,
             cache_port,
@@ -84,6 +78,51 @@ impl Farm {
             builder_processes: Vec::new(),
             db,
         }
+    }
+
+    /// Stops the runner (SIGTERM) and starts it again on the same database.
+    pub fn restart_runner(&mut self) {
+        let _ = self.runner.terminate(Duration::from_secs(20));
+        self.runner = spawn_runner(&self.config);
+    }
+
+    /// Stages `drvs` in chunks of about 16 MiB, then submits the derivations at `jobs` as one
+    /// job set; returns its build ids.
+    pub async fn submit_job_set(&self, drvs: &[FakeDrv], jobs: &[usize]) -> Vec<i64> {
+        let mut client = self.client().await;
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        for drv in drvs {
+            bytes += drv.text.len();
+            chunk.push(DerivationText {
+                path: drv.path.to_absolute(),
+                text: drv.text.clone(),
+            });
+            if bytes >= 16 << 20 {
+                stage(&mut client, std::mem::take(&mut chunk)).await;
+                bytes = 0;
+            }
+        }
+        stage(&mut client, chunk).await;
+        let request = SubmitJobSetRequest {
+            jobs: jobs
+                .iter()
+                .map(|index| Job {
+                    name: format!("job-{index}"),
+                    drv_path: drvs[*index].path.to_absolute(),
+                })
+                .collect(),
+            ..SubmitJobSetRequest::default()
+        };
+        client
+            .submit_job_set(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .builds
+            .iter()
+            .map(|build| build.build_id)
+            .collect()
     }
 
     /// The runner's process id.
@@ -248,6 +287,35 @@ impl Farm {
         }
         let _ = self.runner.terminate(Duration::from_secs(20));
     }
+}
+
+/// Starts the runner with `config`.
+fn spawn_runner(config: &Path) -> ChildGuard {
+    ChildGuard::spawn(
+        Command::new(workspace_binary("drover-queue-runner"))
+            .args(["--config", config.to_str().unwrap(), "run"])
+            .env(
+                "RUST_LOG",
+                std::env::var("DROVER_RUNNER_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
+            .env("MALLOC_ARENA_MAX", "2")
+            .stdout(Stdio::null()),
+    )
+    .unwrap()
+}
+
+/// Stages one chunk of derivations.
+async fn stage(client: &mut BuildServiceClient<Channel>, derivations: Vec<DerivationText>) {
+    if derivations.is_empty() {
+        return;
+    }
+    client
+        .stage_derivations(StageDerivationsRequest {
+            derivations,
+            sources: Vec::new(),
+        })
+        .await
+        .unwrap();
 }
 
 /// The Submit request for one build of the last of `drvs`.

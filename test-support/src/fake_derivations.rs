@@ -290,6 +290,83 @@ impl Factory {
         drvs
     }
 
+    /// A graph shaped like a nixpkgs evaluation, from `seed`: `size` derivations in `depth`
+    /// layers, the first few small (a bootstrap), each derivation with 1 to 10 inputs: one from
+    /// the layer below (so the graph is `depth` deep), usually one hub picked with a heavy tail
+    /// (the first derivations get thousands of dependents, as a bootstrap stdenv does), and up to
+    /// eight more from earlier layers. Each carries 2 to 10 KB of build flags, so its text is the
+    /// size of a real one. Returns the derivations, inputs first, and the indices of the jobs:
+    /// every derivation nothing depends on, then others at random up to `jobs`.
+    pub fn nixpkgs_shaped(
+        &mut self,
+        prefix: &str,
+        size: usize,
+        depth: usize,
+        jobs: usize,
+        seed: u64,
+    ) -> (Vec<FakeDrv>, Vec<usize>) {
+        let mut random = XorShift(seed.max(1));
+        let bootstrap = [1, 4, 16, 64];
+        let mut layer_starts = vec![0];
+        for width in bootstrap {
+            layer_starts.push(layer_starts.last().copied().unwrap_or_default() + width);
+        }
+        let rest = depth.saturating_sub(bootstrap.len()).max(1);
+        let width = size.saturating_sub(layer_starts[bootstrap.len()]).div_ceil(rest);
+        while layer_starts.last().copied().unwrap_or_default() < size {
+            let next = layer_starts.last().copied().unwrap_or_default() + width.max(1);
+            layer_starts.push(next.min(size));
+        }
+        let mut drvs: Vec<FakeDrv> = Vec::with_capacity(size);
+        let mut has_dependents = vec![false; size];
+        let flags: Vec<String> = (0..64).map(|n| format!("--enable-feature-{n} ")).collect();
+        for layer in 0..layer_starts.len() - 1 {
+            let (start, end) = (layer_starts[layer], layer_starts[layer + 1]);
+            for index in start..end {
+                let mut inputs = BTreeSet::new();
+                if layer > 0 {
+                    let below = layer_starts[layer - 1];
+                    inputs.insert(below + random.below(start - below));
+                    if random.below(10) < 9 {
+                        // A cube skews the pick towards the first derivations: a heavy tail.
+                        let reach = u64::try_from(start.min(4096)).unwrap_or(0);
+                        let pick = u64::try_from(random.below(1000)).unwrap_or(0);
+                        let skewed = pick * pick * pick * reach / 1_000_000_000;
+                        inputs.insert(usize::try_from(skewed).unwrap_or(0));
+                    }
+                    for _ in 0..random.below(9) {
+                        inputs.insert(random.below(start));
+                    }
+                }
+                for input in &inputs {
+                    has_dependents[*input] = true;
+                }
+                let mut padding = String::new();
+                let target = 2048 + random.below(8192);
+                while padding.len() < target {
+                    padding.push_str(&flags[random.below(flags.len())]);
+                }
+                let name = format!("{prefix}-{index}");
+                let input_drvs: Vec<&FakeDrv> = inputs.iter().map(|i| &drvs[*i]).collect();
+                let drv = self.make(
+                    &Spec::new(&name)
+                        .inputs(&input_drvs)
+                        .env("configureFlags", &padding),
+                );
+                drvs.push(drv);
+            }
+        }
+        let mut picked: Vec<usize> = (0..size).filter(|index| !has_dependents[*index]).collect();
+        let mut chosen: BTreeSet<usize> = picked.iter().copied().collect();
+        while picked.len() < jobs.min(size) {
+            let index = random.below(size);
+            if chosen.insert(index) {
+                picked.push(index);
+            }
+        }
+        (drvs, picked)
+    }
+
     /// A fixed-output derivation whose output is a single file with `contents` (flat SHA-256).
     pub fn make_fixed(&mut self, name: &str, contents: &[u8]) -> FakeDrv {
         use nix_primitives::content_address::fixed_output_path;

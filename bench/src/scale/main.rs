@@ -17,6 +17,9 @@
 //!   every link, the time from the builder sending one step's result to it receiving the next
 //!   step, which bounds "runnable to received" from above.
 //! - idle: `--idle-builders` connected builders and no work: the runner's memory and CPU.
+//! - job-set (not run by default): a nixpkgs-shaped graph of `--nixpkgs-steps` derivations
+//!   queued as one job set of `--nixpkgs-jobs` builds, cold and after a restart
+//!   ([`job_set`]).
 
 #![allow(
     clippy::unwrap_used,
@@ -28,6 +31,7 @@
 )]
 
 mod baselines;
+mod job_set;
 mod timeline;
 
 use std::time::{Duration, Instant};
@@ -65,7 +69,13 @@ struct Args {
     /// Graphs of the throughput run (chain, fan-out, diamonds, layered); all by default.
     #[arg(long = "graph")]
     graphs: Vec<String>,
-    /// What to run: throughput, latency, idle.
+    /// Derivations of the nixpkgs-shaped job set.
+    #[arg(long, default_value_t = 300_000)]
+    nixpkgs_steps: usize,
+    /// Jobs (builds) of the nixpkgs-shaped job set.
+    #[arg(long, default_value_t = 30_000)]
+    nixpkgs_jobs: usize,
+    /// What to run: throughput, latency, idle, job-set (the default runs the first three).
     modes: Vec<String>,
 }
 
@@ -96,7 +106,8 @@ async fn main() {
             "throughput" => throughput(&cluster, &args).await,
             "latency" => latency(&cluster, &args, &timeline).await,
             "idle" => idle(&cluster, &args).await,
-            other => panic!("unknown mode {other}: throughput, latency or idle"),
+            "job-set" => job_set::job_set(&cluster, &args).await,
+            other => panic!("unknown mode {other}: throughput, latency, idle or job-set"),
         }
     }
 }
