@@ -312,7 +312,9 @@ impl Factory {
             layer_starts.push(layer_starts.last().copied().unwrap_or_default() + width);
         }
         let rest = depth.saturating_sub(bootstrap.len()).max(1);
-        let width = size.saturating_sub(layer_starts[bootstrap.len()]).div_ceil(rest);
+        let width = size
+            .saturating_sub(layer_starts[bootstrap.len()])
+            .div_ceil(rest);
         while layer_starts.last().copied().unwrap_or_default() < size {
             let next = layer_starts.last().copied().unwrap_or_default() + width.max(1);
             layer_starts.push(next.min(size));

@@ -77,7 +77,11 @@ async fn cold(cluster: &TestPostgres, args: &Args, drvs: &[FakeDrv], jobs: &[usi
     let call = Instant::now();
     let builds = farm.submit_job_set(drvs, jobs).await;
     let submitted = call.elapsed();
-    wait_for_zero(&farm, "SELECT count(*) FROM builds WHERE finished_at IS NULL").await;
+    wait_for_zero(
+        &farm,
+        "SELECT count(*) FROM builds WHERE finished_at IS NULL",
+    )
+    .await;
     let total = call.elapsed();
     let after = ProcessStats::read(farm.runner_pid());
     let row = farm
@@ -142,7 +146,11 @@ async fn cold(cluster: &TestPostgres, args: &Args, drvs: &[FakeDrv], jobs: &[usi
 async fn restart(cluster: &TestPostgres, args: &Args, drvs: &[FakeDrv], jobs: &[usize]) {
     let mut farm = Farm::start(cluster).await;
     farm.submit_job_set(drvs, jobs).await;
-    wait_for_zero(&farm, "SELECT count(*) FROM builds WHERE ingested_at IS NULL").await;
+    wait_for_zero(
+        &farm,
+        "SELECT count(*) FROM builds WHERE ingested_at IS NULL",
+    )
+    .await;
     let queued = ProcessStats::read(farm.runner_pid());
     farm.restart_runner();
     let start = database_now(&farm).await;
