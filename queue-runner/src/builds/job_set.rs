@@ -122,6 +122,7 @@ impl Builds {
         }
         self.admit(&client, closure.derivations.len()).await?;
         let metadata = serde_json::to_value(&request.metadata).map_err(SubmitError::Metadata)?;
+        let derivations = closure.derivations.len();
         let series = (!request.series.is_empty()).then_some(request.series.as_str());
         let transaction = client
             .transaction()
@@ -141,15 +142,24 @@ impl Builds {
             },
         )
         .await?;
-        transaction
-            .commit()
-            .await
-            .map_err(DbError::query("committing a job set"))?;
+        // Offered before the commit, so ingest (woken by the commit) plans the job set from the
+        // closure verified here instead of verifying it again.
+        let first = builds.first().map(|(_, build)| *build);
+        let offered = match first {
+            Some(first) if !existing => self.handoff.offer(first, closure),
+            _ => false,
+        };
+        if let Err(error) = transaction.commit().await {
+            if let (true, Some(first)) = (offered, first) {
+                self.handoff.withdraw(first);
+            }
+            return Err(DbError::query("committing a job set")(error).into());
+        }
         if !existing {
             tracing::info!(
                 job_set = id,
                 jobs = builds.len(),
-                derivations = closure.derivations.len(),
+                derivations,
                 ?series,
                 supersede = request.supersede,
                 "job set submitted"

@@ -25,10 +25,11 @@ impl SharedClosure {
         let job_set = group.first().and_then(|build| build.job_set);
         if job_set.is_none() || job_set != self.job_set {
             self.job_set = job_set;
-            self.closure = match group {
-                [build] => handoff.take(build.id).unwrap_or_default(),
-                _ => VerifiedClosure::default(),
-            };
+            // Submit and SubmitJobSet leave what they verified under the first build's id.
+            self.closure = group
+                .first()
+                .and_then(|build| handoff.take(build.id))
+                .unwrap_or_default();
         }
         &mut self.closure
     }
