@@ -2,17 +2,16 @@
 //! chunk sent again changes nothing), then one call that verifies every job's closure together
 //! (a derivation the jobs share is verified once) and queues one build per job, all or none.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use drover_proto::v1::{StageDerivationsRequest, SubmitJobSetRequest};
 use drover_tls::Identity;
 use error_context::{Classify, Severity};
-use nix_primitives::StorePath;
 
 use super::Builds;
 use super::submit::{SubmitError, refuse_unknown_systems};
 use crate::db::{DbError, queries};
-use crate::scheduler::ingest::complete_closure;
+use crate::scheduler::ingest::load_closure;
 use crate::verify::{self, VerifiedClosure};
 
 /// Why a job set was refused or failed.
@@ -109,13 +108,13 @@ impl Builds {
         }
         let mut closure = VerifiedClosure::default();
         for (name, top) in &jobs {
-            add_job(&client, &mut closure, top)
-                .await
-                .map_err(|source| JobSetError::Job {
+            if let Err(refused) = load_closure(&client, top, &mut closure).await? {
+                return Err(JobSetError::Job {
                     job: name.clone(),
                     drv: top.clone(),
-                    source: Box::new(source),
-                })?;
+                    source: Box::new(SubmitError::Verify(refused)),
+                });
+            }
         }
         if self.limits.refuse_unknown_systems {
             refuse_unknown_systems(&client, &closure).await?;
@@ -190,18 +189,4 @@ fn checked_jobs(request: &SubmitJobSetRequest) -> Result<Vec<(String, String)>, 
         jobs.push((job.name.clone(), job.drv_path.clone()));
     }
     Ok(jobs)
-}
-
-/// Loads what `closure` lacks of the closure of `top` from the stored derivations and verifies
-/// it.
-async fn add_job(
-    client: &impl deadpool_postgres::GenericClient,
-    closure: &mut VerifiedClosure,
-    top: &str,
-) -> Result<(), SubmitError> {
-    let top: StorePath = verify::parse_path(top)?;
-    let mut parsed = BTreeMap::new();
-    complete_closure(client, &top, closure, &mut parsed).await??;
-    closure.add(&top, &mut parsed)?;
-    Ok(())
 }

@@ -38,11 +38,10 @@ impl Ingest {
         let closure = shared.for_group(group, &self.handoff);
         let tops = verified_tops(client, group, closure).await?;
         let closure = &*closure;
-        let tops = with_sources(client, &self.cache, closure, tops).await?;
+        let (tops, order) = with_sources(client, &self.cache, closure, tops).await?;
         if tops.is_empty() {
             return Ok(None);
         }
-        let order = closure.closure_of(tops.iter().map(|(_, top)| top));
         let loaded = started.elapsed();
         let available = available_derivations(&self.cache, closure, &order).await;
         let looked_up = started.elapsed();
@@ -176,17 +175,18 @@ async fn outcomes(
 }
 
 /// The builds of `tops` whose every input source is in the cache, where builders will
-/// substitute it; the others fail now, naming the source, not each of their steps on a builder.
-/// `.drv` files are not published: the Build message carries each step's derivation.
-async fn with_sources<'a>(
+/// substitute it, with the union of their closures in dependency order; the others fail now,
+/// naming the source, not each of their steps on a builder. `.drv` files are not published: the
+/// Build message carries each step's derivation.
+async fn with_sources<'a, 'c>(
     client: &deadpool_postgres::Client,
     cache: &BinaryCache,
-    closure: &VerifiedClosure,
+    closure: &'c VerifiedClosure,
     tops: Vec<(&'a QueuedBuild, StorePath)>,
-) -> Result<Vec<(&'a QueuedBuild, StorePath)>, DbError> {
+) -> Result<(Vec<(&'a QueuedBuild, StorePath)>, Vec<&'c StorePath>), DbError> {
     let all = closure.closure_of(tops.iter().map(|(_, top)| top));
     if missing_source(cache, closure, &all).is_none() {
-        return Ok(tops);
+        return Ok((tops, all));
     }
     let mut kept = Vec::with_capacity(tops.len());
     for (build, top) in tops {
@@ -195,7 +195,8 @@ async fn with_sources<'a>(
             None => kept.push((build, top)),
         }
     }
-    Ok(kept)
+    let all = closure.closure_of(kept.iter().map(|(_, top)| top));
+    Ok((kept, all))
 }
 
 /// The first input source of `order` the cache lacks, as the error that says so.
