@@ -168,6 +168,32 @@ fn every_dependency_in_the_closure_also_hashes_like_nix() {
 }
 
 #[test]
+fn a_verified_input_needs_no_parse_to_verify_its_dependents() {
+    let fixtures = Instantiated::new();
+    let mut hasher = DerivationHasher::new();
+    let (input, input_derivation) = fixtures.derivation("simple");
+    let (dependent, dependent_derivation) = fixtures.derivation("dependsOnSimple");
+    assert!(
+        dependent_derivation.input_derivations.contains_key(input),
+        "the fixture dependsOnSimple must depend on simple"
+    );
+    assert!(matches!(
+        hasher.verify(dependent, dependent_derivation, |_| None),
+        Err(OutputPathError::MissingInput(missing)) if missing == *input
+    ));
+    hasher
+        .verify(input, input_derivation, fixtures.lookup())
+        .unwrap();
+    let computed = hasher
+        .verify(dependent, dependent_derivation, |_| None)
+        .unwrap();
+    assert_eq!(
+        computed["out"].to_absolute(),
+        fixtures.attributes["dependsOnSimple"].1["out"]
+    );
+}
+
+#[test]
 fn kinds_features_and_strings_are_read_as_nix_wrote_them() {
     let fixtures = Instantiated::new();
     let features = |attribute| {

@@ -7,7 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use error_context::{Classify, Severity};
 use nix_primitives::derivation::{AtermError, FeaturesError, OutputPathError, derivation_path};
 use nix_primitives::store_path::StorePathError;
-use nix_primitives::{Derivation, DerivationHasher, DerivationKind, StorePath};
+use nix_primitives::{
+    Derivation, DerivationHasher, DerivationKind, DerivationOutput, Hash, IngestionMethod,
+    StorePath,
+};
 
 /// Why a closure was refused.
 #[derive(Debug, thiserror::Error)]
@@ -72,17 +75,25 @@ impl Classify for VerifyError {
     }
 }
 
-/// One verified derivation.
+/// What planning and dispatch need of one verified derivation: the text and the parse are
+/// dropped once it is verified (a nixpkgs derivation's text is 2 to 10 KB, its environment most of
+/// that), and the hasher remembers its output hashes for its dependents.
 #[derive(Debug, Clone)]
 pub struct VerifiedDerivation {
-    /// Its exact text.
-    pub text: Vec<u8>,
-    /// Its parse.
-    pub derivation: Derivation,
-    /// Its outputs, name to path.
-    pub outputs: BTreeMap<String, StorePath>,
+    /// The system it builds on.
+    pub system: String,
     /// Its required system features.
     pub features: BTreeSet<String>,
+    /// Its outputs, name to path.
+    pub outputs: BTreeMap<String, StorePath>,
+    /// The derivations whose outputs it needs.
+    pub inputs: Vec<StorePath>,
+    /// The store paths it needs as they are.
+    pub input_sources: Vec<StorePath>,
+    /// The outputs of its input derivations it reads.
+    pub input_outputs: Vec<StorePath>,
+    /// How its output is hashed and the hash it must have, for a fixed-output derivation.
+    pub fixed: Option<(IngestionMethod, Hash)>,
 }
 
 /// Verified derivations with their closures: one build's, or the union of a job set's.
@@ -93,51 +104,43 @@ pub struct VerifiedClosure {
     /// Paths in dependency order (inputs before dependents); for one build's closure, its
     /// top-level derivation is last.
     pub order: Vec<StorePath>,
-    /// The output hashes of the inputs seen so far, so a shared input is hashed once.
+    /// The output hashes of every derivation verified, so its dependents are hashed without it.
     hasher: DerivationHasher,
 }
 
 impl VerifiedClosure {
     /// Verifies the closure of `top` and adds it. Derivations verified already are not verified
     /// again; the others are taken out of `parsed` (each already checked with
-    /// [`parse_derivation`]), so the closure holds each text and parse once. On error nothing
+    /// [`parse_derivation`]) and kept only as what [`VerifiedDerivation`] holds. On error nothing
     /// of `top`'s closure is added.
     pub fn add(
         &mut self,
         top: &StorePath,
-        parsed: &mut BTreeMap<StorePath, (Vec<u8>, Derivation)>,
+        parsed: &mut BTreeMap<StorePath, Derivation>,
     ) -> Result<(), VerifyError> {
         let order = dependency_order(top, parsed, &self.derivations)?;
         let mut verified: BTreeMap<StorePath, VerifiedDerivation> = BTreeMap::new();
         for path in &order {
-            let (text, derivation) = parsed
-                .remove(path)
+            let derivation = parsed
+                .get(path)
                 .ok_or_else(|| VerifyError::Missing(path.clone()))?;
-            let outputs = {
-                let lookup = |input: &StorePath| {
+            let outputs = verify_one(&mut self.hasher, path, derivation, |input| {
+                parsed.get(input)
+            })?;
+            let compact = {
+                let output_of = |input: &StorePath, output: &String| {
                     verified
                         .get(input)
                         .or_else(|| self.derivations.get(input))
-                        .map(|known| &known.derivation)
+                        .and_then(|known| known.outputs.get(output))
+                        .cloned()
                 };
-                verify_one(&mut self.hasher, path, &derivation, lookup)?
+                compact(path, derivation, outputs, output_of)?
             };
-            let features =
-                derivation
-                    .required_system_features()
-                    .map_err(|source| VerifyError::Features {
-                        path: path.clone(),
-                        source,
-                    })?;
-            verified.insert(
-                path.clone(),
-                VerifiedDerivation {
-                    text,
-                    derivation,
-                    outputs,
-                    features,
-                },
-            );
+            verified.insert(path.clone(), compact);
+        }
+        for path in &order {
+            parsed.remove(path);
         }
         self.derivations.append(&mut verified);
         self.order.extend(order);
@@ -162,9 +165,8 @@ impl VerifiedClosure {
                 stack.push((path, true));
                 stack.extend(
                     verified
-                        .derivation
-                        .input_derivations
-                        .keys()
+                        .inputs
+                        .iter()
                         .filter(|input| !visited.contains(input))
                         .map(|input| (input, false)),
                 );
@@ -172,6 +174,46 @@ impl VerifiedClosure {
         }
         order
     }
+}
+
+/// What is kept of a verified derivation; `output_of` finds an output of a verified input.
+fn compact(
+    path: &StorePath,
+    derivation: &Derivation,
+    outputs: BTreeMap<String, StorePath>,
+    output_of: impl Fn(&StorePath, &String) -> Option<StorePath>,
+) -> Result<VerifiedDerivation, VerifyError> {
+    let features =
+        derivation
+            .required_system_features()
+            .map_err(|source| VerifyError::Features {
+                path: path.clone(),
+                source,
+            })?;
+    let mut input_outputs = Vec::new();
+    for (input, wanted) in &derivation.input_derivations {
+        for output in wanted {
+            let found = output_of(input, output).ok_or_else(|| {
+                VerifyError::Outputs(OutputPathError::MissingOutput {
+                    derivation: input.clone(),
+                    output: output.clone(),
+                })
+            })?;
+            input_outputs.push(found);
+        }
+    }
+    Ok(VerifiedDerivation {
+        system: String::from_utf8_lossy(&derivation.system).into_owned(),
+        features,
+        outputs,
+        inputs: derivation.input_derivations.keys().cloned().collect(),
+        input_sources: derivation.input_sources.iter().cloned().collect(),
+        input_outputs,
+        fixed: derivation.outputs.values().find_map(|output| match output {
+            DerivationOutput::Fixed { method, hash, .. } => Some((*method, *hash)),
+            _ => None,
+        }),
+    })
 }
 
 /// Parses a store path given by a client.
@@ -239,7 +281,7 @@ fn verify_one<'a>(
 /// recursion.
 fn dependency_order(
     top: &StorePath,
-    parsed: &BTreeMap<StorePath, (Vec<u8>, Derivation)>,
+    parsed: &BTreeMap<StorePath, Derivation>,
     verified: &BTreeMap<StorePath, VerifiedDerivation>,
 ) -> Result<Vec<StorePath>, VerifyError> {
     let mut order = Vec::new();
@@ -253,7 +295,7 @@ fn dependency_order(
         if verified.contains_key(&path) || !visited.insert(path.clone()) {
             continue;
         }
-        let (_, derivation) = parsed
+        let derivation = parsed
             .get(&path)
             .ok_or_else(|| VerifyError::Missing(path.clone()))?;
         stack.push((path, true));

@@ -157,7 +157,9 @@ impl DerivationHasher {
     }
 
     /// Checks that every output path written in the derivation, and the environment variable
-    /// named after each output, is the path its inputs determine; returns the paths.
+    /// named after each output, is the path its inputs determine; returns the paths. The
+    /// derivation's own output hashes are remembered, so its dependents verify without `lookup`
+    /// finding it: a caller that verifies inputs first may drop each parse once it is verified.
     pub fn verify<'a>(
         &mut self,
         path: &StorePath,
@@ -184,6 +186,10 @@ impl DerivationHasher {
                     output: output.clone(),
                 });
             }
+        }
+        if !self.known.contains_key(path) {
+            let hashes = self.output_hashes(path, derivation)?;
+            self.known.insert(path.clone(), hashes);
         }
         Ok(computed)
     }

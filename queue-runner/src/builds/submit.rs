@@ -191,12 +191,12 @@ impl Builds {
         }
         let top = verify::parse_path(&request.top_drv_path)?;
         let mut parsed = BTreeMap::new();
+        let mut texts = Vec::with_capacity(request.derivations.len());
         for given in request.derivations {
             let path = verify::parse_path(&given.path)?;
-            let derivation = verify::parse_derivation(&path, &given.text)?;
-            parsed.insert(path, (given.text, derivation));
+            parsed.insert(path.clone(), verify::parse_derivation(&path, &given.text)?);
+            texts.push((path, given.text));
         }
-        let submitted: Vec<_> = parsed.keys().cloned().collect();
         let mut closure = VerifiedClosure::default();
         complete_closure(&client, &top, &closure, &mut parsed).await??;
         closure.add(&top, &mut parsed)?;
@@ -205,14 +205,11 @@ impl Builds {
         }
         self.admit(&client, closure.derivations.len()).await?;
         self.publish_sources(request.sources).await?;
-        let new: Vec<(String, Vec<u8>)> = submitted
-            .iter()
-            .filter_map(|path| {
-                closure
-                    .derivations
-                    .get(path)
-                    .map(|verified| (path.to_absolute(), verified.text.clone()))
-            })
+        // What was given beyond the closure is not stored.
+        let new: Vec<(String, Vec<u8>)> = texts
+            .into_iter()
+            .filter(|(path, _)| closure.derivations.contains_key(path))
+            .map(|(path, text)| (path.to_absolute(), text))
             .collect();
         let metadata = serde_json::to_value(request.metadata).map_err(SubmitError::Metadata)?;
         let transaction = client
@@ -259,7 +256,7 @@ pub(super) async fn refuse_unknown_systems(
     }
     for (path, verified) in &closure.derivations {
         let requirements = Requirements {
-            system: String::from_utf8_lossy(&verified.derivation.system).into_owned(),
+            system: verified.system.clone(),
             features: verified.features.clone(),
         };
         if !machines

@@ -61,7 +61,7 @@ pub async fn complete_closure(
     client: &impl deadpool_postgres::GenericClient,
     top: &StorePath,
     known: &VerifiedClosure,
-    parsed: &mut BTreeMap<StorePath, (Vec<u8>, Derivation)>,
+    parsed: &mut BTreeMap<StorePath, Derivation>,
 ) -> Result<Result<(), VerifyError>, DbError> {
     let mut seen: BTreeSet<StorePath> = BTreeSet::from([top.clone()]);
     let mut frontier = vec![top.clone()];
@@ -80,7 +80,7 @@ pub async fn complete_closure(
                 };
                 match verify::parse_derivation(&path, &text) {
                     Ok(derivation) => {
-                        parsed.insert(path, (text, derivation));
+                        parsed.insert(path, derivation);
                     }
                     Err(error) => return Ok(Err(error)),
                 }
@@ -88,7 +88,7 @@ pub async fn complete_closure(
         }
         let mut next = Vec::new();
         for path in &frontier {
-            let Some((_, derivation)) = parsed.get(path) else {
+            let Some(derivation) = parsed.get(path) else {
                 return Ok(Err(VerifyError::Missing(path.clone())));
             };
             for input in derivation.input_derivations.keys() {

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use drover_scheduler::{BuildPlan, PlannedBuild, PlannedStep, Requirements, StepId};
 use futures_util::StreamExt as _;
-use nix_primitives::{Derivation, DerivationOutput, Hash, IngestionMethod, StorePath};
+use nix_primitives::StorePath;
 
 use super::closure::{SharedClosure, load_closure};
 use super::{Ingest, IngestError};
@@ -207,7 +207,6 @@ fn missing_source(
 ) -> Option<CacheError> {
     order.iter().find_map(|path| {
         closure.derivations[*path]
-            .derivation
             .input_sources
             .iter()
             .find(|source| !cache.is_published(source))
@@ -234,7 +233,7 @@ fn needed_derivations<'a>(
             continue;
         }
         if let Some(verified) = closure.derivations.get(path) {
-            pending.extend(verified.derivation.input_derivations.keys());
+            pending.extend(&verified.inputs);
         }
     }
     order
@@ -252,7 +251,7 @@ fn step_specs(closure: &VerifiedClosure, needed: &[&StorePath]) -> Vec<StepSpec>
             let verified = &closure.derivations[*path];
             StepSpec {
                 drv_path: path.to_absolute(),
-                system: String::from_utf8_lossy(&verified.derivation.system).into_owned(),
+                system: verified.system.clone(),
                 features: verified
                     .features
                     .iter()
@@ -276,11 +275,7 @@ fn new_edges(
         let Some(row) = steps.get(&path.to_absolute()).filter(|row| row.created) else {
             continue;
         };
-        for input in closure.derivations[*path]
-            .derivation
-            .input_derivations
-            .keys()
-        {
+        for input in &closure.derivations[*path].inputs {
             if let Some(input) = steps.get(&input.to_absolute()) {
                 edges.push((row.id, input.id));
             }
@@ -404,9 +399,8 @@ fn plan_steps(
         }
         let verified = &closure.derivations[*path];
         let inputs: Vec<StepId> = verified
-            .derivation
-            .input_derivations
-            .keys()
+            .inputs
+            .iter()
             .filter_map(|input| steps.get(&input.to_absolute()))
             .filter(|input| input.status != StepStatus::Succeeded)
             .map(|input| input.id)
@@ -418,11 +412,16 @@ fn plan_steps(
                 drv_path: (*path).clone(),
                 outputs: verified.outputs.clone(),
                 requirements: Requirements {
-                    system: String::from_utf8_lossy(&verified.derivation.system).into_owned(),
+                    system: verified.system.clone(),
                     features: verified.features.clone(),
                 },
-                input_paths: input_paths(closure, &verified.derivation),
-                fixed: fixed_output(&verified.derivation),
+                input_paths: verified
+                    .input_sources
+                    .iter()
+                    .chain(&verified.input_outputs)
+                    .cloned()
+                    .collect(),
+                fixed: verified.fixed,
             }),
             inputs,
             recorded_status: row.status,
@@ -501,28 +500,4 @@ fn mark_available_steps(
         }
     }
     substituted
-}
-
-/// The store paths a derivation's build reads: its input sources and the outputs it uses of its
-/// input derivations.
-fn input_paths(closure: &VerifiedClosure, derivation: &Derivation) -> BTreeSet<StorePath> {
-    let mut paths = derivation.input_sources.clone();
-    for (input, wanted) in &derivation.input_derivations {
-        if let Some(verified) = closure.derivations.get(input) {
-            paths.extend(
-                wanted
-                    .iter()
-                    .filter_map(|output| verified.outputs.get(output).cloned()),
-            );
-        }
-    }
-    paths
-}
-
-/// How a fixed-output derivation's output is hashed and the hash it must have.
-fn fixed_output(derivation: &Derivation) -> Option<(IngestionMethod, Hash)> {
-    derivation.outputs.values().find_map(|output| match output {
-        DerivationOutput::Fixed { method, hash, .. } => Some((*method, *hash)),
-        _ => None,
-    })
 }
