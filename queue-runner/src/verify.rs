@@ -142,7 +142,8 @@ impl VerifiedClosure {
         for path in &order {
             parsed.remove(path);
         }
-        self.derivations.append(&mut verified);
+        // Inserted one by one: `BTreeMap::append` rebuilds the whole map, once per job.
+        self.derivations.extend(verified);
         self.order.extend(order);
         Ok(())
     }
