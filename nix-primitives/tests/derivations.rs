@@ -191,6 +191,31 @@ fn a_verified_input_needs_no_parse_to_verify_its_dependents() {
         computed["out"].to_absolute(),
         fixtures.attributes["dependsOnSimple"].1["out"]
     );
+
+    // What a store keeps of the input is enough for another hasher.
+    let stored = hasher.hash_modulo(input).unwrap();
+    let mut restarted = DerivationHasher::new();
+    restarted.remember(
+        input.clone(),
+        input_derivation.outputs.keys().cloned(),
+        stored,
+    );
+    assert_eq!(
+        restarted
+            .verify(dependent, dependent_derivation, |_| None)
+            .unwrap(),
+        computed
+    );
+    let mut forged = DerivationHasher::new();
+    forged.remember(
+        input.clone(),
+        input_derivation.outputs.keys().cloned(),
+        Hash::sha256(b"another derivation"),
+    );
+    assert!(matches!(
+        forged.verify(dependent, dependent_derivation, |_| None),
+        Err(OutputPathError::PathMismatch { .. })
+    ));
 }
 
 #[test]

@@ -96,56 +96,127 @@ pub struct VerifiedDerivation {
     pub fixed: Option<(IngestionMethod, Hash)>,
 }
 
+/// A derivation verified earlier, as stored: what planning needs, and its hash modulo.
+#[derive(Debug, Clone)]
+pub struct StoredDerivation {
+    /// Its path.
+    pub path: StorePath,
+    /// What planning needs of it.
+    pub derivation: VerifiedDerivation,
+    /// Its hash modulo, for verifying its dependents.
+    pub hash_modulo: Hash,
+}
+
+/// A derivation of a closure being completed, as it was found.
+#[derive(Debug)]
+pub enum Loaded {
+    /// Its text, parsed and checked to hash to its path, still to be verified.
+    Parsed(Derivation),
+    /// Verified earlier.
+    Stored(StoredDerivation),
+}
+
+impl Loaded {
+    /// The derivations whose outputs it needs.
+    #[must_use]
+    pub fn inputs(&self) -> Vec<&StorePath> {
+        match self {
+            Self::Parsed(derivation) => derivation.input_derivations.keys().collect(),
+            Self::Stored(stored) => stored.derivation.inputs.iter().collect(),
+        }
+    }
+}
+
 /// Verified derivations with their closures: one build's, or the union of a job set's.
 #[derive(Debug, Default)]
 pub struct VerifiedClosure {
     /// Every derivation verified.
     pub derivations: BTreeMap<StorePath, VerifiedDerivation>,
-    /// Paths in dependency order (inputs before dependents); for one build's closure, its
-    /// top-level derivation is last.
-    pub order: Vec<StorePath>,
     /// The output hashes of every derivation verified, so its dependents are hashed without it.
     hasher: DerivationHasher,
 }
 
 impl VerifiedClosure {
-    /// Verifies the closure of `top` and adds it. Derivations verified already are not verified
-    /// again; the others are taken out of `parsed` (each already checked with
-    /// [`parse_derivation`]) and kept only as what [`VerifiedDerivation`] holds. On error nothing
-    /// of `top`'s closure is added.
+    /// Verifies the closure of `top` and adds it; returns the derivations verified from their
+    /// text, to store. Derivations verified already are not verified again; the others are taken
+    /// out of `loaded` and kept only as what [`VerifiedDerivation`] holds. On error nothing of
+    /// `top`'s closure is added and `loaded` is left as it was.
     pub fn add(
         &mut self,
         top: &StorePath,
-        parsed: &mut BTreeMap<StorePath, Derivation>,
-    ) -> Result<(), VerifyError> {
-        let order = dependency_order(top, parsed, &self.derivations)?;
+        loaded: &mut BTreeMap<StorePath, Loaded>,
+    ) -> Result<Vec<StoredDerivation>, VerifyError> {
+        let order = dependency_order(top, loaded, &self.derivations)?;
         let mut verified: BTreeMap<StorePath, VerifiedDerivation> = BTreeMap::new();
+        let mut to_store = Vec::new();
         for path in &order {
-            let derivation = parsed
+            let found = loaded
                 .get(path)
                 .ok_or_else(|| VerifyError::Missing(path.clone()))?;
-            let outputs = verify_one(&mut self.hasher, path, derivation, |input| {
-                parsed.get(input)
-            })?;
-            let compact = {
-                let output_of = |input: &StorePath, output: &String| {
-                    verified
-                        .get(input)
-                        .or_else(|| self.derivations.get(input))
-                        .and_then(|known| known.outputs.get(output))
-                        .cloned()
-                };
-                compact(path, derivation, outputs, output_of)?
+            let derivation = match found {
+                Loaded::Stored(stored) => {
+                    self.hasher.remember(
+                        path.clone(),
+                        stored.derivation.outputs.keys().cloned(),
+                        stored.hash_modulo,
+                    );
+                    stored.derivation.clone()
+                }
+                Loaded::Parsed(derivation) => {
+                    let compact = self.verify_parsed(path, derivation, loaded, &verified)?;
+                    // Outputs hashed apart (none of the kinds drover builds) are not stored.
+                    if let Some(hash_modulo) = self.hasher.hash_modulo(path) {
+                        to_store.push(StoredDerivation {
+                            path: path.clone(),
+                            derivation: compact.clone(),
+                            hash_modulo,
+                        });
+                    }
+                    compact
+                }
             };
-            verified.insert(path.clone(), compact);
+            verified.insert(path.clone(), derivation);
         }
         for path in &order {
-            parsed.remove(path);
+            loaded.remove(path);
         }
         // Inserted one by one: `BTreeMap::append` rebuilds the whole map, once per job.
         self.derivations.extend(verified);
-        self.order.extend(order);
-        Ok(())
+        Ok(to_store)
+    }
+
+    /// Adds a derivation verified earlier without its closure: enough to verify its dependents,
+    /// not to plan them.
+    pub fn add_stored(&mut self, stored: StoredDerivation) {
+        self.hasher.remember(
+            stored.path.clone(),
+            stored.derivation.outputs.keys().cloned(),
+            stored.hash_modulo,
+        );
+        self.derivations.insert(stored.path, stored.derivation);
+    }
+
+    /// Verifies one parsed derivation whose inputs are verified (in `batch` or earlier).
+    fn verify_parsed(
+        &mut self,
+        path: &StorePath,
+        derivation: &Derivation,
+        loaded: &BTreeMap<StorePath, Loaded>,
+        batch: &BTreeMap<StorePath, VerifiedDerivation>,
+    ) -> Result<VerifiedDerivation, VerifyError> {
+        let lookup = |input: &StorePath| match loaded.get(input) {
+            Some(Loaded::Parsed(derivation)) => Some(derivation),
+            _ => None,
+        };
+        let outputs = verify_one(&mut self.hasher, path, derivation, lookup)?;
+        let output_of = |input: &StorePath, output: &String| {
+            batch
+                .get(input)
+                .or_else(|| self.derivations.get(input))
+                .and_then(|known| known.outputs.get(output))
+                .cloned()
+        };
+        compact(path, derivation, outputs, output_of)
     }
 
     /// The union of the closures of `tops` in dependency order (inputs first); derivations not
@@ -282,7 +353,7 @@ fn verify_one<'a>(
 /// recursion.
 fn dependency_order(
     top: &StorePath,
-    parsed: &BTreeMap<StorePath, Derivation>,
+    loaded: &BTreeMap<StorePath, Loaded>,
     verified: &BTreeMap<StorePath, VerifiedDerivation>,
 ) -> Result<Vec<StorePath>, VerifyError> {
     let mut order = Vec::new();
@@ -296,15 +367,17 @@ fn dependency_order(
         if verified.contains_key(&path) || !visited.insert(path.clone()) {
             continue;
         }
-        let derivation = parsed
+        let found = loaded
             .get(&path)
             .ok_or_else(|| VerifyError::Missing(path.clone()))?;
+        let inputs: Vec<StorePath> = found
+            .inputs()
+            .into_iter()
+            .filter(|input| !visited.contains(*input))
+            .cloned()
+            .collect();
         stack.push((path, true));
-        for input in derivation.input_derivations.keys() {
-            if !visited.contains(input) {
-                stack.push((input.clone(), false));
-            }
-        }
+        stack.extend(inputs.into_iter().map(|input| (input, false)));
     }
     Ok(order)
 }

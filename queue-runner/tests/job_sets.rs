@@ -1,7 +1,7 @@
 //! Job sets over real mTLS gRPC against a real runner and PostgreSQL: derivations staged in
 //! chunks then queued as one build per job, all or none; the same steps and outcomes as separate
 //! Submits; a retried or resumed submission that queues once; and a newer job set of a series
-//! that cancels exactly what only the older one needed.
+//! that cancels exactly what only the older one needed; derivations verified once, as staged.
 
 #![allow(
     clippy::unwrap_used,
@@ -415,5 +415,100 @@ async fn a_superseding_job_set_cancels_exactly_what_only_older_ones_of_its_serie
         step("elsewhere").await.0,
         "succeeded",
         "another series is left alone"
+    );
+}
+
+/// The `verified_derivations` rows, by name: (output paths, input derivations).
+async fn verified_rows(farm: &Farm) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
+    farm.db()
+        .await
+        .query(
+            "SELECT path, output_paths, input_derivations FROM verified_derivations",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (name(row.get(0)), (row.get(1), row.get(2))))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn derivations_are_verified_once_as_they_are_staged_and_read_back_from_their_rows() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let base = factory.make(&Spec::new("base"));
+    let middle = factory.make(&Spec::new("middle").inputs(&[&base]));
+    let top = factory.make(&Spec::new("top").inputs(&[&middle]));
+    let later = factory.make(&Spec::new("later"));
+    let early = factory.make(&Spec::new("early").inputs(&[&later]));
+    let mut client = farm.client().await;
+
+    // A chunk is verified as it is staged when its inputs are staged already or in it.
+    client
+        .stage_derivations(stage_request(&[&middle, &base]))
+        .await
+        .unwrap();
+    let rows = verified_rows(&farm).await;
+    assert_eq!(
+        rows.keys().collect::<Vec<_>>(),
+        ["base.drv", "middle.drv"],
+        "{rows:?}"
+    );
+    assert_eq!(
+        rows["middle.drv"],
+        (
+            vec![middle.out.to_absolute()],
+            vec![base.path.to_absolute()]
+        )
+    );
+    // One whose input comes in a later chunk waits for the job set.
+    client
+        .stage_derivations(stage_request(&[&early]))
+        .await
+        .unwrap();
+    client
+        .stage_derivations(stage_request(&[&later, &top]))
+        .await
+        .unwrap();
+    assert_eq!(
+        verified_rows(&farm).await.keys().collect::<Vec<_>>(),
+        ["base.drv", "later.drv", "middle.drv", "top.drv"]
+    );
+    let queued = client
+        .submit_job_set(job_set_request(&[("top", &top), ("early", &early)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        verified_rows(&farm).await.len(),
+        5,
+        "the job set stored early's row"
+    );
+    farm.start_builder(&BuilderSpec::new("b1"));
+    for build in &queued.builds {
+        assert_eq!(farm.wait_for_build(build.build_id).await, Stored::Succeeded);
+    }
+
+    // A later job set, and a restarted runner, read the rows, not the texts: with base's text
+    // spoilt, a job needing it is still queued, recovered and built, as base is built already.
+    farm.terminate_builder(0);
+    farm.db()
+        .await
+        .execute(
+            "UPDATE derivations SET text = 'not a derivation' WHERE path = $1",
+            &[&base.path.to_absolute()],
+        )
+        .await
+        .unwrap();
+    let again = factory.make(&Spec::new("again").inputs(&[&middle]));
+    let queued = submit_job_set(&farm, &[&again], job_set_request(&[("again", &again)])).await;
+    farm.stop_runner().await;
+    farm.start_runner().await;
+    farm.start_builder(&BuilderSpec::new("b2"));
+    assert_eq!(
+        farm.wait_for_build(queued.builds[0].build_id).await,
+        Stored::Succeeded
     );
 }

@@ -109,6 +109,30 @@ impl DerivationHasher {
         Self::default()
     }
 
+    /// The hash modulo of a derivation this hasher verified or hashed as an input: the hash
+    /// every one of its outputs is hashed to. To store, and give back to [`Self::remember`].
+    #[must_use]
+    pub fn hash_modulo(&self, path: &StorePath) -> Option<Hash> {
+        let hashes = self.known.get(path)?;
+        let first = *hashes.values().next()?;
+        hashes.values().all(|hash| *hash == first).then_some(first)
+    }
+
+    /// Takes the hash modulo of a derivation verified earlier, as [`Self::hash_modulo`] gave
+    /// it, with the names of its outputs: its dependents then verify without its parse.
+    pub fn remember(
+        &mut self,
+        path: StorePath,
+        outputs: impl IntoIterator<Item = String>,
+        hash_modulo: Hash,
+    ) {
+        let hashes = outputs
+            .into_iter()
+            .map(|output| (output, hash_modulo))
+            .collect();
+        self.known.insert(path, hashes);
+    }
+
     /// The output paths the derivation at `path` must have, computed from its inputs.
     /// `lookup` finds the derivations of the closure by path.
     pub fn output_paths<'a>(

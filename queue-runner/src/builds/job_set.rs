@@ -2,7 +2,9 @@
 //! chunk sent again changes nothing), then one call that verifies every job's closure together
 //! (a derivation the jobs share is verified once) and queues one build per job, all or none.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use nix_primitives::StorePath;
 
 use drover_proto::v1::{StageDerivationsRequest, SubmitJobSetRequest};
 use drover_tls::Identity;
@@ -10,9 +12,9 @@ use error_context::{Classify, Severity};
 
 use super::Builds;
 use super::submit::{SubmitError, refuse_unknown_systems};
-use crate::db::{DbError, queries};
+use crate::db::{self, DbError, queries};
 use crate::scheduler::ingest::load_closure;
-use crate::verify::{self, VerifiedClosure};
+use crate::verify::{self, Loaded, StoredDerivation, VerifiedClosure};
 
 /// Why a job set was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,18 +74,25 @@ pub struct QueuedJobSet {
 
 impl Builds {
     /// Stores derivations (each checked to hash to its path) and input sources for a job set to
-    /// come; returns how many derivations were new.
+    /// come; returns how many derivations were new. Those whose inputs are verified already
+    /// (stored, or earlier in the request) are verified now, so the upload and the verification
+    /// overlap; the others are verified by the job set, which names any that fails.
     pub async fn stage(&self, request: StageDerivationsRequest) -> Result<u64, SubmitError> {
         let mut checked = Vec::with_capacity(request.derivations.len());
+        let mut loaded = BTreeMap::new();
         for given in request.derivations {
             self.check_size(&given.path, &given.text)?;
             let path = verify::parse_path(&given.path)?;
-            verify::parse_derivation(&path, &given.text)?;
+            let derivation = verify::parse_derivation(&path, &given.text)?;
             checked.push((path.to_absolute(), given.text));
+            loaded.insert(path, Loaded::Parsed(derivation));
         }
         self.publish_sources(request.sources).await?;
         let client = self.pool.get().await.map_err(DbError::Connection)?;
-        Ok(queries::store_derivations(&client, &checked).await?)
+        let stored = queries::store_derivations(&client, &checked).await?;
+        let verified = verify_staged(&client, loaded).await?;
+        db::verified::store(&client, &verified).await?;
+        Ok(stored)
     }
 
     /// Verifies every job's closure and queues one build per job for `caller`, all or none.
@@ -189,4 +198,56 @@ fn checked_jobs(request: &SubmitJobSetRequest) -> Result<Vec<(String, String)>, 
         jobs.push((job.name.clone(), job.drv_path.clone()));
     }
     Ok(jobs)
+}
+
+/// Verifies the staged derivations whose closures are staged and verified: each one's inputs
+/// are in `staged` or stored verified already. Returns what was verified.
+async fn verify_staged(
+    client: &impl deadpool_postgres::GenericClient,
+    mut staged: BTreeMap<StorePath, Loaded>,
+) -> Result<Vec<StoredDerivation>, DbError> {
+    let tops: Vec<StorePath> = staged.keys().cloned().collect();
+    let outside: BTreeSet<String> = staged
+        .values()
+        .flat_map(Loaded::inputs)
+        .filter(|input| !staged.contains_key(*input))
+        .map(StorePath::to_absolute)
+        .collect();
+    let outside: Vec<String> = outside.into_iter().collect();
+    let mut closure = VerifiedClosure::default();
+    for stored in db::verified::load(client, &outside).await? {
+        closure.add_stored(stored);
+    }
+    drop_incomplete(&mut staged, &closure);
+    let mut verified = Vec::new();
+    for top in &tops {
+        // One that does not verify waits for the job set, which names it.
+        if let Ok(mut more) = closure.add(top, &mut staged) {
+            verified.append(&mut more);
+        }
+    }
+    Ok(verified)
+}
+
+/// Drops from `staged` each derivation with an input neither staged nor in `stored` (sent in a
+/// later chunk, say), and every one above it: they are verified by the job set.
+fn drop_incomplete(staged: &mut BTreeMap<StorePath, Loaded>, stored: &VerifiedClosure) {
+    let mut dependents: HashMap<&StorePath, Vec<&StorePath>> = HashMap::new();
+    let mut pending = Vec::new();
+    for (path, found) in staged.iter() {
+        for input in found.inputs() {
+            if staged.contains_key(input) {
+                dependents.entry(input).or_default().push(path);
+            } else if !stored.derivations.contains_key(input) {
+                pending.push(path);
+            }
+        }
+    }
+    let mut incomplete = HashSet::new();
+    while let Some(path) = pending.pop() {
+        if incomplete.insert(path.clone()) {
+            pending.extend(dependents.get(path).into_iter().flatten().copied());
+        }
+    }
+    staged.retain(|path, _| !incomplete.contains(path));
 }

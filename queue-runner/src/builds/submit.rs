@@ -14,9 +14,9 @@ use nix_primitives::StorePath;
 
 use super::Builds;
 use crate::cache::CacheError;
-use crate::db::{DbError, queries};
+use crate::db::{self, DbError, queries};
 use crate::scheduler::ingest::complete_closure;
-use crate::verify::{self, VerifiedClosure, VerifyError};
+use crate::verify::{self, Loaded, VerifiedClosure, VerifyError};
 
 /// Why a Submit was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -194,12 +194,13 @@ impl Builds {
         let mut texts = Vec::with_capacity(request.derivations.len());
         for given in request.derivations {
             let path = verify::parse_path(&given.path)?;
-            parsed.insert(path.clone(), verify::parse_derivation(&path, &given.text)?);
+            let derivation = verify::parse_derivation(&path, &given.text)?;
+            parsed.insert(path.clone(), Loaded::Parsed(derivation));
             texts.push((path, given.text));
         }
         let mut closure = VerifiedClosure::default();
         complete_closure(&client, &top, &closure, &mut parsed).await??;
-        closure.add(&top, &mut parsed)?;
+        let verified = closure.add(&top, &mut parsed)?;
         if self.limits.refuse_unknown_systems {
             refuse_unknown_systems(&client, &closure).await?;
         }
@@ -229,6 +230,9 @@ impl Builds {
             },
         )
         .await?;
+        if !existing {
+            db::verified::store(&transaction, &verified).await?;
+        }
         // Offered before the commit, so ingest (woken by the commit) finds it.
         let offered = !existing && self.handoff.offer(id, closure);
         if let Err(error) = transaction.commit().await {

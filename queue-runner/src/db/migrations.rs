@@ -60,6 +60,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "step graph edges instead of rows per build and step",
         include_str!("../../migrations/0011_step_inputs.sql"),
     ),
+    (
+        12,
+        "derivations verified once, their hash modulo stored",
+        include_str!("../../migrations/0012_verified_derivations.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

@@ -7,6 +7,7 @@ mod migrations;
 pub mod queries;
 pub mod status;
 pub mod transitions;
+pub mod verified;
 
 use error_context::{Classify, Severity};
 

@@ -1,14 +1,15 @@
 //! Where the derivations builds are planned from come from: their closures read from the
-//! `derivations` table and verified, each derivation once per job set.
+//! database, each derivation verified once (its verified row stored, and read back by later job
+//! sets and a restarted runner).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use nix_primitives::{Derivation, StorePath};
+use nix_primitives::StorePath;
 
-use crate::db::DbError;
 use crate::db::queries::{self, QueuedBuild};
+use crate::db::{self, DbError};
 use crate::scheduler::handoff::Handoff;
-use crate::verify::{self, VerifiedClosure, VerifyError};
+use crate::verify::{self, Loaded, VerifiedClosure, VerifyError};
 
 /// The verified closure builds are expanded from. A build of its own gets a fresh one (Submit's,
 /// from the handoff, when it left one); consecutive builds of one job set share theirs, so a
@@ -35,9 +36,9 @@ impl SharedClosure {
     }
 }
 
-/// Reads the closure of `top` from the `derivations` table, verifies what `closure` lacks of it
-/// and adds it there. The outer error is the database's; the inner one says why the closure is
-/// refused.
+/// Reads the closure of `top` from the database, verifies what `closure` lacks of it, adds it
+/// there and stores what was verified from its text. The outer error is the database's; the
+/// inner one says why the closure is refused.
 pub async fn load_closure(
     client: &impl deadpool_postgres::GenericClient,
     top: &str,
@@ -47,40 +48,54 @@ pub async fn load_closure(
         Ok(top) => top,
         Err(error) => return Ok(Err(error)),
     };
-    let mut parsed = BTreeMap::new();
-    if let Err(error) = complete_closure(client, &top, closure, &mut parsed).await? {
+    let mut loaded = BTreeMap::new();
+    if let Err(error) = complete_closure(client, &top, closure, &mut loaded).await? {
         return Ok(Err(error));
     }
-    Ok(closure.add(&top, &mut parsed).map(|()| top))
+    match closure.add(&top, &mut loaded) {
+        Ok(verified) => {
+            db::verified::store(client, &verified).await?;
+            Ok(Ok(top))
+        }
+        Err(error) => Ok(Err(error)),
+    }
 }
 
-/// Adds to `parsed` every derivation of the closure of `top` that neither it nor `known` has,
-/// from the database, breadth-first with one query per level. The closure of a derivation
-/// `known` has is complete, so the walk stops there.
+/// Adds to `loaded` every derivation of the closure of `top` that neither it nor `known` has,
+/// breadth-first with one or two queries per level: its stored verified row, or else its text,
+/// parsed. The closure of a derivation `known` has is complete, so the walk stops there.
 pub async fn complete_closure(
     client: &impl deadpool_postgres::GenericClient,
     top: &StorePath,
     known: &VerifiedClosure,
-    parsed: &mut BTreeMap<StorePath, Derivation>,
+    loaded: &mut BTreeMap<StorePath, Loaded>,
 ) -> Result<Result<(), VerifyError>, DbError> {
     let mut seen: BTreeSet<StorePath> = BTreeSet::from([top.clone()]);
     let mut frontier = vec![top.clone()];
     while !frontier.is_empty() {
         frontier.retain(|path| !known.derivations.contains_key(path));
-        let wanted: Vec<String> = frontier
+        let mut wanted: BTreeSet<String> = frontier
             .iter()
-            .filter(|path| !parsed.contains_key(*path))
+            .filter(|path| !loaded.contains_key(*path))
             .map(StorePath::to_absolute)
             .collect();
         if !wanted.is_empty() {
-            for (path_text, text) in queries::derivation_texts(client, &wanted).await? {
+            let paths: Vec<String> = wanted.iter().cloned().collect();
+            for stored in db::verified::load(client, &paths).await? {
+                wanted.remove(&stored.path.to_absolute());
+                loaded.insert(stored.path.clone(), Loaded::Stored(stored));
+            }
+        }
+        if !wanted.is_empty() {
+            let paths: Vec<String> = wanted.into_iter().collect();
+            for (path_text, text) in queries::derivation_texts(client, &paths).await? {
                 let path = match verify::parse_path(&path_text) {
                     Ok(path) => path,
                     Err(error) => return Ok(Err(error)),
                 };
                 match verify::parse_derivation(&path, &text) {
                     Ok(derivation) => {
-                        parsed.insert(path, derivation);
+                        loaded.insert(path, Loaded::Parsed(derivation));
                     }
                     Err(error) => return Ok(Err(error)),
                 }
@@ -88,10 +103,10 @@ pub async fn complete_closure(
         }
         let mut next = Vec::new();
         for path in &frontier {
-            let Some(derivation) = parsed.get(path) else {
+            let Some(found) = loaded.get(path) else {
                 return Ok(Err(VerifyError::Missing(path.clone())));
             };
-            for input in derivation.input_derivations.keys() {
+            for input in found.inputs() {
                 if seen.insert(input.clone()) {
                     next.push(input.clone());
                 }
