@@ -107,13 +107,19 @@ async fn cold(cluster: &TestPostgres, args: &Args, drvs: &[FakeDrv], jobs: &[usi
                      + pg_total_relation_size('step_attempts'))::float8,
                     (pg_total_relation_size('builds') + pg_total_relation_size('job_sets'))::float8,
                     pg_total_relation_size('derivations')::float8,
-                    pg_total_relation_size('step_inputs')::float8",
+                    pg_total_relation_size('step_inputs')::float8,
+                    pg_total_relation_size('verified_derivations')::float8",
             &[],
         )
         .await
         .unwrap();
-    let (graph, build_rows, texts, edges): (f64, f64, f64, f64) =
-        (sizes.get(0), sizes.get(1), sizes.get(2), sizes.get(3));
+    let (graph, build_rows, texts, edges, verified): (f64, f64, f64, f64, f64) = (
+        sizes.get(0),
+        sizes.get(1),
+        sizes.get(2),
+        sizes.get(3),
+        sizes.get(4),
+    );
     farm.stop();
     assert_eq!(unsucceeded, 0, "every build of the job set succeeds");
     let steps = steps as f64;
@@ -135,10 +141,12 @@ async fn cold(cluster: &TestPostgres, args: &Args, drvs: &[FakeDrv], jobs: &[usi
     );
     println!(
         "cold: PostgreSQL per step: {:.0} B of step rows, edges, outputs and attempts \
-         ({:.0} B of it edges), {:.0} B of derivation text; {:.0} B per build row",
+         ({:.0} B of it edges), {:.0} B of derivation text, {:.0} B of verified derivation; \
+         {:.0} B per build row",
         graph / steps,
         edges / steps,
         texts / steps,
+        verified / steps,
         build_rows / builds.len() as f64
     );
 }
