@@ -34,6 +34,16 @@ pub enum InspectError {
         /// What was asked for.
         wanted: String,
     },
+    /// Several steps of the build match the one asked for.
+    #[error("build {build} has several steps matching {wanted:?}; name one:\n  {}", candidates.join("\n  "))]
+    AmbiguousStep {
+        /// The build.
+        build: i64,
+        /// What was asked for.
+        wanted: String,
+        /// The steps that match.
+        candidates: Vec<String>,
+    },
     /// A status name is not one `drover list --status` knows.
     #[error(
         "unknown status {0:?}: use queued, running, succeeded, failed, dep_failed, cancelled or cached_failure"
@@ -49,7 +59,9 @@ impl Classify for InspectError {
         match self {
             Self::Connect(error) => error.severity(),
             Self::Call(error) => error.severity(),
-            Self::NoSuchStep { .. } | Self::UnknownStatus(_) => Severity::Reject,
+            Self::NoSuchStep { .. } | Self::AmbiguousStep { .. } | Self::UnknownStatus(_) => {
+                Severity::Reject
+            }
             Self::Output(_) => Severity::Fatal,
         }
     }
@@ -268,15 +280,52 @@ pub async fn list(args: ListArgs) -> Result<(), WithContext<InspectError>> {
     Ok(())
 }
 
-/// The step of `build` whose log `drover logs` shows.
-pub fn chosen_step(build: &GetResponse, wanted: Option<&str>) -> Option<String> {
-    if let Some(wanted) = wanted {
-        return build
-            .steps
-            .iter()
-            .find(|step| step.drv_path.contains(wanted))
-            .map(|step| step.drv_path.clone());
+/// The step of `build` that `wanted` names: its `.drv` path, its name (`hello-2.12`, with or
+/// without `.drv`), or else a part of its path that only one step has.
+pub fn named_step(build: &GetResponse, wanted: &str) -> Result<String, InspectError> {
+    let name = wanted.strip_suffix(".drv").unwrap_or(wanted);
+    let paths: Vec<&str> = build
+        .steps
+        .iter()
+        .map(|step| step.drv_path.as_str())
+        .collect();
+    let exact: Vec<&str> = paths
+        .iter()
+        .copied()
+        .filter(|path| *path == wanted || derivation_name(path) == Some(name))
+        .collect();
+    let candidates = if exact.is_empty() {
+        paths
+            .into_iter()
+            .filter(|path| path.contains(wanted))
+            .collect()
+    } else {
+        exact
+    };
+    match candidates.as_slice() {
+        [] => Err(InspectError::NoSuchStep {
+            build: build.build_id,
+            wanted: wanted.to_owned(),
+        }),
+        [one] => Ok((*one).to_owned()),
+        several => Err(InspectError::AmbiguousStep {
+            build: build.build_id,
+            wanted: wanted.to_owned(),
+            candidates: several.iter().map(|path| (*path).to_owned()).collect(),
+        }),
     }
+}
+
+/// The name of a `.drv` path, without its hash and `.drv`.
+fn derivation_name(path: &str) -> Option<&str> {
+    let base = path.rsplit('/').next()?;
+    let (_, name) = base.split_once('-')?;
+    name.strip_suffix(".drv")
+}
+
+/// The step of `build` whose log `drover logs` shows when none is named: the failed one, else a
+/// running one, else the top-level one.
+pub fn chosen_step(build: &GetResponse) -> String {
     [StepStatus::Failed, StepStatus::Running]
         .iter()
         .find_map(|status| {
@@ -285,28 +334,39 @@ pub fn chosen_step(build: &GetResponse, wanted: Option<&str>) -> Option<String> 
                 .iter()
                 .find(|step| step.typed_status() == *status)
         })
-        .map(|step| step.drv_path.clone())
-        .or_else(|| Some(build.top_drv_path.clone()))
+        .map_or_else(|| build.top_drv_path.clone(), |step| step.drv_path.clone())
 }
 
 /// Runs `drover logs`.
 pub async fn logs(args: LogsArgs) -> Result<(), WithContext<InspectError>> {
     let mut client = client(&args.connection).await?;
     let build = get(&mut client, args.build).await?;
-    let drv_path =
-        chosen_step(&build, args.step.as_deref()).ok_or_else(|| InspectError::NoSuchStep {
-            build: args.build,
-            wanted: args.step.clone().unwrap_or_default(),
-        })?;
+    let drv_path = match args.step.as_deref() {
+        Some(wanted) => named_step(&build, wanted)?,
+        None => chosen_step(&build),
+    };
     let mut stdout = std::io::stdout().lock();
     if !args.follow {
         let log = client
-            .get_log(GetLogRequest { drv_path })
+            .get_log(GetLogRequest {
+                drv_path: drv_path.clone(),
+            })
             .await
             .map_err(call)?
-            .into_inner()
-            .log;
-        stdout.write_all(&log).map_err(InspectError::Output)?;
+            .into_inner();
+        stdout.write_all(&log.log).map_err(InspectError::Output)?;
+        if !log.complete {
+            let step = args
+                .step
+                .as_deref()
+                .map(|step| format!(" {step}"))
+                .unwrap_or_default();
+            eprintln!(
+                "drover: this log of {drv_path} is not complete: its step still runs, or its \
+                 upload was cut off (`drover logs -f {}{step}` follows a running step)",
+                args.build
+            );
+        }
         return Ok(());
     }
     let mut stream = client
@@ -321,4 +381,55 @@ pub async fn logs(args: LogsArgs) -> Result<(), WithContext<InspectError>> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(paths: &[&str]) -> GetResponse {
+        GetResponse {
+            build_id: 7,
+            steps: paths
+                .iter()
+                .map(|path| StepState {
+                    drv_path: format!("/nix/store/{path}"),
+                    ..StepState::default()
+                })
+                .collect(),
+            ..GetResponse::default()
+        }
+    }
+
+    #[test]
+    fn a_step_is_named_by_path_name_or_a_part_only_it_has() {
+        let hash = |c: char| c.to_string().repeat(32);
+        let hello = format!("{}-hello-2.12.drv", hash('a'));
+        let doc = format!("{}-hello-2.12-doc.drv", hash('b'));
+        let build = build(&[
+            &hello,
+            &doc,
+            &format!("{}-lib-a.drv", hash('c')),
+            &format!("{}-lib-b.drv", hash('d')),
+        ]);
+        let path = |base: &str| format!("/nix/store/{base}");
+        for wanted in ["hello-2.12", "hello-2.12.drv", &path(&hello), &hash('a')] {
+            assert_eq!(
+                named_step(&build, wanted).unwrap(),
+                path(&hello),
+                "{wanted}"
+            );
+        }
+        assert_eq!(named_step(&build, "doc").unwrap(), path(&doc));
+        match named_step(&build, "lib") {
+            Err(InspectError::AmbiguousStep { candidates, .. }) => {
+                assert_eq!(candidates.len(), 2, "{candidates:?}");
+            }
+            other => panic!("lib names two steps: {other:?}"),
+        }
+        assert!(matches!(
+            named_step(&build, "gcc"),
+            Err(InspectError::NoSuchStep { build: 7, .. })
+        ));
+    }
 }

@@ -450,7 +450,7 @@ async fn log_tail(
     client: &mut BuildServiceClient<Channel>,
     build: &drover_proto::v1::GetResponse,
 ) -> Option<(String, Vec<String>)> {
-    let step = crate::inspect::chosen_step(build, None)?;
+    let step = crate::inspect::chosen_step(build);
     let log = client
         .get_log(GetLogRequest {
             drv_path: step.clone(),

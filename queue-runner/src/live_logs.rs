@@ -96,6 +96,15 @@ impl LiveLogs {
         })
     }
 
+    /// The offset and bytes of what a live log keeps (its last [`BACKLOG_BYTES`]), if its
+    /// upload is under way.
+    #[must_use]
+    pub fn recent(&self, attempt: Uuid) -> Option<(u64, Vec<u8>)> {
+        let log = self.lock().get(&attempt)?.clone();
+        let backlog = log.backlog.lock().unwrap_or_else(PoisonError::into_inner);
+        Some((backlog.start, backlog.bytes.clone()))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<LiveLog>>> {
         // Every operation is one map call: a panicking holder leaves it consistent.
         self.logs.lock().unwrap_or_else(PoisonError::into_inner)

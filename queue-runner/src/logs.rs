@@ -25,6 +25,15 @@ pub struct LogStore {
 /// logs are smaller, and are compressed in one go at the end with the thread's reused context.
 const BUFFERED_BYTES: usize = 256 * 1024;
 
+/// A log as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogText {
+    /// Its bytes, decompressed.
+    pub bytes: Vec<u8>,
+    /// False while its step runs (what has arrived so far), or when its upload was cut.
+    pub complete: bool,
+}
+
 /// A log being written.
 pub struct LogWriter {
     file: Option<fs_err::File>,
@@ -75,8 +84,9 @@ impl LogStore {
         self.live.follow(attempt)
     }
 
-    /// Reads a log back, decompressed.
-    pub fn read(&self, file_name: &str) -> io::Result<Vec<u8>> {
+    /// Reads a log back, decompressed, as far as it goes: a file whose upload was cut (or is
+    /// under way) ends in an unfinished frame, and what precedes it is kept.
+    pub fn read(&self, file_name: &str) -> io::Result<LogText> {
         if file_name.contains('/') {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -84,9 +94,44 @@ impl LogStore {
             ));
         }
         let file = fs_err::File::open(self.directory.join(file_name))?;
-        let mut log = Vec::new();
-        zstd::Decoder::new(file)?.read_to_end(&mut log)?;
-        Ok(log)
+        let mut bytes = Vec::new();
+        // `read_to_end` keeps what it decoded before an error.
+        let complete = zstd::Decoder::new(file)?.read_to_end(&mut bytes).is_ok();
+        Ok(LogText { bytes, complete })
+    }
+
+    /// Reads the log of `attempt` (stored in `file_name`) with what has arrived so far while
+    /// its builder still sends it: the file's start and the live log's recent bytes.
+    pub fn read_so_far(&self, attempt: Uuid, file_name: &str) -> io::Result<LogText> {
+        let Some((start, recent)) = self.live.recent(attempt) else {
+            return self.read(file_name);
+        };
+        let mut bytes = if start == 0 {
+            Vec::new()
+        } else {
+            match self.read(file_name) {
+                Ok(stored) => stored.bytes,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => Vec::new(),
+                Err(error) => return Err(error),
+            }
+        };
+        let start = usize::try_from(start).unwrap_or(usize::MAX);
+        if bytes.len() >= start {
+            bytes.truncate(start);
+        } else {
+            let missing = start - bytes.len();
+            bytes.extend_from_slice(
+                format!(
+                    "\n[drover: {missing} bytes of this running step's log can be read once it ends]\n"
+                )
+                .as_bytes(),
+            );
+        }
+        bytes.extend_from_slice(&recent);
+        Ok(LogText {
+            bytes,
+            complete: false,
+        })
     }
 }
 
@@ -135,6 +180,7 @@ impl LogWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::live_logs::BACKLOG_BYTES;
 
     #[test]
     fn logs_round_trip_and_are_capped() {
@@ -147,7 +193,10 @@ mod tests {
         assert_eq!(writer.finish().unwrap(), (10, 11));
         assert_eq!(
             store.read(&LogStore::file_name(attempt)).unwrap(),
-            b"hello worl"
+            LogText {
+                bytes: b"hello worl".to_vec(),
+                complete: true
+            }
         );
         let long = Uuid::new_v4();
         let store = LogStore::new(directory.path().to_owned(), 1 << 30);
@@ -158,9 +207,70 @@ mod tests {
         }
         assert_eq!(writer.finish().unwrap(), (500_000, 0));
         assert_eq!(
-            store.read(&LogStore::file_name(long)).unwrap(),
+            store.read(&LogStore::file_name(long)).unwrap().bytes,
             chunk.repeat(5)
         );
         assert!(store.read("../etc/passwd").is_err());
+    }
+
+    /// Bytes zstd cannot shrink, so the file grows as they are written.
+    fn noise(length: usize) -> Vec<u8> {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        (0..length)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state.to_le_bytes()[0]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_log_being_written_reads_as_far_as_it_has_come() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = LogStore::new(directory.path().to_owned(), 1 << 30);
+        let short = Uuid::new_v4();
+        let mut writer = store.create(short).unwrap();
+        writer.write(b"line 1\n").unwrap();
+        assert_eq!(
+            store
+                .read_so_far(short, &LogStore::file_name(short))
+                .unwrap(),
+            LogText {
+                bytes: b"line 1\n".to_vec(),
+                complete: false
+            }
+        );
+        writer.finish().unwrap();
+        assert!(
+            store
+                .read_so_far(short, &LogStore::file_name(short))
+                .unwrap()
+                .complete
+        );
+
+        // Longer than what the live log keeps: the file's start, then the recent bytes.
+        let long = Uuid::new_v4();
+        let mut writer = store.create(long).unwrap();
+        let written = noise(3 * BACKLOG_BYTES);
+        for chunk in written.chunks(64 * 1024) {
+            writer.write(chunk).unwrap();
+        }
+        let so_far = store.read_so_far(long, &LogStore::file_name(long)).unwrap();
+        assert!(!so_far.complete);
+        assert!(so_far.bytes.starts_with(&written[..1000]));
+        assert!(
+            so_far
+                .bytes
+                .ends_with(&written[written.len() - BACKLOG_BYTES..])
+        );
+
+        // An upload cut off: what was stored before the cut is read, marked incomplete.
+        drop(writer);
+        let cut = store.read(&LogStore::file_name(long)).unwrap();
+        assert!(!cut.complete);
+        assert!(!cut.bytes.is_empty());
+        assert!(written.starts_with(&cut.bytes));
     }
 }

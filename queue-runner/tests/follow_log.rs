@@ -1,6 +1,6 @@
 //! `FollowLog` of a real Nix build: the lines arrive while the build runs, the stream ends with
 //! the build, heartbeats fill the silences, and following it afterwards gives the whole log from
-//! the start.
+//! the start; `GetLog` of a running step gives what has arrived so far.
 
 #![allow(
     clippy::unwrap_used,
@@ -13,7 +13,8 @@ mod common;
 use common::nix_farm::{start_with_one_nix_builder, submit_closure};
 use common::{DEADLINE, Farm, Stored};
 use drover_proto::v1::log_event::Event;
-use drover_proto::v1::{FollowLogRequest, LogEvent};
+use drover_proto::v1::{FollowLogRequest, GetLogRequest, LogEvent};
+use test_support::wait::poll_until;
 
 /// Reads a `FollowLog` stream to its end: the log, and whether a heartbeat came.
 async fn follow(farm: &Farm, drv_path: &str, mut seen: impl FnMut(&str)) -> (String, bool) {
@@ -115,4 +116,63 @@ async fn a_running_real_builds_log_arrives_live_and_whole_afterwards() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_of_a_running_step_reads_as_far_as_it_has_come() {
+    let mut farm = Farm::new().await;
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let expression = farm.dir.path().join("slow-talker.nix");
+    fs_err::write(
+        &expression,
+        r#"{ talker = derivation {
+            name = "slow-talker";
+            system = "x86_64-linux";
+            builder = "/bin/sh";
+            args = [ "-c" "echo started >&2; for i in 1 2 3 4 5 6 7 8 9 10; do /bin/sleep 0.5; done; echo finished >&2; echo done > $out" ];
+        }; }"#,
+    )
+    .unwrap();
+    let top = submitter.instantiate(&expression, "talker");
+    let build = submit_closure(&farm, &submitter, &top).await;
+    let client = farm.client().await;
+    let get_log = || {
+        let mut client = client.clone();
+        let drv_path = top.to_absolute();
+        async move {
+            client
+                .get_log(GetLogRequest { drv_path })
+                .await
+                .ok()
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let so_far = poll_until(DEADLINE, "the log's first line", || async {
+        get_log()
+            .await
+            .filter(|log| String::from_utf8_lossy(&log.log).contains("started"))
+    })
+    .await;
+    let running: i64 = farm
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM step_attempts WHERE status = 'running'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(running, 1, "the step ended before its log was read");
+    assert!(!so_far.complete, "a running step's log is not complete");
+    assert!(!String::from_utf8_lossy(&so_far.log).contains("finished"));
+
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
+    let whole = get_log().await.expect("the stored log");
+    assert!(whole.complete);
+    let text = String::from_utf8_lossy(&whole.log);
+    assert!(
+        text.contains("started") && text.contains("finished"),
+        "{text:?}"
+    );
 }

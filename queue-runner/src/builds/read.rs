@@ -7,6 +7,7 @@ use super::Builds;
 use super::view;
 use crate::db::queries::{self, BuildFilter};
 use crate::db::{DbError, Pool};
+use crate::logs::LogText;
 
 /// Why a build or a log could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -51,13 +52,14 @@ impl Builds {
         })
     }
 
-    /// The stored log of the latest attempt of the step building `drv_path`.
-    pub async fn log(&self, drv_path: &str) -> Result<Vec<u8>, ReadError> {
+    /// The log of the latest attempt of the step building `drv_path`: what has arrived so far
+    /// while it runs.
+    pub async fn log(&self, drv_path: &str) -> Result<LogText, ReadError> {
         let client = self.pool.get().await.map_err(DbError::Connection)?;
-        let file = queries::latest_log_file(&client, drv_path)
+        let (attempt, file) = queries::latest_log_file(&client, drv_path)
             .await?
             .ok_or_else(|| ReadError::NoLog(drv_path.to_owned()))?;
-        self.logs.read(&file).map_err(|source| {
+        self.logs.read_so_far(attempt, &file).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 return ReadError::LogNotYet(drv_path.to_owned());
             }

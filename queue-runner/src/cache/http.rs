@@ -72,13 +72,17 @@ async fn log(State(served): State<Served>, Path(name): Path<String>) -> Response
     let Ok(client) = served.pool.get().await else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
-    let file_name = match queries::latest_log_file(&client, &drv.to_absolute()).await {
-        Ok(Some(file_name)) => file_name,
+    let (attempt, file_name) = match queries::latest_log_file(&client, &drv.to_absolute()).await {
+        Ok(Some(latest)) => latest,
         Ok(None) => return not_found(),
         Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
     };
-    match served.logs.read(&file_name) {
-        Ok(log) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log).into_response(),
+    match served.logs.read_so_far(attempt, &file_name) {
+        Ok(log) => (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            log.bytes,
+        )
+            .into_response(),
         Err(_) => not_found(),
     }
 }

@@ -420,17 +420,17 @@ pub async fn attempt_log_file(
 pub async fn latest_log_file(
     client: &impl GenericClient,
     drv_path: &str,
-) -> Result<Option<String>, DbError> {
+) -> Result<Option<(uuid::Uuid, String)>, DbError> {
     let row = client
         .query_opt(
-            "SELECT a.log_file FROM step_attempts a JOIN steps s ON s.id = a.step_id
+            "SELECT a.id, a.log_file FROM step_attempts a JOIN steps s ON s.id = a.step_id
              WHERE s.drv_path = $1 AND a.log_file IS NOT NULL
              ORDER BY a.started_at DESC LIMIT 1",
             &[&drv_path],
         )
         .await
         .map_err(DbError::query("finding a log"))?;
-    Ok(row.map(|row| row.get(0)))
+    Ok(row.map(|row| (row.get(0), row.get(1))))
 }
 
 /// A build as submitted.

@@ -172,6 +172,9 @@ impl BuildService for BuildServiceImpl {
     ) -> Result<Response<GetLogResponse>, Status> {
         auth::require(&request, CALLERS)?;
         let log = self.builds.log(&request.into_inner().drv_path).await?;
-        Ok(Response::new(GetLogResponse { log }))
+        Ok(Response::new(GetLogResponse {
+            log: log.bytes,
+            complete: log.complete,
+        }))
     }
 }

@@ -122,7 +122,7 @@ impl Follow {
             return Ok(Stage::Done);
         };
         let log = match self.logs.read(&file) {
-            Ok(log) => log,
+            Ok(log) => log.bytes,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(error) => {
                 tracing::error!(%file, %error, "reading a stored log failed");
