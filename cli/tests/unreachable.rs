@@ -1,6 +1,6 @@
 //! `drover submit`, `cancel`, `restart`, `status` and `logs` against a runner that is not there
 //! say they could not reach the runner (not that the runner refused), and exit 69
-//! (`EX_UNAVAILABLE`).
+//! (`EX_UNAVAILABLE`), naming its URL; one without connection settings says where they come from.
 
 #![allow(
     clippy::unwrap_used,
@@ -55,9 +55,30 @@ fn commands_against_a_runner_that_is_not_there_say_they_could_not_reach_it() {
             "EX_UNAVAILABLE: {command:?}: {stderr}"
         );
         assert!(
-            stderr.contains("could not reach the runner"),
+            stderr.contains(&format!(
+                "could not reach the runner at https://localhost:{port}"
+            )),
             "{command:?}: {stderr}"
         );
         assert!(!stderr.contains("refused:"), "{command:?}: {stderr}");
     }
+}
+
+#[test]
+fn a_command_without_connection_settings_says_where_they_come_from() {
+    let output = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["status", "7"])
+        .env_remove("DROVER_RUNNER")
+        .env_remove("DROVER_CA")
+        .env_remove("DROVER_CERT")
+        .env_remove("DROVER_KEY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("the runner's URL is not set: pass --runner or set DROVER_RUNNER")
+            && stderr.contains("source DIR/env"),
+        "{stderr}"
+    );
 }
