@@ -10,6 +10,7 @@
 )]
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -60,6 +61,9 @@ fn submit(
 /// it once its exports are written, with the exports.
 async fn start_farm(dir: &Path) -> (ChildGuard, BTreeMap<String, String>) {
     let farm_dir = dir.join("farm");
+    // A farm started again in the same directory writes its exports again.
+    let env_file = farm_dir.join("env");
+    let _ = fs_err::remove_file(&env_file);
     let log = fs_err::File::create(dir.join("farm.log")).unwrap();
     let farm = ChildGuard::spawn(
         Command::new(DROVER)
@@ -70,7 +74,6 @@ async fn start_farm(dir: &Path) -> (ChildGuard, BTreeMap<String, String>) {
             .stderr(log.into_parts().0),
     )
     .unwrap();
-    let env_file = farm_dir.join("env");
     let env = poll_until(
         Duration::from_secs(90),
         "the dev farm to come up",
@@ -277,10 +280,15 @@ async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dev_farm_killed_with_sigkill_leaves_no_builder_running() {
+async fn a_dev_farm_killed_with_sigkill_leaves_no_builder_running_and_its_directory_reusable() {
     let dir = tempfile::tempdir().unwrap();
     let farm_dir = dir.path().join("farm");
-    let (mut farm, _) = start_farm(dir.path()).await;
+    let (mut farm, env) = start_farm(dir.path()).await;
+    let key_mode = fs_err::metadata(farm_dir.join("cache-key.sec"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600, "the cache's secret key is private");
     let builder_pids = |index: u32| {
         let config = farm_dir.join(format!("builder-b{index}.toml"));
         let found = Command::new("pgrep")
@@ -303,4 +311,11 @@ async fn a_dev_farm_killed_with_sigkill_leaves_no_builder_running() {
         || async { (builder_pids(1).is_empty() && builder_pids(2).is_empty()).then_some(()) },
     )
     .await;
+
+    // The same directory serves again, with the same CA and cache key, so clients set up for
+    // the first farm keep working.
+    let ca = fs_err::read(farm_dir.join("ca.pem")).unwrap();
+    let (_again, env_again) = start_farm(dir.path()).await;
+    assert_eq!(env_again["DROVER_CACHE_KEY"], env["DROVER_CACHE_KEY"]);
+    assert_eq!(fs_err::read(farm_dir.join("ca.pem")).unwrap(), ca);
 }

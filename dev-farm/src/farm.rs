@@ -186,7 +186,8 @@ fn write(path: &Path, contents: &str) -> Result<(), DevFarmError> {
 /// A CA, the runner's certificate and the cache's key, one certificate per builder, and a
 /// client certificate `client/dev`.
 fn certificates(dir: &Path, builders: u32) -> Result<FarmFiles, DevFarmError> {
-    let files = FarmFiles::create(dir, "dev")?;
+    // A directory of an earlier run keeps its CA, so clients pointed at it stay valid.
+    let files = FarmFiles::open_or_create(dir, "dev")?;
     files.issue(Role::Client, "dev")?;
     for index in 1..=builders {
         files.issue(Role::Builder, &format!("b{index}"))?;

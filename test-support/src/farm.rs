@@ -96,7 +96,10 @@ impl FarmFiles {
         ca.write(dir)?;
         let cache_key = SecretKey::generate(&format!("drover-{runner_name}-farm-1"))
             .map_err(|error| FarmError::CacheKey(error.to_string()))?;
-        fs_err::write(dir.join("cache-key.sec"), cache_key.to_nix_format())?;
+        write_secret(
+            &dir.join("cache-key.sec"),
+            cache_key.to_nix_format().as_bytes(),
+        )?;
         let files = Self {
             dir: dir.to_owned(),
             ca,
@@ -104,6 +107,28 @@ impl FarmFiles {
             cache_key,
         };
         files.issue_runner(dir)?;
+        Ok(files)
+    }
+
+    /// Opens the farm an earlier [`Self::create`] made in `dir` (its CA, cache key and runner
+    /// certificate), or makes one there.
+    pub fn open_or_create(dir: &Path, runner_name: &str) -> Result<Self, FarmError> {
+        if !dir.join(drover_tls::CA_CERT_FILE).exists() {
+            return Self::create(dir, runner_name);
+        }
+        let ca = CertificateAuthority::load(dir)?;
+        let key_text = fs_err::read_to_string(dir.join("cache-key.sec"))?;
+        let cache_key = SecretKey::parse(key_text.trim())
+            .map_err(|error| FarmError::CacheKey(error.to_string()))?;
+        let files = Self {
+            dir: dir.to_owned(),
+            ca,
+            runner_name: runner_name.to_owned(),
+            cache_key,
+        };
+        if !files.path(&format!("runner-{runner_name}.pem")).exists() {
+            files.issue_runner(dir)?;
+        }
         Ok(files)
     }
 
@@ -400,4 +425,16 @@ pub fn free_port() -> u16 {
 pub fn unused_port() -> std::io::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(listener.local_addr()?.port())
+}
+
+/// Writes a new file only its owner may read.
+fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use fs_err::os::unix::fs::OpenOptionsExt as _;
+    use std::io::Write as _;
+    let mut file = fs_err::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents)
 }
