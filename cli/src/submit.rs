@@ -48,10 +48,23 @@ pub struct SubmitArgs {
 pub struct TargetArgs {
     /// A Nix file to instantiate (each derivation it evaluates to becomes a build of its own),
     /// or a `/nix/store/….drv` path.
-    target: PathBuf,
+    #[arg(required_unless_present = "expr")]
+    target: Option<PathBuf>,
+    /// A Nix expression to instantiate instead of a file, as `nix-build -E` takes it.
+    #[arg(long, short = 'E', value_name = "EXPR", conflicts_with = "target")]
+    expr: Option<String>,
     /// The attribute to instantiate.
     #[arg(long, short = 'A')]
     attr: Option<String>,
+    /// Passes NAME = EXPR to the file's function, as Nix's `--arg` (repeatable).
+    #[arg(long = "arg", num_args = 2, value_names = ["NAME", "EXPR"])]
+    args: Vec<String>,
+    /// Passes NAME = "VALUE" to the file's function, as Nix's `--argstr` (repeatable).
+    #[arg(long = "argstr", num_args = 2, value_names = ["NAME", "VALUE"])]
+    argstrs: Vec<String>,
+    /// Adds to Nix's search path (`<nixpkgs>`), as Nix's `-I` (repeatable).
+    #[arg(short = 'I', value_name = "PATH")]
+    include: Vec<String>,
     /// Higher builds are dispatched first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     priority: i32,
@@ -164,17 +177,29 @@ fn store_path(text: &str) -> Result<StorePath, SubmitError> {
 /// The `.drv` files to build: the target itself, or every derivation instantiating it gives (a
 /// file may evaluate to a set or list of them), each once, in Nix's order.
 fn derivations(args: &TargetArgs) -> Result<Vec<StorePath>, SubmitError> {
-    if args
-        .target
-        .extension()
-        .is_some_and(|extension| extension == "drv")
+    if let Some(target) = &args.target
+        && target
+            .extension()
+            .is_some_and(|extension| extension == "drv")
     {
-        return Ok(vec![store_path(&args.target.to_string_lossy())?]);
+        return Ok(vec![store_path(&target.to_string_lossy())?]);
     }
     let mut command = Command::new("nix-instantiate");
-    command.arg(&args.target);
+    match (&args.expr, &args.target) {
+        (Some(expr), _) => command.args(["--expr", expr]),
+        (None, Some(target)) => command.arg(target),
+        (None, None) => return Err(SubmitError::NothingToBuild),
+    };
     if let Some(attr) = &args.attr {
         command.args(["--attr", attr]);
+    }
+    for (flag, values) in [("--arg", &args.args), ("--argstr", &args.argstrs)] {
+        for pair in values.chunks(2) {
+            command.arg(flag).args(pair);
+        }
+    }
+    for path in &args.include {
+        command.args(["-I", path]);
     }
     let printed = nix(&mut command)?;
     let mut seen = BTreeSet::new();
