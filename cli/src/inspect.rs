@@ -2,6 +2,7 @@
 //! lines for people or, with `--json`, one JSON document for scripts.
 
 use std::io::Write as _;
+use std::time::Duration;
 
 use clap::Args;
 use drover_proto::v1::build_service_client::BuildServiceClient;
@@ -44,6 +45,22 @@ pub enum InspectError {
         /// The steps that match.
         candidates: Vec<String>,
     },
+    /// The followed step failed.
+    #[error("{drv_path} failed: {reason}")]
+    StepFailed {
+        /// The step.
+        drv_path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The followed step ended without being built.
+    #[error("{drv_path} ended {status} without being built")]
+    StepEnded {
+        /// The step.
+        drv_path: String,
+        /// How it ended.
+        status: String,
+    },
     /// A status name is not one `drover list --status` knows.
     #[error(
         "unknown status {0:?}: use queued, running, succeeded, failed, dep_failed, cancelled or cached_failure"
@@ -62,6 +79,7 @@ impl Classify for InspectError {
             Self::NoSuchStep { .. } | Self::AmbiguousStep { .. } | Self::UnknownStatus(_) => {
                 Severity::Reject
             }
+            Self::StepFailed { .. } | Self::StepEnded { .. } => Severity::Step,
             Self::Output(_) => Severity::Fatal,
         }
     }
@@ -337,6 +355,11 @@ pub fn chosen_step(build: &GetResponse) -> String {
         .map_or_else(|| build.top_drv_path.clone(), |step| step.drv_path.clone())
 }
 
+/// How long `drover logs -f` waits for a step's result once its log ended.
+const RESULT_PATIENCE: Duration = Duration::from_secs(30);
+/// How often it looks meanwhile.
+const RESULT_POLL: Duration = Duration::from_millis(200);
+
 /// Runs `drover logs`.
 pub async fn logs(args: LogsArgs) -> Result<(), WithContext<InspectError>> {
     let mut client = client(&args.connection).await?;
@@ -370,7 +393,9 @@ pub async fn logs(args: LogsArgs) -> Result<(), WithContext<InspectError>> {
         return Ok(());
     }
     let mut stream = client
-        .follow_log(FollowLogRequest { drv_path })
+        .follow_log(FollowLogRequest {
+            drv_path: drv_path.clone(),
+        })
         .await
         .map_err(call)?
         .into_inner();
@@ -380,7 +405,40 @@ pub async fn logs(args: LogsArgs) -> Result<(), WithContext<InspectError>> {
             stdout.flush().map_err(InspectError::Output)?;
         }
     }
-    Ok(())
+    // The log ended (its upload ends before the step's result is recorded): say how the step
+    // did, and exit as it did.
+    let mut waited = Duration::ZERO;
+    let step = loop {
+        let build = get(&mut client, args.build).await?;
+        let Some(step) = build.steps.into_iter().find(|step| step.drv_path == drv_path) else {
+            return Ok(());
+        };
+        if step.typed_status() != StepStatus::Running || waited >= RESULT_PATIENCE {
+            break step;
+        }
+        tokio::time::sleep(RESULT_POLL).await;
+        waited += RESULT_POLL;
+    };
+    match step.typed_status() {
+        StepStatus::Succeeded => Ok(()),
+        StepStatus::Failed => Err(InspectError::StepFailed {
+            drv_path,
+            reason: step.failure_reason.clone(),
+        }
+        .into()),
+        status if status.is_terminal() => Err(InspectError::StepEnded {
+            drv_path,
+            status: step.status_label().to_owned(),
+        }
+        .into()),
+        _ => {
+            eprintln!(
+                "drover: the attempt ended; {drv_path} is {} (`drover logs -f` again follows its next attempt)",
+                step.status_label()
+            );
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `FollowLog` of a real Nix build: the lines arrive while the build runs, the stream ends with
 //! the build, heartbeats fill the silences, and following it afterwards gives the whole log from
-//! the start; `GetLog` of a running step gives what has arrived so far.
+//! the start; `GetLog` of a running step gives what has arrived so far; `drover logs -f` waits
+//! for a step not dispatched yet and exits as the step ended.
 
 #![allow(
     clippy::unwrap_used,
@@ -174,5 +175,60 @@ async fn the_log_of_a_running_step_reads_as_far_as_it_has_come() {
     assert!(
         text.contains("started") && text.contains("finished"),
         "{text:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drover_logs_follow_waits_for_a_step_and_exits_as_it_ended() {
+    let mut farm = Farm::new().await;
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let expression = farm.dir.path().join("late-failure.nix");
+    fs_err::write(
+        &expression,
+        r#"let
+          slow = derivation {
+            name = "slow";
+            system = "x86_64-linux";
+            builder = "/bin/sh";
+            args = [ "-c" "/bin/sleep 2; echo > $out" ];
+          };
+        in { broken = derivation {
+            name = "broken";
+            system = "x86_64-linux";
+            builder = "/bin/sh";
+            args = [ "-c" "echo about to break >&2; exit 3" ];
+            inherit slow;
+        }; }"#,
+    )
+    .unwrap();
+    let top = submitter.instantiate(&expression, "broken");
+    let build = submit_closure(&farm, &submitter, &top).await;
+    farm.wait_for_count(
+        "slow to start",
+        "SELECT count(*) FROM step_attempts WHERE status = 'running'",
+        1,
+    )
+    .await;
+    let broken_attempts = "SELECT count(*) FROM step_attempts a JOIN steps s ON s.id = a.step_id
+                           WHERE s.drv_path LIKE '%-broken.drv'";
+    assert_eq!(
+        farm.count(broken_attempts).await,
+        0,
+        "broken is not dispatched yet"
+    );
+
+    let mut command = farm.drover();
+    command.args(["logs", "-f", &build.to_string(), "broken"]);
+    let followed = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&followed.stdout);
+    let stderr = String::from_utf8_lossy(&followed.stderr);
+    assert_eq!(farm.count(broken_attempts).await, 1);
+    assert!(stdout.contains("about to break"), "{stdout}{stderr}");
+    assert_eq!(followed.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("-broken.drv failed"),
+        "the outcome is said: {stderr}"
     );
 }

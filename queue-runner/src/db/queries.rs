@@ -383,22 +383,41 @@ pub async fn known_machines(
         .collect())
 }
 
-/// The latest attempt of the step building `drv_path`: its id, whether it still runs, and its
-/// log file.
+/// The step building `drv_path`, if there is one: whether it is still to end, and its latest
+/// attempt.
 pub async fn latest_attempt(
     client: &impl GenericClient,
     drv_path: &str,
-) -> Result<Option<(uuid::Uuid, bool, Option<String>)>, DbError> {
+) -> Result<Option<StepAttempts>, DbError> {
     let row = client
         .query_opt(
-            "SELECT a.id, a.status = 'running', a.log_file
-             FROM step_attempts a JOIN steps s ON s.id = a.step_id
-             WHERE s.drv_path = $1 ORDER BY a.started_at DESC LIMIT 1",
+            "SELECT s.finished_at IS NULL, a.id, a.status = 'running', a.log_file
+             FROM steps s
+             LEFT JOIN LATERAL (
+                 SELECT id, status, log_file FROM step_attempts
+                 WHERE step_id = s.id ORDER BY started_at DESC LIMIT 1
+             ) a ON true
+             WHERE s.drv_path = $1",
             &[&drv_path],
         )
         .await
         .map_err(DbError::query("finding the latest attempt"))?;
-    Ok(row.map(|row| (row.get(0), row.get(1), row.get(2))))
+    Ok(row.map(|row| StepAttempts {
+        unfinished: row.get(0),
+        latest: row
+            .get::<_, Option<uuid::Uuid>>(1)
+            .map(|attempt| (attempt, row.get(2), row.get(3))),
+    }))
+}
+
+/// Whether a step is still to end, and its latest attempt, if it had one: (id, whether it runs,
+/// its log file).
+#[derive(Debug, Clone)]
+pub struct StepAttempts {
+    /// The step has not ended.
+    pub unfinished: bool,
+    /// Its latest attempt.
+    pub latest: Option<(uuid::Uuid, bool, Option<String>)>,
 }
 
 /// The log file of an attempt.

@@ -1,5 +1,6 @@
 //! `FollowLog`: the log of a derivation's latest attempt, live while its builder sends it, from
-//! its file once the upload ended, with heartbeats while nothing comes.
+//! its file once the upload ended, with heartbeats while nothing comes (a step not dispatched
+//! yet is waited for).
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -11,7 +12,8 @@ use tonic::Status;
 use uuid::Uuid;
 
 use super::status::unavailable;
-use crate::db::{DbError, Pool, queries};
+use crate::db::queries::{self, StepAttempts};
+use crate::db::{DbError, Pool};
 use crate::live_logs::{LiveChunk, LiveFollower};
 use crate::logs::LogStore;
 
@@ -26,7 +28,7 @@ const LOG_START_POLL: Duration = Duration::from_millis(200);
 
 /// Where a follower is.
 enum Stage {
-    /// The attempt runs; its upload has not started.
+    /// The step has not been dispatched, or its attempt runs and its upload has not started.
     Waiting,
     /// The upload is under way; bytes before `sent` have been sent.
     Live { follower: LiveFollower, sent: u64 },
@@ -41,6 +43,7 @@ struct Follow {
     pool: Pool,
     logs: LogStore,
     drv_path: String,
+    /// The attempt followed; nil until the step is dispatched.
     attempt: Uuid,
     heartbeat: Duration,
     stage: Stage,
@@ -58,30 +61,27 @@ fn heartbeat() -> LogEvent {
     }
 }
 
-/// Opens `FollowLog` of `drv_path`: `NOT_FOUND` if it was never dispatched.
+/// Opens `FollowLog` of `drv_path`: `NOT_FOUND` if no step builds it.
 pub async fn open(
     pool: Pool,
     logs: LogStore,
     drv_path: String,
     heartbeat: Duration,
 ) -> Result<LogStream, Status> {
-    let latest = latest_attempt(&pool, &drv_path).await?;
+    let step = latest_attempt(&pool, &drv_path).await?;
     let mut follow = Follow {
         pool,
         logs,
         drv_path,
-        attempt: latest.0,
+        attempt: Uuid::nil(),
         heartbeat,
         stage: Stage::Waiting,
     };
-    follow.stage = follow.stage_of(latest).await?;
+    follow.stage = follow.stage_of(step).await?;
     Ok(Box::pin(futures_util::stream::unfold(follow, Follow::next)))
 }
 
-async fn latest_attempt(
-    pool: &Pool,
-    drv_path: &str,
-) -> Result<(Uuid, bool, Option<String>), Status> {
+async fn latest_attempt(pool: &Pool, drv_path: &str) -> Result<StepAttempts, Status> {
     let client = pool
         .get()
         .await
@@ -89,19 +89,29 @@ async fn latest_attempt(
     queries::latest_attempt(&client, drv_path)
         .await
         .map_err(|error| unavailable(&error))?
-        .ok_or_else(|| Status::not_found(format!("{drv_path} was never dispatched")))
+        .ok_or_else(|| Status::not_found(format!("no step builds {drv_path}")))
 }
 
 impl Follow {
     /// Where the followed attempt's log is now: live, stored, or not started.
-    async fn look(&self) -> Result<Stage, Status> {
+    async fn look(&mut self) -> Result<Stage, Status> {
         let latest = latest_attempt(&self.pool, &self.drv_path).await?;
         self.stage_of(latest).await
     }
 
-    /// Where the followed attempt's log is, given the step's `latest` attempt (its id, whether
-    /// it runs, its log file).
-    async fn stage_of(&self, latest: (Uuid, bool, Option<String>)) -> Result<Stage, Status> {
+    /// Where the followed attempt's log is, given the step's state: the first attempt seen is
+    /// the one followed.
+    async fn stage_of(&mut self, step: StepAttempts) -> Result<Stage, Status> {
+        let Some(latest) = step.latest else {
+            return Ok(if step.unfinished {
+                Stage::Waiting
+            } else {
+                Stage::Done
+            });
+        };
+        if self.attempt.is_nil() {
+            self.attempt = latest.0;
+        }
         if let Some(follower) = self.logs.follow(self.attempt) {
             let sent = follower.start;
             return Ok(Stage::Live { follower, sent });

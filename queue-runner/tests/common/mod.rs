@@ -481,6 +481,21 @@ impl Farm {
             .unwrap()
     }
 
+    /// The `drover` command line, set up to reach this farm as a client.
+    pub fn drover(&self) -> std::process::Command {
+        let (cert, key) = self.issue(Role::Client, "tester");
+        let mut command = std::process::Command::new(workspace_binary("drover"));
+        command
+            .env(
+                "DROVER_RUNNER",
+                format!("https://localhost:{}", self.grpc_port),
+            )
+            .env("DROVER_CA", self.files.ca_certificate())
+            .env("DROVER_CERT", cert)
+            .env("DROVER_KEY", key);
+        command
+    }
+
     /// A build client with a client certificate.
     pub async fn client(&self) -> BuildServiceClient<Channel> {
         BuildServiceClient::new(self.channel(Role::Client, "tester").await)
