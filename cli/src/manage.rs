@@ -44,13 +44,22 @@ impl Classify for ManageError {
 pub async fn cancel(args: BuildArgs) -> Result<(), WithContext<ManageError>> {
     let mut client =
         BuildServiceClient::new(args.connection.connect().await.map_err(ManageError::from)?);
-    client
+    let answer = client
         .cancel(CancelRequest {
             build_id: args.build,
         })
         .await
-        .map_err(|status| ManageError::from(CallError::from(status)))?;
-    eprintln!("build {} cancelled", args.build);
+        .map_err(|status| ManageError::from(CallError::from(status)))?
+        .into_inner();
+    if answer.already_ended {
+        eprintln!(
+            "build {} had already ended {}: nothing to cancel",
+            args.build,
+            crate::inspect::status_name(answer.status())
+        );
+    } else {
+        eprintln!("build {} cancelled", args.build);
+    }
     Ok(())
 }
 

@@ -13,7 +13,7 @@ mod common;
 
 use common::{BuilderSpec, DEADLINE, Farm, StepStatus, Stored, step_status};
 use drover_proto::v1::build_service_client::BuildServiceClient;
-use drover_proto::v1::{CancelRequest, RestartRequest};
+use drover_proto::v1::{BuildStatus, CancelRequest, RestartRequest};
 use drover_tls::Role;
 use test_support::fake_derivations::{Factory, Spec};
 
@@ -65,6 +65,17 @@ async fn cancel_stops_what_only_that_build_needs_and_restart_queues_it_again() {
         Stored::Succeeded,
         "the shared step went on"
     );
+    // Cancelling an ended build is not an error: it says how the build ended.
+    for (build, ended) in [(b, BuildStatus::Succeeded), (c, BuildStatus::Cancelled)] {
+        farm.wait_for_build(build).await;
+        let again = client
+            .cancel(CancelRequest { build_id: build })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(again.already_ended, "build {build}");
+        assert_eq!(again.status(), ended, "build {build}");
+    }
     let statuses: Vec<(String, StepStatus)> = farm
         .db()
         .await

@@ -25,14 +25,6 @@ pub enum ControlError {
         /// Its submitter (`SQL` for a build inserted directly).
         submitted_by: String,
     },
-    /// It has ended: there is nothing to cancel.
-    #[error("build {build} already ended {status}")]
-    AlreadyEnded {
-        /// The build.
-        build: i64,
-        /// How it ended.
-        status: BuildStatus,
-    },
     /// It has not failed or been cancelled: there is nothing to restart.
     #[error("build {0} has not failed or been cancelled: only those can be restarted")]
     NotRestartable(i64),
@@ -45,17 +37,22 @@ pub enum ControlError {
 }
 
 impl Builds {
-    /// Cancels `build` for `caller`.
-    pub async fn cancel(&self, caller: &Identity, build: i64) -> Result<(), ControlError> {
+    /// Cancels `build` for `caller`. Cancelling an ended build changes nothing and is not an
+    /// error (a retried cancel must not fail): how it ended is returned.
+    pub async fn cancel(
+        &self,
+        caller: &Identity,
+        build: i64,
+    ) -> Result<Option<BuildStatus>, ControlError> {
         let status = self.owned(caller, build).await?;
         if status.is_terminal() {
-            return Err(ControlError::AlreadyEnded { build, status });
+            return Ok(Some(status));
         }
         let by = caller.to_string();
         self.tell_scheduler(Event::CancelBuild { build, by })
             .await?;
         tracing::info!(build, by = %caller, "build cancelled");
-        Ok(())
+        Ok(None)
     }
 
     /// Queues `build` again for `caller`, once it has failed or been cancelled.

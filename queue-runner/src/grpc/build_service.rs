@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::shutdown::until_shutdown;
 use super::{auth, follow_log, list_filter, watch};
-use crate::builds::Builds;
+use crate::builds::{Builds, view};
 use crate::builds::read::build_state;
 use crate::scheduler::driver::CommittedChanges;
 
@@ -102,10 +102,14 @@ impl BuildService for BuildServiceImpl {
         request: Request<CancelRequest>,
     ) -> Result<Response<CancelResponse>, Status> {
         let caller = auth::require(&request, CALLERS)?;
-        self.builds
+        let ended = self
+            .builds
             .cancel(&caller, request.into_inner().build_id)
             .await?;
-        Ok(Response::new(CancelResponse {}))
+        Ok(Response::new(CancelResponse {
+            already_ended: ended.is_some(),
+            status: ended.map_or(0, |status| view::wire_status(Some(status)).into()),
+        }))
     }
 
     async fn restart(

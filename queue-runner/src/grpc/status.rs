@@ -73,9 +73,7 @@ impl From<ControlError> for Status {
         match error {
             ControlError::NoSuchBuild(_) => Status::not_found(message),
             ControlError::NotOwner { .. } => Status::permission_denied(message),
-            ControlError::AlreadyEnded { .. } | ControlError::NotRestartable(_) => {
-                Status::failed_precondition(message)
-            }
+            ControlError::NotRestartable(_) => Status::failed_precondition(message),
             ControlError::ShuttingDown | ControlError::Database(_) => Status::unavailable(message),
         }
     }
@@ -192,7 +190,6 @@ mod tests {
     use tonic::Code;
 
     use super::*;
-    use crate::db::status::BuildStatus;
 
     fn missing() -> DbError {
         DbError::Missing("the build row")
@@ -258,13 +255,6 @@ mod tests {
                     submitted_by: "client/alice".to_owned(),
                 },
                 Code::PermissionDenied,
-            ),
-            (
-                ControlError::AlreadyEnded {
-                    build: 1,
-                    status: BuildStatus::Succeeded,
-                },
-                Code::FailedPrecondition,
             ),
             (ControlError::NotRestartable(1), Code::FailedPrecondition),
             (ControlError::ShuttingDown, Code::Unavailable),
