@@ -8,8 +8,8 @@ use clap::Args;
 use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::log_event::Event as LogKind;
 use drover_proto::v1::{
-    BuildStatus, BuildSummary, FollowLogRequest, GetLogRequest, GetRequest, GetResponse,
-    ListRequest, StepState, StepStatus,
+    BuildPhase, BuildStatus, BuildSummary, FollowLogRequest, GetLogRequest, GetRequest,
+    GetResponse, ListRequest, StepState, StepStatus,
 };
 use error_context::{Classify, Severity, WithContext};
 use serde_json::json;
@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 
 use crate::call::CallError;
 use crate::connection::{ConnectError, ConnectionArgs};
+use crate::times;
 
 /// Why a read command failed.
 #[derive(Debug, thiserror::Error)]
@@ -107,8 +108,8 @@ pub struct ListArgs {
     /// Only builds with this metadata (repeatable `key=value`).
     #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = crate::meta::parse_meta)]
     metadata: Vec<(String, String)>,
-    /// At most this many builds, newest first.
-    #[arg(long, default_value_t = 50)]
+    /// At most this many builds, newest first (1 to 1000).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
     limit: u32,
     /// Print one JSON document.
     #[arg(long)]
@@ -166,6 +167,14 @@ fn print(text: &str) -> Result<(), InspectError> {
     writeln!(stdout, "{text}").map_err(InspectError::Output)
 }
 
+/// The name of a phase as the JSON documents spell it.
+fn phase_name(phase: BuildPhase) -> String {
+    phase
+        .as_str_name()
+        .trim_start_matches("BUILD_PHASE_")
+        .to_lowercase()
+}
+
 fn step_json(step: &StepState) -> serde_json::Value {
     json!({
         "step_id": step.step_id,
@@ -174,6 +183,8 @@ fn step_json(step: &StepState) -> serde_json::Value {
         "waiting_reason": step.waiting_reason,
         "builder": step.builder,
         "failure_reason": step.failure_reason,
+        "started_at_ms": step.started_at_ms,
+        "finished_at_ms": step.finished_at_ms,
     })
 }
 
@@ -183,7 +194,9 @@ pub fn build_json(build: &GetResponse) -> serde_json::Value {
     json!({
         "build_id": build.build_id,
         "status": status_name(build.status()),
-        "phase": build.phase().as_str_name().trim_start_matches("BUILD_PHASE_").to_lowercase(),
+        "phase": phase_name(build.phase()),
+        "submitted_at_ms": build.submitted_at_ms,
+        "finished_at_ms": build.finished_at_ms,
         "top_drv_path": build.top_drv_path,
         "metadata": build.metadata,
         "failure_reason": build.failure_reason,
@@ -192,21 +205,30 @@ pub fn build_json(build: &GetResponse) -> serde_json::Value {
     })
 }
 
-/// One line about a step, as `drover status` prints it.
+/// One line about a step, as `drover status` prints it: its status and path, the builder of its
+/// latest attempt and how long that ran (or runs), and why it waits or failed.
 #[must_use]
 pub fn step_line(step: &StepState) -> String {
-    let detail = [&step.builder, &step.waiting_reason, &step.failure_reason]
+    let mut parts = vec![format!("  {} {}", step.status_label(), step.drv_path)];
+    if !step.builder.is_empty() {
+        parts.push(format!("on {}", step.builder));
+    }
+    if step.started_at_ms != 0 {
+        let ran = times::between(step.started_at_ms, step.finished_at_ms);
+        parts.push(if step.finished_at_ms == 0 {
+            format!("for {ran}")
+        } else {
+            format!("in {ran}")
+        });
+    }
+    let mut line = parts.join(" ");
+    if let Some(why) = [&step.waiting_reason, &step.failure_reason]
         .into_iter()
         .find(|text| !text.is_empty())
-        .map(|text| {
-            if text == &step.builder {
-                format!(" on {text}")
-            } else {
-                format!(": {text}")
-            }
-        })
-        .unwrap_or_default();
-    format!("  {} {}{detail}", step.status_label(), step.drv_path)
+    {
+        line = format!("{line}: {why}");
+    }
+    line
 }
 
 /// Runs `drover status`.
@@ -223,12 +245,19 @@ pub async fn status(args: StatusArgs) -> Result<(), WithContext<InspectError>> {
         .filter(|step| step.typed_status() == StepStatus::Succeeded)
         .count();
     print(&format!(
-        "build {}: {} ({} of {} steps done)\n  top: {}",
+        "build {}: {} ({} of {} steps done)\n  top: {}\n  queued {}, {} {}",
         build.build_id,
         status_name(build.status()),
         done,
         build.steps.len(),
-        build.top_drv_path
+        build.top_drv_path,
+        times::instant(build.submitted_at_ms),
+        if build.finished_at_ms == 0 {
+            "waiting or running for"
+        } else {
+            "ended after"
+        },
+        times::between(build.submitted_at_ms, build.finished_at_ms),
     ))?;
     if !build.failure_reason.is_empty() {
         print(&format!("  why: {}", build.failure_reason))?;
@@ -250,6 +279,7 @@ fn summary_json(build: &BuildSummary) -> serde_json::Value {
     json!({
         "build_id": build.build_id,
         "status": status_name(build.status()),
+        "phase": phase_name(build.phase()),
         "top_drv_path": build.top_drv_path,
         "metadata": build.metadata,
         "submitted_at_ms": build.submitted_at_ms,
@@ -275,7 +305,7 @@ pub async fn list(args: ListArgs) -> Result<(), WithContext<InspectError>> {
         .list(ListRequest {
             statuses,
             metadata: args.metadata.into_iter().collect(),
-            page_size: args.limit.clamp(1, 1000),
+            page_size: args.limit,
             ..ListRequest::default()
         })
         .await
@@ -289,9 +319,11 @@ pub async fn list(args: ListArgs) -> Result<(), WithContext<InspectError>> {
     }
     for build in &builds {
         print(&format!(
-            "{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}",
             build.build_id,
             status_name(build.status()),
+            times::instant(build.submitted_at_ms),
+            times::between(build.submitted_at_ms, build.finished_at_ms),
             build.top_drv_path
         ))?;
     }
@@ -410,7 +442,11 @@ pub async fn logs(args: LogsArgs) -> Result<(), WithContext<InspectError>> {
     let mut waited = Duration::ZERO;
     let step = loop {
         let build = get(&mut client, args.build).await?;
-        let Some(step) = build.steps.into_iter().find(|step| step.drv_path == drv_path) else {
+        let Some(step) = build
+            .steps
+            .into_iter()
+            .find(|step| step.drv_path == drv_path)
+        else {
             return Ok(());
         };
         if step.typed_status() != StepStatus::Running || waited >= RESULT_PATIENCE {

@@ -13,6 +13,7 @@ mod manage;
 mod meta;
 mod progress;
 mod submit;
+mod times;
 
 use std::error::Error;
 use std::process::ExitCode;

@@ -190,17 +190,44 @@ fn reads_a_failed_build(env: &BTreeMap<String, String>, stderr: &str) {
         serde_json::from_str(&drover(&["status", id, "--json"])).unwrap();
     assert_eq!(status["status"], "failed", "{status}");
     assert_eq!(status["phase"], "failed", "{status}");
-    assert!(drover(&["status", id]).contains(": failed"));
+    assert!(status["finished_at_ms"].as_i64() > status["submitted_at_ms"].as_i64());
+    let failed_step = status["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|step| step["status"] == "failed")
+        .expect("a failed step");
+    assert!(
+        failed_step["builder"].as_str().unwrap().starts_with('b'),
+        "a finished step names its builder: {failed_step}"
+    );
+    let plain = drover(&["status", id]);
+    assert!(plain.contains(": failed"), "{plain}");
+    assert!(
+        plain.contains(" UTC, ended after ") && plain.contains("-broken.drv on b"),
+        "times and the builder of the failed step: {plain}"
+    );
     let listed: serde_json::Value =
         serde_json::from_str(&drover(&["list", "--status", "failed", "--json"])).unwrap();
-    assert!(
-        listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|build| build["build_id"].as_i64() == id.parse().ok()),
-        "{listed}"
+    let entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|build| build["build_id"].as_i64() == id.parse().ok())
+        .unwrap_or_else(|| panic!("build {id} is listed: {listed}"));
+    assert_eq!(entry["phase"], "failed", "{entry}");
+    let line = drover(&["list", "--limit", "1"]);
+    assert_eq!(
+        line.trim_end().split('\t').count(),
+        5,
+        "id, status, queued, duration, top: {line}"
     );
+    let zero = Command::new(DROVER)
+        .args(["list", "--limit", "0"])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert_eq!(zero.status.code(), Some(2), "--limit 0 is refused as usage");
     assert!(drover(&["logs", id]).contains("this build breaks on purpose"));
 }
 

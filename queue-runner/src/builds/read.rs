@@ -91,5 +91,7 @@ pub async fn build_state(pool: &Pool, id: i64) -> Result<GetResponse, ReadError>
         steps: steps.into_iter().map(view::step_state).collect(),
         job_set_id: build.job_set.unwrap_or_default(),
         job_name: build.job_name.unwrap_or_default(),
+        submitted_at_ms: build.times_ms.0,
+        finished_at_ms: build.times_ms.1.unwrap_or_default(),
     })
 }

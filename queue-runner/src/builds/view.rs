@@ -71,6 +71,8 @@ pub fn step_state(row: StepStateRow) -> StepState {
         waiting_reason: row.waiting_reason,
         builder: row.builder,
         failure_reason: row.failure_reason,
+        started_at_ms: row.attempt_ms.0.unwrap_or_default(),
+        finished_at_ms: row.attempt_ms.1.unwrap_or_default(),
         ..StepState::default()
     };
     set_step_status(&mut state, row.status);

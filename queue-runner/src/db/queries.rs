@@ -681,10 +681,12 @@ pub struct StepStateRow {
     pub status: Option<StepStatus>,
     /// Why it waits, if it does.
     pub waiting_reason: String,
-    /// The builder running it, if one is.
+    /// The builder of its latest attempt, if it had one.
     pub builder: String,
     /// Why it ended without success, if it did.
     pub failure_reason: String,
+    /// When its latest attempt started and ended, in Unix milliseconds.
+    pub attempt_ms: (Option<i64>, Option<i64>),
 }
 
 /// The steps a build needed when it was planned, by id, with why each unfinished one waits.
@@ -695,12 +697,16 @@ pub async fn build_steps(
     let rows = client
         .query(
             "SELECT s.id, s.drv_path, s.status::text, coalesce(w.reason, ''),
-                    coalesce((SELECT a.machine FROM step_attempts a
-                              WHERE a.step_id = s.id AND a.status = 'running' LIMIT 1), ''),
-                    coalesce(s.failure_reason, '')
+                    coalesce(a.machine, ''), coalesce(s.failure_reason, ''),
+                    (extract(epoch FROM a.started_at) * 1000)::bigint,
+                    (extract(epoch FROM a.finished_at) * 1000)::bigint
              FROM steps_of_build($1) b
              JOIN steps s ON s.id = b.step_id
              LEFT JOIN step_waiting_reasons w ON w.step_id = s.id
+             LEFT JOIN LATERAL (
+                 SELECT machine, started_at, finished_at FROM step_attempts
+                 WHERE step_id = s.id ORDER BY started_at DESC LIMIT 1
+             ) a ON true
              ORDER BY s.id",
             &[&build],
         )
@@ -715,6 +721,7 @@ pub async fn build_steps(
             waiting_reason: row.get(3),
             builder: row.get(4),
             failure_reason: row.get(5),
+            attempt_ms: (row.get(6), row.get(7)),
         })
         .collect())
 }
@@ -897,13 +904,17 @@ pub struct BuildRow {
     pub job_set: Option<i64>,
     /// Its job in that job set.
     pub job_name: Option<String>,
+    /// When it was queued and ended, in Unix milliseconds.
+    pub times_ms: (i64, Option<i64>),
 }
 
 /// Reads one build.
 pub async fn build(client: &impl GenericClient, id: i64) -> Result<Option<BuildRow>, DbError> {
     let Some(row) = client
         .query_opt(
-            "SELECT status::text, drv_path, metadata, failure_reason, job_set_id, job_name
+            "SELECT status::text, drv_path, metadata, failure_reason, job_set_id, job_name,
+                    (extract(epoch FROM submitted_at) * 1000)::bigint,
+                    (extract(epoch FROM finished_at) * 1000)::bigint
              FROM builds WHERE id = $1",
             &[&id],
         )
@@ -932,5 +943,6 @@ pub async fn build(client: &impl GenericClient, id: i64) -> Result<Option<BuildR
         outputs,
         job_set: row.get(4),
         job_name: row.get(5),
+        times_ms: (row.get(6), row.get(7)),
     }))
 }

@@ -18,8 +18,8 @@ use tonic::{Request, Response, Status};
 
 use super::shutdown::until_shutdown;
 use super::{auth, follow_log, list_filter, watch};
-use crate::builds::{Builds, view};
 use crate::builds::read::build_state;
+use crate::builds::{Builds, view};
 use crate::scheduler::driver::CommittedChanges;
 
 /// Roles that may use the build service.
