@@ -31,7 +31,8 @@ const EX_UNAVAILABLE: u8 = 69;
 /// What the exit codes mean, for `--help`.
 const EXIT_CODES: &str = "Exit codes: 0 success; 1 a build did not succeed (or a local \
 error); 64 the request was refused (invalid input, unknown build, not allowed); 69 the runner \
-could not be reached or failed (the builds are safe: ask again later).";
+could not be reached or failed (the builds are safe: ask again later); 130 interrupted while \
+watching (the builds go on).";
 
 /// The drover command line.
 #[derive(Debug, Parser)]
@@ -53,6 +54,8 @@ enum Command {
     /// Build on the farm like nix-build: submit, watch, then substitute the outputs into the
     /// local store from the farm's cache and leave ./result.
     Build(build::BuildArgs),
+    /// Follow builds queued earlier until they end, as `submit --watch` does.
+    Watch(submit::WatchArgs),
     /// Cancel a build you submitted (admins: any build): its steps no other build needs stop.
     Cancel(manage::BuildArgs),
     /// Queue a failed or cancelled build again, clearing its steps' failures.
@@ -79,6 +82,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Certs(command) => finish(certs::run(command)),
         Command::Submit(args) => finish(submit::run(args).await),
+        Command::Watch(args) => finish(submit::watch_again(args).await),
         Command::Build(args) => finish(build::run(args).await),
         Command::Cancel(args) => finish(manage::cancel(args).await),
         Command::Restart(args) => finish(manage::restart(args).await),

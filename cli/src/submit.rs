@@ -299,17 +299,42 @@ where
 pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
     let (mut client, builds) = submit_target(&args.target).await?;
     if args.watch {
-        for (_, outputs) in watch(&mut client, &builds).await? {
-            for (output, path) in outputs {
-                println!("{output} {path}");
-            }
-        }
+        print_outputs(&watch(&mut client, &builds).await?);
     } else {
         for id in &builds {
             println!("{id}");
         }
     }
     Ok(())
+}
+
+/// `drover watch` arguments.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The builds to follow.
+    #[arg(required = true)]
+    builds: Vec<i64>,
+    /// Where the runner is.
+    #[command(flatten)]
+    connection: ConnectionArgs,
+}
+
+/// Runs `drover watch`: follows builds queued earlier (after a Ctrl-C, or from another shell) as
+/// `submit --watch` does.
+pub async fn watch_again(args: WatchArgs) -> Result<(), WithContext<SubmitError>> {
+    let channel = args.connection.connect().await.map_err(SubmitError::from)?;
+    let mut client = BuildServiceClient::new(channel);
+    print_outputs(&watch(&mut client, &args.builds).await?);
+    Ok(())
+}
+
+/// Prints `output path` lines, build by build.
+fn print_outputs(built: &[(i64, BTreeMap<String, String>)]) {
+    for (_, outputs) in built {
+        for (output, path) in outputs {
+            println!("{output} {path}");
+        }
+    }
 }
 
 /// Submits the derivations the target evaluates to: one as a build of its own, several as a job
@@ -496,6 +521,32 @@ async fn log_tail(
 /// Waits for every build to end, showing their progress and each one's end (with the end of the
 /// failing step's log); returns each build's outputs, in the order of `builds`, if all succeeded.
 pub async fn watch(
+    client: &mut BuildServiceClient<Channel>,
+    builds: &[i64],
+) -> Result<Vec<(i64, BTreeMap<String, String>)>, SubmitError> {
+    tokio::select! {
+        watched = watch_until_ended(client, builds) => watched,
+        _ = tokio::signal::ctrl_c() => interrupted(builds),
+    }
+}
+
+/// Ctrl-C while watching: the builds go on on the farm, and the user is told how to stop or
+/// follow them; exits 130, as a shell does for SIGINT.
+fn interrupted(builds: &[i64]) -> ! {
+    let ids: Vec<String> = builds.iter().map(i64::to_string).collect();
+    let ids = ids.join(" ");
+    let (noun, verb) = if builds.len() == 1 {
+        ("build", "continues")
+    } else {
+        ("builds", "continue")
+    };
+    eprintln!(
+        "\n{noun} {ids} {verb} on the farm: `drover cancel ID` stops one, `drover watch {ids}` follows again"
+    );
+    std::process::exit(130)
+}
+
+async fn watch_until_ended(
     client: &mut BuildServiceClient<Channel>,
     builds: &[i64],
 ) -> Result<Vec<(i64, BTreeMap<String, String>)>, SubmitError> {

@@ -1,0 +1,102 @@
+//! `drover watch` against a real farm: Ctrl-C leaves the build running and says how to stop it
+//! or follow it again, and `drover watch ID` follows it to its end and prints its outputs.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed assertion"
+)]
+
+mod common;
+
+use std::process::Stdio;
+
+use common::nix_farm::{start_with_one_nix_builder, submit_closure};
+use common::{DEADLINE, Farm, Stored};
+use test_support::ChildGuard;
+use test_support::wait::poll_until;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_leaves_the_build_running_and_drover_watch_follows_it_again() {
+    let mut farm = Farm::new().await;
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let expression = farm.dir.path().join("slow.nix");
+    fs_err::write(
+        &expression,
+        r#"{ slow = derivation {
+            name = "slow";
+            system = "x86_64-linux";
+            builder = "/bin/sh";
+            args = [ "-c" "/bin/sleep 3; echo done > $out" ];
+        }; }"#,
+    )
+    .unwrap();
+    let top = submitter.instantiate(&expression, "slow");
+    let build = submit_closure(&farm, &submitter, &top).await;
+    farm.wait_for_count(
+        "the build to start",
+        "SELECT count(*) FROM step_attempts WHERE status = 'running'",
+        1,
+    )
+    .await;
+
+    let stderr_file = farm.dir.path().join("watch.stderr");
+    let watching = ChildGuard::spawn(
+        farm.drover()
+            .args(["watch", &build.to_string()])
+            .stdout(Stdio::null())
+            .stderr(fs_err::File::create(&stderr_file).unwrap().into_parts().0),
+    )
+    .unwrap();
+    poll_until(DEADLINE, "the watch to show progress", || async {
+        fs_err::read_to_string(&stderr_file)
+            .ok()
+            .filter(|text| text.contains("steps done"))
+    })
+    .await;
+    let pid = watching.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let watching = std::sync::Mutex::new(watching);
+    let status = poll_until(DEADLINE, "the watch to stop", || async {
+        watching.lock().unwrap().child_mut().try_wait().unwrap()
+    })
+    .await;
+    let said = fs_err::read_to_string(&stderr_file).unwrap();
+    assert_eq!(status.code(), Some(130), "{said}");
+    assert!(
+        said.contains(&format!("build {build} continues on the farm"))
+            && said.contains(&format!("drover watch {build}")),
+        "{said}"
+    );
+    let status: String = farm
+        .db()
+        .await
+        .query_one("SELECT status::text FROM builds WHERE id = $1", &[&build])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "running", "the build went on");
+
+    let mut again = farm.drover();
+    again.args(["watch", &build.to_string()]);
+    let followed = tokio::task::spawn_blocking(move || again.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&followed.stdout);
+    assert!(
+        followed.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&followed.stderr)
+    );
+    assert!(
+        stdout.starts_with("out /nix/store/") && stdout.contains("-slow"),
+        "{stdout}"
+    );
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
+}
