@@ -1,7 +1,9 @@
-//! `drover build FILE|DRV`: `nix-build` on a farm. Submits every derivation the target evaluates
-//! to, watches them, then substitutes their outputs into the local Nix store from the farm's
-//! binary cache and leaves `./result` links as `nix-build` does (`result`, `result-dev`, …;
-//! `result-2`, … for a second derivation), printing the output paths.
+//! `drover build FILE|DRV`: `nix-build` on a farm. Each derivation the target evaluates to is
+//! built for its default output (`out`, as `nix-build` builds a derivation attribute): when the
+//! local store has it, or the farm's cache does, nothing is queued; otherwise the derivations
+//! are submitted and watched. The outputs are substituted into the local Nix store from the
+//! farm's binary cache, linked as `nix-build` links them (`result`, then `result-2`, …) and
+//! printed.
 //!
 //! On a multi-user Nix the daemon uses the farm's cache only if it is a trusted substituter: Nix
 //! then says it ignores an untrusted substituter, and this command says how to fix that.
@@ -11,6 +13,7 @@ use std::process::Command;
 
 use clap::Args;
 use error_context::WithContext;
+use nix_primitives::{Derivation, StorePath};
 
 use crate::submit::{self, SubmitError, TargetArgs};
 
@@ -20,7 +23,7 @@ pub struct BuildArgs {
     /// What to build, and where.
     #[command(flatten)]
     target: TargetArgs,
-    /// The link to the output (`-dev` and the like are appended for other outputs).
+    /// The link to the output (`-2`, `-3`, … are appended for further derivations).
     #[arg(long, short = 'o', default_value = "result")]
     out_link: PathBuf,
     /// Make no link.
@@ -36,37 +39,70 @@ pub struct BuildArgs {
 
 /// Runs `drover build`.
 pub async fn run(args: BuildArgs) -> Result<(), WithContext<SubmitError>> {
-    let (mut client, builds) = submit::submit_target(&args.target).await?;
-    let built = submit::watch(&mut client, &builds).await?;
-    for (index, (_, outputs)) in built.iter().enumerate() {
-        for (name, path) in outputs {
-            let link = (!args.no_link).then(|| out_link(&args.out_link, index, name));
-            substitute(path, link.as_deref(), &args.cache, &args.cache_key)?;
-            println!("{path}");
+    let tops = submit::instantiate(&args.target)?;
+    let wanted = default_outputs(&tops)?;
+    let links: Vec<Option<PathBuf>> = (0..wanted.len())
+        .map(|index| (!args.no_link).then(|| out_link(&args.out_link, index)))
+        .collect();
+    // Valid here, or in the farm's cache: nothing to queue.
+    let ready = wanted
+        .iter()
+        .zip(&links)
+        .all(|((_, path), link)| substitute(path, link.as_deref(), &args).is_ok());
+    if !ready {
+        let (mut client, builds) = submit::submit_tops(&args.target, &tops).await?;
+        let built = submit::watch(&mut client, &builds).await?;
+        for (((_, path), link), (_, outputs)) in wanted.iter().zip(&links).zip(&built) {
+            if !outputs.values().any(|built| built == path) {
+                return Err(SubmitError::OutputMissing(path.clone()).into());
+            }
+            substitute(path, link.as_deref(), &args)?;
         }
+    }
+    for (_, path) in &wanted {
+        println!("{path}");
     }
     Ok(())
 }
 
-/// `nix-build`'s link name for output `name` of the `index`th derivation.
-fn out_link(base: &Path, index: usize, name: &str) -> PathBuf {
+/// The default output of each derivation (`out`, else its first), as (name, path), read from the
+/// local `.drv` files.
+fn default_outputs(tops: &[StorePath]) -> Result<Vec<(String, String)>, SubmitError> {
+    tops.iter()
+        .map(|top| {
+            let real = top.to_absolute();
+            let text = fs_err::read(&real).map_err(|source| SubmitError::Read {
+                path: real.clone().into(),
+                source,
+            })?;
+            let derivation =
+                Derivation::parse(&text).map_err(|_| SubmitError::NotAStorePath(real.clone()))?;
+            derivation
+                .outputs
+                .iter()
+                .find(|(name, _)| *name == "out")
+                .or_else(|| derivation.outputs.iter().next())
+                .and_then(|(name, output)| {
+                    output.path().map(|path| (name.clone(), path.to_absolute()))
+                })
+                .ok_or(SubmitError::NotAStorePath(real))
+        })
+        .collect()
+}
+
+/// `nix-build`'s link name for the `index`th derivation's output.
+fn out_link(base: &Path, index: usize) -> PathBuf {
     let mut link = base.as_os_str().to_owned();
     if index > 0 {
         link.push(format!("-{}", index + 1));
     }
-    if name != "out" {
-        link.push(format!("-{name}"));
-    }
     PathBuf::from(link)
 }
 
-/// Makes `path` valid in the local store from the farm's cache, and links it from `link`.
-fn substitute(
-    path: &str,
-    link: Option<&Path>,
-    cache: &str,
-    cache_key: &str,
-) -> Result<(), SubmitError> {
+/// Makes `path` valid in the local store (it is already, or it comes from the farm's cache:
+/// realising an output path substitutes, it never builds), and links it from `link`.
+fn substitute(path: &str, link: Option<&Path>, args: &BuildArgs) -> Result<(), SubmitError> {
+    let (cache, cache_key) = (&args.cache, &args.cache_key);
     let mut command = Command::new("nix-store");
     command
         .args(["--realise", path])
@@ -88,9 +124,10 @@ fn substitute(
             cache: cache.to_owned(),
         });
     }
-    Err(SubmitError::Nix {
-        command: format!("{command:?}"),
-        stderr,
+    Err(SubmitError::Fetch {
+        path: path.to_owned(),
+        cache: cache.to_owned(),
+        said: stderr.lines().last().unwrap_or_default().to_owned(),
     })
 }
 
@@ -101,9 +138,7 @@ mod tests {
     #[test]
     fn links_are_named_as_nix_build_names_them() {
         let base = Path::new("result");
-        assert_eq!(out_link(base, 0, "out"), Path::new("result"));
-        assert_eq!(out_link(base, 0, "dev"), Path::new("result-dev"));
-        assert_eq!(out_link(base, 1, "out"), Path::new("result-2"));
-        assert_eq!(out_link(base, 1, "dev"), Path::new("result-2-dev"));
+        assert_eq!(out_link(base, 0), Path::new("result"));
+        assert_eq!(out_link(base, 1), Path::new("result-2"));
     }
 }

@@ -126,6 +126,22 @@ pub enum SubmitError {
         /// The cache.
         cache: String,
     },
+    /// The farm built an output, but it could not be fetched from the farm's cache.
+    #[error(
+        "the farm built {path}; fetching it from {cache} failed: is DROVER_CACHE_KEY the key \
+         the farm signs with? (nix-store said: {said})"
+    )]
+    Fetch {
+        /// The output.
+        path: String,
+        /// The farm's cache.
+        cache: String,
+        /// The last line Nix printed.
+        said: String,
+    },
+    /// The farm's build of a derivation did not produce the output asked for.
+    #[error("the farm's build did not produce {0}")]
+    OutputMissing(String),
     /// Builds did not succeed.
     #[error("{} of {total} builds did not succeed: {}", .failed.len(), ids(.failed))]
     BuildsFailed {
@@ -342,12 +358,26 @@ fn print_outputs(built: &[(i64, BTreeMap<String, String>)]) {
 pub async fn submit_target(
     args: &TargetArgs,
 ) -> Result<(BuildServiceClient<Channel>, Vec<i64>), WithContext<SubmitError>> {
-    let tops = derivations(args).context("instantiating the target")?;
+    let tops = instantiate(args)?;
+    submit_tops(args, &tops).await
+}
+
+/// The `.drv` files the target evaluates to, each once, in Nix's order.
+pub fn instantiate(args: &TargetArgs) -> Result<Vec<StorePath>, WithContext<SubmitError>> {
+    derivations(args).context("instantiating the target")
+}
+
+/// Submits `tops` (instantiated from `args`'s target): one as a build of its own, several as a
+/// job set.
+pub async fn submit_tops(
+    args: &TargetArgs,
+    tops: &[StorePath],
+) -> Result<(BuildServiceClient<Channel>, Vec<i64>), WithContext<SubmitError>> {
     let channel = args.connection.connect().await.map_err(SubmitError::from)?;
     let client = BuildServiceClient::new(channel).max_encoding_message_size(256 * 1024 * 1024);
-    let builds = match tops.as_slice() {
+    let builds = match tops {
         [top] => vec![submit_one(&client, args, top).await?],
-        _ => submit_job_set(&client, args, &tops).await?,
+        _ => submit_job_set(&client, args, tops).await?,
     };
     Ok((client, builds))
 }

@@ -87,23 +87,25 @@ async fn start_farm(dir: &Path) -> (ChildGuard, BTreeMap<String, String>) {
     (farm, env)
 }
 
-/// `drover build` in a fresh store of its own leaves a working `./result` and prints the path.
+/// How many builds the farm has queued.
+fn builds_queued(env: &BTreeMap<String, String>) -> usize {
+    let listed = Command::new(DROVER)
+        .args(["list", "--json", "--limit", "1000"])
+        .envs(env)
+        .output()
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    listed.as_array().unwrap().len()
+}
+
+/// `drover build` in a fresh store of its own leaves a working `./result` and prints the path;
+/// built again it queues nothing: the output is valid there, or in the farm's cache for another
+/// store, and the runner is not even asked.
 fn builds_like_nix_build(dir: &Path, env: &BTreeMap<String, String>, file: &Path) {
     let store = dir.join("build-store");
     let work = dir.join("work");
     fs_err::create_dir_all(&work).unwrap();
-    let in_store = || {
-        let mut command = test_support::private_store_command(&store);
-        command
-            .envs(env)
-            .env(
-                "NIX_CONFIG",
-                "sandbox = false\nbuild-users-group =\nsubstituters =\n",
-            )
-            .env("HOME", dir)
-            .current_dir(&work);
-        command
-    };
+    let in_store = || in_a_store(dir, &store, &work, env);
     let built = in_store()
         .arg(DROVER)
         .arg("build")
@@ -129,6 +131,51 @@ fn builds_like_nix_build(dir: &Path, env: &BTreeMap<String, String>, file: &Path
         shown.contains("-diamond-right") && shown.contains("left, built on"),
         "./result does not work: {shown}"
     );
+
+    let queued = builds_queued(env);
+    let again = in_store()
+        .env("DROVER_RUNNER", "https://localhost:1")
+        .arg(DROVER)
+        .args(["build", "--no-link"])
+        .arg(file)
+        .args(["--attr", "top"])
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "valid locally, the runner is not asked: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+    let other_store = dir.join("other-build-store");
+    let from_cache = in_a_store(dir, &other_store, &work, env)
+        .arg(DROVER)
+        .args(["build", "--no-link"])
+        .arg(file)
+        .args(["--attr", "top"])
+        .output()
+        .unwrap();
+    assert!(
+        from_cache.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_cache.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&from_cache.stdout), stdout);
+    assert_eq!(builds_queued(env), queued, "nothing was queued again");
+}
+
+/// A command with `store` as its `/nix`, the farm's settings and Nix's test configuration.
+fn in_a_store(dir: &Path, store: &Path, work: &Path, env: &BTreeMap<String, String>) -> Command {
+    let mut command = test_support::private_store_command(store);
+    command
+        .envs(env)
+        .env(
+            "NIX_CONFIG",
+            "sandbox = false\nbuild-users-group =\nsubstituters =\n",
+        )
+        .env("HOME", dir)
+        .current_dir(work);
+    command
 }
 
 /// `drover submit --watch` on a terminal (`script` gives it one) draws its progress on one line,
