@@ -107,7 +107,9 @@ fn substitute(path: &str, link: Option<&Path>, args: &BuildArgs) -> Result<(), S
     command
         .args(["--realise", path])
         .args(["--option", "substituters", cache])
-        .args(["--option", "trusted-public-keys", cache_key]);
+        .args(["--option", "trusted-public-keys", cache_key])
+        // The look before submitting found nothing: Nix must not remember that for an hour.
+        .args(["--option", "narinfo-cache-negative-ttl", "0"]);
     if let Some(link) = link {
         command.arg("--add-root").arg(link);
     }

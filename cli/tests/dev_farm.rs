@@ -162,6 +162,25 @@ fn builds_like_nix_build(dir: &Path, env: &BTreeMap<String, String>, file: &Path
     );
     assert_eq!(String::from_utf8_lossy(&from_cache.stdout), stdout);
     assert_eq!(builds_queued(env), queued, "nothing was queued again");
+
+    // Looked for before the farm built it, then fetched once it did.
+    let fresh = in_store()
+        .arg(DROVER)
+        .args(["build", "--no-link", "-E"])
+        .arg(format!(
+            r#"derivation {{ name = "fresh"; system = "x86_64-linux"; builder = "/bin/sh";
+                args = [ "-c" "echo {} > $out" ]; }}"#,
+            dir.display()
+        ))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&fresh.stdout);
+    assert!(
+        fresh.status.success() && stdout.trim().ends_with("-fresh"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&fresh.stderr)
+    );
+    assert_eq!(builds_queued(env), queued + 1);
 }
 
 /// A command with `store` as its `/nix`, the farm's settings and Nix's test configuration.
