@@ -4,6 +4,8 @@
 
 use error_context::{Classify, Severity};
 
+use crate::exit::{Exit, ExitStatus};
+
 /// Why a call to the runner failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -57,6 +59,27 @@ impl Classify for CallError {
                 Severity::Session
             }
             _ => Severity::Fatal,
+        }
+    }
+}
+
+impl ExitStatus for CallError {
+    fn exit(&self) -> Exit {
+        match self {
+            Self::CertificateRefused(_) => Exit::Config,
+            Self::Unreachable(_) => Exit::Unavailable,
+            Self::Refused(status) => match status.code() {
+                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => Exit::Data,
+                tonic::Code::NotFound
+                | tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated => Exit::Usage,
+                tonic::Code::Unavailable
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::Internal
+                | tonic::Code::Unknown
+                | tonic::Code::DeadlineExceeded => Exit::Unavailable,
+                _ => Exit::Failed,
+            },
         }
     }
 }

@@ -12,6 +12,8 @@ use drover_tls::{
 };
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 
+use crate::exit::{Exit, ExitStatus};
+
 /// Mode of a CA directory this command creates: it holds private keys, so only its owner may
 /// list or enter it.
 const PRIVATE_DIR_MODE: u32 = 0o700;
@@ -67,6 +69,17 @@ pub enum CertsError {
         #[source]
         source: io::Error,
     },
+}
+
+impl ExitStatus for CertsError {
+    /// A refused identity or name is bad usage; a missing CA, one that exists already or a
+    /// directory that cannot be written is this machine's state.
+    fn exit(&self) -> Exit {
+        match self.severity() {
+            Severity::Reject => Exit::Usage,
+            _ => Exit::Config,
+        }
+    }
 }
 
 impl Classify for CertsError {

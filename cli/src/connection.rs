@@ -7,6 +7,8 @@ use clap::Args;
 use error_context::{Classify, Severity};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::exit::{Exit, ExitStatus};
+
 /// Where the runner is and who we are.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectionArgs {
@@ -67,6 +69,17 @@ impl Classify for ConnectError {
             // Out of reach: try again later (exit 69).
             Self::Transport { .. } => Severity::Session,
             Self::Read(_) | Self::CertificateRefused(_) => Severity::Fatal,
+        }
+    }
+}
+
+impl ExitStatus for ConnectError {
+    fn exit(&self) -> Exit {
+        match self {
+            Self::Transport { .. } => Exit::Unavailable,
+            Self::Missing { .. } | Self::Url(_) | Self::Read(_) | Self::CertificateRefused(_) => {
+                Exit::Config
+            }
         }
     }
 }

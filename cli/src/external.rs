@@ -9,6 +9,8 @@ use std::process::Command;
 
 use error_context::{Classify, Severity, WithContext};
 
+use crate::exit::{Exit, ExitStatus};
+
 /// Why an external subcommand could not be started.
 #[derive(Debug, thiserror::Error)]
 #[error("running {program}")]
@@ -18,6 +20,13 @@ pub struct ExternalError {
     /// Why.
     #[source]
     source: std::io::Error,
+}
+
+impl ExitStatus for ExternalError {
+    /// The program is not installed beside `drover` or on `PATH`.
+    fn exit(&self) -> Exit {
+        Exit::Config
+    }
 }
 
 impl Classify for ExternalError {

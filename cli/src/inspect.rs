@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 
 use crate::call::CallError;
 use crate::connection::{ConnectError, ConnectionArgs};
+use crate::exit::{Exit, ExitStatus};
 use crate::times;
 
 /// Why a read command failed.
@@ -70,6 +71,19 @@ pub enum InspectError {
     /// Writing to stdout failed.
     #[error("writing the output")]
     Output(#[source] std::io::Error),
+}
+
+impl ExitStatus for InspectError {
+    fn exit(&self) -> Exit {
+        match self {
+            Self::Connect(error) => error.exit(),
+            Self::Call(error) => error.exit(),
+            Self::NoSuchStep { .. } | Self::AmbiguousStep { .. } | Self::UnknownStatus(_) => {
+                Exit::Usage
+            }
+            Self::StepFailed { .. } | Self::StepEnded { .. } | Self::Output(_) => Exit::Failed,
+        }
+    }
 }
 
 impl Classify for InspectError {

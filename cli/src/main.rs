@@ -1,12 +1,11 @@
 //! `drover`, the command line of the farm: parse the arguments, run the subcommand, and on failure
-//! print the whole error chain and exit with a code that says whether the input was refused
-//! (64, `EX_USAGE`), the runner could not be reached or failed (69, `EX_UNAVAILABLE`), or the
-//! work failed (1: a build that did not succeed, or a local error).
+//! print the whole error chain and exit with one code per meaning (`exit.rs`).
 
 mod build;
 mod call;
 mod certs;
 mod connection;
+mod exit;
 mod external;
 mod inspect;
 mod manage;
@@ -19,24 +18,13 @@ use std::error::Error;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use error_context::{Classify, Severity, WithContext};
+use error_context::WithContext;
 
-/// `EX_USAGE` from sysexits.h: the input was refused (an invalid identity, a derivation the
-/// runner will not build).
-const EX_USAGE: u8 = 64;
-
-/// `EX_UNAVAILABLE` from sysexits.h: the runner could not be reached, or failed.
-const EX_UNAVAILABLE: u8 = 69;
-
-/// What the exit codes mean, for `--help`.
-const EXIT_CODES: &str = "Exit codes: 0 success; 1 a build did not succeed (or a local \
-error); 64 the request was refused (invalid input, unknown build, not allowed); 69 the runner \
-could not be reached or failed (the builds are safe: ask again later); 130 interrupted while \
-watching (the builds go on).";
+use exit::{Exit, ExitStatus};
 
 /// The drover command line.
 #[derive(Debug, Parser)]
-#[command(name = "drover", version, about = "Operate a drover build farm.", after_help = EXIT_CODES)]
+#[command(name = "drover", version, about = "Operate a drover build farm.", after_help = exit::TABLE)]
 struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -78,7 +66,18 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // clap prints help and versions too; a usage error exits 64, not clap's 2.
+            let _ = error.print();
+            return if error.use_stderr() {
+                Exit::Usage.into()
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command {
         Command::Certs(command) => finish(certs::run(command)),
         Command::Submit(args) => finish(submit::run(args).await),
@@ -93,18 +92,14 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Prints a failure's whole chain; the exit code is decided by the root's severity, never by
+/// Prints a failure's whole chain; the exit code is decided by the root error's type, never by
 /// its text.
-fn finish<E: Classify + Error + 'static>(result: Result<(), WithContext<E>>) -> ExitCode {
+fn finish<E: ExitStatus + Error + 'static>(result: Result<(), WithContext<E>>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", error.report());
-            match error.severity() {
-                Severity::Reject => ExitCode::from(EX_USAGE),
-                Severity::Session => ExitCode::from(EX_UNAVAILABLE),
-                Severity::Fatal | Severity::Step => ExitCode::FAILURE,
-            }
+            error.root().exit().into()
         }
     }
 }

@@ -9,6 +9,7 @@ use error_context::{Classify, Severity, WithContext};
 
 use crate::call::CallError;
 use crate::connection::{ConnectError, ConnectionArgs};
+use crate::exit::{Exit, ExitStatus};
 
 /// Arguments naming one build.
 #[derive(Debug, Args)]
@@ -29,6 +30,15 @@ pub enum ManageError {
     /// The call failed.
     #[error(transparent)]
     Call(#[from] CallError),
+}
+
+impl ExitStatus for ManageError {
+    fn exit(&self) -> Exit {
+        match self {
+            Self::Connect(error) => error.exit(),
+            Self::Call(error) => error.exit(),
+        }
+    }
 }
 
 impl Classify for ManageError {

@@ -23,6 +23,7 @@ use tonic_types::StatusExt as _;
 
 use crate::call::CallError;
 use crate::connection::{ConnectError, ConnectionArgs};
+use crate::exit::{Exit, ExitStatus};
 use crate::progress::Progress;
 
 /// How often `--watch` asks for the build's state.
@@ -158,6 +159,21 @@ fn ids(builds: &[i64]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+impl ExitStatus for SubmitError {
+    fn exit(&self) -> Exit {
+        match self {
+            Self::Call(error) => error.exit(),
+            Self::Connect(error) => error.exit(),
+            Self::Nix { .. } | Self::NotAStorePath(_) | Self::NothingToBuild => Exit::Data,
+            Self::UntrustedCache { .. } | Self::Fetch { .. } => Exit::Config,
+            Self::Read { .. }
+            | Self::Dump(_)
+            | Self::OutputMissing(_)
+            | Self::BuildsFailed { .. } => Exit::Failed,
+        }
+    }
 }
 
 impl Classify for SubmitError {

@@ -179,7 +179,11 @@ fn init_ca_twice_fails_without_overwriting() {
     let key_before = fs_err::read(dir.join("ca.key")).unwrap();
 
     let output = certs("init-ca", dir, &[]);
-    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        output.status.code(),
+        Some(78),
+        "EX_CONFIG: the CA exists already"
+    );
     assert!(!output.stderr.is_empty());
     assert_eq!(fs_err::read(dir.join("ca.pem")).unwrap(), cert_before);
     assert_eq!(fs_err::read(dir.join("ca.key")).unwrap(), key_before);
@@ -190,7 +194,7 @@ fn issuing_without_a_ca_or_twice_fails() {
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path();
     let output = certs("issue", dir, &["--role", "client", "--name", "alice"]);
-    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(output.status.code(), Some(78), "EX_CONFIG: no CA");
     assert!(!output.stderr.is_empty());
 
     succeeded(&certs("init-ca", dir, &[]));
@@ -201,7 +205,11 @@ fn issuing_without_a_ca_or_twice_fails() {
     ));
     let key_before = fs_err::read(dir.join("client-alice.key")).unwrap();
     let output = certs("issue", dir, &["--role", "client", "--name", "alice"]);
-    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        output.status.code(),
+        Some(78),
+        "EX_CONFIG: the certificate exists already"
+    );
     assert_eq!(
         fs_err::read(dir.join("client-alice.key")).unwrap(),
         key_before

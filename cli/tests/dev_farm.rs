@@ -293,7 +293,11 @@ fn reads_a_failed_build(env: &BTreeMap<String, String>, stderr: &str) {
         .envs(env)
         .output()
         .unwrap();
-    assert_eq!(zero.status.code(), Some(2), "--limit 0 is refused as usage");
+    assert_eq!(
+        zero.status.code(),
+        Some(64),
+        "--limit 0 is refused as usage (EX_USAGE, not clap's 2)"
+    );
     assert!(drover(&["logs", id]).contains("this build breaks on purpose"));
 }
 

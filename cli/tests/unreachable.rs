@@ -93,7 +93,7 @@ fn a_command_without_connection_settings_says_where_they_come_from() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert_eq!(output.status.code(), Some(78), "{stderr}");
     assert!(
         stderr.contains("the runner's URL is not set: pass --runner or set DROVER_RUNNER")
             && stderr.contains("source DIR/env"),
@@ -149,4 +149,5 @@ fn nix_arguments_reach_the_evaluation_before_the_runner_is_asked() {
         stderr.contains("nix-instantiate") && !stderr.contains("could not reach"),
         "a missing argument fails the evaluation: {stderr}"
     );
+    assert_eq!(without.status.code(), Some(65), "EX_DATAERR: {stderr}");
 }
