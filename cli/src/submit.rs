@@ -14,7 +14,7 @@ use clap::Args;
 use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::{
     BuildPhase, DerivationText, GetLogRequest, GetRequest, Job, SourceNar, StageDerivationsRequest,
-    SubmitJobSetRequest, SubmitRequest,
+    StepStatus, SubmitJobSetRequest, SubmitRequest,
 };
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use nix_primitives::StorePath;
@@ -633,8 +633,9 @@ async fn watch_until_ended(
                 eprintln!("the runner is back");
                 told = false;
             }
-            // A phase this client does not know has not ended: keep watching.
-            if !build.phase().is_terminal() {
+            // A phase this client does not know has not ended: keep watching. A keep-going
+            // build that ended still runs the steps it kept, as `nix-build -k` waits for them.
+            if !build.phase().is_terminal() || still_building(&build) {
                 progress.update(&build, started.elapsed());
                 still.push(id);
                 continue;
@@ -671,4 +672,15 @@ async fn watch_until_ended(
             total: builds.len(),
         })
     }
+}
+
+/// Whether a keep-going build still runs, or will run, steps it kept after it failed.
+fn still_building(build: &drover_proto::v1::GetResponse) -> bool {
+    build.keep_going
+        && build.steps.iter().any(|step| {
+            matches!(
+                step.typed_status(),
+                StepStatus::Waiting | StepStatus::Runnable | StepStatus::Running
+            )
+        })
 }

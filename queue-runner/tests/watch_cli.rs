@@ -1,5 +1,6 @@
 //! `drover watch` against a real farm: Ctrl-C leaves the build running and says how to stop it
-//! or follow it again, and `drover watch ID` follows it to its end and prints its outputs.
+//! or follow it again, and `drover watch ID` follows it to its end and prints its outputs; a
+//! keep-going build is watched until the steps it kept have run.
 
 #![allow(
     clippy::unwrap_used,
@@ -11,7 +12,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::nix_farm::{start_with_one_nix_builder, submit_closure};
+use common::nix_farm::{closure_request, start_with_one_nix_builder, submit_closure};
 use common::{DEADLINE, Farm, Stored};
 use test_support::ChildGuard;
 use test_support::wait::poll_until;
@@ -99,4 +100,51 @@ async fn ctrl_c_leaves_the_build_running_and_drover_watch_follows_it_again() {
         "{stdout}"
     );
     assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_going_build_is_watched_until_the_steps_it_kept_have_run() {
+    let mut farm = Farm::new().await;
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let expression = farm.dir.path().join("keep-going.nix");
+    fs_err::write(
+        &expression,
+        r#"let
+          step = name: script: inputs: derivation ({
+            inherit name;
+            system = "x86_64-linux";
+            builder = "/bin/sh";
+            args = [ "-c" script ];
+          } // inputs);
+          broken = step "broken" "exit 3" { };
+          slow = step "slow-sibling" "/bin/sleep 3; echo > $out" { };
+        in { top = step "top" "echo > $out" { inherit broken slow; }; }"#,
+    )
+    .unwrap();
+    let top = submitter.instantiate(&expression, "top");
+    let mut request = closure_request(&submitter, &top);
+    request.keep_going = true;
+    let build = farm.submit_request(request).await;
+
+    let mut command = farm.drover();
+    command.args(["watch", &build.to_string()]);
+    let watched = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&watched.stderr);
+    assert_eq!(watched.status.code(), Some(1), "{stderr}");
+    let slow: String = farm
+        .db()
+        .await
+        .query_one(
+            "SELECT status::text FROM steps WHERE drv_path LIKE '%-slow-sibling.drv'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        slow, "succeeded",
+        "the watch ended before the kept step ran: {stderr}"
+    );
 }

@@ -93,5 +93,6 @@ pub async fn build_state(pool: &Pool, id: i64) -> Result<GetResponse, ReadError>
         job_name: build.job_name.unwrap_or_default(),
         submitted_at_ms: build.times_ms.0,
         finished_at_ms: build.times_ms.1.unwrap_or_default(),
+        keep_going: build.keep_going,
     })
 }

@@ -906,6 +906,8 @@ pub struct BuildRow {
     pub job_name: Option<String>,
     /// When it was queued and ended, in Unix milliseconds.
     pub times_ms: (i64, Option<i64>),
+    /// Whether it builds what it can after a step failed.
+    pub keep_going: bool,
 }
 
 /// Reads one build.
@@ -914,7 +916,7 @@ pub async fn build(client: &impl GenericClient, id: i64) -> Result<Option<BuildR
         .query_opt(
             "SELECT status::text, drv_path, metadata, failure_reason, job_set_id, job_name,
                     (extract(epoch FROM submitted_at) * 1000)::bigint,
-                    (extract(epoch FROM finished_at) * 1000)::bigint
+                    (extract(epoch FROM finished_at) * 1000)::bigint, keep_going
              FROM builds WHERE id = $1",
             &[&id],
         )
@@ -944,5 +946,6 @@ pub async fn build(client: &impl GenericClient, id: i64) -> Result<Option<BuildR
         job_set: row.get(4),
         job_name: row.get(5),
         times_ms: (row.get(6), row.get(7)),
+        keep_going: row.get(8),
     }))
 }
