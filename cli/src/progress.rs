@@ -1,25 +1,32 @@
-//! What `drover submit --watch` shows while builds run: for each build, its steps done out of
-//! all, the running steps with their builders, and the time since the watch began. On a
-//! terminal it is one line rewritten in place; otherwise a plain line each time something
-//! other than the clock changed, so logs of CI jobs stay readable.
+//! What `drover submit --watch` and `drover watch` show while builds run: for each build, its
+//! steps done out of all (once it is planned), the running steps with their builders, and the
+//! time since the watch began. On a terminal it is a block of one line per build, each cut to
+//! the terminal's width, redrawn in place; otherwise a plain line each time something other than
+//! the clock changed, so logs of CI jobs stay readable.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::time::Duration;
 
-use drover_proto::v1::{GetResponse, StepStatus};
+use drover_proto::v1::{BuildPhase, GetResponse, StepStatus};
 
-/// Running steps named on the line, at most.
+/// Running steps named on a line, at most.
 const RUNNING_SHOWN: usize = 3;
+
+/// The width assumed when a terminal does not say its own.
+const DEFAULT_WIDTH: usize = 80;
 
 /// The progress display.
 pub struct Progress<W: Write> {
     out: W,
-    terminal: bool,
+    /// The terminal's width, when drawing on one.
+    terminal: Option<usize>,
     /// The last line shown for each build, without its clock.
     last: HashMap<i64, String>,
-    /// Whether a line is on screen (terminal only).
-    drawn: bool,
+    /// The lines of the block, by build (terminal only).
+    lines: BTreeMap<i64, String>,
+    /// How many lines of the block are on screen (terminal only).
+    drawn: usize,
 }
 
 impl Progress<std::io::Stderr> {
@@ -28,19 +35,26 @@ impl Progress<std::io::Stderr> {
     pub fn on_stderr() -> Self {
         use std::io::IsTerminal as _;
         let out = std::io::stderr();
-        let terminal = out.is_terminal();
-        Self::new(out, terminal)
+        let width = out.is_terminal().then(|| {
+            rustix::termios::tcgetwinsize(&out)
+                .ok()
+                .map(|size| usize::from(size.ws_col))
+                .filter(|columns| *columns > 0)
+                .unwrap_or(DEFAULT_WIDTH)
+        });
+        Self::new(out, width)
     }
 }
 
 impl<W: Write> Progress<W> {
-    /// Progress written to `out`, redrawn in place when `terminal`.
-    pub fn new(out: W, terminal: bool) -> Self {
+    /// Progress written to `out`, redrawn in place on a terminal `width` columns wide.
+    pub fn new(out: W, width: Option<usize>) -> Self {
         Self {
             out,
-            terminal,
+            terminal: width,
             last: HashMap::new(),
-            drawn: false,
+            lines: BTreeMap::new(),
+            drawn: 0,
         }
     }
 
@@ -49,25 +63,59 @@ impl<W: Write> Progress<W> {
         let line = summary(build);
         let changed = self.last.get(&build.build_id) != Some(&line);
         let shown = format!("{line} [{} s]", elapsed.as_secs());
-        // Progress is a courtesy: a closed stderr must not fail the watch.
-        let _ = if self.terminal {
-            self.drawn = true;
-            write!(self.out, "\r\x1b[2K{shown}").and_then(|()| self.out.flush())
+        if let Some(width) = self.terminal {
+            self.lines.insert(build.build_id, cut(&shown, width));
+            self.redraw();
         } else if changed {
-            writeln!(self.out, "{shown}")
-        } else {
-            Ok(())
-        };
+            // Progress is a courtesy: a closed stderr must not fail the watch.
+            let _ = writeln!(self.out, "{shown}");
+        }
         self.last.insert(build.build_id, line);
     }
 
-    /// Clears the line drawn on a terminal, before other output.
+    /// Takes an ended build off the block.
+    pub fn forget(&mut self, build: i64) {
+        self.lines.remove(&build);
+    }
+
+    /// Clears the block drawn on a terminal, before other output.
     pub fn clear(&mut self) {
-        if self.drawn {
-            let _ = write!(self.out, "\r\x1b[2K").and_then(|()| self.out.flush());
-            self.drawn = false;
+        if self.drawn > 0 {
+            let _ =
+                write!(self.out, "\x1b[{}A\r\x1b[J", self.drawn).and_then(|()| self.out.flush());
+            self.drawn = 0;
         }
     }
+
+    /// Draws the block again over the one on screen.
+    fn redraw(&mut self) {
+        let mut text = if self.drawn > 0 {
+            format!("\x1b[{}A", self.drawn)
+        } else {
+            String::new()
+        };
+        for line in self.lines.values() {
+            text.push_str("\r\x1b[2K");
+            text.push_str(line);
+            text.push('\n');
+        }
+        self.drawn = self.lines.len();
+        let _ = self
+            .out
+            .write_all(text.as_bytes())
+            .and_then(|()| self.out.flush());
+    }
+}
+
+/// `line` cut to fit in `width` columns (one left free, so the terminal never wraps).
+fn cut(line: &str, width: usize) -> String {
+    let room = width.saturating_sub(1).max(1);
+    if line.chars().count() <= room {
+        return line.to_owned();
+    }
+    let mut kept: String = line.chars().take(room.saturating_sub(1)).collect();
+    kept.push('…');
+    kept
 }
 
 /// A build's progress without the clock.
@@ -92,6 +140,9 @@ fn summary(build: &GetResponse) -> String {
             format!("{name} on {}", step.builder)
         })
         .collect();
+    if build.steps.is_empty() && build.phase() == BuildPhase::Accepted {
+        return format!("build {}: queued, being planned", build.build_id);
+    }
     let mut line = format!(
         "build {}: {done}/{} steps done",
         build.build_id,
@@ -137,7 +188,7 @@ mod tests {
     #[test]
     fn plain_output_prints_a_line_only_when_something_but_the_clock_changed() {
         let mut out = Vec::new();
-        let mut progress = Progress::new(&mut out, false);
+        let mut progress = Progress::new(&mut out, None);
         let running = build(&[("succeeded", ""), ("running", "b1"), ("waiting", "")]);
         progress.update(&running, Duration::from_secs(1));
         progress.update(&running, Duration::from_secs(2));
@@ -155,19 +206,37 @@ mod tests {
     }
 
     #[test]
-    fn a_terminal_gets_one_line_redrawn_in_place_and_cleared() {
+    fn a_terminal_gets_a_line_per_build_redrawn_in_place_cut_to_its_width_and_cleared() {
         let mut out = Vec::new();
-        let mut progress = Progress::new(&mut out, true);
+        let mut progress = Progress::new(&mut out, Some(40));
         let running = build(&[("running", "b1")]);
         progress.update(&running, Duration::from_secs(1));
-        progress.update(&running, Duration::from_secs(2));
+        let mut other = build(&[("running", "a-builder-with-a-long-name")]);
+        other.build_id = 8;
+        progress.update(&other, Duration::from_secs(1));
+        progress.forget(7);
+        progress.update(&other, Duration::from_secs(2));
         progress.clear();
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text,
-            "\r\x1b[2Kbuild 7: 0/1 steps done; running: step0 on b1 [1 s]\
-             \r\x1b[2Kbuild 7: 0/1 steps done; running: step0 on b1 [2 s]\r\x1b[2K"
+            "\r\x1b[2Kbuild 7: 0/1 steps done; running: step…\n\
+             \x1b[1A\r\x1b[2Kbuild 7: 0/1 steps done; running: step…\n\
+             \r\x1b[2Kbuild 8: 0/1 steps done; running: step…\n\
+             \x1b[2A\r\x1b[2Kbuild 8: 0/1 steps done; running: step…\n\
+             \x1b[1A\r\x1b[J"
         );
-        assert!(!text.contains('\n'));
+        for line in text.split('\n') {
+            let visible = line.rsplit("\x1b[2K").next().unwrap_or_default();
+            assert!(visible.chars().count() < 40, "{visible:?}");
+        }
+    }
+
+    #[test]
+    fn a_build_not_planned_yet_shows_no_total() {
+        let mut queued = build(&[]);
+        queued.status = drover_proto::v1::BuildStatus::Queued.into();
+        queued.phase = BuildPhase::Accepted.into();
+        assert_eq!(summary(&queued), "build 7: queued, being planned");
     }
 }

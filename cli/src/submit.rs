@@ -641,6 +641,7 @@ async fn watch_until_ended(
                 continue;
             }
             progress.clear();
+            progress.forget(id);
             let name = crate::inspect::status_name(build.status());
             if build.phase() == BuildPhase::Succeeded {
                 eprintln!("build {id} succeeded");

@@ -148,3 +148,95 @@ async fn a_keep_going_build_is_watched_until_the_steps_it_kept_have_run() {
         "the watch ended before the kept step ran: {stderr}"
     );
 }
+
+/// A tmux server of the test's own, killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn command(&self) -> std::process::Command {
+        let mut command = std::process::Command::new("tmux");
+        command.args(["-L", &self.socket]);
+        command
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.command().arg("kill-server").output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_an_80_column_terminal_each_build_has_one_line_that_fits() {
+    let mut farm = Farm::new().await;
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let expression = farm.dir.path().join("two-slow.nix");
+    fs_err::write(
+        &expression,
+        r#"let
+          slow = name: derivation {
+            inherit name;
+            system = "x86_64-linux";
+            builder = "/bin/sh";
+            args = [ "-c" "/bin/sleep 4; echo > $out" ];
+          };
+        in {
+          first = slow "a-derivation-whose-name-is-long-enough-to-overflow-a-line";
+          second = slow "another-derivation-with-a-name-that-will-not-fit-either";
+        }"#,
+    )
+    .unwrap();
+    let mut builds = Vec::new();
+    for attribute in ["first", "second"] {
+        let top = submitter.instantiate(&expression, attribute);
+        builds.push(submit_closure(&farm, &submitter, &top).await.to_string());
+    }
+    let watch = farm.drover();
+    let mut line: Vec<String> = watch
+        .get_envs()
+        .filter_map(|(key, value)| {
+            Some(format!(
+                "{}='{}'",
+                key.to_str()?,
+                value?.to_str()?.replace('\'', "'\\''")
+            ))
+        })
+        .collect();
+    line.push(watch.get_program().to_string_lossy().into_owned());
+    line.push("watch".to_owned());
+    line.extend(builds.iter().cloned());
+    line.push("; sleep 60".to_owned());
+    let tmux = Tmux {
+        socket: format!("drover-test-{}", std::process::id()),
+    };
+    let started = tmux
+        .command()
+        .args(["new-session", "-d", "-x", "80", "-y", "24", "-s", "watch"])
+        .arg(format!("env {}", line.join(" ")))
+        .status()
+        .expect("tmux (Debian's tmux package) gives the test a terminal");
+    assert!(started.success());
+    let screen = poll_until(DEADLINE, "both builds to show running steps", || async {
+        let captured = tmux
+            .command()
+            .args(["capture-pane", "-p", "-t", "watch"])
+            .output()
+            .unwrap();
+        let screen = String::from_utf8_lossy(&captured.stdout).into_owned();
+        (screen.matches("running:").count() >= 2).then_some(screen)
+    })
+    .await;
+    for build in &builds {
+        assert_eq!(
+            screen.matches(&format!("build {build}:")).count(),
+            1,
+            "one line per build, no stale copies:\n{screen}"
+        );
+    }
+    for row in screen.lines() {
+        assert!(row.chars().count() <= 80, "{row:?} overflows:\n{screen}");
+    }
+    assert!(screen.contains('…'), "the long lines are cut:\n{screen}");
+}

@@ -6,6 +6,8 @@ install_prerequisites() {
   command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
   # `script` gives the CLI's progress-display test a terminal.
   command -v script >/dev/null 2>&1 || missing+=(bsdutils)
+  # tmux gives the watch test an 80-column terminal whose screen it reads back.
+  command -v tmux >/dev/null 2>&1 || missing+=(tmux)
   # The systemd units are checked with `systemd-analyze verify`.
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   # The certificate-reload test reads the certificate the runner serves with `openssl s_client`.
