@@ -276,6 +276,17 @@ pub async fn status(args: StatusArgs) -> Result<(), WithContext<InspectError>> {
     if !build.failure_reason.is_empty() {
         print(&format!("  why: {}", build.failure_reason))?;
     }
+    for step in build
+        .steps
+        .iter()
+        .filter(|step| step.typed_status() == StepStatus::Failed)
+    {
+        let name = derivation_name(&step.drv_path).unwrap_or(&step.drv_path);
+        print(&format!(
+            "  failed step: {}; its log: drover logs {} {name}",
+            step.drv_path, build.build_id
+        ))?;
+    }
     for (name, path) in &build.outputs {
         print(&format!("  output {name}: {path}"))?;
     }
