@@ -133,34 +133,29 @@ fn builds_like_nix_build(dir: &Path, env: &BTreeMap<String, String>, file: &Path
     );
 
     let queued = builds_queued(env);
-    let again = in_store()
-        .env("DROVER_RUNNER", "https://localhost:1")
-        .arg(DROVER)
-        .args(["build", "--no-link"])
-        .arg(file)
-        .args(["--attr", "top"])
-        .output()
-        .unwrap();
-    assert!(
-        again.status.success(),
-        "valid locally, the runner is not asked: {}",
-        String::from_utf8_lossy(&again.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+    let build_top_again = |mut command: Command, why: &str| {
+        let output = command
+            .arg(DROVER)
+            .args(["build", "--no-link"])
+            .arg(file)
+            .args(["--attr", "top"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{why}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&output.stdout), stdout);
+    };
+    let mut unreachable = in_store();
+    unreachable.env("DROVER_RUNNER", "https://localhost:1");
+    build_top_again(unreachable, "valid locally, the runner is not asked");
     let other_store = dir.join("other-build-store");
-    let from_cache = in_a_store(dir, &other_store, &work, env)
-        .arg(DROVER)
-        .args(["build", "--no-link"])
-        .arg(file)
-        .args(["--attr", "top"])
-        .output()
-        .unwrap();
-    assert!(
-        from_cache.status.success(),
-        "{}",
-        String::from_utf8_lossy(&from_cache.stderr)
+    build_top_again(
+        in_a_store(dir, &other_store, &work, env),
+        "in the farm's cache, substituted",
     );
-    assert_eq!(String::from_utf8_lossy(&from_cache.stdout), stdout);
     assert_eq!(builds_queued(env), queued, "nothing was queued again");
 
     // Looked for before the farm built it, then fetched once it did.

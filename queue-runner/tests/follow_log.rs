@@ -52,17 +52,14 @@ async fn a_running_real_builds_log_arrives_live_and_whole_afterwards() {
     let mut farm = Farm::new().await;
     farm.heartbeat_ms = 300;
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
-    let expression = farm.dir.path().join("talker.nix");
-    fs_err::write(
-        &expression,
+    let expression = submitter.expression(
         r#"{ talker = derivation {
             name = "talker";
             system = "x86_64-linux";
             builder = "/bin/sh";
             args = [ "-c" "for i in 1 2 3 4 5 6; do echo \"line $i\" >&2; /bin/sleep 0.5; done; echo done > $out" ];
         }; }"#,
-    )
-    .unwrap();
+    );
     let top = submitter.instantiate(&expression, "talker");
     let build = submit_closure(&farm, &submitter, &top).await;
     farm.wait_for_count(
@@ -123,17 +120,14 @@ async fn a_running_real_builds_log_arrives_live_and_whole_afterwards() {
 async fn the_log_of_a_running_step_reads_as_far_as_it_has_come() {
     let mut farm = Farm::new().await;
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
-    let expression = farm.dir.path().join("slow-talker.nix");
-    fs_err::write(
-        &expression,
+    let expression = submitter.expression(
         r#"{ talker = derivation {
             name = "slow-talker";
             system = "x86_64-linux";
             builder = "/bin/sh";
             args = [ "-c" "echo started >&2; for i in 1 2 3 4 5 6 7 8 9 10; do /bin/sleep 0.5; done; echo finished >&2; echo done > $out" ];
         }; }"#,
-    )
-    .unwrap();
+    );
     let top = submitter.instantiate(&expression, "talker");
     let build = submit_closure(&farm, &submitter, &top).await;
     let client = farm.client().await;
@@ -182,9 +176,7 @@ async fn the_log_of_a_running_step_reads_as_far_as_it_has_come() {
 async fn drover_logs_follow_waits_for_a_step_and_exits_as_it_ended() {
     let mut farm = Farm::new().await;
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
-    let expression = farm.dir.path().join("late-failure.nix");
-    fs_err::write(
-        &expression,
+    let expression = submitter.expression(
         r#"let
           slow = derivation {
             name = "slow";
@@ -199,8 +191,7 @@ async fn drover_logs_follow_waits_for_a_step_and_exits_as_it_ended() {
             args = [ "-c" "echo about to break >&2; exit 3" ];
             inherit slow;
         }; }"#,
-    )
-    .unwrap();
+    );
     let top = submitter.instantiate(&expression, "broken");
     let build = submit_closure(&farm, &submitter, &top).await;
     farm.wait_for_count(

@@ -21,17 +21,14 @@ use test_support::wait::poll_until;
 async fn ctrl_c_leaves_the_build_running_and_drover_watch_follows_it_again() {
     let mut farm = Farm::new().await;
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
-    let expression = farm.dir.path().join("slow.nix");
-    fs_err::write(
-        &expression,
+    let expression = submitter.expression(
         r#"{ slow = derivation {
             name = "slow";
             system = "x86_64-linux";
             builder = "/bin/sh";
             args = [ "-c" "/bin/sleep 3; echo done > $out" ];
         }; }"#,
-    )
-    .unwrap();
+    );
     let top = submitter.instantiate(&expression, "slow");
     let build = submit_closure(&farm, &submitter, &top).await;
     farm.wait_for_count(
@@ -106,9 +103,7 @@ async fn ctrl_c_leaves_the_build_running_and_drover_watch_follows_it_again() {
 async fn a_keep_going_build_is_watched_until_the_steps_it_kept_have_run() {
     let mut farm = Farm::new().await;
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
-    let expression = farm.dir.path().join("keep-going.nix");
-    fs_err::write(
-        &expression,
+    let expression = submitter.expression(
         r#"let
           step = name: script: inputs: derivation ({
             inherit name;
@@ -119,8 +114,7 @@ async fn a_keep_going_build_is_watched_until_the_steps_it_kept_have_run() {
           broken = step "broken" "exit 3" { };
           slow = step "slow-sibling" "/bin/sleep 3; echo > $out" { };
         in { top = step "top" "echo > $out" { inherit broken slow; }; }"#,
-    )
-    .unwrap();
+    );
     let top = submitter.instantiate(&expression, "top");
     let mut request = closure_request(&submitter, &top);
     request.keep_going = true;
@@ -172,9 +166,7 @@ impl Drop for Tmux {
 async fn on_an_80_column_terminal_each_build_has_one_line_that_fits() {
     let mut farm = Farm::new().await;
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
-    let expression = farm.dir.path().join("two-slow.nix");
-    fs_err::write(
-        &expression,
+    let expression = submitter.expression(
         r#"let
           slow = name: derivation {
             inherit name;
@@ -186,8 +178,7 @@ async fn on_an_80_column_terminal_each_build_has_one_line_that_fits() {
           first = slow "a-derivation-whose-name-is-long-enough-to-overflow-a-line";
           second = slow "another-derivation-with-a-name-that-will-not-fit-either";
         }"#,
-    )
-    .unwrap();
+    );
     let mut builds = Vec::new();
     for attribute in ["first", "second"] {
         let top = submitter.instantiate(&expression, attribute);

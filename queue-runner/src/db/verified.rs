@@ -3,6 +3,7 @@
 
 use deadpool_postgres::GenericClient;
 use nix_primitives::{ContentAddress, Hash, HashAlgorithm, StorePath};
+use tokio_postgres::types::ToSql;
 
 use super::DbError;
 use crate::verify::{StoredDerivation, VerifiedDerivation};
@@ -91,16 +92,12 @@ pub async fn store(
             );
             hashes.push(stored.hash_modulo.as_bytes());
         }
-        let [
-            paths,
-            systems,
-            features,
-            names,
-            outputs,
-            inputs,
-            sources,
-            input_outputs,
-        ] = &columns;
+        let mut parameters: Vec<&(dyn ToSql + Sync)> = columns
+            .iter()
+            .map(|column| column as &(dyn ToSql + Sync))
+            .collect();
+        parameters.push(&fixed);
+        parameters.push(&hashes);
         client
             .execute(
                 "INSERT INTO verified_derivations (path, system, required_features, output_names,
@@ -115,18 +112,7 @@ pub async fn store(
                    AS given (path, system, features, names, outputs, inputs, sources,
                              input_outputs, fixed, hash)
                  ON CONFLICT DO NOTHING",
-                &[
-                    paths,
-                    systems,
-                    features,
-                    names,
-                    outputs,
-                    inputs,
-                    sources,
-                    input_outputs,
-                    &fixed,
-                    &hashes,
-                ],
+                &parameters,
             )
             .await
             .map_err(DbError::query("storing verified derivations"))?;

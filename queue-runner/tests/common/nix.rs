@@ -35,6 +35,18 @@ impl ChrootStore {
         command
     }
 
+    /// Writes a Nix expression to a file of its own beside the store; returns the file.
+    pub fn expression(&self, text: &str) -> PathBuf {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut hasher);
+        let file = self
+            .home
+            .join(format!("expression-{:016x}.nix", hasher.finish()));
+        fs_err::write(&file, text).unwrap();
+        file
+    }
+
     /// Instantiates `attribute` of a Nix file; returns the `.drv` path.
     pub fn instantiate(&self, file: &Path, attribute: &str) -> StorePath {
         let output = self
