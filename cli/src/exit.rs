@@ -23,6 +23,8 @@ pub enum Exit {
     Unavailable = 69,
     /// `EX_CONFIG`: this machine's configuration is wrong.
     Config = 78,
+    /// Interrupted (SIGINT) while watching, as a shell reports it (128 + 2).
+    Interrupted = 130,
 }
 
 impl From<Exit> for ExitCode {

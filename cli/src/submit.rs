@@ -140,6 +140,14 @@ pub enum SubmitError {
         /// The last line Nix printed.
         said: String,
     },
+    /// Ctrl-C while watching: the builds go on.
+    #[error(
+        "interrupted; {} on the farm: `drover cancel ID` stops one, `drover watch {}` follows \
+         again",
+        going_on(.0),
+        spaced(.0)
+    )]
+    Interrupted(Vec<i64>),
     /// The farm's build of a derivation did not produce the output asked for.
     #[error("the farm's build did not produce {0}")]
     OutputMissing(String),
@@ -151,6 +159,23 @@ pub enum SubmitError {
         /// How many were watched.
         total: usize,
     },
+}
+
+/// "build 3 goes on", "builds 3 4 go on".
+fn going_on(builds: &[i64]) -> String {
+    match builds {
+        [one] => format!("build {one} goes on"),
+        _ => format!("builds {} go on", spaced(builds)),
+    }
+}
+
+/// Build ids separated by spaces, as `drover watch` takes them.
+fn spaced(builds: &[i64]) -> String {
+    builds
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn ids(builds: &[i64]) -> String {
@@ -168,6 +193,7 @@ impl ExitStatus for SubmitError {
             Self::Connect(error) => error.exit(),
             Self::Nix { .. } | Self::NotAStorePath(_) | Self::NothingToBuild => Exit::Data,
             Self::UntrustedCache { .. } | Self::Fetch { .. } => Exit::Config,
+            Self::Interrupted(_) => Exit::Interrupted,
             Self::Read { .. }
             | Self::Dump(_)
             | Self::OutputMissing(_)
@@ -572,24 +598,9 @@ pub async fn watch(
 ) -> Result<Vec<(i64, BTreeMap<String, String>)>, SubmitError> {
     tokio::select! {
         watched = watch_until_ended(client, builds) => watched,
-        _ = tokio::signal::ctrl_c() => interrupted(builds),
+        // The builds go on on the farm; the error says how to stop or follow them.
+        _ = tokio::signal::ctrl_c() => Err(SubmitError::Interrupted(builds.to_vec())),
     }
-}
-
-/// Ctrl-C while watching: the builds go on on the farm, and the user is told how to stop or
-/// follow them; exits 130, as a shell does for SIGINT.
-fn interrupted(builds: &[i64]) -> ! {
-    let ids: Vec<String> = builds.iter().map(i64::to_string).collect();
-    let ids = ids.join(" ");
-    let (noun, verb) = if builds.len() == 1 {
-        ("build", "continues")
-    } else {
-        ("builds", "continue")
-    };
-    eprintln!(
-        "\n{noun} {ids} {verb} on the farm: `drover cancel ID` stops one, `drover watch {ids}` follows again"
-    );
-    std::process::exit(130)
 }
 
 async fn watch_until_ended(

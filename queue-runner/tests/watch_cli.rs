@@ -68,7 +68,7 @@ async fn ctrl_c_leaves_the_build_running_and_drover_watch_follows_it_again() {
     let said = fs_err::read_to_string(&stderr_file).unwrap();
     assert_eq!(status.code(), Some(130), "{said}");
     assert!(
-        said.contains(&format!("build {build} continues on the farm"))
+        said.contains(&format!("interrupted; build {build} goes on on the farm"))
             && said.contains(&format!("drover watch {build}")),
         "{said}"
     );
