@@ -16,6 +16,7 @@ use error_context::WithContext;
 use nix_primitives::{Derivation, StorePath};
 
 use crate::submit::{self, SubmitError, TargetArgs};
+use crate::watch;
 
 /// `drover build` arguments.
 #[derive(Debug, Args)]
@@ -51,7 +52,7 @@ pub async fn run(args: BuildArgs) -> Result<(), WithContext<SubmitError>> {
         .all(|((_, path), link)| substitute(path, link.as_deref(), &args).is_ok());
     if !ready {
         let (mut client, builds) = submit::submit_tops(&args.target, &tops).await?;
-        let built = submit::watch(&mut client, &builds).await?;
+        let built = watch::watch(&mut client, &builds).await?;
         for (((_, path), link), (_, outputs)) in wanted.iter().zip(&links).zip(&built) {
             if !outputs.values().any(|built| built == path) {
                 return Err(SubmitError::OutputMissing(path.clone()).into());

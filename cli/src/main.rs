@@ -13,6 +13,7 @@ mod meta;
 mod progress;
 mod submit;
 mod times;
+mod watch;
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -43,7 +44,7 @@ enum Command {
     /// local store from the farm's cache and leave ./result.
     Build(build::BuildArgs),
     /// Follow builds queued earlier until they end, as `submit --watch` does.
-    Watch(submit::WatchArgs),
+    Watch(watch::WatchArgs),
     /// Cancel a build you submitted (admins: any build): its steps no other build needs stop.
     Cancel(manage::BuildArgs),
     /// Queue a failed or cancelled build again, clearing its steps' failures.
@@ -81,7 +82,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Certs(command) => finish(certs::run(command)),
         Command::Submit(args) => finish(submit::run(args).await),
-        Command::Watch(args) => finish(submit::watch_again(args).await),
+        Command::Watch(args) => finish(watch::run(args).await),
         Command::Build(args) => finish(build::run(args).await),
         Command::Cancel(args) => finish(manage::cancel(args).await),
         Command::Restart(args) => finish(manage::restart(args).await),

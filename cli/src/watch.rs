@@ -1,0 +1,188 @@
+//! Following builds until they end: `drover submit --watch`, `drover build` and `drover watch`
+//! show each build's progress and its end (with the end of the failing step's log), wait for an
+//! unreachable runner to come back, and keep watching a keep-going build until the steps it
+//! kept have run.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use drover_proto::v1::build_service_client::BuildServiceClient;
+use drover_proto::v1::{BuildPhase, GetLogRequest, GetRequest, GetResponse, StepStatus};
+use error_context::WithContext;
+use tonic::transport::Channel;
+
+use crate::call::CallError;
+use crate::connection::ConnectionArgs;
+use crate::progress::Progress;
+use crate::submit::SubmitError;
+
+/// How often `--watch` asks for the build's state.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long `--watch` waits for an unreachable runner to come back (a restart, an upgrade)
+/// before it gives up.
+const UNREACHABLE_BUDGET: Duration = Duration::from_mins(10);
+
+/// `drover watch` arguments.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The builds to follow.
+    #[arg(required = true)]
+    builds: Vec<i64>,
+    /// Where the runner is.
+    #[command(flatten)]
+    connection: ConnectionArgs,
+}
+
+/// Runs `drover watch`: follows builds queued earlier (after a Ctrl-C, or from another shell) as
+/// `submit --watch` does.
+pub async fn run(args: WatchArgs) -> Result<(), WithContext<SubmitError>> {
+    let channel = args.connection.connect().await.map_err(SubmitError::from)?;
+    let mut client = BuildServiceClient::new(channel);
+    print_outputs(&watch(&mut client, &args.builds).await?);
+    Ok(())
+}
+
+/// Prints `output path` lines, build by build.
+pub fn print_outputs(built: &[(i64, BTreeMap<String, String>)]) {
+    for (_, outputs) in built {
+        for (output, path) in outputs {
+            println!("{output} {path}");
+        }
+    }
+}
+
+/// Lines of a failed build's log shown when it ends.
+const LOG_TAIL_LINES: usize = 20;
+
+/// The last lines of the log of the step that failed a build (or its top-level step), if the
+/// runner has one.
+async fn log_tail(
+    client: &mut BuildServiceClient<Channel>,
+    build: &drover_proto::v1::GetResponse,
+) -> Option<(String, Vec<String>)> {
+    let step = crate::inspect::chosen_step(build);
+    let log = client
+        .get_log(GetLogRequest {
+            drv_path: step.clone(),
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .log;
+    let text = String::from_utf8_lossy(&log);
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..]
+        .iter()
+        .map(|line| (*line).to_owned())
+        .collect();
+    Some((step, tail))
+}
+
+/// Waits for every build to end, showing their progress and each one's end (with the end of the
+/// failing step's log); returns each build's outputs, in the order of `builds`, if all succeeded.
+pub async fn watch(
+    client: &mut BuildServiceClient<Channel>,
+    builds: &[i64],
+) -> Result<Vec<(i64, BTreeMap<String, String>)>, SubmitError> {
+    tokio::select! {
+        watched = watch_until_ended(client, builds) => watched,
+        // The builds go on on the farm; the error says how to stop or follow them.
+        _ = tokio::signal::ctrl_c() => Err(SubmitError::Interrupted(builds.to_vec())),
+    }
+}
+
+async fn watch_until_ended(
+    client: &mut BuildServiceClient<Channel>,
+    builds: &[i64],
+) -> Result<Vec<(i64, BTreeMap<String, String>)>, SubmitError> {
+    let mut pending: Vec<i64> = builds.to_vec();
+    let mut failed = Vec::new();
+    let mut succeeded = BTreeMap::new();
+    let mut progress = Progress::on_stderr();
+    let started = Instant::now();
+    // Since when the runner has been unreachable, and whether the user was told.
+    let mut lost: Option<Instant> = None;
+    let mut told = false;
+    while !pending.is_empty() {
+        let mut still = Vec::with_capacity(pending.len());
+        for id in pending {
+            let build = match client.get(GetRequest { build_id: id }).await {
+                Ok(build) => build.into_inner(),
+                Err(status) => match CallError::from(status) {
+                    // The builds are safe in the runner's database: wait for it to come back.
+                    CallError::Unreachable(status)
+                        if lost.get_or_insert_with(Instant::now).elapsed() < UNREACHABLE_BUDGET =>
+                    {
+                        if !told {
+                            progress.clear();
+                            eprintln!(
+                                "lost the runner ({}); still waiting for it to come back",
+                                status.message()
+                            );
+                            told = true;
+                        }
+                        still.push(id);
+                        continue;
+                    }
+                    error => return Err(error.into()),
+                },
+            };
+            if lost.take().is_some() {
+                progress.clear();
+                eprintln!("the runner is back");
+                told = false;
+            }
+            // A phase this client does not know has not ended: keep watching. A keep-going
+            // build that ended still runs the steps it kept, as `nix-build -k` waits for them.
+            if !build.phase().is_terminal() || still_building(&build) {
+                progress.update(&build, started.elapsed());
+                still.push(id);
+                continue;
+            }
+            progress.clear();
+            progress.forget(id);
+            let name = crate::inspect::status_name(build.status());
+            if build.phase() == BuildPhase::Succeeded {
+                eprintln!("build {id} succeeded");
+                succeeded.insert(id, build.outputs.into_iter().collect::<BTreeMap<_, _>>());
+            } else {
+                eprintln!("build {id} ended {name}: {}", build.failure_reason);
+                if let Some((step, tail)) = log_tail(client, &build).await {
+                    eprintln!("last lines of the log of {step}:");
+                    for line in tail {
+                        eprintln!("  | {line}");
+                    }
+                }
+                failed.push(id);
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+    if failed.is_empty() {
+        Ok(builds
+            .iter()
+            .filter_map(|id| Some((*id, succeeded.remove(id)?)))
+            .collect())
+    } else {
+        Err(SubmitError::BuildsFailed {
+            failed,
+            total: builds.len(),
+        })
+    }
+}
+
+/// Whether a keep-going build still runs, or will run, steps it kept after it failed.
+fn still_building(build: &GetResponse) -> bool {
+    build.keep_going
+        && build.steps.iter().any(|step| {
+            matches!(
+                step.typed_status(),
+                StepStatus::Waiting | StepStatus::Runnable | StepStatus::Running
+            )
+        })
+}
