@@ -8,8 +8,13 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use drover_proto::v1::build_service_client::BuildServiceClient;
-use drover_proto::v1::{BuildPhase, GetLogRequest, GetRequest, GetResponse, StepStatus};
+use drover_proto::v1::watch_event::Event as Kind;
+use drover_proto::v1::{
+    BuildPhase, GetLogRequest, GetRequest, GetResponse, StepStatus, WatchEvent, WatchRequest,
+};
 use error_context::WithContext;
+use futures_util::StreamExt as _;
+use futures_util::stream::{BoxStream, SelectAll};
 use tonic::transport::Channel;
 
 use crate::call::CallError;
@@ -17,7 +22,7 @@ use crate::connection::ConnectionArgs;
 use crate::progress::Progress;
 use crate::submit::SubmitError;
 
-/// How often `--watch` asks for the build's state.
+/// How often a keep-going build that ended is looked at again while steps it kept still run.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How long `--watch` waits for an unreachable runner to come back (a restart, an upgrade)
@@ -93,11 +98,83 @@ pub async fn watch(
     }
 }
 
+/// What one build's `Watch` stream said.
+enum Followed {
+    /// The stream opened (the runner answers).
+    Opened,
+    /// An event of the build.
+    Event(Box<WatchEvent>),
+    /// The stream ended: the build has ended.
+    Ended,
+    /// The stream failed.
+    Lost(tonic::Status),
+}
+
+/// Follows build `id` with `Watch`, after `delay`: each item names the build.
+fn follow(
+    client: &BuildServiceClient<Channel>,
+    id: i64,
+    delay: Duration,
+) -> BoxStream<'static, (i64, Followed)> {
+    enum Stage {
+        Start(BuildServiceClient<Channel>),
+        Open(tonic::Streaming<WatchEvent>),
+        Done,
+    }
+    futures_util::stream::unfold(Stage::Start(client.clone()), move |stage| async move {
+        let (said, next) = match stage {
+            Stage::Start(mut client) => {
+                tokio::time::sleep(delay).await;
+                match client.watch(WatchRequest { build_id: id }).await {
+                    Ok(stream) => (Followed::Opened, Stage::Open(stream.into_inner())),
+                    Err(status) => (Followed::Lost(status), Stage::Done),
+                }
+            }
+            Stage::Open(mut stream) => match stream.message().await {
+                Ok(Some(event)) => (Followed::Event(Box::new(event)), Stage::Open(stream)),
+                Ok(None) => (Followed::Ended, Stage::Done),
+                Err(status) => (Followed::Lost(status), Stage::Done),
+            },
+            Stage::Done => return None,
+        };
+        Some(((id, said), next))
+    })
+    .boxed()
+}
+
+/// Applies one `Watch` event to what is known of a build.
+fn apply(build: &mut GetResponse, event: WatchEvent) {
+    match event.event {
+        Some(Kind::State(state)) => *build = state,
+        Some(Kind::Step(step)) => match build
+            .steps
+            .iter_mut()
+            .find(|known| known.step_id == step.step_id)
+        {
+            Some(known) => *known = step,
+            None => build.steps.push(step),
+        },
+        Some(Kind::Build(update)) => {
+            build.status = update.status;
+            build.phase = update.phase;
+            build.failure_reason = update.failure_reason;
+        }
+        Some(Kind::Heartbeat(_)) | None => {}
+    }
+}
+
+/// How long a lost `Watch` stream waits before it is opened again.
+const REOPEN_DELAY: Duration = Duration::from_secs(1);
+
 async fn watch_until_ended(
     client: &mut BuildServiceClient<Channel>,
     builds: &[i64],
 ) -> Result<Vec<(i64, BTreeMap<String, String>)>, SubmitError> {
-    let mut pending: Vec<i64> = builds.to_vec();
+    let mut followed = SelectAll::new();
+    let mut known: BTreeMap<i64, GetResponse> = BTreeMap::new();
+    for &id in builds {
+        followed.push(follow(client, id, Duration::ZERO));
+    }
     let mut failed = Vec::new();
     let mut succeeded = BTreeMap::new();
     let mut progress = Progress::on_stderr();
@@ -105,62 +182,70 @@ async fn watch_until_ended(
     // Since when the runner has been unreachable, and whether the user was told.
     let mut lost: Option<Instant> = None;
     let mut told = false;
-    while !pending.is_empty() {
-        let mut still = Vec::with_capacity(pending.len());
-        for id in pending {
-            let build = match client.get(GetRequest { build_id: id }).await {
-                Ok(build) => build.into_inner(),
-                Err(status) => match CallError::from(status) {
-                    // The builds are safe in the runner's database: wait for it to come back.
-                    CallError::Unreachable(status)
-                        if lost.get_or_insert_with(Instant::now).elapsed() < UNREACHABLE_BUDGET =>
-                    {
-                        if !told {
-                            progress.clear();
-                            eprintln!(
-                                "lost the runner ({}); still waiting for it to come back",
-                                status.message()
-                            );
-                            told = true;
-                        }
-                        still.push(id);
-                        continue;
-                    }
-                    error => return Err(error.into()),
-                },
-            };
-            if lost.take().is_some() {
-                progress.clear();
-                eprintln!("the runner is back");
-                told = false;
-            }
-            // A phase this client does not know has not ended: keep watching. A keep-going
-            // build that ended still runs the steps it kept, as `nix-build -k` waits for them.
-            if !build.phase().is_terminal() || still_building(&build) {
-                progress.update(&build, started.elapsed());
-                still.push(id);
-                continue;
-            }
-            progress.clear();
-            progress.forget(id);
-            let name = crate::inspect::status_name(build.status());
-            if build.phase() == BuildPhase::Succeeded {
-                eprintln!("build {id} succeeded");
-                succeeded.insert(id, build.outputs.into_iter().collect::<BTreeMap<_, _>>());
-            } else {
-                eprintln!("build {id} ended {name}: {}", build.failure_reason);
-                if let Some((step, tail)) = log_tail(client, &build).await {
-                    eprintln!("last lines of the log of {step}:");
-                    for line in tail {
-                        eprintln!("  | {line}");
-                    }
+    while let Some((id, said)) = followed.next().await {
+        match said {
+            Followed::Opened => {
+                if lost.take().is_some() && told {
+                    progress.clear();
+                    eprintln!("the runner is back");
+                    told = false;
                 }
-                failed.push(id);
             }
-        }
-        pending = still;
-        if !pending.is_empty() {
-            tokio::time::sleep(POLL_INTERVAL).await;
+            Followed::Event(event) => {
+                let build = known.entry(id).or_default();
+                apply(build, *event);
+                if build.build_id == id {
+                    progress.update(build, started.elapsed());
+                }
+            }
+            Followed::Lost(status) => match CallError::from(status) {
+                // The builds are safe in the runner's database: wait for it to come back.
+                CallError::Unreachable(status) | CallError::Refused(status)
+                    if is_unavailable(&status)
+                        && lost.get_or_insert_with(Instant::now).elapsed() < UNREACHABLE_BUDGET =>
+                {
+                    if !told {
+                        progress.clear();
+                        eprintln!(
+                            "lost the runner ({}); still waiting for it to come back",
+                            status.message()
+                        );
+                        told = true;
+                    }
+                    followed.push(follow(client, id, REOPEN_DELAY));
+                }
+                error => return Err(error.into()),
+            },
+            Followed::Ended => {
+                let build = client
+                    .get(GetRequest { build_id: id })
+                    .await
+                    .map_err(CallError::from)?
+                    .into_inner();
+                // A keep-going build that ended still runs the steps it kept, as `nix-build -k`
+                // waits for them: its stream is opened again, which answers its state.
+                if !build.phase().is_terminal() || still_building(&build) {
+                    progress.update(&build, started.elapsed());
+                    followed.push(follow(client, id, POLL_INTERVAL));
+                    continue;
+                }
+                progress.clear();
+                progress.forget(id);
+                let name = crate::inspect::status_name(build.status());
+                if build.phase() == BuildPhase::Succeeded {
+                    eprintln!("build {id} succeeded");
+                    succeeded.insert(id, build.outputs.into_iter().collect::<BTreeMap<_, _>>());
+                } else {
+                    eprintln!("build {id} ended {name}: {}", build.failure_reason);
+                    if let Some((step, tail)) = log_tail(client, &build).await {
+                        eprintln!("last lines of the log of {step}:");
+                        for line in tail {
+                            eprintln!("  | {line}");
+                        }
+                    }
+                    failed.push(id);
+                }
+            }
         }
     }
     if failed.is_empty() {
@@ -174,6 +259,12 @@ async fn watch_until_ended(
             total: builds.len(),
         })
     }
+}
+
+/// Whether a failed call means the runner is out of reach or going away (a restart, an
+/// upgrade), not that it refused.
+fn is_unavailable(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable || std::error::Error::source(status).is_some()
 }
 
 /// Whether a keep-going build still runs, or will run, steps it kept after it failed.

@@ -1,6 +1,7 @@
 //! `drover watch` against a real farm: Ctrl-C leaves the build running and says how to stop it
 //! or follow it again, and `drover watch ID` follows it to its end and prints its outputs; a
-//! keep-going build is watched until the steps it kept have run.
+//! keep-going build is watched until the steps it kept have run; a watch waits for a restarted
+//! runner and says so.
 
 #![allow(
     clippy::unwrap_used,
@@ -230,4 +231,57 @@ async fn on_an_80_column_terminal_each_build_has_one_line_that_fits() {
         assert!(row.chars().count() <= 80, "{row:?} overflows:\n{screen}");
     }
     assert!(screen.contains('…'), "the long lines are cut:\n{screen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_waits_for_a_restarted_runner_and_says_so() {
+    let mut farm = Farm::new().await;
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let expression = submitter.expression(
+        r#"{ slow = derivation {
+            name = "outlives-its-runner";
+            system = "x86_64-linux";
+            builder = "/bin/sh";
+            args = [ "-c" "/bin/sleep 4; echo done > $out" ];
+        }; }"#,
+    );
+    let top = submitter.instantiate(&expression, "slow");
+    let build = submit_closure(&farm, &submitter, &top).await;
+    farm.wait_for_count(
+        "the build to start",
+        "SELECT count(*) FROM step_attempts WHERE status = 'running'",
+        1,
+    )
+    .await;
+    let stderr_file = farm.dir.path().join("watch.stderr");
+    let watching = ChildGuard::spawn(
+        farm.drover()
+            .args(["watch", &build.to_string()])
+            .stdout(Stdio::null())
+            .stderr(fs_err::File::create(&stderr_file).unwrap().into_parts().0),
+    )
+    .unwrap();
+    poll_until(DEADLINE, "the watch to show progress", || async {
+        fs_err::read_to_string(&stderr_file)
+            .ok()
+            .filter(|text| text.contains("steps done"))
+    })
+    .await;
+    farm.stop_runner().await;
+    poll_until(DEADLINE, "the watch to say it lost the runner", || async {
+        fs_err::read_to_string(&stderr_file)
+            .ok()
+            .filter(|text| text.contains("lost the runner"))
+    })
+    .await;
+    farm.start_runner().await;
+    let watching = std::sync::Mutex::new(watching);
+    let status = poll_until(DEADLINE, "the watch to end", || async {
+        watching.lock().unwrap().child_mut().try_wait().unwrap()
+    })
+    .await;
+    let said = fs_err::read_to_string(&stderr_file).unwrap();
+    assert!(status.success(), "{said}");
+    assert!(said.contains("the runner is back"), "{said}");
+    assert!(said.contains(&format!("build {build} succeeded")), "{said}");
 }
