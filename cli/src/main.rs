@@ -48,7 +48,7 @@ enum Command {
     /// Cancel a build you submitted (admins: any build): its steps no other build needs stop.
     Cancel(manage::BuildArgs),
     /// Queue a failed or cancelled build again, clearing its steps' failures.
-    Restart(manage::BuildArgs),
+    Restart(manage::RestartArgs),
     /// Show a build: its status, outputs, and why each unfinished step waits.
     Status(inspect::StatusArgs),
     /// List builds, newest first.

@@ -73,16 +73,42 @@ pub async fn cancel(args: BuildArgs) -> Result<(), WithContext<ManageError>> {
     Ok(())
 }
 
+/// `drover restart` arguments.
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    /// The build, and where the runner is.
+    #[command(flatten)]
+    build: BuildArgs,
+    /// Also queue again the builds that ended because a step failed in this one (their
+    /// dependency failed, or they were cached failures of it).
+    #[arg(long)]
+    dependents: bool,
+}
+
 /// Runs `drover restart`.
-pub async fn restart(args: BuildArgs) -> Result<(), WithContext<ManageError>> {
-    let mut client =
-        BuildServiceClient::new(args.connection.connect().await.map_err(ManageError::from)?);
-    client
+pub async fn restart(args: RestartArgs) -> Result<(), WithContext<ManageError>> {
+    let RestartArgs { build, dependents } = args;
+    let mut client = BuildServiceClient::new(
+        build
+            .connection
+            .connect()
+            .await
+            .map_err(ManageError::from)?,
+    );
+    let answer = client
         .restart(RestartRequest {
-            build_id: args.build,
+            build_id: build.build,
+            dependents,
         })
         .await
-        .map_err(|status| ManageError::from(CallError::from(status)))?;
-    eprintln!("build {} queued again", args.build);
+        .map_err(|status| ManageError::from(CallError::from(status)))?
+        .into_inner();
+    eprintln!("build {} queued again", build.build);
+    for dependent in answer.dependents {
+        eprintln!(
+            "build {dependent} queued again: it ended because of build {}",
+            build.build
+        );
+    }
     Ok(())
 }

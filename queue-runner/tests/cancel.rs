@@ -17,6 +17,14 @@ use drover_proto::v1::{BuildStatus, CancelRequest, RestartRequest};
 use drover_tls::Role;
 use test_support::fake_derivations::{Factory, Spec};
 
+/// A restart of `build_id` alone.
+fn restart_of(build_id: i64) -> RestartRequest {
+    RestartRequest {
+        build_id,
+        ..RestartRequest::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_what_only_that_build_needs_and_restart_queues_it_again() {
     let mut farm = Farm::new().await;
@@ -112,15 +120,9 @@ async fn cancel_stops_what_only_that_build_needs_and_restart_queues_it_again() {
         0
     );
 
-    client
-        .restart(RestartRequest { build_id: c })
-        .await
-        .unwrap();
+    client.restart(restart_of(c)).await.unwrap();
     assert_eq!(farm.wait_for_build(c).await, Stored::Succeeded);
-    let finished = client
-        .restart(RestartRequest { build_id: c })
-        .await
-        .unwrap_err();
+    let finished = client.restart(restart_of(c)).await.unwrap_err();
     assert_eq!(finished.code(), tonic::Code::FailedPrecondition);
 }
 
@@ -141,7 +143,7 @@ async fn a_restart_clears_the_failure_later_builds_would_inherit() {
     // Restarting the cached failure clears the failure it inherited: it is built again.
     farm.client()
         .await
-        .restart(RestartRequest { build_id: second })
+        .restart(restart_of(second))
         .await
         .unwrap();
     test_support::poll_until(DEADLINE, "the restarted build to build again", || async {
@@ -153,4 +155,30 @@ async fn a_restart_clears_the_failure_later_builds_would_inherit() {
     })
     .await;
     assert_eq!(farm.wait_for_build(second).await, Stored::Failed);
+
+    // A build that needs it now is a cached failure of `second`. Restarting `second` with its
+    // dependents queues both again, and the step is built once more for both.
+    let third = farm.submit(&[&broken]).await;
+    assert_eq!(farm.wait_for_build(third).await, Stored::CachedFailure);
+    let restarted = farm
+        .client()
+        .await
+        .restart(RestartRequest {
+            build_id: second,
+            dependents: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(restarted.dependents, [third]);
+    test_support::poll_until(DEADLINE, "both builds to build again", || async {
+        (farm
+            .count("SELECT count(*) FROM step_attempts WHERE status = 'failed'")
+            .await
+            == 3)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(farm.wait_for_build(second).await, Stored::Failed);
+    assert_ne!(farm.wait_for_build(third).await, Stored::CachedFailure);
 }

@@ -55,9 +55,39 @@ impl Builds {
         Ok(None)
     }
 
-    /// Queues `build` again for `caller`, once it has failed or been cancelled.
-    pub async fn restart(&self, caller: &Identity, build: i64) -> Result<(), ControlError> {
+    /// Queues `build` again for `caller`, once it has failed or been cancelled; with
+    /// `dependents`, also the builds a step that failed in it ended (those `caller` may change).
+    /// Returns the dependents queued again.
+    pub async fn restart(
+        &self,
+        caller: &Identity,
+        build: i64,
+        dependents: bool,
+    ) -> Result<Vec<i64>, ControlError> {
         self.owned(caller, build).await?;
+        // Found before the restart clears the failure that links them to it.
+        let ended = if dependents {
+            let client = self.pool.get().await.map_err(DbError::Connection)?;
+            queries::builds_failed_by(&client, build).await?
+        } else {
+            Vec::new()
+        };
+        self.restart_one(caller, build).await?;
+        let mut restarted = Vec::new();
+        for dependent in ended {
+            match self.owned(caller, dependent).await {
+                Ok(_) => {
+                    self.restart_one(caller, dependent).await?;
+                    restarted.push(dependent);
+                }
+                Err(ControlError::NotOwner { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(restarted)
+    }
+
+    async fn restart_one(&self, caller: &Identity, build: i64) -> Result<(), ControlError> {
         self.tell_scheduler(Event::RestartBuild { build }).await?;
         let mut client = self.pool.get().await.map_err(DbError::Connection)?;
         if !queries::restart_build(&mut client, build).await? {

@@ -833,6 +833,26 @@ pub async fn build_owner(
     .transpose()
 }
 
+/// The builds that ended `dep_failed` or `cached_failure` because a step failed in `build`.
+pub async fn builds_failed_by(
+    client: &impl GenericClient,
+    build: i64,
+) -> Result<Vec<i64>, DbError> {
+    let rows = client
+        .query(
+            "SELECT b.id FROM builds b
+             WHERE b.status IN ('dep_failed', 'cached_failure') AND b.id <> $1
+               AND EXISTS (SELECT 1 FROM steps_of_build(b.id) needed
+                           JOIN steps s ON s.id = needed.step_id
+                           WHERE s.failed_build_id = $1)
+             ORDER BY b.id",
+            &[&build],
+        )
+        .await
+        .map_err(DbError::query("finding the builds a failure ended"))?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
 /// Queues an ended build again: the steps of its closure that did not succeed start over
 /// (cleared failures, counters and holds), and ingest is woken. `false` if it had not ended in
 /// failure or cancellation.

@@ -117,10 +117,12 @@ impl BuildService for BuildServiceImpl {
         request: Request<RestartRequest>,
     ) -> Result<Response<RestartResponse>, Status> {
         let caller = auth::require(&request, CALLERS)?;
-        self.builds
-            .restart(&caller, request.into_inner().build_id)
+        let request = request.into_inner();
+        let dependents = self
+            .builds
+            .restart(&caller, request.build_id, request.dependents)
             .await?;
-        Ok(Response::new(RestartResponse {}))
+        Ok(Response::new(RestartResponse { dependents }))
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
