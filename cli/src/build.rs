@@ -41,61 +41,91 @@ pub struct BuildArgs {
 /// Runs `drover build`.
 pub async fn run(args: BuildArgs) -> Result<(), WithContext<SubmitError>> {
     let tops = submit::instantiate(&args.target)?;
-    let wanted = default_outputs(&tops)?;
-    let links: Vec<Option<PathBuf>> = (0..wanted.len())
-        .map(|index| (!args.no_link).then(|| out_link(&args.out_link, index)))
+    let requested = submit::requested_outputs(&args.target);
+    let wanted = outputs_to_build(&tops, requested.as_deref())?;
+    let links: Vec<Option<PathBuf>> = wanted
+        .iter()
+        .map(|(index, name, _)| (!args.no_link).then(|| out_link(&args.out_link, *index, name)))
         .collect();
     // Valid here, or in the farm's cache: nothing to queue.
     let ready = wanted
         .iter()
         .zip(&links)
-        .all(|((_, path), link)| substitute(path, link.as_deref(), &args).is_ok());
+        .all(|((_, _, path), link)| substitute(path, link.as_deref(), &args).is_ok());
     if !ready {
         let (mut client, builds) = submit::submit_tops(&args.target, &tops).await?;
         let built = watch::watch(&mut client, &builds).await?;
-        for (((_, path), link), (_, outputs)) in wanted.iter().zip(&links).zip(&built) {
-            if !outputs.values().any(|built| built == path) {
+        for ((index, _, path), link) in wanted.iter().zip(&links) {
+            let produced = built
+                .get(*index)
+                .is_some_and(|(_, outputs)| outputs.values().any(|built| built == path));
+            if !produced {
                 return Err(SubmitError::OutputMissing(path.clone()).into());
             }
             substitute(path, link.as_deref(), &args)?;
         }
     }
-    for (_, path) in &wanted {
+    for (_, _, path) in &wanted {
         println!("{path}");
     }
     Ok(())
 }
 
-/// The default output of each derivation (`out`, else its first), as (name, path), read from the
-/// local `.drv` files.
-fn default_outputs(tops: &[StorePath]) -> Result<Vec<(String, String)>, SubmitError> {
-    tops.iter()
-        .map(|top| {
-            let real = top.to_absolute();
-            let text = fs_err::read(&real).map_err(|source| SubmitError::Read {
-                path: real.clone().into(),
-                source,
-            })?;
-            let derivation =
-                Derivation::parse(&text).map_err(|_| SubmitError::NotAStorePath(real.clone()))?;
-            derivation
-                .outputs
+/// The outputs to build of each derivation, as (its index, output name, path), read from the
+/// local `.drv` files: those `requested` (`*`: all), or its default output (`out`, else its
+/// first), as `nix-build` builds a derivation attribute.
+fn outputs_to_build(
+    tops: &[StorePath],
+    requested: Option<&[String]>,
+) -> Result<Vec<(usize, String, String)>, SubmitError> {
+    let mut wanted = Vec::new();
+    for (index, top) in tops.iter().enumerate() {
+        let real = top.to_absolute();
+        let text = fs_err::read(&real).map_err(|source| SubmitError::Read {
+            path: real.clone().into(),
+            source,
+        })?;
+        let derivation =
+            Derivation::parse(&text).map_err(|_| SubmitError::NotAStorePath(real.clone()))?;
+        let paths: Vec<(&String, String)> = derivation
+            .outputs
+            .iter()
+            .filter_map(|(name, output)| Some((name, output.path()?.to_absolute())))
+            .collect();
+        let names: Vec<String> = match requested {
+            Some([all]) if all == "*" => paths.iter().map(|(name, _)| (*name).clone()).collect(),
+            Some(names) => names.to_vec(),
+            None => paths
                 .iter()
                 .find(|(name, _)| *name == "out")
-                .or_else(|| derivation.outputs.iter().next())
-                .and_then(|(name, output)| {
-                    output.path().map(|path| (name.clone(), path.to_absolute()))
-                })
-                .ok_or(SubmitError::NotAStorePath(real))
-        })
-        .collect()
+                .or_else(|| paths.first())
+                .map(|(name, _)| (*name).clone())
+                .into_iter()
+                .collect(),
+        };
+        for name in names {
+            let path = paths
+                .iter()
+                .find(|(output, _)| **output == name)
+                .map(|(_, path)| path.clone())
+                .ok_or_else(|| SubmitError::UnknownOutput {
+                    drv: real.clone(),
+                    output: name.clone(),
+                })?;
+            wanted.push((index, name, path));
+        }
+    }
+    Ok(wanted)
 }
 
-/// `nix-build`'s link name for the `index`th derivation's output.
-fn out_link(base: &Path, index: usize) -> PathBuf {
+/// `nix-build`'s link name for output `name` of the `index`th derivation.
+fn out_link(base: &Path, index: usize, name: &str) -> PathBuf {
     let mut link = base.as_os_str().to_owned();
     if index > 0 {
         link.push(format!("-{}", index + 1));
+    }
+    if name != "out" {
+        link.push(format!("-{name}"));
     }
     PathBuf::from(link)
 }
@@ -141,7 +171,9 @@ mod tests {
     #[test]
     fn links_are_named_as_nix_build_names_them() {
         let base = Path::new("result");
-        assert_eq!(out_link(base, 0), Path::new("result"));
-        assert_eq!(out_link(base, 1), Path::new("result-2"));
+        assert_eq!(out_link(base, 0, "out"), Path::new("result"));
+        assert_eq!(out_link(base, 0, "dev"), Path::new("result-dev"));
+        assert_eq!(out_link(base, 1, "out"), Path::new("result-2"));
+        assert_eq!(out_link(base, 1, "dev"), Path::new("result-2-dev"));
     }
 }

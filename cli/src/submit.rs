@@ -40,7 +40,7 @@ pub struct SubmitArgs {
 #[derive(Debug, Args)]
 pub struct TargetArgs {
     /// A Nix file to instantiate (each derivation it evaluates to becomes a build of its own),
-    /// or a `/nix/store/….drv` path.
+    /// or a `/nix/store/….drv` path (`drover build` takes `….drv^dev,out` or `^*` for outputs).
     #[arg(required_unless_present = "expr")]
     target: Option<PathBuf>,
     /// A Nix expression to instantiate instead of a file, as `nix-build -E` takes it.
@@ -140,6 +140,14 @@ pub enum SubmitError {
         spaced(.0)
     )]
     Interrupted(Vec<i64>),
+    /// A derivation has no output of the name asked for.
+    #[error("{drv} has no output {output:?}")]
+    UnknownOutput {
+        /// The derivation.
+        drv: String,
+        /// The output asked for.
+        output: String,
+    },
     /// The farm's build of a derivation did not produce the output asked for.
     #[error("the farm's build did not produce {0}")]
     OutputMissing(String),
@@ -184,6 +192,7 @@ impl ExitStatus for SubmitError {
             Self::Call(error) => error.exit(),
             Self::Connect(error) => error.exit(),
             Self::Nix { .. } | Self::NotAStorePath(_) | Self::NothingToBuild => Exit::Data,
+            Self::UnknownOutput { .. } => Exit::Usage,
             Self::UntrustedCache { .. } | Self::Fetch { .. } => Exit::Config,
             Self::Interrupted(_) => Exit::Interrupted,
             Self::Read { .. }
@@ -227,12 +236,15 @@ fn store_path(text: &str) -> Result<StorePath, SubmitError> {
 /// The `.drv` files to build: the target itself, or every derivation instantiating it gives (a
 /// file may evaluate to a set or list of them), each once, in Nix's order.
 fn derivations(args: &TargetArgs) -> Result<Vec<StorePath>, SubmitError> {
-    if let Some(target) = &args.target
-        && target
+    if let Some(target) = &args.target {
+        let target = target.to_string_lossy();
+        let (path, _) = target.split_once('^').unwrap_or((&target, ""));
+        if Path::new(path)
             .extension()
             .is_some_and(|extension| extension == "drv")
-    {
-        return Ok(vec![store_path(&target.to_string_lossy())?]);
+        {
+            return Ok(vec![store_path(path)?]);
+        }
     }
     let mut command = Command::new("nix-instantiate");
     match (&args.expr, &args.target) {
@@ -365,6 +377,15 @@ pub async fn submit_target(
 ) -> Result<(BuildServiceClient<Channel>, Vec<i64>), WithContext<SubmitError>> {
     let tops = instantiate(args)?;
     submit_tops(args, &tops).await
+}
+
+/// The outputs a `.drv` target names after `^` (`/nix/store/….drv^dev,out`; `*` for all), as
+/// Nix's own command line takes them.
+#[must_use]
+pub fn requested_outputs(args: &TargetArgs) -> Option<Vec<String>> {
+    let target = args.target.as_ref()?.to_string_lossy().into_owned();
+    let (_, outputs) = target.split_once('^')?;
+    Some(outputs.split(',').map(str::to_owned).collect())
 }
 
 /// The `.drv` files the target evaluates to, each once, in Nix's order.

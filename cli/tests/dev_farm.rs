@@ -178,6 +178,46 @@ fn builds_like_nix_build(dir: &Path, env: &BTreeMap<String, String>, file: &Path
     assert_eq!(builds_queued(env), queued + 1);
 }
 
+/// `drover build DRV^dev,out` builds and links the outputs asked for, as Nix's `^` names them.
+fn builds_the_outputs_asked_for(dir: &Path, env: &BTreeMap<String, String>, fixtures: &Path) {
+    let store = dir.join("outputs-store");
+    let work = dir.join("outputs-work");
+    fs_err::create_dir_all(&work).unwrap();
+    let instantiated = in_a_store(dir, &store, &work, env)
+        .arg("nix-instantiate")
+        .arg(fixtures)
+        .args(["--attr", "multi"])
+        .output()
+        .unwrap();
+    let drv = String::from_utf8(instantiated.stdout).unwrap();
+    let built = in_a_store(dir, &store, &work, env)
+        .arg(DROVER)
+        .arg("build")
+        .arg(format!("{}^dev,out", drv.trim()))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&built.stdout);
+    assert!(
+        built.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let printed: Vec<&str> = stdout.lines().collect();
+    assert_eq!(printed.len(), 2, "{stdout}");
+    assert!(
+        printed[0].ends_with("-multi-dev") && printed[1].ends_with("-multi"),
+        "{stdout}"
+    );
+    assert_eq!(
+        fs_err::read_link(work.join("result-dev")).unwrap().to_str(),
+        Some(printed[0])
+    );
+    assert_eq!(
+        fs_err::read_link(work.join("result")).unwrap().to_str(),
+        Some(printed[1])
+    );
+}
+
 /// A command with `store` as its `/nix`, the farm's settings and Nix's test configuration.
 fn in_a_store(dir: &Path, store: &Path, work: &Path, env: &BTreeMap<String, String>) -> Command {
     let mut command = test_support::private_store_command(store);
@@ -339,6 +379,7 @@ async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
         "progress as plain lines when stderr is not a terminal: {stderr}"
     );
     reads_a_failed_build(&env, &stderr);
+    builds_the_outputs_asked_for(dir.path(), &env, &fixtures);
     shows_progress_on_a_terminal(dir.path(), &env, &fixtures);
 
     let jobs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs.nix");
