@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use common::nix_farm::{closure_request, start_with_one_nix_builder, submit_closure};
@@ -18,27 +19,27 @@ use common::{DEADLINE, Farm, Stored};
 use test_support::ChildGuard;
 use test_support::wait::poll_until;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ctrl_c_leaves_the_build_running_and_drover_watch_follows_it_again() {
-    let mut farm = Farm::new().await;
-    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
-    let expression = submitter.expression(
-        r#"{ slow = derivation {
-            name = "slow";
+/// Starts a farm with one Nix builder, a build `name` that runs for 3 s, and `drover watch` of
+/// it once it runs; returns the build, the watch and the file its stderr goes to, once the watch
+/// shows progress.
+async fn watch_a_running_build(farm: &mut Farm, name: &str) -> (i64, ChildGuard, PathBuf) {
+    let (_, submitter) = start_with_one_nix_builder(farm).await;
+    let expression = submitter.expression(&format!(
+        r#"{{ slow = derivation {{
+            name = "{name}";
             system = "x86_64-linux";
             builder = "/bin/sh";
             args = [ "-c" "/bin/sleep 3; echo done > $out" ];
-        }; }"#,
-    );
+        }}; }}"#
+    ));
     let top = submitter.instantiate(&expression, "slow");
-    let build = submit_closure(&farm, &submitter, &top).await;
+    let build = submit_closure(farm, &submitter, &top).await;
     farm.wait_for_count(
         "the build to start",
         "SELECT count(*) FROM step_attempts WHERE status = 'running'",
         1,
     )
     .await;
-
     let stderr_file = farm.dir.path().join("watch.stderr");
     let watching = ChildGuard::spawn(
         farm.drover()
@@ -53,6 +54,13 @@ async fn ctrl_c_leaves_the_build_running_and_drover_watch_follows_it_again() {
             .filter(|text| text.contains("steps done"))
     })
     .await;
+    (build, watching, stderr_file)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_leaves_the_build_running_and_drover_watch_follows_it_again() {
+    let mut farm = Farm::new().await;
+    let (build, watching, stderr_file) = watch_a_running_build(&mut farm, "slow").await;
     let pid = watching.id().to_string();
     assert!(
         std::process::Command::new("kill")
@@ -236,37 +244,8 @@ async fn on_an_80_column_terminal_each_build_has_one_line_that_fits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_waits_for_a_restarted_runner_and_says_so() {
     let mut farm = Farm::new().await;
-    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
-    let expression = submitter.expression(
-        r#"{ slow = derivation {
-            name = "outlives-its-runner";
-            system = "x86_64-linux";
-            builder = "/bin/sh";
-            args = [ "-c" "/bin/sleep 4; echo done > $out" ];
-        }; }"#,
-    );
-    let top = submitter.instantiate(&expression, "slow");
-    let build = submit_closure(&farm, &submitter, &top).await;
-    farm.wait_for_count(
-        "the build to start",
-        "SELECT count(*) FROM step_attempts WHERE status = 'running'",
-        1,
-    )
-    .await;
-    let stderr_file = farm.dir.path().join("watch.stderr");
-    let watching = ChildGuard::spawn(
-        farm.drover()
-            .args(["watch", &build.to_string()])
-            .stdout(Stdio::null())
-            .stderr(fs_err::File::create(&stderr_file).unwrap().into_parts().0),
-    )
-    .unwrap();
-    poll_until(DEADLINE, "the watch to show progress", || async {
-        fs_err::read_to_string(&stderr_file)
-            .ok()
-            .filter(|text| text.contains("steps done"))
-    })
-    .await;
+    let (build, watching, stderr_file) =
+        watch_a_running_build(&mut farm, "outlives-its-runner").await;
     farm.stop_runner().await;
     poll_until(DEADLINE, "the watch to say it lost the runner", || async {
         fs_err::read_to_string(&stderr_file)
