@@ -392,7 +392,7 @@ pub fn named_step(build: &GetResponse, wanted: &str) -> Result<String, InspectEr
 }
 
 /// The name of a `.drv` path, without its hash and `.drv`.
-fn derivation_name(path: &str) -> Option<&str> {
+pub fn derivation_name(path: &str) -> Option<&str> {
     let base = path.rsplit('/').next()?;
     let (_, name) = base.split_once('-')?;
     name.strip_suffix(".drv")

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use drover_proto::v1::{BuildPhase, GetResponse, StepStatus};
 
+use crate::inspect::derivation_name;
+
 /// Running steps named on a line, at most.
 const RUNNING_SHOWN: usize = 3;
 
@@ -130,13 +132,7 @@ fn summary(build: &GetResponse) -> String {
         .iter()
         .filter(|step| step.typed_status() == StepStatus::Running)
         .map(|step| {
-            let name = step
-                .drv_path
-                .rsplit('/')
-                .next()
-                .and_then(|base| base.split_once('-'))
-                .map_or(step.drv_path.as_str(), |(_, name)| name)
-                .trim_end_matches(".drv");
+            let name = derivation_name(&step.drv_path).unwrap_or(&step.drv_path);
             format!("{name} on {}", step.builder)
         })
         .collect();

@@ -106,18 +106,12 @@ fn builds_like_nix_build(dir: &Path, env: &BTreeMap<String, String>, file: &Path
     let work = dir.join("work");
     fs_err::create_dir_all(&work).unwrap();
     let in_store = || in_a_store(dir, &store, &work, env);
-    let built = in_store()
-        .arg(DROVER)
-        .arg("build")
-        .arg(file)
-        .args(["--attr", "top"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&built.stdout);
-    assert!(
-        built.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&built.stderr)
+    let stdout = succeeded(
+        in_store()
+            .arg(DROVER)
+            .arg("build")
+            .arg(file)
+            .args(["--attr", "top"]),
     );
     let target = fs_err::read_link(work.join("result")).unwrap();
     assert_eq!(stdout.trim(), target.to_str().unwrap());
@@ -134,19 +128,14 @@ fn builds_like_nix_build(dir: &Path, env: &BTreeMap<String, String>, file: &Path
 
     let queued = builds_queued(env);
     let build_top_again = |mut command: Command, why: &str| {
-        let output = command
-            .arg(DROVER)
-            .args(["build", "--no-link"])
-            .arg(file)
-            .args(["--attr", "top"])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{why}: {}",
-            String::from_utf8_lossy(&output.stderr)
+        let again = succeeded(
+            command
+                .arg(DROVER)
+                .args(["build", "--no-link"])
+                .arg(file)
+                .args(["--attr", "top"]),
         );
-        assert_eq!(String::from_utf8_lossy(&output.stdout), stdout);
+        assert_eq!(again, stdout, "{why}");
     };
     let mut unreachable = in_store();
     unreachable.env("DROVER_RUNNER", "https://localhost:1");
@@ -159,22 +148,17 @@ fn builds_like_nix_build(dir: &Path, env: &BTreeMap<String, String>, file: &Path
     assert_eq!(builds_queued(env), queued, "nothing was queued again");
 
     // Looked for before the farm built it, then fetched once it did.
-    let fresh = in_store()
-        .arg(DROVER)
-        .args(["build", "--no-link", "-E"])
-        .arg(format!(
-            r#"derivation {{ name = "fresh"; system = "x86_64-linux"; builder = "/bin/sh";
-                args = [ "-c" "echo {} > $out" ]; }}"#,
-            dir.display()
-        ))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&fresh.stdout);
-    assert!(
-        fresh.status.success() && stdout.trim().ends_with("-fresh"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&fresh.stderr)
+    let fresh = succeeded(
+        in_store()
+            .arg(DROVER)
+            .args(["build", "--no-link", "-E"])
+            .arg(format!(
+                r#"derivation {{ name = "fresh"; system = "x86_64-linux"; builder = "/bin/sh";
+                    args = [ "-c" "echo {} > $out" ]; }}"#,
+                dir.display()
+            )),
     );
+    assert!(fresh.trim().ends_with("-fresh"), "{fresh}");
     assert_eq!(builds_queued(env), queued + 1);
 }
 
@@ -190,17 +174,11 @@ fn builds_the_outputs_asked_for(dir: &Path, env: &BTreeMap<String, String>, fixt
         .output()
         .unwrap();
     let drv = String::from_utf8(instantiated.stdout).unwrap();
-    let built = in_a_store(dir, &store, &work, env)
-        .arg(DROVER)
-        .arg("build")
-        .arg(format!("{}^dev,out", drv.trim()))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&built.stdout);
-    assert!(
-        built.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&built.stderr)
+    let stdout = succeeded(
+        in_a_store(dir, &store, &work, env)
+            .arg(DROVER)
+            .arg("build")
+            .arg(format!("{}^dev,out", drv.trim())),
     );
     let printed: Vec<&str> = stdout.lines().collect();
     assert_eq!(printed.len(), 2, "{stdout}");
@@ -216,6 +194,18 @@ fn builds_the_outputs_asked_for(dir: &Path, env: &BTreeMap<String, String>, fixt
         fs_err::read_link(work.join("result")).unwrap().to_str(),
         Some(printed[1])
     );
+}
+
+/// Runs `command`, asserting it succeeds; returns its stdout.
+fn succeeded(command: &mut Command) -> String {
+    let output = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{command:?}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
 
 /// A command with `store` as its `/nix`, the farm's settings and Nix's test configuration.

@@ -155,11 +155,7 @@ impl VerifiedClosure {
                 .ok_or_else(|| VerifyError::Missing(path.clone()))?;
             let derivation = match found {
                 Loaded::Stored(stored) => {
-                    self.hasher.remember(
-                        path.clone(),
-                        stored.derivation.outputs.keys().cloned(),
-                        stored.hash_modulo,
-                    );
+                    self.remember(stored);
                     stored.derivation.clone()
                 }
                 Loaded::Parsed(derivation) => {
@@ -188,12 +184,17 @@ impl VerifiedClosure {
     /// Adds a derivation verified earlier without its closure: enough to verify its dependents,
     /// not to plan them.
     pub fn add_stored(&mut self, stored: StoredDerivation) {
+        self.remember(&stored);
+        self.derivations.insert(stored.path, stored.derivation);
+    }
+
+    /// Gives the hasher a stored derivation's hash modulo, for its dependents.
+    fn remember(&mut self, stored: &StoredDerivation) {
         self.hasher.remember(
             stored.path.clone(),
             stored.derivation.outputs.keys().cloned(),
             stored.hash_modulo,
         );
-        self.derivations.insert(stored.path, stored.derivation);
     }
 
     /// Verifies one parsed derivation whose inputs are verified (in `batch` or earlier).

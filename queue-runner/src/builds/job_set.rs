@@ -4,11 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use nix_primitives::StorePath;
-
 use drover_proto::v1::{StageDerivationsRequest, SubmitJobSetRequest};
 use drover_tls::Identity;
 use error_context::{Classify, Severity};
+use nix_primitives::StorePath;
 
 use super::Builds;
 use super::submit::{SubmitError, refuse_unknown_systems};
