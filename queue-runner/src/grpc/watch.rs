@@ -5,7 +5,9 @@
 //! reads the build's state, so nothing committed after that read is missed; a change that the
 //! state already shows is not sent again (each step's and the build's last sent status is kept).
 //! A stream that falls too far behind the broadcast reads the whole state again and sends it, as
-//! a reconnecting client gets it.
+//! a reconnecting client gets it. When its build is planned it reads the state again too (now
+//! with the steps), first dropping the changes already queued: committed before that read, the
+//! state shows them, and sent after it they would show a step going back.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -15,7 +17,10 @@ use std::time::Duration;
 use drover_proto::v1::watch_event::Event as Kind;
 use drover_proto::v1::{BuildStatus, BuildUpdate, GetResponse, Heartbeat, StepState, WatchEvent};
 use drover_scheduler::{BuildId, Change};
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::{
+    self,
+    error::{RecvError, TryRecvError},
+};
 use tonic::Status;
 
 use crate::builds::view;
@@ -128,8 +133,15 @@ impl Follow {
         for committed in batch {
             match committed {
                 Committed::Expanded(build) if *build == self.build => {
+                    // The state read now shows the rest of this batch and every batch already
+                    // queued: sent after it, they would take a step back to where it was.
+                    while !matches!(
+                        self.receiver.try_recv(),
+                        Err(TryRecvError::Empty | TryRecvError::Closed)
+                    ) {}
                     let state = (self.read_state)(self.build).await?;
                     self.reset(state);
+                    return Ok(());
                 }
                 Committed::Expanded(_) => {}
                 Committed::Change(change) => self.apply_change(change),
@@ -207,5 +219,95 @@ impl Follow {
             phase: status.phase().into(),
             failure_reason,
         })));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use drover_scheduler::status::BuildStatus as QueueBuildStatus;
+    use futures_util::StreamExt as _;
+
+    use super::*;
+
+    /// Build 1's state with its one step, 7, at `status`.
+    fn state(status: StepStatus, builder: &str) -> GetResponse {
+        let mut step = StepState {
+            step_id: 7,
+            builder: builder.to_owned(),
+            ..StepState::default()
+        };
+        view::set_step_status(&mut step, Some(status));
+        let mut state = GetResponse {
+            build_id: 1,
+            steps: vec![step],
+            ..GetResponse::default()
+        };
+        state.set_status(BuildStatus::Queued);
+        state
+    }
+
+    /// A reader that answers `states` in turn.
+    fn reader(states: Vec<GetResponse>) -> StateReader {
+        let states = Arc::new(Mutex::new(VecDeque::from(states)));
+        Arc::new(move |_| {
+            let state = states.lock().unwrap().pop_front().unwrap();
+            Box::pin(async move { Ok(state) })
+        })
+    }
+
+    #[tokio::test]
+    async fn changes_queued_before_a_planned_builds_state_is_read_again_are_not_sent_after_it() {
+        let (changes, _) = broadcast::channel(16);
+        let mut stream = open(
+            1,
+            &changes,
+            reader(vec![
+                state(StepStatus::Waiting, ""),
+                state(StepStatus::Running, "b1"),
+            ]),
+            Duration::from_mins(1),
+        )
+        .await
+        .unwrap();
+        let mut seen = Vec::new();
+        let mut note = |event: WatchEvent| match event.event {
+            Some(Kind::State(state)) => seen.push(format!("state {}", state.steps[0].status)),
+            Some(Kind::Step(step)) => seen.push(format!("step {}", step.status)),
+            Some(Kind::Build(update)) => seen.push(format!("build {:?}", update.status())),
+            _ => {}
+        };
+        note(stream.next().await.unwrap().unwrap());
+        // Planned, then dispatched, before the stream read the planned build's state again: that
+        // state already shows the step running.
+        let send = |batch: Vec<Committed>| changes.send(Arc::from(batch)).unwrap();
+        send(vec![Committed::Expanded(1)]);
+        send(vec![
+            Committed::Change(Change::StepStatus {
+                step: 7,
+                status: StepStatus::Runnable,
+                reason: None,
+            }),
+            Committed::Change(Change::AttemptStarted {
+                attempt: uuid::Uuid::nil(),
+                step: 7,
+                builder: "b1".to_owned(),
+            }),
+        ]);
+        note(stream.next().await.unwrap().unwrap());
+        send(vec![Committed::Change(Change::BuildFinished {
+            build: 1,
+            status: QueueBuildStatus::Succeeded,
+            reason: None,
+        })]);
+        while let Some(event) = stream.next().await {
+            note(event.unwrap());
+        }
+        assert_eq!(
+            seen,
+            ["state waiting", "state running", "build Succeeded"],
+            "no step went back"
+        );
     }
 }
