@@ -64,13 +64,16 @@ impl<W: Write> Progress<W> {
     pub fn update(&mut self, build: &GetResponse, elapsed: Duration) {
         let line = summary(build);
         let changed = self.last.get(&build.build_id) != Some(&line);
-        let shown = format!("{line} [{} s]", elapsed.as_secs());
+        let clock = format!(" [{} s]", elapsed.as_secs());
         if let Some(width) = self.terminal {
-            self.lines.insert(build.build_id, cut(&shown, width));
+            // The line is cut, not its clock.
+            let room = width.saturating_sub(clock.chars().count());
+            self.lines
+                .insert(build.build_id, format!("{}{clock}", cut(&line, room)));
             self.redraw();
         } else if changed {
             // Progress is a courtesy: a closed stderr must not fail the watch.
-            let _ = writeln!(self.out, "{shown}");
+            let _ = writeln!(self.out, "{line}{clock}");
         }
         self.last.insert(build.build_id, line);
     }
@@ -202,7 +205,7 @@ mod tests {
     }
 
     #[test]
-    fn a_terminal_gets_a_line_per_build_redrawn_in_place_cut_to_its_width_and_cleared() {
+    fn a_terminal_gets_a_line_per_build_redrawn_in_place_cut_before_its_clock_and_cleared() {
         let mut out = Vec::new();
         let mut progress = Progress::new(&mut out, Some(40));
         let running = build(&[("running", "b1")]);
@@ -216,10 +219,10 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text,
-            "\r\x1b[2Kbuild 7: 0/1 steps done; running: step…\n\
-             \x1b[1A\r\x1b[2Kbuild 7: 0/1 steps done; running: step…\n\
-             \r\x1b[2Kbuild 8: 0/1 steps done; running: step…\n\
-             \x1b[2A\r\x1b[2Kbuild 8: 0/1 steps done; running: step…\n\
+            "\r\x1b[2Kbuild 7: 0/1 steps done; running… [1 s]\n\
+             \x1b[1A\r\x1b[2Kbuild 7: 0/1 steps done; running… [1 s]\n\
+             \r\x1b[2Kbuild 8: 0/1 steps done; running… [1 s]\n\
+             \x1b[2A\r\x1b[2Kbuild 8: 0/1 steps done; running… [2 s]\n\
              \x1b[1A\r\x1b[J"
         );
         for line in text.split('\n') {

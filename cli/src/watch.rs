@@ -163,6 +163,9 @@ fn apply(build: &mut GetResponse, event: WatchEvent) {
     }
 }
 
+/// How often the progress is drawn again while no event comes, so its clock moves.
+const CLOCK_TICK: Duration = Duration::from_secs(1);
+
 /// How long a lost `Watch` stream waits before it is opened again.
 const REOPEN_DELAY: Duration = Duration::from_secs(1);
 
@@ -182,7 +185,17 @@ async fn watch_until_ended(
     // Since when the runner has been unreachable, and whether the user was told.
     let mut lost: Option<Instant> = None;
     let mut told = false;
-    while let Some((id, said)) = followed.next().await {
+    loop {
+        // Between events the clock of each build still shown keeps moving.
+        let Ok(next) = tokio::time::timeout(CLOCK_TICK, followed.next()).await else {
+            for build in known.values().filter(|build| !build.phase().is_terminal()) {
+                progress.update(build, started.elapsed());
+            }
+            continue;
+        };
+        let Some((id, said)) = next else {
+            break;
+        };
         match said {
             Followed::Opened => {
                 if lost.take().is_some() && told {
@@ -231,6 +244,7 @@ async fn watch_until_ended(
                 }
                 progress.clear();
                 progress.forget(id);
+                known.remove(&id);
                 let name = crate::inspect::status_name(build.status());
                 if build.phase() == BuildPhase::Succeeded {
                     eprintln!("build {id} succeeded");

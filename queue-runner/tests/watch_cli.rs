@@ -239,6 +239,17 @@ async fn on_an_80_column_terminal_each_build_has_one_line_that_fits() {
         assert!(row.chars().count() <= 80, "{row:?} overflows:\n{screen}");
     }
     assert!(screen.contains('…'), "the long lines are cut:\n{screen}");
+    // Between events the clock moves.
+    poll_until(DEADLINE, "the progress clock to reach 2 s", || async {
+        let captured = tmux
+            .command()
+            .args(["capture-pane", "-p", "-t", "watch"])
+            .output()
+            .unwrap();
+        let screen = String::from_utf8_lossy(&captured.stdout).into_owned();
+        (screen.contains("[2 s]") || screen.contains("[3 s]")).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
