@@ -72,29 +72,25 @@ impl Builds {
         } else {
             Vec::new()
         };
-        self.restart_one(caller, build).await?;
-        let mut restarted = Vec::new();
+        let mut builds = vec![build];
         for dependent in ended {
             match self.owned(caller, dependent).await {
-                Ok(_) => {
-                    self.restart_one(caller, dependent).await?;
-                    restarted.push(dependent);
-                }
+                Ok(_) => builds.push(dependent),
                 Err(ControlError::NotOwner { .. }) => {}
                 Err(error) => return Err(error),
             }
         }
-        Ok(restarted)
-    }
-
-    async fn restart_one(&self, caller: &Identity, build: i64) -> Result<(), ControlError> {
-        self.tell_scheduler(Event::RestartBuild { build }).await?;
+        for &build in &builds {
+            self.tell_scheduler(Event::RestartBuild { build }).await?;
+        }
+        // One transaction, so ingest plans them together and they share the step built again.
         let mut client = self.pool.get().await.map_err(DbError::Connection)?;
-        if !queries::restart_build(&mut client, build).await? {
+        let restarted = queries::restart_builds(&mut client, &builds).await?;
+        if restarted.first() != Some(&build) {
             return Err(ControlError::NotRestartable(build));
         }
-        tracing::info!(build, by = %caller, "build restarted");
-        Ok(())
+        tracing::info!(builds = ?restarted, by = %caller, "builds restarted");
+        Ok(restarted[1..].to_vec())
     }
 
     /// Checks that `caller` may change `build` (its submitter, or an admin); its status if so.

@@ -853,49 +853,57 @@ pub async fn builds_failed_by(
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
-/// Queues an ended build again: the steps of its closure that did not succeed start over
-/// (cleared failures, counters and holds), and ingest is woken. `false` if it had not ended in
-/// failure or cancellation.
-pub async fn restart_build(
+/// Queues ended builds again, in one transaction: the steps of their closures that did not
+/// succeed start over (cleared failures, counters and holds), and ingest is woken. Returns the
+/// builds queued again, in order; none if the first had not ended in failure or cancellation.
+pub async fn restart_builds(
     client: &mut deadpool_postgres::Client,
-    build: i64,
-) -> Result<bool, DbError> {
+    builds: &[i64],
+) -> Result<Vec<i64>, DbError> {
     let transaction = client
         .transaction()
         .await
         .map_err(DbError::query("starting a restart"))?;
-    let restarted = transaction
-        .execute(
-            "UPDATE builds SET status = 'queued', ingested_at = NULL, started_at = NULL,
-                 finished_at = NULL, failure_reason = NULL
-             WHERE id = $1 AND status IN ('failed', 'dep_failed', 'cancelled', 'cached_failure')",
-            &[&build],
-        )
-        .await
-        .map_err(DbError::query("queueing a build again"))?;
-    if restarted == 0 {
-        return Ok(false);
+    let mut restarted = Vec::new();
+    for &build in builds {
+        let queued = transaction
+            .execute(
+                "UPDATE builds SET status = 'queued', ingested_at = NULL, started_at = NULL,
+                     finished_at = NULL, failure_reason = NULL
+                 WHERE id = $1
+                   AND status IN ('failed', 'dep_failed', 'cancelled', 'cached_failure')",
+                &[&build],
+            )
+            .await
+            .map_err(DbError::query("queueing a build again"))?;
+        if queued == 0 {
+            if restarted.is_empty() {
+                return Ok(restarted);
+            }
+            continue;
+        }
+        transaction
+            .execute(
+                "WITH RECURSIVE closure(id) AS (
+                     SELECT s.id FROM builds b JOIN steps s ON s.drv_path = b.drv_path
+                     WHERE b.id = $1
+                   UNION
+                     SELECT i.input_id FROM closure c
+                     JOIN steps s ON s.id = c.id AND s.status <> 'succeeded'
+                     JOIN step_inputs i ON i.step_id = c.id
+                 )
+                 UPDATE steps SET status = 'waiting', failure_reason = NULL, finished_at = NULL,
+                     builder_losses = 0, infrastructure_failures = 0, visible_after = NULL,
+                     failed_build_id = NULL
+                 WHERE (id IN (SELECT id FROM closure)
+                        OR id IN (SELECT step_id FROM build_steps WHERE build_id = $1))
+                   AND status IN ('failed', 'dep_failed', 'cancelled', 'unsupported')",
+                &[&build],
+            )
+            .await
+            .map_err(DbError::query("clearing the failures of a build's steps"))?;
+        restarted.push(build);
     }
-    transaction
-        .execute(
-            "WITH RECURSIVE closure(id) AS (
-                 SELECT s.id FROM builds b JOIN steps s ON s.drv_path = b.drv_path
-                 WHERE b.id = $1
-               UNION
-                 SELECT i.input_id FROM closure c
-                 JOIN steps s ON s.id = c.id AND s.status <> 'succeeded'
-                 JOIN step_inputs i ON i.step_id = c.id
-             )
-             UPDATE steps SET status = 'waiting', failure_reason = NULL, finished_at = NULL,
-                 builder_losses = 0, infrastructure_failures = 0, visible_after = NULL,
-                 failed_build_id = NULL
-             WHERE (id IN (SELECT id FROM closure)
-                    OR id IN (SELECT step_id FROM build_steps WHERE build_id = $1))
-               AND status IN ('failed', 'dep_failed', 'cancelled', 'unsupported')",
-            &[&build],
-        )
-        .await
-        .map_err(DbError::query("clearing the failures of a build's steps"))?;
     transaction
         .execute("SELECT pg_notify('drover_builds_queued', '')", &[])
         .await
@@ -904,7 +912,7 @@ pub async fn restart_build(
         .commit()
         .await
         .map_err(DbError::query("committing a restart"))?;
-    Ok(true)
+    Ok(restarted)
 }
 
 /// A build as clients see it.
