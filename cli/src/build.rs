@@ -40,9 +40,9 @@ pub struct BuildArgs {
 
 /// Runs `drover build`.
 pub async fn run(args: BuildArgs) -> Result<(), WithContext<SubmitError>> {
-    let tops = submit::instantiate(&args.target)?;
+    let instantiated = submit::instantiate(&args.target)?;
     let requested = submit::requested_outputs(&args.target);
-    let wanted = outputs_to_build(&tops, requested.as_deref())?;
+    let wanted = outputs_to_build(&instantiated.tops, requested.as_deref())?;
     let links: Vec<Option<PathBuf>> = wanted
         .iter()
         .map(|(index, name, _)| (!args.no_link).then(|| out_link(&args.out_link, *index, name)))
@@ -53,7 +53,7 @@ pub async fn run(args: BuildArgs) -> Result<(), WithContext<SubmitError>> {
         .zip(&links)
         .all(|((_, _, path), link)| substitute(path, link.as_deref(), &args).is_ok());
     if !ready {
-        let (mut client, builds) = submit::submit_tops(&args.target, &tops).await?;
+        let (mut client, builds) = submit::submit_tops(&args.target, &instantiated).await?;
         let built = watch::watch(&mut client, &builds).await?;
         for ((index, _, path), link) in wanted.iter().zip(&links) {
             let produced = built

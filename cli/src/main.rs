@@ -1,6 +1,7 @@
 //! `drover`, the command line of the farm: parse the arguments, run the subcommand, and on failure
 //! print the whole error chain and exit with one code per meaning (`exit.rs`).
 
+mod attributes;
 mod build;
 mod call;
 mod certs;

@@ -123,6 +123,17 @@ fn cut(line: &str, width: usize) -> String {
     kept
 }
 
+/// How a build is named on its lines: `build 7`, and its job when a job set queued it
+/// (`build 7 (tests.simple)`).
+#[must_use]
+pub fn label(build: &GetResponse) -> String {
+    if build.job_name.is_empty() {
+        format!("build {}", build.build_id)
+    } else {
+        format!("build {} ({})", build.build_id, build.job_name)
+    }
+}
+
 /// A build's progress without the clock.
 fn summary(build: &GetResponse) -> String {
     let done = build
@@ -140,13 +151,9 @@ fn summary(build: &GetResponse) -> String {
         })
         .collect();
     if build.steps.is_empty() && build.phase() == BuildPhase::Accepted {
-        return format!("build {}: queued, being planned", build.build_id);
+        return format!("{}: queued, being planned", label(build));
     }
-    let mut line = format!(
-        "build {}: {done}/{} steps done",
-        build.build_id,
-        build.steps.len()
-    );
+    let mut line = format!("{}: {done}/{} steps done", label(build), build.steps.len());
     if !running.is_empty() {
         let more = running.len().saturating_sub(RUNNING_SHOWN);
         line.push_str("; running: ");

@@ -233,9 +233,18 @@ fn store_path(text: &str) -> Result<StorePath, SubmitError> {
     StorePath::from_absolute(text.trim()).map_err(|_| SubmitError::NotAStorePath(text.to_owned()))
 }
 
+/// The `.drv` files a target evaluates to, each once, in Nix's order, with their job names.
+#[derive(Debug)]
+pub struct Instantiated {
+    /// The derivations to build.
+    pub tops: Vec<StorePath>,
+    /// The job each one is, when there are several: its attribute path, else its name.
+    jobs: Vec<String>,
+}
+
 /// The `.drv` files to build: the target itself, or every derivation instantiating it gives (a
 /// file may evaluate to a set or list of them), each once, in Nix's order.
-fn derivations(args: &TargetArgs) -> Result<Vec<StorePath>, SubmitError> {
+fn derivations(args: &TargetArgs) -> Result<Instantiated, SubmitError> {
     if let Some(target) = &args.target {
         let target = target.to_string_lossy();
         let (path, _) = target.split_once('^').unwrap_or((&target, ""));
@@ -243,18 +252,71 @@ fn derivations(args: &TargetArgs) -> Result<Vec<StorePath>, SubmitError> {
             .extension()
             .is_some_and(|extension| extension == "drv")
         {
-            return Ok(vec![store_path(path)?]);
+            let tops = vec![store_path(path)?];
+            let jobs = job_names(&tops, None);
+            return Ok(Instantiated { tops, jobs });
         }
     }
-    let mut command = Command::new("nix-instantiate");
-    match (&args.expr, &args.target) {
-        (Some(expr), _) => command.args(["--expr", expr]),
-        (None, Some(target)) => command.arg(target),
+    let (target, mut command) = match (&args.expr, &args.target) {
+        (Some(expr), _) => (
+            crate::attributes::Target::Expression(expr),
+            nix_instantiate(args, ["--expr", expr]),
+        ),
+        (None, Some(target)) => (
+            crate::attributes::Target::File(target),
+            nix_instantiate(args, [target.as_os_str()]),
+        ),
         (None, None) => return Err(SubmitError::NothingToBuild),
     };
+    let printed = nix(&mut command)?;
+    let printed: Vec<&str> = printed
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    let attribute_paths = (printed.len() > 1)
+        .then(|| {
+            crate::attributes::paths(target, args.attr.as_deref(), printed.len(), |command| {
+                nix_arguments(args, command);
+            })
+        })
+        .flatten();
+    let mut seen = BTreeSet::new();
+    let mut tops = Vec::new();
+    let mut paths = Vec::new();
+    for (index, line) in printed.iter().enumerate() {
+        let path = store_path(line)?;
+        if seen.insert(path.clone()) {
+            tops.push(path);
+            paths.extend(attribute_paths.as_ref().map(|all| all[index].clone()));
+        }
+    }
+    if tops.is_empty() {
+        return Err(SubmitError::NothingToBuild);
+    }
+    let jobs = if paths.len() == tops.len() {
+        paths
+    } else {
+        job_names(&tops, args.attr.as_deref())
+    };
+    Ok(Instantiated { tops, jobs })
+}
+
+/// `nix-instantiate` of `target` with the caller's attribute and arguments.
+fn nix_instantiate<I: AsRef<std::ffi::OsStr>>(
+    args: &TargetArgs,
+    target: impl IntoIterator<Item = I>,
+) -> Command {
+    let mut command = Command::new("nix-instantiate");
+    command.args(target);
     if let Some(attr) = &args.attr {
         command.args(["--attr", attr]);
     }
+    nix_arguments(args, &mut command);
+    command
+}
+
+/// Adds the caller's `--arg`, `--argstr` and `-I` flags to a Nix command.
+fn nix_arguments(args: &TargetArgs, command: &mut Command) {
     for (flag, values) in [("--arg", &args.args), ("--argstr", &args.argstrs)] {
         for pair in values.chunks(2) {
             command.arg(flag).args(pair);
@@ -263,19 +325,6 @@ fn derivations(args: &TargetArgs) -> Result<Vec<StorePath>, SubmitError> {
     for path in &args.include {
         command.args(["-I", path]);
     }
-    let printed = nix(&mut command)?;
-    let mut seen = BTreeSet::new();
-    let mut tops = Vec::new();
-    for line in printed.lines().filter(|line| !line.trim().is_empty()) {
-        let path = store_path(line)?;
-        if seen.insert(path.clone()) {
-            tops.push(path);
-        }
-    }
-    if tops.is_empty() {
-        return Err(SubmitError::NothingToBuild);
-    }
-    Ok(tops)
 }
 
 /// The derivation closure's texts and its input sources as NARs, from the local store.
@@ -375,8 +424,8 @@ pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
 pub async fn submit_target(
     args: &TargetArgs,
 ) -> Result<(BuildServiceClient<Channel>, Vec<i64>), WithContext<SubmitError>> {
-    let tops = instantiate(args)?;
-    submit_tops(args, &tops).await
+    let instantiated = instantiate(args)?;
+    submit_tops(args, &instantiated).await
 }
 
 /// The outputs a `.drv` target names after `^` (`/nix/store/….drv^dev,out`; `*` for all), as
@@ -389,7 +438,7 @@ pub fn requested_outputs(args: &TargetArgs) -> Option<Vec<String>> {
 }
 
 /// The `.drv` files the target evaluates to, each once, in Nix's order.
-pub fn instantiate(args: &TargetArgs) -> Result<Vec<StorePath>, WithContext<SubmitError>> {
+pub fn instantiate(args: &TargetArgs) -> Result<Instantiated, WithContext<SubmitError>> {
     derivations(args).context("instantiating the target")
 }
 
@@ -397,13 +446,13 @@ pub fn instantiate(args: &TargetArgs) -> Result<Vec<StorePath>, WithContext<Subm
 /// job set.
 pub async fn submit_tops(
     args: &TargetArgs,
-    tops: &[StorePath],
+    instantiated: &Instantiated,
 ) -> Result<(BuildServiceClient<Channel>, Vec<i64>), WithContext<SubmitError>> {
     let channel = args.connection.connect().await.map_err(SubmitError::from)?;
     let client = BuildServiceClient::new(channel).max_encoding_message_size(256 * 1024 * 1024);
-    let builds = match tops {
+    let builds = match instantiated.tops.as_slice() {
         [top] => vec![submit_one(&client, args, top).await?],
-        _ => submit_job_set(&client, args, tops).await?,
+        _ => submit_job_set(&client, args, instantiated).await?,
     };
     Ok((client, builds))
 }
@@ -446,7 +495,7 @@ const STAGE_CHUNK_BYTES: usize = 16 * 1024 * 1024;
 async fn submit_job_set(
     client: &BuildServiceClient<Channel>,
     args: &TargetArgs,
-    tops: &[StorePath],
+    Instantiated { tops, jobs }: &Instantiated,
 ) -> Result<Vec<i64>, WithContext<SubmitError>> {
     let mut staged = BTreeSet::new();
     let mut chunk = StageDerivationsRequest::default();
@@ -473,11 +522,11 @@ async fn submit_job_set(
     }
     stage(client, chunk).await?;
     let request = SubmitJobSetRequest {
-        jobs: job_names(args, tops)
-            .into_iter()
+        jobs: jobs
+            .iter()
             .zip(tops)
             .map(|(name, top)| Job {
-                name,
+                name: name.clone(),
                 drv_path: top.to_absolute(),
             })
             .collect(),
@@ -523,16 +572,16 @@ async fn stage(
     Ok(())
 }
 
-/// A job name for each top-level derivation: its name, numbered from the second one on when
-/// several derivations share it.
-fn job_names(args: &TargetArgs, tops: &[StorePath]) -> Vec<String> {
+/// A job name for each top-level derivation when their attribute paths are not known: its name
+/// (after `attr`), numbered from the second one on when several derivations share it.
+fn job_names(tops: &[StorePath], attr: Option<&str>) -> Vec<String> {
     let mut taken = BTreeSet::new();
     tops.iter()
         .map(|top| {
             let base = top
                 .derivation_name()
                 .map_or_else(|| top.base_name().to_owned(), str::to_owned);
-            let base = match &args.attr {
+            let base = match attr {
                 Some(attr) => format!("{attr}.{base}"),
                 None => base,
             };

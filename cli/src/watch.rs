@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 
 use crate::call::CallError;
 use crate::connection::ConnectionArgs;
-use crate::progress::Progress;
+use crate::progress::{self, Progress};
 use crate::submit::SubmitError;
 
 /// How often a keep-going build that ended is looked at again while steps it kept still run.
@@ -246,11 +246,12 @@ async fn watch_until_ended(
                 progress.forget(id);
                 known.remove(&id);
                 let name = crate::inspect::status_name(build.status());
+                let label = progress::label(&build);
                 if build.phase() == BuildPhase::Succeeded {
-                    eprintln!("build {id} succeeded");
+                    eprintln!("{label} succeeded");
                     succeeded.insert(id, build.outputs.into_iter().collect::<BTreeMap<_, _>>());
                 } else {
-                    eprintln!("build {id} ended {name}: {}", build.failure_reason);
+                    eprintln!("{label} ended {name}: {}", build.failure_reason);
                     if let Some((step, tail)) = log_tail(client, &build).await {
                         eprintln!("last lines of the log of {step}:");
                         for line in tail {

@@ -383,6 +383,10 @@ async fn a_dev_farm_builds_what_drover_submit_sends_and_stops_cleanly() {
         "each derivation of the file is a build: {stderr}"
     );
     assert!(
+        stderr.contains("(left) succeeded") && stderr.contains("(right) succeeded"),
+        "each build is named by its job's attribute path: {stderr}"
+    );
+    assert!(
         stdout.contains("-diamond-left") && stdout.contains("-diamond-right"),
         "{stdout}"
     );
