@@ -325,6 +325,90 @@ async fn watch_to_the_end(farm: &Farm, build: i64) -> Vec<WatchEvent> {
     events
 }
 
+/// How far along a step is, to check that a Watch never shows one going back.
+fn progress(status: StepStatus) -> u8 {
+    match status {
+        StepStatus::Waiting => 0,
+        StepStatus::Runnable => 1,
+        StepStatus::Running => 2,
+        _ => 3,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_opened_while_a_build_runs_never_see_a_step_go_back_or_a_change_twice() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    farm.start_builder(&BuilderSpec {
+        build_ms: 20,
+        ..BuilderSpec::new("b1")
+    });
+    let mut factory = Factory::default();
+    let mut chain = vec![factory.make(&Spec::new("link-0"))];
+    for index in 1..30 {
+        let link = factory.make(&Spec::new(&format!("link-{index}")).inputs(&[&chain[index - 1]]));
+        chain.push(link);
+    }
+    let build = farm.submit(&chain.iter().collect::<Vec<_>>()).await;
+
+    // Streams opened one after another for as long as the build runs, each read to its end
+    // afterwards (what the runner sends waits in the connection meanwhile).
+    let mut readers = Vec::new();
+    loop {
+        let mut stream = watch(&farm, build).await;
+        let first = stream.message().await.unwrap().unwrap();
+        let Some(WatchKind::State(state)) = first.event else {
+            panic!("{first:?}");
+        };
+        if state.phase() == BuildPhase::Succeeded {
+            break;
+        }
+        readers.push(async move {
+            let mut steps: BTreeMap<i64, StepStatus> = state
+                .steps
+                .iter()
+                .map(|step| (step.step_id, step.step_status()))
+                .collect();
+            let mut went_back = Vec::new();
+            while let Some(event) = stream.message().await.unwrap() {
+                match event.event {
+                    Some(WatchKind::Step(step)) => {
+                        let before = steps.insert(step.step_id, step.step_status());
+                        if before
+                            .is_some_and(|before| progress(before) >= progress(step.step_status()))
+                        {
+                            went_back.push(format!("{before:?} -> {:?}", step.step_status()));
+                        }
+                    }
+                    Some(WatchKind::State(state)) => {
+                        steps = state
+                            .steps
+                            .iter()
+                            .map(|step| (step.step_id, step.step_status()))
+                            .collect();
+                    }
+                    _ => {}
+                }
+            }
+            (went_back, steps)
+        });
+        assert!(readers.len() < 1000, "the build never ended");
+    }
+    assert!(readers.len() > 5, "too few streams opened while it ran");
+    for reader in readers {
+        let (went_back, steps) = tokio::time::timeout(DEADLINE, reader)
+            .await
+            .expect("every stream ends with the build");
+        assert!(went_back.is_empty(), "{went_back:?}");
+        assert!(
+            steps
+                .values()
+                .all(|status| *status == StepStatus::Succeeded),
+            "{steps:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_sends_the_state_then_every_transition_in_order_heartbeats_and_the_state_again() {
     let mut farm = Farm::new().await;

@@ -1,11 +1,13 @@
 //! Reading builds: one build's whole state (as Get and Watch answer), a page of builds, and a
 //! step's stored log.
 
+use deadpool_postgres::tokio_postgres::IsolationLevel;
 use drover_proto::v1::{GetResponse, ListResponse};
 
 use super::Builds;
 use super::view;
 use crate::db::queries::{self, BuildFilter};
+use crate::db::snapshot::Snapshot;
 use crate::db::{DbError, Pool};
 use crate::logs::LogText;
 
@@ -38,7 +40,7 @@ pub enum ReadError {
 impl Builds {
     /// Build `id`'s whole state.
     pub async fn get(&self, id: i64) -> Result<GetResponse, ReadError> {
-        build_state(&self.pool, id).await
+        Ok(build_state(&self.pool, id).await?.0)
     }
 
     /// The builds `filter` selects, newest first, and the token of the next page.
@@ -72,15 +74,28 @@ impl Builds {
     }
 }
 
-/// Build `id`'s whole state, over `pool` (Watch reads it again while it streams).
-pub async fn build_state(pool: &Pool, id: i64) -> Result<GetResponse, ReadError> {
-    let client = pool.get().await.map_err(DbError::Connection)?;
-    let build = queries::build(&client, id)
+/// Build `id`'s whole state, over `pool`, read in one snapshot, which it returns: Watch reads it
+/// again while it streams, and skips the changes the snapshot shows.
+pub async fn build_state(pool: &Pool, id: i64) -> Result<(GetResponse, Snapshot), ReadError> {
+    let mut client = pool.get().await.map_err(DbError::Connection)?;
+    let transaction = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(DbError::query("starting to read a build"))?;
+    let snapshot = queries::snapshot(&transaction).await?;
+    let build = queries::build(&transaction, id)
         .await?
         .ok_or(ReadError::NoSuchBuild(id))?;
-    let steps = queries::build_steps(&client, id).await?;
+    let steps = queries::build_steps(&transaction, id).await?;
+    transaction
+        .commit()
+        .await
+        .map_err(DbError::query("ending the read of a build"))?;
     let status = view::wire_status(build.status);
-    Ok(GetResponse {
+    let state = GetResponse {
         build_id: id,
         status: status.into(),
         top_drv_path: build.drv_path,
@@ -94,5 +109,6 @@ pub async fn build_state(pool: &Pool, id: i64) -> Result<GetResponse, ReadError>
         submitted_at_ms: build.times_ms.0,
         finished_at_ms: build.times_ms.1.unwrap_or_default(),
         keep_going: build.keep_going,
-    })
+    };
+    Ok((state, snapshot))
 }

@@ -5,6 +5,7 @@
 pub mod connect;
 mod migrations;
 pub mod queries;
+pub mod snapshot;
 pub mod status;
 pub mod transitions;
 pub mod verified;

@@ -4,6 +4,7 @@
 use deadpool_postgres::GenericClient;
 
 use super::DbError;
+use super::snapshot::Snapshot;
 use super::status::{BuildStatus, SqlEnum as _, StepStatus};
 
 /// A build the runner has to expand into steps.
@@ -913,6 +914,17 @@ pub async fn restart_builds(
         .await
         .map_err(DbError::query("committing a restart"))?;
     Ok(restarted)
+}
+
+/// The snapshot `client`'s transaction reads in (its first statement fixes it, in a
+/// repeatable-read transaction).
+pub async fn snapshot(client: &impl GenericClient) -> Result<Snapshot, DbError> {
+    let row = client
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .map_err(DbError::query("reading the transaction's snapshot"))?;
+    let text: String = row.get(0);
+    Snapshot::parse(&text).ok_or(DbError::Missing("a readable transaction snapshot"))
 }
 
 /// A build as clients see it.

@@ -177,8 +177,9 @@ impl Transitions {
         }
     }
 
-    /// Writes the batch in one transaction.
-    pub async fn write(&self, client: &mut deadpool_postgres::Client) -> Result<(), DbError> {
+    /// Writes the batch in one transaction; its id, which tells Watch streams whether a state
+    /// they read shows the batch ([`super::snapshot::Snapshot`]).
+    pub async fn write(&self, client: &mut deadpool_postgres::Client) -> Result<u64, DbError> {
         let transaction = client
             .transaction()
             .await
@@ -186,11 +187,12 @@ impl Transitions {
         for machine in &self.machines {
             write_machine(&transaction, machine).await?;
         }
-        self.write_rows(&transaction).await?;
+        let id = self.write_rows(&transaction).await?;
         transaction
             .commit()
             .await
-            .map_err(DbError::query("committing a batch of scheduler changes"))
+            .map_err(DbError::query("committing a batch of scheduler changes"))?;
+        Ok(id)
     }
 
     /// One statement per table the batch touches, sent together: the connection pipelines
@@ -198,10 +200,11 @@ impl Transitions {
     /// runs (once per connection, [`Transaction::prepare_cached`]), so they run in the order
     /// written and the first to fail reports the cause (a serialization failure is retried),
     /// not the "transaction aborted" of a later one.
-    async fn write_rows(&self, client: &Transaction<'_>) -> Result<(), DbError> {
+    async fn write_rows(&self, client: &Transaction<'_>) -> Result<u64, DbError> {
         let prepared = Prepared::on(client).await?;
         let prepared = &prepared;
-        tokio::try_join!(
+        let (id, ..) = tokio::try_join!(
+            transaction_id(client, prepared),
             self.insert_attempts(client, prepared),
             self.end_attempts(client, prepared),
             self.update_steps(client, prepared),
@@ -210,7 +213,7 @@ impl Transitions {
             self.finish_builds(client, prepared),
             self.record_pings(client, prepared),
         )?;
-        Ok(())
+        Ok(id)
     }
 
     async fn insert_attempts(
@@ -417,7 +420,21 @@ async fn execute(
 }
 
 /// The batch's statements, prepared on one connection.
+/// The id of the batch's transaction (assigning one if no write has yet).
+const TRANSACTION_ID: &str = "SELECT pg_current_xact_id()::text::bigint";
+
+/// The id of `client`'s transaction.
+async fn transaction_id(client: &Transaction<'_>, prepared: &Prepared) -> Result<u64, DbError> {
+    let row = client
+        .query_one(&prepared.transaction_id, &[])
+        .await
+        .map_err(DbError::query("reading the batch's transaction id"))?;
+    // Epoch and counter, far below 2^63.
+    Ok(row.get::<_, i64>(0).cast_unsigned())
+}
+
 struct Prepared {
+    transaction_id: Statement,
     insert_attempts: Statement,
     end_attempts: Statement,
     update_steps: Statement,
@@ -437,6 +454,7 @@ impl Prepared {
                 .map_err(DbError::query("preparing the scheduler's statements"))
         };
         let (
+            transaction_id,
             insert_attempts,
             end_attempts,
             update_steps,
@@ -445,6 +463,7 @@ impl Prepared {
             finish_builds,
             record_pings,
         ) = tokio::try_join!(
+            prepare(TRANSACTION_ID),
             prepare(INSERT_ATTEMPTS),
             prepare(END_ATTEMPTS),
             prepare(UPDATE_STEPS),
@@ -454,6 +473,7 @@ impl Prepared {
             prepare(RECORD_PINGS),
         )?;
         Ok(Self {
+            transaction_id,
             insert_attempts,
             end_attempts,
             update_steps,

@@ -2,12 +2,11 @@
 //! heartbeat whenever nothing happened for a while.
 //!
 //! There is no durable event log. A stream subscribes to the committed changes *before* it
-//! reads the build's state, so nothing committed after that read is missed; a change that the
-//! state already shows is not sent again (each step's and the build's last sent status is kept).
-//! A stream that falls too far behind the broadcast reads the whole state again and sends it, as
-//! a reconnecting client gets it. When its build is planned it reads the state again too (now
-//! with the steps), first dropping the changes already queued: committed before that read, the
-//! state shows them, and sent after it they would show a step going back.
+//! reads the build's state, so nothing committed after that read is missed; the state is read in
+//! one snapshot, and a batch committed in a transaction that snapshot shows is skipped, so no
+//! change is sent twice and no step is seen going back. A stream that falls too far behind the
+//! broadcast reads the whole state again and sends it, as a reconnecting client gets it; so does
+//! one whose build is planned (the state now has the steps).
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -17,22 +16,20 @@ use std::time::Duration;
 use drover_proto::v1::watch_event::Event as Kind;
 use drover_proto::v1::{BuildStatus, BuildUpdate, GetResponse, Heartbeat, StepState, WatchEvent};
 use drover_scheduler::{BuildId, Change};
-use tokio::sync::broadcast::{
-    self,
-    error::{RecvError, TryRecvError},
-};
+use tokio::sync::broadcast::{self, error::RecvError};
 use tonic::Status;
 
 use crate::builds::view;
+use crate::db::snapshot::Snapshot;
 use crate::db::status::StepStatus;
-use crate::scheduler::driver::Committed;
+use crate::scheduler::driver::{Committed, CommittedBatch};
 
 /// The stream Watch answers with.
 pub type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchEvent, Status>> + Send>>;
 
-/// Reads a build's whole state, as Get answers.
+/// Reads a build's whole state, as Get answers, and the snapshot it was read in.
 pub type StateReader = Arc<
-    dyn Fn(BuildId) -> Pin<Box<dyn Future<Output = Result<GetResponse, Status>> + Send>>
+    dyn Fn(BuildId) -> Pin<Box<dyn Future<Output = Result<(GetResponse, Snapshot), Status>> + Send>>
         + Send
         + Sync,
 >;
@@ -40,34 +37,37 @@ pub type StateReader = Arc<
 /// Opens a Watch of `build`: fails at once if the build does not exist.
 pub async fn open(
     build: BuildId,
-    changes: &broadcast::Sender<Arc<[Committed]>>,
+    changes: &broadcast::Sender<Arc<CommittedBatch>>,
     read_state: StateReader,
     heartbeat: Duration,
 ) -> Result<WatchStream, Status> {
     let receiver = changes.subscribe();
-    let state = read_state(build).await?;
+    let read = read_state(build).await?;
     let mut follow = Follow {
         build,
         receiver,
         read_state,
         heartbeat,
         pending: VecDeque::new(),
+        snapshot: Snapshot::default(),
         steps: HashMap::new(),
         status: BuildStatus::Unknown,
         ended: false,
     };
-    follow.reset(state);
+    follow.reset(read);
     Ok(Box::pin(futures_util::stream::unfold(follow, Follow::next)))
 }
 
 /// One Watch stream's state.
 struct Follow {
     build: BuildId,
-    receiver: broadcast::Receiver<Arc<[Committed]>>,
+    receiver: broadcast::Receiver<Arc<CommittedBatch>>,
     read_state: StateReader,
     heartbeat: Duration,
     /// Events to send before reading more changes.
     pending: VecDeque<WatchEvent>,
+    /// The snapshot the state sent last was read in.
+    snapshot: Snapshot,
     /// The last status sent of each step of the build.
     steps: HashMap<i64, StepState>,
     /// The last status sent of the build.
@@ -99,7 +99,7 @@ impl Follow {
                     }
                 }
                 Ok(Err(RecvError::Lagged(_))) => match (self.read_state)(self.build).await {
-                    Ok(state) => self.reset(state),
+                    Ok(read) => self.reset(read),
                     Err(status) => {
                         self.ended = true;
                         return Some((Err(status), self));
@@ -117,7 +117,8 @@ impl Follow {
     }
 
     /// Sends the whole state and remembers it as what the client knows.
-    fn reset(&mut self, state: GetResponse) {
+    fn reset(&mut self, (state, snapshot): (GetResponse, Snapshot)) {
+        self.snapshot = snapshot;
         self.status = state.status();
         self.ended = state.phase().is_terminal();
         self.steps = state
@@ -129,18 +130,18 @@ impl Follow {
     }
 
     /// Turns a committed batch into the events this build's client has not seen.
-    async fn apply(&mut self, batch: &[Committed]) -> Result<(), Status> {
-        for committed in batch {
+    async fn apply(&mut self, batch: &CommittedBatch) -> Result<(), Status> {
+        if batch
+            .transaction
+            .is_some_and(|transaction| self.snapshot.shows(transaction))
+        {
+            return Ok(());
+        }
+        for committed in &batch.changes {
             match committed {
                 Committed::Expanded(build) if *build == self.build => {
-                    // The state read now shows the rest of this batch and every batch already
-                    // queued: sent after it, they would take a step back to where it was.
-                    while !matches!(
-                        self.receiver.try_recv(),
-                        Err(TryRecvError::Empty | TryRecvError::Closed)
-                    ) {}
-                    let state = (self.read_state)(self.build).await?;
-                    self.reset(state);
+                    let read = (self.read_state)(self.build).await?;
+                    self.reset(read);
                     return Ok(());
                 }
                 Committed::Expanded(_) => {}
@@ -248,66 +249,118 @@ mod tests {
         state
     }
 
-    /// A reader that answers `states` in turn.
-    fn reader(states: Vec<GetResponse>) -> StateReader {
-        let states = Arc::new(Mutex::new(VecDeque::from(states)));
+    /// A reader that answers `reads` (a state and the snapshot it was read in) in turn.
+    fn reader(reads: Vec<(GetResponse, &str)>) -> StateReader {
+        let reads: VecDeque<_> = reads
+            .into_iter()
+            .map(|(state, snapshot)| (state, Snapshot::parse(snapshot).unwrap()))
+            .collect();
+        let reads = Arc::new(Mutex::new(reads));
         Arc::new(move |_| {
-            let state = states.lock().unwrap().pop_front().unwrap();
-            Box::pin(async move { Ok(state) })
+            let read = reads.lock().unwrap().pop_front().unwrap();
+            Box::pin(async move { Ok(read) })
+        })
+    }
+
+    /// What a client of `stream` sees, one line per event, until it ends.
+    async fn seen(stream: &mut WatchStream, events: usize) -> Vec<String> {
+        let mut seen = Vec::new();
+        while seen.len() < events {
+            match stream.next().await.unwrap().unwrap().event {
+                Some(Kind::State(state)) => seen.push(format!("state {}", state.steps[0].status)),
+                Some(Kind::Step(step)) => seen.push(format!("step {}", step.status)),
+                Some(Kind::Build(update)) => seen.push(format!("build {:?}", update.status())),
+                _ => {}
+            }
+        }
+        seen
+    }
+
+    fn batch(transaction: Option<u64>, changes: Vec<Committed>) -> Arc<CommittedBatch> {
+        Arc::new(CommittedBatch {
+            transaction,
+            changes,
+        })
+    }
+
+    fn step(status: StepStatus) -> Committed {
+        Committed::Change(Change::StepStatus {
+            step: 7,
+            status,
+            reason: None,
+        })
+    }
+
+    fn started() -> Committed {
+        Committed::Change(Change::AttemptStarted {
+            attempt: uuid::Uuid::nil(),
+            step: 7,
+            builder: "b1".to_owned(),
+        })
+    }
+
+    fn finished() -> Committed {
+        Committed::Change(Change::BuildFinished {
+            build: 1,
+            status: QueueBuildStatus::Succeeded,
+            reason: None,
         })
     }
 
     #[tokio::test]
-    async fn changes_queued_before_a_planned_builds_state_is_read_again_are_not_sent_after_it() {
+    async fn changes_a_planned_builds_state_shows_are_not_sent_after_it() {
         let (changes, _) = broadcast::channel(16);
         let mut stream = open(
             1,
             &changes,
             reader(vec![
-                state(StepStatus::Waiting, ""),
-                state(StepStatus::Running, "b1"),
+                (state(StepStatus::Waiting, ""), "5:5:"),
+                (state(StepStatus::Running, "b1"), "6:6:"),
             ]),
             Duration::from_mins(1),
         )
         .await
         .unwrap();
-        let mut seen = Vec::new();
-        let mut note = |event: WatchEvent| match event.event {
-            Some(Kind::State(state)) => seen.push(format!("state {}", state.steps[0].status)),
-            Some(Kind::Step(step)) => seen.push(format!("step {}", step.status)),
-            Some(Kind::Build(update)) => seen.push(format!("build {:?}", update.status())),
-            _ => {}
-        };
-        note(stream.next().await.unwrap().unwrap());
-        // Planned, then dispatched, before the stream read the planned build's state again: that
-        // state already shows the step running.
-        let send = |batch: Vec<Committed>| changes.send(Arc::from(batch)).unwrap();
-        send(vec![Committed::Expanded(1)]);
-        send(vec![
-            Committed::Change(Change::StepStatus {
-                step: 7,
-                status: StepStatus::Runnable,
-                reason: None,
-            }),
-            Committed::Change(Change::AttemptStarted {
-                attempt: uuid::Uuid::nil(),
-                step: 7,
-                builder: "b1".to_owned(),
-            }),
-        ]);
-        note(stream.next().await.unwrap().unwrap());
-        send(vec![Committed::Change(Change::BuildFinished {
-            build: 1,
-            status: QueueBuildStatus::Succeeded,
-            reason: None,
-        })]);
-        while let Some(event) = stream.next().await {
-            note(event.unwrap());
-        }
+        // Planned, then dispatched in transaction 5, before the stream read the planned build's
+        // state again: that state already shows the step running.
+        changes
+            .send(batch(None, vec![Committed::Expanded(1)]))
+            .unwrap();
+        changes
+            .send(batch(Some(5), vec![step(StepStatus::Runnable), started()]))
+            .unwrap();
+        changes.send(batch(Some(6), vec![finished()])).unwrap();
         assert_eq!(
-            seen,
+            seen(&mut stream, 3).await,
             ["state waiting", "state running", "build Succeeded"],
             "no step went back"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_watch_opened_while_changes_commit_sends_each_once_in_order() {
+        let (changes, _) = broadcast::channel(16);
+        // Subscribed before transactions 9 and 10 were broadcast, read after both committed.
+        let mut stream = open(
+            1,
+            &changes,
+            reader(vec![(state(StepStatus::Running, "b1"), "11:11:")]),
+            Duration::from_mins(1),
+        )
+        .await
+        .unwrap();
+        changes
+            .send(batch(Some(9), vec![step(StepStatus::Runnable)]))
+            .unwrap();
+        changes.send(batch(Some(10), vec![started()])).unwrap();
+        changes
+            .send(batch(Some(11), vec![step(StepStatus::Succeeded)]))
+            .unwrap();
+        changes.send(batch(Some(12), vec![finished()])).unwrap();
+        assert_eq!(
+            seen(&mut stream, 3).await,
+            ["state running", "step succeeded", "build Succeeded"],
+            "the step is never seen going back to runnable"
         );
     }
 }

@@ -78,8 +78,18 @@ impl Committed {
     }
 }
 
+/// One commit's changes that Watch streams follow.
+#[derive(Debug, Default)]
+pub struct CommittedBatch {
+    /// The transaction the scheduler committed them in (none for ingest's, which Watch streams
+    /// answer by reading the state again anyway).
+    pub transaction: Option<u64>,
+    /// The changes, in the order made.
+    pub changes: Vec<Committed>,
+}
+
 /// What was committed, in commit order, one batch per commit, for Watch streams.
-pub type CommittedChanges = broadcast::Sender<Arc<[Committed]>>;
+pub type CommittedChanges = broadcast::Sender<Arc<CommittedBatch>>;
 
 /// What the driver publishes for the other tasks.
 #[derive(Debug, Clone)]
@@ -400,15 +410,20 @@ impl Driver {
                     other => messages.push(other),
                 }
             }
-            if !transitions.is_empty() {
-                self.write(&transitions, changes).await?;
-            }
+            let transaction = if transitions.is_empty() {
+                None
+            } else {
+                Some(self.write(&transitions, changes).await?)
+            };
             self.published
                 .completions
                 .store(self.core.completions(), Ordering::Release);
             if !watched.is_empty() {
                 // Nobody watching is not an error.
-                let _ = self.published.changes.send(watched.into());
+                let _ = self.published.changes.send(Arc::new(CommittedBatch {
+                    transaction,
+                    changes: watched,
+                }));
             }
             let mut texts = self.derivation_texts(&messages).await?;
             for message in messages {
@@ -420,7 +435,11 @@ impl Driver {
     }
 
     /// Writes one batch, again after transient failures, up to [`WRITE_RETRIES`] times.
-    async fn write(&self, transitions: &Transitions, changes: usize) -> Result<(), SchedulerError> {
+    async fn write(
+        &self,
+        transitions: &Transitions,
+        changes: usize,
+    ) -> Result<u64, SchedulerError> {
         retrying(
             &self.pool,
             "a batch of scheduler changes",

@@ -15,7 +15,7 @@ use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::driver::{Committed, CommittedChanges};
+use super::driver::{Committed, CommittedBatch, CommittedChanges};
 use super::handoff::Handoff;
 use crate::cache::BinaryCache;
 use crate::db::queries::{self, BuildSelection, QueuedBuild};
@@ -172,11 +172,13 @@ impl Ingest {
             })?;
         // Before the plan goes to the scheduler, so a watcher reads the builds' steps before any
         // change of them. Nobody watching is not an error.
-        let expanded: Vec<Committed> = group
-            .iter()
-            .map(|build| Committed::Expanded(build.id))
-            .collect();
-        let _ = self.expanded.send(Arc::from(expanded));
+        let _ = self.expanded.send(Arc::new(CommittedBatch {
+            transaction: None,
+            changes: group
+                .iter()
+                .map(|build| Committed::Expanded(build.id))
+                .collect(),
+        }));
         if let Some(plan) = plan {
             self.send(Event::BuildPlanned(plan)).await?;
         }
