@@ -253,6 +253,15 @@ struct RawBuilders {
     /// steps are requeued. 0 requeues them at once. Default 10.
     #[serde(default = "default_rejoin_grace_secs")]
     rejoin_grace_secs: u64,
+    /// Order runnable steps by their critical path in durations learned from earlier builds
+    /// (`step_durations`); `false` orders them by the number of steps above them, as Hydra
+    /// does. Durations are learned either way. Default true.
+    #[serde(default = "default_learned_durations")]
+    learned_durations: bool,
+}
+
+const fn default_learned_durations() -> bool {
+    true
 }
 
 const fn default_rejoin_grace_secs() -> u64 {
@@ -279,6 +288,7 @@ impl Default for RawBuilders {
             unsupported_grace_secs: default_unsupported_grace_secs(),
             readoption_grace_secs: default_readoption_grace_secs(),
             rejoin_grace_secs: default_rejoin_grace_secs(),
+            learned_durations: default_learned_durations(),
         }
     }
 }
@@ -361,6 +371,8 @@ pub struct Config {
     pub readoption_grace: Duration,
     /// How long the attempts of a builder whose connection failed wait for it.
     pub rejoin_grace: Duration,
+    /// Whether runnable steps are ordered by learned durations.
+    pub learned_durations: bool,
     /// Largest derivation in a submission.
     pub max_derivation_bytes: usize,
     /// Largest Submit request.
@@ -503,6 +515,7 @@ impl Config {
             unsupported_grace: Duration::from_secs(raw.builders.unsupported_grace_secs),
             readoption_grace: Duration::from_secs(raw.builders.readoption_grace_secs),
             rejoin_grace: Duration::from_secs(raw.builders.rejoin_grace_secs),
+            learned_durations: raw.builders.learned_durations,
             max_derivation_bytes,
             max_submission_bytes,
             refuse_unknown_systems: raw.submissions.refuse_unknown_systems,

@@ -48,6 +48,7 @@ pub fn core_limits(config: &Config) -> CoreLimits {
         unsupported_grace: config.unsupported_grace,
         readoption_grace: config.readoption_grace,
         rejoin_grace: config.rejoin_grace,
+        learned_durations: config.learned_durations,
     }
 }
 

@@ -119,6 +119,7 @@ const LIMITS: CoreLimits = CoreLimits {
     unsupported_grace: std::time::Duration::from_mins(15),
     readoption_grace: std::time::Duration::from_mins(2),
     rejoin_grace: std::time::Duration::from_secs(10),
+    learned_durations: true,
 };
 
 #[tokio::test]
@@ -178,7 +179,8 @@ async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() 
         available: Vec::new(),
         snapshot: 0,
     })));
-    commands.extend(core.dispatch(Instant::now()));
+    let dispatched = Instant::now();
+    commands.extend(core.dispatch(dispatched));
     let sent = commands_changes(commands, &mut batch);
     let Some(assignment) = sent.iter().find_map(|message| match message {
         ToBuilder::Build(assignment) => Some(assignment),
@@ -200,12 +202,26 @@ async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() 
                 nar_size: 120,
             }],
         },
+        at: dispatched + std::time::Duration::from_secs(3),
     });
     let acknowledged = commands_changes(finished, &mut batch);
     assert_eq!(acknowledged, vec![ToBuilder::ResultRecorded { attempt }]);
     batch.write(&mut client).await.unwrap();
 
     assert_recorded(&client, step, build, attempt).await;
+    let learned = client
+        .query_one("SELECT system, samples, mean_ms FROM step_durations", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            learned.get::<_, String>(0),
+            learned.get::<_, i32>(1),
+            learned.get::<_, i64>(2)
+        ),
+        ("x86_64-linux".to_owned(), 1, 3_000),
+        "the success taught its package's duration"
+    );
 }
 
 /// Asserts that the step, its build and its attempt are recorded as succeeded, with the output

@@ -8,9 +8,9 @@
 //! therefore cost about the graph, not the sum of their closures.
 //!
 //! The order of a runnable step is (global priority, build priority, critical path, step id):
-//! the highest global and build priority of the builds that need it, then the longest chain of
-//! steps from it up to a top-level step (so the steps that hold up the most work go first), then
-//! the oldest step. Both are raised when builds join, along the steps they bring, and never
+//! the highest global and build priority of the builds that need it, then the longest chain from
+//! it up to a top-level step in predicted time (so the steps that hold up the most work go first;
+//! see [`super::durations`]), then the oldest step. Both are raised when builds join, along the steps they bring, and never
 //! lowered: a slightly stale, higher value only makes a step go a little early.
 //!
 //! Completing a step costs O(its dependents and tops), never O(queue); a step that starts marks
@@ -27,7 +27,7 @@ use super::types::{AttemptId, BuildId, ClassId, PlannedBuild, PlannedStep, StepI
 pub struct Order {
     global_priority: Reverse<i32>,
     build_priority: Reverse<i32>,
-    critical_path: Reverse<u32>,
+    critical_path: Reverse<u64>,
     /// The step; also the final tie-break (older steps have smaller ids).
     pub step: StepId,
 }
@@ -60,7 +60,9 @@ pub struct StepNode {
     pub avoid: Option<String>,
     global_priority: i32,
     build_priority: i32,
-    critical_path: u32,
+    /// Its predicted duration, in milliseconds on a builder of speed factor 1.
+    predicted_ms: u64,
+    critical_path: u64,
     inputs: Vec<StepId>,
     /// Steps that use it; some may have left the graph.
     dependents: Vec<StepId>,
@@ -84,10 +86,17 @@ impl StepNode {
         }
     }
 
-    /// Steps between it and the farthest top-level step that needs it, itself included.
+    /// The predicted time from its start to the end of the farthest top-level step that needs
+    /// it, its own included, in milliseconds.
     #[must_use]
-    pub fn critical_path(&self) -> u32 {
+    pub fn critical_path(&self) -> u64 {
         self.critical_path
+    }
+
+    /// Its predicted duration, in milliseconds on a builder of speed factor 1.
+    #[must_use]
+    pub fn predicted_ms(&self) -> u64 {
+        self.predicted_ms
     }
 }
 
@@ -182,12 +191,13 @@ impl StepGraph {
 
     /// Adds builds and the unfinished steps of their closures (`steps`, inputs first, each with
     /// its class; inputs neither in the graph nor in `steps` count as done): inserts the steps
-    /// some build needs that the graph lacks, links each build to its top-level step, and
-    /// raises priorities and critical paths along `steps`.
+    /// some build needs that the graph lacks, each with the duration `predict` gives it, links
+    /// each build to its top-level step, and raises priorities and critical paths along `steps`.
     pub fn add_builds(
         &mut self,
         builds: &[PlannedBuild],
         steps: Vec<(PlannedStep, ClassId)>,
+        predict: impl Fn(&StepSpec) -> u64,
     ) -> Added {
         let mut added = Added::default();
         let wanted = Self::needed(builds, &steps);
@@ -204,7 +214,8 @@ impl StepGraph {
                 }
                 continue;
             }
-            self.insert(planned, class, &mut added);
+            let predicted = predict(&planned.spec);
+            self.insert(planned, class, predicted, &mut added);
         }
         for new in builds {
             self.builds.insert(
@@ -238,13 +249,15 @@ impl StepGraph {
             let (global, priority, path) = (
                 node.global_priority,
                 node.build_priority,
-                node.critical_path + 1,
+                node.critical_path,
             );
             for input in node.inputs.clone() {
                 if let Some(input) = self.steps.get_mut(&input) {
                     input.global_priority = input.global_priority.max(global);
                     input.build_priority = input.build_priority.max(priority);
-                    input.critical_path = input.critical_path.max(path);
+                    input.critical_path = input
+                        .critical_path
+                        .max(path.saturating_add(input.predicted_ms));
                 }
             }
         }
@@ -279,8 +292,48 @@ impl StepGraph {
         needed
     }
 
+    /// What remains of `build`, in milliseconds: the longest chain of its unfinished steps up
+    /// to its top, and the sum of them all, each step counting what `own` says is left of it.
+    /// `None` if the build is not in the graph.
+    pub fn remaining(&self, build: BuildId, own: impl Fn(&StepNode) -> u64) -> Option<(u64, u64)> {
+        let top = self.builds.get(&build)?.top;
+        let mut chain: HashMap<StepId, u64> = HashMap::new();
+        let mut work = 0_u64;
+        // Depth first, each step after its inputs; a step reached twice is summed once.
+        let mut stack = vec![(top, false)];
+        while let Some((id, inputs_done)) = stack.pop() {
+            let Some(node) = self.steps.get(&id) else {
+                continue;
+            };
+            if chain.contains_key(&id) {
+                continue;
+            }
+            if inputs_done {
+                let below = node
+                    .inputs
+                    .iter()
+                    .filter_map(|input| chain.get(input))
+                    .max()
+                    .copied()
+                    .unwrap_or(0);
+                let left = own(node);
+                work = work.saturating_add(left);
+                chain.insert(id, below.saturating_add(left));
+            } else {
+                stack.push((id, true));
+                stack.extend(
+                    node.inputs
+                        .iter()
+                        .filter(|input| !chain.contains_key(input))
+                        .map(|input| (*input, false)),
+                );
+            }
+        }
+        Some((chain.get(&top).copied().unwrap_or(0), work))
+    }
+
     /// Inserts a step the graph lacks, linked to its inputs in the graph.
-    fn insert(&mut self, planned: PlannedStep, class: ClassId, added: &mut Added) {
+    fn insert(&mut self, planned: PlannedStep, class: ClassId, predicted_ms: u64, added: &mut Added) {
         let inputs: Vec<StepId> = planned
             .inputs
             .iter()
@@ -312,7 +365,8 @@ impl StepGraph {
                 avoid: None,
                 global_priority: i32::MIN,
                 build_priority: i32::MIN,
-                critical_path: 1,
+                predicted_ms,
+                critical_path: predicted_ms,
                 inputs,
                 dependents: Vec::new(),
                 tops: Vec::new(),

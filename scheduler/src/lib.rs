@@ -10,6 +10,7 @@
 //! step held back by a retry's backoff ([`backoff`]) is due.
 
 mod backoff;
+pub mod durations;
 mod graph;
 mod orphans;
 mod placement;
@@ -35,6 +36,7 @@ pub use types::{
 };
 
 use backoff::Held;
+use durations::{Durations, Learned};
 use orphans::{Cause, Orphan, Orphans, Wait};
 use unsupported::Unsupported;
 
@@ -54,6 +56,8 @@ pub struct CoreLimits {
     /// How long the attempts of a builder whose connection failed wait for it to come back
     /// before they are requeued; zero requeues them at once.
     pub rejoin_grace: std::time::Duration,
+    /// Whether runnable steps are ordered by learned durations; off, by step count.
+    pub learned_durations: bool,
 }
 
 /// Why an attempt ended without a result of the build's own: which counter it moves.
@@ -128,6 +132,7 @@ pub struct Core {
     held: Held,
     unsupported: Unsupported,
     orphans: Orphans,
+    durations: Durations,
     limits: CoreLimits,
     new_attempt_id: Box<dyn FnMut() -> AttemptId + Send + Sync>,
     commands: Vec<Command>,
@@ -152,6 +157,7 @@ impl Core {
             held: Held::default(),
             unsupported: Unsupported::default(),
             orphans: Orphans::default(),
+            durations: Durations::new(limits.learned_durations),
             limits,
             new_attempt_id,
             commands: Vec::new(),
@@ -232,7 +238,8 @@ impl Core {
                 session,
                 attempt,
                 report,
-            } => self.on_step_finished(session, attempt, report),
+                at,
+            } => self.on_step_finished(session, attempt, report, at),
         }
         std::mem::take(&mut self.commands)
     }
@@ -382,6 +389,35 @@ impl Core {
     /// from now on use them.
     pub fn set_limits(&mut self, limits: CoreLimits) {
         self.limits = limits;
+        self.durations.enable(limits.learned_durations);
+    }
+
+    /// Takes in the durations earlier runs learned (the driver reads them at start).
+    pub fn load_durations(&mut self, learned: impl IntoIterator<Item = Learned>) {
+        self.durations.load(learned);
+    }
+
+    /// How long `build` is predicted to take from `now` to its end: the longer of its longest
+    /// chain of unfinished steps and all their work spread over every connected builder's
+    /// slots (running steps count what is left of their prediction). `None` if it is not in
+    /// the graph or no builder is connected.
+    #[must_use]
+    pub fn estimate(&self, build: BuildId, now: Instant) -> Option<Duration> {
+        let slots = self.placement.slots();
+        if slots == 0 {
+            return None;
+        }
+        let (chain, work) = self.graph.remaining(build, |node| match node.state {
+            StepState::Running(attempt) => {
+                let elapsed = self.attempts.get(&attempt).map_or(0, |running| {
+                    u64::try_from(now.saturating_duration_since(running.started).as_millis())
+                        .unwrap_or(u64::MAX)
+                });
+                node.predicted_ms().saturating_sub(elapsed)
+            }
+            StepState::Runnable | StepState::Waiting(_) => node.predicted_ms(),
+        })?;
+        Some(Duration::from_millis(chain.max(work / slots)))
     }
 
     /// Remembers that a builder once offered `capabilities` (the driver tells it those the
@@ -472,7 +508,10 @@ impl Core {
                 (planned, class)
             })
             .collect();
-        let added = self.graph.add_builds(&builds, steps);
+        let durations = &self.durations;
+        let added = self
+            .graph
+            .add_builds(&builds, steps, |spec| durations.predict(spec));
         for build in added.started {
             self.persist(Change::BuildStarted { build });
         }
@@ -793,7 +832,13 @@ impl Core {
         }
     }
 
-    fn on_step_finished(&mut self, session: SessionId, attempt: AttemptId, report: Report) {
+    fn on_step_finished(
+        &mut self,
+        session: SessionId,
+        attempt: AttemptId,
+        report: Report,
+        at: Instant,
+    ) {
         // Whatever happens next, the builder need not keep this result: it is recorded below,
         // or it is for an attempt that no longer counts.
         let running = self.attempts.get(&attempt).filter(|a| a.session == session);
@@ -805,6 +850,10 @@ impl Core {
         if let Some(attempts) = self.by_session.get_mut(&session) {
             attempts.remove(&attempt);
         }
+        let speed_factor = self
+            .placement
+            .builder(session)
+            .map_or(1.0, |builder| builder.capabilities.speed_factor);
         self.placement.release(session);
         if self.stopping.remove(&attempt) {
             // A cancelled step's attempt has stopped; its end is already recorded.
@@ -813,7 +862,14 @@ impl Core {
         }
         let step = running.step;
         match report.outcome {
-            Outcome::Succeeded => self.succeed(attempt, step, report.outputs),
+            Outcome::Succeeded => {
+                if let Some(node) = self.graph.step(step) {
+                    let took = at.saturating_duration_since(running.started);
+                    let learned = self.durations.learn(&node.spec, took, speed_factor);
+                    self.persist(Change::DurationLearned(learned));
+                }
+                self.succeed(attempt, step, report.outputs);
+            }
             Outcome::Failed | Outcome::TimedOut | Outcome::LogLimitExceeded => {
                 let status = match report.outcome {
                     Outcome::TimedOut => AttemptStatus::TimedOut,

@@ -178,6 +178,16 @@ impl Placement {
             .unwrap_or_default()
     }
 
+    /// The slots of every connected builder that takes work.
+    #[must_use]
+    pub fn slots(&self) -> u64 {
+        self.builders
+            .values()
+            .filter(|builder| !builder.draining)
+            .map(|builder| u64::from(builder.capabilities.max_jobs))
+            .sum()
+    }
+
     /// A connected builder session.
     #[must_use]
     pub fn builder(&self, session: SessionId) -> Option<&Builder> {

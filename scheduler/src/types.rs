@@ -8,6 +8,7 @@ use std::time::Instant;
 use nix_primitives::{Hash, IngestionMethod, StorePath};
 use uuid::Uuid;
 
+use crate::durations::Learned;
 use crate::status::{AttemptStatus, BuildStatus, StepStatus};
 
 /// Step id (the `steps.id` column).
@@ -237,6 +238,8 @@ pub enum Event {
         attempt: AttemptId,
         /// What it reported.
         report: Report,
+        /// When the report came, on the core's clock.
+        at: Instant,
     },
 }
 
@@ -295,6 +298,8 @@ pub enum Change {
         /// The builder's or the runner's reason, for anything but success.
         message: Option<String>,
     },
+    /// A package's learned duration moved (a step of it succeeded).
+    DurationLearned(Learned),
     /// A step's outputs, recorded with its success.
     Outputs {
         /// The step.

@@ -65,6 +65,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "derivations verified once, their hash modulo stored",
         include_str!("../../migrations/0012_verified_derivations.sql"),
     ),
+    (
+        13,
+        "learned step durations",
+        include_str!("../../migrations/0013_step_durations.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

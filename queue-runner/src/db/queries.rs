@@ -3,6 +3,8 @@
 
 use deadpool_postgres::GenericClient;
 
+use drover_scheduler::durations::{DurationKey, Learned};
+
 use super::DbError;
 use super::snapshot::Snapshot;
 use super::status::{BuildStatus, SqlEnum as _, StepStatus};
@@ -925,6 +927,25 @@ pub async fn snapshot(client: &impl GenericClient) -> Result<Snapshot, DbError> 
         .map_err(DbError::query("reading the transaction's snapshot"))?;
     let text: String = row.get(0);
     Snapshot::parse(&text).ok_or(DbError::Missing("a readable transaction snapshot"))
+}
+
+/// Every learned step duration, for the scheduler at start.
+pub async fn learned_durations(client: &impl GenericClient) -> Result<Vec<Learned>, DbError> {
+    let rows = client
+        .query("SELECT package, system, samples, mean_ms FROM step_durations", &[])
+        .await
+        .map_err(DbError::query("reading learned step durations"))?;
+    Ok(rows
+        .iter()
+        .map(|row| Learned {
+            key: DurationKey {
+                package: row.get(0),
+                system: row.get(1),
+            },
+            samples: u32::try_from(row.get::<_, i32>(2)).unwrap_or(1),
+            mean_ms: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+        })
+        .collect())
 }
 
 /// A build as clients see it.

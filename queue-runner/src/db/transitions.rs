@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use deadpool_postgres::{GenericClient, Transaction};
+use drover_scheduler::durations::DurationKey;
 use drover_scheduler::{AttemptId, BuildId, Capabilities, Change, OutputRecord, StepId};
 use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
@@ -66,6 +67,8 @@ pub struct Transitions {
     finished_builds: BTreeMap<BuildId, (BuildStatus, Option<String>)>,
     machines: Vec<MachineWrite>,
     pings: BTreeMap<String, Option<u64>>,
+    /// The latest estimate of each package whose duration moved.
+    durations: BTreeMap<DurationKey, (u32, u64)>,
 }
 
 impl Transitions {
@@ -80,6 +83,7 @@ impl Transitions {
             && self.finished_builds.is_empty()
             && self.machines.is_empty()
             && self.pings.is_empty()
+            && self.durations.is_empty()
     }
 
     /// Folds one change into the batch.
@@ -174,6 +178,10 @@ impl Transitions {
             } => {
                 self.pings.insert(name, free_disk_bytes);
             }
+            Change::DurationLearned(learned) => {
+                self.durations
+                    .insert(learned.key, (learned.samples, learned.mean_ms));
+            }
         }
     }
 
@@ -212,6 +220,7 @@ impl Transitions {
             self.start_builds(client, prepared),
             self.finish_builds(client, prepared),
             self.record_pings(client, prepared),
+            self.record_durations(client, prepared),
         )?;
         Ok(id)
     }
@@ -392,6 +401,35 @@ impl Transitions {
         )
         .await
     }
+
+    async fn record_durations(
+        &self,
+        client: &Transaction<'_>,
+        prepared: &Prepared,
+    ) -> Result<(), DbError> {
+        if self.durations.is_empty() {
+            return Ok(());
+        }
+        let packages: Vec<&str> = self.durations.keys().map(|key| key.package.as_str()).collect();
+        let systems: Vec<&str> = self.durations.keys().map(|key| key.system.as_str()).collect();
+        let samples: Vec<i32> = self
+            .durations
+            .values()
+            .map(|(samples, _)| saturating_i32(*samples))
+            .collect();
+        let means: Vec<i64> = self
+            .durations
+            .values()
+            .map(|(_, mean)| i64::try_from(*mean).unwrap_or(i64::MAX))
+            .collect();
+        execute(
+            client,
+            &prepared.record_durations,
+            "recording learned step durations",
+            &[&packages, &systems, &samples, &means],
+        )
+        .await
+    }
 }
 
 /// The columns of rows that each end with a status and a reason: ids, status labels, reasons.
@@ -442,6 +480,7 @@ struct Prepared {
     start_builds: Statement,
     finish_builds: Statement,
     record_pings: Statement,
+    record_durations: Statement,
 }
 
 impl Prepared {
@@ -462,6 +501,7 @@ impl Prepared {
             start_builds,
             finish_builds,
             record_pings,
+            record_durations,
         ) = tokio::try_join!(
             prepare(TRANSACTION_ID),
             prepare(INSERT_ATTEMPTS),
@@ -471,6 +511,7 @@ impl Prepared {
             prepare(START_BUILDS),
             prepare(FINISH_BUILDS),
             prepare(RECORD_PINGS),
+            prepare(RECORD_DURATIONS),
         )?;
         Ok(Self {
             transaction_id,
@@ -481,6 +522,7 @@ impl Prepared {
             start_builds,
             finish_builds,
             record_pings,
+            record_durations,
         })
     }
 }
@@ -529,6 +571,11 @@ const FINISH_BUILDS: &str =
          ingested_at = coalesce(b.ingested_at, now()), failure_reason = f.reason
      FROM unnest($1::bigint[], $2::text[], $3::text[]) AS f(id, status, reason)
      WHERE b.id = f.id AND b.finished_at IS NULL";
+
+const RECORD_DURATIONS: &str = "INSERT INTO step_durations AS d (package, system, samples, mean_ms)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[])
+     ON CONFLICT (package, system) DO UPDATE
+     SET samples = excluded.samples, mean_ms = excluded.mean_ms, updated_at = now()";
 
 const RECORD_PINGS: &str = "UPDATE machines m SET last_ping_at = now(),
          free_disk_bytes = coalesce(p.free, m.free_disk_bytes)

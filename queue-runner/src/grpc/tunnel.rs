@@ -462,6 +462,7 @@ impl BuilderSession {
             session: self.session,
             attempt,
             report,
+            at: std::time::Instant::now(),
         })
     }
 

@@ -291,8 +291,8 @@ impl Driver {
     }
 
     /// Takes over from the previous runner process: the core learns the attempts it left
-    /// running (their count is returned), which wait for their builders, and what builders ever
-    /// offered.
+    /// running (their count is returned), which wait for their builders, the durations learned
+    /// so far, and what builders ever offered.
     async fn recover(&mut self) -> Result<usize, SchedulerError> {
         let client = self
             .pool
@@ -304,6 +304,11 @@ impl Driver {
             .map_err(SchedulerError::Recover)?;
         let count = orphans.len();
         self.core.recover_attempts(orphans, Instant::now());
+        self.core.load_durations(
+            queries::learned_durations(&client)
+                .await
+                .map_err(SchedulerError::Recover)?,
+        );
         for capabilities in queries::known_machines(&client)
             .await
             .map_err(SchedulerError::Recover)?
@@ -575,6 +580,7 @@ impl Driver {
                             ),
                             outputs: Vec::new(),
                         },
+                        at: Instant::now(),
                     }));
                 };
                 let build = RunnerMessage {
@@ -599,6 +605,7 @@ impl Driver {
                         message,
                         outputs: Vec::new(),
                     },
+                    at: Instant::now(),
                 }));
             }
             ToBuilder::Abort { attempt, reason } => Message::Abort(Abort {
