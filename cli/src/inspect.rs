@@ -211,6 +211,7 @@ pub fn build_json(build: &GetResponse) -> serde_json::Value {
         "phase": phase_name(build.phase()),
         "submitted_at_ms": build.submitted_at_ms,
         "finished_at_ms": build.finished_at_ms,
+        "estimated_end_ms": build.estimated_end_ms,
         "top_drv_path": build.top_drv_path,
         "metadata": build.metadata,
         "failure_reason": build.failure_reason,
@@ -273,6 +274,13 @@ pub async fn status(args: StatusArgs) -> Result<(), WithContext<InspectError>> {
         },
         times::between(build.submitted_at_ms, build.finished_at_ms),
     ))?;
+    if build.estimated_end_ms > 0 {
+        print(&format!(
+            "  predicted to end {} (in {})",
+            times::instant(build.estimated_end_ms),
+            times::between(times::now_ms(), build.estimated_end_ms)
+        ))?;
+    }
     if !build.failure_reason.is_empty() {
         print(&format!("  why: {}", build.failure_reason))?;
     }

@@ -64,7 +64,7 @@ impl<W: Write> Progress<W> {
     pub fn update(&mut self, build: &GetResponse, elapsed: Duration) {
         let line = summary(build);
         let changed = self.last.get(&build.build_id) != Some(&line);
-        let clock = format!(" [{} s]", elapsed.as_secs());
+        let clock = clock(elapsed, build.estimated_end_ms, crate::times::now_ms());
         if let Some(width) = self.terminal {
             // The line is cut, not its clock.
             let room = width.saturating_sub(clock.chars().count());
@@ -109,6 +109,17 @@ impl<W: Write> Progress<W> {
             .out
             .write_all(text.as_bytes())
             .and_then(|()| self.out.flush());
+    }
+}
+
+/// The time since the watch began and, when the runner predicts the build's end, the time left
+/// until then: ` [12 s, ~1m 05s left]`.
+fn clock(elapsed: Duration, estimated_end_ms: i64, now_ms: i64) -> String {
+    let seconds = elapsed.as_secs();
+    match estimated_end_ms - now_ms {
+        _ if estimated_end_ms == 0 => format!(" [{seconds} s]"),
+        left if left > 0 => format!(" [{seconds} s, ~{} left]", crate::times::duration(left)),
+        _ => format!(" [{seconds} s, due now]"),
     }
 }
 
@@ -172,6 +183,14 @@ mod tests {
     use drover_proto::v1::StepState;
 
     use super::*;
+
+    #[test]
+    fn the_clock_says_how_long_is_left_when_the_runner_predicts_it() {
+        let elapsed = Duration::from_secs(12);
+        assert_eq!(clock(elapsed, 0, 1_000), " [12 s]", "no prediction");
+        assert_eq!(clock(elapsed, 66_000, 1_000), " [12 s, ~1m 05s left]");
+        assert_eq!(clock(elapsed, 900, 1_000), " [12 s, due now]");
+    }
 
     fn build(statuses: &[(&str, &str)]) -> GetResponse {
         GetResponse {

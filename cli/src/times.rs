@@ -40,7 +40,9 @@ pub fn duration(ms: i64) -> String {
     }
 }
 
-fn now_ms() -> i64 {
+/// Now, in Unix milliseconds.
+#[must_use]
+pub fn now_ms() -> i64 {
     let now = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
     i64::try_from(now).unwrap_or(i64::MAX)
 }

@@ -159,6 +159,7 @@ fn apply(build: &mut GetResponse, event: WatchEvent) {
             build.phase = update.phase;
             build.failure_reason = update.failure_reason;
         }
+        Some(Kind::Estimate(estimate)) => build.estimated_end_ms = estimate.estimated_end_ms,
         Some(Kind::Heartbeat(_)) | None => {}
     }
 }

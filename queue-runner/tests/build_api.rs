@@ -16,8 +16,8 @@ use common::{BuilderSpec, DEADLINE, Farm, Stored};
 use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::watch_event::Event as WatchKind;
 use drover_proto::v1::{
-    BuildPhase, BuildStatus, GetRequest, ListRequest, StepState, StepStatus, WatchEvent,
-    WatchRequest,
+    BuildPhase, BuildStatus, GetRequest, GetResponse, ListRequest, StepState, StepStatus,
+    WatchEvent, WatchRequest,
 };
 use drover_tls::Role;
 use test_support::fake_derivations::{Factory, Spec};
@@ -325,6 +325,87 @@ async fn watch_to_the_end(farm: &Farm, build: i64) -> Vec<WatchEvent> {
     events
 }
 
+/// A chain of three steps of 400 ms each, named `eta-LINK-VERSION` (`eta-a-1`): each version
+/// is another derivation of the same three packages (`eta-a`, `eta-b`, `eta-c`).
+fn timed_chain(factory: &mut Factory, version: u32) -> Vec<test_support::fake_derivations::FakeDrv> {
+    let mut chain: Vec<test_support::fake_derivations::FakeDrv> = Vec::new();
+    for link in ["a", "b", "c"] {
+        let name = format!("eta-{link}-{version}");
+        let inputs: Vec<&_> = chain.last().into_iter().collect();
+        let spec = Spec::new(&name)
+            .inputs(&inputs)
+            .env("DROVER_NOOP_SLEEP_MS", "400");
+        let made = factory.make(&spec);
+        chain.push(made);
+    }
+    chain
+}
+
+fn unix_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    i64::try_from(since.as_millis()).unwrap()
+}
+
+async fn get(farm: &Farm, build: i64) -> GetResponse {
+    farm.client()
+        .await
+        .get(GetRequest { build_id: build })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_watch_predict_a_builds_end_from_the_durations_learned_before() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    farm.start_builder(&BuilderSpec::new("b1"));
+    let mut factory = Factory::default();
+    let warm_up = timed_chain(&mut factory, 1);
+    let first = farm.submit(&warm_up.iter().collect::<Vec<_>>()).await;
+    assert_eq!(farm.wait_for_build(first).await, Stored::Succeeded);
+    assert_eq!(
+        farm.count("SELECT count(*) FROM step_durations WHERE package LIKE 'eta-%' AND mean_ms >= 400")
+            .await,
+        3,
+        "each package's duration is learned"
+    );
+
+    let chain = timed_chain(&mut factory, 2);
+    let submitted = unix_ms();
+    let build = farm.submit(&chain.iter().collect::<Vec<_>>()).await;
+    let mut stream = watch(&farm, build).await;
+    let predicted = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let event = stream.message().await.unwrap().unwrap();
+            if let Some(WatchKind::State(state)) = event.event
+                && state.estimated_end_ms > 0
+            {
+                return state.estimated_end_ms;
+            }
+        }
+    })
+    .await
+    .expect("a planned build's state carries its predicted end");
+    let remaining = predicted - submitted;
+    assert!(
+        (400..10_000).contains(&remaining),
+        "three steps of 400 ms, some of them done: predicted {remaining} ms after submitting"
+    );
+    let during = get(&farm, build).await;
+    if during.phase() == BuildPhase::Running {
+        assert!(during.estimated_end_ms > 0, "Get predicts it too: {during:?}");
+    }
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
+    assert_eq!(
+        get(&farm, build).await.estimated_end_ms,
+        0,
+        "an ended build has no predicted end"
+    );
+}
+
 /// How far along a step is, to check that a Watch never shows one going back.
 fn progress(status: StepStatus) -> u8 {
     match status {
@@ -460,7 +541,7 @@ async fn watch_sends_the_state_then_every_transition_in_order_heartbeats_and_the
                 Some(WatchKind::State(state)) => {
                     seen.push(format!("state {:?}", state.status()));
                 }
-                Some(WatchKind::Heartbeat(_)) | None => {}
+                Some(WatchKind::Heartbeat(_) | WatchKind::Estimate(_)) | None => {}
             }
         }
     })

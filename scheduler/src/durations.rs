@@ -196,7 +196,7 @@ mod tests {
         for _ in 0..2 {
             durations.learn(&hello, Duration::from_secs(20), 1.0);
         }
-        let moved = durations.learn(&hello, Duration::from_secs(120), 1.0);
+        let moved = durations.learn(&hello, Duration::from_mins(2), 1.0);
         assert_eq!((moved.samples, moved.mean_ms), (6, 40_000), "a fifth of 100 s");
         assert_eq!(
             durations.predict(&spec("hello-2.12", "aarch64-linux")),

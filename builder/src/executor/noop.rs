@@ -1,7 +1,9 @@
 //! The noop executor: builds nothing in a fixed time, and reports each output as a one-file NAR
 //! made in memory. A derivation whose environment sets [`NOOP_FAIL_VARIABLE`] fails, with its
 //! value in the log; one that sets [`NOOP_PANIC_VARIABLE`] panics the job running it, so tests
-//! can show that a job's panic stays that step's failure.
+//! can show that a job's panic stays that step's failure; one that sets [`NOOP_SLEEP_VARIABLE`]
+//! takes that many milliseconds instead of the fixed time, so benchmarks can give each
+//! derivation a duration of its own.
 
 use std::time::Duration;
 
@@ -16,6 +18,9 @@ pub const NOOP_FAIL_VARIABLE: &str = "DROVER_NOOP_FAIL";
 
 /// The environment variable that makes the noop executor panic.
 pub const NOOP_PANIC_VARIABLE: &str = "DROVER_NOOP_PANIC";
+
+/// The environment variable that sets how long the noop executor takes, in milliseconds.
+pub const NOOP_SLEEP_VARIABLE: &str = "DROVER_NOOP_SLEEP_MS";
 
 /// Builds nothing, in a fixed time.
 #[derive(Debug, Clone)]
@@ -39,11 +44,16 @@ impl NoopExecutor {
                 return Report::failure(Outcome::InfrastructureFailure, message);
             }
         };
+        let build_time = derivation
+            .env
+            .get(NOOP_SLEEP_VARIABLE.as_bytes())
+            .and_then(|millis| std::str::from_utf8(millis).ok()?.parse().ok())
+            .map_or(self.build_time, Duration::from_millis);
         tokio::select! {
             () = abort.cancelled() => {
                 return Report::failure(Outcome::InfrastructureFailure, "aborted");
             }
-            () = tokio::time::sleep(self.build_time) => {}
+            () = tokio::time::sleep(build_time) => {}
         }
         assert!(
             !derivation.env.contains_key(NOOP_PANIC_VARIABLE.as_bytes()),

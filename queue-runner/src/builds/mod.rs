@@ -6,10 +6,12 @@
 //! - [`submit`]: verification, the admission cap, authorisation of sources, the transaction.
 //! - [`job_set`]: derivations staged in chunks, then one build per job queued, all or none.
 //! - [`control`]: cancel and restart, which only a build's submitter or an admin may do.
+//! - [`estimate`]: a build's predicted end, asked of the scheduler.
 //! - [`read`]: a build's whole state, a page of builds, a step's stored log.
 //! - [`view`]: how builds look to clients: statuses and rows as the API's messages.
 
 pub mod control;
+pub mod estimate;
 pub mod job_set;
 pub mod read;
 pub mod submit;
@@ -67,6 +69,12 @@ impl Builds {
             limits,
             scheduler,
         }
+    }
+
+    /// Asks the scheduler for builds' predicted ends.
+    #[must_use]
+    pub fn estimator(&self) -> estimate::Estimator {
+        estimate::Estimator::new(self.scheduler.clone())
     }
 
     /// The database pool (for the streams a front end keeps open: Watch, `FollowLog`).

@@ -40,7 +40,9 @@ pub enum ReadError {
 impl Builds {
     /// Build `id`'s whole state.
     pub async fn get(&self, id: i64) -> Result<GetResponse, ReadError> {
-        Ok(build_state(&self.pool, id).await?.0)
+        let (mut state, _) = build_state(&self.pool, id).await?;
+        self.estimator().fill(&mut state).await;
+        Ok(state)
     }
 
     /// The builds `filter` selects, newest first, and the token of the next page.
@@ -75,7 +77,8 @@ impl Builds {
 }
 
 /// Build `id`'s whole state, over `pool`, read in one snapshot, which it returns: Watch reads it
-/// again while it streams, and skips the changes the snapshot shows.
+/// again while it streams, and skips the changes the snapshot shows. Its predicted end is left
+/// for [`super::estimate::Estimator::fill`].
 pub async fn build_state(pool: &Pool, id: i64) -> Result<(GetResponse, Snapshot), ReadError> {
     let mut client = pool.get().await.map_err(DbError::Connection)?;
     let transaction = client
@@ -109,6 +112,7 @@ pub async fn build_state(pool: &Pool, id: i64) -> Result<(GetResponse, Snapshot)
         submitted_at_ms: build.times_ms.0,
         finished_at_ms: build.times_ms.1.unwrap_or_default(),
         keep_going: build.keep_going,
+        estimated_end_ms: 0,
     };
     Ok((state, snapshot))
 }

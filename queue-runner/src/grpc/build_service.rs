@@ -140,11 +140,25 @@ impl BuildService for BuildServiceImpl {
         auth::require(&request, CALLERS)?;
         let build = request.into_inner().build_id;
         let pool = self.builds.pool().clone();
+        let estimator = self.builds.estimator();
+        let filler = estimator.clone();
         let read_state: watch::StateReader = Arc::new(move |build| {
-            let pool = pool.clone();
-            Box::pin(async move { Ok(build_state(&pool, build).await?) })
+            let (pool, estimator) = (pool.clone(), filler.clone());
+            Box::pin(async move {
+                let (mut state, snapshot) = build_state(&pool, build).await?;
+                estimator.fill(&mut state).await;
+                Ok((state, snapshot))
+            })
         });
-        let stream = watch::open(build, &self.changes, read_state, self.heartbeat).await?;
+        let estimate: watch::EndEstimator = Arc::new(move |build| {
+            let estimator = estimator.clone();
+            Box::pin(async move { estimator.end_ms(build).await })
+        });
+        let sources = watch::Sources {
+            read_state,
+            estimate,
+        };
+        let stream = watch::open(build, &self.changes, sources, self.heartbeat).await?;
         Ok(Response::new(until_shutdown(stream, &self.shutdown)))
     }
 

@@ -6,7 +6,9 @@
 //! one snapshot, and a batch committed in a transaction that snapshot shows is skipped, so no
 //! change is sent twice and no step is seen going back. A stream that falls too far behind the
 //! broadcast reads the whole state again and sends it, as a reconnecting client gets it; so does
-//! one whose build is planned (the state now has the steps).
+//! one whose build is planned (the state now has the steps). After a step of the build ends, the
+//! stream asks for the build's predicted end again (at most every [`ESTIMATE_EVERY`]) and sends
+//! it when it moved by a second or more.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -14,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_proto::v1::watch_event::Event as Kind;
-use drover_proto::v1::{BuildStatus, BuildUpdate, GetResponse, Heartbeat, StepState, WatchEvent};
+use drover_proto::v1::{
+    BuildStatus, BuildUpdate, Estimate, GetResponse, Heartbeat, StepState, WatchEvent,
+};
 use drover_scheduler::{BuildId, Change};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tonic::Status;
@@ -34,11 +38,33 @@ pub type StateReader = Arc<
         + Sync,
 >;
 
+/// Asks when a build is predicted to end, in Unix milliseconds.
+pub type EndEstimator =
+    Arc<dyn Fn(BuildId) -> Pin<Box<dyn Future<Output = Option<i64>> + Send>> + Send + Sync>;
+
+/// How often a stream asks for its build's predicted end, at most.
+const ESTIMATE_EVERY: Duration = Duration::from_secs(2);
+
+/// A change of the predicted end worth sending, in milliseconds.
+const ESTIMATE_MOVED_MS: i64 = 1_000;
+
+/// How a stream reads what it sends.
+#[derive(Clone)]
+pub struct Sources {
+    /// The build's whole state.
+    pub read_state: StateReader,
+    /// Its predicted end.
+    pub estimate: EndEstimator,
+}
+
 /// Opens a Watch of `build`: fails at once if the build does not exist.
 pub async fn open(
     build: BuildId,
     changes: &broadcast::Sender<Arc<CommittedBatch>>,
-    read_state: StateReader,
+    Sources {
+        read_state,
+        estimate,
+    }: Sources,
     heartbeat: Duration,
 ) -> Result<WatchStream, Status> {
     let receiver = changes.subscribe();
@@ -47,6 +73,10 @@ pub async fn open(
         build,
         receiver,
         read_state,
+        estimate,
+        estimated_end_ms: 0,
+        estimate_due: false,
+        estimated_at: None,
         heartbeat,
         pending: VecDeque::new(),
         snapshot: Snapshot::default(),
@@ -63,6 +93,13 @@ struct Follow {
     build: BuildId,
     receiver: broadcast::Receiver<Arc<CommittedBatch>>,
     read_state: StateReader,
+    estimate: EndEstimator,
+    /// The predicted end the client knows.
+    estimated_end_ms: i64,
+    /// A step of the build ended since the predicted end was last asked for.
+    estimate_due: bool,
+    /// When it was last asked for.
+    estimated_at: Option<tokio::time::Instant>,
     heartbeat: Duration,
     /// Events to send before reading more changes.
     pending: VecDeque<WatchEvent>,
@@ -90,7 +127,19 @@ impl Follow {
             if self.ended {
                 return None;
             }
-            match tokio::time::timeout(self.heartbeat, self.receiver.recv()).await {
+            let wait = match (self.estimate_due, self.estimated_at) {
+                (true, Some(asked)) => (asked + ESTIMATE_EVERY)
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .min(self.heartbeat),
+                (true, None) => Duration::ZERO,
+                (false, _) => self.heartbeat,
+            };
+            if self.estimate_due && wait.is_zero() {
+                self.estimate_again().await;
+                continue;
+            }
+            match tokio::time::timeout(wait, self.receiver.recv()).await {
+                Err(_) if self.estimate_due => {}
                 Err(_) => return Some((Ok(event(Kind::Heartbeat(Heartbeat {}))), self)),
                 Ok(Ok(batch)) => {
                     if let Err(status) = self.apply(&batch).await {
@@ -116,9 +165,25 @@ impl Follow {
         }
     }
 
+    /// Asks for the build's predicted end, and sends it if it moved.
+    async fn estimate_again(&mut self) {
+        self.estimate_due = false;
+        self.estimated_at = Some(tokio::time::Instant::now());
+        let Some(end) = (self.estimate)(self.build).await else {
+            return;
+        };
+        if (end - self.estimated_end_ms).abs() >= ESTIMATE_MOVED_MS {
+            self.estimated_end_ms = end;
+            self.pending.push_back(event(Kind::Estimate(Estimate {
+                estimated_end_ms: end,
+            })));
+        }
+    }
+
     /// Sends the whole state and remembers it as what the client knows.
     fn reset(&mut self, (state, snapshot): (GetResponse, Snapshot)) {
         self.snapshot = snapshot;
+        self.estimated_end_ms = state.estimated_end_ms;
         self.status = state.status();
         self.ended = state.phase().is_terminal();
         self.steps = state
@@ -165,6 +230,9 @@ impl Follow {
                     | StepStatus::Unsupported => reason.clone().unwrap_or_default(),
                     _ => String::new(),
                 };
+                if status.is_terminal() && self.steps.contains_key(step) {
+                    self.estimate_due = true;
+                }
                 self.update_step(*step, *status, String::new(), failure_reason);
             }
             Change::AttemptStarted { step, builder, .. } => {
@@ -262,6 +330,18 @@ mod tests {
         })
     }
 
+    /// Sources reading `reads` in turn, and predicting the end at `estimates` in turn.
+    fn sources(reads: Vec<(GetResponse, &str)>, estimates: Vec<i64>) -> Sources {
+        let estimates = Arc::new(Mutex::new(VecDeque::from(estimates)));
+        Sources {
+            read_state: reader(reads),
+            estimate: Arc::new(move |_| {
+                let end = estimates.lock().unwrap().pop_front();
+                Box::pin(async move { end })
+            }),
+        }
+    }
+
     /// What a client of `stream` sees, one line per event, until it ends.
     async fn seen(stream: &mut WatchStream, events: usize) -> Vec<String> {
         let mut seen = Vec::new();
@@ -270,6 +350,9 @@ mod tests {
                 Some(Kind::State(state)) => seen.push(format!("state {}", state.steps[0].status)),
                 Some(Kind::Step(step)) => seen.push(format!("step {}", step.status)),
                 Some(Kind::Build(update)) => seen.push(format!("build {:?}", update.status())),
+                Some(Kind::Estimate(estimate)) => {
+                    seen.push(format!("ends at {}", estimate.estimated_end_ms));
+                }
                 _ => {}
             }
         }
@@ -313,10 +396,13 @@ mod tests {
         let mut stream = open(
             1,
             &changes,
-            reader(vec![
-                (state(StepStatus::Waiting, ""), "5:5:"),
-                (state(StepStatus::Running, "b1"), "6:6:"),
-            ]),
+            sources(
+                vec![
+                    (state(StepStatus::Waiting, ""), "5:5:"),
+                    (state(StepStatus::Running, "b1"), "6:6:"),
+                ],
+                Vec::new(),
+            ),
             Duration::from_mins(1),
         )
         .await
@@ -344,7 +430,7 @@ mod tests {
         let mut stream = open(
             1,
             &changes,
-            reader(vec![(state(StepStatus::Running, "b1"), "11:11:")]),
+            sources(vec![(state(StepStatus::Running, "b1"), "11:11:")], vec![0]),
             Duration::from_mins(1),
         )
         .await
@@ -362,5 +448,30 @@ mod tests {
             ["state running", "step succeeded", "build Succeeded"],
             "the step is never seen going back to runnable"
         );
+    }
+
+    #[tokio::test]
+    async fn a_predicted_end_that_moved_is_sent_after_a_step_ends_and_one_that_did_not_is_not() {
+        for (asked, expected) in [
+            (15_000, vec!["state running", "step succeeded", "ends at 15000"]),
+            (10_500, vec!["state running", "step succeeded", "build Succeeded"]),
+        ] {
+            let (changes, _) = broadcast::channel(16);
+            let mut running = state(StepStatus::Running, "b1");
+            running.estimated_end_ms = 10_000;
+            let mut stream = open(
+                1,
+                &changes,
+                sources(vec![(running, "1:1:")], vec![asked]),
+                Duration::from_mins(1),
+            )
+            .await
+            .unwrap();
+            changes
+                .send(batch(Some(2), vec![step(StepStatus::Succeeded)]))
+                .unwrap();
+            changes.send(batch(Some(3), vec![finished()])).unwrap();
+            assert_eq!(seen(&mut stream, 3).await, expected, "asked: {asked}");
+        }
     }
 }

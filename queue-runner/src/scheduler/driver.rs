@@ -22,7 +22,7 @@ use drover_scheduler::{
 };
 use error_context::{Classify, Severity, WithContext};
 use nix_primitives::StorePath;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::attempts::{AttemptOwner, Attempts};
@@ -161,6 +161,13 @@ pub enum SessionEvent {
         limits: CoreLimits,
         /// The new limits of each step.
         build_limits: BuildLimits,
+    },
+    /// A reader asks when a build is predicted to end, from now.
+    Estimate {
+        /// The build.
+        build: BuildId,
+        /// Where the answer goes; `None` if the core cannot tell.
+        reply: oneshot::Sender<Option<Duration>>,
     },
     /// Anything else, for the core as it is.
     Core(Event),
@@ -348,6 +355,11 @@ impl Driver {
                 self.published.systemd.ready();
                 self.published.systemd.status(&self.status_line());
                 commands
+            }
+            SessionEvent::Estimate { build, reply } => {
+                // The reader may have given up waiting.
+                let _ = reply.send(self.core.estimate(build, Instant::now()));
+                Vec::new()
             }
             SessionEvent::Reconfigure {
                 limits,
