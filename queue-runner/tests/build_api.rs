@@ -327,7 +327,10 @@ async fn watch_to_the_end(farm: &Farm, build: i64) -> Vec<WatchEvent> {
 
 /// A chain of three steps of 400 ms each, named `eta-LINK-VERSION` (`eta-a-1`): each version
 /// is another derivation of the same three packages (`eta-a`, `eta-b`, `eta-c`).
-fn timed_chain(factory: &mut Factory, version: u32) -> Vec<test_support::fake_derivations::FakeDrv> {
+fn timed_chain(
+    factory: &mut Factory,
+    version: u32,
+) -> Vec<test_support::fake_derivations::FakeDrv> {
     let mut chain: Vec<test_support::fake_derivations::FakeDrv> = Vec::new();
     for link in ["a", "b", "c"] {
         let name = format!("eta-{link}-{version}");
@@ -367,8 +370,10 @@ async fn get_and_watch_predict_a_builds_end_from_the_durations_learned_before() 
     let first = farm.submit(&warm_up.iter().collect::<Vec<_>>()).await;
     assert_eq!(farm.wait_for_build(first).await, Stored::Succeeded);
     assert_eq!(
-        farm.count("SELECT count(*) FROM step_durations WHERE package LIKE 'eta-%' AND mean_ms >= 400")
-            .await,
+        farm.count(
+            "SELECT count(*) FROM step_durations WHERE package LIKE 'eta-%' AND mean_ms >= 400"
+        )
+        .await,
         3,
         "each package's duration is learned"
     );
@@ -396,7 +401,10 @@ async fn get_and_watch_predict_a_builds_end_from_the_durations_learned_before() 
     );
     let during = get(&farm, build).await;
     if during.phase() == BuildPhase::Running {
-        assert!(during.estimated_end_ms > 0, "Get predicts it too: {during:?}");
+        assert!(
+            during.estimated_end_ms > 0,
+            "Get predicts it too: {during:?}"
+        );
     }
     assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     assert_eq!(

@@ -113,8 +113,9 @@ impl Durations {
             .and_then(|packages| packages.get(package_name(drv_name(spec))));
         let predicted = match known {
             Some((_, mean)) => *mean,
-            None if self.count > 0 => u64::try_from(self.total_ms / u128::from(self.count))
-                .unwrap_or(u64::MAX),
+            None if self.count > 0 => {
+                u64::try_from(self.total_ms / u128::from(self.count)).unwrap_or(u64::MAX)
+            }
             None => UNKNOWN_MS,
         };
         // Never zero: steps predicted alike still count as many as they are.
@@ -190,14 +191,26 @@ mod tests {
         let hello = spec("hello-2.12", "x86_64-linux");
         assert_eq!(durations.predict(&hello), UNKNOWN_MS, "nothing known");
         for seconds in [10, 20, 30] {
-            durations.learn(&spec("hello-2.13", "x86_64-linux"), Duration::from_secs(seconds), 1.0);
+            durations.learn(
+                &spec("hello-2.13", "x86_64-linux"),
+                Duration::from_secs(seconds),
+                1.0,
+            );
         }
-        assert_eq!(durations.predict(&hello), 20_000, "the mean of 10, 20 and 30 s");
+        assert_eq!(
+            durations.predict(&hello),
+            20_000,
+            "the mean of 10, 20 and 30 s"
+        );
         for _ in 0..2 {
             durations.learn(&hello, Duration::from_secs(20), 1.0);
         }
         let moved = durations.learn(&hello, Duration::from_mins(2), 1.0);
-        assert_eq!((moved.samples, moved.mean_ms), (6, 40_000), "a fifth of 100 s");
+        assert_eq!(
+            (moved.samples, moved.mean_ms),
+            (6, 40_000),
+            "a fifth of 100 s"
+        );
         assert_eq!(
             durations.predict(&spec("hello-2.12", "aarch64-linux")),
             40_000,
@@ -212,7 +225,10 @@ mod tests {
         assert_eq!(package_name("hello-2.12.1"), "hello");
         assert_eq!(package_name("gnu-hello-2.12"), "gnu-hello");
         assert_eq!(package_name("perl5.36.0-Moose-2.2201"), "perl5.36.0-Moose");
-        assert_eq!(package_name("python3.11-requests-2.31.0"), "python3.11-requests");
+        assert_eq!(
+            package_name("python3.11-requests-2.31.0"),
+            "python3.11-requests"
+        );
         assert_eq!(package_name("linux-6.1.0-rc1"), "linux");
         assert_eq!(package_name("source"), "source");
         assert_eq!(package_name("trailing-"), "trailing-");

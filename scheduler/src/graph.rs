@@ -333,7 +333,13 @@ impl StepGraph {
     }
 
     /// Inserts a step the graph lacks, linked to its inputs in the graph.
-    fn insert(&mut self, planned: PlannedStep, class: ClassId, predicted_ms: u64, added: &mut Added) {
+    fn insert(
+        &mut self,
+        planned: PlannedStep,
+        class: ClassId,
+        predicted_ms: u64,
+        added: &mut Added,
+    ) {
         let inputs: Vec<StepId> = planned
             .inputs
             .iter()

@@ -146,7 +146,7 @@ impl Factory {
     /// plus a top-level derivation depending on every one nothing else depends on. Returns all of
     /// them, the top-level one last.
     pub fn random_dag(&mut self, prefix: &str, size: usize, seed: u64) -> Vec<FakeDrv> {
-        let mut random = XorShift(seed.max(1));
+        let mut random = XorShift::new(seed);
         let (mut drvs, sinks) = self.random_graph(prefix, size, |index| {
             let mut inputs = BTreeSet::new();
             if index > 0 {
@@ -188,10 +188,17 @@ impl Factory {
 }
 
 /// A small deterministic generator (xorshift), so a seed always makes the same graph.
-struct XorShift(u64);
+pub struct XorShift(u64);
 
 impl XorShift {
-    fn below(&mut self, bound: usize) -> usize {
+    /// A generator from `seed` (0 counts as 1).
+    #[must_use]
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    /// The next number below `bound` (0 for a bound of 0).
+    pub fn below(&mut self, bound: usize) -> usize {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -275,7 +282,7 @@ impl Factory {
         layer_width: usize,
         seed: u64,
     ) -> Vec<FakeDrv> {
-        let mut random = XorShift(seed.max(1));
+        let mut random = XorShift::new(seed);
         let (mut drvs, sinks) = self.random_graph(prefix, size, |index| {
             let layer_start = index - index % layer_width.max(1);
             let mut inputs = BTreeSet::new();
@@ -305,7 +312,7 @@ impl Factory {
         jobs: usize,
         seed: u64,
     ) -> (Vec<FakeDrv>, Vec<usize>) {
-        let mut random = XorShift(seed.max(1));
+        let mut random = XorShift::new(seed);
         let bootstrap = [1, 4, 16, 64];
         let mut layer_starts = vec![0];
         for width in bootstrap {

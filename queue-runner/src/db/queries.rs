@@ -932,7 +932,10 @@ pub async fn snapshot(client: &impl GenericClient) -> Result<Snapshot, DbError> 
 /// Every learned step duration, for the scheduler at start.
 pub async fn learned_durations(client: &impl GenericClient) -> Result<Vec<Learned>, DbError> {
     let rows = client
-        .query("SELECT package, system, samples, mean_ms FROM step_durations", &[])
+        .query(
+            "SELECT package, system, samples, mean_ms FROM step_durations",
+            &[],
+        )
         .await
         .map_err(DbError::query("reading learned step durations"))?;
     Ok(rows

@@ -410,8 +410,16 @@ impl Transitions {
         if self.durations.is_empty() {
             return Ok(());
         }
-        let packages: Vec<&str> = self.durations.keys().map(|key| key.package.as_str()).collect();
-        let systems: Vec<&str> = self.durations.keys().map(|key| key.system.as_str()).collect();
+        let packages: Vec<&str> = self
+            .durations
+            .keys()
+            .map(|key| key.package.as_str())
+            .collect();
+        let systems: Vec<&str> = self
+            .durations
+            .keys()
+            .map(|key| key.system.as_str())
+            .collect();
         let samples: Vec<i32> = self
             .durations
             .values()

@@ -453,8 +453,14 @@ mod tests {
     #[tokio::test]
     async fn a_predicted_end_that_moved_is_sent_after_a_step_ends_and_one_that_did_not_is_not() {
         for (asked, expected) in [
-            (15_000, vec!["state running", "step succeeded", "ends at 15000"]),
-            (10_500, vec!["state running", "step succeeded", "build Succeeded"]),
+            (
+                15_000,
+                vec!["state running", "step succeeded", "ends at 15000"],
+            ),
+            (
+                10_500,
+                vec!["state running", "step succeeded", "build Succeeded"],
+            ),
         ] {
             let (changes, _) = broadcast::channel(16);
             let mut running = state(StepStatus::Running, "b1");
