@@ -42,6 +42,8 @@ pub struct BuiltOutput {
     pub path: String,
     /// Store paths it refers to.
     pub references: Vec<String>,
+    /// Its NAR's size in bytes.
+    pub nar_size: u64,
     /// Its NAR.
     pub nar: NarSource,
 }

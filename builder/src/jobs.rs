@@ -107,7 +107,7 @@ fn infrastructure_failure(attempt_id: &str, message: &str) -> StepResult {
         )
         .into(),
         message: message.to_owned(),
-        outputs: Vec::new(),
+        ..StepResult::default()
     }
 }
 
@@ -139,6 +139,10 @@ async fn run_step(
     );
     phases.end("step", started);
     tracing::debug!(attempt = %job.attempt_id, %phases, "step timings");
-    uploaded?;
-    result
+    let mut result = result?;
+    if let Some(log) = uploaded? {
+        result.log = log;
+        result.log_inline = true;
+    }
+    Ok(result)
 }

@@ -1,9 +1,12 @@
-//! Streaming a step's log to the runner while the build runs. Every byte also goes to a spool
-//! file, so a log cut with its session (the runner restarting) is sent again, whole, over the
-//! next session: the runner starts an attempt's log afresh on every upload of it. While no
+//! Streaming a step's log to the runner while the build runs. The log is first held back for
+//! [`HOLD`]: a step whose whole log ends within it, at most [`INLINE_LOG_BYTES`] long, sends the
+//! log inline in its result instead, which saves a call per step; then every byte also goes to a
+//! spool file, so a log cut with its session (the runner restarting) is sent again, whole, over
+//! the next session: the runner starts an attempt's log afresh on every upload of it. While no
 //! session is up the build's log keeps flowing into the spool, so the build never blocks on it.
 
 use std::os::unix::fs::FileExt as _;
+use std::time::Duration;
 
 use drover_proto::v1::LogChunk;
 use tokio::sync::mpsc;
@@ -19,15 +22,36 @@ const UPLOAD_QUEUE: usize = 64;
 /// Bytes read from the spool per chunk when a log is sent again.
 const REPLAY_CHUNK: usize = 256 * 1024;
 
+/// How long a log is held back before it starts streaming (what `FollowLog` and `GetLog` of a
+/// running step wait for at first).
+const HOLD: Duration = Duration::from_millis(500);
+
+/// The longest log a result carries inline.
+pub const INLINE_LOG_BYTES: usize = 64 * 1024;
+
 /// Streams `log` to the runner as attempt `attempt_id`'s log, over as many sessions as it takes,
 /// until the executor drops its sink and the runner has stored the whole log (or said it no
-/// longer runs the attempt).
+/// longer runs the attempt); or returns the whole log, to go inline in the result, when it ended
+/// within [`HOLD`] at most [`INLINE_LOG_BYTES`] long.
 pub async fn upload(
     mut link: Link,
     attempt_id: &str,
     mut log: mpsc::Receiver<Vec<u8>>,
-) -> Result<(), UploadError> {
+) -> Result<Option<Vec<u8>>, UploadError> {
+    let mut held = Vec::new();
+    let hold_ends = tokio::time::sleep(HOLD);
+    tokio::pin!(hold_ends);
+    while held.len() <= INLINE_LOG_BYTES {
+        tokio::select! {
+            data = log.recv() => match data {
+                Some(data) => held.extend_from_slice(&data),
+                None => return Ok(Some(held)),
+            },
+            () = &mut hold_ends => break,
+        }
+    }
     let mut spool = Spool::new()?;
+    spool.append(&held)?;
     let mut ended = false;
     let mut failed = None;
     loop {
@@ -45,10 +69,10 @@ pub async fn upload(
         let (fed, stored) = tokio::join!(feeding, client.upload_log(ReceiverStream::new(receiver)));
         fed?;
         match stored {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(None),
             // The runner no longer runs this attempt (it was requeued): its result will be
             // ignored too, and the build is not disturbed.
-            Err(status) if status.code() == Code::NotFound => return Ok(()),
+            Err(status) if status.code() == Code::NotFound => return Ok(None),
             Err(status) if link.cut(session, &status).await => {
                 tracing::info!(attempt = %attempt_id, "the log upload was cut with its session; sending it again over the next");
                 failed = Some(session);
@@ -128,5 +152,38 @@ impl Spool {
                 .map(|()| data)
                 .map_err(UploadError::Spool)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_short_log_that_ends_within_the_hold_goes_inline_and_a_longer_one_streams() {
+        // No session will ever come: streaming finds the builder stopping.
+        let (publisher, link) = crate::link::new();
+        drop(publisher);
+        let (sender, receiver) = mpsc::channel(4);
+        sender.send(vec![b'x'; INLINE_LOG_BYTES]).await.unwrap();
+        drop(sender);
+        let inline = upload(link.clone(), "attempt", receiver).await.unwrap();
+        assert_eq!(inline.map(|log| log.len()), Some(INLINE_LOG_BYTES));
+
+        let (sender, receiver) = mpsc::channel(4);
+        sender.send(vec![b'x'; INLINE_LOG_BYTES + 1]).await.unwrap();
+        drop(sender);
+        let streamed = upload(link.clone(), "attempt", receiver).await;
+        assert!(
+            matches!(streamed, Err(UploadError::Stopping)),
+            "{streamed:?}"
+        );
+
+        // A log still open when the hold ends streams, however short.
+        let (sender, receiver) = mpsc::channel(4);
+        sender.send(b"slow".to_vec()).await.unwrap();
+        let slow = upload(link, "attempt", receiver).await;
+        assert!(matches!(slow, Err(UploadError::Stopping)), "{slow:?}");
+        drop(sender);
     }
 }

@@ -1,5 +1,6 @@
 //! Uploading a finished attempt's outputs, each as a NAR on its own stream, in reference order,
-//! and turning the report into the result message. An output the runner refuses turns a success
+//! and turning the report into the result message; outputs small enough together
+//! ([`INLINE_NAR_BYTES`]) go inline in the result instead, checked by the runner the same way. An output the runner refuses turns a success
 //! into an infrastructure failure (the runner requeues it); an upload cut with its session is
 //! made again over the next one; the hashes in the result are the ones the runner computed.
 
@@ -18,6 +19,11 @@ use crate::upload_error::UploadError;
 
 /// NAR bytes per upload message.
 const NAR_CHUNK: usize = 256 * 1024;
+
+/// The most NAR bytes a result carries inline, all outputs together: with an inline log
+/// ([`crate::log_upload::INLINE_LOG_BYTES`]) a result stays within 256 KiB, so it never holds
+/// up the tunnel.
+pub const INLINE_NAR_BYTES: u64 = 192 * 1024;
 
 /// How an upload the runner turned away for lack of room (`RESOURCE_EXHAUSTED`: too many at
 /// once) is tried again: after this pause, doubling up to [`UPLOAD_BUSY_MAX_PAUSE`], each with
@@ -38,7 +44,25 @@ pub async fn outputs(
     let mut outcome = report.outcome;
     let mut message = report.message;
     let mut uploaded = Vec::new();
-    if outcome == Outcome::Succeeded {
+    let small = report
+        .outputs
+        .iter()
+        .map(|output| output.nar_size)
+        .sum::<u64>()
+        <= INLINE_NAR_BYTES;
+    if outcome == Outcome::Succeeded && small {
+        for output in report.outputs {
+            match inline(output).await {
+                Ok(wire) => uploaded.push(wire),
+                Err(error) => {
+                    outcome = Outcome::InfrastructureFailure;
+                    message = error_context::report(&error).to_string();
+                    uploaded.clear();
+                    break;
+                }
+            }
+        }
+    } else if outcome == Outcome::Succeeded {
         for output in &report.outputs {
             match upload_over_sessions(link, &job.attempt_id, output).await? {
                 Ok(wire) => uploaded.push(wire),
@@ -56,6 +80,39 @@ pub async fn outputs(
         outcome: StepOutcome::from(outcome).into(),
         message,
         outputs: uploaded,
+        ..StepResult::default()
+    })
+}
+
+/// An output with its whole NAR, to go inline in the result.
+async fn inline(output: BuiltOutput) -> Result<WireOutput, FeedError> {
+    let nar = match output.nar {
+        NarSource::Bytes(bytes) => bytes,
+        NarSource::Serve(process) => {
+            let path = output.path.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut process = process.lock().map_err(|_| FeedError::Poisoned)?;
+                let mut nar = Vec::new();
+                process
+                    .connection
+                    .dump_store_path(&path, &mut |bytes: &[u8]| {
+                        nar.extend_from_slice(bytes);
+                        Ok(())
+                    })
+                    .map_err(FeedError::Serve)?;
+                Ok(nar)
+            })
+            .await
+            .map_err(FeedError::Task)??
+        }
+    };
+    Ok(WireOutput {
+        name: output.name,
+        path: output.path,
+        nar_hash: String::new(),
+        nar_size: nar.len() as u64,
+        nar,
+        references: output.references,
     })
 }
 
@@ -127,6 +184,7 @@ async fn upload_one(
         path: output.path.clone(),
         nar_hash: response.nar_hash,
         nar_size: response.nar_size,
+        ..WireOutput::default()
     })
 }
 
@@ -198,5 +256,62 @@ async fn feed(
             .await
             .map_err(FeedError::Task)?
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn job() -> Job {
+        Job {
+            attempt_id: "attempt".to_owned(),
+            drv_path: "/nix/store/00000000000000000000000000000000-x.drv".to_owned(),
+            drv_text: Vec::new(),
+            outputs: BTreeMap::new(),
+            input_paths: Vec::new(),
+            max_log_bytes: u64::MAX,
+            timeout: None,
+            max_silent: None,
+            max_output_bytes: u64::MAX,
+        }
+    }
+
+    fn success_with_nar_of(bytes: usize) -> Report {
+        let nar = vec![7; bytes];
+        Report {
+            outcome: Outcome::Succeeded,
+            message: String::new(),
+            outputs: vec![BuiltOutput {
+                name: "out".to_owned(),
+                path: "/nix/store/00000000000000000000000000000000-x".to_owned(),
+                references: vec!["/nix/store/00000000000000000000000000000000-x".to_owned()],
+                nar_size: nar.len() as u64,
+                nar: NarSource::Bytes(nar),
+            }],
+            pins: None,
+            phases: crate::executor::Phases::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn outputs_up_to_the_inline_limit_go_in_the_result_and_larger_ones_are_uploaded() {
+        // No session will ever come: an upload finds the builder stopping.
+        let (publisher, mut link) = crate::link::new();
+        drop(publisher);
+        let limit = usize::try_from(INLINE_NAR_BYTES).unwrap();
+        let result = outputs(&mut link, &job(), success_with_nar_of(limit))
+            .await
+            .expect("an inline output needs no session");
+        assert_eq!(result.outputs[0].nar.len(), limit);
+        assert_eq!(result.outputs[0].nar_hash, "", "the runner computes it");
+        assert_eq!(result.outputs[0].references.len(), 1);
+        let uploaded = outputs(&mut link, &job(), success_with_nar_of(limit + 1)).await;
+        assert!(
+            matches!(uploaded, Err(UploadError::Stopping)),
+            "a larger output waits for a session to upload over: {uploaded:?}"
+        );
     }
 }

@@ -64,7 +64,7 @@ async fn a_builder_that_stops_reading_its_tunnel_is_ended_and_delays_nobody() {
                 attempt_id: stale.clone(),
                 outcome: StepOutcome::Failed.into(),
                 message: "x".repeat(64),
-                outputs: Vec::new(),
+                ..StepResult::default()
             };
             let message = BuilderMessage {
                 message: Some(Outbound::StepResult(result)),

@@ -280,6 +280,7 @@ async fn a_builder_cannot_report_on_or_upload_for_another_builders_attempt() {
         path: drv.out.to_absolute(),
         nar_hash: "sha256:forged".to_owned(),
         nar_size: 1,
+        ..BuiltOutput::default()
     }];
     thief
         .send(Outbound::StepResult(StepResult {
@@ -287,6 +288,7 @@ async fn a_builder_cannot_report_on_or_upload_for_another_builders_attempt() {
             outcome: StepOutcome::Succeeded.into(),
             message: String::new(),
             outputs: outputs.clone(),
+            ..StepResult::default()
         }))
         .await;
     let ended = thief
@@ -329,6 +331,7 @@ async fn a_builder_cannot_report_on_or_upload_for_another_builders_attempt() {
             outcome: StepOutcome::Succeeded.into(),
             message: String::new(),
             outputs: honest_outputs,
+            ..StepResult::default()
         }))
         .await;
     assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
@@ -565,6 +568,127 @@ async fn uploads_beyond_what_an_attempt_may_publish_are_refused_and_publish_noth
     assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
 }
 
+/// A success carrying its output's NAR and log inline, as a builder sends a small result.
+fn inline_success(
+    attempt_id: &str,
+    path: &StorePath,
+    references: &[&StorePath],
+    nar: Vec<u8>,
+) -> StepResult {
+    StepResult {
+        attempt_id: attempt_id.to_owned(),
+        outcome: StepOutcome::Succeeded.into(),
+        outputs: vec![BuiltOutput {
+            name: "out".to_owned(),
+            path: path.to_absolute(),
+            nar_size: nar.len() as u64,
+            nar,
+            references: references.iter().map(|r| r.to_absolute()).collect(),
+            ..BuiltOutput::default()
+        }],
+        log: b"an inline log\n".to_vec(),
+        log_inline: true,
+        ..StepResult::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_nar_is_checked_and_published_as_an_upload_of_it_would_be() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let output = factory.make(&Spec::new("inline-output"));
+    let stranger = factory.make(&Spec::new("inline-stranger"));
+    let mut builder = ScriptedBuilder::join(&farm, "inliner").await;
+    let build = farm.submit(&[&output]).await;
+    let before = cache_entries(&farm);
+    let refusals: [(&str, &StorePath, &[&StorePath], Vec<u8>); 3] = [
+        (
+            "a path that is not an output",
+            &stranger.out,
+            &[],
+            nar_of(b"x"),
+        ),
+        (
+            "a reference outside the input closure",
+            &output.out,
+            &[&stranger.out],
+            nar_of(b"x"),
+        ),
+        ("a malformed NAR", &output.out, &[], b"not a nar".to_vec()),
+    ];
+    for (case, path, references, nar) in refusals {
+        let attempt = next_build(&mut builder).await.attempt_id;
+        builder
+            .send(Outbound::StepResult(inline_success(
+                &attempt, path, references, nar,
+            )))
+            .await;
+        let status = test_support::poll_until(DEADLINE, case, || async {
+            let row = farm
+                .db()
+                .await
+                .query_one(
+                    "SELECT status::text, message FROM step_attempts WHERE id::text = $1",
+                    &[&attempt],
+                )
+                .await
+                .unwrap();
+            let status = attempt_status(&row.get::<_, String>(0));
+            (status != AttemptStatus::Running).then(|| (status, row.get::<_, Option<String>>(1)))
+        })
+        .await;
+        assert_eq!(
+            status.0,
+            AttemptStatus::InfrastructureFailure,
+            "{case}: {status:?}"
+        );
+        assert_eq!(
+            cache_entries(&farm),
+            before,
+            "{case} left something in the cache"
+        );
+    }
+
+    let attempt = next_build(&mut builder).await.attempt_id;
+    builder
+        .send(Outbound::StepResult(inline_success(
+            &attempt,
+            &output.out,
+            &[&output.out],
+            nar_of(b"inline"),
+        )))
+        .await;
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
+    let published = farm
+        .db()
+        .await
+        .query_one(
+            "SELECT nar_size FROM step_outputs o JOIN steps s ON s.id = o.step_id
+             WHERE s.drv_path = $1",
+            &[&output.path.to_absolute()],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(published, i64::try_from(nar_of(b"inline").len()).unwrap());
+    assert!(
+        cache_entries(&farm).len() > before.len(),
+        "the inline NAR is in the cache"
+    );
+    let log = farm
+        .client()
+        .await
+        .get_log(drover_proto::v1::GetLogRequest {
+            drv_path: output.path.to_absolute(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(log.log, b"an inline log\n");
+    assert!(log.complete);
+}
+
 fn success(attempt_id: &str, path: &StorePath, nar_hash: String) -> StepResult {
     StepResult {
         attempt_id: attempt_id.to_owned(),
@@ -575,7 +699,9 @@ fn success(attempt_id: &str, path: &StorePath, nar_hash: String) -> StepResult {
             path: path.to_absolute(),
             nar_hash,
             nar_size: 0,
+            ..BuiltOutput::default()
         }],
+        ..StepResult::default()
     }
 }
 
@@ -738,7 +864,7 @@ async fn a_nar_cut_in_the_middle_publishes_nothing_and_its_step_is_retried_after
             attempt_id: first.attempt_id.clone(),
             outcome: StepOutcome::InfrastructureFailure.into(),
             message: format!("uploading {} failed: {}", drv.out, cut.message()),
-            outputs: Vec::new(),
+            ..StepResult::default()
         }))
         .await;
     let retried = next_build(&mut builder).await;

@@ -81,6 +81,7 @@ impl NoopExecutor {
                 name: name.clone(),
                 path: path.clone(),
                 references: Vec::new(),
+                nar_size: nar.len() as u64,
                 nar: NarSource::Bytes(nar),
             });
         }

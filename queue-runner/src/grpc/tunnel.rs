@@ -209,6 +209,7 @@ impl BuilderService for BuilderServiceImpl {
             events: self.events.clone(),
             attempts: self.attempts.clone(),
             cache: self.cache.clone(),
+            logs: self.logs.clone(),
             liveness_timeout: self.liveness_timeout,
             end,
         };
@@ -350,6 +351,7 @@ struct BuilderSession {
     events: mpsc::Sender<SessionEvent>,
     attempts: Attempts,
     cache: Arc<BinaryCache>,
+    logs: LogStore,
     liveness_timeout: Duration,
     end: CancellationToken,
 }
@@ -389,7 +391,7 @@ impl BuilderSession {
 
     async fn on_message(&mut self, message: BuilderMessage) -> Result<(), SessionError> {
         let event = match message.message {
-            Some(Inbound::StepResult(result)) => self.on_step_result(result)?,
+            Some(Inbound::StepResult(result)) => self.on_step_result(result).await?,
             Some(Inbound::Join(_)) => return Err(SessionError::Malformed("Join sent twice")),
             Some(Inbound::Ping(ping)) => Event::BuilderPinged {
                 session: self.session,
@@ -406,9 +408,10 @@ impl BuilderSession {
     }
 
     /// Checks a result: the attempt must be this builder's, and a success must report exactly
-    /// the step's outputs, as uploaded. A success that does not check out becomes an
+    /// the step's outputs, as uploaded or carried inline (an inline log is stored, inline NARs
+    /// published, as their uploads would be). A success that does not check out becomes an
     /// infrastructure failure of that attempt (severity Step); anything worse ends the session.
-    fn on_step_result(&self, result: StepResult) -> Result<Event, SessionError> {
+    async fn on_step_result(&self, result: StepResult) -> Result<Event, SessionError> {
         let attempt = parse_attempt(&result.attempt_id)?;
         let owner = match self.attempts.owner(&attempt) {
             None => {
@@ -427,34 +430,60 @@ impl BuilderSession {
         let outcome = drover_proto::Outcome::try_from(result.outcome)
             .map(core_outcome)
             .map_err(SessionError::Outcome)?;
-        let outputs: Vec<OutputRecord> = result
-            .outputs
-            .into_iter()
-            .map(|output| OutputRecord {
+        if result.log_inline && owner.is_some() {
+            self.store_inline_log(attempt, &result.log);
+        }
+        let mut report = Report {
+            outcome,
+            message: result.message,
+            outputs: Vec::with_capacity(result.outputs.len()),
+        };
+        let mut refusal = None;
+        for output in result.outputs {
+            let mut record = OutputRecord {
                 name: output.name,
                 path: output.path,
                 nar_hash: output.nar_hash,
                 nar_size: output.nar_size,
-            })
-            .collect();
-        let mut report = Report {
-            outcome,
-            message: result.message,
-            outputs,
-        };
+            };
+            if let Some(owner) = owner.as_ref().filter(|_| !output.nar.is_empty())
+                && outcome == Outcome::Succeeded
+                && refusal.is_none()
+            {
+                match self
+                    .publish_inline(owner, attempt, &record.path, &output.references, output.nar)
+                    .await
+                {
+                    Ok(info) => {
+                        record.nar_hash = info.nar_hash.to_typed_base32();
+                        record.nar_size = info.nar_size;
+                    }
+                    Err(error) => refusal = Some(error_context::report(&error).to_string()),
+                }
+            }
+            report.outputs.push(record);
+        }
         if outcome == Outcome::Succeeded
             && let Some(owner) = &owner
-            && let Err(error) = self.check_outputs(owner, &report.outputs)
         {
-            if error.severity() != Severity::Step {
-                return Err(error);
-            }
-            tracing::warn!(%attempt, builder = %self.name, error = %error_context::report(&error), "refusing a claimed success");
-            report = Report {
-                outcome: Outcome::InfrastructureFailure,
-                message: error_context::report(&error).to_string(),
-                outputs: Vec::new(),
+            let checked = match refusal {
+                Some(reason) => Err(reason),
+                None => match self.check_outputs(owner, &report.outputs) {
+                    Err(error) if error.severity() == Severity::Step => {
+                        Err(error_context::report(&error).to_string())
+                    }
+                    Err(error) => return Err(error),
+                    Ok(()) => Ok(()),
+                },
             };
+            if let Err(message) = checked {
+                tracing::warn!(%attempt, builder = %self.name, error = %message, "refusing a claimed success");
+                report = Report {
+                    outcome: Outcome::InfrastructureFailure,
+                    message,
+                    outputs: Vec::new(),
+                };
+            }
         }
         // A result for an attempt that no longer runs still goes to the scheduler, which
         // acknowledges it so the builder can forget it.
@@ -464,6 +493,36 @@ impl BuilderSession {
             report,
             at: std::time::Instant::now(),
         })
+    }
+
+    /// Stores the log a result carried inline, as an upload of it would.
+    fn store_inline_log(&self, attempt: Uuid, log: &[u8]) {
+        let stored = self.logs.create(attempt).and_then(|mut writer| {
+            writer.write(log)?;
+            writer.finish()
+        });
+        if let Err(error) = stored {
+            // As with an upload: the result counts, its log is missing.
+            tracing::error!(%attempt, %error, "storing an inline log failed");
+        }
+    }
+
+    /// Publishes a NAR a result carried inline, checked as an upload of it would be.
+    async fn publish_inline(
+        &self,
+        owner: &AttemptOwner,
+        attempt: Uuid,
+        path: &str,
+        references: &[String],
+        nar: Vec<u8>,
+    ) -> Result<nix_primitives::narinfo::NarInfo, upload::UploadError> {
+        let (attempts, builder) = (self.attempts.clone(), self.name.clone());
+        let still_owned = move || {
+            attempts
+                .owner(&attempt)
+                .is_some_and(|owner| owner.builder == builder)
+        };
+        upload::publish_inline(owner, path, references, nar, &self.cache, still_owned).await
     }
 
     /// A success must report exactly the step's outputs at their paths, each published in the

@@ -2,7 +2,8 @@
 //! upload (one of its outputs, referring only to the step's input closure and its own outputs),
 //! then the chunks flow through a bounded channel into the cache's streaming publisher on a
 //! blocking thread. The bound is the backpressure: a slow disk slows the builder's stream, never
-//! the runner's memory. A stream that breaks off publishes nothing.
+//! the runner's memory. A stream that breaks off publishes nothing. A small NAR carried inline
+//! in a step result goes through the same checks and the same publisher ([`publish_inline`]).
 
 use std::collections::BTreeSet;
 use std::io::{self, Read};
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use drover_proto::v1::{NarChunk, UploadNarResponse};
 use drover_scheduler::StepSpec;
 use error_context::{Classify, Severity};
+use nix_primitives::narinfo::NarInfo;
 use nix_primitives::store_path::StorePathError;
 use nix_primitives::{ContentAddress, StorePath};
 use tokio::sync::mpsc;
@@ -122,6 +124,26 @@ pub async fn receive(
         nar_size: info.nar_size,
         already_published,
     })
+}
+
+/// Publishes a NAR a step result carried inline, with the same checks as an upload of it by
+/// `owner`'s attempt; `still_owned` is checked just before it becomes visible.
+pub async fn publish_inline(
+    owner: &AttemptOwner,
+    store_path: &str,
+    references: &[String],
+    nar: Vec<u8>,
+    cache: &Arc<BinaryCache>,
+    still_owned: impl Fn() -> bool + Send + 'static,
+) -> Result<NarInfo, UploadError> {
+    let publication = publication(&owner.spec, store_path, references, cache).await?;
+    let cache = cache.clone();
+    let (info, _) = tokio::task::spawn_blocking(move || {
+        cache.publish(&publication, nar.as_slice(), &still_owned)
+    })
+    .await
+    .map_err(UploadError::Publisher)??;
+    Ok(info)
 }
 
 /// Checks an upload's header against what the attempt may upload.

@@ -417,6 +417,7 @@ fn built(job: &Job, infos: &[PathInfo], process: ServeProcess, pins: Arc<GcPins>
             name: name.clone(),
             path: path.clone(),
             references: info.references.clone(),
+            nar_size: info.nar_size,
             nar: NarSource::Serve(Arc::clone(&process)),
         });
     }
@@ -479,6 +480,7 @@ mod tests {
             name: path.to_owned(),
             path: path.to_owned(),
             references: references.iter().map(|r| (*r).to_owned()).collect(),
+            nar_size: 0,
             nar: NarSource::Bytes(Vec::new()),
         }
     }
