@@ -113,13 +113,15 @@ impl<W: Write> Progress<W> {
 }
 
 /// The time since the watch began and, when the runner predicts the build's end, the time left
-/// until then: ` [12 s, ~1m 05s left]`.
+/// until then: ` [12 s, ~1m 05s left]`. A predicted end that has passed is not shown: the
+/// build is taking longer than its history said.
 fn clock(elapsed: Duration, estimated_end_ms: i64, now_ms: i64) -> String {
     let seconds = elapsed.as_secs();
-    match estimated_end_ms - now_ms {
-        _ if estimated_end_ms == 0 => format!(" [{seconds} s]"),
-        left if left > 0 => format!(" [{seconds} s, ~{} left]", crate::times::duration(left)),
-        _ => format!(" [{seconds} s, due now]"),
+    let left = estimated_end_ms - now_ms;
+    if estimated_end_ms > 0 && left > 0 {
+        format!(" [{seconds} s, ~{} left]", crate::times::duration(left))
+    } else {
+        format!(" [{seconds} s]")
     }
 }
 
@@ -189,7 +191,11 @@ mod tests {
         let elapsed = Duration::from_secs(12);
         assert_eq!(clock(elapsed, 0, 1_000), " [12 s]", "no prediction");
         assert_eq!(clock(elapsed, 66_000, 1_000), " [12 s, ~1m 05s left]");
-        assert_eq!(clock(elapsed, 900, 1_000), " [12 s, due now]");
+        assert_eq!(
+            clock(elapsed, 900, 1_000),
+            " [12 s]",
+            "a predicted end that has passed"
+        );
     }
 
     fn build(statuses: &[(&str, &str)]) -> GetResponse {

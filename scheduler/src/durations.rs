@@ -89,6 +89,12 @@ impl Durations {
         }
     }
 
+    /// Whether nothing has been learned yet: predictions are then the same guess for every step.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     /// Turns the use of the history in predictions on or off (it is learned either way).
     pub fn enable(&mut self, enabled: bool) {
         self.enabled = enabled;

@@ -400,11 +400,12 @@ impl Core {
     /// How long `build` is predicted to take from `now` to its end: the longer of its longest
     /// chain of unfinished steps and all their work spread over every connected builder's
     /// slots (running steps count what is left of their prediction). `None` if it is not in
-    /// the graph or no builder is connected.
+    /// the graph, no builder is connected, or nothing has been learned yet (every prediction
+    /// would be the same guess).
     #[must_use]
     pub fn estimate(&self, build: BuildId, now: Instant) -> Option<Duration> {
         let slots = self.placement.slots();
-        if slots == 0 {
+        if slots == 0 || self.durations.is_empty() {
             return None;
         }
         let (chain, work) = self.graph.remaining(build, |node| match node.state {

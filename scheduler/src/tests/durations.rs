@@ -170,6 +170,15 @@ fn a_builds_estimate_is_its_longest_chain_or_its_work_over_the_slots() {
         "a running step counts what is left of it"
     );
     assert_eq!(core.estimate(2, now), None, "an unknown build");
+
+    let mut fresh = core_with(LIMITS);
+    fresh.handle(join("one", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    fresh.handle(plan(1, 0, 1, vec![named(1, &[], "base")]));
+    assert_eq!(
+        fresh.estimate(1, now),
+        None,
+        "with nothing learned, every prediction is the same guess"
+    );
 }
 
 #[test]
