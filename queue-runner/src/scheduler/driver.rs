@@ -26,6 +26,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::attempts::{AttemptOwner, Attempts};
+use super::estimates::Estimates;
 use crate::db::transitions::Transitions;
 use crate::db::{DbError, Pool, queries};
 
@@ -218,6 +219,7 @@ pub struct Driver {
     attempts: Attempts,
     build_limits: BuildLimits,
     published: Published,
+    estimates: Estimates,
 }
 
 impl Driver {
@@ -238,6 +240,7 @@ impl Driver {
             attempts,
             build_limits,
             published,
+            estimates: Estimates::default(),
         }
     }
 
@@ -357,8 +360,13 @@ impl Driver {
                 commands
             }
             SessionEvent::Estimate { build, reply } => {
+                let now = Instant::now();
+                let core = &self.core;
+                let remaining = self
+                    .estimates
+                    .remaining(build, now, || core.estimate(build, now));
                 // The reader may have given up waiting.
-                let _ = reply.send(self.core.estimate(build, Instant::now()));
+                let _ = reply.send(remaining);
                 Vec::new()
             }
             SessionEvent::Reconfigure {

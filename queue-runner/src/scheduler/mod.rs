@@ -12,9 +12,11 @@
 //! - [`listen`]: the LISTEN connection that wakes ingest when builds are queued.
 //! - [`handoff`]: closures Submit verified, passed to ingest so they are verified once.
 //! - [`attempts`]: the read-only view of running attempts the gRPC handlers authorise with.
+//! - [`estimates`]: predicted build ends, remembered for a second so readers share one walk.
 
 pub mod attempts;
 pub mod driver;
+pub mod estimates;
 pub mod handoff;
 pub mod ingest;
 pub mod listen;
