@@ -21,9 +21,14 @@ use crate::upload_error::UploadError;
 const NAR_CHUNK: usize = 256 * 1024;
 
 /// The most NAR bytes a result carries inline, all outputs together: with an inline log
-/// ([`crate::log_upload::INLINE_LOG_BYTES`]) a result stays within 256 KiB, so it never holds
-/// up the tunnel.
+/// ([`crate::log_upload::INLINE_LOG_BYTES`]) a result stays within
+/// [`drover_proto::MAX_INLINE_RESULT_BYTES`].
 pub const INLINE_NAR_BYTES: u64 = 192 * 1024;
+
+const _: () = assert!(
+    INLINE_NAR_BYTES as usize + crate::log_upload::INLINE_LOG_BYTES
+        <= drover_proto::MAX_INLINE_RESULT_BYTES
+);
 
 /// How an upload the runner turned away for lack of room (`RESOURCE_EXHAUSTED`: too many at
 /// once) is tried again: after this pause, doubling up to [`UPLOAD_BUSY_MAX_PAUSE`], each with

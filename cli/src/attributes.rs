@@ -8,9 +8,9 @@
 use std::path::Path;
 use std::process::Command;
 
-/// The walk, a function of the auto-arguments given to `nix-instantiate`; `TARGET` and
-/// `ATTR_PATH` are filled in.
-const WALK: &str = r#"args@{ ... }:
+/// The walk: a function of the auto-arguments given to `nix-instantiate`, the target's value
+/// and the attribute path to select in it.
+const WALK: &str = r#"args: target: attrPath:
 let
   call = f: if builtins.isFunction f
     then f (builtins.intersectAttrs (builtins.functionArgs f) args) else f;
@@ -26,7 +26,7 @@ let
     else if builtins.isList v then builtins.concatLists (builtins.genList
       (i: walk (path ++ [ (toString i) ]) (builtins.elemAt v i)) (builtins.length v))
     else [ ];
-  selected = call (builtins.foldl' select (TARGET) ATTR_PATH);
+  selected = call (builtins.foldl' select target attrPath);
 in map (builtins.concatStringsSep ".") (walk [ ] selected)
 "#;
 
@@ -42,9 +42,11 @@ pub fn paths(
     let attr_path: Vec<&str> = attr
         .map(|attr| attr.split('.').filter(|key| !key.is_empty()).collect())
         .unwrap_or_default();
-    let expression = WALK
-        .replace("TARGET", &target.expression()?)
-        .replace("ATTR_PATH", &nix_list(&attr_path));
+    let expression = format!(
+        "args@{{ ... }}: ({WALK}) args ({}) {}",
+        target.expression()?,
+        nix_list(&attr_path)
+    );
     let mut command = Command::new("nix-instantiate");
     command.args(["--eval", "--strict", "--json", "--expr", &expression]);
     // `--eval` calls the walk only when some argument is given; functions never see this one.

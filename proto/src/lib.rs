@@ -19,6 +19,11 @@ pub const API_VERSION: &str = env!("DROVER_API_VERSION");
 /// other step of that builder with it. The runner keeps derivations to at most half of it.
 pub const MAX_TUNNEL_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// The most bytes a step result carries inline, its log and NARs together: small enough that a
+/// result never holds up the tunnel. A builder sends more over `UploadLog` and `UploadNar`; the
+/// runner refuses a result that carries more.
+pub const MAX_INLINE_RESULT_BYTES: usize = 256 * 1024;
+
 /// The encoded `FileDescriptorSet` of the drover.v1 protocol, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/drover_descriptors.bin"));

@@ -10,7 +10,7 @@ CREATE TABLE step_durations (
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (package, system)
 );
-COMMENT ON TABLE step_durations IS 'How long the steps of each package take, learned from every success: read by the scheduler at start, updated with each success. Written by the runner; an operator may delete a row to make it learn that package again.';
+COMMENT ON TABLE step_durations IS 'How long the steps of each package take, learned from every success: read by the scheduler at start, updated with each success. Written by the runner; to make it learn a package afresh, delete the row and restart the runner, which keeps the history in memory.';
 COMMENT ON COLUMN step_durations.package IS 'The derivation''s name without its version, as Nix''s parseDrvName splits it (hello-2.12.1 is hello).';
 COMMENT ON COLUMN step_durations.system IS 'The system its steps build on, such as x86_64-linux.';
 COMMENT ON COLUMN step_durations.samples IS 'Successes learned from.';

@@ -689,6 +689,51 @@ async fn an_inline_nar_is_checked_and_published_as_an_upload_of_it_would_be() {
     assert!(log.complete);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_carrying_more_inline_than_a_result_may_is_refused_and_stores_nothing() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let output = factory.make(&Spec::new("inline-oversized"));
+    let mut builder = ScriptedBuilder::join(&farm, "oversharer").await;
+    farm.submit(&[&output]).await;
+    let attempt = next_build(&mut builder).await.attempt_id;
+    let before = cache_entries(&farm);
+    let nar = nar_of(&vec![b'x'; drover_proto::MAX_INLINE_RESULT_BYTES]);
+    builder
+        .send(Outbound::StepResult(inline_success(
+            &attempt,
+            &output.out,
+            &[],
+            nar,
+        )))
+        .await;
+    let message = test_support::poll_until(DEADLINE, "the result to be refused", || async {
+        let row = farm
+            .db()
+            .await
+            .query_one(
+                "SELECT status::text, message FROM step_attempts WHERE id::text = $1",
+                &[&attempt],
+            )
+            .await
+            .unwrap();
+        (attempt_status(&row.get::<_, String>(0)) == AttemptStatus::InfrastructureFailure)
+            .then(|| row.get::<_, Option<String>>(1).unwrap_or_default())
+    })
+    .await;
+    assert!(message.contains("bytes inline, over the"), "{message}");
+    assert_eq!(cache_entries(&farm), before, "nothing was published");
+    let log = farm
+        .client()
+        .await
+        .get_log(drover_proto::v1::GetLogRequest {
+            drv_path: output.path.to_absolute(),
+        })
+        .await;
+    assert!(log.is_err(), "no log was stored: {log:?}");
+}
+
 fn success(attempt_id: &str, path: &StorePath, nar_hash: String) -> StepResult {
     StepResult {
         attempt_id: attempt_id.to_owned(),

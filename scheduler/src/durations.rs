@@ -3,11 +3,12 @@
 //! estimates when builds end.
 //!
 //! A step is known by its derivation's name without the version, split as Nix's `parseDrvName`
-//! splits it (`hello-2.12.1` is `hello`), and its system. Each success moves the estimate: the
-//! first sample sets it, each later one moves it a fifth of the way (about a mean of the last five,
-//! so a package that grows slower is followed). A duration is dispatch to result, the time the step
+//! splits it (`hello-2.12.1` is `hello`), and its system. Each success moves the estimate: it is
+//! the mean of the first five samples, then moves a fifth of the way to each new one (so a
+//! package that grows slower is followed). A duration is dispatch to result, the time the step
 //! held its slot, scaled to a builder of speed factor 1 (a sample from a builder twice as fast
-//! counts double). A package never seen is predicted at the mean of every estimate known, and at
+//! counts double), at most 30 days; an attempt adopted from a previous runner process teaches
+//! nothing (its dispatch time is not known). A package never seen is predicted at the mean of every estimate known, and at
 //! one second when nothing is known; with learning turned off every step is one second, which is
 //! ordering by step count.
 
@@ -18,6 +19,9 @@ use super::types::StepSpec;
 
 /// What a package never seen is predicted to take when nothing at all is known.
 const UNKNOWN_MS: u64 = 1_000;
+
+/// The longest sample learned: 30 days.
+const LONGEST_MS: u64 = 30 * 24 * 3_600 * 1_000;
 
 /// How many samples the mean follows, about.
 const WINDOW: u32 = 5;
@@ -107,12 +111,22 @@ impl Durations {
         }
     }
 
-    /// The predicted duration of `spec`, in milliseconds on a builder of speed factor 1.
+    /// The predicted duration of `spec` for ordering, in milliseconds on a builder of speed
+    /// factor 1: [`Durations::expected`], or the same second for every step when learning is
+    /// turned off.
     #[must_use]
     pub fn predict(&self, spec: &StepSpec) -> u64 {
-        if !self.enabled {
-            return UNKNOWN_MS;
+        if self.enabled {
+            self.expected(spec)
+        } else {
+            UNKNOWN_MS
         }
+    }
+
+    /// What the history says `spec` takes now, in milliseconds on a builder of speed factor 1,
+    /// whether or not ordering uses it (estimates of builds' ends always do).
+    #[must_use]
+    pub fn expected(&self, spec: &StepSpec) -> u64 {
         let known = self
             .estimates
             .get(&spec.requirements.system)
@@ -132,9 +146,12 @@ impl Durations {
     pub fn learn(&mut self, spec: &StepSpec, took: Duration, speed_factor: f64) -> Learned {
         let system = &spec.requirements.system;
         let package = package_name(drv_name(spec));
-        // Saturating float-to-integer conversion; durations are far below its range.
+        // A builder declares its own speed factor: a sample is bounded, so an absurd one cannot
+        // push the history (or the estimates made from it) to the ends of their ranges.
         #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let sample = (took.as_secs_f64() * 1_000.0 * speed_factor.max(0.0)).round() as u64;
+        let sample = (took.as_secs_f64() * 1_000.0 * speed_factor.max(0.0))
+            .round()
+            .min(LONGEST_MS as f64) as u64;
         let (samples, mean) = match self.estimates.get(system).and_then(|p| p.get(package)) {
             None => (1, sample),
             Some(&(samples, mean)) => {

@@ -308,6 +308,7 @@ impl Core {
                     step,
                     session,
                     started: now,
+                    measured: true,
                 },
             );
             self.by_session.entry(session).or_default().insert(attempt);
@@ -414,9 +415,9 @@ impl Core {
                     u64::try_from(now.saturating_duration_since(running.started).as_millis())
                         .unwrap_or(u64::MAX)
                 });
-                node.predicted_ms().saturating_sub(elapsed)
+                self.durations.expected(&node.spec).saturating_sub(elapsed)
             }
-            StepState::Runnable | StepState::Waiting(_) => node.predicted_ms(),
+            StepState::Runnable | StepState::Waiting(_) => self.durations.expected(&node.spec),
         })?;
         Some(Duration::from_millis(chain.max(work / slots)))
     }
@@ -663,6 +664,7 @@ impl Core {
                     step: orphan.step,
                     session,
                     started: orphan.started,
+                    measured: !matches!(orphan.cause, Cause::RunnerRestarted),
                 },
             );
             orphan.step
@@ -864,7 +866,7 @@ impl Core {
         let step = running.step;
         match report.outcome {
             Outcome::Succeeded => {
-                if let Some(node) = self.graph.step(step) {
+                if let Some(node) = self.graph.step(step).filter(|_| running.measured) {
                     let took = at.saturating_duration_since(running.started);
                     let learned = self.durations.learn(&node.spec, took, speed_factor);
                     self.persist(Change::DurationLearned(learned));

@@ -416,8 +416,11 @@ pub struct Attempt {
     pub step: StepId,
     /// The session it was given to.
     pub session: SessionId,
-    /// When it was dispatched, on the core's clock.
+    /// When it was dispatched, on the core's clock (for one adopted from a previous runner
+    /// process: when this process found it).
     pub started: Instant,
+    /// Whether `started` is its dispatch, so its duration can be learned from.
+    pub measured: bool,
 }
 
 /// How a builder's session ended, which decides what becomes of the attempts it ran.

@@ -465,7 +465,6 @@ async fn execute(
     Ok(())
 }
 
-/// The batch's statements, prepared on one connection.
 /// The id of the batch's transaction (assigning one if no write has yet).
 const TRANSACTION_ID: &str = "SELECT pg_current_xact_id()::text::bigint";
 
@@ -479,6 +478,7 @@ async fn transaction_id(client: &Transaction<'_>, prepared: &Prepared) -> Result
     Ok(row.get::<_, i64>(0).cast_unsigned())
 }
 
+/// The batch's statements, prepared on one connection.
 struct Prepared {
     transaction_id: Statement,
     insert_attempts: Statement,

@@ -430,7 +430,14 @@ impl BuilderSession {
         let outcome = drover_proto::Outcome::try_from(result.outcome)
             .map(core_outcome)
             .map_err(SessionError::Outcome)?;
-        if result.log_inline && owner.is_some() {
+        let inline_bytes = result.log.len()
+            + result
+                .outputs
+                .iter()
+                .map(|output| output.nar.len())
+                .sum::<usize>();
+        let oversized = inline_bytes > drover_proto::MAX_INLINE_RESULT_BYTES;
+        if result.log_inline && owner.is_some() && !oversized {
             self.store_inline_log(attempt, &result.log);
         }
         let mut report = Report {
@@ -438,7 +445,12 @@ impl BuilderSession {
             message: result.message,
             outputs: Vec::with_capacity(result.outputs.len()),
         };
-        let mut refusal = None;
+        let mut refusal = oversized.then(|| {
+            format!(
+                "the result carried {inline_bytes} bytes inline, over the {} a result may",
+                drover_proto::MAX_INLINE_RESULT_BYTES
+            )
+        });
         for output in result.outputs {
             let mut record = OutputRecord {
                 name: output.name,

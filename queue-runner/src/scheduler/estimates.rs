@@ -38,7 +38,7 @@ impl Estimates {
                         now.saturating_duration_since(*computed) < FRESH
                     });
                 }
-                let end = compute().map(|left| now + left);
+                let end = compute().and_then(|left| now.checked_add(left));
                 self.ends.insert(build, (now, end));
                 end
             }

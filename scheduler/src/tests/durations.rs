@@ -179,6 +179,35 @@ fn a_builds_estimate_is_its_longest_chain_or_its_work_over_the_slots() {
         None,
         "with nothing learned, every prediction is the same guess"
     );
+    fresh.load_durations([learned("base", 10)]);
+    assert_eq!(
+        fresh.estimate(1, now),
+        Some(Duration::from_secs(10)),
+        "a step planned before anything was learned is estimated from what is known now"
+    );
+}
+
+#[test]
+fn an_attempt_adopted_after_a_restart_teaches_nothing_its_dispatch_time_being_unknown() {
+    let now = Instant::now();
+    let (mut core, orphan) = super::restarted(now);
+    core.handle(super::join_holding("b1", 1, &[orphan]));
+    let ended = core.handle(Event::StepFinished {
+        session: 1,
+        attempt: orphan,
+        report: Report {
+            outcome: Outcome::Succeeded,
+            message: String::new(),
+            outputs: Vec::new(),
+        },
+        at: now + Duration::from_secs(5),
+    });
+    assert_eq!(step_status(&ended, 1), Some(StepStatus::Succeeded));
+    assert!(
+        !changes(&ended)
+            .iter()
+            .any(|change| matches!(change, Change::DurationLearned(_)))
+    );
 }
 
 #[test]
