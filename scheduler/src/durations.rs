@@ -20,8 +20,8 @@ use super::types::StepSpec;
 /// What a package never seen is predicted to take when nothing at all is known.
 const UNKNOWN_MS: u64 = 1_000;
 
-/// The longest sample learned: 30 days.
-const LONGEST_MS: u64 = 30 * 24 * 3_600 * 1_000;
+/// The longest sample learned, in milliseconds: 30 days.
+const LONGEST_MS: f64 = 30.0 * 24.0 * 3_600.0 * 1_000.0;
 
 /// How many samples the mean follows, about.
 const WINDOW: u32 = 5;
@@ -151,7 +151,7 @@ impl Durations {
         #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let sample = (took.as_secs_f64() * 1_000.0 * speed_factor.max(0.0))
             .round()
-            .min(LONGEST_MS as f64) as u64;
+            .min(LONGEST_MS) as u64;
         let (samples, mean) = match self.estimates.get(system).and_then(|p| p.get(package)) {
             None => (1, sample),
             Some(&(samples, mean)) => {
