@@ -26,8 +26,8 @@ const NAR_CHUNK: usize = 256 * 1024;
 pub const INLINE_NAR_BYTES: u64 = 192 * 1024;
 
 const _: () = assert!(
-    INLINE_NAR_BYTES as usize + crate::log_upload::INLINE_LOG_BYTES
-        <= drover_proto::MAX_INLINE_RESULT_BYTES
+    INLINE_NAR_BYTES + crate::log_upload::INLINE_LOG_BYTES as u64
+        <= drover_proto::MAX_INLINE_RESULT_BYTES as u64
 );
 
 /// How an upload the runner turned away for lack of room (`RESOURCE_EXHAUSTED`: too many at
