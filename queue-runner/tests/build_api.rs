@@ -325,14 +325,14 @@ async fn watch_to_the_end(farm: &Farm, build: i64) -> Vec<WatchEvent> {
     events
 }
 
-/// A chain of three steps of 400 ms each, named `eta-LINK-VERSION` (`eta-a-1`): each version
-/// is another derivation of the same three packages (`eta-a`, `eta-b`, `eta-c`).
+/// A chain of five steps of 400 ms each, named `eta-LINK-VERSION` (`eta-a-1`): each version
+/// is another derivation of the same five packages (`eta-a` to `eta-e`).
 fn timed_chain(
     factory: &mut Factory,
     version: u32,
 ) -> Vec<test_support::fake_derivations::FakeDrv> {
     let mut chain: Vec<test_support::fake_derivations::FakeDrv> = Vec::new();
-    for link in ["a", "b", "c"] {
+    for link in ["a", "b", "c", "d", "e"] {
         let name = format!("eta-{link}-{version}");
         let inputs: Vec<&_> = chain.last().into_iter().collect();
         let spec = Spec::new(&name)
@@ -374,7 +374,7 @@ async fn get_and_watch_predict_a_builds_end_from_the_durations_learned_before() 
             "SELECT count(*) FROM step_durations WHERE package LIKE 'eta-%' AND mean_ms >= 400"
         )
         .await,
-        3,
+        5,
         "each package's duration is learned"
     );
 
@@ -384,20 +384,22 @@ async fn get_and_watch_predict_a_builds_end_from_the_durations_learned_before() 
     let mut stream = watch(&farm, build).await;
     let predicted = tokio::time::timeout(DEADLINE, async {
         loop {
-            let event = stream.message().await.unwrap().unwrap();
-            if let Some(WatchKind::State(state)) = event.event
-                && state.estimated_end_ms > 0
-            {
-                return state.estimated_end_ms;
+            let event = stream.message().await.unwrap().expect("a predicted end");
+            match event.event {
+                Some(WatchKind::State(state)) if state.estimated_end_ms > 0 => {
+                    return state.estimated_end_ms;
+                }
+                Some(WatchKind::Estimate(estimate)) => return estimate.estimated_end_ms,
+                _ => {}
             }
         }
     })
     .await
-    .expect("a planned build's state carries its predicted end");
+    .expect("a planned build's state, or an estimate after it, carries its predicted end");
     let remaining = predicted - submitted;
     assert!(
         (400..10_000).contains(&remaining),
-        "three steps of 400 ms, some of them done: predicted {remaining} ms after submitting"
+        "five steps of 400 ms, some of them done: predicted {remaining} ms after submitting"
     );
     let during = get(&farm, build).await;
     if during.phase() == BuildPhase::Running {

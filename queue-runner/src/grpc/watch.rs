@@ -98,7 +98,7 @@ struct Follow {
     estimated_end_ms: i64,
     /// A step of the build ended since the predicted end was last asked for.
     estimate_due: bool,
-    /// When it was last asked for.
+    /// When it was last answered.
     estimated_at: Option<tokio::time::Instant>,
     heartbeat: Duration,
     /// Events to send before reading more changes.
@@ -168,10 +168,11 @@ impl Follow {
     /// Asks for the build's predicted end, and sends it if it moved.
     async fn estimate_again(&mut self) {
         self.estimate_due = false;
-        self.estimated_at = Some(tokio::time::Instant::now());
         let Some(end) = (self.estimate)(self.build).await else {
+            // Nothing to tell yet (not planned, no builder): the next ask is not held back.
             return;
         };
+        self.estimated_at = Some(tokio::time::Instant::now());
         if (end - self.estimated_end_ms).abs() >= ESTIMATE_MOVED_MS {
             self.estimated_end_ms = end;
             self.pending.push_back(event(Kind::Estimate(Estimate {
@@ -186,6 +187,9 @@ impl Follow {
         self.estimated_end_ms = state.estimated_end_ms;
         self.status = state.status();
         self.ended = state.phase().is_terminal();
+        // A build just planned may not have reached the scheduler when its state was read:
+        // ask again once, rather than wait for its first step to end.
+        self.estimate_due |= state.estimated_end_ms == 0 && !self.ended;
         self.steps = state
             .steps
             .iter()
