@@ -82,7 +82,7 @@ async fn main() -> ExitCode {
     };
     match cli.command {
         Command::Certs(command) => finish(certs::run(command)),
-        Command::Submit(args) => finish(submit::run(args).await),
+        Command::Submit(args) => finish(watch::submit(args).await),
         Command::Watch(args) => finish(watch::run(args).await),
         Command::Build(args) => finish(build::run(args).await),
         Command::Cancel(args) => finish(manage::cancel(args).await),

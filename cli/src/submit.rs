@@ -23,7 +23,6 @@ use tonic_types::StatusExt as _;
 use crate::call::CallError;
 use crate::connection::{ConnectError, ConnectionArgs};
 use crate::exit::{Exit, ExitStatus};
-use crate::watch;
 
 /// `drover submit` arguments.
 #[derive(Debug, Args)]
@@ -33,7 +32,7 @@ pub struct SubmitArgs {
     pub target: TargetArgs,
     /// Wait for every build, print their outputs, and exit non-zero unless all succeeded.
     #[arg(long)]
-    watch: bool,
+    pub watch: bool,
 }
 
 /// What to build and how, and where the runner is: shared by `drover submit` and `drover build`.
@@ -404,19 +403,6 @@ where
             Err(status) => return Err(status),
         }
     }
-}
-
-/// Runs `drover submit`.
-pub async fn run(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
-    let (mut client, builds) = submit_target(&args.target).await?;
-    if args.watch {
-        watch::print_outputs(&watch::watch(&mut client, &builds).await?);
-    } else {
-        for id in &builds {
-            println!("{id}");
-        }
-    }
-    Ok(())
 }
 
 /// Submits the derivations the target evaluates to: one as a build of its own, several as a job

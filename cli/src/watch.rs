@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 use crate::call::CallError;
 use crate::connection::ConnectionArgs;
 use crate::progress::{self, Progress};
-use crate::submit::SubmitError;
+use crate::submit::{SubmitArgs, SubmitError};
 
 /// How often a keep-going build that ended is looked at again while steps it kept still run.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -38,6 +38,19 @@ pub struct WatchArgs {
     /// Where the runner is.
     #[command(flatten)]
     connection: ConnectionArgs,
+}
+
+/// Runs `drover submit`: submits, then with `--watch` follows the builds to their end.
+pub async fn submit(args: SubmitArgs) -> Result<(), WithContext<SubmitError>> {
+    let (mut client, builds) = crate::submit::submit_target(&args.target).await?;
+    if args.watch {
+        print_outputs(&watch(&mut client, &builds).await?);
+    } else {
+        for id in &builds {
+            println!("{id}");
+        }
+    }
+    Ok(())
 }
 
 /// Runs `drover watch`: follows builds queued earlier (after a Ctrl-C, or from another shell) as

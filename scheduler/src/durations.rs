@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::types::StepSpec;
+pub use super::types::{DurationKey, Learned};
 
 /// What a package never seen is predicted to take when nothing at all is known.
 const UNKNOWN_MS: u64 = 1_000;
@@ -25,26 +26,6 @@ const LONGEST_MS: f64 = 30.0 * 24.0 * 3_600.0 * 1_000.0;
 
 /// How many samples the mean follows, about.
 const WINDOW: u32 = 5;
-
-/// A package's name in the history, with its system.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DurationKey {
-    /// The derivation's name without its version.
-    pub package: String,
-    /// The system it builds for.
-    pub system: String,
-}
-
-/// A package's learned duration, as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Learned {
-    /// Whose.
-    pub key: DurationKey,
-    /// Successes seen.
-    pub samples: u32,
-    /// The estimate, in milliseconds on a builder of speed factor 1.
-    pub mean_ms: u64,
-}
 
 /// The name of a derivation without its version, as Nix's `parseDrvName` has it: everything up
 /// to the first `-` not followed by a letter.

@@ -31,12 +31,12 @@ pub use graph::{Order, StepGraph, StepNode, StepState};
 pub use placement::{Builder, Placement};
 pub use types::{
     Assignment, Attempt, AttemptId, BuildId, BuildPlan, Capabilities, Change, ClassId, Command,
-    Departure, Event, Outcome, OutputRecord, PlannedBuild, PlannedStep, Report, Requirements,
-    SessionId, StepId, StepSpec, ToBuilder,
+    Departure, DurationKey, Event, Learned, Outcome, OutputRecord, PlannedBuild, PlannedStep,
+    Report, Requirements, SessionId, StepId, StepSpec, ToBuilder,
 };
 
 use backoff::Held;
-use durations::{Durations, Learned};
+use durations::Durations;
 use orphans::{Cause, Orphan, Orphans, Wait};
 use unsupported::Unsupported;
 

@@ -8,7 +8,6 @@ use std::time::Instant;
 use nix_primitives::{Hash, IngestionMethod, StorePath};
 use uuid::Uuid;
 
-use crate::durations::Learned;
 use crate::status::{AttemptStatus, BuildStatus, StepStatus};
 
 /// Step id (the `steps.id` column).
@@ -432,4 +431,24 @@ pub enum Departure {
     /// Anything else (it closed the tunnel, went silent past the liveness timeout, misbehaved,
     /// or the runner ended the session): its attempts are requeued at once.
     Ended,
+}
+
+/// A package's name in the history, with its system.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DurationKey {
+    /// The derivation's name without its version.
+    pub package: String,
+    /// The system it builds for.
+    pub system: String,
+}
+
+/// A package's learned duration, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Learned {
+    /// Whose.
+    pub key: DurationKey,
+    /// Successes seen.
+    pub samples: u32,
+    /// The estimate, in milliseconds on a builder of speed factor 1.
+    pub mean_ms: u64,
 }
