@@ -568,6 +568,25 @@ async fn uploads_beyond_what_an_attempt_may_publish_are_refused_and_publish_noth
     assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
 }
 
+/// How attempt `attempt` ended, and its message, once it has.
+async fn ended_attempt(farm: &Farm, attempt: &str) -> (AttemptStatus, String) {
+    test_support::poll_until(DEADLINE, "the attempt to end", || async {
+        let row = farm
+            .db()
+            .await
+            .query_one(
+                "SELECT status::text, message FROM step_attempts WHERE id::text = $1",
+                &[&attempt],
+            )
+            .await
+            .unwrap();
+        let status = attempt_status(&row.get::<_, String>(0));
+        (status != AttemptStatus::Running)
+            .then(|| (status, row.get::<_, Option<String>>(1).unwrap_or_default()))
+    })
+    .await
+}
+
 /// A success carrying its output's NAR and log inline, as a builder sends a small result.
 fn inline_success(
     attempt_id: &str,
@@ -624,20 +643,7 @@ async fn an_inline_nar_is_checked_and_published_as_an_upload_of_it_would_be() {
                 &attempt, path, references, nar,
             )))
             .await;
-        let status = test_support::poll_until(DEADLINE, case, || async {
-            let row = farm
-                .db()
-                .await
-                .query_one(
-                    "SELECT status::text, message FROM step_attempts WHERE id::text = $1",
-                    &[&attempt],
-                )
-                .await
-                .unwrap();
-            let status = attempt_status(&row.get::<_, String>(0));
-            (status != AttemptStatus::Running).then(|| (status, row.get::<_, Option<String>>(1)))
-        })
-        .await;
+        let status = ended_attempt(&farm, &attempt).await;
         assert_eq!(
             status.0,
             AttemptStatus::InfrastructureFailure,
@@ -708,20 +714,8 @@ async fn a_result_carrying_more_inline_than_a_result_may_is_refused_and_stores_n
             nar,
         )))
         .await;
-    let message = test_support::poll_until(DEADLINE, "the result to be refused", || async {
-        let row = farm
-            .db()
-            .await
-            .query_one(
-                "SELECT status::text, message FROM step_attempts WHERE id::text = $1",
-                &[&attempt],
-            )
-            .await
-            .unwrap();
-        (attempt_status(&row.get::<_, String>(0)) == AttemptStatus::InfrastructureFailure)
-            .then(|| row.get::<_, Option<String>>(1).unwrap_or_default())
-    })
-    .await;
+    let (status, message) = ended_attempt(&farm, &attempt).await;
+    assert_eq!(status, AttemptStatus::InfrastructureFailure);
     assert!(message.contains("bytes inline, over the"), "{message}");
     assert_eq!(cache_entries(&farm), before, "nothing was published");
     let log = farm
