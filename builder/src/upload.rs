@@ -4,6 +4,7 @@
 //! into an infrastructure failure (the runner requeues it); an upload cut with its session is
 //! made again over the next one; the hashes in the result are the ones the runner computed.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -12,6 +13,7 @@ use drover_proto::v1::{BuiltOutput as WireOutput, NarChunk, StepOutcome, StepRes
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backoff;
+use crate::executor::nix::ServeProcess;
 use crate::executor::{BuiltOutput, NarSource, Outcome, Report};
 use crate::job::Job;
 use crate::link::{Client, Link};
@@ -94,21 +96,8 @@ async fn inline(output: BuiltOutput) -> Result<WireOutput, FeedError> {
     let nar = match output.nar {
         NarSource::Bytes(bytes) => bytes,
         NarSource::Serve(process) => {
-            let path = output.path.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut process = process.lock().map_err(|_| FeedError::Poisoned)?;
-                let mut nar = Vec::new();
-                process
-                    .connection
-                    .dump_store_path(&path, &mut |bytes: &[u8]| {
-                        nar.extend_from_slice(bytes);
-                        Ok(())
-                    })
-                    .map_err(FeedError::Serve)?;
-                Ok(nar)
-            })
-            .await
-            .map_err(FeedError::Task)??
+            let collect = |nar: &mut Vec<u8>, bytes: &[u8]| nar.extend_from_slice(bytes);
+            dump(process, output.path.clone(), Vec::new(), collect).await?
         }
     };
     Ok(WireOutput {
@@ -233,35 +222,49 @@ async fn feed(
             Ok(())
         }
         NarSource::Serve(process) => {
-            let path = output.path;
-            tokio::task::spawn_blocking(move || {
-                let mut process = process.lock().map_err(|_| FeedError::Poisoned)?;
-                let mut pending = Vec::with_capacity(NAR_CHUNK);
-                let mut stopped = false;
-                let mut send = |bytes: &[u8]| -> std::io::Result<()> {
-                    if stopped {
-                        return Ok(());
-                    }
-                    pending.extend_from_slice(bytes);
-                    if pending.len() >= NAR_CHUNK {
-                        let full = std::mem::replace(&mut pending, Vec::with_capacity(NAR_CHUNK));
-                        stopped = sender.blocking_send(chunk(full)).is_err();
-                    }
-                    Ok(())
-                };
-                process
-                    .connection
-                    .dump_store_path(&path, &mut send)
-                    .map_err(FeedError::Serve)?;
-                if !pending.is_empty() {
-                    let _ = sender.blocking_send(chunk(pending));
+            let chunks = sender.clone();
+            let to_chunk = chunk.clone();
+            let send = move |(pending, stopped): &mut (Vec<u8>, bool), bytes: &[u8]| {
+                if *stopped {
+                    return;
                 }
-                Ok(())
-            })
-            .await
-            .map_err(FeedError::Task)?
+                pending.extend_from_slice(bytes);
+                if pending.len() >= NAR_CHUNK {
+                    let full = std::mem::replace(pending, Vec::with_capacity(NAR_CHUNK));
+                    *stopped = chunks.blocking_send(to_chunk(full)).is_err();
+                }
+            };
+            let unsent = (Vec::with_capacity(NAR_CHUNK), false);
+            let (pending, _) = dump(process, output.path, unsent, send).await?;
+            if !pending.is_empty() {
+                let _ = sender.send(chunk(pending)).await;
+            }
+            Ok(())
         }
     }
+}
+
+/// Reads `path`'s NAR from the serve process that built it, on a blocking thread, handing each
+/// piece to `each` with `state`; returns the state.
+async fn dump<T: Send + 'static>(
+    process: Arc<Mutex<ServeProcess>>,
+    path: String,
+    mut state: T,
+    mut each: impl FnMut(&mut T, &[u8]) + Send + 'static,
+) -> Result<T, FeedError> {
+    tokio::task::spawn_blocking(move || {
+        let mut process = process.lock().map_err(|_| FeedError::Poisoned)?;
+        process
+            .connection
+            .dump_store_path(&path, &mut |bytes: &[u8]| {
+                each(&mut state, bytes);
+                Ok(())
+            })
+            .map_err(FeedError::Serve)?;
+        Ok(state)
+    })
+    .await
+    .map_err(FeedError::Task)?
 }
 
 #[cfg(test)]

@@ -208,11 +208,9 @@ async fn drover_logs_follow_waits_for_a_step_and_exits_as_it_ended() {
         "broken is not dispatched yet"
     );
 
-    let mut command = farm.drover();
-    command.args(["logs", "-f", &build.to_string(), "broken"]);
-    let followed = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
+    let followed = farm
+        .run_drover(&["logs", "-f", &build.to_string(), "broken"])
+        .await;
     let stdout = String::from_utf8_lossy(&followed.stdout);
     let stderr = String::from_utf8_lossy(&followed.stderr);
     assert_eq!(farm.count(broken_attempts).await, 1);

@@ -398,6 +398,24 @@ async fn an_output_over_the_size_limit_fails_its_build_and_is_not_published() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_too_large_to_go_inline_is_uploaded_from_its_serve_process_whole() {
+    let mut farm = Farm::new().await;
+    let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let (build, _) = submit_fixture(&farm, &submitter, "large").await;
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
+    let nar_size = farm.count("SELECT nar_size FROM step_outputs").await;
+    assert!(
+        nar_size > 192 * 1024,
+        "{nar_size} bytes would have gone inline"
+    );
+    let out = StorePath::from_absolute(&farm.get(build).await.outputs["out"]).unwrap();
+    let consumer = ChrootStore::new(farm.dir.path().join("consumer"));
+    substitute_from_farm(&farm, &consumer, &out, None);
+    let contents = fs_err::read_to_string(consumer.real_path(&out)).unwrap();
+    assert_eq!(contents.lines().count(), 5000, "the whole output arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closure_whose_source_nobody_uploaded_fails_at_ingest_naming_it() {
     let mut farm = Farm::new().await;
     farm.start_runner().await;

@@ -90,11 +90,7 @@ async fn ctrl_c_leaves_the_build_running_and_drover_watch_follows_it_again() {
         .get(0);
     assert_eq!(status, "running", "the build went on");
 
-    let mut again = farm.drover();
-    again.args(["watch", &build.to_string()]);
-    let followed = tokio::task::spawn_blocking(move || again.output().unwrap())
-        .await
-        .unwrap();
+    let followed = farm.run_drover(&["watch", &build.to_string()]).await;
     let stdout = String::from_utf8_lossy(&followed.stdout);
     assert!(
         followed.status.success(),
@@ -129,11 +125,7 @@ async fn a_keep_going_build_is_watched_until_the_steps_it_kept_have_run() {
     request.keep_going = true;
     let build = farm.submit_request(request).await;
 
-    let mut command = farm.drover();
-    command.args(["watch", &build.to_string()]);
-    let watched = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
+    let watched = farm.run_drover(&["watch", &build.to_string()]).await;
     let stderr = String::from_utf8_lossy(&watched.stderr);
     assert_eq!(watched.status.code(), Some(1), "{stderr}");
     let slow: String = farm

@@ -5,6 +5,7 @@ use deadpool_postgres::tokio_postgres::IsolationLevel;
 use drover_proto::v1::{GetResponse, ListResponse};
 
 use super::Builds;
+use super::estimate::Estimator;
 use super::view;
 use crate::db::queries::{self, BuildFilter};
 use crate::db::snapshot::Snapshot;
@@ -40,9 +41,7 @@ pub enum ReadError {
 impl Builds {
     /// Build `id`'s whole state.
     pub async fn get(&self, id: i64) -> Result<GetResponse, ReadError> {
-        let (mut state, _) = build_state(&self.pool, id).await?;
-        self.estimator().fill(&mut state).await;
-        Ok(state)
+        Ok(build_state(&self.pool, &self.estimator(), id).await?.0)
     }
 
     /// The builds `filter` selects, newest first, and the token of the next page.
@@ -76,10 +75,14 @@ impl Builds {
     }
 }
 
-/// Build `id`'s whole state, over `pool`, read in one snapshot, which it returns: Watch reads it
-/// again while it streams, and skips the changes the snapshot shows. Its predicted end is left
-/// for [`super::estimate::Estimator::fill`].
-pub async fn build_state(pool: &Pool, id: i64) -> Result<(GetResponse, Snapshot), ReadError> {
+/// Build `id`'s whole state, over `pool`, read in one snapshot, which it returns (Watch reads it
+/// again while it streams, and skips the changes the snapshot shows), with the predicted end
+/// `estimator` gives.
+pub async fn build_state(
+    pool: &Pool,
+    estimator: &Estimator,
+    id: i64,
+) -> Result<(GetResponse, Snapshot), ReadError> {
     let mut client = pool.get().await.map_err(DbError::Connection)?;
     let transaction = client
         .build_transaction()
@@ -98,7 +101,7 @@ pub async fn build_state(pool: &Pool, id: i64) -> Result<(GetResponse, Snapshot)
         .await
         .map_err(DbError::query("ending the read of a build"))?;
     let status = view::wire_status(build.status);
-    let state = GetResponse {
+    let mut state = GetResponse {
         build_id: id,
         status: status.into(),
         top_drv_path: build.drv_path,
@@ -114,5 +117,6 @@ pub async fn build_state(pool: &Pool, id: i64) -> Result<(GetResponse, Snapshot)
         keep_going: build.keep_going,
         estimated_end_ms: 0,
     };
+    estimator.fill(&mut state).await;
     Ok((state, snapshot))
 }

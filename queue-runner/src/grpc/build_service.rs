@@ -144,11 +144,7 @@ impl BuildService for BuildServiceImpl {
         let filler = estimator.clone();
         let read_state: watch::StateReader = Arc::new(move |build| {
             let (pool, estimator) = (pool.clone(), filler.clone());
-            Box::pin(async move {
-                let (mut state, snapshot) = build_state(&pool, build).await?;
-                estimator.fill(&mut state).await;
-                Ok((state, snapshot))
-            })
+            Box::pin(async move { Ok(build_state(&pool, &estimator, build).await?) })
         });
         let estimate: watch::EndEstimator = Arc::new(move |build| {
             let estimator = estimator.clone();

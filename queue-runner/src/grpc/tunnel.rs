@@ -269,9 +269,7 @@ impl BuilderService for BuilderServiceImpl {
         let builder = identity.name.clone();
         let still_owned = move |attempt_id: &str| {
             Uuid::parse_str(attempt_id)
-                .ok()
-                .and_then(|attempt| attempts.owner(&attempt))
-                .is_some_and(|owner| owner.builder == builder)
+                .is_ok_and(|attempt| attempts.is_owned_by(&attempt, &builder))
         };
         let owner = |attempt_id: &str| self.owned_attempt(parse_attempt(attempt_id)?, &identity);
         Ok(Response::new(
@@ -529,11 +527,7 @@ impl BuilderSession {
         nar: Vec<u8>,
     ) -> Result<nix_primitives::narinfo::NarInfo, upload::UploadError> {
         let (attempts, builder) = (self.attempts.clone(), self.name.clone());
-        let still_owned = move || {
-            attempts
-                .owner(&attempt)
-                .is_some_and(|owner| owner.builder == builder)
-        };
+        let still_owned = move || attempts.is_owned_by(&attempt, &builder);
         upload::publish_inline(owner, path, references, nar, &self.cache, still_owned).await
     }
 

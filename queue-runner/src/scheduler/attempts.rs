@@ -43,6 +43,15 @@ impl Attempts {
         self.lock().get(attempt).cloned()
     }
 
+    /// Whether `attempt` still runs, on `builder`: checked again just before an upload of it
+    /// becomes visible.
+    #[must_use]
+    pub fn is_owned_by(&self, attempt: &AttemptId, builder: &str) -> bool {
+        self.lock()
+            .get(attempt)
+            .is_some_and(|owner| owner.builder == builder)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptId, AttemptOwner>> {
         // The map stays consistent even if a holder panicked: every operation is one call.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)

@@ -496,6 +496,15 @@ impl Farm {
         command
     }
 
+    /// Runs `drover ARGS` against this farm to its end, off the test's runtime threads.
+    pub async fn run_drover(&self, args: &[&str]) -> std::process::Output {
+        let mut command = self.drover();
+        command.args(args);
+        tokio::task::spawn_blocking(move || command.output().unwrap())
+            .await
+            .unwrap()
+    }
+
     /// A build client with a client certificate.
     pub async fn client(&self) -> BuildServiceClient<Channel> {
         BuildServiceClient::new(self.channel(Role::Client, "tester").await)
