@@ -18,7 +18,7 @@ use std::path::Path;
 
 use common::nix::{ChrootStore, examples};
 use common::nix_farm::{served_log, submit_closure, submit_fixture};
-use common::{BuilderSpec, Farm, Stored};
+use common::{BuilderSpec, DEADLINE, Farm, Stored};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builds_run_in_the_daemons_sandbox_from_a_restricted_builder() {
@@ -33,6 +33,16 @@ async fn builds_run_in_the_daemons_sandbox_from_a_restricted_builder() {
             ..BuilderSpec::new(name)
         });
     }
+    // Both present before anything is queued: one that joined late could find every step
+    // already built by the other, and nothing would cross between their stores.
+    test_support::poll_until(DEADLINE, "both builders to join", || async {
+        (farm
+            .count("SELECT count(*) FROM machines WHERE connected")
+            .await
+            == 2)
+            .then_some(())
+    })
+    .await;
     let submitter = ChrootStore::new(farm.dir.path().join("submitter"));
     let top = submitter.instantiate(&examples().join("diamond.nix"), "top");
     let diamond = submit_closure(&farm, &submitter, &top).await;
