@@ -12,7 +12,7 @@ use nix_primitives::StorePath;
 use super::Builds;
 use super::submit::{SubmitError, refuse_unknown_systems};
 use crate::db::{self, DbError, queries};
-use crate::scheduler::ingest::load_closure;
+use crate::scheduler::ingest::load_closures;
 use crate::verify::{self, Loaded, StoredDerivation, VerifiedClosure};
 
 /// Why a job set was refused or failed.
@@ -115,8 +115,10 @@ impl Builds {
             });
         }
         let mut closure = VerifiedClosure::default();
-        for (name, top) in &jobs {
-            if let Err(refused) = load_closure(&client, top, &mut closure).await? {
+        let tops: Vec<&str> = jobs.iter().map(|(_, top)| top.as_str()).collect();
+        let outcomes = load_closures(&client, &tops, &mut closure).await?;
+        for ((name, top), outcome) in jobs.iter().zip(outcomes) {
+            if let Err(refused) = outcome {
                 return Err(JobSetError::Job {
                     job: name.clone(),
                     drv: top.clone(),

@@ -199,7 +199,7 @@ impl Builds {
             texts.push((path, given.text));
         }
         let mut closure = VerifiedClosure::default();
-        complete_closure(&client, &top, &closure, &mut parsed).await??;
+        complete_closure(&client, std::slice::from_ref(&top), &closure, &mut parsed).await??;
         let verified = closure.add(&top, &mut parsed)?;
         if self.limits.refuse_unknown_systems {
             refuse_unknown_systems(&client, &closure).await?;

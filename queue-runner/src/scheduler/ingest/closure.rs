@@ -36,20 +36,59 @@ impl SharedClosure {
     }
 }
 
-/// Reads the closure of `top` from the database, verifies what `closure` lacks of it, adds it
-/// there and stores what was verified from its text. The outer error is the database's; the
-/// inner one says why the closure is refused.
-pub async fn load_closure(
+/// Reads the closures of `tops` from the database in one walk, verifies what `closure` lacks of
+/// them, adds them there and stores what was verified from their text. Returns each top's
+/// outcome, in order: its path, or why its closure is refused. The outer error is the
+/// database's. A walk that meets a derivation missing or unreadable is done again top by top, so
+/// each refusal names its own cause and the other tops are not held up by it.
+pub async fn load_closures(
     client: &impl deadpool_postgres::GenericClient,
-    top: &str,
+    tops: &[&str],
+    closure: &mut VerifiedClosure,
+) -> Result<Vec<Result<StorePath, VerifyError>>, DbError> {
+    let parsed: Vec<Result<StorePath, VerifyError>> =
+        tops.iter().map(|top| verify::parse_path(top)).collect();
+    let walked: Vec<StorePath> = parsed
+        .iter()
+        .filter_map(|top| top.as_ref().ok().cloned())
+        .collect();
+    let mut loaded = BTreeMap::new();
+    if complete_closure(client, &walked, closure, &mut loaded)
+        .await?
+        .is_err()
+    {
+        let mut outcomes = Vec::with_capacity(tops.len());
+        for top in parsed {
+            outcomes.push(match top {
+                Ok(top) => load_closure(client, top, closure).await?,
+                Err(error) => Err(error),
+            });
+        }
+        return Ok(outcomes);
+    }
+    let mut verified = Vec::new();
+    let outcomes = parsed
+        .into_iter()
+        .map(|top| {
+            let top = top?;
+            verified.append(&mut closure.add(&top, &mut loaded)?);
+            Ok(top)
+        })
+        .collect();
+    db::verified::store(client, &verified).await?;
+    Ok(outcomes)
+}
+
+/// Reads the closure of `top` alone, as [`load_closures`] does for many.
+async fn load_closure(
+    client: &impl deadpool_postgres::GenericClient,
+    top: StorePath,
     closure: &mut VerifiedClosure,
 ) -> Result<Result<StorePath, VerifyError>, DbError> {
-    let top = match verify::parse_path(top) {
-        Ok(top) => top,
-        Err(error) => return Ok(Err(error)),
-    };
     let mut loaded = BTreeMap::new();
-    if let Err(error) = complete_closure(client, &top, closure, &mut loaded).await? {
+    if let Err(error) =
+        complete_closure(client, std::slice::from_ref(&top), closure, &mut loaded).await?
+    {
         return Ok(Err(error));
     }
     match closure.add(&top, &mut loaded) {
@@ -61,17 +100,18 @@ pub async fn load_closure(
     }
 }
 
-/// Adds to `loaded` every derivation of the closure of `top` that neither it nor `known` has,
-/// breadth-first with one or two queries per level: its stored verified row, or else its text,
-/// parsed. The closure of a derivation `known` has is complete, so the walk stops there.
+/// Adds to `loaded` every derivation of the closures of `tops` that neither it nor `known` has,
+/// breadth-first with one or two queries per level for all of them: its stored verified row, or
+/// else its text, parsed. The closure of a derivation `known` has is complete, so the walk stops
+/// there.
 pub async fn complete_closure(
     client: &impl deadpool_postgres::GenericClient,
-    top: &StorePath,
+    tops: &[StorePath],
     known: &VerifiedClosure,
     loaded: &mut BTreeMap<StorePath, Loaded>,
 ) -> Result<Result<(), VerifyError>, DbError> {
-    let mut seen: BTreeSet<StorePath> = BTreeSet::from([top.clone()]);
-    let mut frontier = vec![top.clone()];
+    let mut seen: BTreeSet<StorePath> = tops.iter().cloned().collect();
+    let mut frontier: Vec<StorePath> = seen.iter().cloned().collect();
     while !frontier.is_empty() {
         frontier.retain(|path| !known.derivations.contains_key(path));
         let mut wanted: BTreeSet<String> = frontier

@@ -12,7 +12,7 @@ use drover_scheduler::{BuildPlan, PlannedBuild, PlannedStep, Requirements, StepI
 use futures_util::StreamExt as _;
 use nix_primitives::StorePath;
 
-use super::closure::{SharedClosure, load_closure};
+use super::closure::{SharedClosure, load_closures};
 use super::{Ingest, IngestError};
 use crate::cache::{BinaryCache, CacheError};
 use crate::db::DbError;
@@ -127,9 +127,11 @@ async fn verified_tops<'a>(
     group: &'a [QueuedBuild],
     closure: &mut VerifiedClosure,
 ) -> Result<Vec<(&'a QueuedBuild, StorePath)>, DbError> {
+    let paths: Vec<&str> = group.iter().map(|build| build.drv_path.as_str()).collect();
+    let outcomes = load_closures(client, &paths, closure).await?;
     let mut tops = Vec::with_capacity(group.len());
-    for build in group {
-        match load_closure(client, &build.drv_path, closure).await? {
+    for (build, outcome) in group.iter().zip(outcomes) {
+        match outcome {
             Ok(top) => tops.push((build, top)),
             Err(error) => refuse(client, build, &error).await?,
         }

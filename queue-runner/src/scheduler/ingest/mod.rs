@@ -22,7 +22,7 @@ use crate::db::queries::{self, BuildSelection, QueuedBuild};
 use crate::db::{DbError, Pool};
 
 use closure::SharedClosure;
-pub use closure::{complete_closure, load_closure};
+pub use closure::{complete_closure, load_closures};
 
 /// Why ingest stopped. Fatal: queued builds would never be seen.
 #[derive(Debug, thiserror::Error)]
