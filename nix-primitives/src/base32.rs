@@ -91,12 +91,25 @@ pub fn decode(text: &str, byte_len: usize) -> Result<Vec<u8>, Base32Error> {
     Ok(bytes)
 }
 
+/// Marks a byte of [`DIGIT_VALUES`] that is not a digit.
+const NOT_A_DIGIT: u8 = u8::MAX;
+
+/// Each byte's digit value, or [`NOT_A_DIGIT`]: decoding is on ingest's path, once per store path
+/// of every derivation.
+const DIGIT_VALUES: [u8; 256] = {
+    let mut values = [NOT_A_DIGIT; 256];
+    let mut digit = 0;
+    while digit < ALPHABET.len() {
+        values[ALPHABET[digit] as usize] = digit as u8;
+        digit += 1;
+    }
+    values
+};
+
 /// The value of one base32 digit, if it is one.
 fn digit_value(character: u8) -> Option<u8> {
-    ALPHABET
-        .iter()
-        .position(|digit| *digit == character)
-        .and_then(|value| u8::try_from(value).ok())
+    let value = DIGIT_VALUES[usize::from(character)];
+    (value != NOT_A_DIGIT).then_some(value)
 }
 
 /// Whether `character` is a Nix base32 digit.

@@ -476,17 +476,24 @@ fn print_list<T>(
 }
 
 fn print_string(out: &mut Vec<u8>, value: &[u8]) {
+    out.reserve(value.len() + 2);
     out.push(b'"');
-    for &byte in value {
-        match byte {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            _ => out.push(byte),
-        }
+    // Runs of plain bytes are copied whole: hashing modulo prints every derivation again.
+    let mut plain = 0;
+    for (at, byte) in value.iter().enumerate() {
+        let escaped: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => continue,
+        };
+        out.extend_from_slice(&value[plain..at]);
+        out.extend_from_slice(escaped);
+        plain = at + 1;
     }
+    out.extend_from_slice(&value[plain..]);
     out.push(b'"');
 }
 
