@@ -70,6 +70,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "learned step durations",
         include_str!("../../migrations/0013_step_durations.sql"),
     ),
+    (
+        14,
+        "derivation texts compressed with lz4 where the server has it",
+        include_str!("../../migrations/0014_derivation_text_lz4.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).
