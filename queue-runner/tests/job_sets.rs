@@ -174,6 +174,77 @@ async fn a_job_set_builds_the_same_steps_with_the_same_outcomes_as_separate_subm
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_job_set_is_planned_in_growing_slices_while_its_first_steps_run() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut builder = BuilderSpec::new("b1");
+    builder.max_jobs = 8;
+    farm.start_builder(&builder);
+    farm.wait_for_count(
+        "the builder to join",
+        "SELECT count(*) FROM machines WHERE connected",
+        1,
+    )
+    .await;
+    let mut factory = Factory::default();
+    let base = factory.make(&Spec::new("base"));
+    let middles: Vec<FakeDrv> = (0..40)
+        .map(|index| factory.make(&Spec::new(&format!("middle-{index}")).inputs(&[&base])))
+        .collect();
+    // Slices of 500, 1,000 and the remaining 200: the builds of each later slice need steps the
+    // earlier ones queued, and some of them built, before it was planned.
+    let tops: Vec<FakeDrv> = (0..1_700)
+        .map(|index| {
+            factory.make(&Spec::new(&format!("top-{index}")).inputs(&[&middles[index % 40]]))
+        })
+        .collect();
+    let all: Vec<&FakeDrv> = std::iter::once(&base)
+        .chain(&middles)
+        .chain(&tops)
+        .collect();
+    let mut client = farm.client().await;
+    for chunk in all.chunks(500) {
+        client
+            .stage_derivations(stage_request(chunk))
+            .await
+            .unwrap();
+    }
+    let names: Vec<String> = (0..tops.len())
+        .map(|index| format!("top-{index}"))
+        .collect();
+    let jobs: Vec<(&str, &FakeDrv)> = names.iter().map(String::as_str).zip(&tops).collect();
+    let queued = client
+        .submit_job_set(job_set_request(&jobs))
+        .await
+        .unwrap()
+        .into_inner();
+    for build in &queued.builds {
+        assert_eq!(farm.wait_for_build(build.build_id).await, Stored::Succeeded);
+    }
+    assert_eq!(
+        farm.count("SELECT count(DISTINCT ingested_at) FROM builds")
+            .await,
+        3,
+        "planned in three transactions"
+    );
+    assert_eq!(
+        farm.count("SELECT count(*) FROM steps").await,
+        1_741,
+        "each derivation is one step"
+    );
+    assert_eq!(
+        farm.count("SELECT count(*) FROM step_attempts").await,
+        1_741,
+        "each step built once"
+    );
+    assert_eq!(
+        farm.count("SELECT count(*) FROM step_inputs").await,
+        1_740,
+        "each edge recorded once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_set_with_one_bad_derivation_queues_nothing_and_names_its_job() {
     let mut farm = Farm::new().await;
     farm.start_runner().await;

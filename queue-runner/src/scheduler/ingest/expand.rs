@@ -50,25 +50,35 @@ impl Ingest {
             .await
             .map_err(DbError::query("starting an ingest transaction"))?;
         let paths: Vec<String> = order.iter().map(|path| path.to_absolute()).collect();
-        let recorded: HashMap<String, StepStatus> = queries::existing_steps(&transaction, &paths)
+        let mut recorded: HashMap<String, StepRow> = queries::existing_steps(&transaction, &paths)
             .await?
             .into_iter()
-            .map(|row| (row.drv_path, row.status))
+            .map(|row| (row.drv_path.clone(), row))
             .collect();
         let done = |path: &StorePath| {
             let path = path.to_absolute();
-            match recorded.get(&path) {
+            match recorded.get(&path).map(|row| row.status) {
                 Some(StepStatus::Succeeded) => true,
                 Some(StepStatus::Failed) => false,
                 _ => available.contains(&path),
             }
         };
         let needed = needed_derivations(closure, &order, tops.iter().map(|(_, top)| top), done);
-        let rows = queries::ensure_steps(&transaction, &step_specs(closure, &needed)).await?;
-        let mut steps: BTreeMap<String, StepRow> = rows
-            .into_iter()
-            .map(|row| (row.drv_path.clone(), row))
-            .collect();
+        // Only the steps no build needed before are written: a job set planned slice by slice,
+        // and a restarted runner, find most of theirs.
+        let mut steps: BTreeMap<String, StepRow> = BTreeMap::new();
+        let mut missing = Vec::new();
+        for path in &needed {
+            match recorded.remove(&path.to_absolute()) {
+                Some(row) => {
+                    steps.insert(row.drv_path.clone(), row);
+                }
+                None => missing.push(*path),
+            }
+        }
+        for row in queries::ensure_steps(&transaction, &step_specs(closure, &missing)).await? {
+            steps.insert(row.drv_path.clone(), row);
+        }
         queries::record_step_inputs(&transaction, &new_edges(closure, &needed, &steps)).await?;
         let substituted = mark_available_steps(&available, &mut steps);
         let outputs = substituted_outputs(closure, &needed, &steps, &substituted);

@@ -48,6 +48,13 @@ const RESCAN: Duration = Duration::from_secs(30);
 /// Builds expanded per query.
 const BATCH: i64 = 200;
 
+/// Builds of a newly queued job set planned first: a large job set is planned in slices, each
+/// twice the one before, so its first steps are dispatched while the rest is planned. Each slice
+/// walks its own closure, which in a nixpkgs-shaped graph is most of the graph, so the slices
+/// grow: a few of them, not hundreds. Its closure is verified once for all slices. A starting
+/// runner plans each job set whole: no builder may join before the whole queue is recovered.
+const JOB_SET_FIRST_SLICE: usize = 500;
+
 /// Builds expanded into plans: the ingest task. It owns no scheduling state; the core takes
 /// each plan in one event.
 pub struct Ingest {
@@ -107,7 +114,8 @@ impl Ingest {
     }
 
     /// Plans every build `selection` names; returns how many builds were handled. The builds of
-    /// one job set are planned together, as one plan; any other build is planned alone.
+    /// one job set are planned together (newly queued ones in growing slices, from
+    /// [`JOB_SET_FIRST_SLICE`]); any other build is planned alone.
     async fn drain(&self, selection: BuildSelection) -> Result<usize, WithContext<IngestError>> {
         let snapshot = self.committed.load(Ordering::Acquire);
         let mut client = self
@@ -119,6 +127,11 @@ impl Ingest {
         let mut handled = 0;
         let mut shared = SharedClosure::default();
         let mut group: Vec<QueuedBuild> = Vec::new();
+        let first_slice = match selection {
+            BuildSelection::NotIngested => JOB_SET_FIRST_SLICE,
+            BuildSelection::Unfinished => usize::MAX,
+        };
+        let mut slice = first_slice;
         loop {
             let builds = queries::queued_builds(&client, selection, after, BATCH)
                 .await
@@ -128,13 +141,18 @@ impl Ingest {
             };
             after = last.id;
             for build in builds {
-                let joins = build.job_set.is_some()
+                let same_job_set = build.job_set.is_some()
                     && group
                         .first()
                         .is_some_and(|first| first.job_set == build.job_set);
-                if !joins && !group.is_empty() {
+                if !group.is_empty() && (!same_job_set || group.len() >= slice) {
                     let done = std::mem::take(&mut group);
                     handled += self.plan(&mut client, &done, &mut shared, snapshot).await?;
+                    slice = if same_job_set {
+                        slice.saturating_mul(2)
+                    } else {
+                        first_slice
+                    };
                 }
                 group.push(build);
             }
