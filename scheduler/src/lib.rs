@@ -11,6 +11,7 @@
 
 mod backoff;
 pub mod durations;
+pub mod gauges;
 mod graph;
 mod orphans;
 mod placement;
@@ -174,6 +175,12 @@ impl Core {
     #[must_use]
     pub fn placement(&self) -> &Placement {
         &self.placement
+    }
+
+    /// The farm counted for metrics.
+    #[must_use]
+    pub fn gauges(&self) -> gauges::Gauges {
+        gauges::Gauges::count(&self.graph, &self.placement)
     }
 
     /// A running attempt.

@@ -163,6 +163,15 @@ impl Placement {
             .map(|(id, _)| id)
     }
 
+    /// Classes with runnable steps, with how many.
+    pub fn waiting_classes(&self) -> impl Iterator<Item = (ClassId, u64)> + '_ {
+        self.classes
+            .iter()
+            .enumerate()
+            .filter(|(_, class)| !class.runnable.is_empty())
+            .map(|(id, class)| (id, class.runnable.len() as u64))
+    }
+
     /// What steps of `class` need.
     #[must_use]
     pub fn requirements(&self, class: ClassId) -> Option<&Requirements> {

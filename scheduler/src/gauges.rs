@@ -1,0 +1,176 @@
+//! The farm counted for metrics: steps by system and state, builders by state, slots by system,
+//! and why runnable steps get no builder. Counted on demand (a metrics scrape) from the core's
+//! state; nothing here changes it.
+
+use std::collections::BTreeMap;
+
+use super::graph::{StepGraph, StepState};
+use super::placement::{Builder, Placement};
+use super::types::ClassId;
+
+/// Why the runnable steps of a class get no builder now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NoCapacity {
+    /// Every connected builder that can run them has all its slots taken.
+    Busy,
+    /// Every connected builder that can run them is draining.
+    Draining,
+    /// Builders offer their system, but none of them the features they need.
+    MissingFeature,
+    /// No connected builder offers their system.
+    NoBuilder,
+}
+
+impl NoCapacity {
+    /// Its label in metrics.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Busy => "busy",
+            Self::Draining => "draining",
+            Self::MissingFeature => "missing_feature",
+            Self::NoBuilder => "no_builder",
+        }
+    }
+}
+
+/// What a connected builder session is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BuilderState {
+    /// Taking work, running nothing.
+    Idle,
+    /// Taking work, some slots in use.
+    Busy,
+    /// Every slot in use.
+    Full,
+    /// Taking no new work; finishing what it runs.
+    Draining,
+}
+
+impl BuilderState {
+    /// Every state, so a metric shows the ones no builder is in as zero.
+    pub const ALL: [Self; 4] = [Self::Idle, Self::Busy, Self::Full, Self::Draining];
+
+    /// Its label in metrics.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Busy => "busy",
+            Self::Full => "full",
+            Self::Draining => "draining",
+        }
+    }
+
+    fn of(builder: &Builder) -> Self {
+        if builder.draining {
+            Self::Draining
+        } else if builder.running == 0 {
+            Self::Idle
+        } else if builder.running >= builder.capabilities.max_jobs {
+            Self::Full
+        } else {
+            Self::Busy
+        }
+    }
+}
+
+/// Job slots offered for one system.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Slots {
+    /// Slots of the builders offering it that take work.
+    pub offered: u64,
+    /// Jobs running on builders offering it (draining ones included).
+    pub used: u64,
+}
+
+/// The farm, counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Steps in the graph by system and state (`waiting`, `runnable`, `running`).
+    pub steps: BTreeMap<(String, &'static str), u64>,
+    /// Connected builder sessions by state.
+    pub builders: BTreeMap<BuilderState, u64>,
+    /// Slots by system. A builder offering several systems counts in each.
+    pub slots: BTreeMap<String, Slots>,
+    /// Runnable steps that no builder can take now, by system and reason.
+    pub without_capacity: BTreeMap<(String, NoCapacity), u64>,
+    /// Builds queued or running.
+    pub builds: u64,
+}
+
+impl Gauges {
+    /// Counts `graph` and `placement`.
+    #[must_use]
+    pub fn count(graph: &StepGraph, placement: &Placement) -> Self {
+        let mut gauges = Self {
+            builds: graph.build_count() as u64,
+            ..Self::default()
+        };
+        for (_, step) in graph.steps() {
+            let state = match step.state {
+                StepState::Waiting(_) => "waiting",
+                StepState::Runnable => "runnable",
+                StepState::Running(_) => "running",
+            };
+            *gauges
+                .steps
+                .entry((step.spec.requirements.system.clone(), state))
+                .or_default() += 1;
+        }
+        for state in BuilderState::ALL {
+            gauges.builders.insert(state, 0);
+        }
+        for (_, builder) in placement.builders() {
+            *gauges
+                .builders
+                .entry(BuilderState::of(builder))
+                .or_default() += 1;
+            for system in &builder.capabilities.systems {
+                let slots = gauges.slots.entry(system.clone()).or_default();
+                if !builder.draining {
+                    slots.offered += u64::from(builder.capabilities.max_jobs);
+                }
+                slots.used += u64::from(builder.running);
+            }
+        }
+        for (class, runnable) in placement.waiting_classes() {
+            if let Some((system, reason)) = why_no_capacity(placement, class) {
+                *gauges.without_capacity.entry((system, reason)).or_default() += runnable;
+            }
+        }
+        gauges
+    }
+}
+
+/// Why the runnable steps of `class` get no builder, with their system; `None` when a builder
+/// has a free slot for them.
+fn why_no_capacity(placement: &Placement, class: ClassId) -> Option<(String, NoCapacity)> {
+    let requirements = placement.requirements(class)?;
+    let capable: Vec<&Builder> = placement
+        .builders()
+        .map(|(_, builder)| builder)
+        .filter(|builder| builder.capabilities.can_run(requirements))
+        .collect();
+    let reason = if capable.is_empty() {
+        let offers_system = placement.builders().any(|(_, builder)| {
+            requirements.system == "builtin"
+                || builder.capabilities.systems.contains(&requirements.system)
+        });
+        if offers_system {
+            NoCapacity::MissingFeature
+        } else {
+            NoCapacity::NoBuilder
+        }
+    } else if capable.iter().all(|builder| builder.draining) {
+        NoCapacity::Draining
+    } else if capable
+        .iter()
+        .all(|builder| builder.draining || builder.running >= builder.capabilities.max_jobs)
+    {
+        NoCapacity::Busy
+    } else {
+        return None;
+    };
+    Some((requirements.system.clone(), reason))
+}
