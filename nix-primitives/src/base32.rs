@@ -98,9 +98,9 @@ const NOT_A_DIGIT: u8 = u8::MAX;
 /// of every derivation.
 const DIGIT_VALUES: [u8; 256] = {
     let mut values = [NOT_A_DIGIT; 256];
-    let mut digit = 0;
-    while digit < ALPHABET.len() {
-        values[ALPHABET[digit] as usize] = digit as u8;
+    let mut digit: u8 = 0;
+    while (digit as usize) < ALPHABET.len() {
+        values[ALPHABET[digit as usize] as usize] = digit;
         digit += 1;
     }
     values

@@ -9,6 +9,7 @@ use std::time::Duration;
 use drover_proto::v1::build_service_server::BuildServiceServer;
 use drover_proto::v1::builder_service_server::BuilderServiceServer;
 use error_context::{Classify, Severity, WithContext};
+use futures_util::future::OptionFuture;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -23,8 +24,9 @@ use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::grpc::build_service::BuildServiceImpl;
 use crate::grpc::tls::ServerTls;
-use crate::grpc::tunnel::{BuilderServiceImpl, SchedulerSide, SessionTiming};
+use crate::grpc::tunnel::{BuilderServiceImpl, SchedulerSide, SessionTiming, UploadTargets};
 use crate::logs::LogStore;
+use crate::metrics::Metrics;
 use crate::scheduler::attempts::Attempts;
 use crate::scheduler::driver::{Driver, Published, QueueRecovered, SchedulerError};
 use crate::scheduler::handoff::Handoff;
@@ -93,6 +95,9 @@ pub enum RunnerError {
     /// The cache's HTTP server failed.
     #[error("serving the binary cache")]
     ServeCache(#[source] std::io::Error),
+    /// The metrics' HTTP server failed.
+    #[error("serving metrics")]
+    ServeMetrics(#[source] std::io::Error),
     /// The log directory cannot be created.
     #[error("creating the log directory")]
     LogDirectory(#[source] std::io::Error),
@@ -150,6 +155,8 @@ pub struct Runner {
     pub grpc_address: SocketAddr,
     /// The address the binary cache is served on.
     pub cache_address: SocketAddr,
+    /// The address metrics are served on, if they are.
+    pub metrics_address: Option<SocketAddr>,
     /// The key clients must trust to substitute from the cache.
     pub cache_public_key: nix_primitives::PublicKey,
     /// Set once the scheduler has recovered the queue; builders can join from then on.
@@ -159,8 +166,8 @@ pub struct Runner {
     tls: ServerTls,
     shutdown: CancellationToken,
     supervisor: Supervisor<RunnerError>,
-    /// The HTTP listener (binary cache and health), stopped after everything else so that
-    /// `/readyz` answers 503 until the process ends.
+    /// The HTTP listeners (binary cache and health; metrics), stopped after everything else so
+    /// that `/readyz` answers 503 until the process ends.
     http: Supervisor<RunnerError>,
     http_stop: CancellationToken,
     sessions: TaskTracker,
@@ -192,15 +199,18 @@ pub async fn start(
     let (listener, grpc_address) = bind(config.grpc_listen).await?;
     let cache = Arc::new(open_cache(&config)?);
     let (cache_listener, cache_address) = bind(config.cache_listen).await?;
+    let metrics_listener = OptionFuture::from(config.metrics_listen.map(bind))
+        .await
+        .transpose()?;
     let cache_public_key = cache.public_key();
+    let metrics = Arc::new(Metrics::new());
 
     let logs = LogStore::new(config.log_directory.clone(), config.max_log_bytes);
     let attempts = Attempts::default();
     let (events, receiver) = mpsc::channel(EVENT_QUEUE);
     let handoff = Handoff::default();
     let systemd = Arc::new(Notifier::from_env());
-    let published = Published::new(WATCH_QUEUE, systemd.clone());
-    let mut supervisor = Supervisor::new();
+    let published = Published::new(WATCH_QUEUE, systemd.clone(), metrics.scheduler.clone());
     let parts = SchedulerParts {
         connector,
         pool: &pool,
@@ -208,27 +218,19 @@ pub async fn start(
         attempts: &attempts,
         handoff: &handoff,
     };
-    start_scheduler(
-        &config,
-        parts,
-        &published,
-        receiver,
-        &shutdown,
-        &mut supervisor,
-    );
-
-    let routes = crate::cache::http::router(cache.clone(), logs.clone(), pool.clone()).merge(
-        crate::health::router(pool.clone(), published.recovered.clone(), shutdown.clone()),
-    );
-    let (http, http_stop) = serve_http(cache_listener, routes);
-    let builds = Builds::new(
-        pool,
-        logs.clone(),
-        cache.clone(),
-        handoff,
-        submit_limits(&config),
-        events.clone(),
-    );
+    let mut supervisor = start_scheduler(&config, parts, &published, receiver, &shutdown);
+    let (http, http_stop, metrics_address) = serve_http_listeners(HttpParts {
+        cache_listener,
+        metrics_listener,
+        cache: cache.clone(),
+        logs: logs.clone(),
+        pool: pool.clone(),
+        metrics: metrics.clone(),
+        recovered: published.recovered.clone(),
+        scheduler: events.clone(),
+        cache_directory: config.cache_directory.clone(),
+        shutdown: shutdown.clone(),
+    });
     let sessions = TaskTracker::new();
     let builder_service = BuilderServiceImpl::new(
         SchedulerSide {
@@ -236,44 +238,44 @@ pub async fn start(
             recovered: published.recovered.clone(),
         },
         attempts,
-        cache,
-        logs.clone(),
+        UploadTargets {
+            cache: cache.clone(),
+            logs: logs.clone(),
+            metrics: metrics.uploads.clone(),
+        },
         session_timing(&config),
         shutdown.clone(),
         sessions.clone(),
     );
-    let server = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(15)))
-        .layer(tower::util::MapRequestLayer::new(
-            crate::grpc::auth::record_method::<tonic::body::Body>,
-        ))
-        .add_service(health_service().await)
-        .add_service(reflection()?)
-        .add_service(
-            BuilderServiceServer::new(builder_service)
-                .max_decoding_message_size(drover_proto::MAX_TUNNEL_MESSAGE_BYTES)
-                .max_encoding_message_size(drover_proto::MAX_TUNNEL_MESSAGE_BYTES),
-        )
-        .add_service(
-            BuildServiceServer::new(BuildServiceImpl::new(
-                builds,
+    serve_grpc(
+        GrpcParts {
+            listener,
+            tls: tls.clone(),
+            builder_service,
+            build_service: BuildServiceImpl::new(
+                Builds::new(
+                    pool,
+                    logs.clone(),
+                    cache,
+                    handoff,
+                    submit_limits(&config),
+                    events.clone(),
+                ),
                 published.changes.clone(),
                 config.heartbeat,
                 shutdown.clone(),
-            ))
-            .max_decoding_message_size(config.max_submission_bytes),
-        )
-        .serve_with_incoming_shutdown(
-            tls.accept(TcpListenerStream::new(listener)),
-            shutdown.clone().cancelled_owned(),
-        );
-    supervisor.spawn_critical("grpc server", async move {
-        server.await.map_err(RunnerError::Serve)
-    });
-    tracing::info!(%grpc_address, %cache_address, %cache_public_key, version = env!("CARGO_PKG_VERSION"), api = drover_proto::API_VERSION, "queue runner serving");
+            ),
+            max_submission_bytes: config.max_submission_bytes,
+        },
+        &shutdown,
+        &mut supervisor,
+    )
+    .await?;
+    tracing::info!(%grpc_address, %cache_address, ?metrics_address, %cache_public_key, version = env!("CARGO_PKG_VERSION"), api = drover_proto::API_VERSION, "queue runner serving");
     Ok(Runner {
         grpc_address,
         cache_address,
+        metrics_address,
         cache_public_key,
         queue_recovered: published.recovered.clone(),
         systemd,
@@ -285,6 +287,48 @@ pub async fn start(
         http_stop,
         sessions,
     })
+}
+
+/// The gRPC listener and the services it serves.
+struct GrpcParts {
+    listener: tokio::net::TcpListener,
+    tls: ServerTls,
+    builder_service: BuilderServiceImpl,
+    build_service: BuildServiceImpl,
+    max_submission_bytes: usize,
+}
+
+/// Serves the gRPC services over mutual TLS as the task "grpc server" of `supervisor`, until
+/// `shutdown`.
+async fn serve_grpc(
+    parts: GrpcParts,
+    shutdown: &CancellationToken,
+    supervisor: &mut Supervisor<RunnerError>,
+) -> Result<(), RunnerError> {
+    let server = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .layer(tower::util::MapRequestLayer::new(
+            crate::grpc::auth::record_method::<tonic::body::Body>,
+        ))
+        .add_service(health_service().await)
+        .add_service(reflection()?)
+        .add_service(
+            BuilderServiceServer::new(parts.builder_service)
+                .max_decoding_message_size(drover_proto::MAX_TUNNEL_MESSAGE_BYTES)
+                .max_encoding_message_size(drover_proto::MAX_TUNNEL_MESSAGE_BYTES),
+        )
+        .add_service(
+            BuildServiceServer::new(parts.build_service)
+                .max_decoding_message_size(parts.max_submission_bytes),
+        )
+        .serve_with_incoming_shutdown(
+            parts.tls.accept(TcpListenerStream::new(parts.listener)),
+            shutdown.clone().cancelled_owned(),
+        );
+    supervisor.spawn_critical("grpc server", async move {
+        server.await.map_err(RunnerError::Serve)
+    });
+    Ok(())
 }
 
 /// gRPC server reflection of drover.v1 and grpc.health.v1, for grpcurl and the like.
@@ -301,22 +345,81 @@ fn reflection() -> Result<
         .map_err(RunnerError::Reflection)
 }
 
-/// Serves the binary cache and the health routes on the HTTP listener until the returned token
-/// is cancelled: after everything else has stopped.
+/// The HTTP listeners and what they serve.
+struct HttpParts {
+    cache_listener: tokio::net::TcpListener,
+    /// The metrics' listener, if they are served, with its address.
+    metrics_listener: Option<(tokio::net::TcpListener, SocketAddr)>,
+    cache: Arc<crate::cache::BinaryCache>,
+    logs: LogStore,
+    pool: db::Pool,
+    metrics: Arc<Metrics>,
+    recovered: QueueRecovered,
+    scheduler: mpsc::Sender<crate::scheduler::driver::SessionEvent>,
+    cache_directory: PathBuf,
+    shutdown: CancellationToken,
+}
+
+/// Serves the binary cache with the health routes, and metrics if they are wanted, until the
+/// returned token is cancelled: after everything else has stopped. Returns their supervisor,
+/// that token and the metrics' address.
+fn serve_http_listeners(
+    parts: HttpParts,
+) -> (
+    Supervisor<RunnerError>,
+    CancellationToken,
+    Option<SocketAddr>,
+) {
+    let stop = CancellationToken::new();
+    let mut http = Supervisor::new();
+    let cache_routes = crate::cache::http::router(
+        parts.cache,
+        parts.logs,
+        parts.pool.clone(),
+        parts.metrics.cache.clone(),
+    )
+    .merge(crate::health::router(
+        parts.pool,
+        parts.recovered,
+        parts.shutdown,
+    ));
+    serve_http(
+        &mut http,
+        ("cache http server", RunnerError::ServeCache),
+        parts.cache_listener,
+        cache_routes,
+        &stop,
+    );
+    let metrics_address = parts.metrics_listener.map(|(listener, address)| {
+        let routes = crate::metrics::routes(parts.metrics, parts.scheduler, parts.cache_directory);
+        serve_http(
+            &mut http,
+            ("metrics http server", RunnerError::ServeMetrics),
+            listener,
+            routes,
+            &stop,
+        );
+        address
+    });
+    (http, stop, metrics_address)
+}
+
+/// Serves `routes` on an HTTP listener (the binary cache and health, or metrics) as the task
+/// `name` of `supervisor`, until `stop` is cancelled: after everything else has stopped.
 fn serve_http(
+    supervisor: &mut Supervisor<RunnerError>,
+    (name, failed): (&'static str, fn(std::io::Error) -> RunnerError),
     listener: tokio::net::TcpListener,
     routes: axum::Router,
-) -> (Supervisor<RunnerError>, CancellationToken) {
-    let stop = CancellationToken::new();
+    stop: &CancellationToken,
+) {
     let shutdown = stop.clone();
-    let mut supervisor = Supervisor::new();
-    supervisor.spawn_critical("cache http server", async move {
+    supervisor.spawn_critical(name, async move {
         axum::serve(listener, routes)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
-            .map_err(RunnerError::ServeCache)
+            .map_err(failed)
     });
-    (supervisor, stop)
 }
 
 /// What a submission may carry.
@@ -358,15 +461,15 @@ struct SchedulerParts<'a> {
 }
 
 /// Starts the scheduler (driver and core), ingest, which feeds it plans, and the LISTEN
-/// connection that wakes ingest.
+/// connection that wakes ingest, on the supervisor it returns.
 fn start_scheduler(
     config: &Config,
     parts: SchedulerParts<'_>,
     published: &Published,
     sessions: mpsc::Receiver<crate::scheduler::driver::SessionEvent>,
     shutdown: &CancellationToken,
-    supervisor: &mut Supervisor<RunnerError>,
-) {
+) -> Supervisor<RunnerError> {
+    let mut supervisor = Supervisor::new();
     let builds_queued = Arc::new(Notify::new());
     let listen = listen::listen(parts.connector, builds_queued.clone(), shutdown.clone());
     supervisor.spawn_critical("ingest listener", async move {
@@ -386,7 +489,9 @@ fn start_scheduler(
     );
     let scheduler_run = driver.run(sessions, plan_receiver, shutdown.clone());
     supervisor.spawn_critical("scheduler", async move {
-        scheduler_run.await.map_err(RunnerError::Scheduler)
+        Box::pin(scheduler_run)
+            .await
+            .map_err(RunnerError::Scheduler)
     });
     let ingest_run = Ingest::new(
         parts.pool.clone(),
@@ -400,6 +505,7 @@ fn start_scheduler(
     supervisor.spawn_critical("ingest", async move {
         ingest_run.await.map_err(RunnerError::Ingest)
     });
+    supervisor
 }
 
 /// Binds a listener and returns it with the address it got (port 0 picks a free port).

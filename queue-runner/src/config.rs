@@ -29,6 +29,34 @@ struct RawConfig {
     retry: RawRetry,
     #[serde(default)]
     logging: RawLogging,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+/// Prometheus metrics, on a listener of their own: they say what the farm builds and who
+/// builds it, so they are not served on the public cache listener.
+#[derive(Debug, Deserialize)]
+struct RawMetrics {
+    /// Serve `GET /metrics`. Default true.
+    #[serde(default = "default_true")]
+    enabled: bool,
+    /// Address the metrics listener binds. Default `127.0.0.1:9298` (loopback: scrape it from
+    /// this machine, or bind another address and restrict who reaches it).
+    #[serde(default = "default_metrics_listen")]
+    listen: String,
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9298".to_owned()
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_metrics_listen(),
+        }
+    }
 }
 
 /// How a step whose attempt failed for a reason not its own (an input that could not be made
@@ -383,6 +411,8 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// What the runner logs (`RUST_LOG` syntax).
     pub log_filter: String,
+    /// Where Prometheus metrics are served, if they are.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -446,6 +476,15 @@ impl Config {
                 raw.cache.listen
             ));
             SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        let metrics_listen = raw.metrics.enabled.then(|| {
+            raw.metrics.listen.parse().unwrap_or_else(|_| {
+                problems.push(format!(
+                    "metrics.listen = {:?} is not an address like 127.0.0.1:9298",
+                    raw.metrics.listen
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            })
         });
         let upstreams = validate_upstreams(&raw.cache.upstreams, &mut problems);
         if raw.database.url.trim().is_empty() {
@@ -521,6 +560,7 @@ impl Config {
             refuse_unknown_systems: raw.submissions.refuse_unknown_systems,
             retry,
             log_filter: raw.logging.filter,
+            metrics_listen,
         })
     }
 }

@@ -30,6 +30,7 @@ pub mod grpc;
 pub mod health;
 pub mod live_logs;
 pub mod logs;
+pub mod metrics;
 pub mod reload;
 pub mod scheduler;
 pub mod tasks;

@@ -1,5 +1,5 @@
 # Installs what drover's tests and demo need and this machine lacks (as root, with apt-get):
-# Nix (single-user, from Debian's nix-bin) and the PostgreSQL server binaries. Sourced by
+# Nix (single-user, from Debian's nix-bin), the PostgreSQL server binaries and promtool. Sourced by
 # scripts/test and scripts/demo.
 install_prerequisites() {
   local missing=()
@@ -10,6 +10,8 @@ install_prerequisites() {
   command -v tmux >/dev/null 2>&1 || missing+=(tmux)
   # The systemd units are checked with `systemd-analyze verify`.
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+  # The metrics tests check the runner's metrics and the alert rules with promtool.
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   # The certificate-reload test reads the certificate the runner serves with `openssl s_client`.
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   # Throwaway PostgreSQL clusters need the server binaries, not a running service.

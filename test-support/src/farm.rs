@@ -184,9 +184,9 @@ impl FarmFiles {
             .write(dir)?)
     }
 
-    /// The runner's configuration for this farm: `[database]`, `[grpc]`, `[tls]`, `[logs]`
-    /// and `[cache]`, with logs and the cache in the farm's directory; farms set the keys they
-    /// tune with [`ConfigFile::set`].
+    /// The runner's configuration for this farm: `[database]`, `[grpc]`, `[tls]`, `[logs]`,
+    /// `[cache]` and `[metrics]` (on any free port), with logs and the cache in the farm's
+    /// directory; farms set the keys they tune with [`ConfigFile::set`].
     #[must_use]
     pub fn runner_config(&self, database_url: &str, grpc_port: u16, cache_port: u16) -> ConfigFile {
         let file = |name: &str| self.path(name).display().to_string();
@@ -201,6 +201,7 @@ impl FarmFiles {
             .set("cache.directory", file("cache"))
             .set("cache.listen", format!("127.0.0.1:{cache_port}"))
             .set("cache.secret_key_file", file("cache-key.sec"))
+            .set("metrics.listen", "127.0.0.1:0")
     }
 
     /// Builder `builder.name`'s configuration; issues its certificate.

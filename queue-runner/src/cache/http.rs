@@ -18,6 +18,7 @@ use tokio_util::io::ReaderStream;
 use super::BinaryCache;
 use crate::db::{Pool, queries};
 use crate::logs::LogStore;
+use crate::metrics::CacheMetrics;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -25,16 +26,27 @@ struct Served {
     cache: Arc<BinaryCache>,
     logs: LogStore,
     pool: Pool,
+    metrics: CacheMetrics,
 }
 
-/// The cache's routes.
-pub fn router(cache: Arc<BinaryCache>, logs: LogStore, pool: Pool) -> Router {
+/// The cache's routes; each answer about a cached file moves `metrics`.
+pub fn router(
+    cache: Arc<BinaryCache>,
+    logs: LogStore,
+    pool: Pool,
+    metrics: CacheMetrics,
+) -> Router {
     Router::new()
         .route("/nix-cache-info", get(cache_info))
         .route("/{name}", get(narinfo))
         .route("/nar/{name}", get(nar))
         .route("/log/{name}", get(log))
-        .with_state(Served { cache, logs, pool })
+        .with_state(Served {
+            cache,
+            logs,
+            pool,
+            metrics,
+        })
 }
 
 fn not_found() -> Response {
@@ -42,7 +54,12 @@ fn not_found() -> Response {
 }
 
 async fn cache_info(State(served): State<Served>) -> Response {
-    file(&served, "nix-cache-info", "text/x-nix-cache-info").await
+    file(
+        &served,
+        "nix-cache-info",
+        ("other", "text/x-nix-cache-info"),
+    )
+    .await
 }
 
 async fn narinfo(State(served): State<Served>, Path(name): Path<String>) -> Response {
@@ -50,9 +67,10 @@ async fn narinfo(State(served): State<Served>, Path(name): Path<String>) -> Resp
         hash.len() == HASH_CHARS && hash.bytes().all(nix_primitives::base32::is_digit)
     });
     if !valid {
+        served.metrics.request("narinfo", "miss");
         return not_found();
     }
-    file(&served, &name, "text/x-nix-narinfo").await
+    file(&served, &name, ("narinfo", "text/x-nix-narinfo")).await
 }
 
 async fn nar(State(served): State<Served>, Path(name): Path<String>) -> Response {
@@ -60,9 +78,15 @@ async fn nar(State(served): State<Served>, Path(name): Path<String>) -> Response
         .strip_suffix(".nar.zst")
         .is_some_and(|hash| !hash.is_empty() && hash.bytes().all(nix_primitives::base32::is_digit));
     if !valid {
+        served.metrics.request("nar", "miss");
         return not_found();
     }
-    file(&served, &format!("nar/{name}"), "application/x-nix-nar").await
+    file(
+        &served,
+        &format!("nar/{name}"),
+        ("nar", "application/x-nix-nar"),
+    )
+    .await
 }
 
 async fn log(State(served): State<Served>, Path(name): Path<String>) -> Response {
@@ -87,14 +111,24 @@ async fn log(State(served): State<Served>, Path(name): Path<String>) -> Response
     }
 }
 
-/// Streams a file of the cache directory, relative to it.
-async fn file(served: &Served, relative: &str, content_type: &'static str) -> Response {
-    match tokio::fs::File::open(served.cache.directory().join(relative)).await {
-        Ok(file) => (
-            [(header::CONTENT_TYPE, content_type)],
-            Body::from_stream(ReaderStream::new(file)),
-        )
-            .into_response(),
-        Err(_) => not_found(),
+/// Streams a file of the cache directory, relative to it, of a `kind` (a metrics label) and
+/// content type. Its bytes count as served when the answer starts.
+async fn file(
+    served: &Served,
+    relative: &str,
+    (kind, content_type): (&'static str, &'static str),
+) -> Response {
+    let Ok(file) = tokio::fs::File::open(served.cache.directory().join(relative)).await else {
+        served.metrics.request(kind, "miss");
+        return not_found();
+    };
+    served.metrics.request(kind, "hit");
+    if let Ok(metadata) = file.metadata().await {
+        served.metrics.served(metadata.len());
     }
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(ReaderStream::new(file)),
+    )
+        .into_response()
 }

@@ -33,6 +33,7 @@ use super::shutdown::Incoming;
 use super::upload::{self, UploadError};
 use crate::cache::BinaryCache;
 use crate::logs::LogStore;
+use crate::metrics::UploadMetrics;
 use crate::scheduler::attempts::{AttemptOwner, Attempts};
 use crate::scheduler::driver::{OutboxItem, QueueRecovered, SessionEvent, SessionLink};
 use crate::tasks;
@@ -60,6 +61,17 @@ pub struct SchedulerSide {
     pub recovered: QueueRecovered,
 }
 
+/// Where what builders upload goes, and what counts it.
+#[derive(Debug, Clone)]
+pub struct UploadTargets {
+    /// Outputs.
+    pub cache: Arc<BinaryCache>,
+    /// Step logs.
+    pub logs: LogStore,
+    /// Bytes received.
+    pub metrics: UploadMetrics,
+}
+
 /// The clocks of every builder session.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionTiming {
@@ -82,6 +94,7 @@ pub struct BuilderServiceImpl {
     uploads: Arc<tokio::sync::Semaphore>,
     sessions: TaskTracker,
     recovered: QueueRecovered,
+    metrics: UploadMetrics,
 }
 
 impl BuilderServiceImpl {
@@ -91,13 +104,17 @@ impl BuilderServiceImpl {
     pub fn new(
         scheduler: SchedulerSide,
         attempts: Attempts,
-        cache: Arc<BinaryCache>,
-        logs: LogStore,
+        targets: UploadTargets,
         timing: SessionTiming,
         shutdown: CancellationToken,
         sessions: TaskTracker,
     ) -> Self {
         let SchedulerSide { events, recovered } = scheduler;
+        let UploadTargets {
+            cache,
+            logs,
+            metrics,
+        } = targets;
         Self {
             events,
             attempts,
@@ -110,6 +127,7 @@ impl BuilderServiceImpl {
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
             sessions,
             recovered,
+            metrics,
         }
     }
 
@@ -212,6 +230,7 @@ impl BuilderService for BuilderServiceImpl {
             logs: self.logs.clone(),
             liveness_timeout: self.liveness_timeout,
             end,
+            metrics: self.metrics.clone(),
         };
         let events = self.events.clone();
         tasks::spawn_tracked(
@@ -251,7 +270,9 @@ impl BuilderService for BuilderServiceImpl {
     ) -> Result<Response<UploadLogResponse>, Status> {
         let identity = auth::require(&request, &[Role::Builder])?;
         let chunks = Incoming::new(request.into_inner(), self.shutdown.clone());
-        Ok(Response::new(self.store_log(chunks, &identity).await?))
+        let stored = self.store_log(chunks, &identity).await?;
+        self.metrics.received("log", stored.stored_bytes);
+        Ok(Response::new(stored))
     }
 
     async fn upload_nar(
@@ -272,9 +293,9 @@ impl BuilderService for BuilderServiceImpl {
                 .is_ok_and(|attempt| attempts.is_owned_by(&attempt, &builder))
         };
         let owner = |attempt_id: &str| self.owned_attempt(parse_attempt(attempt_id)?, &identity);
-        Ok(Response::new(
-            upload::receive(chunks, &self.cache, owner, still_owned).await?,
-        ))
+        let published = upload::receive(chunks, &self.cache, owner, still_owned).await?;
+        self.metrics.received("nar", published.nar_size);
+        Ok(Response::new(published))
     }
 }
 
@@ -352,6 +373,7 @@ struct BuilderSession {
     logs: LogStore,
     liveness_timeout: Duration,
     end: CancellationToken,
+    metrics: UploadMetrics,
 }
 
 impl BuilderSession {
@@ -465,6 +487,7 @@ impl BuilderSession {
                     .await
                 {
                     Ok(info) => {
+                        self.metrics.received("nar", info.nar_size);
                         record.nar_hash = info.nar_hash.to_typed_base32();
                         record.nar_size = info.nar_size;
                     }
@@ -511,9 +534,10 @@ impl BuilderSession {
             writer.write(log)?;
             writer.finish()
         });
-        if let Err(error) = stored {
+        match stored {
+            Ok((stored_bytes, _)) => self.metrics.received("log", stored_bytes),
             // As with an upload: the result counts, its log is missing.
-            tracing::error!(%attempt, %error, "storing an inline log failed");
+            Err(error) => tracing::error!(%attempt, %error, "storing an inline log failed"),
         }
     }
 

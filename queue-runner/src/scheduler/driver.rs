@@ -27,8 +27,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::attempts::{AttemptOwner, Attempts};
 use super::estimates::Estimates;
+use super::queue_clock::QueueClock;
 use crate::db::transitions::Transitions;
 use crate::db::{DbError, Pool, queries};
+use crate::metrics::{SchedulerMetrics, Scrape};
 
 /// What the driver sends a builder session: a message, or the status that ends the session.
 pub type OutboxItem = Result<RunnerMessage, tonic::Status>;
@@ -104,18 +106,21 @@ pub struct Published {
     pub changes: CommittedChanges,
     /// systemd, told when the queue is recovered, and pinged from the scheduler's own loop.
     pub systemd: Arc<Notifier>,
+    /// The scheduler's metrics.
+    pub metrics: SchedulerMetrics,
 }
 
 impl Published {
     /// Nothing committed or recovered yet; the last `watch_queue` batches of changes are kept
     /// for slow Watch streams.
     #[must_use]
-    pub fn new(watch_queue: usize, systemd: Arc<Notifier>) -> Self {
+    pub fn new(watch_queue: usize, systemd: Arc<Notifier>, metrics: SchedulerMetrics) -> Self {
         Self {
             completions: Arc::new(AtomicU64::new(0)),
             recovered: QueueRecovered::default(),
             changes: broadcast::channel(watch_queue).0,
             systemd,
+            metrics,
         }
     }
 }
@@ -170,6 +175,11 @@ pub enum SessionEvent {
         /// Where the answer goes; `None` if the core cannot tell.
         reply: oneshot::Sender<Option<Duration>>,
     },
+    /// A metrics scrape: the core's counts, between two batches.
+    Scrape {
+        /// Where the answer goes.
+        reply: oneshot::Sender<Scrape>,
+    },
     /// Anything else, for the core as it is.
     Core(Event),
 }
@@ -220,6 +230,7 @@ pub struct Driver {
     build_limits: BuildLimits,
     published: Published,
     estimates: Estimates,
+    queue_clock: QueueClock,
 }
 
 impl Driver {
@@ -241,6 +252,7 @@ impl Driver {
             build_limits,
             published,
             estimates: Estimates::default(),
+            queue_clock: QueueClock::default(),
         }
     }
 
@@ -369,6 +381,16 @@ impl Driver {
                 let _ = reply.send(remaining);
                 Vec::new()
             }
+            SessionEvent::Scrape { reply } => {
+                let scrape = Scrape {
+                    gauges: self.core.gauges(),
+                    oldest_runnable: self.queue_clock.oldest(&self.core, Instant::now()),
+                    pool: self.pool.status(),
+                };
+                // The scrape may have given up waiting.
+                let _ = reply.send(scrape);
+                Vec::new()
+            }
             SessionEvent::Reconfigure {
                 limits,
                 build_limits,
@@ -393,7 +415,12 @@ impl Driver {
                         attempt, report, ..
                     } => {
                         if let Some(running) = self.core.attempt(attempt) {
-                            tracing::debug!(%attempt, step = running.step, outcome = ?report.outcome, took = ?running.started.elapsed(), "step finished");
+                            let took = running.started.elapsed();
+                            tracing::debug!(%attempt, step = running.step, outcome = ?report.outcome, ?took, "step finished");
+                            self.published
+                                .metrics
+                                .step_duration
+                                .observe(took.as_secs_f64());
                         }
                     }
                     _ => {}
@@ -418,9 +445,13 @@ impl Driver {
             let mut changes = 0;
             let mut watched = Vec::new();
             let mut messages = Vec::new();
+            let now = Instant::now();
             for command in commands.drain(..) {
                 match command {
                     Command::Persist(change) => {
+                        self.published.metrics.observe(&change);
+                        self.queue_clock
+                            .observe(&change, now, &self.published.metrics.queue_wait);
                         if let Change::AttemptEnded { attempt, .. } = &change {
                             self.attempts.remove(attempt);
                         }
@@ -438,7 +469,16 @@ impl Driver {
             let transaction = if transitions.is_empty() {
                 None
             } else {
-                Some(self.write(&transitions, changes).await?)
+                let started = Instant::now();
+                let transaction = self.write(&transitions, changes).await?;
+                let metrics = &self.published.metrics;
+                metrics
+                    .commit_duration
+                    .observe(started.elapsed().as_secs_f64());
+                metrics
+                    .batch_changes
+                    .observe(f64::from(u32::try_from(changes).unwrap_or(u32::MAX)));
+                Some(transaction)
             };
             self.published
                 .completions

@@ -20,3 +20,4 @@ pub mod estimates;
 pub mod handoff;
 pub mod ingest;
 pub mod listen;
+pub mod queue_clock;

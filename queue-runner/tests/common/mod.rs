@@ -57,6 +57,8 @@ pub const DEADLINE: Duration = Duration::from_mins(1);
 
 /// A running runner.
 struct RunningRunner {
+    /// Where it serves metrics.
+    metrics_address: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), String>>,
 }
@@ -255,6 +257,7 @@ impl Farm {
             .await
             .unwrap_or_else(|error| panic!("starting the runner: {}", error.report()));
         let recovered = runner.queue_recovered.clone();
+        let metrics_address = runner.metrics_address;
         #[expect(clippy::disallowed_methods, reason = "the test owns the runner task")]
         let task = tokio::spawn(async move {
             runner
@@ -262,11 +265,21 @@ impl Farm {
                 .await
                 .map_err(|error| error.report().to_string())
         });
-        self.runner = Some(RunningRunner { shutdown, task });
+        self.runner = Some(RunningRunner {
+            metrics_address,
+            shutdown,
+            task,
+        });
         poll_until(DEADLINE, "the runner to recover its queue", || async {
             recovered.get().then_some(())
         })
         .await;
+    }
+
+    /// Where the running runner serves metrics.
+    pub fn metrics_address(&self) -> std::net::SocketAddr {
+        let runner = self.runner.as_ref().expect("a running runner");
+        runner.metrics_address.expect("metrics served")
     }
 
     /// Starts the `drover-queue-runner` binary on this farm's ports with `database_url`, logging

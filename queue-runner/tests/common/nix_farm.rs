@@ -1,6 +1,7 @@
 //! Nix builders in a [`Farm`]: starting one with a private store, submitting the closure of an
 //! instantiated fixture, and reading the log the farm's cache serves.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -71,18 +72,23 @@ pub async fn submit_fixture(
 
 /// GETs a path from the runner's cache listener; returns the status line and the body.
 pub async fn http_get(port: u16, path: &str) -> (String, Vec<u8>) {
+    let (head, body) = http_request(SocketAddr::from(([127, 0, 0, 1], port)), path).await;
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body)
+}
+
+/// GETs a path over HTTP/1.0 from `address`; returns the head (status line and headers) and the
+/// body.
+pub async fn http_request(address: SocketAddr, path: &str) -> (String, Vec<u8>) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
     let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
     let head = String::from_utf8_lossy(&response[..split]).into_owned();
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    (status, response[split + 4..].to_vec())
+    (head, response[split + 4..].to_vec())
 }
 
 /// The log the cache serves for a derivation (by base name), as `nix log` fetches it.

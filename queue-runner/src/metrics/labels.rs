@@ -1,0 +1,66 @@
+//! The label sets of the runner's metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+
+/// A status (of an attempt or a build), as PostgreSQL's enums spell it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StatusLabels {
+    status: &'static str,
+}
+
+impl StatusLabels {
+    pub const fn new(status: &'static str) -> Self {
+        Self { status }
+    }
+}
+
+/// A binary cache answer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CacheLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+impl CacheLabels {
+    pub const fn new(kind: &'static str, result: &'static str) -> Self {
+        Self { kind, result }
+    }
+}
+
+/// What builders upload.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UploadLabels {
+    kind: &'static str,
+}
+
+impl UploadLabels {
+    pub const fn new(kind: &'static str) -> Self {
+        Self { kind }
+    }
+}
+
+/// A system, such as `x86_64-linux`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SystemLabels {
+    pub system: String,
+}
+
+/// Steps of a system in a state.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StepLabels {
+    pub system: String,
+    pub state: &'static str,
+}
+
+/// Runnable steps of a system that get no builder, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CapacityLabels {
+    pub system: String,
+    pub reason: &'static str,
+}
+
+/// A state, of builders or database connections.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
