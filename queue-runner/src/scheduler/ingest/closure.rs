@@ -2,7 +2,10 @@
 //! database, each derivation verified once (its verified row stored, and read back by later job
 //! sets and a restarted runner).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use drover_scheduler::StepSpec;
 
 use nix_primitives::StorePath;
 
@@ -13,16 +16,23 @@ use crate::verify::{self, Loaded, VerifiedClosure, VerifyError};
 
 /// The verified closure builds are expanded from. A build of its own gets a fresh one (Submit's,
 /// from the handoff, when it left one); consecutive builds of one job set share theirs, so a
-/// derivation they share is loaded and verified once.
+/// derivation they share is loaded and verified once, and the step specs planned from it, so
+/// the slices of a job set do not make a step's spec again for each slice that needs it.
 #[derive(Debug, Default)]
 pub struct SharedClosure {
     job_set: Option<i64>,
     closure: VerifiedClosure,
+    specs: HashMap<StorePath, Arc<StepSpec>>,
 }
 
 impl SharedClosure {
-    /// The closure to expand `group` from: builds of one job set, or one build of its own.
-    pub fn for_group(&mut self, group: &[QueuedBuild], handoff: &Handoff) -> &mut VerifiedClosure {
+    /// The closure to expand `group` from (builds of one job set, or one build of its own), with
+    /// the specs planned from it so far.
+    pub fn for_group(
+        &mut self,
+        group: &[QueuedBuild],
+        handoff: &Handoff,
+    ) -> (&mut VerifiedClosure, &mut HashMap<StorePath, Arc<StepSpec>>) {
         let job_set = group.first().and_then(|build| build.job_set);
         if job_set.is_none() || job_set != self.job_set {
             self.job_set = job_set;
@@ -31,8 +41,9 @@ impl SharedClosure {
                 .first()
                 .and_then(|build| handoff.take(build.id))
                 .unwrap_or_default();
+            self.specs = HashMap::new();
         }
-        &mut self.closure
+        (&mut self.closure, &mut self.specs)
     }
 }
 

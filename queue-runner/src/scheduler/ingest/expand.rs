@@ -35,7 +35,7 @@ impl Ingest {
         snapshot: u64,
     ) -> Result<Option<BuildPlan>, IngestError> {
         let started = Instant::now();
-        let closure = shared.for_group(group, &self.handoff);
+        let (closure, specs) = shared.for_group(group, &self.handoff);
         let tops = verified_tops(client, group, closure).await?;
         let closure = &*closure;
         let (tops, order) = with_sources(client, &self.cache, closure, tops).await?;
@@ -83,7 +83,7 @@ impl Ingest {
         let substituted = mark_available_steps(&available, &mut steps);
         let outputs = substituted_outputs(closure, &needed, &steps, &substituted);
         queries::record_substituted_outputs(&transaction, &outputs).await?;
-        let planned = plan_steps(closure, &needed, &steps);
+        let planned = plan_steps(closure, &needed, &steps, specs);
         let blocked = Blocked::find(&planned);
         let (ended, builds) = outcomes(&transaction, &tops, &steps, &planned, &blocked).await?;
         let planned: Vec<PlannedStep> = planned
@@ -396,12 +396,14 @@ fn substituted_outputs(
         .collect()
 }
 
-/// The unfinished steps of a closure, inputs first. A step that ended for good in an earlier
-/// life (cancelled, dependency failed) starts again with fresh counters.
+/// The unfinished steps of a closure, inputs first, with their specs taken from `specs` or made
+/// and added there. A step that ended for good in an earlier life (cancelled, dependency
+/// failed) starts again with fresh counters.
 fn plan_steps(
     closure: &VerifiedClosure,
     order: &[&StorePath],
     steps: &BTreeMap<String, StepRow>,
+    specs: &mut HashMap<StorePath, Arc<drover_scheduler::StepSpec>>,
 ) -> Vec<PlannedStep> {
     let mut planned = Vec::new();
     for path in order {
@@ -417,24 +419,30 @@ fn plan_steps(
             .filter(|input| input.status != StepStatus::Succeeded)
             .map(|input| input.id)
             .collect();
+        let spec = specs
+            .entry((*path).clone())
+            .or_insert_with(|| {
+                Arc::new(drover_scheduler::StepSpec {
+                    drv_path: (*path).clone(),
+                    outputs: verified.outputs.clone(),
+                    requirements: Requirements {
+                        system: verified.system.clone(),
+                        features: verified.features.clone(),
+                    },
+                    input_paths: verified
+                        .input_sources
+                        .iter()
+                        .chain(&verified.input_outputs)
+                        .cloned()
+                        .collect(),
+                    fixed: verified.fixed,
+                })
+            })
+            .clone();
         let fresh = row.status.is_terminal();
         planned.push(PlannedStep {
             id: row.id,
-            spec: Arc::new(drover_scheduler::StepSpec {
-                drv_path: (*path).clone(),
-                outputs: verified.outputs.clone(),
-                requirements: Requirements {
-                    system: verified.system.clone(),
-                    features: verified.features.clone(),
-                },
-                input_paths: verified
-                    .input_sources
-                    .iter()
-                    .chain(&verified.input_outputs)
-                    .cloned()
-                    .collect(),
-                fixed: verified.fixed,
-            }),
+            spec,
             inputs,
             recorded_status: row.status,
             builder_losses: if fresh { 0 } else { row.builder_losses },
