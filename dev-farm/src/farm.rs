@@ -154,6 +154,9 @@ DROVER_CACHE={cache_url} DROVER_CACHE_KEY={public_key}\n",
     println!("  runner (mTLS gRPC): https://localhost:{}", grpc.port());
     println!("  binary cache:       {cache_url}");
     println!("  cache public key:   {public_key}");
+    if let Some(metrics) = runner.metrics_address {
+        println!("  metrics:            http://{metrics}/metrics");
+    }
     println!("  database:           {}", database.connection_string);
     println!("point the CLI at it:");
     println!("  {}", exports.trim_end());
