@@ -8,6 +8,8 @@
     reason = "a panic in a test is a failed assertion"
 )]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,12 +35,7 @@ async fn labels(client: &tokio_postgres::Client, sql_type: &str) -> Vec<String> 
 
 #[tokio::test]
 async fn the_status_enums_are_the_databases() {
-    let database = TestPostgres::shared().create_database().await;
-    let pool = db::Connector::new(&db::DatabaseConfig::plain(&database.connection_string))
-        .unwrap()
-        .pool(2)
-        .unwrap();
-    db::migrate(&pool).await.unwrap();
+    let (_database, pool) = common::migrated_database().await;
     let client = pool.get().await.unwrap();
     let rust = |all: Vec<&'static str>| all.into_iter().map(str::to_owned).collect::<Vec<_>>();
     assert_eq!(
@@ -124,12 +121,7 @@ const LIMITS: CoreLimits = CoreLimits {
 
 #[tokio::test]
 async fn one_batch_records_a_join_a_dispatch_and_a_success_in_one_transaction() {
-    let database = TestPostgres::shared().create_database().await;
-    let pool = db::Connector::new(&db::DatabaseConfig::plain(&database.connection_string))
-        .unwrap()
-        .pool(2)
-        .unwrap();
-    db::migrate(&pool).await.unwrap();
+    let (_database, pool) = common::migrated_database().await;
     let mut client = pool.get().await.unwrap();
     let (drv, build, row) = queue_one_step(&client).await;
     let step = row.id;

@@ -39,10 +39,13 @@ async fn scrape(farm: &Farm) -> String {
     String::from_utf8(body).unwrap()
 }
 
-/// What `promtool check metrics` says of `text`: nothing when it follows the conventions.
-fn promtool_check(text: &str) -> String {
+/// Runs promtool in `contrib/prometheus` with `args`, and `input` on its standard input; fails
+/// unless it succeeds, and returns what it printed.
+fn promtool(args: &[&str], input: &str) -> String {
+    let directory = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/prometheus");
     let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
+        .args(args)
+        .current_dir(&directory)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -52,7 +55,7 @@ fn promtool_check(text: &str) -> String {
         .stdin
         .take()
         .unwrap()
-        .write_all(text.as_bytes())
+        .write_all(input.as_bytes())
         .unwrap();
     let output = promtool.wait_with_output().unwrap();
     let said = format!(
@@ -60,7 +63,7 @@ fn promtool_check(text: &str) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(output.status.success(), "promtool check metrics: {said}");
+    assert!(output.status.success(), "promtool {args:?}: {said}");
     said
 }
 
@@ -180,30 +183,14 @@ async fn metrics_move_during_a_build_and_pass_promtool() {
 
     let text = scrape(&farm).await;
     assert_moved_by_the_diamond(&text);
-    assert!(promtool_check(&text).is_empty(), "{text}");
-}
-
-/// Runs promtool in `contrib/prometheus` with `args`; returns what it printed.
-fn promtool(args: &[&str]) -> String {
-    let directory = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/prometheus");
-    let output = Command::new("promtool")
-        .args(args)
-        .current_dir(&directory)
-        .output()
-        .expect("promtool is missing: install Debian's prometheus package (scripts/test does)");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "promtool {args:?}: {said}");
-    said
+    let said = promtool(&["check", "metrics"], &text);
+    assert!(said.is_empty(), "{said}\n{text}");
 }
 
 #[test]
 fn the_alert_rules_pass_promtool_and_their_tests() {
-    let checked = promtool(&["check", "rules", "drover-alerts.yml"]);
+    let checked = promtool(&["check", "rules", "drover-alerts.yml"], "");
     assert!(checked.contains("SUCCESS: 5 rules found"), "{checked}");
-    let tested = promtool(&["test", "rules", "drover-alerts.test.yml"]);
+    let tested = promtool(&["test", "rules", "drover-alerts.test.yml"], "");
     assert!(tested.contains("SUCCESS"), "{tested}");
 }

@@ -12,8 +12,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use drover_queue_runner::db;
-use test_support::TestPostgres;
+mod common;
 
 /// The kinds of relation the document lists, in its order, with their headings.
 const RELATIONS: [(&str, &str); 2] = [("r", "Tables"), ("v", "Views")];
@@ -118,12 +117,7 @@ async fn render(client: &tokio_postgres::Client) -> String {
 
 #[tokio::test]
 async fn the_schema_document_is_generated_from_the_comments_and_up_to_date() {
-    let database = TestPostgres::shared().create_database().await;
-    let pool = db::Connector::new(&db::DatabaseConfig::plain(&database.connection_string))
-        .unwrap()
-        .pool(2)
-        .unwrap();
-    db::migrate(&pool).await.unwrap();
+    let (database, _pool) = common::migrated_database().await;
     let client = database.connect().await;
     let rendered = render(&client).await;
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schema.md");

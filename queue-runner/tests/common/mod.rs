@@ -52,6 +52,18 @@ pub fn build_status(label: &str) -> Stored {
     Stored::from_label(label).unwrap_or_else(|| panic!("unknown build status {label:?}"))
 }
 
+/// A fresh database with the runner's schema, and a pool of two connections on it.
+pub async fn migrated_database() -> (TestDatabase, drover_queue_runner::db::Pool) {
+    use drover_queue_runner::db;
+    let database = TestPostgres::shared().create_database().await;
+    let pool = db::Connector::new(&db::DatabaseConfig::plain(&database.connection_string))
+        .unwrap()
+        .pool(2)
+        .unwrap();
+    db::migrate(&pool).await.unwrap();
+    (database, pool)
+}
+
 /// How long a test waits for the farm to reach a state.
 pub const DEADLINE: Duration = Duration::from_mins(1);
 
