@@ -15,7 +15,8 @@ use prometheus_client::registry::{Registry, Unit};
 use drover_scheduler::Change;
 
 use labels::{CacheLabels, StatusLabels, UploadLabels};
-pub use scrape::{CacheSpace, Scrape, ScrapedGauges};
+use scrape::ScrapedGauges;
+pub use scrape::{CacheSpace, Scrape};
 pub use serve::routes;
 
 /// Every metric of the runner, registered once; cloned handles move them.

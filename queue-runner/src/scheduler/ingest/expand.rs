@@ -4,7 +4,7 @@
 //! steps, each once.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,6 +22,11 @@ use crate::verify::VerifiedClosure;
 
 /// Upstream cache lookups in flight at once while planning.
 const UPSTREAM_LOOKUPS: usize = 64;
+
+/// The step rows a plan needs, by derivation: hashed store paths, not absolute strings in a
+/// B-tree, whose shared `/nix/store/` prefix made every lookup a run of `memcmp` (a third of a
+/// 100k-step plan's CPU).
+type Steps = HashMap<StorePath, StepRow>;
 
 impl Ingest {
     /// Loads and verifies the closures of `group`, creates or finds the steps they need, and
@@ -66,18 +71,27 @@ impl Ingest {
         let needed = needed_derivations(closure, &order, tops.iter().map(|(_, top)| top), done);
         // Only the steps no build needed before are written: a job set planned slice by slice,
         // and a restarted runner, find most of theirs.
-        let mut steps: BTreeMap<String, StepRow> = BTreeMap::new();
-        let mut missing = Vec::new();
+        let mut steps: Steps = HashMap::with_capacity(needed.len());
+        // Created in dependency order, so step ids (the last tie-break of the queue's order) stay
+        // oldest-first from the bottom up.
+        let mut to_create: Vec<&StorePath> = Vec::new();
+        let mut missing: HashMap<String, &StorePath> = HashMap::new();
         for path in &needed {
-            match recorded.remove(&path.to_absolute()) {
+            let absolute = path.to_absolute();
+            match recorded.remove(&absolute) {
                 Some(row) => {
-                    steps.insert(row.drv_path.clone(), row);
+                    steps.insert((*path).clone(), row);
                 }
-                None => missing.push(*path),
+                None => {
+                    missing.insert(absolute, *path);
+                    to_create.push(*path);
+                }
             }
         }
-        for row in queries::ensure_steps(&transaction, &step_specs(closure, &missing)).await? {
-            steps.insert(row.drv_path.clone(), row);
+        for row in queries::ensure_steps(&transaction, &step_specs(closure, &to_create)).await? {
+            if let Some(path) = missing.get(&row.drv_path) {
+                steps.insert((*path).clone(), row);
+            }
         }
         queries::record_step_inputs(&transaction, &new_edges(closure, &needed, &steps)).await?;
         let substituted = mark_available_steps(&available, &mut steps);
@@ -154,7 +168,7 @@ async fn verified_tops<'a>(
 async fn outcomes(
     client: &impl deadpool_postgres::GenericClient,
     tops: &[(&QueuedBuild, StorePath)],
-    steps: &BTreeMap<String, StepRow>,
+    steps: &Steps,
     planned: &[PlannedStep],
     blocked: &Blocked,
 ) -> Result<(Vec<(i64, BuildStatus, Option<String>)>, Vec<PlannedBuild>), DbError> {
@@ -162,7 +176,7 @@ async fn outcomes(
     let mut builds = Vec::new();
     let mut reasons: HashMap<StepId, String> = HashMap::new();
     for (build, top) in tops {
-        let top = &steps[&top.to_absolute()];
+        let top = &steps[top];
         if top.status == StepStatus::Succeeded {
             ended.push((build.id, BuildStatus::Succeeded, None));
         } else if let Some(failed) = blocked.origin(top.id) {
@@ -277,18 +291,14 @@ fn step_specs(closure: &VerifiedClosure, needed: &[&StorePath]) -> Vec<StepSpec>
 
 /// The edges of the steps just created, as (step, input step): a step that existed already has
 /// its edges.
-fn new_edges(
-    closure: &VerifiedClosure,
-    needed: &[&StorePath],
-    steps: &BTreeMap<String, StepRow>,
-) -> Vec<(i64, i64)> {
+fn new_edges(closure: &VerifiedClosure, needed: &[&StorePath], steps: &Steps) -> Vec<(i64, i64)> {
     let mut edges = Vec::new();
     for path in needed {
-        let Some(row) = steps.get(&path.to_absolute()).filter(|row| row.created) else {
+        let Some(row) = steps.get(*path).filter(|row| row.created) else {
             continue;
         };
         for input in &closure.derivations[*path].inputs {
-            if let Some(input) = steps.get(&input.to_absolute()) {
+            if let Some(input) = steps.get(input) {
                 edges.push((row.id, input.id));
             }
         }
@@ -376,14 +386,14 @@ async fn cached_failure(
 fn substituted_outputs(
     closure: &VerifiedClosure,
     order: &[&StorePath],
-    steps: &BTreeMap<String, StepRow>,
+    steps: &Steps,
     substituted: &[StepId],
 ) -> Vec<(StepId, String, String)> {
     order
         .iter()
         .filter_map(|path| {
             let verified = &closure.derivations[*path];
-            let row = steps.get(&path.to_absolute())?;
+            let row = steps.get(*path)?;
             substituted.contains(&row.id).then(|| {
                 verified
                     .outputs
@@ -402,12 +412,12 @@ fn substituted_outputs(
 fn plan_steps(
     closure: &VerifiedClosure,
     order: &[&StorePath],
-    steps: &BTreeMap<String, StepRow>,
+    steps: &Steps,
     specs: &mut HashMap<StorePath, Arc<drover_scheduler::StepSpec>>,
 ) -> Vec<PlannedStep> {
     let mut planned = Vec::new();
     for path in order {
-        let row = &steps[&path.to_absolute()];
+        let row = &steps[*path];
         if row.status == StepStatus::Succeeded {
             continue;
         }
@@ -415,7 +425,7 @@ fn plan_steps(
         let inputs: Vec<StepId> = verified
             .inputs
             .iter()
-            .filter_map(|input| steps.get(&input.to_absolute()))
+            .filter_map(|input| steps.get(input))
             .filter(|input| input.status != StepStatus::Succeeded)
             .map(|input| input.id)
             .collect();
@@ -507,14 +517,11 @@ async fn all_available(
 
 /// Unfinished steps whose outputs are all available are done without building: marks them
 /// succeeded in `steps` and returns their ids.
-fn mark_available_steps(
-    available: &BTreeSet<String>,
-    steps: &mut BTreeMap<String, StepRow>,
-) -> Vec<StepId> {
+fn mark_available_steps(available: &BTreeSet<String>, steps: &mut Steps) -> Vec<StepId> {
     let mut substituted = Vec::new();
-    for (path, row) in steps.iter_mut() {
+    for row in steps.values_mut() {
         let finished = matches!(row.status, StepStatus::Succeeded | StepStatus::Failed);
-        if !finished && available.contains(path) {
+        if !finished && available.contains(&row.drv_path) {
             row.status = StepStatus::Succeeded;
             substituted.push(row.id);
         }
