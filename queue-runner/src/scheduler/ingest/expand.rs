@@ -78,14 +78,11 @@ impl Ingest {
         let mut missing: HashMap<String, &StorePath> = HashMap::new();
         for path in &needed {
             let absolute = path.to_absolute();
-            match recorded.remove(&absolute) {
-                Some(row) => {
-                    steps.insert((*path).clone(), row);
-                }
-                None => {
-                    missing.insert(absolute, *path);
-                    to_create.push(*path);
-                }
+            if let Some(row) = recorded.remove(&absolute) {
+                steps.insert((*path).clone(), row);
+            } else {
+                missing.insert(absolute, *path);
+                to_create.push(*path);
             }
         }
         for row in queries::ensure_steps(&transaction, &step_specs(closure, &to_create)).await? {
