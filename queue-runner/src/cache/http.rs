@@ -67,7 +67,8 @@ async fn narinfo(State(served): State<Served>, Path(name): Path<String>) -> Resp
         hash.len() == HASH_CHARS && hash.bytes().all(nix_primitives::base32::is_digit)
     });
     if !valid {
-        served.metrics.request("narinfo", "miss");
+        // Not a narinfo name (a browser's favicon, a scanner): counted apart.
+        served.metrics.request("other", "miss");
         return not_found();
     }
     file(&served, &name, ("narinfo", "text/x-nix-narinfo")).await

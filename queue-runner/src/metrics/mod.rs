@@ -118,15 +118,16 @@ impl Metrics {
     #[must_use]
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("drover");
-        let seconds = || Histogram::new(exponential_buckets(0.001, 4.0, 12));
+        // Queue waits from a millisecond to about 18 hours; steps from 0.1 s to about 15 hours
+        // (Nix builds can take that long); batch writes from a millisecond to about an hour.
         let scheduler = SchedulerMetrics {
             attempts_started: Counter::default(),
             attempts_ended: Family::default(),
             builds_finished: Family::default(),
-            queue_wait: seconds(),
-            step_duration: seconds(),
+            queue_wait: Histogram::new(exponential_buckets(0.001, 4.0, 14)),
+            step_duration: Histogram::new(exponential_buckets(0.1, 3.0, 13)),
             batch_changes: Histogram::new(exponential_buckets(1.0, 4.0, 7)),
-            commit_duration: seconds(),
+            commit_duration: Histogram::new(exponential_buckets(0.001, 4.0, 12)),
         };
         registry.register(
             "attempts_started",
@@ -140,7 +141,7 @@ impl Metrics {
         );
         registry.register(
             "builds_finished",
-            "Builds ended, by status",
+            "Builds the scheduler ended, by status (not those ended at ingest: cached failures, refusals, outputs already cached)",
             scheduler.builds_finished.clone(),
         );
         registry.register_with_unit(

@@ -14,7 +14,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use super::labels::{CapacityLabels, StateLabels, StepLabels, SystemLabels};
 
-/// What a scrape reports, gathered by the scheduler's driver between two batches.
+/// What a scrape reports, gathered by the scheduler's driver between two events.
 #[derive(Debug, Clone)]
 pub struct Scrape {
     /// The core's counts.

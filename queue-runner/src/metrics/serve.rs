@@ -48,17 +48,17 @@ pub fn routes(
 
 async fn scrape(State(source): State<Arc<Source>>) -> Response {
     let (reply, answer) = oneshot::channel();
-    if source
-        .scheduler
-        .send(SessionEvent::Scrape { reply })
-        .await
-        .is_err()
-    {
-        return unavailable("the scheduler has stopped");
-    }
-    let scrape = match tokio::time::timeout(SCHEDULER_PATIENCE, answer).await {
-        Ok(Ok(scrape)) => scrape,
-        Ok(Err(_)) => return unavailable("the scheduler has stopped"),
+    let asked = async {
+        source
+            .scheduler
+            .send(SessionEvent::Scrape { reply })
+            .await
+            .ok()?;
+        answer.await.ok()
+    };
+    let scrape = match tokio::time::timeout(SCHEDULER_PATIENCE, asked).await {
+        Ok(Some(scrape)) => scrape,
+        Ok(None) => return unavailable("the scheduler has stopped"),
         Err(_) => return unavailable("the scheduler did not answer within 5 s"),
     };
     let space = CacheSpace::of(&source.cache_directory);

@@ -175,7 +175,8 @@ pub enum SessionEvent {
         /// Where the answer goes; `None` if the core cannot tell.
         reply: oneshot::Sender<Option<Duration>>,
     },
-    /// A metrics scrape: the core's counts, between two batches.
+    /// A metrics scrape: the core's counts, between two events (the batch they belong to may
+    /// not be written yet).
     Scrape {
         /// Where the answer goes.
         reply: oneshot::Sender<Scrape>,
@@ -382,6 +383,10 @@ impl Driver {
                 Vec::new()
             }
             SessionEvent::Scrape { reply } => {
+                if reply.is_closed() {
+                    // The scrape gave up waiting: nothing to count for.
+                    return Vec::new();
+                }
                 let scrape = Scrape {
                     gauges: self.core.gauges(),
                     oldest_runnable: self.queue_clock.oldest(&self.core, Instant::now()),
@@ -417,10 +422,13 @@ impl Driver {
                         if let Some(running) = self.core.attempt(attempt) {
                             let took = running.started.elapsed();
                             tracing::debug!(%attempt, step = running.step, outcome = ?report.outcome, ?took, "step finished");
-                            self.published
-                                .metrics
-                                .step_duration
-                                .observe(took.as_secs_f64());
+                            // An attempt adopted after a restart started before this process.
+                            if running.measured {
+                                self.published
+                                    .metrics
+                                    .step_duration
+                                    .observe(took.as_secs_f64());
+                            }
                         }
                     }
                     _ => {}

@@ -16,10 +16,14 @@ pub struct QueueClock {
 }
 
 impl QueueClock {
-    /// Follows `change`: a step that became runnable starts waiting; a dispatched one has
-    /// waited, which `waited` is told; any other status stops its clock.
+    /// Follows `change`: a step that became runnable starts waiting (a step held back by a
+    /// retry's backoff, once the backoff ends); a dispatched one has waited, which `waited` is
+    /// told; any other status stops its clock.
     pub fn observe(&mut self, change: &Change, now: Instant, waited: &Histogram) {
         match change {
+            Change::StepHeld { step, delay } => {
+                self.since.insert(*step, now + *delay);
+            }
             Change::StepStatus {
                 step,
                 status: StepStatus::Runnable,
