@@ -147,11 +147,7 @@ impl Gauges {
 /// has a free slot for them.
 fn why_no_capacity(placement: &Placement, class: ClassId) -> Option<(String, NoCapacity)> {
     let requirements = placement.requirements(class)?;
-    let capable: Vec<&Builder> = placement
-        .builders()
-        .map(|(_, builder)| builder)
-        .filter(|builder| builder.capabilities.can_run(requirements))
-        .collect();
+    let capable: Vec<&Builder> = placement.capable_builders(class).collect();
     let reason = if capable.is_empty() {
         let offers_system = placement.builders().any(|(_, builder)| {
             requirements.system == "builtin"

@@ -172,6 +172,14 @@ impl Placement {
             .map(|(id, class)| (id, class.runnable.len() as u64))
     }
 
+    /// The connected builders that can run `class`, free or not, as matched when they joined
+    /// or the class was made.
+    pub fn capable_builders(&self, class: ClassId) -> impl Iterator<Item = &Builder> + '_ {
+        self.builders
+            .values()
+            .filter(move |builder| builder.classes.contains(&class))
+    }
+
     /// What steps of `class` need.
     #[must_use]
     pub fn requirements(&self, class: ClassId) -> Option<&Requirements> {
