@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use super::fleet::Standing;
 use super::graph::{StepGraph, StepState};
 use super::placement::{Builder, Placement};
 use super::types::ClassId;
@@ -13,8 +14,14 @@ use super::types::ClassId;
 pub enum NoCapacity {
     /// Every connected builder that can run them has all its slots taken.
     Busy,
-    /// Every connected builder that can run them is draining.
+    /// Every connected builder that can run them is shutting down.
     Draining,
+    /// Every connected builder that can run them and is not shutting down was drained by an
+    /// admin.
+    Drained,
+    /// Every connected builder that can run them and is not drained or shutting down is
+    /// quarantined.
+    Quarantined,
     /// Builders offer their system, but none of them the features they need.
     MissingFeature,
     /// No connected builder offers their system.
@@ -28,6 +35,8 @@ impl NoCapacity {
         match self {
             Self::Busy => "busy",
             Self::Draining => "draining",
+            Self::Drained => "drained",
+            Self::Quarantined => "quarantined",
             Self::MissingFeature => "missing_feature",
             Self::NoBuilder => "no_builder",
         }
@@ -43,13 +52,24 @@ pub enum BuilderState {
     Busy,
     /// Every slot in use.
     Full,
-    /// Taking no new work; finishing what it runs.
+    /// Shutting down: finishing what it runs, then leaving.
     Draining,
+    /// Drained by an admin: connected, finishing what it runs, taking nothing new.
+    Drained,
+    /// Quarantined after infrastructure failures: cooling down, or on probation.
+    Quarantined,
 }
 
 impl BuilderState {
     /// Every state, so a metric shows the ones no builder is in as zero.
-    pub const ALL: [Self; 4] = [Self::Idle, Self::Busy, Self::Full, Self::Draining];
+    pub const ALL: [Self; 6] = [
+        Self::Idle,
+        Self::Busy,
+        Self::Full,
+        Self::Draining,
+        Self::Drained,
+        Self::Quarantined,
+    ];
 
     /// Its label in metrics.
     #[must_use]
@@ -59,12 +79,17 @@ impl BuilderState {
             Self::Busy => "busy",
             Self::Full => "full",
             Self::Draining => "draining",
+            Self::Drained => "drained",
+            Self::Quarantined => "quarantined",
         }
     }
 
-    fn of(builder: &Builder) -> Self {
-        if builder.draining {
-            Self::Draining
+    /// What `builder` is doing; a builder closed for several reasons shows the first of
+    /// shutting down, drained, quarantined.
+    #[must_use]
+    pub fn of(builder: &Builder) -> Self {
+        if let Some(closed) = Self::closed(builder.standing) {
+            closed
         } else if builder.running == 0 {
             Self::Idle
         } else if builder.running >= builder.capabilities.max_jobs {
@@ -73,14 +98,27 @@ impl BuilderState {
             Self::Busy
         }
     }
+
+    /// Why a builder standing so takes no work (or only a probation step), if it does not.
+    fn closed(standing: Standing) -> Option<Self> {
+        if standing.shutting_down {
+            Some(Self::Draining)
+        } else if standing.drained {
+            Some(Self::Drained)
+        } else if standing.quarantine.is_some() {
+            Some(Self::Quarantined)
+        } else {
+            None
+        }
+    }
 }
 
 /// Job slots offered for one system.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Slots {
-    /// Slots of the builders offering it that take work.
+    /// Slots of the builders offering it that take work (one for a builder on probation).
     pub offered: u64,
-    /// Jobs running on builders offering it (draining ones included).
+    /// Jobs running on builders offering it that take work.
     pub used: u64,
 }
 
@@ -128,10 +166,11 @@ impl Gauges {
                 .or_default() += 1;
             for system in &builder.capabilities.systems {
                 let slots = gauges.slots.entry(system.clone()).or_default();
-                if !builder.draining {
-                    slots.offered += u64::from(builder.capabilities.max_jobs);
+                let limit = builder.standing.job_limit(builder.capabilities.max_jobs);
+                if limit > 0 {
+                    slots.offered += u64::from(limit);
+                    slots.used += u64::from(builder.running.min(limit));
                 }
-                slots.used += u64::from(builder.running);
             }
         }
         for (class, runnable) in placement.waiting_classes() {
@@ -158,15 +197,26 @@ fn why_no_capacity(placement: &Placement, class: ClassId) -> Option<(String, NoC
         } else {
             NoCapacity::NoBuilder
         }
-    } else if capable.iter().all(|builder| builder.draining) {
-        NoCapacity::Draining
     } else if capable
         .iter()
-        .all(|builder| builder.draining || builder.running >= builder.capabilities.max_jobs)
+        .any(|builder| builder.running < builder.standing.job_limit(builder.capabilities.max_jobs))
+    {
+        return None;
+    } else if capable
+        .iter()
+        .any(|builder| builder.standing.job_limit(builder.capabilities.max_jobs) > 0)
     {
         NoCapacity::Busy
     } else {
-        return None;
+        // Every capable builder is closed: the reason that lasts longest wins.
+        let states: Vec<BuilderState> = capable.iter().map(|b| BuilderState::of(b)).collect();
+        if states.contains(&BuilderState::Quarantined) {
+            NoCapacity::Quarantined
+        } else if states.contains(&BuilderState::Drained) {
+            NoCapacity::Drained
+        } else {
+            NoCapacity::Draining
+        }
     };
     Some((requirements.system.clone(), reason))
 }

@@ -11,6 +11,7 @@
 
 mod backoff;
 pub mod durations;
+pub mod fleet;
 pub mod gauges;
 mod graph;
 mod orphans;
@@ -38,6 +39,7 @@ pub use types::{
 
 use backoff::Held;
 use durations::Durations;
+use fleet::{Fleet, Imposed, Quarantine, QuarantinePolicy, StoredStanding};
 use orphans::{Cause, Orphan, Orphans, Wait};
 use unsupported::Unsupported;
 
@@ -59,6 +61,8 @@ pub struct CoreLimits {
     pub rejoin_grace: std::time::Duration,
     /// Whether runnable steps are ordered by learned durations; off, by step count.
     pub learned_durations: bool,
+    /// When builders are quarantined.
+    pub quarantine: QuarantinePolicy,
 }
 
 /// Why an attempt ended without a result of the build's own: which counter it moves.
@@ -134,6 +138,7 @@ pub struct Core {
     unsupported: Unsupported,
     orphans: Orphans,
     durations: Durations,
+    fleet: Fleet,
     limits: CoreLimits,
     new_attempt_id: Box<dyn FnMut() -> AttemptId + Send + Sync>,
     commands: Vec<Command>,
@@ -159,6 +164,7 @@ impl Core {
             unsupported: Unsupported::default(),
             orphans: Orphans::default(),
             durations: Durations::new(limits.learned_durations),
+            fleet: Fleet::default(),
             limits,
             new_attempt_id,
             commands: Vec::new(),
@@ -224,7 +230,16 @@ impl Core {
                 reason,
                 departure,
             } => self.on_builder_left(session, &reason, departure),
-            Event::BuilderDraining { session } => self.placement.drain(session),
+            Event::BuilderDraining { session } => self
+                .placement
+                .set_standing(session, |standing| standing.shutting_down = true),
+            Event::SetDrained { name, drained } => self.set_drained(&name, drained),
+            Event::SetQuarantine {
+                name,
+                quarantined,
+                by,
+                at,
+            } => self.set_quarantine(&name, quarantined, &by, at),
             Event::CancelBuild { build, by } => self.cancel_build(build, &by),
             Event::RestartBuild { build } => {
                 self.cancelled.remove(&build);
@@ -253,6 +268,7 @@ impl Core {
 
     /// Gives every free slot the best runnable step it can take.
     pub fn dispatch(&mut self, now: Instant) -> Vec<Command> {
+        self.refresh_quarantines(now);
         self.orphans.arm(now);
         for (attempt, orphan) in self.orphans.expired(now) {
             let reason = match &orphan.cause {
@@ -351,10 +367,21 @@ impl Core {
         let unsupported = self
             .unsupported
             .next_deadline(self.limits.unsupported_grace);
-        [self.held.next_due(), unsupported, self.orphans.deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        let probation = self
+            .placement
+            .builders()
+            .filter(|(_, builder)| builder.standing.quarantine == Some(Quarantine::CoolingDown))
+            .filter_map(|(_, builder)| self.fleet.probation_from(&builder.name))
+            .min();
+        [
+            self.held.next_due(),
+            unsupported,
+            self.orphans.deadline(),
+            probation,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Takes the attempts the database says are running, left by a previous runner process:
@@ -400,6 +427,12 @@ impl Core {
         self.durations.enable(limits.learned_durations);
     }
 
+    /// Takes the builders' standing a previous runner process stored (drained, quarantined);
+    /// stored cool-downs count from `now`. Call before any event.
+    pub fn recover_machines(&mut self, stored: impl IntoIterator<Item = StoredStanding>, now: Instant) {
+        self.fleet.recover(stored, now);
+    }
+
     /// Takes in the durations earlier runs learned (the driver reads them at start).
     pub fn load_durations(&mut self, learned: impl IntoIterator<Item = Learned>) {
         self.durations.load(learned);
@@ -433,6 +466,65 @@ impl Core {
     /// database knows at start), so a step nobody can take says whether anybody ever could.
     pub fn remember_builder(&mut self, capabilities: Capabilities) {
         self.unsupported.remember(capabilities);
+    }
+
+    /// An admin drained or enabled a builder.
+    fn set_drained(&mut self, name: &str, drained: bool) {
+        if !self.fleet.set_drained(name, drained) {
+            return;
+        }
+        self.persist(Change::MachineDrained {
+            name: name.to_owned(),
+            drained,
+        });
+        if let Some(session) = self.placement.session_of(name) {
+            self.placement
+                .set_standing(session, |standing| standing.drained = drained);
+        }
+    }
+
+    /// An admin imposed or lifted a builder's quarantine.
+    fn set_quarantine(&mut self, name: &str, quarantined: bool, by: &str, at: Instant) {
+        if quarantined {
+            let reason = format!("imposed by {by}");
+            let imposed = self
+                .fleet
+                .impose(name, reason, self.limits.quarantine.cool_down, at);
+            self.quarantine_changed(name, Some(imposed), at);
+        } else if self.fleet.lift(name) {
+            self.quarantine_changed(name, None, at);
+        }
+    }
+
+    /// Persists a quarantine that began or ended, and applies it to the builder's session.
+    fn quarantine_changed(&mut self, name: &str, imposed: Option<Imposed>, now: Instant) {
+        let quarantine = self.fleet.standing(name, now).quarantine;
+        self.persist(Change::MachineQuarantined {
+            name: name.to_owned(),
+            quarantine: imposed,
+        });
+        if let Some(session) = self.placement.session_of(name) {
+            self.placement
+                .set_standing(session, |standing| standing.quarantine = quarantine);
+        }
+    }
+
+    /// Moves the connected builders whose cool-down ended to probation.
+    fn refresh_quarantines(&mut self, now: Instant) {
+        let due: Vec<(SessionId, Option<Quarantine>)> = self
+            .fleet
+            .quarantined()
+            .filter_map(|name| {
+                let session = self.placement.session_of(name)?;
+                let quarantine = self.fleet.standing(name, now).quarantine;
+                let current = self.placement.builder(session)?.standing.quarantine;
+                (current != quarantine).then_some((session, quarantine))
+            })
+            .collect();
+        for (session, quarantine) in due {
+            self.placement
+                .set_standing(session, |standing| standing.quarantine = quarantine);
+        }
     }
 
     fn persist(&mut self, change: Change) {
@@ -593,7 +685,8 @@ impl Core {
         // behind that it does not name are gone, so their steps need not wait any longer.
         let left_behind = self.orphans.of_builder(&name);
         let gone = format!("builder lost: {name} came back without the attempt");
-        let previous = self.placement.join(session, name, capabilities);
+        let standing = self.fleet.joining(&name);
+        let previous = self.placement.join(session, name, capabilities, standing);
         let mut unknown = Vec::new();
         for attempt in held {
             if !self.claim(session, previous, *attempt) {
@@ -715,8 +808,8 @@ impl Core {
         let Some(builder) = self.placement.leave(session) else {
             return;
         };
-        if builder.draining {
-            // What a drained builder still held is handed back: nobody's fault.
+        if builder.standing.shutting_down {
+            // What a builder shutting down still held is handed back: nobody's fault.
             self.requeue_session(session, Requeue::HandedBack, "builder left: draining");
         } else if departure == Departure::ConnectionLost && !self.limits.rejoin_grace.is_zero() {
             self.await_rejoin(session, &builder.name, reason);
@@ -860,10 +953,12 @@ impl Core {
         if let Some(attempts) = self.by_session.get_mut(&session) {
             attempts.remove(&attempt);
         }
-        let speed_factor = self
+        let (builder_name, speed_factor) = self
             .placement
             .builder(session)
-            .map_or(1.0, |builder| builder.capabilities.speed_factor);
+            .map_or((String::new(), 1.0), |builder| {
+                (builder.name.clone(), builder.capabilities.speed_factor)
+            });
         self.placement.release(session);
         if self.stopping.remove(&attempt) {
             // A cancelled step's attempt has stopped; its end is already recorded.
@@ -877,6 +972,9 @@ impl Core {
                     let took = at.saturating_duration_since(running.started);
                     let learned = self.durations.learn(&node.spec, took, speed_factor);
                     self.persist(Change::DurationLearned(learned));
+                }
+                if self.fleet.success(&builder_name) {
+                    self.quarantine_changed(&builder_name, None, at);
                 }
                 self.succeed(attempt, step, report.outputs);
             }
@@ -894,9 +992,16 @@ impl Core {
                 self.fail(step, StepStatus::Failed, &report.message);
             }
             Outcome::InfrastructureFailure => {
-                let builder = self.placement.builder(session).map(|b| b.name.clone());
-                if let (Some(node), Some(builder)) = (self.graph.step_mut(step), builder) {
-                    node.avoid = Some(builder);
+                if let Some(imposed) = self.fleet.infrastructure_failure(
+                    &builder_name,
+                    &report.message,
+                    self.limits.quarantine,
+                    at,
+                ) {
+                    self.quarantine_changed(&builder_name, Some(imposed), at);
+                }
+                if let Some(node) = self.graph.step_mut(step) {
+                    node.avoid = Some(builder_name);
                 }
                 self.requeue(
                     attempt,

@@ -7,6 +7,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 
+use super::fleet::Standing;
 use super::graph::Order;
 use super::types::{Capabilities, ClassId, Requirements, SessionId, StepId};
 
@@ -39,16 +40,15 @@ pub struct Builder {
     pub capabilities: Capabilities,
     /// Jobs it runs now.
     pub running: u32,
-    /// It is draining: it takes no new work, and what it still holds when it leaves is handed
-    /// back, not lost.
-    pub draining: bool,
+    /// Whether it takes work.
+    pub standing: Standing,
     classes: Vec<ClassId>,
 }
 
 impl Builder {
     fn rank(&self, session: SessionId) -> Option<Rank> {
         let max = self.capabilities.max_jobs;
-        (!self.draining && self.running < max).then(|| Rank {
+        (self.running < self.standing.job_limit(max)).then(|| Rank {
             speed: Reverse(self.capabilities.speed_factor.to_bits()),
             load: (u64::from(self.running) << 32) / u64::from(max.max(1)),
             session,
@@ -117,6 +117,7 @@ impl Placement {
         session: SessionId,
         name: String,
         capabilities: Capabilities,
+        standing: Standing,
     ) -> Option<SessionId> {
         let replaced = self.by_name.insert(name.clone(), session);
         let classes: Vec<ClassId> = self
@@ -130,7 +131,7 @@ impl Placement {
             name,
             capabilities,
             running: 0,
-            draining: false,
+            standing,
             classes,
         };
         self.set_rank(None, builder.rank(session), &builder.classes);
@@ -200,9 +201,14 @@ impl Placement {
     pub fn slots(&self) -> u64 {
         self.builders
             .values()
-            .filter(|builder| !builder.draining)
-            .map(|builder| u64::from(builder.capabilities.max_jobs))
+            .map(|builder| u64::from(builder.standing.job_limit(builder.capabilities.max_jobs)))
             .sum()
+    }
+
+    /// The session of the builder `name`, if it is connected.
+    #[must_use]
+    pub fn session_of(&self, name: &str) -> Option<SessionId> {
+        self.by_name.get(name).copied()
     }
 
     /// A connected builder session.
@@ -220,31 +226,28 @@ impl Placement {
 
     /// One more job runs on `session`.
     pub fn occupy(&mut self, session: SessionId) {
-        self.adjust(session, |running| running + 1);
+        self.update(session, |builder| builder.running += 1);
     }
 
-    /// `session` takes no new work from now on.
-    pub fn drain(&mut self, session: SessionId) {
-        let Some(builder) = self.builders.get_mut(&session) else {
-            return;
-        };
-        let old = builder.rank(session);
-        builder.draining = true;
-        let classes = builder.classes.clone();
-        self.set_rank(old, None, &classes);
+    /// Changes whether `session` takes work.
+    pub fn set_standing(&mut self, session: SessionId, change: impl FnOnce(&mut Standing)) {
+        self.update(session, |builder| change(&mut builder.standing));
     }
 
     /// One job fewer runs on `session`.
     pub fn release(&mut self, session: SessionId) {
-        self.adjust(session, |running| running.saturating_sub(1));
+        self.update(session, |builder| {
+            builder.running = builder.running.saturating_sub(1);
+        });
     }
 
-    fn adjust(&mut self, session: SessionId, change: impl FnOnce(u32) -> u32) {
+    /// Changes a builder and ranks it again in its classes.
+    fn update(&mut self, session: SessionId, change: impl FnOnce(&mut Builder)) {
         let Some(builder) = self.builders.get_mut(&session) else {
             return;
         };
         let old = builder.rank(session);
-        builder.running = change(builder.running);
+        change(builder);
         let new = builder.rank(session);
         let classes = builder.classes.clone();
         self.set_rank(old, new, &classes);

@@ -11,8 +11,8 @@ use uuid::Uuid;
 
 use super::*;
 
-/// Two attempts for infrastructure failures, retried at once: the tests of other policies need
-/// no clock.
+/// Two attempts for infrastructure failures, retried at once, and no quarantine: the tests of
+/// other policies need no clock.
 const LIMITS: CoreLimits = CoreLimits {
     max_builder_losses: 2,
     retry: RetryPolicy {
@@ -25,6 +25,10 @@ const LIMITS: CoreLimits = CoreLimits {
     readoption_grace: Duration::from_mins(2),
     rejoin_grace: Duration::from_secs(10),
     learned_durations: true,
+    quarantine: QuarantinePolicy {
+        after_failures: 0,
+        cool_down: Duration::from_mins(10),
+    },
 };
 
 fn core() -> Core {
@@ -1479,4 +1483,5 @@ fn a_failed_keep_going_build_keeps_its_buildable_steps_until_it_is_cancelled() {
 }
 
 mod durations;
+mod fleet;
 mod gauges;

@@ -217,6 +217,26 @@ pub enum Event {
         /// The connection.
         session: SessionId,
     },
+    /// An admin drained a builder (it keeps its session and finishes what it runs, but gets no
+    /// new work, until enabled) or enabled it.
+    SetDrained {
+        /// The builder's name.
+        name: String,
+        /// Drained, or enabled.
+        drained: bool,
+    },
+    /// An admin quarantined a builder (its cool-down and probation follow as after failures)
+    /// or lifted its quarantine.
+    SetQuarantine {
+        /// The builder's name.
+        name: String,
+        /// Imposed, or lifted.
+        quarantined: bool,
+        /// Who, for the reason recorded.
+        by: String,
+        /// When, on the core's clock.
+        at: Instant,
+    },
     /// A user cancelled a build: its steps that no other build needs stop.
     CancelBuild {
         /// The build.
@@ -341,6 +361,20 @@ pub enum Change {
     MachineLeft {
         /// Its name.
         name: String,
+    },
+    /// An admin drained or enabled a builder.
+    MachineDrained {
+        /// Its name.
+        name: String,
+        /// Drained, or enabled.
+        drained: bool,
+    },
+    /// A builder's quarantine began (with why and its cool-down) or was lifted (`None`).
+    MachineQuarantined {
+        /// Its name.
+        name: String,
+        /// The quarantine begun, if it began.
+        quarantine: Option<crate::fleet::Imposed>,
     },
 }
 
