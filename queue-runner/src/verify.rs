@@ -2,7 +2,7 @@
 //! hash to its claimed path, and have the output paths its inputs determine. Used for Submit and
 //! for builds an evaluator inserted with SQL, so both paths trust exactly the same checks.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use error_context::{Classify, Severity};
 use nix_primitives::derivation::{AtermError, FeaturesError, OutputPathError, derivation_path};
@@ -130,8 +130,9 @@ impl Loaded {
 /// Verified derivations with their closures: one build's, or the union of a job set's.
 #[derive(Debug, Default)]
 pub struct VerifiedClosure {
-    /// Every derivation verified.
-    pub derivations: BTreeMap<StorePath, VerifiedDerivation>,
+    /// Every derivation verified, by path: looked up for every step and edge planned, so hashed
+    /// rather than ordered (ordered lookups compared the shared `/nix/store/` prefix each time).
+    pub derivations: HashMap<StorePath, VerifiedDerivation>,
     /// The output hashes of every derivation verified, so its dependents are hashed without it.
     hasher: DerivationHasher,
 }
@@ -147,7 +148,7 @@ impl VerifiedClosure {
         loaded: &mut BTreeMap<StorePath, Loaded>,
     ) -> Result<Vec<StoredDerivation>, VerifyError> {
         let order = dependency_order(top, loaded, &self.derivations)?;
-        let mut verified: BTreeMap<StorePath, VerifiedDerivation> = BTreeMap::new();
+        let mut verified: HashMap<StorePath, VerifiedDerivation> = HashMap::new();
         let mut to_store = Vec::new();
         for path in &order {
             let found = loaded
@@ -176,7 +177,6 @@ impl VerifiedClosure {
         for path in &order {
             loaded.remove(path);
         }
-        // Inserted one by one: `BTreeMap::append` rebuilds the whole map, once per job.
         self.derivations.extend(verified);
         Ok(to_store)
     }
@@ -203,7 +203,7 @@ impl VerifiedClosure {
         path: &StorePath,
         derivation: &Derivation,
         loaded: &BTreeMap<StorePath, Loaded>,
-        batch: &BTreeMap<StorePath, VerifiedDerivation>,
+        batch: &HashMap<StorePath, VerifiedDerivation>,
     ) -> Result<VerifiedDerivation, VerifyError> {
         let lookup = |input: &StorePath| match loaded.get(input) {
             Some(Loaded::Parsed(derivation)) => Some(derivation),
@@ -225,7 +225,7 @@ impl VerifiedClosure {
     #[must_use]
     pub fn closure_of<'a>(&self, tops: impl IntoIterator<Item = &'a StorePath>) -> Vec<&StorePath> {
         let mut order = Vec::new();
-        let mut visited = BTreeSet::new();
+        let mut visited = HashSet::new();
         let mut stack: Vec<(&StorePath, bool)> = tops.into_iter().map(|top| (top, false)).collect();
         stack.reverse();
         while let Some((path, inputs_done)) = stack.pop() {
@@ -355,10 +355,10 @@ fn verify_one<'a>(
 fn dependency_order(
     top: &StorePath,
     loaded: &BTreeMap<StorePath, Loaded>,
-    verified: &BTreeMap<StorePath, VerifiedDerivation>,
+    verified: &HashMap<StorePath, VerifiedDerivation>,
 ) -> Result<Vec<StorePath>, VerifyError> {
     let mut order = Vec::new();
-    let mut visited = BTreeSet::new();
+    let mut visited = HashSet::new();
     let mut stack = vec![(top.clone(), false)];
     while let Some((path, inputs_done)) = stack.pop() {
         if inputs_done {

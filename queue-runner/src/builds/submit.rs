@@ -258,21 +258,26 @@ pub(super) async fn refuse_unknown_systems(
     if machines.is_empty() {
         return Ok(());
     }
-    for (path, verified) in &closure.derivations {
-        let requirements = Requirements {
+    // The first refused path in store order, so the same closure is always refused the same way.
+    let refused = closure
+        .derivations
+        .iter()
+        .filter(|(_, verified)| {
+            let requirements = Requirements {
+                system: verified.system.clone(),
+                features: verified.features.clone(),
+            };
+            !machines
+                .iter()
+                .any(|machine| machine.can_run(&requirements))
+        })
+        .min_by(|(a, _), (b, _)| a.cmp(b));
+    if let Some((path, verified)) = refused {
+        return Err(SubmitError::UnknownSystem {
+            drv: path.to_absolute(),
             system: verified.system.clone(),
-            features: verified.features.clone(),
-        };
-        if !machines
-            .iter()
-            .any(|machine| machine.can_run(&requirements))
-        {
-            return Err(SubmitError::UnknownSystem {
-                drv: path.to_absolute(),
-                system: requirements.system,
-                features: requirements.features.into_iter().collect(),
-            });
-        }
+            features: verified.features.iter().cloned().collect(),
+        });
     }
     Ok(())
 }
