@@ -236,5 +236,4 @@ impl Fleet {
             .filter(|(_, machine)| machine.quarantine.is_some())
             .map(|(name, _)| name.as_str())
     }
-
 }

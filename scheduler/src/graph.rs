@@ -416,6 +416,35 @@ impl StepGraph {
         started
     }
 
+    /// Raises the global priority of `build` and of every unfinished step it needs to at least
+    /// `priority` (never lowers one: see the module's note); returns the runnable steps whose
+    /// order changed, with their old order. `None` if the build is not in the graph.
+    pub fn raise_global_priority(
+        &mut self,
+        build: BuildId,
+        priority: i32,
+    ) -> Option<Vec<(StepId, Order)>> {
+        let top = self.builds.get(&build)?.top;
+        let mut reordered = Vec::new();
+        let mut pending = vec![top];
+        while let Some(id) = pending.pop() {
+            let Some(node) = self.steps.get_mut(&id) else {
+                continue;
+            };
+            if node.global_priority >= priority {
+                // Raised already, with everything below it.
+                continue;
+            }
+            if node.state == StepState::Runnable {
+                reordered.push((id, node.order(id)));
+            }
+            node.global_priority = priority;
+            pending.extend(node.inputs.iter().copied());
+        }
+        reordered.sort_unstable();
+        Some(reordered)
+    }
+
     /// Puts a running step back in line; returns whether it was running.
     pub fn requeue(&mut self, step: StepId) -> bool {
         match self.steps.get_mut(&step) {

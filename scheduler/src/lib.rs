@@ -131,6 +131,9 @@ pub struct Core {
     recent: RecentFinishes,
     /// Builds cancelled before ingest planned them: a late plan for one is ignored.
     cancelled: HashSet<BuildId>,
+    /// Global priorities set for builds not planned yet: their plan may have read the row
+    /// before it changed.
+    raised: HashMap<BuildId, i32>,
     /// Attempts of cancelled steps, told to stop: they hold their builder's slot until its
     /// result comes (whatever it says) or the builder leaves.
     stopping: HashSet<AttemptId>,
@@ -159,6 +162,7 @@ impl Core {
             by_session: HashMap::new(),
             recent: RecentFinishes::default(),
             cancelled: HashSet::new(),
+            raised: HashMap::new(),
             stopping: HashSet::new(),
             held: Held::default(),
             unsupported: Unsupported::default(),
@@ -240,6 +244,9 @@ impl Core {
                 by,
                 at,
             } => self.set_quarantine(&name, quarantined, &by, at),
+            Event::SetGlobalPriority { build, priority } => {
+                self.raise_global_priority(build, priority);
+            }
             Event::CancelBuild { build, by } => self.cancel_build(build, &by),
             Event::RestartBuild { build } => {
                 self.cancelled.remove(&build);
@@ -429,7 +436,11 @@ impl Core {
 
     /// Takes the builders' standing a previous runner process stored (drained, quarantined);
     /// stored cool-downs count from `now`. Call before any event.
-    pub fn recover_machines(&mut self, stored: impl IntoIterator<Item = StoredStanding>, now: Instant) {
+    pub fn recover_machines(
+        &mut self,
+        stored: impl IntoIterator<Item = StoredStanding>,
+        now: Instant,
+    ) {
         self.fleet.recover(stored, now);
     }
 
@@ -576,6 +587,11 @@ impl Core {
         if builds.is_empty() {
             return;
         }
+        for build in &mut builds {
+            if let Some(priority) = self.raised.remove(&build.build) {
+                build.global_priority = build.global_priority.max(priority);
+            }
+        }
         for step in plan.available {
             self.succeed_available(step);
         }
@@ -652,7 +668,15 @@ impl Core {
                 });
             }
         }
-        for (step, old) in added.reordered {
+        self.reorder(added.reordered);
+        for (step, reason) in failed {
+            self.propagate_failure(step, StepStatus::Failed, &reason);
+        }
+    }
+
+    /// Moves runnable steps whose order changed (from `old`) to their new place in line.
+    fn reorder(&mut self, reordered: Vec<(StepId, Order)>) {
+        for (step, old) in reordered {
             if self.held.holds(step) {
                 continue;
             }
@@ -662,8 +686,15 @@ impl Core {
                 self.placement.add_runnable(class, new);
             }
         }
-        for (step, reason) in failed {
-            self.propagate_failure(step, StepStatus::Failed, &reason);
+    }
+
+    /// Raises a build's steps to `priority`, now or when it is planned.
+    fn raise_global_priority(&mut self, build: BuildId, priority: i32) {
+        match self.graph.raise_global_priority(build, priority) {
+            Some(reordered) => self.reorder(reordered),
+            None => {
+                self.raised.insert(build, priority);
+            }
         }
     }
 

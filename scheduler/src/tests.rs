@@ -1485,3 +1485,4 @@ fn a_failed_keep_going_build_keeps_its_buildable_steps_until_it_is_cancelled() {
 mod durations;
 mod fleet;
 mod gauges;
+mod global_priority;

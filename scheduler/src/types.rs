@@ -237,6 +237,14 @@ pub enum Event {
         /// When, on the core's clock.
         at: Instant,
     },
+    /// An admin set a build's global priority: its steps in line move up now if it is higher
+    /// (a lower one applies to steps planned later; see the step graph's note on order).
+    SetGlobalPriority {
+        /// The build.
+        build: BuildId,
+        /// Its new global priority.
+        priority: i32,
+    },
     /// A user cancelled a build: its steps that no other build needs stop.
     CancelBuild {
         /// The build.

@@ -112,7 +112,10 @@ fn a_drained_builder_stays_drained_when_it_reconnects_and_across_a_runner_restar
         drained: true,
     });
     first.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
-    assert!(builds(&first.dispatch(now)).is_empty(), "drained before it joined");
+    assert!(
+        builds(&first.dispatch(now)).is_empty(),
+        "drained before it joined"
+    );
 
     // A new runner process learns it from what was stored.
     let mut restarted = core();
@@ -142,7 +145,10 @@ fn failures_in_a_row_quarantine_a_builder_until_a_probation_step_succeeds() {
     // Two infrastructure failures in a row: quarantined, with the reason and the cool-down.
     let (_, attempt, _) = builds(&core.dispatch(start))[0];
     let commands = core.handle(reported(1, attempt, Outcome::InfrastructureFailure, start));
-    assert!(quarantines(&commands).is_empty(), "one failure is not enough");
+    assert!(
+        quarantines(&commands).is_empty(),
+        "one failure is not enough"
+    );
     let (_, attempt, _) = builds(&core.dispatch(start))[0];
     let commands = core.handle(reported(1, attempt, Outcome::InfrastructureFailure, start));
     let imposed = quarantines(&commands);
@@ -175,7 +181,11 @@ fn failures_in_a_row_quarantine_a_builder_until_a_probation_step_succeeds() {
     let probation = builds(&core.dispatch(later));
     assert_eq!(probation.len(), 1);
     let commands = core.handle(reported(1, probation[0].1, Outcome::Succeeded, later));
-    assert_eq!(quarantines(&commands), [("flaky", None)], "success lifts it");
+    assert_eq!(
+        quarantines(&commands),
+        [("flaky", None)],
+        "success lifts it"
+    );
     assert_eq!(core.gauges().builders[&BuilderState::Idle], 1);
     assert_eq!(builds(&core.dispatch(later)).len(), 1);
 }

@@ -93,8 +93,7 @@ fn runnable_steps_without_a_builder_say_why() {
     assert_eq!(gauges.builders[&BuilderState::Draining], 2);
     assert_eq!(gauges.slots["x86_64-linux"].offered, 0);
     assert_eq!(
-        gauges.slots["x86_64-linux"].used,
-        0,
+        gauges.slots["x86_64-linux"].used, 0,
         "a step running on a builder shutting down uses no slot offered"
     );
 }
