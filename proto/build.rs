@@ -4,9 +4,10 @@
 
 use std::error::Error;
 
-const PROTOS: [&str; 2] = [
+const PROTOS: [&str; 3] = [
     "proto/drover/v1/builder.proto",
     "proto/drover/v1/build.proto",
+    "proto/drover/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

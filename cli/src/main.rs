@@ -1,6 +1,7 @@
 //! `drover`, the command line of the farm: parse the arguments, run the subcommand, and on failure
 //! print the whole error chain and exit with one code per meaning (`exit.rs`).
 
+mod admin;
 mod attributes;
 mod build;
 mod call;
@@ -56,6 +57,9 @@ enum Command {
     List(inspect::ListArgs),
     /// Print a step's log (`-f`: follow it live).
     Logs(inspect::LogsArgs),
+    /// Steer the farm (a certificate with role admin): builders, quarantine, priority.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Run a whole farm on this machine (PostgreSQL, runner, builders with private stores);
     /// `drover dev-farm --help` lists its options.
     #[command(disable_help_flag = true)]
@@ -90,6 +94,7 @@ async fn main() -> ExitCode {
         Command::Status(args) => finish(inspect::status(args).await),
         Command::List(args) => finish(inspect::list(args).await),
         Command::Logs(args) => finish(inspect::logs(args).await),
+        Command::Admin(command) => finish(admin::run(command).await),
         Command::DevFarm { args } => finish(external::run("drover-dev-farm", &args)),
     }
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use drover_proto::v1::admin_service_server::AdminServiceServer;
 use drover_proto::v1::build_service_server::BuildServiceServer;
 use drover_proto::v1::builder_service_server::BuilderServiceServer;
 use error_context::{Classify, Severity, WithContext};
@@ -18,10 +19,12 @@ use tonic::transport::Server;
 
 use drover_scheduler::Core;
 
+use crate::admin::Admin;
 use crate::builds::{Builds, SubmitLimits};
 use crate::cache::upstream::{Upstream, Upstreams};
 use crate::config::Config;
 use crate::db::{self, DbError};
+use crate::grpc::admin_service::AdminServiceImpl;
 use crate::grpc::build_service::BuildServiceImpl;
 use crate::grpc::tls::ServerTls;
 use crate::grpc::tunnel::{BuilderServiceImpl, SchedulerSide, SessionTiming, UploadTargets};
@@ -252,6 +255,7 @@ pub async fn start(
             listener,
             tls: tls.clone(),
             builder_service,
+            admin_service: AdminServiceImpl::new(Admin::new(pool.clone(), events.clone())),
             build_service: BuildServiceImpl::new(
                 Builds::new(
                     pool,
@@ -295,6 +299,7 @@ struct GrpcParts {
     tls: ServerTls,
     builder_service: BuilderServiceImpl,
     build_service: BuildServiceImpl,
+    admin_service: AdminServiceImpl,
     max_submission_bytes: usize,
 }
 
@@ -321,6 +326,7 @@ async fn serve_grpc(
             BuildServiceServer::new(parts.build_service)
                 .max_decoding_message_size(parts.max_submission_bytes),
         )
+        .add_service(AdminServiceServer::new(parts.admin_service))
         .serve_with_incoming_shutdown(
             parts.tls.accept(TcpListenerStream::new(parts.listener)),
             shutdown.clone().cancelled_owned(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub use drover_daemon::ConfigError;
 use drover_scheduler::RetryPolicy;
+use drover_scheduler::fleet::QuarantinePolicy;
 use serde::Deserialize;
 
 use crate::cache::upstream::UpstreamConfig;
@@ -286,6 +287,22 @@ struct RawBuilders {
     /// does. Durations are learned either way. Default true.
     #[serde(default = "default_learned_durations")]
     learned_durations: bool,
+    /// A builder with this many infrastructure failures in a row is quarantined: it gets no
+    /// work for `quarantine_cool_down_secs`, then one probation step whose success lifts the
+    /// quarantine. 0 never quarantines. Default 3.
+    #[serde(default = "default_quarantine_after_failures")]
+    quarantine_after_failures: u32,
+    /// How long a quarantined builder gets no work before its probation step. Default 600.
+    #[serde(default = "default_quarantine_cool_down_secs")]
+    quarantine_cool_down_secs: u64,
+}
+
+const fn default_quarantine_after_failures() -> u32 {
+    3
+}
+
+const fn default_quarantine_cool_down_secs() -> u64 {
+    600
 }
 
 const fn default_learned_durations() -> bool {
@@ -304,6 +321,15 @@ const fn default_readoption_grace_secs() -> u64 {
     120
 }
 
+impl RawBuilders {
+    fn quarantine(&self) -> QuarantinePolicy {
+        QuarantinePolicy {
+            after_failures: self.quarantine_after_failures,
+            cool_down: Duration::from_secs(self.quarantine_cool_down_secs),
+        }
+    }
+}
+
 impl Default for RawBuilders {
     fn default() -> Self {
         Self {
@@ -317,6 +343,8 @@ impl Default for RawBuilders {
             readoption_grace_secs: default_readoption_grace_secs(),
             rejoin_grace_secs: default_rejoin_grace_secs(),
             learned_durations: default_learned_durations(),
+            quarantine_after_failures: default_quarantine_after_failures(),
+            quarantine_cool_down_secs: default_quarantine_cool_down_secs(),
         }
     }
 }
@@ -401,6 +429,8 @@ pub struct Config {
     pub rejoin_grace: Duration,
     /// Whether runnable steps are ordered by learned durations.
     pub learned_durations: bool,
+    /// When builders are quarantined.
+    pub quarantine: QuarantinePolicy,
     /// Largest derivation in a submission.
     pub max_derivation_bytes: usize,
     /// Largest Submit request.
@@ -463,28 +493,16 @@ impl Config {
 
     fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
-        let grpc_listen = raw.grpc.listen.parse().unwrap_or_else(|_| {
-            problems.push(format!(
-                "grpc.listen = {:?} is not an address like 0.0.0.0:7700",
-                raw.grpc.listen
-            ));
-            SocketAddr::from(([127, 0, 0, 1], 0))
-        });
-        let cache_listen = raw.cache.listen.parse().unwrap_or_else(|_| {
-            problems.push(format!(
-                "cache.listen = {:?} is not an address like 0.0.0.0:7701",
-                raw.cache.listen
-            ));
-            SocketAddr::from(([127, 0, 0, 1], 0))
-        });
+        let grpc_listen = listen_address("grpc", &raw.grpc.listen, "0.0.0.0:7700", &mut problems);
+        let cache_listen =
+            listen_address("cache", &raw.cache.listen, "0.0.0.0:7701", &mut problems);
         let metrics_listen = raw.metrics.enabled.then(|| {
-            raw.metrics.listen.parse().unwrap_or_else(|_| {
-                problems.push(format!(
-                    "metrics.listen = {:?} is not an address like 127.0.0.1:9298",
-                    raw.metrics.listen
-                ));
-                SocketAddr::from(([127, 0, 0, 1], 0))
-            })
+            listen_address(
+                "metrics",
+                &raw.metrics.listen,
+                "127.0.0.1:9298",
+                &mut problems,
+            )
         });
         let upstreams = validate_upstreams(&raw.cache.upstreams, &mut problems);
         if raw.database.url.trim().is_empty() {
@@ -555,6 +573,7 @@ impl Config {
             readoption_grace: Duration::from_secs(raw.builders.readoption_grace_secs),
             rejoin_grace: Duration::from_secs(raw.builders.rejoin_grace_secs),
             learned_durations: raw.builders.learned_durations,
+            quarantine: raw.builders.quarantine(),
             max_derivation_bytes,
             max_submission_bytes,
             refuse_unknown_systems: raw.submissions.refuse_unknown_systems,
@@ -608,6 +627,21 @@ fn validate_submissions(
         ));
     }
     (max_derivation_bytes, max_submission_bytes)
+}
+
+/// The `listen` address of `section`, a problem noted in `problems` if it is not one.
+fn listen_address(
+    section: &str,
+    value: &str,
+    example: &str,
+    problems: &mut Vec<String>,
+) -> SocketAddr {
+    value.parse().unwrap_or_else(|_| {
+        problems.push(format!(
+            "{section}.listen = {value:?} is not an address like {example}"
+        ));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
 }
 
 /// The retry policy, each problem noted in `problems`.

@@ -8,7 +8,9 @@
 //!   writes its decisions in batches and talks to builders, and ingest on its own task.
 //! - [`builds`]: the build API's use cases (submit, read, list, cancel, restart, logs) with typed
 //!   errors, which every front end calls.
-//! - [`grpc`]: the builder tunnel and the build service, authenticated by client certificates.
+//! - [`admin`]: the admin API's use cases (builders drained, quarantined; global priority).
+//! - [`grpc`]: the builder tunnel, the build and admin services, authenticated by client
+//!   certificates.
 //! - [`cache`]: the signed binary cache (publishing uploaded NARs, serving it over HTTP).
 //! - [`logs`]: compressed step logs on disk.
 //! - [`live_logs`]: the logs builders are still sending, for followers.
@@ -19,6 +21,7 @@
 //! - [`reload`]: applying a reloaded configuration (SIGHUP).
 //! - [`app`]: assembling all of it.
 
+pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod builds;

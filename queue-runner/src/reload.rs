@@ -49,6 +49,7 @@ pub fn core_limits(config: &Config) -> CoreLimits {
         readoption_grace: config.readoption_grace,
         rejoin_grace: config.rejoin_grace,
         learned_durations: config.learned_durations,
+        quarantine: config.quarantine,
     }
 }
 

@@ -117,6 +117,10 @@ const LIMITS: CoreLimits = CoreLimits {
     readoption_grace: std::time::Duration::from_mins(2),
     rejoin_grace: std::time::Duration::from_secs(10),
     learned_durations: true,
+    quarantine: drover_scheduler::fleet::QuarantinePolicy {
+        after_failures: 3,
+        cool_down: std::time::Duration::from_mins(10),
+    },
 };
 
 #[tokio::test]

@@ -10,25 +10,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{AttemptStatus, BuilderSpec, Farm, Stored};
 use test_support::fake_derivations::{Factory, Spec};
-
-/// Waits for builder `index` to exit; its exit status.
-async fn exit_of(farm: &mut Farm, index: usize, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = farm.builder_exit(index) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "builder {index} did not exit within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Waits until the builder really runs a step: its log has reached the runner (the runner marks
 /// the attempt running when it sends the step, a moment before the builder has it).
@@ -87,7 +72,7 @@ async fn sigterm_lets_the_running_step_finish_and_the_builder_exits_0() {
     let second_build = farm.submit(&[&second]).await;
     wait_until_started(&farm).await;
     farm.terminate_builder(b1);
-    let status = exit_of(&mut farm, b1, Duration::from_secs(20)).await;
+    let status = farm.wait_builder_exit(b1, Duration::from_secs(20)).await;
     assert!(status.success(), "a drained builder exits 0: {status}");
     let (attempts, losses) = outcome(&farm).await;
     assert_eq!(
@@ -117,7 +102,7 @@ async fn at_the_drain_deadline_the_rest_is_handed_back_without_a_loss() {
     let build = farm.submit(&[&slow]).await;
     wait_until_started(&farm).await;
     farm.terminate_builder(b1);
-    let status = exit_of(&mut farm, b1, Duration::from_secs(20)).await;
+    let status = farm.wait_builder_exit(b1, Duration::from_secs(20)).await;
     assert!(status.success(), "a drained builder exits 0: {status}");
     farm.wait_for_count(
         "the step to be handed back",

@@ -853,17 +853,9 @@ async fn a_builder_with_a_certificate_from_another_ca_exits_at_once_saying_why()
         .unwrap();
     let index = farm.start_builder(&common::BuilderSpec::new("intruder"));
     // Its reconnect budget is a minute: giving up within seconds means it did not retry.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = farm.builder_exit(index) {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the foreign builder is still retrying"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let status = farm
+        .wait_builder_exit(index, std::time::Duration::from_secs(15))
+        .await;
     assert!(!status.success(), "{status}");
     let log = fs_err::read_to_string(farm.dir.path().join("builder-intruder.log")).unwrap();
     assert!(

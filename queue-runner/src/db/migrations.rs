@@ -75,6 +75,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "derivation texts compressed with lz4 where the server has it",
         include_str!("../../migrations/0014_derivation_text_lz4.sql"),
     ),
+    (
+        15,
+        "drained and quarantined builders",
+        include_str!("../../migrations/0015_machine_standing.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

@@ -3,6 +3,7 @@
 //! builder.
 
 pub mod connect;
+pub mod machines;
 mod migrations;
 pub mod queries;
 pub mod snapshot;

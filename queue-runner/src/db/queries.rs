@@ -825,15 +825,36 @@ pub async fn build_owner(
         )
         .await
         .map_err(DbError::query("reading a build's owner"))?;
-    row.map(|row| {
-        let label: String = row.get(1);
-        let status = BuildStatus::from_label(&label).ok_or(DbError::UnknownStatus {
-            sql_type: BuildStatus::SQL_TYPE,
-            label,
-        })?;
-        Ok((row.get(0), status))
+    row.map(|row| Ok((row.get(0), known_build_status(row.get(1))?)))
+        .transpose()
+}
+
+/// A build status read as text, refused if this version does not know it.
+fn known_build_status(label: String) -> Result<BuildStatus, DbError> {
+    BuildStatus::from_label(&label).ok_or(DbError::UnknownStatus {
+        sql_type: BuildStatus::SQL_TYPE,
+        label,
     })
-    .transpose()
+}
+
+/// Sets the global priority of `build` unless it has ended; returns its status, `None` if
+/// there is no such build.
+pub async fn set_global_priority(
+    client: &impl GenericClient,
+    build: i64,
+    priority: i32,
+) -> Result<Option<BuildStatus>, DbError> {
+    let row = client
+        .query_opt(
+            "UPDATE builds
+             SET global_priority = CASE WHEN finished_at IS NULL THEN $2 ELSE global_priority END
+             WHERE id = $1
+             RETURNING status::text",
+            &[&build, &priority],
+        )
+        .await
+        .map_err(DbError::query("setting a build's global priority"))?;
+    row.map(|row| known_build_status(row.get(0))).transpose()
 }
 
 /// The builds that ended `dep_failed` or `cached_failure` because a step failed in `build`.

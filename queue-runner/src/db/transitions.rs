@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use deadpool_postgres::{GenericClient, Transaction};
 use drover_scheduler::durations::DurationKey;
+use drover_scheduler::fleet::Imposed;
 use drover_scheduler::{AttemptId, BuildId, Capabilities, Change, OutputRecord, StepId};
 use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
@@ -43,7 +44,7 @@ struct NewAttempt {
     message: Option<String>,
 }
 
-/// A builder joining or leaving: rare, written one by one, in order.
+/// A builder joining, leaving, drained or quarantined: rare, written one by one, in order.
 #[derive(Debug, Clone, PartialEq)]
 enum MachineWrite {
     Joined {
@@ -53,6 +54,14 @@ enum MachineWrite {
     },
     Left {
         name: String,
+    },
+    Drained {
+        name: String,
+        drained: bool,
+    },
+    Quarantined {
+        name: String,
+        quarantine: Option<Imposed>,
     },
 }
 
@@ -172,6 +181,13 @@ impl Transitions {
                 nix_version,
             }),
             Change::MachineLeft { name } => self.machines.push(MachineWrite::Left { name }),
+            Change::MachineDrained { name, drained } => {
+                self.machines.push(MachineWrite::Drained { name, drained });
+            }
+            Change::MachineQuarantined { name, quarantine } => {
+                self.machines
+                    .push(MachineWrite::Quarantined { name, quarantine });
+            }
             Change::MachinePinged {
                 name,
                 free_disk_bytes,
@@ -635,6 +651,35 @@ async fn write_machine(client: &impl GenericClient, machine: &MachineWrite) -> R
                 )
                 .await
                 .map_err(DbError::query("recording a builder leaving"))?;
+        }
+        MachineWrite::Drained { name, drained } => {
+            client
+                .execute(
+                    "UPDATE machines SET drained_at = CASE WHEN $2 THEN coalesce(drained_at, now()) END
+                     WHERE name = $1",
+                    &[name, drained],
+                )
+                .await
+                .map_err(DbError::query("recording a builder drained or enabled"))?;
+        }
+        MachineWrite::Quarantined { name, quarantine } => {
+            let (reason, cool_down_ms) = match quarantine {
+                Some(imposed) => (
+                    Some(imposed.reason.as_str()),
+                    Some(i64::try_from(imposed.cool_down.as_millis()).unwrap_or(i64::MAX)),
+                ),
+                None => (None, None),
+            };
+            client
+                .execute(
+                    "UPDATE machines SET quarantined_at = CASE WHEN $2::text IS NOT NULL THEN now() END,
+                         quarantine_reason = $2,
+                         probation_from = now() + $3::bigint * interval '1 millisecond'
+                     WHERE name = $1",
+                    &[name, &reason, &cool_down_ms],
+                )
+                .await
+                .map_err(DbError::query("recording a builder's quarantine"))?;
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! The gRPC services: thin adapters that authenticate the caller from its certificate, decode,
 //! call a typed operation, and map its error to a `Status` through one `From` impl per phase.
 
+pub mod admin_service;
 pub mod auth;
 pub mod build_service;
 pub mod follow_log;

@@ -9,6 +9,7 @@ use tonic_types::{ErrorDetails, StatusExt as _};
 use super::list_filter::FilterError;
 use super::refusals::{AttemptError, JoinError, LogUploadError, SessionError};
 use super::upload::UploadError;
+use crate::admin::AdminError;
 use crate::builds::control::ControlError;
 use crate::builds::job_set::JobSetError;
 use crate::builds::read::ReadError;
@@ -44,6 +45,17 @@ impl From<SubmitError> for Status {
                 ErrorDetails::with_retry_info(Some(ADMISSION_RETRY_AFTER)),
             ),
             SubmitError::Database(_) => Status::unavailable(message),
+        }
+    }
+}
+
+impl From<AdminError> for Status {
+    fn from(error: AdminError) -> Self {
+        let message = error_context::report(&error).to_string();
+        match error {
+            AdminError::NoSuchMachine(_) | AdminError::NoSuchBuild(_) => Status::not_found(message),
+            AdminError::BuildEnded(_) => Status::failed_precondition(message),
+            AdminError::ShuttingDown | AdminError::Database(_) => Status::unavailable(message),
         }
     }
 }
@@ -259,6 +271,21 @@ mod tests {
             (ControlError::NotRestartable(1), Code::FailedPrecondition),
             (ControlError::ShuttingDown, Code::Unavailable),
             (ControlError::Database(missing()), Code::Unavailable),
+        ];
+        for (error, code) in cases {
+            let name = format!("{error:?}");
+            assert_eq!(Status::from(error).code(), code, "{name}");
+        }
+    }
+
+    #[test]
+    fn each_admin_error_has_one_code() {
+        let cases = [
+            (AdminError::NoSuchMachine("b".to_owned()), Code::NotFound),
+            (AdminError::NoSuchBuild(1), Code::NotFound),
+            (AdminError::BuildEnded(1), Code::FailedPrecondition),
+            (AdminError::ShuttingDown, Code::Unavailable),
+            (AdminError::Database(missing()), Code::Unavailable),
         ];
         for (error, code) in cases {
             let name = format!("{error:?}");

@@ -102,7 +102,7 @@ impl ScrapedGauges {
         );
         registry.register(
             "slots_used",
-            "Jobs running on connected builders, by system they offer",
+            "Jobs running on connected builders taking work, by system they offer",
             gauges.slots_used.clone(),
         );
         registry.register(

@@ -29,7 +29,7 @@ use super::attempts::{AttemptOwner, Attempts};
 use super::estimates::Estimates;
 use super::queue_clock::QueueClock;
 use crate::db::transitions::Transitions;
-use crate::db::{DbError, Pool, queries};
+use crate::db::{DbError, Pool, machines, queries};
 use crate::metrics::{SchedulerMetrics, Scrape};
 
 /// What the driver sends a builder session: a message, or the status that ends the session.
@@ -181,6 +181,14 @@ pub enum SessionEvent {
         /// Where the answer goes.
         reply: oneshot::Sender<Scrape>,
     },
+    /// An admin's decision (drain, quarantine, priority): `done` is answered once what it
+    /// changed is committed, so the admin's answer means it survives a restart.
+    Steer {
+        /// The decision.
+        event: Event,
+        /// Answered after the commit.
+        done: oneshot::Sender<()>,
+    },
     /// Anything else, for the core as it is.
     Core(Event),
 }
@@ -232,6 +240,8 @@ pub struct Driver {
     published: Published,
     estimates: Estimates,
     queue_clock: QueueClock,
+    /// Admins waiting for the batch that carries their decision to commit.
+    steered: Vec<oneshot::Sender<()>>,
 }
 
 impl Driver {
@@ -254,6 +264,7 @@ impl Driver {
             published,
             estimates: Estimates::default(),
             queue_clock: QueueClock::default(),
+            steered: Vec::new(),
         }
     }
 
@@ -310,6 +321,10 @@ impl Driver {
                 commands.extend(self.accept(event));
             }
             self.carry_out(commands).await?;
+            for done in self.steered.drain(..) {
+                // The admin may have given up waiting; the change stands either way.
+                let _ = done.send(());
+            }
         }
     }
 
@@ -327,6 +342,12 @@ impl Driver {
             .map_err(SchedulerError::Recover)?;
         let count = orphans.len();
         self.core.recover_attempts(orphans, Instant::now());
+        self.core.recover_machines(
+            machines::stored_standings(&client)
+                .await
+                .map_err(SchedulerError::Recover)?,
+            Instant::now(),
+        );
         self.core.load_durations(
             queries::learned_durations(&client)
                 .await
@@ -404,6 +425,11 @@ impl Driver {
                 self.core.set_limits(limits);
                 self.build_limits = build_limits;
                 Vec::new()
+            }
+            SessionEvent::Steer { event, done } => {
+                tracing::info!(?event, "admin decision");
+                self.steered.push(done);
+                self.core.handle(event)
             }
             SessionEvent::Core(event) => {
                 match &event {

@@ -467,6 +467,25 @@ impl Farm {
         self.builders[index].child_mut().try_wait().unwrap()
     }
 
+    /// Waits up to `within` for builder `index` to exit; its exit status.
+    pub async fn wait_builder_exit(
+        &mut self,
+        index: usize,
+        within: std::time::Duration,
+    ) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.builder_exit(index) {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "builder {index} did not exit within {within:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Kills a builder process with SIGKILL, as a crashed machine would vanish.
     pub fn kill_builder(&mut self, index: usize) {
         let child = self.builders[index].child_mut();
@@ -508,7 +527,12 @@ impl Farm {
 
     /// The `drover` command line, set up to reach this farm as a client.
     pub fn drover(&self) -> std::process::Command {
-        let (cert, key) = self.issue(Role::Client, "tester");
+        self.drover_as(Role::Client, "tester")
+    }
+
+    /// The `drover` command line, set up to reach this farm as `name` with `role`.
+    pub fn drover_as(&self, role: Role, name: &str) -> std::process::Command {
+        let (cert, key) = self.issue(role, name);
         let mut command = std::process::Command::new(workspace_binary("drover"));
         command
             .env(
@@ -523,7 +547,12 @@ impl Farm {
 
     /// Runs `drover ARGS` against this farm to its end, off the test's runtime threads.
     pub async fn run_drover(&self, args: &[&str]) -> std::process::Output {
-        let mut command = self.drover();
+        self.run_drover_as(Role::Client, args).await
+    }
+
+    /// Runs `drover ARGS` against this farm with a certificate of `role`.
+    pub async fn run_drover_as(&self, role: Role, args: &[&str]) -> std::process::Output {
+        let mut command = self.drover_as(role, "tester");
         command.args(args);
         tokio::task::spawn_blocking(move || command.output().unwrap())
             .await

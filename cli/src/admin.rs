@@ -1,0 +1,335 @@
+//! `drover admin …`: the operator's commands (a certificate with role admin): list the builders,
+//! drain and enable one, quarantine one or lift its quarantine, set a build's global priority.
+//! Each change is committed when the command returns, and survives a restart of the runner.
+
+use std::io::Write as _;
+
+use clap::{Args, Subcommand};
+use drover_proto::v1::admin_service_client::AdminServiceClient;
+use drover_proto::v1::{ListMachinesRequest, Machine, MachineRequest, SetGlobalPriorityRequest};
+use error_context::{Classify, Severity, WithContext};
+use tonic::transport::Channel;
+
+use crate::call::CallError;
+use crate::connection::{ConnectError, ConnectionArgs};
+use crate::exit::{Exit, ExitStatus};
+use crate::inspect::derivation_name;
+use crate::times;
+
+/// The admin subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// List the builders: state, load, last ping, free disk, and why one takes no work.
+    Machines(MachinesArgs),
+    /// Drain a builder: it finishes what it runs and gets no new work until enabled.
+    Drain(MachineArgs),
+    /// Enable a drained builder.
+    Enable(MachineArgs),
+    /// Quarantine a builder: no work for the cool-down, then one probation step.
+    Quarantine(MachineArgs),
+    /// Lift a builder's quarantine at once.
+    Lift(MachineArgs),
+    /// Set a queued or running build's global priority (higher goes first; default 0).
+    Priority(PriorityArgs),
+}
+
+/// `drover admin machines` arguments.
+#[derive(Debug, Args)]
+pub struct MachinesArgs {
+    /// Print JSON (one array) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Where the runner is.
+    #[command(flatten)]
+    connection: ConnectionArgs,
+}
+
+/// Arguments naming one builder.
+#[derive(Debug, Args)]
+pub struct MachineArgs {
+    /// The builder's name (from its certificate).
+    name: String,
+    /// Where the runner is.
+    #[command(flatten)]
+    connection: ConnectionArgs,
+}
+
+/// `drover admin priority` arguments.
+#[derive(Debug, Args)]
+pub struct PriorityArgs {
+    /// The build's id.
+    build: i64,
+    /// Its new global priority.
+    #[arg(allow_negative_numbers = true)]
+    priority: i32,
+    /// Where the runner is.
+    #[command(flatten)]
+    connection: ConnectionArgs,
+}
+
+/// Why an admin command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The runner cannot be reached.
+    #[error("reaching the runner")]
+    Connect(#[from] ConnectError),
+    /// The call failed.
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// Standard output is closed.
+    #[error("writing to standard output")]
+    Output(#[source] std::io::Error),
+}
+
+impl ExitStatus for AdminError {
+    fn exit(&self) -> Exit {
+        match self {
+            Self::Connect(error) => error.exit(),
+            Self::Call(error) => error.exit(),
+            Self::Output(_) => Exit::Failed,
+        }
+    }
+}
+
+impl Classify for AdminError {
+    fn severity(&self) -> Severity {
+        match self {
+            Self::Connect(error) => error.severity(),
+            Self::Call(error) => error.severity(),
+            Self::Output(_) => Severity::Fatal,
+        }
+    }
+}
+
+/// Runs `drover admin …`.
+pub async fn run(command: AdminCommand) -> Result<(), WithContext<AdminError>> {
+    match command {
+        AdminCommand::Machines(args) => machines(args).await,
+        AdminCommand::Drain(args) => {
+            steer(args, "drained", |mut client, request| async move {
+                client.drain_machine(request).await
+            })
+            .await
+        }
+        AdminCommand::Enable(args) => {
+            steer(args, "enabled", |mut client, request| async move {
+                client.enable_machine(request).await
+            })
+            .await
+        }
+        AdminCommand::Quarantine(args) => {
+            steer(args, "quarantined", |mut client, request| async move {
+                client.quarantine_machine(request).await
+            })
+            .await
+        }
+        AdminCommand::Lift(args) => {
+            steer(
+                args,
+                "out of quarantine",
+                |mut client, request| async move { client.lift_quarantine(request).await },
+            )
+            .await
+        }
+        AdminCommand::Priority(args) => priority(args).await,
+    }
+}
+
+async fn client(connection: &ConnectionArgs) -> Result<AdminServiceClient<Channel>, AdminError> {
+    Ok(AdminServiceClient::new(connection.connect().await?))
+}
+
+fn call(status: tonic::Status) -> AdminError {
+    AdminError::Call(CallError::from(status))
+}
+
+async fn machines(args: MachinesArgs) -> Result<(), WithContext<AdminError>> {
+    let machines = client(&args.connection)
+        .await?
+        .list_machines(ListMachinesRequest {})
+        .await
+        .map_err(call)?
+        .into_inner()
+        .machines;
+    let text = if args.json {
+        let machines: Vec<_> = machines.iter().map(machine_json).collect();
+        serde_json::Value::Array(machines).to_string()
+    } else {
+        machine_table(&machines, times::now_ms())
+    };
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}").map_err(AdminError::Output)?;
+    Ok(())
+}
+
+async fn steer<F, Fut>(
+    args: MachineArgs,
+    done: &str,
+    send: F,
+) -> Result<(), WithContext<AdminError>>
+where
+    F: FnOnce(AdminServiceClient<Channel>, MachineRequest) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<drover_proto::v1::MachineResponse>, tonic::Status>>,
+{
+    let client = client(&args.connection).await?;
+    let machine = send(client, MachineRequest { name: args.name })
+        .await
+        .map_err(call)?
+        .into_inner()
+        .machine
+        .unwrap_or_default();
+    eprintln!("{} {done}: now {}", machine.name, machine.state);
+    Ok(())
+}
+
+async fn priority(args: PriorityArgs) -> Result<(), WithContext<AdminError>> {
+    client(&args.connection)
+        .await?
+        .set_global_priority(SetGlobalPriorityRequest {
+            build_id: args.build,
+            global_priority: args.priority,
+        })
+        .await
+        .map_err(call)?;
+    eprintln!("build {} has global priority {}", args.build, args.priority);
+    Ok(())
+}
+
+/// The builders as a table, one line each, then a line for each builder that takes no work
+/// (why) or runs steps (which).
+fn machine_table(machines: &[Machine], now_ms: i64) -> String {
+    let width = machines
+        .iter()
+        .map(|machine| machine.name.len())
+        .max()
+        .unwrap_or(0)
+        .max("NAME".len());
+    let row = |name: &str, state: &str, jobs: &str, ping: &str, disk: &str| {
+        format!("{name:width$}  {state:12}  {jobs:>5}  {ping:>9}  {disk:>10}")
+    };
+    let mut lines = vec![row("NAME", "STATE", "JOBS", "LAST PING", "FREE DISK")];
+    for machine in machines {
+        let ping = if machine.last_ping_at_ms == 0 {
+            "-".to_owned()
+        } else {
+            let ago = now_ms.saturating_sub(machine.last_ping_at_ms).max(0);
+            format!("{} ago", times::duration(ago))
+        };
+        lines.push(row(
+            &machine.name,
+            &machine.state,
+            &format!("{}/{}", machine.running_steps.len(), machine.max_jobs),
+            &ping,
+            &machine.free_disk_bytes.map_or("-".to_owned(), bytes),
+        ));
+        if machine.drained_at_ms != 0 {
+            let since = times::instant(machine.drained_at_ms);
+            lines.push(format!("  drained since {since}"));
+        }
+        if !machine.quarantine_reason.is_empty() {
+            lines.push(format!(
+                "  quarantined since {}, probation from {}: {}",
+                times::instant(machine.quarantined_at_ms),
+                times::instant(machine.probation_from_ms),
+                machine.quarantine_reason
+            ));
+        }
+        for step in &machine.running_steps {
+            let name = derivation_name(step).unwrap_or(step);
+            lines.push(format!("  building {name}"));
+        }
+    }
+    lines.join("\n")
+}
+
+/// Bytes in binary units, one decimal: `10.2 GiB`.
+fn bytes(count: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = count;
+    let mut tenths = 0;
+    let mut unit = 0;
+    while value >= 1024 && unit + 1 < UNITS.len() {
+        tenths = (value % 1024) * 10 / 1024;
+        value /= 1024;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{value} B")
+    } else {
+        format!("{value}.{tenths} {}", UNITS[unit])
+    }
+}
+
+/// A builder as `--json` prints it: the API's fields, times in Unix milliseconds (absent: 0).
+fn machine_json(machine: &Machine) -> serde_json::Value {
+    serde_json::json!({
+        "name": machine.name,
+        "state": machine.state,
+        "systems": machine.systems,
+        "max_jobs": machine.max_jobs,
+        "running_steps": machine.running_steps,
+        "last_ping_at_ms": machine.last_ping_at_ms,
+        "free_disk_bytes": machine.free_disk_bytes,
+        "drained_at_ms": machine.drained_at_ms,
+        "quarantine_reason": machine.quarantine_reason,
+        "quarantined_at_ms": machine.quarantined_at_ms,
+        "probation_from_ms": machine.probation_from_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_in_binary_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(
+            bytes(10 * 1024 * 1024 * 1024 + 200 * 1024 * 1024),
+            "10.1 GiB"
+        );
+    }
+
+    #[test]
+    fn the_table_fits_80_columns_and_says_why_a_builder_takes_no_work() {
+        let now = 1_764_750_665_000;
+        let machines = [
+            Machine {
+                name: "builder-with-a-long-name-1".to_owned(),
+                state: "quarantined".to_owned(),
+                max_jobs: 4,
+                last_ping_at_ms: now - 3_000,
+                free_disk_bytes: Some(12 * 1024 * 1024 * 1024),
+                quarantine_reason: "3 infrastructure failures in a row".to_owned(),
+                quarantined_at_ms: now - 60_000,
+                probation_from_ms: now + 540_000,
+                ..Machine::default()
+            },
+            Machine {
+                name: "b2".to_owned(),
+                state: "busy".to_owned(),
+                max_jobs: 2,
+                running_steps: vec![
+                    "/nix/store/00000000000000000000000000000000-hello-2.12.drv".to_owned(),
+                ],
+                ..Machine::default()
+            },
+        ];
+        let table = machine_table(&machines, now);
+        let header = table.lines().next().unwrap_or_default();
+        assert!(header.len() <= 80, "{header}");
+        assert!(
+            table.lines().nth(1).is_some_and(|line| line.len() <= 80),
+            "{table}"
+        );
+        assert!(table.contains("3.0s ago"), "{table}");
+        assert!(table.contains("12.0 GiB"), "{table}");
+        assert!(
+            table.contains("3 infrastructure failures in a row"),
+            "{table}"
+        );
+        assert!(table.ends_with("\n  building hello-2.12"), "{table}");
+        assert!(table.contains("1/2"), "{table}");
+    }
+}

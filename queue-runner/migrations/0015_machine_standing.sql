@@ -1,0 +1,49 @@
+-- What admins and failures decided about each builder: drained (no new work until enabled) and
+-- quarantined (no work after infrastructure failures in a row, until a probation step
+-- succeeds). The runner writes both and reads them back at start, so they survive a restart of
+-- either side. `machine_status` is what `drover admin machines` shows.
+
+ALTER TABLE machines ADD COLUMN drained_at timestamptz;
+ALTER TABLE machines ADD COLUMN quarantined_at timestamptz;
+ALTER TABLE machines ADD COLUMN quarantine_reason text;
+ALTER TABLE machines ADD COLUMN probation_from timestamptz;
+ALTER TABLE machines ADD CONSTRAINT machines_quarantine_complete
+    CHECK ((quarantined_at IS NULL) = (quarantine_reason IS NULL)
+       AND (quarantined_at IS NULL) = (probation_from IS NULL));
+COMMENT ON COLUMN machines.drained_at IS 'When an admin drained it (drover admin drain): it keeps its tunnel and finishes what it runs, but gets no new work until enabled. NULL: not drained.';
+COMMENT ON COLUMN machines.quarantined_at IS 'When its quarantine began. NULL: not quarantined.';
+COMMENT ON COLUMN machines.quarantine_reason IS 'Why it is quarantined: its infrastructure failures in a row (with the last message), a failed probation step, or the admin who imposed it.';
+COMMENT ON COLUMN machines.probation_from IS 'When its cool-down ends: from then on it gets one probation step at a time, and a success lifts the quarantine.';
+
+CREATE VIEW machine_status AS
+    SELECT m.name,
+           CASE
+               WHEN NOT m.connected THEN 'disconnected'
+               WHEN m.drained_at IS NOT NULL THEN 'drained'
+               WHEN m.quarantined_at IS NOT NULL AND now() < m.probation_from THEN 'quarantined'
+               WHEN m.quarantined_at IS NOT NULL THEN 'probation'
+               WHEN count(a.id) >= m.max_jobs THEN 'full'
+               WHEN count(a.id) > 0 THEN 'busy'
+               ELSE 'idle'
+           END AS state,
+           m.systems,
+           m.max_jobs,
+           count(a.id) AS running,
+           coalesce(array_agg(s.drv_path ORDER BY a.started_at) FILTER (WHERE a.id IS NOT NULL),
+                    '{}') AS running_steps,
+           m.last_ping_at,
+           m.free_disk_bytes,
+           m.drained_at,
+           m.quarantined_at,
+           m.quarantine_reason,
+           m.probation_from
+    FROM machines m
+    LEFT JOIN step_attempts a ON a.machine = m.name AND a.status = 'running'
+    LEFT JOIN steps s ON s.id = a.step_id
+    GROUP BY m.name;
+COMMENT ON VIEW machine_status IS 'Each builder as drover admin machines shows it: its state (disconnected, drained, quarantined, probation, full, busy, idle; a builder shutting down shows as busy or idle until it leaves), load, running steps, last ping, free disk, and why it takes no work.';
+COMMENT ON COLUMN machine_status.state IS 'disconnected, drained, quarantined (cooling down), probation (one step at a time), full, busy or idle, the first that applies.';
+COMMENT ON COLUMN machine_status.running IS 'Attempts it runs now.';
+COMMENT ON COLUMN machine_status.running_steps IS 'The derivations of those attempts, oldest first.';
+
+COMMENT ON COLUMN builds.global_priority IS 'Set by admins (drover admin priority); higher builds go before every build with a lower one, whatever their priority. An UPDATE by SQL takes effect when the build is next ingested (a runner restart); the admin command moves its queued steps at once.';

@@ -1,0 +1,132 @@
+//! The admin API's use cases: listing builders, draining and enabling them, imposing and
+//! lifting quarantines, and setting a build's global priority. Decisions go to the scheduler,
+//! which owns every builder's standing and the queue's order; each call returns once the
+//! decision is committed, so it survives a restart of the runner. Callers are authenticated by
+//! the front end (role admin).
+
+use std::time::Instant;
+
+use drover_scheduler::Event;
+use drover_tls::Identity;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::db::machines::{self, MachineStatus};
+use crate::db::{DbError, Pool, queries};
+use crate::scheduler::driver::SessionEvent;
+
+/// Why an admin operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No builder of that name ever joined.
+    #[error("no builder named {0:?} has ever joined")]
+    NoSuchMachine(String),
+    /// There is no such build.
+    #[error("no build {0}")]
+    NoSuchBuild(i64),
+    /// The build has ended: its priority no longer matters.
+    #[error("build {0} has ended: only a queued or running build has a place in line")]
+    BuildEnded(i64),
+    /// The scheduler no longer takes decisions.
+    #[error("the runner is shutting down")]
+    ShuttingDown,
+    /// The database failed.
+    #[error("reading or changing the farm's state")]
+    Database(#[from] DbError),
+}
+
+/// What an admin does to a builder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steer {
+    /// No new work until enabled.
+    Drain,
+    /// Work again.
+    Enable,
+    /// Quarantined as after failures.
+    Quarantine,
+    /// Its quarantine lifted.
+    Lift,
+}
+
+/// The admin API over the runner's database and scheduler.
+#[derive(Clone)]
+pub struct Admin {
+    pool: Pool,
+    scheduler: mpsc::Sender<SessionEvent>,
+}
+
+impl Admin {
+    /// The admin API over these parts.
+    #[must_use]
+    pub fn new(pool: Pool, scheduler: mpsc::Sender<SessionEvent>) -> Self {
+        Self { pool, scheduler }
+    }
+
+    /// Every builder that ever joined.
+    pub async fn machines(&self) -> Result<Vec<MachineStatus>, AdminError> {
+        let client = self.pool.get().await.map_err(DbError::Connection)?;
+        Ok(machines::all(&client).await?)
+    }
+
+    /// Steers the builder `name` for `caller`; returns it as it is after the change.
+    pub async fn steer(
+        &self,
+        caller: &Identity,
+        name: &str,
+        steer: Steer,
+    ) -> Result<MachineStatus, AdminError> {
+        self.machine(name).await?;
+        let name = name.to_owned();
+        let event = match steer {
+            Steer::Drain | Steer::Enable => Event::SetDrained {
+                name: name.clone(),
+                drained: steer == Steer::Drain,
+            },
+            Steer::Quarantine | Steer::Lift => Event::SetQuarantine {
+                name: name.clone(),
+                quarantined: steer == Steer::Quarantine,
+                by: caller.to_string(),
+                at: Instant::now(),
+            },
+        };
+        self.decide(event).await?;
+        tracing::info!(builder = %name, ?steer, by = %caller, "builder steered");
+        self.machine(&name).await
+    }
+
+    /// Sets the global priority of a queued or running build.
+    pub async fn set_global_priority(
+        &self,
+        caller: &Identity,
+        build: i64,
+        priority: i32,
+    ) -> Result<(), AdminError> {
+        let client = self.pool.get().await.map_err(DbError::Connection)?;
+        let status = queries::set_global_priority(&client, build, priority)
+            .await?
+            .ok_or(AdminError::NoSuchBuild(build))?;
+        if status.is_terminal() {
+            return Err(AdminError::BuildEnded(build));
+        }
+        self.decide(Event::SetGlobalPriority { build, priority })
+            .await?;
+        tracing::info!(build, priority, by = %caller, "global priority set");
+        Ok(())
+    }
+
+    async fn machine(&self, name: &str) -> Result<MachineStatus, AdminError> {
+        let client = self.pool.get().await.map_err(DbError::Connection)?;
+        machines::one(&client, name)
+            .await?
+            .ok_or_else(|| AdminError::NoSuchMachine(name.to_owned()))
+    }
+
+    /// Hands `event` to the scheduler and waits until what it changed is committed.
+    async fn decide(&self, event: Event) -> Result<(), AdminError> {
+        let (done, committed) = oneshot::channel();
+        self.scheduler
+            .send(SessionEvent::Steer { event, done })
+            .await
+            .map_err(|_| AdminError::ShuttingDown)?;
+        committed.await.map_err(|_| AdminError::ShuttingDown)
+    }
+}

@@ -1,0 +1,116 @@
+//! `AdminService`: each method authenticates the caller (role admin), calls one use case of
+//! [`crate::admin`], and maps its typed error through [`super::status`].
+
+use drover_proto::v1::admin_service_server::AdminService;
+use drover_proto::v1::{
+    ListMachinesRequest, ListMachinesResponse, Machine, MachineRequest, MachineResponse,
+    SetGlobalPriorityRequest, SetGlobalPriorityResponse,
+};
+use drover_tls::Role;
+use tonic::{Request, Response, Status};
+
+use super::auth;
+use crate::admin::{Admin, Steer};
+use crate::db::machines::MachineStatus;
+
+/// Roles that may use the admin service.
+const CALLERS: &[Role] = &[Role::Admin];
+
+/// The admin service.
+pub struct AdminServiceImpl {
+    admin: Admin,
+}
+
+impl AdminServiceImpl {
+    /// The service over `admin`.
+    #[must_use]
+    pub fn new(admin: Admin) -> Self {
+        Self { admin }
+    }
+
+    async fn steer(
+        &self,
+        request: Request<MachineRequest>,
+        steer: Steer,
+    ) -> Result<Response<MachineResponse>, Status> {
+        let caller = auth::require(&request, CALLERS)?;
+        let machine = self
+            .admin
+            .steer(&caller, &request.into_inner().name, steer)
+            .await?;
+        Ok(Response::new(MachineResponse {
+            machine: Some(wire_machine(machine)),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminServiceImpl {
+    async fn list_machines(
+        &self,
+        request: Request<ListMachinesRequest>,
+    ) -> Result<Response<ListMachinesResponse>, Status> {
+        auth::require(&request, CALLERS)?;
+        let machines = self.admin.machines().await?;
+        Ok(Response::new(ListMachinesResponse {
+            machines: machines.into_iter().map(wire_machine).collect(),
+        }))
+    }
+
+    async fn drain_machine(
+        &self,
+        request: Request<MachineRequest>,
+    ) -> Result<Response<MachineResponse>, Status> {
+        self.steer(request, Steer::Drain).await
+    }
+
+    async fn enable_machine(
+        &self,
+        request: Request<MachineRequest>,
+    ) -> Result<Response<MachineResponse>, Status> {
+        self.steer(request, Steer::Enable).await
+    }
+
+    async fn quarantine_machine(
+        &self,
+        request: Request<MachineRequest>,
+    ) -> Result<Response<MachineResponse>, Status> {
+        self.steer(request, Steer::Quarantine).await
+    }
+
+    async fn lift_quarantine(
+        &self,
+        request: Request<MachineRequest>,
+    ) -> Result<Response<MachineResponse>, Status> {
+        self.steer(request, Steer::Lift).await
+    }
+
+    async fn set_global_priority(
+        &self,
+        request: Request<SetGlobalPriorityRequest>,
+    ) -> Result<Response<SetGlobalPriorityResponse>, Status> {
+        let caller = auth::require(&request, CALLERS)?;
+        let request = request.into_inner();
+        self.admin
+            .set_global_priority(&caller, request.build_id, request.global_priority)
+            .await?;
+        Ok(Response::new(SetGlobalPriorityResponse {}))
+    }
+}
+
+/// A builder as the API shows it.
+fn wire_machine(machine: MachineStatus) -> Machine {
+    Machine {
+        name: machine.name,
+        state: machine.state,
+        systems: machine.systems,
+        max_jobs: machine.max_jobs,
+        running_steps: machine.running_steps,
+        last_ping_at_ms: machine.last_ping_at_ms.unwrap_or(0),
+        free_disk_bytes: machine.free_disk_bytes,
+        drained_at_ms: machine.drained_at_ms.unwrap_or(0),
+        quarantine_reason: machine.quarantine_reason.unwrap_or_default(),
+        quarantined_at_ms: machine.quarantined_at_ms.unwrap_or(0),
+        probation_from_ms: machine.probation_from_ms.unwrap_or(0),
+    }
+}
