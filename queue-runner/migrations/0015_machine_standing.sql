@@ -1,18 +1,20 @@
 -- What admins and failures decided about each builder: drained (no new work until enabled) and
 -- quarantined (no work after infrastructure failures in a row, until a probation step
--- succeeds). The runner writes both and reads them back at start, so they survive a restart of
+-- succeeds); and whether it is below the free disk floor. The runner writes both and reads them back at start, so they survive a restart of
 -- either side. `machine_status` is what `drover admin machines` shows.
 
 ALTER TABLE machines ADD COLUMN drained_at timestamptz;
 ALTER TABLE machines ADD COLUMN quarantined_at timestamptz;
 ALTER TABLE machines ADD COLUMN quarantine_reason text;
 ALTER TABLE machines ADD COLUMN probation_from timestamptz;
+ALTER TABLE machines ADD COLUMN below_disk_floor boolean NOT NULL DEFAULT false;
 ALTER TABLE machines ADD CONSTRAINT machines_quarantine_complete
     CHECK ((quarantined_at IS NULL) = (quarantine_reason IS NULL)
        AND (quarantined_at IS NULL) = (probation_from IS NULL));
 COMMENT ON COLUMN machines.drained_at IS 'When an admin drained it (drover admin drain): it keeps its tunnel and finishes what it runs, but gets no new work until enabled. NULL: not drained.';
 COMMENT ON COLUMN machines.quarantined_at IS 'When its quarantine began. NULL: not quarantined.';
 COMMENT ON COLUMN machines.quarantine_reason IS 'Why it is quarantined: its infrastructure failures in a row (with the last message), a failed probation step, or the admin who imposed it.';
+COMMENT ON COLUMN machines.below_disk_floor IS 'Whether its latest ping reported less free disk than [builders] min_free_disk_bytes: it gets no new work until a ping reports more.';
 COMMENT ON COLUMN machines.probation_from IS 'When its cool-down ends: from then on it gets one probation step at a time, and a success lifts the quarantine.';
 
 CREATE VIEW machine_status AS
@@ -22,6 +24,7 @@ CREATE VIEW machine_status AS
                WHEN m.drained_at IS NOT NULL THEN 'drained'
                WHEN m.quarantined_at IS NOT NULL AND now() < m.probation_from THEN 'quarantined'
                WHEN m.quarantined_at IS NOT NULL THEN 'probation'
+               WHEN m.below_disk_floor THEN 'low_disk'
                WHEN count(a.id) >= m.max_jobs THEN 'full'
                WHEN count(a.id) > 0 THEN 'busy'
                ELSE 'idle'
@@ -41,9 +44,46 @@ CREATE VIEW machine_status AS
     LEFT JOIN step_attempts a ON a.machine = m.name AND a.status = 'running'
     LEFT JOIN steps s ON s.id = a.step_id
     GROUP BY m.name;
-COMMENT ON VIEW machine_status IS 'Each builder as drover admin machines shows it: its state (disconnected, drained, quarantined, probation, full, busy, idle; a builder shutting down shows as busy or idle until it leaves), load, running steps, last ping, free disk, and why it takes no work.';
-COMMENT ON COLUMN machine_status.state IS 'disconnected, drained, quarantined (cooling down), probation (one step at a time), full, busy or idle, the first that applies.';
+COMMENT ON VIEW machine_status IS 'Each builder as drover admin machines shows it: its state (disconnected, drained, quarantined, probation, low_disk, full, busy, idle; a builder shutting down shows as busy or idle until it leaves), load, running steps, last ping, free disk, and why it takes no work.';
+COMMENT ON COLUMN machine_status.state IS 'disconnected, drained, quarantined (cooling down), probation (one step at a time), low_disk (below the free disk floor), full, busy or idle, the first that applies.';
 COMMENT ON COLUMN machine_status.running IS 'Attempts it runs now.';
 COMMENT ON COLUMN machine_status.running_steps IS 'The derivations of those attempts, oldest first.';
 
 COMMENT ON COLUMN builds.global_priority IS 'Set by admins (drover admin priority); higher builds go before every build with a lower one, whatever their priority. An UPDATE by SQL takes effect when the build is next ingested (a runner restart); the admin command moves its queued steps at once.';
+
+-- Why a step waits now also names drained and quarantined builders.
+CREATE OR REPLACE VIEW step_waiting_reasons AS
+SELECT s.id AS step_id,
+       CASE
+         WHEN s.status = 'waiting' THEN 'waiting for its inputs to be built'
+         WHEN s.visible_after > now() THEN
+           'held back until ' || to_char(s.visible_after AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+           || CASE WHEN s.infrastructure_failures > 0 THEN ' (backoff after an infrastructure failure)'
+                   ELSE ' (postponed)' END
+         WHEN NOT EXISTS (SELECT 1 FROM machines m
+                          WHERE m.connected
+                            AND (s.system = 'builtin' OR s.system = ANY (m.systems))
+                            AND s.required_features <@ (m.supported_features || m.mandatory_features)
+                            AND m.mandatory_features <@ s.required_features) THEN
+           'no connected builder offers system ' || s.system
+           || coalesce(' with features ' || nullif(array_to_string(s.required_features, ', '), ''), '')
+           || CASE WHEN EXISTS (SELECT 1 FROM machines m
+                                WHERE (s.system = 'builtin' OR s.system = ANY (m.systems))
+                                  AND s.required_features <@ (m.supported_features || m.mandatory_features)
+                                  AND m.mandatory_features <@ s.required_features)
+                   THEN ' (a builder that did has disconnected)'
+                   ELSE ' (no builder ever has)' END
+         WHEN NOT EXISTS (SELECT 1 FROM machines m
+                          WHERE m.connected
+                            AND m.drained_at IS NULL
+                            AND NOT m.below_disk_floor
+                            AND (m.quarantined_at IS NULL OR m.probation_from <= now())
+                            AND (s.system = 'builtin' OR s.system = ANY (m.systems))
+                            AND s.required_features <@ (m.supported_features || m.mandatory_features)
+                            AND m.mandatory_features <@ s.required_features) THEN
+           'every connected builder that can run it is drained, quarantined or low on disk (drover admin machines says which)'
+         ELSE 'every builder that can run it is busy'
+       END AS reason
+FROM steps s
+WHERE s.status IN ('waiting', 'runnable');
+COMMENT ON VIEW step_waiting_reasons IS 'Why each waiting or runnable step has not started: its inputs, a backoff or postponement (visible_after), no connected builder for its system and features, every such builder drained, quarantined or low on disk, or busy builders.';

@@ -295,6 +295,15 @@ struct RawBuilders {
     /// How long a quarantined builder gets no work before its probation step. Default 600.
     #[serde(default = "default_quarantine_cool_down_secs")]
     quarantine_cool_down_secs: u64,
+    /// A builder whose latest ping reports less free space in its Nix store than this gets no
+    /// new work until a ping reports more (it finishes what it runs). 0: no floor. Default 10
+    /// GiB: room for a large build's outputs and the NARs made of them.
+    #[serde(default = "default_min_free_disk_bytes")]
+    min_free_disk_bytes: u64,
+}
+
+const fn default_min_free_disk_bytes() -> u64 {
+    10 << 30
 }
 
 const fn default_quarantine_after_failures() -> u32 {
@@ -345,6 +354,7 @@ impl Default for RawBuilders {
             learned_durations: default_learned_durations(),
             quarantine_after_failures: default_quarantine_after_failures(),
             quarantine_cool_down_secs: default_quarantine_cool_down_secs(),
+            min_free_disk_bytes: default_min_free_disk_bytes(),
         }
     }
 }
@@ -431,6 +441,8 @@ pub struct Config {
     pub learned_durations: bool,
     /// When builders are quarantined.
     pub quarantine: QuarantinePolicy,
+    /// The least free disk a builder gets new work with.
+    pub min_free_disk_bytes: u64,
     /// Largest derivation in a submission.
     pub max_derivation_bytes: usize,
     /// Largest Submit request.
@@ -574,6 +586,7 @@ impl Config {
             rejoin_grace: Duration::from_secs(raw.builders.rejoin_grace_secs),
             learned_durations: raw.builders.learned_durations,
             quarantine: raw.builders.quarantine(),
+            min_free_disk_bytes: raw.builders.min_free_disk_bytes,
             max_derivation_bytes,
             max_submission_bytes,
             refuse_unknown_systems: raw.submissions.refuse_unknown_systems,

@@ -50,6 +50,7 @@ pub fn core_limits(config: &Config) -> CoreLimits {
         rejoin_grace: config.rejoin_grace,
         learned_durations: config.learned_durations,
         quarantine: config.quarantine,
+        min_free_disk_bytes: config.min_free_disk_bytes,
     }
 }
 

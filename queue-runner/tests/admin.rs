@@ -1,7 +1,8 @@
 //! `drover admin` against a real farm: a drained builder finishes its step and gets nothing
 //! new, across a restart of the runner and of the builder, until enabled; a builder failing in a row is quarantined with
 //! its reason and an admin lifts it; a build's global priority moves it ahead of an older one;
-//! a client certificate may not steer.
+//! a client certificate may not steer; a builder below the free disk floor gets no work until
+//! it has room.
 
 #![allow(
     clippy::unwrap_used,
@@ -99,6 +100,17 @@ async fn a_drained_builder_finishes_its_step_and_gets_nothing_new_across_restart
     let listed = state_of(&farm, "b1").await;
     assert_eq!(listed["state"], "drained");
     assert_ne!(listed["drained_at_ms"], 0);
+    let waiting = farm.get(build).await;
+    let top_step = waiting
+        .steps
+        .iter()
+        .find(|step| step.drv_path.ends_with("-top.drv"))
+        .unwrap();
+    assert_eq!(
+        top_step.waiting_reason,
+        "every connected builder that can run it is drained, quarantined or low on disk \
+         (drover admin machines says which)"
+    );
 
     // A restarted runner still keeps it drained once it is back.
     farm.stop_runner().await;
@@ -140,6 +152,7 @@ async fn a_drained_builder_finishes_its_step_and_gets_nothing_new_across_restart
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_builder_failing_in_a_row_is_quarantined_with_its_reason_until_an_admin_lifts_it() {
     let mut farm = Farm::new().await;
+    farm.quarantine_after_failures = 3;
     farm.start_runner().await;
     farm.start_builder(&BuilderSpec {
         max_jobs: 1,
@@ -245,4 +258,41 @@ async fn a_higher_global_priority_moves_a_queued_build_ahead_of_an_older_one() {
         .run_drover_as(Role::Admin, &["admin", "priority", &older.to_string(), "5"])
         .await;
     assert_eq!(ended.status.code(), Some(65), "{ended:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_below_the_free_disk_floor_gets_no_work_until_it_is_above_it() {
+    let mut farm = Farm::new().await;
+    // A floor above any disk: the builder's real free space is below it.
+    farm.min_free_disk_bytes = i64::MAX;
+    farm.start_runner().await;
+    farm.start_builder(&BuilderSpec::new("b1"));
+    wait_connected(&farm, 1).await;
+    let mut factory = Factory::default();
+    let build = farm.submit(&[&factory.make(&Spec::new("big"))]).await;
+    poll_until(DEADLINE, "the step to wait for disk space", || async {
+        (waiting_for(&farm, "low_disk").await == 1).then_some(())
+    })
+    .await;
+    let listed = state_of(&farm, "b1").await;
+    assert_eq!(listed["state"], "low_disk");
+    assert!(
+        listed["free_disk_bytes"]
+            .as_u64()
+            .is_some_and(|free| free > 0)
+    );
+    let step = &farm.get(build).await.steps[0];
+    assert!(
+        step.waiting_reason.contains("low on disk"),
+        "{}",
+        step.waiting_reason
+    );
+    assert_eq!(farm.count("SELECT count(*) FROM step_attempts").await, 0);
+
+    // With a floor the disk clears, the builder's next ping brings it work.
+    farm.stop_runner().await;
+    farm.min_free_disk_bytes = 1 << 20;
+    farm.start_runner().await;
+    assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
+    assert_eq!(state_of(&farm, "b1").await["state"], "idle");
 }

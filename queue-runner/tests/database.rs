@@ -121,6 +121,7 @@ const LIMITS: CoreLimits = CoreLimits {
         after_failures: 3,
         cool_down: std::time::Duration::from_mins(10),
     },
+    min_free_disk_bytes: 0,
 };
 
 #[tokio::test]

@@ -1,5 +1,6 @@
-//! What operators and failures decided about each builder, by name: drained by an admin, or
-//! quarantined after infrastructure failures in a row. It outlives the builder's sessions (a
+//! What decides whether a connected builder takes work ([`Standing`]), and what operators and
+//! failures decided about each builder, by name: drained by an admin, or quarantined after
+//! infrastructure failures in a row. It outlives the builder's sessions (a
 //! flaky builder that reconnects is still quarantined) and is persisted, so it also outlives
 //! the runner.
 //!
@@ -47,6 +48,8 @@ pub struct Standing {
     pub drained: bool,
     /// It is quarantined.
     pub quarantine: Option<Quarantine>,
+    /// Its latest ping reported less free disk than the farm's floor.
+    pub low_on_disk: bool,
 }
 
 impl Standing {
@@ -54,7 +57,7 @@ impl Standing {
     #[must_use]
     pub fn job_limit(&self, max_jobs: u32) -> u32 {
         match self.quarantine {
-            _ if self.shutting_down || self.drained => 0,
+            _ if self.shutting_down || self.drained || self.low_on_disk => 0,
             Some(Quarantine::CoolingDown) => 0,
             Some(Quarantine::Probation) => max_jobs.min(1),
             None => max_jobs,
@@ -120,14 +123,14 @@ impl Fleet {
         }
     }
 
-    /// The standing of the builder `name` at `now` (a fresh session's: not shutting down).
+    /// The standing of the builder `name` at `now`, as far as it is the builder's (not its
+    /// session's: shutting down, low on disk).
     #[must_use]
     pub fn standing(&self, name: &str, now: Instant) -> Standing {
         let Some(machine) = self.machines.get(name) else {
             return Standing::default();
         };
         Standing {
-            shutting_down: false,
             drained: machine.drained,
             quarantine: machine.quarantine.as_ref().map(|quarantined| {
                 if now < quarantined.probation_from {
@@ -136,6 +139,7 @@ impl Fleet {
                     Quarantine::Probation
                 }
             }),
+            ..Standing::default()
         }
     }
 
@@ -146,11 +150,11 @@ impl Fleet {
     pub fn joining(&self, name: &str) -> Standing {
         let machine = self.machines.get(name);
         Standing {
-            shutting_down: false,
             drained: machine.is_some_and(|machine| machine.drained),
             quarantine: machine
                 .and_then(|machine| machine.quarantine.as_ref())
                 .map(|_| Quarantine::CoolingDown),
+            ..Standing::default()
         }
     }
 

@@ -22,6 +22,9 @@ pub enum NoCapacity {
     /// Every connected builder that can run them and is not drained or shutting down is
     /// quarantined.
     Quarantined,
+    /// Every connected builder that can run them and takes work otherwise has less free disk
+    /// than the farm's floor.
+    LowDisk,
     /// Builders offer their system, but none of them the features they need.
     MissingFeature,
     /// No connected builder offers their system.
@@ -37,6 +40,7 @@ impl NoCapacity {
             Self::Draining => "draining",
             Self::Drained => "drained",
             Self::Quarantined => "quarantined",
+            Self::LowDisk => "low_disk",
             Self::MissingFeature => "missing_feature",
             Self::NoBuilder => "no_builder",
         }
@@ -58,17 +62,20 @@ pub enum BuilderState {
     Drained,
     /// Quarantined after infrastructure failures: cooling down, or on probation.
     Quarantined,
+    /// Less free disk than the farm's floor, at its latest ping.
+    LowDisk,
 }
 
 impl BuilderState {
     /// Every state, so a metric shows the ones no builder is in as zero.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Idle,
         Self::Busy,
         Self::Full,
         Self::Draining,
         Self::Drained,
         Self::Quarantined,
+        Self::LowDisk,
     ];
 
     /// Its label in metrics.
@@ -81,11 +88,12 @@ impl BuilderState {
             Self::Draining => "draining",
             Self::Drained => "drained",
             Self::Quarantined => "quarantined",
+            Self::LowDisk => "low_disk",
         }
     }
 
     /// What `builder` is doing; a builder closed for several reasons shows the first of
-    /// shutting down, drained, quarantined.
+    /// shutting down, drained, quarantined, low on disk.
     #[must_use]
     pub fn of(builder: &Builder) -> Self {
         if let Some(closed) = Self::closed(builder.standing) {
@@ -107,6 +115,8 @@ impl BuilderState {
             Some(Self::Drained)
         } else if standing.quarantine.is_some() {
             Some(Self::Quarantined)
+        } else if standing.low_on_disk {
+            Some(Self::LowDisk)
         } else {
             None
         }
@@ -133,6 +143,9 @@ pub struct Gauges {
     pub slots: BTreeMap<String, Slots>,
     /// Runnable steps that no builder can take now, by system and reason.
     pub without_capacity: BTreeMap<(String, NoCapacity), u64>,
+    /// Connected builders that take no new work (or only a probation step), by name, and why:
+    /// draining, drained, quarantined or low on disk.
+    pub unavailable: BTreeMap<String, BuilderState>,
     /// Builds queued or running.
     pub builds: u64,
 }
@@ -160,10 +173,11 @@ impl Gauges {
             gauges.builders.insert(state, 0);
         }
         for (_, builder) in placement.builders() {
-            *gauges
-                .builders
-                .entry(BuilderState::of(builder))
-                .or_default() += 1;
+            let state = BuilderState::of(builder);
+            *gauges.builders.entry(state).or_default() += 1;
+            if BuilderState::closed(builder.standing).is_some() {
+                gauges.unavailable.insert(builder.name.clone(), state);
+            }
             for system in &builder.capabilities.systems {
                 let slots = gauges.slots.entry(system.clone()).or_default();
                 let limit = builder.standing.job_limit(builder.capabilities.max_jobs);
@@ -212,6 +226,8 @@ fn why_no_capacity(placement: &Placement, class: ClassId) -> Option<(String, NoC
         let states: Vec<BuilderState> = capable.iter().map(|b| BuilderState::of(b)).collect();
         if states.contains(&BuilderState::Quarantined) {
             NoCapacity::Quarantined
+        } else if states.contains(&BuilderState::LowDisk) {
+            NoCapacity::LowDisk
         } else if states.contains(&BuilderState::Drained) {
             NoCapacity::Drained
         } else {

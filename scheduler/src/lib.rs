@@ -63,6 +63,9 @@ pub struct CoreLimits {
     pub learned_durations: bool,
     /// When builders are quarantined.
     pub quarantine: QuarantinePolicy,
+    /// A builder whose latest ping reports less free disk than this gets no new work until one
+    /// reports more; 0: no floor.
+    pub min_free_disk_bytes: u64,
 }
 
 /// Why an attempt ended without a result of the build's own: which counter it moves.
@@ -255,11 +258,17 @@ impl Core {
                 session,
                 free_disk_bytes,
             } => {
+                // A builder that does not say how much disk it has keeps its standing.
+                if let Some(free) = free_disk_bytes {
+                    let low = free < self.limits.min_free_disk_bytes;
+                    self.placement
+                        .set_standing(session, |standing| standing.low_on_disk = low);
+                }
                 if let Some(builder) = self.placement.builder(session) {
-                    let name = builder.name.clone();
                     self.persist(Change::MachinePinged {
-                        name,
+                        name: builder.name.clone(),
                         free_disk_bytes,
+                        below_disk_floor: builder.standing.low_on_disk,
                     });
                 }
             }

@@ -29,6 +29,7 @@ const LIMITS: CoreLimits = CoreLimits {
         after_failures: 0,
         cool_down: Duration::from_mins(10),
     },
+    min_free_disk_bytes: 0,
 };
 
 fn core() -> Core {

@@ -364,6 +364,8 @@ pub enum Change {
         name: String,
         /// Free bytes on its store's file system, if it knows.
         free_disk_bytes: Option<u64>,
+        /// Whether it is below the farm's free disk floor (and gets no new work).
+        below_disk_floor: bool,
     },
     /// A builder's last session ended.
     MachineLeft {

@@ -202,6 +202,9 @@ impl FarmFiles {
             .set("cache.listen", format!("127.0.0.1:{cache_port}"))
             .set("cache.secret_key_file", file("cache-key.sec"))
             .set("metrics.listen", "127.0.0.1:0")
+            // Builders share the machine's disk with everything else of a one-machine farm: a
+            // floor any machine that builds this project has.
+            .set("builders.min_free_disk_bytes", 1_i64 << 30)
     }
 
     /// Builder `builder.name`'s configuration; issues its certificate.

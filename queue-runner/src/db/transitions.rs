@@ -65,6 +65,29 @@ enum MachineWrite {
     },
 }
 
+impl MachineWrite {
+    /// The write a builder's change needs; `None` for other changes.
+    fn of(change: Change) -> Option<Self> {
+        Some(match change {
+            Change::MachineJoined {
+                name,
+                capabilities,
+                nix_version,
+            } => Self::Joined {
+                name,
+                capabilities,
+                nix_version,
+            },
+            Change::MachineLeft { name } => Self::Left { name },
+            Change::MachineDrained { name, drained } => Self::Drained { name, drained },
+            Change::MachineQuarantined { name, quarantine } => {
+                Self::Quarantined { name, quarantine }
+            }
+            _ => return None,
+        })
+    }
+}
+
 /// One batch of changes, folded.
 #[derive(Debug, Default)]
 pub struct Transitions {
@@ -75,7 +98,8 @@ pub struct Transitions {
     started_builds: BTreeSet<BuildId>,
     finished_builds: BTreeMap<BuildId, (BuildStatus, Option<String>)>,
     machines: Vec<MachineWrite>,
-    pings: BTreeMap<String, Option<u64>>,
+    /// Each builder's latest free disk (if it said) and whether it is below the floor.
+    pings: BTreeMap<String, (Option<u64>, bool)>,
     /// The latest estimate of each package whose duration moved.
     durations: BTreeMap<DurationKey, (u32, u64)>,
 }
@@ -171,28 +195,16 @@ impl Transitions {
                     .entry(build)
                     .or_insert((status, reason));
             }
-            Change::MachineJoined {
-                name,
-                capabilities,
-                nix_version,
-            } => self.machines.push(MachineWrite::Joined {
-                name,
-                capabilities,
-                nix_version,
-            }),
-            Change::MachineLeft { name } => self.machines.push(MachineWrite::Left { name }),
-            Change::MachineDrained { name, drained } => {
-                self.machines.push(MachineWrite::Drained { name, drained });
-            }
-            Change::MachineQuarantined { name, quarantine } => {
-                self.machines
-                    .push(MachineWrite::Quarantined { name, quarantine });
-            }
+            change @ (Change::MachineJoined { .. }
+            | Change::MachineLeft { .. }
+            | Change::MachineDrained { .. }
+            | Change::MachineQuarantined { .. }) => self.machines.extend(MachineWrite::of(change)),
             Change::MachinePinged {
                 name,
                 free_disk_bytes,
+                below_disk_floor,
             } => {
-                self.pings.insert(name, free_disk_bytes);
+                self.pings.insert(name, (free_disk_bytes, below_disk_floor));
             }
             Change::DurationLearned(learned) => {
                 self.durations
@@ -407,13 +419,14 @@ impl Transitions {
         let free: Vec<Option<i64>> = self
             .pings
             .values()
-            .map(|free| free.map(|bytes| i64::try_from(bytes).unwrap_or(i64::MAX)))
+            .map(|(free, _)| free.map(|bytes| i64::try_from(bytes).unwrap_or(i64::MAX)))
             .collect();
+        let low: Vec<bool> = self.pings.values().map(|(_, low)| *low).collect();
         execute(
             client,
             &prepared.record_pings,
             "recording builder pings",
-            &[&names, &free],
+            &[&names, &free, &low],
         )
         .await
     }
@@ -602,8 +615,8 @@ const RECORD_DURATIONS: &str = "INSERT INTO step_durations AS d (package, system
      SET samples = excluded.samples, mean_ms = excluded.mean_ms, updated_at = now()";
 
 const RECORD_PINGS: &str = "UPDATE machines m SET last_ping_at = now(),
-         free_disk_bytes = coalesce(p.free, m.free_disk_bytes)
-     FROM unnest($1::text[], $2::bigint[]) AS p(name, free)
+         free_disk_bytes = coalesce(p.free, m.free_disk_bytes), below_disk_floor = p.low
+     FROM unnest($1::text[], $2::bigint[], $3::boolean[]) AS p(name, free, low)
      WHERE m.name = p.name";
 
 fn saturating_i32(value: u32) -> i32 {

@@ -64,3 +64,10 @@ pub struct CapacityLabels {
 pub struct StateLabels {
     pub state: &'static str,
 }
+
+/// A builder that takes no new work, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UnavailableLabels {
+    pub builder: String,
+    pub reason: &'static str,
+}

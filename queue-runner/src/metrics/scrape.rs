@@ -12,7 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
-use super::labels::{CapacityLabels, StateLabels, StepLabels, SystemLabels};
+use super::labels::{CapacityLabels, StateLabels, StepLabels, SystemLabels, UnavailableLabels};
 
 /// What a scrape reports, gathered by the scheduler's driver between two events.
 #[derive(Debug, Clone)]
@@ -55,6 +55,7 @@ pub struct ScrapedGauges {
     slots: Family<SystemLabels, Gauge>,
     slots_used: Family<SystemLabels, Gauge>,
     without_capacity: Family<CapacityLabels, Gauge>,
+    unavailable: Family<UnavailableLabels, Gauge>,
     oldest_runnable: Family<SystemLabels, Gauge<f64, AtomicU64>>,
     connections: Family<StateLabels, Gauge>,
     connections_max: Gauge,
@@ -73,6 +74,7 @@ impl ScrapedGauges {
             slots: Family::default(),
             slots_used: Family::default(),
             without_capacity: Family::default(),
+            unavailable: Family::default(),
             oldest_runnable: Family::default(),
             connections: Family::default(),
             connections_max: Gauge::default(),
@@ -109,6 +111,11 @@ impl ScrapedGauges {
             "runnable_steps_without_capacity",
             "Runnable steps no connected builder can take now, by system and reason",
             gauges.without_capacity.clone(),
+        );
+        registry.register(
+            "builder_unavailable",
+            "1 for each connected builder that takes no new work, by name and reason",
+            gauges.unavailable.clone(),
         );
         registry.register_with_unit(
             "oldest_runnable_step_age",
@@ -191,6 +198,14 @@ impl ScrapedGauges {
             self.without_capacity
                 .get_or_create(&labels)
                 .set(count_value(*count));
+        }
+        self.unavailable.clear();
+        for (builder, state) in &gauges.unavailable {
+            let labels = UnavailableLabels {
+                builder: builder.clone(),
+                reason: state.as_str(),
+            };
+            self.unavailable.get_or_create(&labels).set(1);
         }
         self.oldest_runnable.clear();
         for (system, age) in &scrape.oldest_runnable {

@@ -112,6 +112,11 @@ pub struct Farm {
     /// Whether Submit refuses systems and features no builder ever offered (off by default
     /// here, so tests can queue work for builders that join later).
     pub refuse_unknown_systems: bool,
+    /// `[builders] min_free_disk_bytes`: 1 GiB unless a test changes it.
+    pub min_free_disk_bytes: i64,
+    /// `[builders] quarantine_after_failures`: 0 (never) unless a test changes it, so tests of
+    /// retries on one builder see every retry.
+    pub quarantine_after_failures: i64,
     runner: Option<RunningRunner>,
     builders: Vec<ChildGuard>,
     /// The nix-daemons of sandboxed builders.
@@ -188,6 +193,8 @@ impl Farm {
             heartbeat_ms: 15_000,
             liveness_timeout_secs: 5,
             refuse_unknown_systems: false,
+            min_free_disk_bytes: 1 << 30,
+            quarantine_after_failures: 0,
             runner: None,
             builders: Vec::new(),
             daemons: Vec::new(),
@@ -242,6 +249,11 @@ impl Farm {
             .set(
                 "submissions.refuse_unknown_systems",
                 self.refuse_unknown_systems,
+            )
+            .set("builders.min_free_disk_bytes", self.min_free_disk_bytes)
+            .set(
+                "builders.quarantine_after_failures",
+                self.quarantine_after_failures,
             )
             .set("retry.max_attempts", 4)
             .set("retry.initial_interval_ms", 100)

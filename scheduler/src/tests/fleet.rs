@@ -84,6 +84,7 @@ fn a_drained_builder_keeps_its_steps_gets_nothing_new_and_is_enabled_again() {
     assert!(builds(&core.dispatch(now)).is_empty());
     let gauges = core.gauges();
     assert_eq!(gauges.builders[&BuilderState::Drained], 1);
+    assert_eq!(gauges.unavailable["b"], BuilderState::Drained);
     assert_eq!(
         gauges.without_capacity[&("x86_64-linux".to_owned(), NoCapacity::Drained)],
         2
@@ -170,6 +171,7 @@ fn failures_in_a_row_quarantine_a_builder_until_a_probation_step_succeeds() {
     assert!(builds(&core.dispatch(start)).is_empty());
     let gauges = core.gauges();
     assert_eq!(gauges.builders[&BuilderState::Quarantined], 1);
+    assert_eq!(gauges.unavailable["flaky"], BuilderState::Quarantined);
     assert_eq!(
         gauges.without_capacity[&("x86_64-linux".to_owned(), NoCapacity::Quarantined)],
         4
@@ -273,4 +275,33 @@ fn an_admin_lifts_a_quarantine_at_once_and_a_stored_one_survives_a_restart() {
         at: now,
     });
     assert!(quarantines(&commands).is_empty());
+}
+
+#[test]
+fn a_builder_below_the_disk_floor_gets_no_work_until_it_reports_more() {
+    let now = Instant::now();
+    let mut core = core_with(CoreLimits {
+        min_free_disk_bytes: 10 << 30,
+        ..LIMITS
+    });
+    core.handle(independent_steps(2));
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    let ping = |free_disk_bytes| Event::BuilderPinged {
+        session: 1,
+        free_disk_bytes,
+    };
+    core.handle(ping(Some(1 << 30)));
+    assert!(builds(&core.dispatch(now)).is_empty());
+    let gauges = core.gauges();
+    assert_eq!(gauges.unavailable["b"], BuilderState::LowDisk);
+    assert_eq!(
+        gauges.without_capacity[&("x86_64-linux".to_owned(), NoCapacity::LowDisk)],
+        2
+    );
+    // A ping that does not say keeps it where it was.
+    core.handle(ping(None));
+    assert!(builds(&core.dispatch(now)).is_empty());
+
+    core.handle(ping(Some(20 << 30)));
+    assert_eq!(builds(&core.dispatch(now)).len(), 1);
 }
