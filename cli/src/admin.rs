@@ -1,12 +1,16 @@
 //! `drover admin …`: the operator's commands (a certificate with role admin): list the builders,
-//! drain and enable one, quarantine one or lift its quarantine, set a build's global priority.
-//! Each change is committed when the command returns, and survives a restart of the runner.
+//! drain and enable one, quarantine one or lift its quarantine, set a build's global priority,
+//! list the certificates the runner has seen and revoke one. Each change is committed when the
+//! command returns, and survives a restart of the runner.
 
 use std::io::Write as _;
 
 use clap::{Args, Subcommand};
 use drover_proto::v1::admin_service_client::AdminServiceClient;
-use drover_proto::v1::{ListMachinesRequest, Machine, MachineRequest, SetGlobalPriorityRequest};
+use drover_proto::v1::{
+    Certificate, ListCertificatesRequest, ListMachinesRequest, Machine, MachineRequest,
+    RevokeCertificateRequest, SetGlobalPriorityRequest,
+};
 use error_context::{Classify, Severity, WithContext};
 use tonic::transport::Channel;
 
@@ -31,9 +35,24 @@ pub enum AdminCommand {
     Lift(MachineArgs),
     /// Set a queued or running build's global priority (higher goes first; default 0).
     Priority(PriorityArgs),
+    /// List the client certificates the runner has seen, and which are revoked.
+    Certs(MachinesArgs),
+    /// Revoke a certificate by serial: its calls are refused, a builder's tunnel ends at once.
+    Revoke(RevokeArgs),
 }
 
-/// `drover admin machines` arguments.
+/// `drover admin revoke` arguments.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The certificate's serial number (hex, as `drover admin certs` or `openssl x509 -noout
+    /// -serial` shows it).
+    serial: String,
+    /// Where the runner is.
+    #[command(flatten)]
+    connection: ConnectionArgs,
+}
+
+/// Arguments of a listing (`machines`, `certs`).
 #[derive(Debug, Args)]
 pub struct MachinesArgs {
     /// Print JSON (one array) instead of a table.
@@ -132,6 +151,8 @@ pub async fn run(command: AdminCommand) -> Result<(), WithContext<AdminError>> {
             .await
         }
         AdminCommand::Priority(args) => priority(args).await,
+        AdminCommand::Certs(args) => certs(args).await,
+        AdminCommand::Revoke(args) => revoke(args).await,
     }
 }
 
@@ -157,8 +178,50 @@ async fn machines(args: MachinesArgs) -> Result<(), WithContext<AdminError>> {
     } else {
         machine_table(&machines, times::now_ms())
     };
+    print(&text)?;
+    Ok(())
+}
+
+fn print(text: &str) -> Result<(), AdminError> {
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{text}").map_err(AdminError::Output)?;
+    writeln!(stdout, "{text}").map_err(AdminError::Output)
+}
+
+async fn certs(args: MachinesArgs) -> Result<(), WithContext<AdminError>> {
+    let certificates = client(&args.connection)
+        .await?
+        .list_certificates(ListCertificatesRequest {})
+        .await
+        .map_err(call)?
+        .into_inner()
+        .certificates;
+    let text = if args.json {
+        let certificates: Vec<_> = certificates.iter().map(certificate_json).collect();
+        serde_json::Value::Array(certificates).to_string()
+    } else {
+        certificate_table(&certificates)
+    };
+    print(&text)?;
+    Ok(())
+}
+
+async fn revoke(args: RevokeArgs) -> Result<(), WithContext<AdminError>> {
+    let answer = client(&args.connection)
+        .await?
+        .revoke_certificate(RevokeCertificateRequest {
+            serial: args.serial.clone(),
+        })
+        .await
+        .map_err(call)?
+        .into_inner();
+    if answer.identity.is_empty() {
+        eprintln!(
+            "certificate {} revoked (the runner has not seen it yet)",
+            args.serial
+        );
+    } else {
+        eprintln!("certificate {} of {} revoked", args.serial, answer.identity);
+    }
     Ok(())
 }
 
@@ -240,6 +303,53 @@ fn machine_table(machines: &[Machine], now_ms: i64) -> String {
         }
     }
     lines.join("\n")
+}
+
+/// The certificates, two lines each (a serial is 40 hex digits): the serial and the identity
+/// it names, then when it was seen and whether it is revoked.
+fn certificate_table(certificates: &[Certificate]) -> String {
+    let mut lines = Vec::new();
+    for certificate in certificates {
+        let identity = if certificate.role.is_empty() {
+            "(never seen)".to_owned()
+        } else {
+            format!("{}/{}", certificate.role, certificate.name)
+        };
+        lines.push(format!("{}  {identity}", certificate.serial));
+        let seen = if certificate.role.is_empty() {
+            "  never seen".to_owned()
+        } else {
+            format!(
+                "  seen {} to {}",
+                times::instant(certificate.first_seen_at_ms),
+                times::instant(certificate.last_seen_at_ms)
+            )
+        };
+        let revoked = if certificate.revoked_at_ms == 0 {
+            String::new()
+        } else {
+            format!(
+                "; REVOKED {} by {}",
+                times::instant(certificate.revoked_at_ms),
+                certificate.revoked_by
+            )
+        };
+        lines.push(format!("{seen}{revoked}"));
+    }
+    lines.join("\n")
+}
+
+/// A certificate as `--json` prints it: the API's fields.
+fn certificate_json(certificate: &Certificate) -> serde_json::Value {
+    serde_json::json!({
+        "serial": certificate.serial,
+        "role": certificate.role,
+        "name": certificate.name,
+        "first_seen_at_ms": certificate.first_seen_at_ms,
+        "last_seen_at_ms": certificate.last_seen_at_ms,
+        "revoked_at_ms": certificate.revoked_at_ms,
+        "revoked_by": certificate.revoked_by,
+    })
 }
 
 /// Bytes in binary units, one decimal: `10.2 GiB`.

@@ -1,8 +1,8 @@
 //! The admin API's use cases: listing builders, draining and enabling them, imposing and
-//! lifting quarantines, and setting a build's global priority. Decisions go to the scheduler,
-//! which owns every builder's standing and the queue's order; each call returns once the
-//! decision is committed, so it survives a restart of the runner. Callers are authenticated by
-//! the front end (role admin).
+//! lifting quarantines, setting a build's global priority, listing the certificates seen and
+//! revoking one. Decisions go to the scheduler, which owns every builder's standing and the
+//! queue's order; each call returns once the decision is committed, so it survives a restart of
+//! the runner. Callers are authenticated by the front end (role admin).
 
 use std::time::Instant;
 
@@ -10,6 +10,8 @@ use drover_scheduler::Event;
 use drover_tls::Identity;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::certificates::Revocations;
+use crate::db::certificates::{self, CertificateRow};
 use crate::db::machines::{self, MachineStatus};
 use crate::db::{DbError, Pool, queries};
 use crate::scheduler::driver::SessionEvent;
@@ -26,6 +28,9 @@ pub enum AdminError {
     /// The build has ended: its priority no longer matters.
     #[error("build {0} has ended: only a queued or running build has a place in line")]
     BuildEnded(i64),
+    /// The serial is not one a certificate can have.
+    #[error("{0:?} is not a certificate serial number (hex digits, as drover admin certs shows)")]
+    Serial(String),
     /// The scheduler no longer takes decisions.
     #[error("the runner is shutting down")]
     ShuttingDown,
@@ -52,13 +57,50 @@ pub enum Steer {
 pub struct Admin {
     pool: Pool,
     scheduler: mpsc::Sender<SessionEvent>,
+    revocations: Revocations,
 }
 
 impl Admin {
     /// The admin API over these parts.
     #[must_use]
-    pub fn new(pool: Pool, scheduler: mpsc::Sender<SessionEvent>) -> Self {
-        Self { pool, scheduler }
+    pub fn new(
+        pool: Pool,
+        scheduler: mpsc::Sender<SessionEvent>,
+        revocations: Revocations,
+    ) -> Self {
+        Self {
+            pool,
+            scheduler,
+            revocations,
+        }
+    }
+
+    /// Every certificate seen at a handshake, or revoked.
+    pub async fn certificates(&self) -> Result<Vec<CertificateRow>, AdminError> {
+        let client = self.pool.get().await.map_err(DbError::Connection)?;
+        Ok(certificates::all(&client).await?)
+    }
+
+    /// Revokes the certificate `serial` for `caller`: every later call with it is refused, and
+    /// a builder's tunnel opened with it ends now (its steps are requeued at once). Returns the
+    /// identity it names, if it was ever seen. Revoking it again changes nothing.
+    pub async fn revoke(
+        &self,
+        caller: &Identity,
+        serial: &str,
+    ) -> Result<Option<(String, String)>, AdminError> {
+        // As `openssl x509 -serial` prints it, or with colons; stored without leading zeros.
+        let given = serial;
+        let serial = given.trim().to_lowercase().replace(':', "");
+        let serial = serial.trim_start_matches('0');
+        if serial.is_empty() || !serial.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            return Err(AdminError::Serial(given.to_owned()));
+        }
+        let client = self.pool.get().await.map_err(DbError::Connection)?;
+        let named = certificates::revoke(&client, serial, &caller.to_string()).await?;
+        self.revocations.revoke(serial);
+        tracing::warn!(serial, ?named, by = %caller, "certificate revoked");
+        Ok(named)
     }
 
     /// Every builder that ever joined.

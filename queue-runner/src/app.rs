@@ -22,6 +22,7 @@ use drover_scheduler::Core;
 use crate::admin::Admin;
 use crate::builds::{Builds, SubmitLimits};
 use crate::cache::upstream::{Upstream, Upstreams};
+use crate::certificates::{Revocations, Sightings, record_sightings};
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::grpc::admin_service::AdminServiceImpl;
@@ -255,7 +256,8 @@ pub async fn start(
             listener,
             tls: tls.clone(),
             builder_service,
-            admin_service: AdminServiceImpl::new(Admin::new(pool.clone(), events.clone())),
+            pool: pool.clone(),
+            scheduler: events.clone(),
             build_service: BuildServiceImpl::new(
                 Builds::new(
                     pool,
@@ -293,27 +295,50 @@ pub async fn start(
     })
 }
 
+/// Reads the revoked certificates, and starts recording the ones seen at handshakes as the task
+/// "certificate recorder" of `supervisor`.
+async fn start_certificates(
+    pool: &db::Pool,
+    shutdown: &CancellationToken,
+    supervisor: &mut Supervisor<RunnerError>,
+) -> Result<(Revocations, Sightings), RunnerError> {
+    let revocations = Revocations::load(pool).await.map_err(|error| {
+        RunnerError::Database(WithContext::from(error).context("reading the revoked certificates"))
+    })?;
+    let (sightings, seen) = Sightings::channel();
+    let recorder = record_sightings(pool.clone(), seen, shutdown.clone());
+    supervisor.spawn_critical("certificate recorder", async move {
+        recorder.await;
+        Ok(())
+    });
+    Ok((revocations, sightings))
+}
+
 /// The gRPC listener and the services it serves.
 struct GrpcParts {
     listener: tokio::net::TcpListener,
     tls: ServerTls,
     builder_service: BuilderServiceImpl,
     build_service: BuildServiceImpl,
-    admin_service: AdminServiceImpl,
+    /// For the admin service and the certificates.
+    pool: db::Pool,
+    scheduler: mpsc::Sender<crate::scheduler::driver::SessionEvent>,
     max_submission_bytes: usize,
 }
 
 /// Serves the gRPC services over mutual TLS as the task "grpc server" of `supervisor`, until
-/// `shutdown`.
+/// `shutdown`, checking every call against the revoked certificates and recording those seen.
 async fn serve_grpc(
     parts: GrpcParts,
     shutdown: &CancellationToken,
     supervisor: &mut Supervisor<RunnerError>,
 ) -> Result<(), RunnerError> {
+    let (revocations, sightings) = start_certificates(&parts.pool, shutdown, supervisor).await?;
+    let admin = Admin::new(parts.pool, parts.scheduler, revocations.clone());
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .layer(tower::util::MapRequestLayer::new(
-            crate::grpc::auth::record_method::<tonic::body::Body>,
+            crate::grpc::auth::prepare::<tonic::body::Body>(revocations),
         ))
         .add_service(health_service().await)
         .add_service(reflection()?)
@@ -326,9 +351,11 @@ async fn serve_grpc(
             BuildServiceServer::new(parts.build_service)
                 .max_decoding_message_size(parts.max_submission_bytes),
         )
-        .add_service(AdminServiceServer::new(parts.admin_service))
+        .add_service(AdminServiceServer::new(AdminServiceImpl::new(admin)))
         .serve_with_incoming_shutdown(
-            parts.tls.accept(TcpListenerStream::new(parts.listener)),
+            parts
+                .tls
+                .accept(TcpListenerStream::new(parts.listener), sightings),
             shutdown.clone().cancelled_owned(),
         );
     supervisor.spawn_critical("grpc server", async move {

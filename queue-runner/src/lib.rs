@@ -18,6 +18,7 @@
 //! - [`tasks`]: spawning, and supervision of the critical tasks.
 //! - [`health`]: `/healthz` and `/readyz`.
 //! - [`audit`]: rate-limited lines naming who was refused and why.
+//! - [`certificates`]: the revoked certificates, checked on every call, and those seen.
 //! - [`reload`]: applying a reloaded configuration (SIGHUP).
 //! - [`app`]: assembling all of it.
 
@@ -26,6 +27,7 @@ pub mod app;
 pub mod audit;
 pub mod builds;
 pub mod cache;
+pub mod certificates;
 pub mod compression;
 pub mod config;
 pub mod db;

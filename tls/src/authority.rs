@@ -321,6 +321,29 @@ mod tests {
     }
 
     #[test]
+    fn a_renewed_certificate_has_the_same_identity_and_another_serial() {
+        let ca = CertificateAuthority::generate("drover test CA").unwrap();
+        let identity = Identity::new(Role::Builder, "b1").unwrap();
+        let read = |issued: &IssuedCertificate| {
+            crate::PeerCertificate::from_der(&der(&issued.cert_pem)).unwrap()
+        };
+        let first = read(&ca.issue(&identity, &[], &[]).unwrap());
+        let renewed = read(&ca.issue(&identity, &[], &[]).unwrap());
+        assert_eq!(first.identity, identity);
+        assert_eq!(renewed.identity, identity);
+        assert_ne!(first.serial, renewed.serial);
+        for serial in [&first.serial, &renewed.serial] {
+            assert!(!serial.starts_with('0'), "{serial}");
+            assert!(
+                serial
+                    .bytes()
+                    .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte)),
+                "{serial}"
+            );
+        }
+    }
+
+    #[test]
     fn leaf_has_the_names_usages_and_lifetime_asked_for() {
         let ca = CertificateAuthority::generate("drover test CA").unwrap();
         let identity = Identity::new(Role::Runner, "r1").unwrap();

@@ -101,14 +101,13 @@ impl Identity {
     /// This does not verify the certificate; call it on a peer certificate the TLS stack has
     /// already verified against the farm's CA.
     pub fn from_certificate_der(der: &[u8]) -> Result<Self, IdentityError> {
-        let (rest, certificate) = x509_parser::parse_x509_certificate(der)
-            .map_err(|error| IdentityError::Certificate(error.to_string()))?;
-        if !rest.is_empty() {
-            return Err(IdentityError::Certificate(format!(
-                "{} bytes of trailing data after the certificate",
-                rest.len()
-            )));
-        }
+        PeerCertificate::from_der(der).map(|peer| peer.identity)
+    }
+
+    /// The identity in a parsed certificate's subject alternative names.
+    fn from_certificate(
+        certificate: &x509_parser::certificate::X509Certificate<'_>,
+    ) -> Result<Self, IdentityError> {
         let names = certificate
             .subject_alternative_name()
             .map_err(|error| IdentityError::Certificate(error.to_string()))?
@@ -319,5 +318,36 @@ mod tests {
         assert!(has_drover_scheme("DROVER://builder/b1"));
         assert!(!has_drover_scheme("https://builder/b1"));
         assert!(!has_drover_scheme("drover:"));
+    }
+}
+
+/// A peer's certificate as the runner tells callers apart: the identity it names and its serial
+/// number, which is what revocation names (one identity may hold several certificates, as a
+/// renewal makes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate {
+    /// Whose it is.
+    pub identity: Identity,
+    /// Its serial number in hex, lowercase: what `openssl x509 -noout -serial` prints, in
+    /// lowercase.
+    pub serial: String,
+}
+
+impl PeerCertificate {
+    /// Reads a DER certificate. Like [`Identity::from_certificate_der`], this does not verify
+    /// it.
+    pub fn from_der(der: &[u8]) -> Result<Self, IdentityError> {
+        let (rest, certificate) = x509_parser::parse_x509_certificate(der)
+            .map_err(|error| IdentityError::Certificate(error.to_string()))?;
+        if !rest.is_empty() {
+            return Err(IdentityError::Certificate(format!(
+                "{} bytes of trailing data after the certificate",
+                rest.len()
+            )));
+        }
+        Ok(Self {
+            identity: Identity::from_certificate(&certificate)?,
+            serial: format!("{:x}", certificate.serial),
+        })
     }
 }

@@ -27,4 +27,4 @@ pub mod refusal;
 
 pub use authority::{CA_CERT_FILE, CA_KEY_FILE, CertificateAuthority, IssuedCertificate};
 pub use error::{CertError, IdentityError};
-pub use identity::{Identity, Role};
+pub use identity::{Identity, PeerCertificate, Role};

@@ -80,6 +80,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "drained and quarantined builders",
         include_str!("../../migrations/0015_machine_standing.sql"),
     ),
+    (
+        16,
+        "certificates seen and revoked",
+        include_str!("../../migrations/0016_certificates.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

@@ -2,6 +2,7 @@
 //! function named after what it does. Nothing here holds a transaction across network I/O to a
 //! builder.
 
+pub mod certificates;
 pub mod connect;
 pub mod machines;
 mod migrations;

@@ -3,14 +3,16 @@
 
 use drover_proto::v1::admin_service_server::AdminService;
 use drover_proto::v1::{
-    ListMachinesRequest, ListMachinesResponse, Machine, MachineRequest, MachineResponse,
-    SetGlobalPriorityRequest, SetGlobalPriorityResponse,
+    Certificate, ListCertificatesRequest, ListCertificatesResponse, ListMachinesRequest,
+    ListMachinesResponse, Machine, MachineRequest, MachineResponse, RevokeCertificateRequest,
+    RevokeCertificateResponse, SetGlobalPriorityRequest, SetGlobalPriorityResponse,
 };
 use drover_tls::Role;
 use tonic::{Request, Response, Status};
 
 use super::auth;
 use crate::admin::{Admin, Steer};
+use crate::db::certificates::CertificateRow;
 use crate::db::machines::MachineStatus;
 
 /// Roles that may use the admin service.
@@ -95,6 +97,44 @@ impl AdminService for AdminServiceImpl {
             .set_global_priority(&caller, request.build_id, request.global_priority)
             .await?;
         Ok(Response::new(SetGlobalPriorityResponse {}))
+    }
+
+    async fn list_certificates(
+        &self,
+        request: Request<ListCertificatesRequest>,
+    ) -> Result<Response<ListCertificatesResponse>, Status> {
+        auth::require(&request, CALLERS)?;
+        let certificates = self.admin.certificates().await?;
+        Ok(Response::new(ListCertificatesResponse {
+            certificates: certificates.into_iter().map(wire_certificate).collect(),
+        }))
+    }
+
+    async fn revoke_certificate(
+        &self,
+        request: Request<RevokeCertificateRequest>,
+    ) -> Result<Response<RevokeCertificateResponse>, Status> {
+        let caller = auth::require(&request, CALLERS)?;
+        let named = self
+            .admin
+            .revoke(&caller, &request.into_inner().serial)
+            .await?;
+        Ok(Response::new(RevokeCertificateResponse {
+            identity: named.map_or_else(String::new, |(role, name)| format!("{role}/{name}")),
+        }))
+    }
+}
+
+/// A certificate as the API shows it.
+fn wire_certificate(certificate: CertificateRow) -> Certificate {
+    Certificate {
+        serial: certificate.serial,
+        role: certificate.role,
+        name: certificate.name,
+        first_seen_at_ms: certificate.first_seen_at_ms,
+        last_seen_at_ms: certificate.last_seen_at_ms,
+        revoked_at_ms: certificate.revoked_at_ms.unwrap_or(0),
+        revoked_by: certificate.revoked_by.unwrap_or_default(),
     }
 }
 

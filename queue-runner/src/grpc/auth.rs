@@ -1,11 +1,23 @@
-//! Who is calling: the identity in the verified client certificate, never a message field.
-//! Every refusal is an audit line naming the caller, the method and why.
+//! Who is calling: the identity in the verified client certificate, never a message field, and
+//! only while that certificate is not revoked (checked on every call: uploads reuse connections
+//! opened before a revocation). Every refusal is an audit line naming the caller, the method
+//! and why.
 
-use drover_tls::{Identity, Role};
+use drover_tls::{Identity, PeerCertificate, Role};
 use tonic::{Request, Status};
+
+use crate::certificates::Revocations;
 
 /// The caller's identity, if its role is one of `roles`; a refusal is logged.
 pub fn require<T>(request: &Request<T>, roles: &[Role]) -> Result<Identity, Status> {
+    require_certificate(request, roles).map(|peer| peer.identity)
+}
+
+/// The caller's certificate, if its role is one of `roles`; a refusal is logged.
+pub fn require_certificate<T>(
+    request: &Request<T>,
+    roles: &[Role],
+) -> Result<PeerCertificate, Status> {
     let identified = identify(request, roles);
     if let Err(status) = &identified {
         let caller = request.peer_certs().and_then(|certificates| {
@@ -27,34 +39,53 @@ pub fn require<T>(request: &Request<T>, roles: &[Role]) -> Result<Identity, Stat
 }
 
 /// The gRPC method a request calls (`drover.v1.BuildService/Get`), which tonic's
-/// server does not hand its handlers: [`record_method`] puts it in the request's extensions.
+/// server does not hand its handlers: [`prepare`] puts it in the request's extensions.
 #[derive(Debug, Clone)]
 pub struct CalledMethod(String);
 
-/// Records the method `request` calls, for audit lines; the server runs it on every request.
-pub fn record_method<B>(mut request: axum::http::Request<B>) -> axum::http::Request<B> {
-    let method = request.uri().path().trim_start_matches('/').to_owned();
-    request.extensions_mut().insert(CalledMethod(method));
-    request
+/// Gives every request what [`require`] needs besides the certificate: the method it calls (for
+/// audit lines) and the revoked serials. The server runs it on every request.
+pub fn prepare<B>(
+    revocations: Revocations,
+) -> impl Fn(axum::http::Request<B>) -> axum::http::Request<B> + Clone {
+    move |mut request| {
+        let method = request.uri().path().trim_start_matches('/').to_owned();
+        request.extensions_mut().insert(CalledMethod(method));
+        request.extensions_mut().insert(revocations.clone());
+        request
+    }
 }
 
-fn identify<T>(request: &Request<T>, roles: &[Role]) -> Result<Identity, Status> {
+fn identify<T>(request: &Request<T>, roles: &[Role]) -> Result<PeerCertificate, Status> {
     let certificates = request
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
     let leaf = certificates
         .first()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let identity = Identity::from_certificate_der(leaf.as_ref()).map_err(|error| {
+    let peer = PeerCertificate::from_der(leaf.as_ref()).map_err(|error| {
         Status::unauthenticated(format!(
             "the client certificate names no drover identity: {error}"
         ))
     })?;
-    if roles.contains(&identity.role) {
-        Ok(identity)
+    // Without the registry nothing can be said to be valid: refuse rather than let a revoked
+    // certificate through.
+    let revocations = request
+        .extensions()
+        .get::<Revocations>()
+        .ok_or_else(|| Status::internal("the runner cannot check revocations"))?;
+    if revocations.is_revoked(&peer.serial) {
+        return Err(Status::unauthenticated(format!(
+            "the certificate {} of {} has been revoked",
+            peer.serial, peer.identity
+        )));
+    }
+    if roles.contains(&peer.identity.role) {
+        Ok(peer)
     } else {
         Err(Status::permission_denied(format!(
-            "{identity} may not call this service"
+            "{} may not call this service",
+            peer.identity
         )))
     }
 }

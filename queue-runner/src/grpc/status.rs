@@ -55,6 +55,7 @@ impl From<AdminError> for Status {
         match error {
             AdminError::NoSuchMachine(_) | AdminError::NoSuchBuild(_) => Status::not_found(message),
             AdminError::BuildEnded(_) => Status::failed_precondition(message),
+            AdminError::Serial(_) => Status::invalid_argument(message),
             AdminError::ShuttingDown | AdminError::Database(_) => Status::unavailable(message),
         }
     }
@@ -284,6 +285,7 @@ mod tests {
             (AdminError::NoSuchMachine("b".to_owned()), Code::NotFound),
             (AdminError::NoSuchBuild(1), Code::NotFound),
             (AdminError::BuildEnded(1), Code::FailedPrecondition),
+            (AdminError::Serial("xyz".to_owned()), Code::InvalidArgument),
             (AdminError::ShuttingDown, Code::Unavailable),
             (AdminError::Database(missing()), Code::Unavailable),
         ];

@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::certificates::Sightings;
 use crate::config::Config;
 
 /// Handshakes in progress at once; more connections wait for one to finish.
@@ -75,16 +76,18 @@ impl ServerTls {
             .clone()
     }
 
-    /// The connections `listener` accepts, once their handshakes succeed; the others are
-    /// dropped (the client sees the TLS alert).
+    /// The connections `listener` accepts, once their handshakes succeed, each reported to
+    /// `seen`; the others are dropped (the client sees the TLS alert).
     pub fn accept(
         &self,
         listener: TcpListenerStream,
+        seen: Sightings,
     ) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>> + use<> {
         let tls = self.clone();
         listener
             .map(move |accepted| {
                 let acceptor = TlsAcceptor::from(tls.current());
+                let seen = seen.clone();
                 async move {
                     let stream = accepted?;
                     let peer = stream.peer_addr().ok();
@@ -96,11 +99,12 @@ impl ServerTls {
                             .await
                             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
                             .and_then(|handshake| handshake);
-                    if let Err(error) = &handshake {
-                        crate::audit::refused_handshake(
+                    match &handshake {
+                        Ok(stream) => seen.handshake(stream.get_ref().1.peer_certificates()),
+                        Err(error) => crate::audit::refused_handshake(
                             peer,
                             &error_context::report(error).to_string(),
-                        );
+                        ),
                     }
                     handshake
                 }

@@ -32,6 +32,7 @@ use super::refusals::{AttemptError, JoinError, LogUploadError, SessionError, par
 use super::shutdown::Incoming;
 use super::upload::{self, UploadError};
 use crate::cache::BinaryCache;
+use crate::certificates::Revocations;
 use crate::logs::LogStore;
 use crate::metrics::UploadMetrics;
 use crate::scheduler::attempts::{AttemptOwner, Attempts};
@@ -178,7 +179,13 @@ impl BuilderService for BuilderServiceImpl {
         &self,
         request: Request<Streaming<BuilderMessage>>,
     ) -> Result<Response<Self::OpenTunnelStream>, Status> {
-        let identity = auth::require(&request, &[Role::Builder])?;
+        let certificate = auth::require_certificate(&request, &[Role::Builder])?;
+        let revocations = request
+            .extensions()
+            .get::<Revocations>()
+            .cloned()
+            .ok_or_else(|| Status::internal("the runner cannot check revocations"))?;
+        let identity = certificate.identity;
         if !self.recovered.get() {
             return Err(JoinError::Recovering.into());
         }
@@ -231,6 +238,8 @@ impl BuilderService for BuilderServiceImpl {
             liveness_timeout: self.liveness_timeout,
             end,
             metrics: self.metrics.clone(),
+            revocations,
+            serial: certificate.serial,
         };
         let events = self.events.clone();
         tasks::spawn_tracked(
@@ -374,6 +383,9 @@ struct BuilderSession {
     liveness_timeout: Duration,
     end: CancellationToken,
     metrics: UploadMetrics,
+    /// The revoked certificates, and the serial of the one this tunnel was opened with.
+    revocations: Revocations,
+    serial: String,
 }
 
 impl BuilderSession {
@@ -382,9 +394,22 @@ impl BuilderSession {
     async fn run(mut self) -> (String, Departure) {
         let ended = |reason: &str| (reason.to_owned(), Departure::Ended);
         let mut deadline = Instant::now() + self.liveness_timeout;
+        let revocations = self.revocations.clone();
+        let serial = self.serial.clone();
+        let revoked = revocations.revoked(&serial);
+        tokio::pin!(revoked);
         loop {
             tokio::select! {
                 () = self.end.cancelled() => return ended("the session was ended by the runner"),
+                // Its steps are requeued at once: a revoked builder is not waited for.
+                () = &mut revoked => {
+                    let refusal = Status::unauthenticated(format!(
+                        "the certificate {serial} of builder/{} has been revoked",
+                        self.name
+                    ));
+                    let _ = self.outbox.try_send(Err(refusal));
+                    return ended("its certificate was revoked");
+                }
                 () = tokio::time::sleep_until(deadline) => {
                     let _ = self.outbox.try_send(Err(SessionError::Silent.into()));
                     return ended("silent past the liveness timeout");
