@@ -1,6 +1,6 @@
 //! `drover admin …`: the operator's commands (a certificate with role admin): list the builders,
-//! drain and enable one, quarantine one or lift its quarantine, set a build's global priority,
-//! list the certificates the runner has seen and revoke one. Each change is committed when the
+//! drain and enable one, quarantine one or lift its quarantine, set a build's global priority
+//! and the admission cap, list the certificates the runner has seen and revoke one. Each change is committed when the
 //! command returns, and survives a restart of the runner.
 
 use std::io::Write as _;
@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use drover_proto::v1::admin_service_client::AdminServiceClient;
 use drover_proto::v1::{
     Certificate, ListCertificatesRequest, ListMachinesRequest, Machine, MachineRequest,
-    RevokeCertificateRequest, SetGlobalPriorityRequest,
+    RevokeCertificateRequest, SetAdmissionCapRequest, SetGlobalPriorityRequest,
 };
 use error_context::{Classify, Severity, WithContext};
 use tonic::transport::Channel;
@@ -35,10 +35,22 @@ pub enum AdminCommand {
     Lift(MachineArgs),
     /// Set a queued or running build's global priority (higher goes first; default 0).
     Priority(PriorityArgs),
+    /// Set the admission cap: Submits that would queue more steps than this are refused.
+    Cap(CapArgs),
     /// List the client certificates the runner has seen, and which are revoked.
     Certs(MachinesArgs),
     /// Revoke a certificate by serial: its calls are refused, a builder's tunnel ends at once.
     Revoke(RevokeArgs),
+}
+
+/// `drover admin cap` arguments.
+#[derive(Debug, Args)]
+pub struct CapArgs {
+    /// The most steps waiting or runnable a Submit may bring the queue to.
+    max_queued_steps: u32,
+    /// Where the runner is.
+    #[command(flatten)]
+    connection: ConnectionArgs,
 }
 
 /// `drover admin revoke` arguments.
@@ -151,6 +163,7 @@ pub async fn run(command: AdminCommand) -> Result<(), WithContext<AdminError>> {
             .await
         }
         AdminCommand::Priority(args) => priority(args).await,
+        AdminCommand::Cap(args) => cap(args).await,
         AdminCommand::Certs(args) => certs(args).await,
         AdminCommand::Revoke(args) => revoke(args).await,
     }
@@ -185,6 +198,22 @@ async fn machines(args: MachinesArgs) -> Result<(), WithContext<AdminError>> {
 fn print(text: &str) -> Result<(), AdminError> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{text}").map_err(AdminError::Output)
+}
+
+async fn cap(args: CapArgs) -> Result<(), WithContext<AdminError>> {
+    let answer = client(&args.connection)
+        .await?
+        .set_admission_cap(SetAdmissionCapRequest {
+            max_queued_steps: args.max_queued_steps,
+        })
+        .await
+        .map_err(call)?
+        .into_inner();
+    eprintln!(
+        "admission cap {} steps (was {}); {} steps are queued now",
+        args.max_queued_steps, answer.previous, answer.queued_steps
+    );
+    Ok(())
 }
 
 async fn certs(args: MachinesArgs) -> Result<(), WithContext<AdminError>> {

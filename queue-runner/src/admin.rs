@@ -1,6 +1,6 @@
 //! The admin API's use cases: listing builders, draining and enabling them, imposing and
-//! lifting quarantines, setting a build's global priority, listing the certificates seen and
-//! revoking one. Decisions go to the scheduler, which owns every builder's standing and the
+//! lifting quarantines, setting a build's global priority and the admission cap, listing the
+//! certificates seen and revoking one. Decisions go to the scheduler, which owns every builder's standing and the
 //! queue's order; each call returns once the decision is committed, so it survives a restart of
 //! the runner. Callers are authenticated by the front end (role admin).
 
@@ -28,6 +28,9 @@ pub enum AdminError {
     /// The build has ended: its priority no longer matters.
     #[error("build {0} has ended: only a queued or running build has a place in line")]
     BuildEnded(i64),
+    /// The cap is larger than the schema holds.
+    #[error("an admission cap of {0} steps is more than the farm can count (at most {max})", max = i32::MAX)]
+    Cap(u32),
     /// The serial is not one a certificate can have.
     #[error("{0:?} is not a certificate serial number (hex digits, as drover admin certs shows)")]
     Serial(String),
@@ -73,6 +76,22 @@ impl Admin {
             scheduler,
             revocations,
         }
+    }
+
+    /// Sets the admission cap for `caller`; returns the previous cap and the steps queued now.
+    pub async fn set_admission_cap(
+        &self,
+        caller: &Identity,
+        max_queued_steps: u32,
+    ) -> Result<(u32, u64), AdminError> {
+        let cap = i32::try_from(max_queued_steps).map_err(|_| AdminError::Cap(max_queued_steps))?;
+        let client = self.pool.get().await.map_err(DbError::Connection)?;
+        let (previous, queued) = queries::set_admission_cap(&client, cap).await?;
+        tracing::info!(cap, previous, queued, by = %caller, "admission cap set");
+        Ok((
+            u32::try_from(previous).unwrap_or(0),
+            u64::try_from(queued).unwrap_or(0),
+        ))
     }
 
     /// Every certificate seen at a handshake, or revoked.

@@ -296,3 +296,36 @@ async fn a_builder_below_the_free_disk_floor_gets_no_work_until_it_is_above_it()
     assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
     assert_eq!(state_of(&farm, "b1").await["state"], "idle");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admission_cap_set_through_the_cli_refuses_a_submission_past_it() {
+    let mut farm = Farm::new().await;
+    farm.start_runner().await;
+    let mut factory = Factory::default();
+    let base = factory.make(&Spec::new("base"));
+    let top = factory.make(&Spec::new("top").inputs(&[&base]));
+    // No builder: the two steps stay queued.
+    farm.submit(&[&base, &top]).await;
+    farm.wait_for_count(
+        "the build to be planned",
+        "SELECT count(*) FROM steps WHERE status IN ('waiting', 'runnable')",
+        2,
+    )
+    .await;
+    let (_, said) = admin(&farm, &["cap", "2"]).await;
+    assert_eq!(
+        said.trim(),
+        "admission cap 2 steps (was 100000); 2 steps are queued now"
+    );
+    let other = factory.make(&Spec::new("other"));
+    let refused = farm
+        .client()
+        .await
+        .submit(Farm::request(&[&other]))
+        .await
+        .expect_err("a third step past a cap of two");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(refused.message().contains("the cap is 2"), "{refused:?}");
+    admin(&farm, &["cap", "3"]).await;
+    farm.submit(&[&other]).await;
+}

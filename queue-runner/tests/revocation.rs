@@ -12,10 +12,10 @@
 mod common;
 
 use common::{AttemptStatus, BuilderSpec, DEADLINE, Farm, Stored};
-use drover_proto::v1::LogChunk;
-use drover_proto::v1::builder_service_client::BuilderServiceClient;
-use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::ListRequest;
+use drover_proto::v1::LogChunk;
+use drover_proto::v1::build_service_client::BuildServiceClient;
+use drover_proto::v1::builder_service_client::BuilderServiceClient;
 use drover_tls::Role;
 use test_support::fake_derivations::{Factory, Spec};
 use test_support::wait::poll_until;
@@ -28,8 +28,7 @@ async fn serial_of(farm: &Farm, identity: &str) -> String {
             .run_drover_as(Role::Admin, &["admin", "certs", "--json"])
             .await;
         assert!(output.status.success(), "{output:?}");
-        let certificates: Vec<serde_json::Value> =
-            serde_json::from_slice(&output.stdout).unwrap();
+        let certificates: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
         certificates.into_iter().find_map(|certificate| {
             let named = format!("{}/{}", certificate["role"], certificate["name"]).replace('"', "");
             (named == identity).then(|| certificate["serial"].as_str().unwrap().to_owned())
@@ -80,7 +79,10 @@ async fn a_revoked_builder_is_cut_off_mid_step_and_its_step_finishes_elsewhere_a
 
     let serial = serial_of(&farm, "builder/b1").await;
     let said = revoke(&farm, &serial).await;
-    assert_eq!(said.trim(), format!("certificate {serial} of builder/b1 revoked"));
+    assert_eq!(
+        said.trim(),
+        format!("certificate {serial} of builder/b1 revoked")
+    );
 
     let status = farm.wait_builder_exit(revoked, DEADLINE).await;
     assert!(!status.success(), "a revoked builder gives up: {status}");
@@ -88,13 +90,15 @@ async fn a_revoked_builder_is_cut_off_mid_step_and_its_step_finishes_elsewhere_a
     let attempts = farm.attempts().await;
     assert_eq!(attempts.len(), 2, "{attempts:?}");
     assert!(
-        attempts.iter().any(|(machine, status, _)| machine == "b1"
-            && *status != AttemptStatus::Succeeded),
+        attempts
+            .iter()
+            .any(|(machine, status, _)| machine == "b1" && *status != AttemptStatus::Succeeded),
         "{attempts:?}"
     );
     assert!(
-        attempts.iter().any(|(machine, status, _)| machine == "b2"
-            && *status == AttemptStatus::Succeeded),
+        attempts
+            .iter()
+            .any(|(machine, status, _)| machine == "b2" && *status == AttemptStatus::Succeeded),
         "{attempts:?}"
     );
 
@@ -106,7 +110,10 @@ async fn a_revoked_builder_is_cut_off_mid_step_and_its_step_finishes_elsewhere_a
         .await
         .expect_err("an upload with a revoked certificate");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
-    assert!(refused.message().contains("has been revoked"), "{refused:?}");
+    assert!(
+        refused.message().contains("has been revoked"),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,9 +146,7 @@ async fn a_revoked_client_is_refused_on_new_and_open_connections() {
         .expect_err("a call on a connection opened before the revocation");
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
 
-    let output = farm
-        .run_drover_as(Role::Admin, &["admin", "certs"])
-        .await;
+    let output = farm.run_drover_as(Role::Admin, &["admin", "certs"]).await;
     let table = String::from_utf8(output.stdout).unwrap();
     assert!(
         table.contains(&format!("{serial}  client/tester")),

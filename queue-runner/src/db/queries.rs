@@ -660,6 +660,25 @@ pub async fn insert_job_set(
     Ok((id, builds, false))
 }
 
+/// Sets the admission cap (`farm_limits.max_queued_steps`); returns the one it replaces and how
+/// many steps wait or are runnable now.
+pub async fn set_admission_cap(
+    client: &impl GenericClient,
+    max_queued_steps: i32,
+) -> Result<(i32, i64), DbError> {
+    let row = client
+        .query_one(
+            "UPDATE farm_limits f SET max_queued_steps = $1
+             FROM (SELECT max_queued_steps FROM farm_limits) AS previous
+             RETURNING previous.max_queued_steps,
+                       (SELECT count(*) FROM steps WHERE status IN ('waiting', 'runnable'))",
+            &[&max_queued_steps],
+        )
+        .await
+        .map_err(DbError::query("setting the admission cap"))?;
+    Ok((row.get(0), row.get(1)))
+}
+
 /// How many steps wait or are runnable, and the admission cap on them (`farm_limits`).
 pub async fn queued_steps_and_cap(client: &impl GenericClient) -> Result<(i64, i64), DbError> {
     let row = client

@@ -5,7 +5,8 @@ use drover_proto::v1::admin_service_server::AdminService;
 use drover_proto::v1::{
     Certificate, ListCertificatesRequest, ListCertificatesResponse, ListMachinesRequest,
     ListMachinesResponse, Machine, MachineRequest, MachineResponse, RevokeCertificateRequest,
-    RevokeCertificateResponse, SetGlobalPriorityRequest, SetGlobalPriorityResponse,
+    RevokeCertificateResponse, SetAdmissionCapRequest, SetAdmissionCapResponse,
+    SetGlobalPriorityRequest, SetGlobalPriorityResponse,
 };
 use drover_tls::Role;
 use tonic::{Request, Response, Status};
@@ -97,6 +98,21 @@ impl AdminService for AdminServiceImpl {
             .set_global_priority(&caller, request.build_id, request.global_priority)
             .await?;
         Ok(Response::new(SetGlobalPriorityResponse {}))
+    }
+
+    async fn set_admission_cap(
+        &self,
+        request: Request<SetAdmissionCapRequest>,
+    ) -> Result<Response<SetAdmissionCapResponse>, Status> {
+        let caller = auth::require(&request, CALLERS)?;
+        let (previous, queued_steps) = self
+            .admin
+            .set_admission_cap(&caller, request.into_inner().max_queued_steps)
+            .await?;
+        Ok(Response::new(SetAdmissionCapResponse {
+            previous,
+            queued_steps,
+        }))
     }
 
     async fn list_certificates(

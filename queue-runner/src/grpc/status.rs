@@ -55,7 +55,7 @@ impl From<AdminError> for Status {
         match error {
             AdminError::NoSuchMachine(_) | AdminError::NoSuchBuild(_) => Status::not_found(message),
             AdminError::BuildEnded(_) => Status::failed_precondition(message),
-            AdminError::Serial(_) => Status::invalid_argument(message),
+            AdminError::Serial(_) | AdminError::Cap(_) => Status::invalid_argument(message),
             AdminError::ShuttingDown | AdminError::Database(_) => Status::unavailable(message),
         }
     }
@@ -286,6 +286,7 @@ mod tests {
             (AdminError::NoSuchBuild(1), Code::NotFound),
             (AdminError::BuildEnded(1), Code::FailedPrecondition),
             (AdminError::Serial("xyz".to_owned()), Code::InvalidArgument),
+            (AdminError::Cap(u32::MAX), Code::InvalidArgument),
             (AdminError::ShuttingDown, Code::Unavailable),
             (AdminError::Database(missing()), Code::Unavailable),
         ];
