@@ -9,6 +9,7 @@
 //! - [`upload`]: uploading a finished step's outputs as NARs.
 //! - [`upload_error`]: why a step's log or outputs could not reach the runner.
 //! - [`link`]: the joined session's client, shared with the running steps.
+//! - [`health`]: free disk and memory pressure, reported at each ping.
 //! - [`executor`]: running one step (noop or Nix).
 //! - [`serve`]: a client of Nix's serve protocol, which the Nix executor speaks.
 //! - [`job`]: one step as the runner sent it.
@@ -20,6 +21,7 @@ pub mod ansi;
 pub mod backoff;
 pub mod config;
 pub mod executor;
+pub mod health;
 pub mod job;
 pub mod jobs;
 pub mod link;

@@ -23,7 +23,8 @@ use crate::times;
 /// The admin subcommands.
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
-    /// List the builders: state, load, last ping, free disk, and why one takes no work.
+    /// List the builders: state, load, last ping, free disk, memory pressure, and why one takes
+    /// no work.
     Machines(MachinesArgs),
     /// Drain a builder: it finishes what it runs and gets no new work until enabled.
     Drain(MachineArgs),
@@ -296,10 +297,17 @@ fn machine_table(machines: &[Machine], now_ms: i64) -> String {
         .max()
         .unwrap_or(0)
         .max("NAME".len());
-    let row = |name: &str, state: &str, jobs: &str, ping: &str, disk: &str| {
-        format!("{name:width$}  {state:12}  {jobs:>5}  {ping:>9}  {disk:>10}")
+    let row = |name: &str, state: &str, jobs: &str, ping: &str, disk: &str, memory: &str| {
+        format!("{name:width$}  {state:15}  {jobs:>5}  {ping:>9}  {disk:>10}  {memory:>7}")
     };
-    let mut lines = vec![row("NAME", "STATE", "JOBS", "LAST PING", "FREE DISK")];
+    let mut lines = vec![row(
+        "NAME",
+        "STATE",
+        "JOBS",
+        "LAST PING",
+        "FREE DISK",
+        "MEM PSI",
+    )];
     for machine in machines {
         let ping = if machine.last_ping_at_ms == 0 {
             "-".to_owned()
@@ -313,6 +321,9 @@ fn machine_table(machines: &[Machine], now_ms: i64) -> String {
             &format!("{}/{}", machine.running_steps.len(), machine.max_jobs),
             &ping,
             &machine.free_disk_bytes.map_or("-".to_owned(), bytes),
+            &machine
+                .memory_pressure_percent
+                .map_or("-".to_owned(), |percent| format!("{percent:.1}%")),
         ));
         if machine.drained_at_ms != 0 {
             let since = times::instant(machine.drained_at_ms);
@@ -409,6 +420,7 @@ fn machine_json(machine: &Machine) -> serde_json::Value {
         "running_steps": machine.running_steps,
         "last_ping_at_ms": machine.last_ping_at_ms,
         "free_disk_bytes": machine.free_disk_bytes,
+        "memory_pressure_percent": machine.memory_pressure_percent,
         "drained_at_ms": machine.drained_at_ms,
         "quarantine_reason": machine.quarantine_reason,
         "quarantined_at_ms": machine.quarantined_at_ms,
@@ -431,12 +443,13 @@ mod tests {
     }
 
     #[test]
-    fn the_table_fits_80_columns_and_says_why_a_builder_takes_no_work() {
+    fn the_table_fits_80_columns_with_a_20_character_name_and_says_why_a_builder_is_idle() {
         let now = 1_764_750_665_000;
         let machines = [
             Machine {
-                name: "builder-with-a-long-name-1".to_owned(),
-                state: "quarantined".to_owned(),
+                name: "builder-long-name-01".to_owned(),
+                state: "memory_pressure".to_owned(),
+                memory_pressure_percent: Some(72.5),
                 max_jobs: 4,
                 last_ping_at_ms: now - 3_000,
                 free_disk_bytes: Some(12 * 1024 * 1024 * 1024),
@@ -464,6 +477,7 @@ mod tests {
         );
         assert!(table.contains("3.0s ago"), "{table}");
         assert!(table.contains("12.0 GiB"), "{table}");
+        assert!(table.contains("72.5%"), "{table}");
         assert!(
             table.contains("3 infrastructure failures in a row"),
             "{table}"

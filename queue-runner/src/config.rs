@@ -300,6 +300,16 @@ struct RawBuilders {
     /// GiB: room for a large build's outputs and the NARs made of them.
     #[serde(default = "default_min_free_disk_bytes")]
     min_free_disk_bytes: u64,
+    /// A builder whose latest ping reports more memory pressure than this (the share of the
+    /// last 10 s some task stalled waiting for memory, the kernel's PSI, in percent) gets no
+    /// new work until a ping reports less. 0: no limit. Default 60, systemd-oomd's default
+    /// limit.
+    #[serde(default = "default_max_memory_pressure_percent")]
+    max_memory_pressure_percent: f64,
+}
+
+const fn default_max_memory_pressure_percent() -> f64 {
+    60.0
 }
 
 const fn default_min_free_disk_bytes() -> u64 {
@@ -331,6 +341,26 @@ const fn default_readoption_grace_secs() -> u64 {
 }
 
 impl RawBuilders {
+    /// Notes each problem in `problems`.
+    fn validate(&self, problems: &mut Vec<String>) {
+        if self.ping_interval_secs == 0 {
+            problems.push("builders.ping_interval_secs = 0: need at least 1".to_owned());
+        }
+        if self.liveness_timeout_secs <= self.ping_interval_secs {
+            problems.push(format!(
+                "builders.liveness_timeout_secs = {} must exceed builders.ping_interval_secs = {}",
+                self.liveness_timeout_secs, self.ping_interval_secs
+            ));
+        }
+        if !(0.0..=100.0).contains(&self.max_memory_pressure_percent) {
+            problems.push(format!(
+                "builders.max_memory_pressure_percent = {}: need a percentage from 0 (no limit) \
+                 to 100",
+                self.max_memory_pressure_percent
+            ));
+        }
+    }
+
     fn quarantine(&self) -> QuarantinePolicy {
         QuarantinePolicy {
             after_failures: self.quarantine_after_failures,
@@ -355,6 +385,7 @@ impl Default for RawBuilders {
             quarantine_after_failures: default_quarantine_after_failures(),
             quarantine_cool_down_secs: default_quarantine_cool_down_secs(),
             min_free_disk_bytes: default_min_free_disk_bytes(),
+            max_memory_pressure_percent: default_max_memory_pressure_percent(),
         }
     }
 }
@@ -443,6 +474,8 @@ pub struct Config {
     pub quarantine: QuarantinePolicy,
     /// The least free disk a builder gets new work with.
     pub min_free_disk_bytes: u64,
+    /// The most memory pressure a builder gets new work under.
+    pub max_memory_pressure_percent: f64,
     /// Largest derivation in a submission.
     pub max_derivation_bytes: usize,
     /// Largest Submit request.
@@ -540,15 +573,7 @@ impl Config {
         if raw.grpc.heartbeat_ms == 0 {
             problems.push("grpc.heartbeat_ms = 0: need at least 1".to_owned());
         }
-        if raw.builders.ping_interval_secs == 0 {
-            problems.push("builders.ping_interval_secs = 0: need at least 1".to_owned());
-        }
-        if raw.builders.liveness_timeout_secs <= raw.builders.ping_interval_secs {
-            problems.push(format!(
-                "builders.liveness_timeout_secs = {} must exceed builders.ping_interval_secs = {}",
-                raw.builders.liveness_timeout_secs, raw.builders.ping_interval_secs
-            ));
-        }
+        raw.builders.validate(&mut problems);
         let (max_derivation_bytes, max_submission_bytes) =
             validate_submissions(&raw.submissions, &mut problems);
         let retry = validate_retry(&raw.retry, &mut problems);
@@ -587,6 +612,7 @@ impl Config {
             learned_durations: raw.builders.learned_durations,
             quarantine: raw.builders.quarantine(),
             min_free_disk_bytes: raw.builders.min_free_disk_bytes,
+            max_memory_pressure_percent: raw.builders.max_memory_pressure_percent,
             max_derivation_bytes,
             max_submission_bytes,
             refuse_unknown_systems: raw.submissions.refuse_unknown_systems,
@@ -752,6 +778,7 @@ mod tests {
             [builders]
             ping_interval_secs = 10
             liveness_timeout_secs = 5
+            max_memory_pressure_percent = 150.0
             [submissions]
             max_derivation_bytes = 1073741824
             max_submission_bytes = 1024
@@ -762,13 +789,16 @@ mod tests {
         let Err(ConfigError::Invalid(problems)) = Config::parse(text, Path::new("t.toml")) else {
             panic!("invalid config accepted");
         };
-        assert_eq!(problems.len(), 8, "{problems:?}");
-        assert!(
-            problems
-                .iter()
-                .any(|problem| problem.starts_with("submissions.max_derivation_bytes")),
-            "{problems:?}"
-        );
+        assert_eq!(problems.len(), 9, "{problems:?}");
+        for key in [
+            "submissions.max_derivation_bytes",
+            "builders.max_memory_pressure_percent",
+        ] {
+            assert!(
+                problems.iter().any(|problem| problem.starts_with(key)),
+                "{problems:?}"
+            );
+        }
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub fn core_limits(config: &Config) -> CoreLimits {
         learned_durations: config.learned_durations,
         quarantine: config.quarantine,
         min_free_disk_bytes: config.min_free_disk_bytes,
+        max_memory_pressure_percent: config.max_memory_pressure_percent,
     }
 }
 

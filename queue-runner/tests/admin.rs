@@ -108,8 +108,8 @@ async fn a_drained_builder_finishes_its_step_and_gets_nothing_new_across_restart
         .unwrap();
     assert_eq!(
         top_step.waiting_reason,
-        "every connected builder that can run it is drained, quarantined or low on disk \
-         (drover admin machines says which)"
+        "every connected builder that can run it is drained, quarantined, low on disk or under \
+         memory pressure (drover admin machines says which)"
     );
 
     // A restarted runner still keeps it drained once it is back.

@@ -122,6 +122,7 @@ const LIMITS: CoreLimits = CoreLimits {
         cool_down: std::time::Duration::from_mins(10),
     },
     min_free_disk_bytes: 0,
+    max_memory_pressure_percent: 0.0,
 };
 
 #[tokio::test]

@@ -39,25 +39,61 @@ pub enum Quarantine {
     Probation,
 }
 
+/// A reason a connected builder takes no new work, other than a quarantine; each is set and
+/// cleared by what knows it (the builder's drain, an admin, its pings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// It said it is shutting down: it finishes what it runs, then leaves.
+    ShuttingDown,
+    /// An admin drained it: it stays connected and finishes what it runs, but gets nothing new.
+    Drained,
+    /// Its latest ping reported less free disk than the farm's floor.
+    LowDisk,
+    /// Its latest ping reported more memory pressure than the farm's limit.
+    MemoryPressure,
+}
+
+impl Hold {
+    const fn bit(self) -> u8 {
+        match self {
+            Self::ShuttingDown => 1,
+            Self::Drained => 2,
+            Self::LowDisk => 4,
+            Self::MemoryPressure => 8,
+        }
+    }
+}
+
 /// What decides whether a connected builder is offered work, besides its free slots.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Standing {
-    /// It said it is shutting down: it finishes what it runs, then leaves.
-    pub shutting_down: bool,
-    /// An admin drained it: it stays connected and finishes what it runs, but gets nothing new.
-    pub drained: bool,
+    /// The [`Hold`]s on it, one bit each.
+    holds: u8,
     /// It is quarantined.
     pub quarantine: Option<Quarantine>,
-    /// Its latest ping reported less free disk than the farm's floor.
-    pub low_on_disk: bool,
 }
 
 impl Standing {
+    /// Whether `hold` is on it.
+    #[must_use]
+    pub const fn has(&self, hold: Hold) -> bool {
+        self.holds & hold.bit() != 0
+    }
+
+    /// Puts `hold` on it, or takes it off.
+    pub fn set(&mut self, hold: Hold, on: bool) {
+        if on {
+            self.holds |= hold.bit();
+        } else {
+            self.holds &= !hold.bit();
+        }
+    }
+
     /// How many steps it may run at once, given its slots.
     #[must_use]
     pub fn job_limit(&self, max_jobs: u32) -> u32 {
         match self.quarantine {
-            _ if self.shutting_down || self.drained || self.low_on_disk => 0,
+            _ if self.holds != 0 => 0,
             Some(Quarantine::CoolingDown) => 0,
             Some(Quarantine::Probation) => max_jobs.min(1),
             None => max_jobs,
@@ -123,39 +159,34 @@ impl Fleet {
         }
     }
 
-    /// The standing of the builder `name` at `now`, as far as it is the builder's (not its
-    /// session's: shutting down, low on disk).
+    /// Where the quarantine of the builder `name` stands at `now`, if it has one.
     #[must_use]
-    pub fn standing(&self, name: &str, now: Instant) -> Standing {
-        let Some(machine) = self.machines.get(name) else {
-            return Standing::default();
-        };
-        Standing {
-            drained: machine.drained,
-            quarantine: machine.quarantine.as_ref().map(|quarantined| {
-                if now < quarantined.probation_from {
-                    Quarantine::CoolingDown
-                } else {
-                    Quarantine::Probation
-                }
-            }),
-            ..Standing::default()
-        }
+    pub fn quarantine(&self, name: &str, now: Instant) -> Option<Quarantine> {
+        let quarantined = self.machines.get(name)?.quarantine.as_ref()?;
+        Some(if now < quarantined.probation_from {
+            Quarantine::CoolingDown
+        } else {
+            Quarantine::Probation
+        })
     }
 
     /// The standing of the builder `name` as it joins, before the core's clock says whether
-    /// its cool-down has ended: cooling down if quarantined ([`Fleet::standing`] corrects it
+    /// its cool-down has ended: cooling down if quarantined ([`Fleet::quarantine`] corrects it
     /// at the next dispatch).
     #[must_use]
     pub fn joining(&self, name: &str) -> Standing {
         let machine = self.machines.get(name);
-        Standing {
-            drained: machine.is_some_and(|machine| machine.drained),
+        let mut standing = Standing {
             quarantine: machine
                 .and_then(|machine| machine.quarantine.as_ref())
                 .map(|_| Quarantine::CoolingDown),
             ..Standing::default()
-        }
+        };
+        standing.set(
+            Hold::Drained,
+            machine.is_some_and(|machine| machine.drained),
+        );
+        standing
     }
 
     /// When the probation of `name` begins, if it is quarantined.

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::fleet::Standing;
+use super::fleet::{Hold, Standing};
 use super::graph::{StepGraph, StepState};
 use super::placement::{Builder, Placement};
 use super::types::ClassId;
@@ -25,6 +25,9 @@ pub enum NoCapacity {
     /// Every connected builder that can run them and takes work otherwise has less free disk
     /// than the farm's floor.
     LowDisk,
+    /// Every connected builder that can run them and takes work otherwise is under more
+    /// memory pressure than the farm's limit.
+    MemoryPressure,
     /// Builders offer their system, but none of them the features they need.
     MissingFeature,
     /// No connected builder offers their system.
@@ -41,6 +44,7 @@ impl NoCapacity {
             Self::Drained => "drained",
             Self::Quarantined => "quarantined",
             Self::LowDisk => "low_disk",
+            Self::MemoryPressure => "memory_pressure",
             Self::MissingFeature => "missing_feature",
             Self::NoBuilder => "no_builder",
         }
@@ -64,11 +68,13 @@ pub enum BuilderState {
     Quarantined,
     /// Less free disk than the farm's floor, at its latest ping.
     LowDisk,
+    /// More memory pressure than the farm's limit, at its latest ping.
+    MemoryPressure,
 }
 
 impl BuilderState {
     /// Every state, so a metric shows the ones no builder is in as zero.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Idle,
         Self::Busy,
         Self::Full,
@@ -76,6 +82,7 @@ impl BuilderState {
         Self::Drained,
         Self::Quarantined,
         Self::LowDisk,
+        Self::MemoryPressure,
     ];
 
     /// Its label in metrics.
@@ -89,11 +96,12 @@ impl BuilderState {
             Self::Drained => "drained",
             Self::Quarantined => "quarantined",
             Self::LowDisk => "low_disk",
+            Self::MemoryPressure => "memory_pressure",
         }
     }
 
     /// What `builder` is doing; a builder closed for several reasons shows the first of
-    /// shutting down, drained, quarantined, low on disk.
+    /// shutting down, drained, quarantined, low on disk, under memory pressure.
     #[must_use]
     pub fn of(builder: &Builder) -> Self {
         if let Some(closed) = Self::closed(builder.standing) {
@@ -109,14 +117,16 @@ impl BuilderState {
 
     /// Why a builder standing so takes no work (or only a probation step), if it does not.
     fn closed(standing: Standing) -> Option<Self> {
-        if standing.shutting_down {
+        if standing.has(Hold::ShuttingDown) {
             Some(Self::Draining)
-        } else if standing.drained {
+        } else if standing.has(Hold::Drained) {
             Some(Self::Drained)
         } else if standing.quarantine.is_some() {
             Some(Self::Quarantined)
-        } else if standing.low_on_disk {
+        } else if standing.has(Hold::LowDisk) {
             Some(Self::LowDisk)
+        } else if standing.has(Hold::MemoryPressure) {
+            Some(Self::MemoryPressure)
         } else {
             None
         }
@@ -144,7 +154,7 @@ pub struct Gauges {
     /// Runnable steps that no builder can take now, by system and reason.
     pub without_capacity: BTreeMap<(String, NoCapacity), u64>,
     /// Connected builders that take no new work (or only a probation step), by name, and why:
-    /// draining, drained, quarantined or low on disk.
+    /// draining, drained, quarantined, low on disk or under memory pressure.
     pub unavailable: BTreeMap<String, BuilderState>,
     /// Builds queued or running.
     pub builds: u64,
@@ -228,6 +238,8 @@ fn why_no_capacity(placement: &Placement, class: ClassId) -> Option<(String, NoC
             NoCapacity::Quarantined
         } else if states.contains(&BuilderState::LowDisk) {
             NoCapacity::LowDisk
+        } else if states.contains(&BuilderState::MemoryPressure) {
+            NoCapacity::MemoryPressure
         } else if states.contains(&BuilderState::Drained) {
             NoCapacity::Drained
         } else {

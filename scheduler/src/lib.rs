@@ -39,7 +39,7 @@ pub use types::{
 
 use backoff::Held;
 use durations::Durations;
-use fleet::{Fleet, Imposed, Quarantine, QuarantinePolicy, StoredStanding};
+use fleet::{Fleet, Hold, Imposed, Quarantine, QuarantinePolicy, StoredStanding};
 use orphans::{Cause, Orphan, Orphans, Wait};
 use unsupported::Unsupported;
 
@@ -66,6 +66,9 @@ pub struct CoreLimits {
     /// A builder whose latest ping reports less free disk than this gets no new work until one
     /// reports more; 0: no floor.
     pub min_free_disk_bytes: u64,
+    /// A builder whose latest ping reports more memory pressure than this (percent) gets no
+    /// new work until one reports less; 0: no limit.
+    pub max_memory_pressure_percent: f64,
 }
 
 /// Why an attempt ended without a result of the build's own: which counter it moves.
@@ -239,7 +242,7 @@ impl Core {
             } => self.on_builder_left(session, &reason, departure),
             Event::BuilderDraining { session } => self
                 .placement
-                .set_standing(session, |standing| standing.shutting_down = true),
+                .set_standing(session, |standing| standing.set(Hold::ShuttingDown, true)),
             Event::SetDrained { name, drained } => self.set_drained(&name, drained),
             Event::SetQuarantine {
                 name,
@@ -257,21 +260,8 @@ impl Core {
             Event::BuilderPinged {
                 session,
                 free_disk_bytes,
-            } => {
-                // A builder that does not say how much disk it has keeps its standing.
-                if let Some(free) = free_disk_bytes {
-                    let low = free < self.limits.min_free_disk_bytes;
-                    self.placement
-                        .set_standing(session, |standing| standing.low_on_disk = low);
-                }
-                if let Some(builder) = self.placement.builder(session) {
-                    self.persist(Change::MachinePinged {
-                        name: builder.name.clone(),
-                        free_disk_bytes,
-                        below_disk_floor: builder.standing.low_on_disk,
-                    });
-                }
-            }
+                memory_pressure_percent,
+            } => self.on_builder_pinged(session, free_disk_bytes, memory_pressure_percent),
             Event::StepFinished {
                 session,
                 attempt,
@@ -488,6 +478,37 @@ impl Core {
         self.unsupported.remember(capabilities);
     }
 
+    /// A builder's ping: what it says of its disk and memory decides whether it takes work. A
+    /// builder that does not say keeps its standing.
+    fn on_builder_pinged(
+        &mut self,
+        session: SessionId,
+        free_disk_bytes: Option<u64>,
+        memory_pressure_percent: Option<f64>,
+    ) {
+        let (floor, limit) = (
+            self.limits.min_free_disk_bytes,
+            self.limits.max_memory_pressure_percent,
+        );
+        self.placement.set_standing(session, |standing| {
+            if let Some(free) = free_disk_bytes {
+                standing.set(Hold::LowDisk, free < floor);
+            }
+            if let Some(pressure) = memory_pressure_percent {
+                standing.set(Hold::MemoryPressure, limit > 0.0 && pressure > limit);
+            }
+        });
+        if let Some(builder) = self.placement.builder(session) {
+            self.persist(Change::MachinePinged {
+                name: builder.name.clone(),
+                free_disk_bytes,
+                below_disk_floor: builder.standing.has(Hold::LowDisk),
+                memory_pressure_percent,
+                under_memory_pressure: builder.standing.has(Hold::MemoryPressure),
+            });
+        }
+    }
+
     /// An admin drained or enabled a builder.
     fn set_drained(&mut self, name: &str, drained: bool) {
         if !self.fleet.set_drained(name, drained) {
@@ -499,7 +520,7 @@ impl Core {
         });
         if let Some(session) = self.placement.session_of(name) {
             self.placement
-                .set_standing(session, |standing| standing.drained = drained);
+                .set_standing(session, |standing| standing.set(Hold::Drained, drained));
         }
     }
 
@@ -518,7 +539,7 @@ impl Core {
 
     /// Persists a quarantine that began or ended, and applies it to the builder's session.
     fn quarantine_changed(&mut self, name: &str, imposed: Option<Imposed>, now: Instant) {
-        let quarantine = self.fleet.standing(name, now).quarantine;
+        let quarantine = self.fleet.quarantine(name, now);
         self.persist(Change::MachineQuarantined {
             name: name.to_owned(),
             quarantine: imposed,
@@ -536,7 +557,7 @@ impl Core {
             .quarantined()
             .filter_map(|name| {
                 let session = self.placement.session_of(name)?;
-                let quarantine = self.fleet.standing(name, now).quarantine;
+                let quarantine = self.fleet.quarantine(name, now);
                 let current = self.placement.builder(session)?.standing.quarantine;
                 (current != quarantine).then_some((session, quarantine))
             })
@@ -848,7 +869,7 @@ impl Core {
         let Some(builder) = self.placement.leave(session) else {
             return;
         };
-        if builder.standing.shutting_down {
+        if builder.standing.has(Hold::ShuttingDown) {
             // What a builder shutting down still held is handed back: nobody's fault.
             self.requeue_session(session, Requeue::HandedBack, "builder left: draining");
         } else if departure == Departure::ConnectionLost && !self.limits.rejoin_grace.is_zero() {

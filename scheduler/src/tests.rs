@@ -30,6 +30,7 @@ const LIMITS: CoreLimits = CoreLimits {
         cool_down: Duration::from_mins(10),
     },
     min_free_disk_bytes: 0,
+    max_memory_pressure_percent: 0.0,
 };
 
 fn core() -> Core {

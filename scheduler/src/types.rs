@@ -210,6 +210,8 @@ pub enum Event {
         session: SessionId,
         /// Free bytes on its store's file system, if it knows.
         free_disk_bytes: Option<u64>,
+        /// Its memory pressure (PSI "some avg10", percent), if its kernel says.
+        memory_pressure_percent: Option<f64>,
     },
     /// A builder is draining: it takes no new work; what it still holds when it leaves goes
     /// back in line without counting as a loss.
@@ -366,6 +368,10 @@ pub enum Change {
         free_disk_bytes: Option<u64>,
         /// Whether it is below the farm's free disk floor (and gets no new work).
         below_disk_floor: bool,
+        /// Its memory pressure, if its kernel says.
+        memory_pressure_percent: Option<f64>,
+        /// Whether that is over the farm's limit (and it gets no new work).
+        under_memory_pressure: bool,
     },
     /// A builder's last session ended.
     MachineLeft {

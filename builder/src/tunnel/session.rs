@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::TunnelError;
 use crate::executor::Executor;
+use crate::health;
 use crate::job::Job;
 use crate::jobs::Jobs;
 use crate::link::Link;
@@ -159,10 +160,10 @@ where
     async fn on_ping_tick(&mut self) -> Result<Flow, TunnelError> {
         self.work.systemd.watchdog();
         let running = u32::try_from(self.work.jobs.len()).unwrap_or(u32::MAX);
-        let free_disk_bytes = free_store_bytes().unwrap_or(0);
         self.send(Outbound::Ping(Ping {
             running,
-            free_disk_bytes,
+            free_disk_bytes: health::free_store_bytes().unwrap_or(0),
+            memory_pressure_percent: health::memory_pressure_percent(),
             ..Ping::default()
         }))
         .await?;
@@ -233,13 +234,6 @@ async fn sleep_until(until: Option<Instant>) {
 
 /// Free bytes for unprivileged use on the file system the Nix store is on (or will be on, where
 /// no build has made it yet: its nearest existing parent's); `None` if unknown.
-fn free_store_bytes() -> Option<u64> {
-    ["/nix/store", "/nix", "/"].into_iter().find_map(|path| {
-        let stats = rustix::fs::statvfs(path).ok()?;
-        Some(stats.f_bavail.saturating_mul(stats.f_frsize))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use drover_proto::v1::{ResultRecorded, StepOutcome};

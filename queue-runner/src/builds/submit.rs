@@ -62,7 +62,8 @@ pub enum SubmitError {
     /// The farm has more steps queued than its admission cap allows.
     #[error(
         "the farm cannot take this build now: {queued} steps are queued, the cap is {cap} \
-         (drover admin cap) and the build may add {adding}; retry in {} s",
+         (farm_limits.max_queued_steps, set by drover admin cap) and the build may add \
+         {adding}; retry in {} s",
         ADMISSION_RETRY_AFTER.as_secs()
     )]
     FarmFull {

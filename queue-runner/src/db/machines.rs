@@ -26,6 +26,8 @@ pub struct MachineStatus {
     pub last_ping_at_ms: Option<i64>,
     /// Free bytes in its store, from its latest ping.
     pub free_disk_bytes: Option<u64>,
+    /// Its memory pressure (PSI "some avg10", percent), from its latest ping that said.
+    pub memory_pressure_percent: Option<f64>,
     /// When an admin drained it.
     pub drained_at_ms: Option<i64>,
     /// Why it is quarantined.
@@ -39,6 +41,7 @@ pub struct MachineStatus {
 const COLUMNS: &str = "name, state, systems, max_jobs, running_steps, \
     (extract(epoch FROM last_ping_at) * 1000)::bigint, free_disk_bytes, \
     (extract(epoch FROM drained_at) * 1000)::bigint, quarantine_reason, \
+    memory_pressure_percent, \
     (extract(epoch FROM quarantined_at) * 1000)::bigint, \
     (extract(epoch FROM probation_from) * 1000)::bigint";
 
@@ -56,8 +59,9 @@ impl MachineStatus {
                 .map(|bytes| u64::try_from(bytes).unwrap_or(0)),
             drained_at_ms: row.get(7),
             quarantine_reason: row.get(8),
-            quarantined_at_ms: row.get(9),
-            probation_from_ms: row.get(10),
+            memory_pressure_percent: row.get(9),
+            quarantined_at_ms: row.get(10),
+            probation_from_ms: row.get(11),
         }
     }
 }

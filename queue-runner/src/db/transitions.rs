@@ -65,6 +65,15 @@ enum MachineWrite {
     },
 }
 
+/// What a builder's latest ping said, and what the core made of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ping {
+    free_disk_bytes: Option<u64>,
+    below_disk_floor: bool,
+    memory_pressure_percent: Option<f64>,
+    under_memory_pressure: bool,
+}
+
 impl MachineWrite {
     /// The write a builder's change needs; `None` for other changes.
     fn of(change: Change) -> Option<Self> {
@@ -98,8 +107,8 @@ pub struct Transitions {
     started_builds: BTreeSet<BuildId>,
     finished_builds: BTreeMap<BuildId, (BuildStatus, Option<String>)>,
     machines: Vec<MachineWrite>,
-    /// Each builder's latest free disk (if it said) and whether it is below the floor.
-    pings: BTreeMap<String, (Option<u64>, bool)>,
+    /// Each builder's latest ping.
+    pings: BTreeMap<String, Ping>,
     /// The latest estimate of each package whose duration moved.
     durations: BTreeMap<DurationKey, (u32, u64)>,
 }
@@ -203,8 +212,16 @@ impl Transitions {
                 name,
                 free_disk_bytes,
                 below_disk_floor,
+                memory_pressure_percent,
+                under_memory_pressure,
             } => {
-                self.pings.insert(name, (free_disk_bytes, below_disk_floor));
+                let ping = Ping {
+                    free_disk_bytes,
+                    below_disk_floor,
+                    memory_pressure_percent,
+                    under_memory_pressure,
+                };
+                self.pings.insert(name, ping);
             }
             Change::DurationLearned(learned) => {
                 self.durations
@@ -416,17 +433,28 @@ impl Transitions {
             return Ok(());
         }
         let names: Vec<&str> = self.pings.keys().map(String::as_str).collect();
-        let free: Vec<Option<i64>> = self
-            .pings
-            .values()
-            .map(|(free, _)| free.map(|bytes| i64::try_from(bytes).unwrap_or(i64::MAX)))
+        let pings: Vec<&Ping> = self.pings.values().collect();
+        let free: Vec<Option<i64>> = pings
+            .iter()
+            .map(|ping| {
+                ping.free_disk_bytes
+                    .map(|bytes| i64::try_from(bytes).unwrap_or(i64::MAX))
+            })
             .collect();
-        let low: Vec<bool> = self.pings.values().map(|(_, low)| *low).collect();
+        let low: Vec<bool> = pings.iter().map(|ping| ping.below_disk_floor).collect();
+        let pressure: Vec<Option<f64>> = pings
+            .iter()
+            .map(|ping| ping.memory_pressure_percent)
+            .collect();
+        let pressed: Vec<bool> = pings
+            .iter()
+            .map(|ping| ping.under_memory_pressure)
+            .collect();
         execute(
             client,
             &prepared.record_pings,
             "recording builder pings",
-            &[&names, &free, &low],
+            &[&names, &free, &low, &pressure, &pressed],
         )
         .await
     }
@@ -615,8 +643,11 @@ const RECORD_DURATIONS: &str = "INSERT INTO step_durations AS d (package, system
      SET samples = excluded.samples, mean_ms = excluded.mean_ms, updated_at = now()";
 
 const RECORD_PINGS: &str = "UPDATE machines m SET last_ping_at = now(),
-         free_disk_bytes = coalesce(p.free, m.free_disk_bytes), below_disk_floor = p.low
-     FROM unnest($1::text[], $2::bigint[], $3::boolean[]) AS p(name, free, low)
+         free_disk_bytes = coalesce(p.free, m.free_disk_bytes), below_disk_floor = p.low,
+         memory_pressure_percent = coalesce(p.pressure, m.memory_pressure_percent),
+         under_memory_pressure = p.pressed
+     FROM unnest($1::text[], $2::bigint[], $3::boolean[], $4::float8[], $5::boolean[])
+          AS p(name, free, low, pressure, pressed)
      WHERE m.name = p.name";
 
 fn saturating_i32(value: u32) -> i32 {

@@ -164,6 +164,7 @@ fn wire_machine(machine: MachineStatus) -> Machine {
         running_steps: machine.running_steps,
         last_ping_at_ms: machine.last_ping_at_ms.unwrap_or(0),
         free_disk_bytes: machine.free_disk_bytes,
+        memory_pressure_percent: machine.memory_pressure_percent,
         drained_at_ms: machine.drained_at_ms.unwrap_or(0),
         quarantine_reason: machine.quarantine_reason.unwrap_or_default(),
         quarantined_at_ms: machine.quarantined_at_ms.unwrap_or(0),

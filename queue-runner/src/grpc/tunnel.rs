@@ -441,6 +441,9 @@ impl BuilderSession {
             Some(Inbound::Ping(ping)) => Event::BuilderPinged {
                 session: self.session,
                 free_disk_bytes: (ping.free_disk_bytes > 0).then_some(ping.free_disk_bytes),
+                memory_pressure_percent: ping
+                    .memory_pressure_percent
+                    .filter(|percent| percent.is_finite()),
             },
             Some(Inbound::Draining(_)) => Event::BuilderDraining {
                 session: self.session,

@@ -289,6 +289,7 @@ fn a_builder_below_the_disk_floor_gets_no_work_until_it_reports_more() {
     let ping = |free_disk_bytes| Event::BuilderPinged {
         session: 1,
         free_disk_bytes,
+        memory_pressure_percent: None,
     };
     core.handle(ping(Some(1 << 30)));
     assert!(builds(&core.dispatch(now)).is_empty());
@@ -303,5 +304,42 @@ fn a_builder_below_the_disk_floor_gets_no_work_until_it_reports_more() {
     assert!(builds(&core.dispatch(now)).is_empty());
 
     core.handle(ping(Some(20 << 30)));
+    assert_eq!(builds(&core.dispatch(now)).len(), 1);
+}
+
+#[test]
+fn a_builder_under_memory_pressure_gets_no_work_until_the_pressure_falls() {
+    let now = Instant::now();
+    let mut core = core_with(CoreLimits {
+        max_memory_pressure_percent: 60.0,
+        ..LIMITS
+    });
+    core.handle(independent_steps(2));
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    let ping = |memory_pressure_percent| Event::BuilderPinged {
+        session: 1,
+        free_disk_bytes: None,
+        memory_pressure_percent,
+    };
+    let commands = core.handle(ping(Some(75.0)));
+    assert!(changes(&commands).iter().any(|change| matches!(
+        change,
+        Change::MachinePinged {
+            under_memory_pressure: true,
+            ..
+        }
+    )));
+    assert!(builds(&core.dispatch(now)).is_empty());
+    let gauges = core.gauges();
+    assert_eq!(gauges.unavailable["b"], BuilderState::MemoryPressure);
+    assert_eq!(
+        gauges.without_capacity[&("x86_64-linux".to_owned(), NoCapacity::MemoryPressure)],
+        2
+    );
+    // A kernel that does not say keeps it where it was.
+    core.handle(ping(None));
+    assert!(builds(&core.dispatch(now)).is_empty());
+
+    core.handle(ping(Some(10.0)));
     assert_eq!(builds(&core.dispatch(now)).len(), 1);
 }
