@@ -155,7 +155,10 @@ impl Farm {
             let config =
                 drover_builder::config::Config::parse(&text, Path::new("builder.toml")).unwrap();
             let token = self.builders.clone();
-            tokio::spawn(async move { drover_builder::tunnel::run(&config, &token).await });
+            let metrics = drover_builder::metrics::BuilderMetrics::new(jobs);
+            tokio::spawn(
+                async move { drover_builder::tunnel::run(&config, &token, metrics).await },
+            );
         }
         self.wait_for_builders(prefix, count).await;
     }

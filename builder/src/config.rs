@@ -17,6 +17,32 @@ struct RawConfig {
     executor: RawExecutor,
     #[serde(default)]
     reconnect: RawReconnect,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawMetrics {
+    /// Serve Prometheus metrics at `http://LISTEN/metrics`. Default false.
+    #[serde(default)]
+    enabled: bool,
+    /// Where, when enabled. Default `127.0.0.1:9299` (loopback: scrape it on the machine, or
+    /// choose an address your Prometheus reaches).
+    #[serde(default = "default_metrics_listen")]
+    listen: String,
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9299".to_owned()
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: default_metrics_listen(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,6 +322,8 @@ pub struct Config {
     pub executor: ExecutorConfig,
     /// Reconnect policy.
     pub reconnect: ReconnectPolicy,
+    /// Where Prometheus metrics are served, if they are.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -367,6 +395,15 @@ impl Config {
         if raw.reconnect.initial_ms == 0 || raw.reconnect.max_ms < raw.reconnect.initial_ms {
             problems.push("reconnect: need 0 < initial_ms <= max_ms".to_owned());
         }
+        let metrics_listen = raw.metrics.enabled.then(|| {
+            raw.metrics.listen.parse().unwrap_or_else(|_| {
+                problems.push(format!(
+                    "metrics.listen = {:?} is not an address like 127.0.0.1:9299",
+                    raw.metrics.listen
+                ));
+                std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+            })
+        });
         let executor = executor(raw.executor, &raw.builder.state_directory)
             .map_err(|found| problems.extend(found));
         let (Ok(executor), true) = (executor, problems.is_empty()) else {
@@ -394,6 +431,7 @@ impl Config {
                 max: Duration::from_millis(raw.reconnect.max_ms),
                 budget: Duration::from_secs(raw.reconnect.budget_secs),
             },
+            metrics_listen,
         })
     }
 }

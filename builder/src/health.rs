@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-/// Free bytes on the file system of the Nix store (or of `/nix`, or `/`, whichever exists first).
+/// Free bytes for unprivileged use on the file system the Nix store is on (or will be on, where
+/// no build has made it yet: its nearest existing parent's); `None` if unknown.
 #[must_use]
 pub fn free_store_bytes() -> Option<u64> {
     ["/nix/store", "/nix", "/"].into_iter().find_map(|path| {

@@ -10,6 +10,7 @@
 //! - [`upload_error`]: why a step's log or outputs could not reach the runner.
 //! - [`link`]: the joined session's client, shared with the running steps.
 //! - [`health`]: free disk and memory pressure, reported at each ping.
+//! - [`metrics`]: Prometheus metrics on a listener of their own, when enabled.
 //! - [`executor`]: running one step (noop or Nix).
 //! - [`serve`]: a client of Nix's serve protocol, which the Nix executor speaks.
 //! - [`job`]: one step as the runner sent it.
@@ -26,6 +27,7 @@ pub mod job;
 pub mod jobs;
 pub mod link;
 pub mod log_upload;
+pub mod metrics;
 pub mod reconnect;
 pub mod serve;
 pub mod tunnel;

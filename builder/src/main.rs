@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use drover_builder::config::Config;
+use drover_builder::metrics::{self, BuilderMetrics};
 use drover_builder::tunnel;
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +40,20 @@ async fn main() -> ExitCode {
         Err(exit) => return exit,
     };
     let shutdown = CancellationToken::new();
-    let run = tunnel::run(&config, &shutdown);
+    let listener = match config.metrics_listen {
+        None => None,
+        Some(address) => match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => {
+                tracing::info!(%address, "serving metrics");
+                Some(listener)
+            }
+            Err(error) => {
+                eprintln!("drover-builder: binding the metrics listener {address}: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let run = run(&config, &shutdown, listener);
     tokio::pin!(run);
     let result = tokio::select! {
         result = &mut run => result,
@@ -54,6 +68,30 @@ async fn main() -> ExitCode {
         Err(error) => {
             eprintln!("drover-builder: {}", error.report());
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Keeps the tunnel, serving metrics on `listener` (if any) beside it; a metrics listener that
+/// fails is logged, and the builder goes on building.
+async fn run(
+    config: &Config,
+    shutdown: &CancellationToken,
+    listener: Option<tokio::net::TcpListener>,
+) -> Result<(), error_context::WithContext<tunnel::TunnelError>> {
+    let metrics = BuilderMetrics::new(config.max_jobs);
+    let tunnel = tunnel::run(config, shutdown, metrics.clone());
+    let Some(listener) = listener else {
+        return tunnel.await;
+    };
+    tokio::pin!(tunnel);
+    tokio::select! {
+        result = &mut tunnel => result,
+        served = metrics::serve(listener, metrics, shutdown.clone()) => {
+            if let Err(error) = served {
+                tracing::error!(%error, "the metrics listener failed; building goes on");
+            }
+            tunnel.await
         }
     }
 }

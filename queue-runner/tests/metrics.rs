@@ -133,6 +133,30 @@ fn assert_moved_by_the_diamond(text: &str) {
     );
 }
 
+/// The builder's own metrics after it built the diamond's four steps: they pass promtool.
+async fn assert_the_builder_counted_the_diamond(port: u16) {
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let (head, body) = http_request(address, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    let text = String::from_utf8(body).unwrap();
+    for (series, value) in [
+        (r#"drover_builder_steps_finished_total{outcome="succeeded"}"#, 4.0),
+        ("drover_builder_steps_running", 0.0),
+        ("drover_builder_slots", 2.0),
+        ("drover_builder_connected", 1.0),
+        ("drover_builder_sessions_total", 1.0),
+        ("drover_builder_serve_processes_started_total", 0.0),
+    ] {
+        assert_eq!(sample(&text, series), Some(value), "{series}: {text}");
+    }
+    assert!(
+        sample(&text, "drover_builder_store_free_bytes").is_some_and(|bytes| bytes > 0.0),
+        "{text}"
+    );
+    let said = promtool(&["check", "metrics"], &text);
+    assert!(said.is_empty(), "{said}\n{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_during_a_build_and_pass_promtool() {
     let mut farm = Farm::new().await;
@@ -170,11 +194,14 @@ async fn metrics_move_during_a_build_and_pass_promtool() {
     })
     .await;
 
+    let builder_metrics = test_support::free_port();
     farm.start_builder(&BuilderSpec {
         build_ms: 200,
+        metrics_port: Some(builder_metrics),
         ..BuilderSpec::new("b1")
     });
     assert_eq!(farm.wait_for_build(diamond).await, Stored::Succeeded);
+    assert_the_builder_counted_the_diamond(builder_metrics).await;
     let (found, _) = http_get(farm.cache_port, "/nix-cache-info").await;
     assert!(found.contains("200"), "{found}");
     let unknown = format!("/{}.narinfo", "0".repeat(32));

@@ -263,6 +263,11 @@ impl FarmFiles {
                 .set("reconnect.max_ms", integer(reconnect.max_ms))
                 .set("reconnect.budget_secs", integer(reconnect.budget_secs));
         }
+        if let Some(port) = builder.metrics_port {
+            config = config
+                .set("metrics.enabled", true)
+                .set("metrics.listen", format!("127.0.0.1:{port}"));
+        }
         Ok(config.to_toml())
     }
 }
@@ -354,6 +359,8 @@ pub struct BuilderToml<'a> {
     pub executor: BuilderExecutor<'a>,
     /// How it dials the runner again; the defaults if `None`.
     pub reconnect: Option<Reconnect>,
+    /// Where it serves its metrics; none if `None`.
+    pub metrics_port: Option<u16>,
 }
 
 impl<'a> BuilderToml<'a> {
@@ -370,6 +377,7 @@ impl<'a> BuilderToml<'a> {
             drain_deadline_secs: None,
             executor: BuilderExecutor::Noop { build_ms: 0 },
             reconnect: None,
+            metrics_port: None,
         }
     }
 }

@@ -12,6 +12,7 @@
 pub mod error;
 pub mod session;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use drover_daemon::notify::Notifier;
@@ -34,6 +35,7 @@ use crate::executor::Executor;
 use crate::executor::nix::NixExecutor;
 use crate::executor::noop::NoopExecutor;
 use crate::link::{self, Link, Publisher};
+use crate::metrics::BuilderMetrics;
 use crate::reconnect::Reconnect;
 
 /// How long running steps get to stop when the builder stops.
@@ -47,12 +49,17 @@ const OUTBOX: usize = 256;
 pub async fn run(
     config: &Config,
     shutdown: &CancellationToken,
+    metrics: Arc<BuilderMetrics>,
 ) -> Result<(), WithContext<TunnelError>> {
     let executor = match &config.executor {
         ExecutorConfig::Noop { build_time } => Executor::Noop(NoopExecutor {
             build_time: *build_time,
         }),
-        ExecutorConfig::Nix(nix) => Executor::Nix(NixExecutor::new(nix, config.max_jobs)),
+        ExecutorConfig::Nix(nix) => Executor::Nix(NixExecutor::new(
+            nix,
+            config.max_jobs,
+            metrics.serve_processes_started.clone(),
+        )),
     };
     let nix_version = match &executor {
         Executor::Nix(nix) => nix
@@ -68,7 +75,7 @@ pub async fn run(
         nix_version,
         publisher,
         link,
-        work: Work::new(Notifier::from_env()),
+        work: Work::new(Notifier::from_env(), metrics),
         reconnect: Reconnect::new(&config.reconnect),
     };
     let result = tunnel.keep(shutdown).await;
@@ -103,6 +110,7 @@ impl Tunnel<'_> {
                 .await
                 .map_err(TunnelError::or_certificate_refused);
             self.publisher.down();
+            self.work.metrics.left();
             let error = match result {
                 Ok(()) => return Ok(()),
                 Err(error) if error.severity() == Severity::Fatal => {
@@ -149,6 +157,7 @@ impl Tunnel<'_> {
             _ => return Err(TunnelError::NotJoined),
         };
         self.reconnect.joined();
+        self.work.metrics.joined();
         let runner = &self.config.runner_url;
         let running = self.work.jobs.len();
         tracing::info!(%runner, held = running + self.work.results.len(), "joined the runner");

@@ -8,6 +8,7 @@
 //! with paused time; in production it is the tunnel's gRPC stream.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use drover_daemon::notify::Notifier;
@@ -25,6 +26,7 @@ use crate::health;
 use crate::job::Job;
 use crate::jobs::Jobs;
 use crate::link::Link;
+use crate::metrics::BuilderMetrics;
 
 /// What the builder holds across sessions.
 pub struct Work {
@@ -35,16 +37,19 @@ pub struct Work {
     pub results: BTreeMap<String, StepResult>,
     /// systemd: ready once joined, a status line, and the watchdog fed from the session loop.
     pub systemd: Notifier,
+    /// Counts steps and sessions.
+    pub metrics: Arc<BuilderMetrics>,
 }
 
 impl Work {
     /// Nothing running, nothing held.
     #[must_use]
-    pub fn new(systemd: Notifier) -> Self {
+    pub fn new(systemd: Notifier, metrics: Arc<BuilderMetrics>) -> Self {
         Self {
             jobs: Jobs::default(),
             results: BTreeMap::new(),
             systemd,
+            metrics,
         }
     }
 
@@ -193,6 +198,7 @@ where
             return;
         }
         tracing::debug!(attempt = %build.attempt_id, "step received");
+        self.work.metrics.step_started();
         self.work
             .jobs
             .start(Job::from(build), self.executor.clone(), self.link.clone());
@@ -200,6 +206,7 @@ where
 
     async fn on_step_finished(&mut self, result: StepResult) -> Result<Flow, TunnelError> {
         let attempt = result.attempt_id.clone();
+        self.work.metrics.step_finished(result.outcome());
         self.work.results.insert(attempt.clone(), result.clone());
         self.send(Outbound::StepResult(result)).await?;
         tracing::debug!(%attempt, "result sent");
@@ -232,8 +239,6 @@ async fn sleep_until(until: Option<Instant>) {
     }
 }
 
-/// Free bytes for unprivileged use on the file system the Nix store is on (or will be on, where
-/// no build has made it yet: its nearest existing parent's); `None` if unknown.
 #[cfg(test)]
 mod tests {
     use drover_proto::v1::{ResultRecorded, StepOutcome};
@@ -288,7 +293,7 @@ mod tests {
     }
 
     fn held(attempts: &[&str]) -> Work {
-        let mut work = Work::new(Notifier::disabled());
+        let mut work = Work::new(Notifier::disabled(), BuilderMetrics::new(1));
         for attempt in attempts {
             work.results.insert((*attempt).to_owned(), result(attempt));
         }

@@ -148,6 +148,8 @@ pub struct BuilderSpec<'a> {
     pub sandboxed: bool,
     /// The port it dials instead of the runner's (a proxy's).
     pub runner_port: Option<u16>,
+    /// Where it serves its metrics; none if `None`.
+    pub metrics_port: Option<u16>,
 }
 
 impl<'a> BuilderSpec<'a> {
@@ -164,6 +166,7 @@ impl<'a> BuilderSpec<'a> {
             drain_deadline_secs: 30,
             sandboxed: false,
             runner_port: None,
+            metrics_port: None,
         }
     }
 }
@@ -387,6 +390,7 @@ impl Farm {
                     max_ms: 500,
                     budget_secs: 60,
                 }),
+                metrics_port: spec.metrics_port,
                 ..BuilderToml::new(
                     spec.name,
                     spec.runner_port.unwrap_or(self.grpc_port),

@@ -13,6 +13,7 @@
 mod process;
 mod spares;
 
+use prometheus_client::metrics::counter::Counter;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -83,9 +84,10 @@ impl std::fmt::Debug for NixExecutor {
 
 impl NixExecutor {
     /// An executor for `slots` concurrent steps in the store `config` names, substituting from
-    /// its substituters (the farm's cache first) and trusting signatures by its keys.
+    /// its substituters (the farm's cache first) and trusting signatures by its keys; each
+    /// `nix-store --serve` process it starts counts in `serve_processes_started`.
     #[must_use]
-    pub fn new(config: &NixConfig, slots: u32) -> Self {
+    pub fn new(config: &NixConfig, slots: u32, serve_processes_started: Counter) -> Self {
         let options = [
             ("substituters", config.substituters.join(" ")),
             ("trusted-public-keys", config.trusted_public_keys.join(" ")),
@@ -102,6 +104,7 @@ impl NixExecutor {
         let launch = Launch {
             arguments,
             scratch: config.scratch.clone(),
+            started: serve_processes_started,
         };
         Self {
             spares: Arc::new(Spares::new(slots, launch)),
@@ -512,6 +515,7 @@ mod tests {
                 scratch: scratch.clone(),
             },
             1,
+            Counter::default(),
         );
         executor.empty_scratch().unwrap();
         assert!(!left.exists(), "what a killed builder left is removed");

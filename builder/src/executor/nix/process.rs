@@ -67,6 +67,8 @@ pub struct Launch {
     pub arguments: Vec<String>,
     /// The directory each process's scratch directory is made in.
     pub scratch: std::path::PathBuf,
+    /// Counts the processes started.
+    pub started: prometheus_client::metrics::counter::Counter,
 }
 
 /// One serve process, killed (with everything it started) when dropped.
@@ -134,6 +136,7 @@ impl ServeProcess {
                 .stderr(Stdio::piped());
         })
         .map_err(StartError::Spawn)?;
+        launch.started.inc();
         let stopper = match Stopper::new(child.id()) {
             Ok(stopper) => stopper,
             Err(error) => {
