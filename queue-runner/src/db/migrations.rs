@@ -85,6 +85,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "certificates seen and revoked",
         include_str!("../../migrations/0016_certificates.sql"),
     ),
+    (
+        17,
+        "step edges without per-row key checks",
+        include_str!("../../migrations/0017_step_inputs_unchecked.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).
