@@ -140,7 +140,10 @@ async fn assert_the_builder_counted_the_diamond(port: u16) {
     assert!(head.starts_with("HTTP/1.0 200"), "{head}");
     let text = String::from_utf8(body).unwrap();
     for (series, value) in [
-        (r#"drover_builder_steps_finished_total{outcome="succeeded"}"#, 4.0),
+        (
+            r#"drover_builder_steps_finished_total{outcome="succeeded"}"#,
+            4.0,
+        ),
         ("drover_builder_steps_running", 0.0),
         ("drover_builder_slots", 2.0),
         ("drover_builder_connected", 1.0),
