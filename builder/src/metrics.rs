@@ -38,7 +38,8 @@ pub struct BuilderMetrics {
     /// `nix-store --serve` processes started; the Nix executor counts them.
     pub serve_processes_started: Counter,
     store_free: Gauge,
-    memory_pressure: Gauge<f64, AtomicU64>,
+    /// Registered only where the kernel reports memory pressure.
+    memory_pressure: Option<Gauge<f64, AtomicU64>>,
 }
 
 impl BuilderMetrics {
@@ -56,7 +57,7 @@ impl BuilderMetrics {
             sessions: Counter::default(),
             serve_processes_started: Counter::default(),
             store_free: Gauge::default(),
-            memory_pressure: Gauge::default(),
+            memory_pressure: health::memory_pressure_percent().map(|_| Gauge::default()),
             registry,
         };
         let registry = &mut metrics.registry;
@@ -91,11 +92,13 @@ impl BuilderMetrics {
             Unit::Bytes,
             metrics.store_free.clone(),
         );
-        registry.register(
-            "memory_pressure_percent",
-            "Share of the last 10 s some task stalled waiting for memory (PSI some avg10)",
-            metrics.memory_pressure.clone(),
-        );
+        if let Some(memory_pressure) = &metrics.memory_pressure {
+            registry.register(
+                "memory_pressure_percent",
+                "Share of the last 10 s some task stalled waiting for memory (PSI some avg10)",
+                memory_pressure.clone(),
+            );
+        }
         Arc::new(metrics)
     }
 
@@ -135,8 +138,11 @@ impl BuilderMetrics {
     fn encode(&self) -> Result<String, std::fmt::Error> {
         let free = health::free_store_bytes().unwrap_or(0);
         self.store_free.set(i64::try_from(free).unwrap_or(i64::MAX));
-        self.memory_pressure
-            .set(health::memory_pressure_percent().unwrap_or(0.0));
+        if let (Some(gauge), Some(percent)) =
+            (&self.memory_pressure, health::memory_pressure_percent())
+        {
+            gauge.set(percent);
+        }
         let mut text = String::new();
         encode(&mut text, &self.registry)?;
         Ok(text)

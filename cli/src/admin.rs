@@ -25,7 +25,7 @@ use crate::times;
 pub enum AdminCommand {
     /// List the builders: state, load, last ping, free disk, memory pressure, and why one takes
     /// no work.
-    Machines(MachinesArgs),
+    Machines(ListArgs),
     /// Drain a builder: it finishes what it runs and gets no new work until enabled.
     Drain(MachineArgs),
     /// Enable a drained builder.
@@ -39,7 +39,7 @@ pub enum AdminCommand {
     /// Set the admission cap: Submits that would queue more steps than this are refused.
     Cap(CapArgs),
     /// List the client certificates the runner has seen, and which are revoked.
-    Certs(MachinesArgs),
+    Certs(ListArgs),
     /// Revoke a certificate by serial: its calls are refused, a builder's tunnel ends at once.
     Revoke(RevokeArgs),
 }
@@ -67,7 +67,7 @@ pub struct RevokeArgs {
 
 /// Arguments of a listing (`machines`, `certs`).
 #[derive(Debug, Args)]
-pub struct MachinesArgs {
+pub struct ListArgs {
     /// Print JSON (one array) instead of a table.
     #[arg(long)]
     json: bool,
@@ -178,7 +178,7 @@ fn call(status: tonic::Status) -> AdminError {
     AdminError::Call(CallError::from(status))
 }
 
-async fn machines(args: MachinesArgs) -> Result<(), WithContext<AdminError>> {
+async fn machines(args: ListArgs) -> Result<(), WithContext<AdminError>> {
     let machines = client(&args.connection)
         .await?
         .list_machines(ListMachinesRequest {})
@@ -217,7 +217,7 @@ async fn cap(args: CapArgs) -> Result<(), WithContext<AdminError>> {
     Ok(())
 }
 
-async fn certs(args: MachinesArgs) -> Result<(), WithContext<AdminError>> {
+async fn certs(args: ListArgs) -> Result<(), WithContext<AdminError>> {
     let certificates = client(&args.connection)
         .await?
         .list_certificates(ListCertificatesRequest {})

@@ -1,7 +1,9 @@
 -- What admins and failures decided about each builder: drained (no new work until enabled) and
 -- quarantined (no work after infrastructure failures in a row, until a probation step
--- succeeds); and whether it is below the free disk floor or over the memory pressure limit. The runner writes both and reads them back at start, so they survive a restart of
--- either side. `machine_status` is what `drover admin machines` shows.
+-- succeeds); and whether it is below the free disk floor or over the memory pressure limit.
+-- The runner reads drained and quarantined back at start, so they survive a restart of either
+-- side; the disk and memory holds are its latest ping's, cleared when the builder joins again.
+-- `machine_status` is what `drover admin machines` shows.
 
 ALTER TABLE machines ADD COLUMN drained_at timestamptz;
 ALTER TABLE machines ADD COLUMN quarantined_at timestamptz;

@@ -14,7 +14,7 @@ CREATE TABLE certificates (
 );
 CREATE INDEX certificates_by_identity ON certificates (role, name);
 COMMENT ON TABLE certificates IS 'Client certificates (builders, clients, admins) seen at a TLS handshake with the runner, and which are revoked. A certificate revoked before it was ever seen is recorded with role and name unknown (empty) until it shows up.';
-COMMENT ON COLUMN certificates.serial IS 'Its serial number in lowercase hex, as openssl x509 -noout -serial prints it (in lowercase).';
+COMMENT ON COLUMN certificates.serial IS 'Its serial number in lowercase hex without leading zeros (openssl x509 -noout -serial prints it in capitals, padded).';
 COMMENT ON COLUMN certificates.role IS 'The role it names: builder, client or admin.';
 COMMENT ON COLUMN certificates.name IS 'The name it names (a builder''s name, a user).';
 COMMENT ON COLUMN certificates.first_seen_at IS 'Its first handshake with the runner.';

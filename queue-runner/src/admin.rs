@@ -108,9 +108,12 @@ impl Admin {
         caller: &Identity,
         serial: &str,
     ) -> Result<Option<(String, String)>, AdminError> {
-        // As `openssl x509 -serial` prints it, or with colons; stored without leading zeros.
+        // As `openssl x509 -noout -serial` prints it (`serial=0A1B…`), or with colons; stored in
+        // lowercase without leading zeros, as handshakes record it.
         let given = serial;
         let serial = given.trim().to_lowercase().replace(':', "");
+        let serial = serial.strip_prefix("serial=").unwrap_or(&serial);
+        let serial = serial.strip_prefix("0x").unwrap_or(serial);
         let serial = serial.trim_start_matches('0');
         if serial.is_empty() || !serial.bytes().all(|byte| byte.is_ascii_hexdigit()) {
             return Err(AdminError::Serial(given.to_owned()));

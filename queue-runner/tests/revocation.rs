@@ -12,10 +12,10 @@
 mod common;
 
 use common::{AttemptStatus, BuilderSpec, DEADLINE, Farm, Stored};
-use drover_proto::v1::ListRequest;
 use drover_proto::v1::LogChunk;
 use drover_proto::v1::build_service_client::BuildServiceClient;
 use drover_proto::v1::builder_service_client::BuilderServiceClient;
+use drover_proto::v1::{ListRequest, WatchRequest};
 use drover_tls::Role;
 use test_support::fake_derivations::{Factory, Spec};
 use test_support::wait::poll_until;
@@ -124,9 +124,23 @@ async fn a_revoked_client_is_refused_on_new_and_open_connections() {
     assert!(listed.status.success(), "{listed:?}");
     let mut open_before = BuildServiceClient::new(farm.channel(Role::Client, "tester").await);
     open_before.list(ListRequest::default()).await.unwrap();
+    // A Watch opened before the revocation, of a build no builder takes.
+    let queued = farm
+        .submit(&[&Factory::default().make(&Spec::new("queued"))])
+        .await;
+    let mut watching = open_before
+        .watch(WatchRequest { build_id: queued })
+        .await
+        .unwrap()
+        .into_inner();
+    watching
+        .message()
+        .await
+        .unwrap()
+        .expect("the build's state");
 
     let serial = serial_of(&farm, "client/tester").await;
-    // With colons and in capitals, as some tools print serials.
+    // As openssl prints serials: a prefix, capitals, and colons as other tools add.
     let spelled = serial
         .to_uppercase()
         .as_bytes()
@@ -134,6 +148,7 @@ async fn a_revoked_client_is_refused_on_new_and_open_connections() {
         .map(|pair| String::from_utf8_lossy(pair).into_owned())
         .collect::<Vec<_>>()
         .join(":");
+    let spelled = format!("serial={spelled}");
     revoke(&farm, &spelled).await;
 
     let refused = farm.run_drover(&["list"]).await;
@@ -145,6 +160,19 @@ async fn a_revoked_client_is_refused_on_new_and_open_connections() {
         .await
         .expect_err("a call on a connection opened before the revocation");
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    // Changes that were on their way may come first; then the stream ends refused.
+    let cut = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match watching.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the Watch ended without a refusal"),
+                Err(status) => break status,
+            }
+        }
+    })
+    .await
+    .expect("the open Watch to end");
+    assert_eq!(cut.code(), tonic::Code::Unauthenticated, "{cut:?}");
 
     let output = farm.run_drover_as(Role::Admin, &["admin", "certs"]).await;
     let table = String::from_utf8(output.stdout).unwrap();

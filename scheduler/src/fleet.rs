@@ -6,11 +6,14 @@
 //!
 //! Quarantine: after [`QuarantinePolicy::after_failures`] infrastructure failures in a row a
 //! builder gets no work for [`QuarantinePolicy::cool_down`]; then it is on probation, offered one
-//! step at a time; a success lifts the quarantine, another infrastructure failure starts the
-//! cool-down again. A failure of the build's own says nothing about the builder either way.
+//! step at a time; that step's success lifts the quarantine, its infrastructure failure starts
+//! the cool-down again. Steps that were running when the quarantine began say nothing about it,
+//! and a failure of the build's own says nothing about the builder either way.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use super::types::AttemptId;
 
 /// When builders are quarantined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +132,9 @@ struct Machine {
 struct Quarantined {
     /// When its probation begins.
     probation_from: Instant,
+    /// The probation step's attempt, once dispatched: only its outcome judges the builder
+    /// (steps that ran before the quarantine, or beside it, say nothing).
+    probation_attempt: Option<AttemptId>,
 }
 
 /// A quarantine that began, for the driver to persist.
@@ -155,6 +161,7 @@ impl Fleet {
             machine.drained = standing.drained;
             machine.quarantine = standing.cool_down_left.map(|left| Quarantined {
                 probation_from: now + left,
+                probation_attempt: None,
             });
         }
     }
@@ -210,6 +217,7 @@ impl Fleet {
     pub fn infrastructure_failure(
         &mut self,
         name: &str,
+        attempt: AttemptId,
         message: &str,
         policy: QuarantinePolicy,
         now: Instant,
@@ -220,24 +228,45 @@ impl Fleet {
         let machine = self.machines.entry(name.to_owned()).or_default();
         machine.failures_in_a_row += 1;
         let reason = match &machine.quarantine {
-            Some(quarantined) if now < quarantined.probation_from => return None,
-            Some(_) => format!("its probation step failed: {message}"),
+            Some(quarantined) if quarantined.probation_attempt == Some(attempt) => {
+                format!("its probation step failed: {message}")
+            }
             None if machine.failures_in_a_row >= policy.after_failures => format!(
                 "{} infrastructure failures in a row; the last: {message}",
                 machine.failures_in_a_row
             ),
-            None => return None,
+            // Not enough yet, or quarantined and not its probation step.
+            _ => return None,
         };
         Some(self.impose(name, reason, policy.cool_down, now))
     }
 
-    /// Records a success on `name`; returns whether it lifted a quarantine.
-    pub fn success(&mut self, name: &str) -> bool {
+    /// Records a success of `attempt` on `name`; returns whether it lifted a quarantine (it was
+    /// the probation step).
+    pub fn success(&mut self, name: &str, attempt: AttemptId) -> bool {
         let Some(machine) = self.machines.get_mut(name) else {
             return false;
         };
         machine.failures_in_a_row = 0;
-        machine.quarantine.take().is_some()
+        let on_probation = machine
+            .quarantine
+            .as_ref()
+            .is_some_and(|quarantined| quarantined.probation_attempt == Some(attempt));
+        if on_probation {
+            machine.quarantine = None;
+        }
+        on_probation
+    }
+
+    /// `attempt` is the probation step of `name`.
+    pub fn on_probation(&mut self, name: &str, attempt: AttemptId) {
+        if let Some(quarantined) = self
+            .machines
+            .get_mut(name)
+            .and_then(|machine| machine.quarantine.as_mut())
+        {
+            quarantined.probation_attempt = Some(attempt);
+        }
     }
 
     /// Quarantines `name` for `cool_down` from `now`.
@@ -251,6 +280,7 @@ impl Fleet {
         let machine = self.machines.entry(name.to_owned()).or_default();
         machine.quarantine = Some(Quarantined {
             probation_from: now + cool_down,
+            probation_attempt: None,
         });
         Imposed { reason, cool_down }
     }

@@ -100,8 +100,18 @@ impl BuilderState {
         }
     }
 
+    /// The states of a builder that takes no new work, in the order one closed for several
+    /// reasons shows them.
+    pub const CLOSED: [Self; 5] = [
+        Self::Draining,
+        Self::Drained,
+        Self::Quarantined,
+        Self::LowDisk,
+        Self::MemoryPressure,
+    ];
+
     /// What `builder` is doing; a builder closed for several reasons shows the first of
-    /// shutting down, drained, quarantined, low on disk, under memory pressure.
+    /// [`BuilderState::CLOSED`].
     #[must_use]
     pub fn of(builder: &Builder) -> Self {
         if let Some(closed) = Self::closed(builder.standing) {
@@ -232,18 +242,18 @@ fn why_no_capacity(placement: &Placement, class: ClassId) -> Option<(String, NoC
     {
         NoCapacity::Busy
     } else {
-        // Every capable builder is closed: the reason that lasts longest wins.
+        // Every capable builder is closed: the first reason in the order a builder's own state
+        // takes them.
         let states: Vec<BuilderState> = capable.iter().map(|b| BuilderState::of(b)).collect();
-        if states.contains(&BuilderState::Quarantined) {
-            NoCapacity::Quarantined
-        } else if states.contains(&BuilderState::LowDisk) {
-            NoCapacity::LowDisk
-        } else if states.contains(&BuilderState::MemoryPressure) {
-            NoCapacity::MemoryPressure
-        } else if states.contains(&BuilderState::Drained) {
-            NoCapacity::Drained
-        } else {
-            NoCapacity::Draining
+        let first = BuilderState::CLOSED
+            .into_iter()
+            .find(|state| states.contains(state))?;
+        match first {
+            BuilderState::Drained => NoCapacity::Drained,
+            BuilderState::Quarantined => NoCapacity::Quarantined,
+            BuilderState::LowDisk => NoCapacity::LowDisk,
+            BuilderState::MemoryPressure => NoCapacity::MemoryPressure,
+            _ => NoCapacity::Draining,
         }
     };
     Some((requirements.system.clone(), reason))

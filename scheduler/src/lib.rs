@@ -331,6 +331,11 @@ impl Core {
             let attempt = (self.new_attempt_id)();
             let started_builds = self.graph.start(step, attempt);
             self.placement.occupy(session);
+            if let Some(builder) = self.placement.builder(session)
+                && builder.standing.quarantine == Some(Quarantine::Probation)
+            {
+                self.fleet.on_probation(&builder.name, attempt);
+            }
             self.attempts.insert(
                 attempt,
                 Attempt {
@@ -895,6 +900,7 @@ impl Core {
             status: BuildStatus::Cancelled,
             reason: Some(reason.clone()),
         });
+        self.raised.remove(&build);
         let Some(removed) = self.graph.cancel_build(build) else {
             // Not planned yet (or already ended, which the write leaves alone).
             self.cancelled.insert(build);
@@ -1034,7 +1040,7 @@ impl Core {
                     let learned = self.durations.learn(&node.spec, took, speed_factor);
                     self.persist(Change::DurationLearned(learned));
                 }
-                if self.fleet.success(&builder_name) {
+                if self.fleet.success(&builder_name, attempt) {
                     self.quarantine_changed(&builder_name, None, at);
                 }
                 self.succeed(attempt, step, report.outputs);
@@ -1055,6 +1061,7 @@ impl Core {
             Outcome::InfrastructureFailure => {
                 if let Some(imposed) = self.fleet.infrastructure_failure(
                     &builder_name,
+                    attempt,
                     &report.message,
                     self.limits.quarantine,
                     at,

@@ -14,7 +14,8 @@ use super::DbError;
 pub struct MachineStatus {
     /// Its name.
     pub name: String,
-    /// `disconnected`, `drained`, `quarantined`, `probation`, `full`, `busy` or `idle`.
+    /// `disconnected`, `drained`, `quarantined`, `probation`, `low_disk`, `memory_pressure`,
+    /// `full`, `busy` or `idle`.
     pub state: String,
     /// Systems it builds for.
     pub systems: Vec<String>,

@@ -673,7 +673,8 @@ async fn write_machine(client: &impl GenericClient, machine: &MachineWrite) -> R
              VALUES ($1, $2, $3, $4, $5, $6, $7, true)
              ON CONFLICT (name) DO UPDATE SET systems = $2, supported_features = $3,
                  mandatory_features = $4, max_jobs = $5, speed_factor = $6,
-                 nix_version = $7, connected = true, last_seen_at = now()",
+                 nix_version = $7, connected = true, last_seen_at = now(),
+                 below_disk_floor = false, under_memory_pressure = false",
                     &[
                         name,
                         &systems,

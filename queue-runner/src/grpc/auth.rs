@@ -43,6 +43,35 @@ pub fn require_certificate<T>(
 #[derive(Debug, Clone)]
 pub struct CalledMethod(String);
 
+/// Resolves, with the refusal to send, once the certificate `peer` is revoked: for streams and
+/// sessions that outlive the call's check.
+pub fn revoked<T>(
+    request: &Request<T>,
+    peer: &PeerCertificate,
+) -> Result<impl Future<Output = Status> + Send + Sync + 'static, Status> {
+    let revocations = revocations(request)?.clone();
+    let (serial, identity) = (peer.serial.clone(), peer.identity.to_string());
+    Ok(async move {
+        revocations.revoked(&serial).await;
+        refusal(&serial, &identity)
+    })
+}
+
+fn revocations<T>(request: &Request<T>) -> Result<&Revocations, Status> {
+    // Without the registry nothing can be said to be valid: refuse rather than let a revoked
+    // certificate through.
+    request
+        .extensions()
+        .get::<Revocations>()
+        .ok_or_else(|| Status::internal("the runner cannot check revocations"))
+}
+
+fn refusal(serial: &str, identity: &str) -> Status {
+    Status::unauthenticated(format!(
+        "the certificate {serial} of {identity} has been revoked"
+    ))
+}
+
 /// Gives every request what [`require`] needs besides the certificate: the method it calls (for
 /// audit lines) and the revoked serials. The server runs it on every request.
 pub fn prepare<B>(
@@ -68,17 +97,8 @@ fn identify<T>(request: &Request<T>, roles: &[Role]) -> Result<PeerCertificate, 
             "the client certificate names no drover identity: {error}"
         ))
     })?;
-    // Without the registry nothing can be said to be valid: refuse rather than let a revoked
-    // certificate through.
-    let revocations = request
-        .extensions()
-        .get::<Revocations>()
-        .ok_or_else(|| Status::internal("the runner cannot check revocations"))?;
-    if revocations.is_revoked(&peer.serial) {
-        return Err(Status::unauthenticated(format!(
-            "the certificate {} of {} has been revoked",
-            peer.serial, peer.identity
-        )));
+    if revocations(request)?.is_revoked(&peer.serial) {
+        return Err(refusal(&peer.serial, &peer.identity.to_string()));
     }
     if roles.contains(&peer.identity.role) {
         Ok(peer)

@@ -16,7 +16,7 @@ use drover_tls::Role;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::shutdown::until_shutdown;
+use super::shutdown::{cut_when, until_shutdown};
 use super::{auth, follow_log, list_filter, watch};
 use crate::builds::read::build_state;
 use crate::builds::{Builds, view};
@@ -137,7 +137,8 @@ impl BuildService for BuildServiceImpl {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        auth::require(&request, CALLERS)?;
+        let peer = auth::require_certificate(&request, CALLERS)?;
+        let revoked = auth::revoked(&request, &peer)?;
         let build = request.into_inner().build_id;
         let pool = self.builds.pool().clone();
         let estimator = self.builds.estimator();
@@ -155,7 +156,8 @@ impl BuildService for BuildServiceImpl {
             estimate,
         };
         let stream = watch::open(build, &self.changes, sources, self.heartbeat).await?;
-        Ok(Response::new(until_shutdown(stream, &self.shutdown)))
+        let stream = until_shutdown(stream, &self.shutdown);
+        Ok(Response::new(cut_when(stream, revoked)))
     }
 
     type FollowLogStream = follow_log::LogStream;
@@ -164,7 +166,8 @@ impl BuildService for BuildServiceImpl {
         &self,
         request: Request<FollowLogRequest>,
     ) -> Result<Response<Self::FollowLogStream>, Status> {
-        auth::require(&request, CALLERS)?;
+        let peer = auth::require_certificate(&request, CALLERS)?;
+        let revoked = auth::revoked(&request, &peer)?;
         let drv_path = request.into_inner().drv_path;
         let stream = follow_log::open(
             self.builds.pool().clone(),
@@ -173,7 +176,8 @@ impl BuildService for BuildServiceImpl {
             self.heartbeat,
         )
         .await?;
-        Ok(Response::new(until_shutdown(stream, &self.shutdown)))
+        let stream = until_shutdown(stream, &self.shutdown);
+        Ok(Response::new(cut_when(stream, revoked)))
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {

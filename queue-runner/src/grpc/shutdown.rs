@@ -2,12 +2,13 @@
 //! every open stream, and some never end by themselves (a Watch of a running build, a step's live
 //! log upload), so each ends at once with UNAVAILABLE, which clients and builders take as "try
 //! again": a builder sends the whole log again over its next session, a watcher reconnects.
+//! Response streams can be cut the same way by anything else ([`cut_when`]: a revocation).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio_stream::Stream;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 /// What a stream cut by shutdown ends with.
@@ -48,29 +49,42 @@ pub fn until_shutdown<T: Send + 'static>(
     stream: Outbound<T>,
     shutdown: &CancellationToken,
 ) -> Outbound<T> {
-    Box::pin(UntilShutdown {
+    let shutdown = shutdown.clone();
+    cut_when(stream, async move {
+        shutdown.cancelled().await;
+        shutting_down()
+    })
+}
+
+/// `stream`, ended with the status `cut` resolves to, once it does.
+#[must_use]
+pub fn cut_when<T: Send + 'static>(
+    stream: Outbound<T>,
+    cut: impl Future<Output = Status> + Send + 'static,
+) -> Outbound<T> {
+    Box::pin(Cut {
         stream,
-        shutdown: Box::pin(shutdown.clone().cancelled_owned()),
+        until: Box::pin(cut),
         ended: false,
     })
 }
 
-struct UntilShutdown<T> {
+struct Cut<T> {
     stream: Outbound<T>,
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    until: Pin<Box<dyn Future<Output = Status> + Send>>,
     ended: bool,
 }
 
-impl<T> Stream for UntilShutdown<T> {
+impl<T> Stream for Cut<T> {
     type Item = Result<T, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.ended {
             return Poll::Ready(None);
         }
-        if self.shutdown.as_mut().poll(cx).is_ready() {
+        if let Poll::Ready(status) = self.until.as_mut().poll(cx) {
             self.ended = true;
-            return Poll::Ready(Some(Err(shutting_down())));
+            return Poll::Ready(Some(Err(status)));
         }
         self.stream.as_mut().poll_next(cx)
     }

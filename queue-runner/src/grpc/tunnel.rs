@@ -32,7 +32,6 @@ use super::refusals::{AttemptError, JoinError, LogUploadError, SessionError, par
 use super::shutdown::Incoming;
 use super::upload::{self, UploadError};
 use crate::cache::BinaryCache;
-use crate::certificates::Revocations;
 use crate::logs::LogStore;
 use crate::metrics::UploadMetrics;
 use crate::scheduler::attempts::{AttemptOwner, Attempts};
@@ -180,11 +179,7 @@ impl BuilderService for BuilderServiceImpl {
         request: Request<Streaming<BuilderMessage>>,
     ) -> Result<Response<Self::OpenTunnelStream>, Status> {
         let certificate = auth::require_certificate(&request, &[Role::Builder])?;
-        let revocations = request
-            .extensions()
-            .get::<Revocations>()
-            .cloned()
-            .ok_or_else(|| Status::internal("the runner cannot check revocations"))?;
+        let revoked = Box::pin(auth::revoked(&request, &certificate)?);
         let identity = certificate.identity;
         if !self.recovered.get() {
             return Err(JoinError::Recovering.into());
@@ -238,8 +233,7 @@ impl BuilderService for BuilderServiceImpl {
             liveness_timeout: self.liveness_timeout,
             end,
             metrics: self.metrics.clone(),
-            revocations,
-            serial: certificate.serial,
+            revoked,
         };
         let events = self.events.clone();
         tasks::spawn_tracked(
@@ -383,9 +377,9 @@ struct BuilderSession {
     liveness_timeout: Duration,
     end: CancellationToken,
     metrics: UploadMetrics,
-    /// The revoked certificates, and the serial of the one this tunnel was opened with.
-    revocations: Revocations,
-    serial: String,
+    /// Resolves, with the refusal to send, once the certificate this tunnel was opened with is
+    /// revoked.
+    revoked: Pin<Box<dyn Future<Output = Status> + Send + Sync>>,
 }
 
 impl BuilderSession {
@@ -394,19 +388,11 @@ impl BuilderSession {
     async fn run(mut self) -> (String, Departure) {
         let ended = |reason: &str| (reason.to_owned(), Departure::Ended);
         let mut deadline = Instant::now() + self.liveness_timeout;
-        let revocations = self.revocations.clone();
-        let serial = self.serial.clone();
-        let revoked = revocations.revoked(&serial);
-        tokio::pin!(revoked);
         loop {
             tokio::select! {
                 () = self.end.cancelled() => return ended("the session was ended by the runner"),
                 // Its steps are requeued at once: a revoked builder is not waited for.
-                () = &mut revoked => {
-                    let refusal = Status::unauthenticated(format!(
-                        "the certificate {serial} of builder/{} has been revoked",
-                        self.name
-                    ));
+                refusal = &mut self.revoked => {
                     let _ = self.outbox.try_send(Err(refusal));
                     return ended("its certificate was revoked");
                 }

@@ -254,6 +254,8 @@ impl Farm {
                 self.refuse_unknown_systems,
             )
             .set("builders.min_free_disk_bytes", self.min_free_disk_bytes)
+            // This machine's own memory pressure must not hold test builders.
+            .set("builders.max_memory_pressure_percent", 0.0)
             .set(
                 "builders.quarantine_after_failures",
                 self.quarantine_after_failures,

@@ -178,7 +178,7 @@ fn failures_in_a_row_quarantine_a_builder_until_a_probation_step_succeeds() {
     );
     assert_eq!(core.next_wakeup(), Some(start + COOL_DOWN));
 
-    // Probation: one step, even on a builder with more slots.
+    // Probation: one step.
     let later = start + COOL_DOWN;
     let probation = builds(&core.dispatch(later));
     assert_eq!(probation.len(), 1);
@@ -222,6 +222,73 @@ fn a_failed_probation_step_starts_the_cool_down_again() {
     );
     assert!(builds(&core.dispatch(later)).is_empty());
     assert_eq!(core.next_wakeup(), Some(later + COOL_DOWN));
+}
+
+#[test]
+fn steps_running_when_a_quarantine_begins_neither_lift_it_nor_fail_its_probation() {
+    let start = Instant::now();
+    let mut core = quarantining();
+    core.handle(independent_steps(6));
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 3)));
+    let running = builds(&core.dispatch(start));
+    assert_eq!(running.len(), 3);
+    core.handle(Event::SetQuarantine {
+        name: "b".to_owned(),
+        quarantined: true,
+        by: "admin alice".to_owned(),
+        at: start,
+    });
+    for (index, outcome) in [
+        Outcome::Succeeded,
+        Outcome::InfrastructureFailure,
+        Outcome::Succeeded,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let commands = core.handle(reported(1, running[index].1, outcome, start));
+        assert!(
+            quarantines(&commands).is_empty(),
+            "an earlier step's {outcome:?}"
+        );
+    }
+    assert!(
+        builds(&core.dispatch(start)).is_empty(),
+        "still cooling down"
+    );
+
+    let later = start + COOL_DOWN;
+    let probation = builds(&core.dispatch(later));
+    assert_eq!(probation.len(), 1, "one probation step, on three slots");
+    let commands = core.handle(reported(1, probation[0].1, Outcome::Succeeded, later));
+    assert_eq!(
+        quarantines(&commands),
+        [("b", None)],
+        "the probation step's success"
+    );
+}
+
+#[test]
+fn a_build_failure_between_infrastructure_failures_does_not_reset_their_count() {
+    let now = Instant::now();
+    let mut core = quarantining();
+    core.handle(independent_steps(4));
+    core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
+    let mut imposed = Vec::new();
+    for outcome in [
+        Outcome::InfrastructureFailure,
+        Outcome::Failed,
+        Outcome::InfrastructureFailure,
+    ] {
+        let (_, attempt, _) = builds(&core.dispatch(now))[0];
+        let commands = core.handle(reported(1, attempt, outcome, now));
+        imposed.extend(
+            quarantines(&commands)
+                .into_iter()
+                .map(|(name, _)| name.to_owned()),
+        );
+    }
+    assert_eq!(imposed, ["b"]);
 }
 
 #[test]

@@ -49,10 +49,17 @@ fn a_priority_set_before_the_plan_came_applies_to_it() {
 #[test]
 fn raising_reaches_the_steps_below_the_top() {
     let mut core = core();
-    // Build 1 is 1 alone; build 2 is 3 on top of 2.
+    // Build 1 is the chain 1 <- 3 <- 5, whose bottom goes first by its critical path; build 2
+    // is 4 on top of 2.
     core.handle(plan_many(
-        &[(1, 1), (2, 3)],
-        vec![step(1, &[]), step(2, &[]), step(3, &[2])],
+        &[(1, 5), (2, 4)],
+        vec![
+            step(1, &[]),
+            step(2, &[]),
+            step(3, &[1]),
+            step(4, &[2]),
+            step(5, &[3]),
+        ],
     ));
     core.handle(join("b", 1, caps(&["x86_64-linux"], &[], &[], 1)));
     core.handle(Event::SetGlobalPriority {
