@@ -28,6 +28,8 @@ pub struct Job {
     pub max_silent: Option<Duration>,
     /// The largest NAR an output may have.
     pub max_output_bytes: u64,
+    /// The trace context of its dispatch (W3C `traceparent`), empty if none.
+    pub traceparent: String,
 }
 
 impl From<Build> for Job {
@@ -47,6 +49,7 @@ impl From<Build> for Job {
             timeout: duration(limits.timeout_ms),
             max_silent: duration(limits.max_silent_ms),
             max_output_bytes: bytes(limits.max_output_bytes),
+            traceparent: build.traceparent,
         }
     }
 }

@@ -6,10 +6,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use drover_daemon::traces;
 use drover_proto::v1::StepResult;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::executor::{Executor, LogSink, Phases};
 use crate::job::Job;
@@ -125,21 +127,33 @@ async fn run_step(
     let started = std::time::Instant::now();
     let mut phases = Phases::default();
     let log_link = link.clone();
+    // The step's trace continues the dispatch's, with a span per phase.
+    let step = tracing::info_span!("step", attempt = %job.attempt_id, drv = %job.drv_path);
+    traces::set_parent(&step, &job.traceparent);
     let building = async {
-        let mut report = executor.run(job, abort, LogSink::new(sender)).await;
+        let mut report = executor
+            .run(job, abort, LogSink::new(sender))
+            .instrument(tracing::info_span!(parent: &step, "build"))
+            .await;
         phases.extend(std::mem::take(&mut report.phases));
         let uploading = std::time::Instant::now();
-        let result = upload::outputs(link, job, report).await;
+        let result = upload::outputs(link, job, report)
+            .instrument(tracing::info_span!(parent: &step, "upload"))
+            .await;
         phases.end("upload", uploading);
         result
     };
-    let (result, uploaded) = tokio::join!(
-        building,
-        log_upload::upload(log_link, &job.attempt_id, receiver)
-    );
+    let both = async {
+        tokio::join!(
+            building,
+            log_upload::upload(log_link, &job.attempt_id, receiver)
+        )
+    };
+    let (result, uploaded) = both.instrument(step.clone()).await;
     phases.end("step", started);
     tracing::debug!(attempt = %job.attempt_id, %phases, "step timings");
     let mut result = result?;
+    result.traceparent = traces::traceparent(&step);
     if let Some(log) = uploaded? {
         result.log = log;
         result.log_inline = true;

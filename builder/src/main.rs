@@ -33,7 +33,7 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     // The builder's filter comes from RUST_LOG only.
-    let _log_filter = drover_daemon::init_tracing();
+    let (_log_filter, traces) = drover_daemon::init_tracing("drover-builder");
     let load = |path: &std::path::Path| Config::load_overriding(path, cli.runner_url.as_deref());
     let config = match drover_daemon::load_config("drover-builder", &cli.config, load) {
         Ok(config) => config,
@@ -63,6 +63,9 @@ async fn main() -> ExitCode {
             run.await
         }
     };
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -284,6 +284,7 @@ mod tests {
             timeout: None,
             max_silent: None,
             max_output_bytes: u64::MAX,
+            traceparent: String::new(),
         }
     }
 

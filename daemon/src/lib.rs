@@ -5,6 +5,7 @@
 
 pub mod notify;
 pub mod tied;
+pub mod traces;
 
 use std::path::{Path, PathBuf};
 
@@ -158,9 +159,11 @@ pub fn check_log_filter(directives: &str) -> Result<(), tracing_subscriber::filt
     tracing_subscriber::EnvFilter::try_new(directives).map(drop)
 }
 
-/// Logs to stderr (with colours on a terminal) through a filter the daemon can change later.
+/// Logs to stderr (with colours on a terminal) through a filter the daemon can change later,
+/// and exports the spans of `service` over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
+/// ([`traces`]); shut the exporter down before exiting.
 #[must_use]
-pub fn init_tracing() -> LogFilter {
+pub fn init_tracing(service: &'static str) -> (LogFilter, Option<traces::Traces>) {
     use std::io::IsTerminal as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
@@ -168,6 +171,7 @@ pub fn init_tracing() -> LogFilter {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let (export, traces) = traces::layer(service).unzip();
     tracing_subscriber::registry()
         .with(filter)
         .with(
@@ -175,11 +179,13 @@ pub fn init_tracing() -> LogFilter {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::stderr().is_terminal()),
         )
+        .with(export)
         .init();
-    LogFilter {
+    let filter = LogFilter {
         handle,
         from_environment,
-    }
+    };
+    (filter, traces)
 }
 
 /// Resolves on the next SIGHUP (never, if the handler cannot be installed).

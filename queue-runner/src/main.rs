@@ -47,7 +47,7 @@ async fn main() -> ExitCode {
         print!("{}", drover_queue_runner::config::DEFAULT_CONFIG);
         return ExitCode::SUCCESS;
     }
-    let log_filter = drover_daemon::init_tracing();
+    let (log_filter, traces) = drover_daemon::init_tracing("drover-queue-runner");
     let mut config =
         match drover_daemon::load_config("drover-queue-runner", &cli.config, Config::load) {
             Ok(config) => config,
@@ -72,6 +72,9 @@ async fn main() -> ExitCode {
             run(config, source, log_filter).await
         }
     };
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -93,6 +93,7 @@ async fn queue_one_step(client: &deadpool_postgres::Client) -> (FakeDrv, i64, qu
             drv_path: drv.path.to_absolute(),
             system: "x86_64-linux".to_owned(),
             features: String::new(),
+            trace_parent: String::new(),
         }],
     )
     .await

@@ -59,6 +59,7 @@ async fn prepare(cluster: &TestPostgres, drvs: &[FakeDrv]) -> Prepared {
             drv_path: drv.path.to_absolute(),
             system: "x86_64-linux".to_owned(),
             features: String::new(),
+            trace_parent: String::new(),
         })
         .collect();
     let rows = queries::ensure_steps(&client, &specs).await.unwrap();

@@ -90,6 +90,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "step edges without per-row key checks",
         include_str!("../../migrations/0017_step_inputs_unchecked.sql"),
     ),
+    (
+        18,
+        "trace context of builds and steps",
+        include_str!("../../migrations/0018_trace_context.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

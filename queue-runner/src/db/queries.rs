@@ -24,6 +24,8 @@ pub struct QueuedBuild {
     pub keep_going: bool,
     /// The job set that queued it, if one did.
     pub job_set: Option<i64>,
+    /// The trace context of its Submit; empty if none.
+    pub trace_parent: String,
 }
 
 /// Which builds to load.
@@ -44,12 +46,12 @@ pub async fn queued_builds(
 ) -> Result<Vec<QueuedBuild>, DbError> {
     let sql = match selection {
         BuildSelection::NotIngested => {
-            "SELECT id, drv_path, priority, global_priority, keep_going, job_set_id FROM builds
-             WHERE ingested_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
+            "SELECT id, drv_path, priority, global_priority, keep_going, job_set_id, trace_parent
+             FROM builds WHERE ingested_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
         }
         BuildSelection::Unfinished => {
-            "SELECT id, drv_path, priority, global_priority, keep_going, job_set_id FROM builds
-             WHERE finished_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
+            "SELECT id, drv_path, priority, global_priority, keep_going, job_set_id, trace_parent
+             FROM builds WHERE finished_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
         }
     };
     let rows = client
@@ -65,6 +67,7 @@ pub async fn queued_builds(
             global_priority: row.get(3),
             keep_going: row.get(4),
             job_set: row.get(5),
+            trace_parent: row.get(6),
         })
         .collect())
 }
@@ -120,6 +123,42 @@ pub async fn derivation_texts(
     Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
+/// The texts of the derivations of steps being dispatched, with the trace each step continues.
+pub async fn dispatch_texts(
+    client: &impl GenericClient,
+    paths: &[String],
+) -> Result<Vec<(String, DispatchText)>, DbError> {
+    let rows = client
+        .query(
+            "SELECT d.path, d.text, coalesce(s.trace_parent, '')
+             FROM derivations d LEFT JOIN steps s ON s.drv_path = d.path
+             WHERE d.path = ANY($1)",
+            &[&paths],
+        )
+        .await
+        .map_err(DbError::query("loading the derivations to dispatch"))?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let text = DispatchText {
+                text: row.get(1),
+                trace_parent: row.get(2),
+            };
+            (row.get(0), text)
+        })
+        .collect())
+}
+
+/// What a Build message needs of a step's row: its derivation's text, and the trace it
+/// continues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatchText {
+    /// The derivation's exact bytes.
+    pub text: Vec<u8>,
+    /// The trace context of the plan that created the step; empty if none.
+    pub trace_parent: String,
+}
+
 /// A step row as created or found.
 #[derive(Debug, Clone)]
 pub struct StepRow {
@@ -148,6 +187,8 @@ pub struct StepSpec {
     pub system: String,
     /// Its required features, space-separated.
     pub features: String,
+    /// The trace context of the plan that creates it; empty if none.
+    pub trace_parent: String,
 }
 
 /// The columns a [`StepRow`] is read from, after `id, drv_path`.
@@ -199,17 +240,19 @@ pub async fn ensure_steps(
     let paths: Vec<&str> = specs.iter().map(|s| s.drv_path.as_str()).collect();
     let systems: Vec<&str> = specs.iter().map(|s| s.system.as_str()).collect();
     let features: Vec<&str> = specs.iter().map(|s| s.features.as_str()).collect();
+    let traces: Vec<&str> = specs.iter().map(|s| s.trace_parent.as_str()).collect();
     // `xmax = 0` tells a row this statement inserted from one it only touched.
     let rows = client
         .query(
             &format!(
-                "INSERT INTO steps (drv_path, status, system, required_features)
-                 SELECT path, 'waiting', system, string_to_array(features, ' ')
-                 FROM unnest($1::text[], $2::text[], $3::text[]) AS s(path, system, features)
+                "INSERT INTO steps (drv_path, status, system, required_features, trace_parent)
+                 SELECT path, 'waiting', system, string_to_array(features, ' '), trace
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                      AS s(path, system, features, trace)
                  ON CONFLICT (drv_path) DO UPDATE SET drv_path = EXCLUDED.drv_path
                  RETURNING id, drv_path, {STEP_ROW}, xmax = 0"
             ),
-            &[&paths, &systems, &features],
+            &[&paths, &systems, &features, &traces],
         )
         .await
         .map_err(DbError::query("creating steps"))?;
@@ -499,8 +542,8 @@ pub async fn insert_build(
     let row = client
         .query_opt(
             "INSERT INTO builds (drv_path, priority, metadata, submitted_by, keep_going,
-                 idempotency_key)
-             VALUES ($1, $2, $3, $4, $5, $6)
+                 idempotency_key, trace_parent)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (submitted_by, idempotency_key) WHERE idempotency_key IS NOT NULL
              DO NOTHING RETURNING id",
             &[
@@ -510,6 +553,7 @@ pub async fn insert_build(
                 &build.submitted_by,
                 &build.keep_going,
                 &build.idempotency_key,
+                &drover_daemon::traces::traceparent(&tracing::Span::current()),
             ],
         )
         .await
@@ -637,8 +681,8 @@ pub async fn insert_job_set(
     let builds = client
         .query(
             "INSERT INTO builds (drv_path, priority, metadata, submitted_by, keep_going,
-                 job_set_id, job_name)
-             SELECT top, $3, $4, $5, $6, $7, name
+                 job_set_id, job_name, trace_parent)
+             SELECT top, $3, $4, $5, $6, $7, name, $8
              FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS j(name, top, position)
              ORDER BY position
              RETURNING job_name, id",
@@ -650,6 +694,7 @@ pub async fn insert_job_set(
                 &job_set.submitted_by,
                 &job_set.keep_going,
                 &id,
+                &drover_daemon::traces::traceparent(&tracing::Span::current()),
             ],
         )
         .await

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use drover_daemon::traces;
 use drover_proto::v1::build_service_server::BuildService;
 use drover_proto::v1::{
     CancelRequest, CancelResponse, FollowLogRequest, GetLogRequest, GetLogResponse, GetRequest,
@@ -15,6 +16,7 @@ use drover_proto::v1::{
 use drover_tls::Role;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use super::shutdown::{cut_when, until_shutdown};
 use super::{auth, follow_log, list_filter, watch};
@@ -62,7 +64,13 @@ impl BuildService for BuildServiceImpl {
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
         let submitter = auth::require(&request, CALLERS)?;
-        let (build_id, existing) = self.builds.submit(request.into_inner(), &submitter).await?;
+        let span = tracing::info_span!("submit", %submitter);
+        continue_trace(&span, &request);
+        let (build_id, existing) = self
+            .builds
+            .submit(request.into_inner(), &submitter)
+            .instrument(span)
+            .await?;
         Ok(Response::new(SubmitResponse { build_id, existing }))
     }
 
@@ -82,9 +90,12 @@ impl BuildService for BuildServiceImpl {
         request: Request<SubmitJobSetRequest>,
     ) -> Result<Response<SubmitJobSetResponse>, Status> {
         let submitter = auth::require(&request, CALLERS)?;
+        let span = tracing::info_span!("submit job set", %submitter);
+        continue_trace(&span, &request);
         let queued = self
             .builds
             .submit_job_set(request.into_inner(), &submitter)
+            .instrument(span)
             .await?;
         Ok(Response::new(SubmitJobSetResponse {
             job_set_id: queued.id,
@@ -196,5 +207,16 @@ impl BuildService for BuildServiceImpl {
             log: log.bytes,
             complete: log.complete,
         }))
+    }
+}
+
+/// Makes `span` a child of the trace the caller sent in its `traceparent` metadata, if it did.
+fn continue_trace<T>(span: &tracing::Span, request: &Request<T>) {
+    if let Some(parent) = request
+        .metadata()
+        .get(traces::TRACEPARENT)
+        .and_then(|value| value.to_str().ok())
+    {
+        traces::set_parent(span, parent);
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use drover_daemon::traces;
 use drover_proto::API_VERSION;
 use drover_proto::v1::builder_message::Message as Inbound;
 use drover_proto::v1::builder_service_server::BuilderService;
@@ -25,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::auth;
@@ -422,7 +424,12 @@ impl BuilderSession {
 
     async fn on_message(&mut self, message: BuilderMessage) -> Result<(), SessionError> {
         let event = match message.message {
-            Some(Inbound::StepResult(result)) => self.on_step_result(result).await?,
+            Some(Inbound::StepResult(result)) => {
+                // Receiving the result continues the trace of the builder's step.
+                let span = tracing::info_span!("result", attempt = %result.attempt_id);
+                traces::set_parent(&span, &result.traceparent);
+                self.on_step_result(result).instrument(span).await?
+            }
             Some(Inbound::Join(_)) => return Err(SessionError::Malformed("Join sent twice")),
             Some(Inbound::Ping(ping)) => Event::BuilderPinged {
                 session: self.session,

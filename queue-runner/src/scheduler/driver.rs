@@ -28,9 +28,11 @@ use tokio_util::sync::CancellationToken;
 use super::attempts::{AttemptOwner, Attempts};
 use super::estimates::Estimates;
 use super::queue_clock::QueueClock;
+use crate::db::queries::DispatchText;
 use crate::db::transitions::Transitions;
 use crate::db::{DbError, Pool, machines, queries};
 use crate::metrics::{SchedulerMetrics, Scrape};
+use drover_daemon::traces;
 
 /// What the driver sends a builder session: a message, or the status that ends the session.
 pub type OutboxItem = Result<RunnerMessage, tonic::Status>;
@@ -557,7 +559,7 @@ impl Driver {
     async fn derivation_texts(
         &self,
         messages: &[Command],
-    ) -> Result<HashMap<String, Vec<u8>>, SchedulerError> {
+    ) -> Result<HashMap<String, DispatchText>, SchedulerError> {
         let paths: Vec<String> = messages
             .iter()
             .filter_map(|command| match command {
@@ -575,7 +577,7 @@ impl Driver {
         retrying(
             &self.pool,
             "the texts of dispatched derivations",
-            |client| async move { queries::derivation_texts(&client, paths).await },
+            |client| async move { queries::dispatch_texts(&client, paths).await },
         )
         .await
         .map(|texts| texts.into_iter().collect())
@@ -588,7 +590,11 @@ impl Driver {
 
     /// Delivers a message or ends a session; returns the departure to tell the core about when
     /// a session could not take its message.
-    fn deliver(&mut self, command: Command, texts: &mut HashMap<String, Vec<u8>>) -> Option<Event> {
+    fn deliver(
+        &mut self,
+        command: Command,
+        texts: &mut HashMap<String, DispatchText>,
+    ) -> Option<Event> {
         match command {
             Command::Persist(_) | Command::Adopt { .. } => None,
             Command::EndSession { session, reason } => {
@@ -655,7 +661,7 @@ impl Driver {
         &self,
         session: SessionId,
         message: ToBuilder,
-        texts: &mut HashMap<String, Vec<u8>>,
+        texts: &mut HashMap<String, DispatchText>,
     ) -> Option<Result<RunnerMessage, Event>> {
         let message = match message {
             ToBuilder::Joined => Message::Joined(self.sessions.get(&session)?.joined.clone()),
@@ -717,18 +723,24 @@ impl Driver {
 
     /// The Build message for an assignment; registers the attempt for the builder's uploads
     /// first.
-    fn build_message(&self, builder: String, assignment: Assignment, drv_text: Vec<u8>) -> Build {
+    fn build_message(&self, builder: String, assignment: Assignment, drv: DispatchText) -> Build {
         let Assignment {
             attempt,
             step,
             spec,
         } = assignment;
+        // The dispatch continues the trace of the plan that created the step; the builder's
+        // spans continue the dispatch's.
+        let dispatch = tracing::info_span!("dispatch", step, %attempt, %builder);
+        traces::set_parent(&dispatch, &drv.trace_parent);
+        let _dispatching = dispatch.enter();
         tracing::debug!(step, %attempt, %builder, "dispatching");
         let build = Build {
+            traceparent: traces::traceparent(&dispatch),
             attempt_id: attempt.to_string(),
             step_id: step,
             drv_path: spec.drv_path.to_absolute(),
-            drv_text,
+            drv_text: drv.text,
             outputs: spec
                 .outputs
                 .iter()

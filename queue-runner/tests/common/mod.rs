@@ -117,6 +117,8 @@ pub struct Farm {
     /// `[builders] quarantine_after_failures`: 0 (never) unless a test changes it, so tests of
     /// retries on one builder see every retry.
     pub quarantine_after_failures: i64,
+    /// Where runner and builder processes export traces (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub otlp_endpoint: Option<String>,
     runner: Option<RunningRunner>,
     builders: Vec<ChildGuard>,
     /// The nix-daemons of sandboxed builders.
@@ -198,6 +200,7 @@ impl Farm {
             refuse_unknown_systems: false,
             min_free_disk_bytes: 1 << 30,
             quarantine_after_failures: 0,
+            otlp_endpoint: None,
             runner: None,
             builders: Vec::new(),
             daemons: Vec::new(),
@@ -319,8 +322,12 @@ impl Farm {
         fs_err::write(&config, self.runner_config_text(database_url)).unwrap();
         let log_path = self.path(log_name);
         let log = fs_err::File::create(&log_path).unwrap();
+        let mut command = Command::new(workspace_binary("drover-queue-runner"));
+        if let Some(endpoint) = &self.otlp_endpoint {
+            command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+        }
         let runner = ChildGuard::spawn(
-            Command::new(workspace_binary("drover-queue-runner"))
+            command
                 .arg("--config")
                 .arg(&config)
                 .env("RUST_LOG", "info")
@@ -422,6 +429,9 @@ impl Farm {
         nix_environment(&mut command, &home);
         if let Some(ca) = &self.upstream_ca {
             command.env("NIX_SSL_CERT_FILE", ca);
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
         }
         if spec.sandboxed {
             // The nix.conf the daemon reads, as on a real host: a trusted client's settings

@@ -268,6 +268,8 @@ fn needed_derivations<'a>(
 
 /// What the steps of `needed` are created from.
 fn step_specs(closure: &VerifiedClosure, needed: &[&StorePath]) -> Vec<StepSpec> {
+    // Its dispatch and the builder's spans continue the plan's trace.
+    let trace_parent = drover_daemon::traces::traceparent(&tracing::Span::current());
     needed
         .iter()
         .map(|path| {
@@ -281,6 +283,7 @@ fn step_specs(closure: &VerifiedClosure, needed: &[&StorePath]) -> Vec<StepSpec>
                     .cloned()
                     .collect::<Vec<_>>()
                     .join(" "),
+                trace_parent: trace_parent.clone(),
             }
         })
         .collect()

@@ -14,6 +14,7 @@ use drover_scheduler::Event;
 use error_context::{Classify, ResultExt as _, Severity, WithContext};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::driver::{Committed, CommittedBatch, CommittedChanges};
 use super::handoff::Handoff;
@@ -177,8 +178,14 @@ impl Ingest {
         shared: &mut SharedClosure,
         snapshot: u64,
     ) -> Result<usize, WithContext<IngestError>> {
+        // Planning continues the trace of the group's first traced Submit.
+        let span = tracing::info_span!("plan", builds = group.len());
+        if let Some(build) = group.iter().find(|build| !build.trace_parent.is_empty()) {
+            drover_daemon::traces::set_parent(&span, &build.trace_parent);
+        }
         let plan = self
             .expand(client, group, shared, snapshot)
+            .instrument(span)
             .await
             .with_context(|| match group {
                 [build] => format!("expanding build {}", build.id),
