@@ -258,6 +258,7 @@ pub async fn start(
             builder_service,
             pool: pool.clone(),
             scheduler: events.clone(),
+            refusals: metrics.refusals.clone(),
             build_service: BuildServiceImpl::new(
                 Builds::new(
                     pool,
@@ -323,6 +324,8 @@ struct GrpcParts {
     /// For the admin service and the certificates.
     pool: db::Pool,
     scheduler: mpsc::Sender<crate::scheduler::driver::SessionEvent>,
+    /// Counts refused calls.
+    refusals: crate::metrics::RefusalMetrics,
     max_submission_bytes: usize,
 }
 
@@ -338,7 +341,7 @@ async fn serve_grpc(
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .layer(tower::util::MapRequestLayer::new(
-            crate::grpc::auth::prepare::<tonic::body::Body>(revocations),
+            crate::grpc::auth::prepare::<tonic::body::Body>(revocations, parts.refusals),
         ))
         .add_service(health_service().await)
         .add_service(reflection()?)

@@ -300,6 +300,12 @@ async fn steps_an_upstream_cache_has_are_not_built_and_their_outputs_are_substit
             .all(|drv| !drv.ends_with("-diamond-base.drv")),
         "the upstream's step was built: {attempted:?}"
     );
+    let (_, metrics) = common::nix_farm::http_request(farm.metrics_address(), "/metrics").await;
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains("\ndrover_steps_substituted_total 1\n"),
+        "{metrics}"
+    );
 
     let out = farm.get(build).await.outputs["out"].clone();
     let consumer = ChrootStore::new(farm.dir.path().join("consumer"));

@@ -173,6 +173,12 @@ async fn a_revoked_client_is_refused_on_new_and_open_connections() {
     .await
     .expect("the open Watch to end");
     assert_eq!(cut.code(), tonic::Code::Unauthenticated, "{cut:?}");
+    let (_, metrics) = common::nix_farm::http_request(farm.metrics_address(), "/metrics").await;
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains("drover_rpc_refusals_total{code=\"unauthenticated\"}"),
+        "{metrics}"
+    );
 
     let output = farm.run_drover_as(Role::Admin, &["admin", "certs"]).await;
     let table = String::from_utf8(output.stdout).unwrap();

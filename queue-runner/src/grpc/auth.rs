@@ -7,6 +7,7 @@ use drover_tls::{Identity, PeerCertificate, Role};
 use tonic::{Request, Status};
 
 use crate::certificates::Revocations;
+use crate::metrics::RefusalMetrics;
 
 /// The caller's identity, if its role is one of `roles`; a refusal is logged.
 pub fn require<T>(request: &Request<T>, roles: &[Role]) -> Result<Identity, Status> {
@@ -20,6 +21,9 @@ pub fn require_certificate<T>(
 ) -> Result<PeerCertificate, Status> {
     let identified = identify(request, roles);
     if let Err(status) = &identified {
+        if let Some(refusals) = request.extensions().get::<RefusalMetrics>() {
+            refusals.refused(status.code());
+        }
         let caller = request.peer_certs().and_then(|certificates| {
             let leaf = certificates.first()?;
             Identity::from_certificate_der(leaf.as_ref()).ok()
@@ -76,11 +80,13 @@ fn refusal(serial: &str, identity: &str) -> Status {
 /// audit lines) and the revoked serials. The server runs it on every request.
 pub fn prepare<B>(
     revocations: Revocations,
+    refusals: RefusalMetrics,
 ) -> impl Fn(axum::http::Request<B>) -> axum::http::Request<B> + Clone {
     move |mut request| {
         let method = request.uri().path().trim_start_matches('/').to_owned();
         request.extensions_mut().insert(CalledMethod(method));
         request.extensions_mut().insert(revocations.clone());
+        request.extensions_mut().insert(refusals.clone());
         request
     }
 }

@@ -71,3 +71,15 @@ pub struct UnavailableLabels {
     pub builder: String,
     pub reason: &'static str,
 }
+
+/// A gRPC status code.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CodeLabels {
+    code: &'static str,
+}
+
+impl CodeLabels {
+    pub const fn new(code: &'static str) -> Self {
+        Self { code }
+    }
+}

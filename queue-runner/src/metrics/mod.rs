@@ -14,7 +14,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use drover_scheduler::Change;
 
-use labels::{CacheLabels, StatusLabels, UploadLabels};
+use labels::{CacheLabels, CodeLabels, StatusLabels, UploadLabels};
 use scrape::ScrapedGauges;
 pub use scrape::{CacheSpace, Scrape};
 pub use serve::routes;
@@ -28,6 +28,8 @@ pub struct Metrics {
     pub cache: CacheMetrics,
     /// Moved by builders' uploads.
     pub uploads: UploadMetrics,
+    /// Moved by the gRPC services' authentication.
+    pub refusals: RefusalMetrics,
     /// Set at each scrape.
     scraped: ScrapedGauges,
 }
@@ -38,6 +40,8 @@ pub struct SchedulerMetrics {
     attempts_started: Counter,
     attempts_ended: Family<StatusLabels, Counter>,
     builds_finished: Family<StatusLabels, Counter>,
+    /// Steps planned as done because a cache (the farm's or an upstream) had their outputs.
+    pub steps_substituted: Counter,
     /// How long steps waited runnable before they were dispatched.
     pub queue_wait: Histogram,
     /// How long attempts ran, dispatch to result, for attempts a builder reported on.
@@ -67,6 +71,25 @@ impl SchedulerMetrics {
             }
             _ => {}
         }
+    }
+}
+
+/// Calls refused by authentication, by gRPC code (`unauthenticated`: no identity or a revoked
+/// certificate; `permission_denied`: a role that may not call the method).
+#[derive(Debug, Clone, Default)]
+pub struct RefusalMetrics {
+    refused: Family<CodeLabels, Counter>,
+}
+
+impl RefusalMetrics {
+    /// Counts a call refused with `code`.
+    pub fn refused(&self, code: tonic::Code) {
+        let code = match code {
+            tonic::Code::Unauthenticated => "unauthenticated",
+            tonic::Code::PermissionDenied => "permission_denied",
+            _ => "other",
+        };
+        self.refused.get_or_create(&CodeLabels::new(code)).inc();
     }
 }
 
@@ -124,6 +147,7 @@ impl Metrics {
             attempts_started: Counter::default(),
             attempts_ended: Family::default(),
             builds_finished: Family::default(),
+            steps_substituted: Counter::default(),
             queue_wait: Histogram::new(exponential_buckets(0.001, 4.0, 14)),
             step_duration: Histogram::new(exponential_buckets(0.1, 3.0, 13)),
             batch_changes: Histogram::new(exponential_buckets(1.0, 4.0, 7)),
@@ -191,12 +215,24 @@ impl Metrics {
             Unit::Bytes,
             uploads.bytes.clone(),
         );
+        registry.register(
+            "steps_substituted",
+            "Steps not built because a cache (the farm's or an upstream) had their outputs",
+            scheduler.steps_substituted.clone(),
+        );
+        let refusals = RefusalMetrics::default();
+        registry.register(
+            "rpc_refusals",
+            "gRPC calls refused by authentication, by code",
+            refusals.refused.clone(),
+        );
         let scraped = ScrapedGauges::register(&mut registry);
         Self {
             registry,
             scheduler,
             cache,
             uploads,
+            refusals,
             scraped,
         }
     }

@@ -435,6 +435,10 @@ impl Driver {
             }
             SessionEvent::Core(event) => {
                 match &event {
+                    Event::BuildPlanned(plan) => {
+                        let substituted = u64::try_from(plan.available.len()).unwrap_or(u64::MAX);
+                        self.published.metrics.steps_substituted.inc_by(substituted);
+                    }
                     Event::BuilderLeft {
                         session, reason, ..
                     } => {
