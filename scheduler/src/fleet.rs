@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::types::AttemptId;
+use super::types::{AttemptId, Imposed};
 
 /// When builders are quarantined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,15 +135,6 @@ struct Quarantined {
     /// The probation step's attempt, once dispatched: only its outcome judges the builder
     /// (steps that ran before the quarantine, or beside it, say nothing).
     probation_attempt: Option<AttemptId>,
-}
-
-/// A quarantine that began, for the driver to persist.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Imposed {
-    /// Why.
-    pub reason: String,
-    /// Until its probation begins.
-    pub cool_down: Duration,
 }
 
 /// Every builder's standing, by name.

@@ -33,13 +33,13 @@ pub use graph::{Order, StepGraph, StepNode, StepState};
 pub use placement::{Builder, Placement};
 pub use types::{
     Assignment, Attempt, AttemptId, BuildId, BuildPlan, Capabilities, Change, ClassId, Command,
-    Departure, DurationKey, Event, Learned, Outcome, OutputRecord, PlannedBuild, PlannedStep,
-    Report, Requirements, SessionId, StepId, StepSpec, ToBuilder,
+    Departure, DurationKey, Event, Imposed, Learned, Outcome, OutputRecord, PlannedBuild,
+    PlannedStep, Report, Requirements, SessionId, StepId, StepSpec, ToBuilder,
 };
 
 use backoff::Held;
 use durations::Durations;
-use fleet::{Fleet, Hold, Imposed, Quarantine, QuarantinePolicy, StoredStanding};
+use fleet::{Fleet, Hold, Quarantine, QuarantinePolicy, StoredStanding};
 use orphans::{Cause, Orphan, Orphans, Wait};
 use unsupported::Unsupported;
 

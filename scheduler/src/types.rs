@@ -390,8 +390,17 @@ pub enum Change {
         /// Its name.
         name: String,
         /// The quarantine begun, if it began.
-        quarantine: Option<crate::fleet::Imposed>,
+        quarantine: Option<Imposed>,
     },
+}
+
+/// A quarantine that began, for the driver to persist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imposed {
+    /// Why.
+    pub reason: String,
+    /// Until its probation begins.
+    pub cool_down: std::time::Duration,
 }
 
 /// A step given to a builder.

@@ -13,8 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use deadpool_postgres::{GenericClient, Transaction};
 use drover_scheduler::durations::DurationKey;
-use drover_scheduler::fleet::Imposed;
-use drover_scheduler::{AttemptId, BuildId, Capabilities, Change, OutputRecord, StepId};
+use drover_scheduler::{AttemptId, BuildId, Capabilities, Change, Imposed, OutputRecord, StepId};
 use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
 

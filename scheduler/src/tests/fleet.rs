@@ -2,7 +2,7 @@
 //! persisted, and how a quarantine ends.
 
 use super::*;
-use crate::fleet::{Imposed, QuarantinePolicy, StoredStanding};
+use crate::fleet::{QuarantinePolicy, StoredStanding};
 use crate::gauges::{BuilderState, NoCapacity};
 
 const COOL_DOWN: Duration = Duration::from_mins(10);
