@@ -108,6 +108,12 @@ pub enum AdminError {
     /// The call failed.
     #[error(transparent)]
     Call(#[from] CallError),
+    /// The certificate is not an admin's.
+    #[error(
+        "drover admin needs a certificate with role admin (drover certs issue --dir DIR --role \
+         admin --name NAME, then DROVER_CERT and DROVER_KEY)"
+    )]
+    NotAdmin(#[source] CallError),
     /// Standard output is closed.
     #[error("writing to standard output")]
     Output(#[source] std::io::Error),
@@ -117,7 +123,7 @@ impl ExitStatus for AdminError {
     fn exit(&self) -> Exit {
         match self {
             Self::Connect(error) => error.exit(),
-            Self::Call(error) => error.exit(),
+            Self::Call(error) | Self::NotAdmin(error) => error.exit(),
             Self::Output(_) => Exit::Failed,
         }
     }
@@ -127,7 +133,7 @@ impl Classify for AdminError {
     fn severity(&self) -> Severity {
         match self {
             Self::Connect(error) => error.severity(),
-            Self::Call(error) => error.severity(),
+            Self::Call(error) | Self::NotAdmin(error) => error.severity(),
             Self::Output(_) => Severity::Fatal,
         }
     }
@@ -175,7 +181,11 @@ async fn client(connection: &ConnectionArgs) -> Result<AdminServiceClient<Channe
 }
 
 fn call(status: tonic::Status) -> AdminError {
-    AdminError::Call(CallError::from(status))
+    if status.code() == tonic::Code::PermissionDenied {
+        AdminError::NotAdmin(CallError::from(status))
+    } else {
+        AdminError::Call(CallError::from(status))
+    }
 }
 
 async fn machines(args: ListArgs) -> Result<(), WithContext<AdminError>> {
@@ -331,11 +341,12 @@ fn machine_table(machines: &[Machine], now_ms: i64) -> String {
         }
         if !machine.quarantine_reason.is_empty() {
             lines.push(format!(
-                "  quarantined since {}, probation from {}: {}",
+                "  quarantined since {}: {}",
                 times::instant(machine.quarantined_at_ms),
-                times::instant(machine.probation_from_ms),
                 machine.quarantine_reason
             ));
+            let from = times::instant(machine.probation_from_ms);
+            lines.push(format!("  probation from {from}"));
         }
         for step in &machine.running_steps {
             let name = derivation_name(step).unwrap_or(step);

@@ -57,7 +57,8 @@ enum Command {
     List(inspect::ListArgs),
     /// Print a step's log (`-f`: follow it live).
     Logs(inspect::LogsArgs),
-    /// Steer the farm (a certificate with role admin): builders, quarantine, priority.
+    /// Steer the farm (a certificate with role admin): builders, priority, the admission cap,
+    /// certificates.
     #[command(subcommand)]
     Admin(admin::AdminCommand),
     /// Run a whole farm on this machine (PostgreSQL, runner, builders with private stores);

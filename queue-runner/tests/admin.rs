@@ -138,6 +138,11 @@ async fn a_drained_builder_finishes_its_step_and_gets_nothing_new_across_restart
     // Only admins steer, and only known builders.
     let refused = farm.run_drover(&["admin", "drain", "b1"]).await;
     assert_eq!(refused.status.code(), Some(64));
+    let said = String::from_utf8(refused.stderr).unwrap();
+    assert!(
+        said.contains("drover admin needs a certificate with role admin"),
+        "{said}"
+    );
     let unknown = farm
         .run_drover_as(Role::Admin, &["admin", "drain", "nobody"])
         .await;
