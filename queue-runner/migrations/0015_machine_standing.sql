@@ -56,6 +56,16 @@ COMMENT ON VIEW machine_status IS 'Each builder as drover admin machines shows i
 COMMENT ON COLUMN machine_status.state IS 'disconnected, drained, quarantined (cooling down), probation (one step at a time), low_disk (below the free disk floor), memory_pressure (over the memory pressure limit), full, busy or idle, the first that applies.';
 COMMENT ON COLUMN machine_status.running IS 'Attempts it runs now.';
 COMMENT ON COLUMN machine_status.running_steps IS 'The derivations of those attempts, oldest first.';
+COMMENT ON COLUMN machine_status.name IS 'Builder name, from its certificate.';
+COMMENT ON COLUMN machine_status.systems IS 'Systems it builds for, as it offered at its latest join.';
+COMMENT ON COLUMN machine_status.max_jobs IS 'Steps it runs at once.';
+COMMENT ON COLUMN machine_status.last_ping_at IS 'When its latest ping arrived.';
+COMMENT ON COLUMN machine_status.free_disk_bytes IS 'Free bytes in its Nix store, from its latest ping.';
+COMMENT ON COLUMN machine_status.memory_pressure_percent IS 'Its memory pressure (PSI some avg10, percent), from its latest ping that said.';
+COMMENT ON COLUMN machine_status.drained_at IS 'When an admin drained it; NULL: not drained.';
+COMMENT ON COLUMN machine_status.quarantined_at IS 'When its quarantine began; NULL: not quarantined.';
+COMMENT ON COLUMN machine_status.quarantine_reason IS 'Why it is quarantined.';
+COMMENT ON COLUMN machine_status.probation_from IS 'When its cool-down ends and its probation begins.';
 
 COMMENT ON COLUMN builds.global_priority IS 'Set by admins (drover admin priority); higher builds go before every build with a lower one, whatever their priority. An UPDATE by SQL takes effect when the build is next ingested (a runner restart); the admin command moves its queued steps at once.';
 
