@@ -396,13 +396,12 @@ impl Config {
             problems.push("reconnect: need 0 < initial_ms <= max_ms".to_owned());
         }
         let metrics_listen = raw.metrics.enabled.then(|| {
-            raw.metrics.listen.parse().unwrap_or_else(|_| {
-                problems.push(format!(
-                    "metrics.listen = {:?} is not an address like 127.0.0.1:9299",
-                    raw.metrics.listen
-                ));
-                std::net::SocketAddr::from(([127, 0, 0, 1], 0))
-            })
+            drover_daemon::listen_address(
+                "metrics",
+                &raw.metrics.listen,
+                "127.0.0.1:9299",
+                &mut problems,
+            )
         });
         let executor = executor(raw.executor, &raw.builder.state_directory)
             .map_err(|found| problems.extend(found));

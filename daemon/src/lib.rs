@@ -154,6 +154,23 @@ impl LogFilter {
     }
 }
 
+/// The `listen` address of the configuration's `section`, a problem noted in `problems` if it
+/// is not one (a placeholder address is returned then, never used: the configuration is
+/// refused).
+pub fn listen_address(
+    section: &str,
+    value: &str,
+    example: &str,
+    problems: &mut Vec<String>,
+) -> std::net::SocketAddr {
+    value.parse().unwrap_or_else(|_| {
+        problems.push(format!(
+            "{section}.listen = {value:?} is not an address like {example}"
+        ));
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
 /// Checks that `directives` are a valid log filter (`RUST_LOG` syntax).
 pub fn check_log_filter(directives: &str) -> Result<(), tracing_subscriber::filter::ParseError> {
     tracing_subscriber::EnvFilter::try_new(directives).map(drop)

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use drover_daemon::ConfigError;
+use drover_daemon::listen_address;
 use drover_scheduler::RetryPolicy;
 use drover_scheduler::fleet::QuarantinePolicy;
 use serde::Deserialize;
@@ -666,21 +667,6 @@ fn validate_submissions(
         ));
     }
     (max_derivation_bytes, max_submission_bytes)
-}
-
-/// The `listen` address of `section`, a problem noted in `problems` if it is not one.
-fn listen_address(
-    section: &str,
-    value: &str,
-    example: &str,
-    problems: &mut Vec<String>,
-) -> SocketAddr {
-    value.parse().unwrap_or_else(|_| {
-        problems.push(format!(
-            "{section}.listen = {value:?} is not an address like {example}"
-        ));
-        SocketAddr::from(([127, 0, 0, 1], 0))
-    })
 }
 
 /// The retry policy, each problem noted in `problems`.

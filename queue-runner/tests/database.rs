@@ -82,6 +82,7 @@ async fn queue_one_step(client: &deadpool_postgres::Client) -> (FakeDrv, i64, qu
             submitted_by: "client/test",
             keep_going: false,
             idempotency_key: None,
+            trace_parent: "",
         },
     )
     .await

@@ -102,12 +102,6 @@ impl Standing {
             None => max_jobs,
         }
     }
-
-    /// Whether it takes no new work whatever its load.
-    #[must_use]
-    pub fn closed(&self) -> bool {
-        self.job_limit(1) == 0
-    }
 }
 
 /// A builder's standing as stored, for a runner taking over.

@@ -1020,12 +1020,9 @@ impl Core {
         if let Some(attempts) = self.by_session.get_mut(&session) {
             attempts.remove(&attempt);
         }
-        let (builder_name, speed_factor) = self
-            .placement
-            .builder(session)
-            .map_or((String::new(), 1.0), |builder| {
-                (builder.name.clone(), builder.capabilities.speed_factor)
-            });
+        let builder = self.placement.builder(session);
+        let speed_factor = builder.map_or(1.0, |builder| builder.capabilities.speed_factor);
+        let builder_name = builder.map(|builder| builder.name.clone());
         self.placement.release(session);
         if self.stopping.remove(&attempt) {
             // A cancelled step's attempt has stopped; its end is already recorded.
@@ -1040,8 +1037,10 @@ impl Core {
                     let learned = self.durations.learn(&node.spec, took, speed_factor);
                     self.persist(Change::DurationLearned(learned));
                 }
-                if self.fleet.success(&builder_name, attempt) {
-                    self.quarantine_changed(&builder_name, None, at);
+                if let Some(name) = builder_name
+                    && self.fleet.success(&name, attempt)
+                {
+                    self.quarantine_changed(&name, None, at);
                 }
                 self.succeed(attempt, step, report.outputs);
             }
@@ -1059,17 +1058,19 @@ impl Core {
                 self.fail(step, StepStatus::Failed, &report.message);
             }
             Outcome::InfrastructureFailure => {
-                if let Some(imposed) = self.fleet.infrastructure_failure(
-                    &builder_name,
-                    attempt,
-                    &report.message,
-                    self.limits.quarantine,
-                    at,
-                ) {
-                    self.quarantine_changed(&builder_name, Some(imposed), at);
+                if let Some(name) = &builder_name
+                    && let Some(imposed) = self.fleet.infrastructure_failure(
+                        name,
+                        attempt,
+                        &report.message,
+                        self.limits.quarantine,
+                        at,
+                    )
+                {
+                    self.quarantine_changed(name, Some(imposed), at);
                 }
-                if let Some(node) = self.graph.step_mut(step) {
-                    node.avoid = Some(builder_name);
+                if let (Some(node), Some(name)) = (self.graph.step_mut(step), builder_name) {
+                    node.avoid = Some(name);
                 }
                 self.requeue(
                     attempt,

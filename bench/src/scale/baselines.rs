@@ -48,6 +48,7 @@ async fn prepare(cluster: &TestPostgres, drvs: &[FakeDrv]) -> Prepared {
             submitted_by: "client/bench",
             keep_going: false,
             idempotency_key: None,
+            trace_parent: "",
         },
     )
     .await

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use drover_daemon::traces;
 use drover_proto::v1::{StageDerivationsRequest, SubmitJobSetRequest};
 use drover_tls::Identity;
 use error_context::{Classify, Severity};
@@ -148,6 +149,7 @@ impl Builds {
                 idempotency_key: key,
                 series,
                 supersede: request.supersede,
+                trace_parent: &traces::traceparent(&tracing::Span::current()),
             },
         )
         .await?;

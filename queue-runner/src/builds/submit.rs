@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use drover_daemon::traces;
 use drover_proto::v1::{SourceNar, SubmitRequest};
 use drover_scheduler::Requirements;
 use drover_tls::Identity;
@@ -228,6 +229,7 @@ impl Builds {
                 submitted_by: &submitted_by,
                 keep_going: request.keep_going,
                 idempotency_key: key,
+                trace_parent: &traces::traceparent(&tracing::Span::current()),
             },
         )
         .await?;

@@ -513,6 +513,8 @@ pub struct NewBuild<'a> {
     pub keep_going: bool,
     /// The submitter's key that makes a retried Submit return this build.
     pub idempotency_key: Option<&'a str>,
+    /// The trace context of the Submit; empty if none.
+    pub trace_parent: &'a str,
 }
 
 /// The build a submitter queued earlier with an idempotency key, if any.
@@ -553,7 +555,7 @@ pub async fn insert_build(
                 &build.submitted_by,
                 &build.keep_going,
                 &build.idempotency_key,
-                &drover_daemon::traces::traceparent(&tracing::Span::current()),
+                &build.trace_parent,
             ],
         )
         .await
@@ -610,6 +612,8 @@ pub struct NewJobSet<'a> {
     pub series: Option<&'a str>,
     /// Whether it supersedes the older job sets of its series.
     pub supersede: bool,
+    /// The trace context of the submission; empty if none.
+    pub trace_parent: &'a str,
 }
 
 /// The job set a submitter queued earlier with an idempotency key, with its builds as
@@ -694,7 +698,7 @@ pub async fn insert_job_set(
                 &job_set.submitted_by,
                 &job_set.keep_going,
                 &id,
-                &drover_daemon::traces::traceparent(&tracing::Span::current()),
+                &job_set.trace_parent,
             ],
         )
         .await
