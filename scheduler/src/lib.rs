@@ -16,6 +16,7 @@ pub mod gauges;
 mod graph;
 mod orphans;
 mod placement;
+pub mod retention;
 pub mod status;
 mod types;
 mod unsupported;

@@ -1488,3 +1488,4 @@ mod durations;
 mod fleet;
 mod gauges;
 mod global_priority;
+mod retention;
