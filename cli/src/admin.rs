@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use drover_proto::v1::admin_service_client::AdminServiceClient;
 use drover_proto::v1::{
     Certificate, ListCertificatesRequest, ListMachinesRequest, Machine, MachineRequest,
-    RevokeCertificateRequest, SetAdmissionCapRequest, SetGlobalPriorityRequest,
+    PinBuildRequest, RevokeCertificateRequest, SetAdmissionCapRequest, SetGlobalPriorityRequest,
 };
 use error_context::{Classify, Severity, WithContext};
 use tonic::transport::Channel;
@@ -38,6 +38,10 @@ pub enum AdminCommand {
     Priority(PriorityArgs),
     /// Set the admission cap: Submits that would queue more steps than this are refused.
     Cap(CapArgs),
+    /// Pin a build: its outputs and their closure stay in the binary cache whatever its age.
+    Pin(BuildArgs),
+    /// Unpin a build: its outputs go when garbage collection's other rules let them.
+    Unpin(BuildArgs),
     /// List the client certificates the runner has seen, and which are revoked.
     Certs(ListArgs),
     /// Revoke a certificate by serial: its calls are refused, a builder's tunnel ends at once.
@@ -81,6 +85,16 @@ pub struct ListArgs {
 pub struct MachineArgs {
     /// The builder's name (from its certificate).
     name: String,
+    /// Where the runner is.
+    #[command(flatten)]
+    connection: ConnectionArgs,
+}
+
+/// Arguments naming one build.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The build's id.
+    build: i64,
     /// Where the runner is.
     #[command(flatten)]
     connection: ConnectionArgs,
@@ -171,6 +185,8 @@ pub async fn run(command: AdminCommand) -> Result<(), WithContext<AdminError>> {
         }
         AdminCommand::Priority(args) => priority(args).await,
         AdminCommand::Cap(args) => cap(args).await,
+        AdminCommand::Pin(args) => pin(args, true).await,
+        AdminCommand::Unpin(args) => pin(args, false).await,
         AdminCommand::Certs(args) => certs(args).await,
         AdminCommand::Revoke(args) => revoke(args).await,
     }
@@ -282,6 +298,20 @@ where
         .machine
         .unwrap_or_default();
     eprintln!("{} {done}: now {}", machine.name, machine.state);
+    Ok(())
+}
+
+async fn pin(args: BuildArgs, pinned: bool) -> Result<(), WithContext<AdminError>> {
+    client(&args.connection)
+        .await?
+        .pin_build(PinBuildRequest {
+            build_id: args.build,
+            pinned,
+        })
+        .await
+        .map_err(call)?;
+    let done = if pinned { "pinned" } else { "unpinned" };
+    eprintln!("build {} {done}", args.build);
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! The admin API's use cases: listing builders, draining and enabling them, imposing and
-//! lifting quarantines, setting a build's global priority and the admission cap, listing the
-//! certificates seen and revoking one. Decisions go to the scheduler, which owns every builder's standing and the
+//! lifting quarantines, setting a build's global priority and the admission cap, pinning a
+//! build's outputs in the cache, listing the certificates seen and revoking one. Decisions go to the scheduler, which owns every builder's standing and the
 //! queue's order; each call returns once the decision is committed, so it survives a restart of
 //! the runner. Callers are authenticated by the front end (role admin).
 
@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::certificates::Revocations;
 use crate::db::certificates::{self, CertificateRow};
 use crate::db::machines::{self, MachineStatus};
-use crate::db::{DbError, Pool, queries};
+use crate::db::{DbError, Pool, queries, retention};
 use crate::scheduler::driver::SessionEvent;
 
 /// Why an admin operation failed.
@@ -174,6 +174,21 @@ impl Admin {
         self.decide(Event::SetGlobalPriority { build, priority })
             .await?;
         tracing::info!(build, priority, by = %caller, "global priority set");
+        Ok(())
+    }
+
+    /// Pins a build's outputs in the cache, or unpins them.
+    pub async fn pin_build(
+        &self,
+        caller: &Identity,
+        build: i64,
+        pinned: bool,
+    ) -> Result<(), AdminError> {
+        let client = self.pool.get().await.map_err(DbError::Connection)?;
+        if !retention::pin(&client, build, pinned, &caller.to_string()).await? {
+            return Err(AdminError::NoSuchBuild(build));
+        }
+        tracing::info!(build, pinned, by = %caller, "build pinned or unpinned");
         Ok(())
     }
 

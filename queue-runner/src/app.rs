@@ -36,6 +36,7 @@ use crate::scheduler::driver::{Driver, Published, QueueRecovered, SchedulerError
 use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::{Ingest, IngestError};
 use crate::scheduler::listen;
+use crate::sweeper::Sweeper;
 use crate::tasks::Supervisor;
 use drover_daemon::notify::Notifier;
 
@@ -123,6 +124,12 @@ pub enum RunnerError {
     /// The protocol's descriptors could not be read for gRPC reflection.
     #[error("preparing gRPC reflection")]
     Reflection(#[source] tonic_reflection::server::Error),
+    /// A garbage collection of the cache (a dry run) failed.
+    #[error("garbage collection of the cache")]
+    Sweep(#[source] crate::sweeper::SweepError),
+    /// Standard output is closed.
+    #[error("writing to standard output")]
+    Output(#[source] std::io::Error),
     /// A critical task returned while the runner was not shutting down.
     #[error("the {0} task ended unexpectedly")]
     TaskEnded(&'static str),
@@ -223,6 +230,15 @@ pub async fn start(
         handoff: &handoff,
     };
     let mut supervisor = start_scheduler(&config, parts, &published, receiver, &shutdown);
+    if let Some(interval) = config.gc.interval {
+        let sweeper = Sweeper::new(pool.clone(), cache.clone(), config.gc.clone());
+        let sweeping = sweeper.run(interval, metrics.gc.clone(), shutdown.clone());
+        supervisor.spawn_critical("cache sweeper", async move {
+            sweeping.await.map_err(|error| {
+                RunnerError::Database(WithContext::from(error).context("sweeping the cache"))
+            })
+        });
+    }
     let (http, http_stop, metrics_address) = serve_http_listeners(HttpParts {
         cache_listener,
         metrics_listener,

@@ -33,6 +33,102 @@ struct RawConfig {
     logging: RawLogging,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    gc: RawGc,
+}
+
+/// Garbage collection of the binary cache (`docs/binary-cache.md`). What stays is the closure
+/// of the outputs of the builds still wanted, and everything live builds need.
+#[derive(Debug, Deserialize)]
+struct RawGc {
+    /// Sweep on a schedule. Default true.
+    #[serde(default = "default_true")]
+    enabled: bool,
+    /// Seconds between the end of one sweep and the start of the next. Default 3600.
+    #[serde(default = "default_gc_interval_secs")]
+    interval_secs: u64,
+    /// Keep the outputs of builds finished within this many days. Default 30.
+    #[serde(default = "default_gc_keep_days")]
+    keep_days: u32,
+    /// A metadata key (a jobset, a branch) whose values each keep their newest `keep_per_key`
+    /// succeeded builds, however old. Default none.
+    #[serde(default)]
+    key: Option<String>,
+    /// How many builds per value of `key` stay. Default 3.
+    #[serde(default = "default_gc_keep_per_key")]
+    keep_per_key: u32,
+    /// Paths published within this many seconds stay whatever the roots say. Default 3600.
+    #[serde(default = "default_gc_grace_secs")]
+    grace_secs: u64,
+    /// Bound on the cache's NAR bytes: the oldest kept builds are dropped first to stay under
+    /// it; live and pinned builds never are. 0: no bound. Default 0.
+    #[serde(default)]
+    max_bytes: u64,
+}
+
+impl Default for RawGc {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_secs: default_gc_interval_secs(),
+            keep_days: default_gc_keep_days(),
+            key: None,
+            keep_per_key: default_gc_keep_per_key(),
+            grace_secs: default_gc_grace_secs(),
+            max_bytes: 0,
+        }
+    }
+}
+
+const fn default_gc_interval_secs() -> u64 {
+    3600
+}
+const fn default_gc_keep_days() -> u32 {
+    30
+}
+const fn default_gc_keep_per_key() -> u32 {
+    3
+}
+const fn default_gc_grace_secs() -> u64 {
+    3600
+}
+
+/// How the binary cache is garbage-collected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcPolicy {
+    /// Time between sweeps; `None`: no scheduled sweep.
+    pub interval: Option<Duration>,
+    /// Days a finished build's outputs stay.
+    pub keep_days: u32,
+    /// A metadata key whose values each keep their newest builds.
+    pub key: Option<String>,
+    /// How many per value of `key`.
+    pub keep_per_key: u32,
+    /// Paths published this recently stay.
+    pub grace: Duration,
+    /// The bound on NAR bytes.
+    pub max_bytes: Option<u64>,
+}
+
+impl RawGc {
+    fn policy(&self, problems: &mut Vec<String>) -> GcPolicy {
+        if self.enabled && self.interval_secs == 0 {
+            problems.push("gc.interval_secs = 0: need at least 1".to_owned());
+        }
+        if self.key.as_deref().is_some_and(str::is_empty) {
+            problems.push("gc.key is empty: name a metadata key, or leave it out".to_owned());
+        }
+        GcPolicy {
+            interval: self
+                .enabled
+                .then(|| Duration::from_secs(self.interval_secs)),
+            keep_days: self.keep_days,
+            key: self.key.clone(),
+            keep_per_key: self.keep_per_key,
+            grace: Duration::from_secs(self.grace_secs),
+            max_bytes: (self.max_bytes > 0).then_some(self.max_bytes),
+        }
+    }
 }
 
 /// Prometheus metrics, on a listener of their own: they say what the farm builds and who
@@ -489,6 +585,8 @@ pub struct Config {
     pub log_filter: String,
     /// Where Prometheus metrics are served, if they are.
     pub metrics_listen: Option<SocketAddr>,
+    /// Garbage collection of the cache.
+    pub gc: GcPolicy,
 }
 
 impl Config {
@@ -578,6 +676,7 @@ impl Config {
         let (max_derivation_bytes, max_submission_bytes) =
             validate_submissions(&raw.submissions, &mut problems);
         let retry = validate_retry(&raw.retry, &mut problems);
+        let gc = raw.gc.policy(&mut problems);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -620,6 +719,7 @@ impl Config {
             retry,
             log_filter: raw.logging.filter,
             metrics_listen,
+            gc,
         })
     }
 }

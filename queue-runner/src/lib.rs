@@ -38,5 +38,6 @@ pub mod logs;
 pub mod metrics;
 pub mod reload;
 pub mod scheduler;
+pub mod sweeper;
 pub mod tasks;
 pub mod verify;

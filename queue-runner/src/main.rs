@@ -7,9 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use drover_queue_runner::app::{self, RunnerError};
-use drover_queue_runner::config::Config;
-use drover_queue_runner::db;
+use drover_queue_runner::config::{Config, GcPolicy};
 use drover_queue_runner::reload::{ConfigSource, Overrides};
+use drover_queue_runner::{db, sweeper};
 use error_context::WithContext;
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +38,14 @@ enum Command {
     Run,
     /// Apply database migrations and exit.
     Migrate,
+    /// Garbage collection of the binary cache. Sweeps run inside the runner every
+    /// `gc.interval_secs`; this command only prints what the next one would delete and why
+    /// (one path a line: path, NAR bytes, reason), deleting nothing.
+    Gc {
+        /// Print what would go; required (deleting is the running runner's job).
+        #[arg(long, required = true)]
+        dry_run: bool,
+    },
 }
 
 #[tokio::main]
@@ -64,6 +72,7 @@ async fn main() -> ExitCode {
     }
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Migrate => migrate(&config).await,
+        Command::Gc { .. } => gc_dry_run(&config).await,
         Command::Run => {
             let source = ConfigSource {
                 path: cli.config,
@@ -99,6 +108,27 @@ async fn migrate(config: &Config) -> Result<(), WithContext<RunnerError>> {
         RunnerError::Database(WithContext::from(error).context("migrating the schema"))
     })?;
     println!("applied migrations: {applied:?}");
+    Ok(())
+}
+
+async fn gc_dry_run(config: &Config) -> Result<(), WithContext<RunnerError>> {
+    let pool = db::Connector::new(&config.database)
+        .map_err(RunnerError::Connector)?
+        .pool(1)
+        .map_err(|error| RunnerError::Database(error.into()))?;
+    let started = std::time::SystemTime::now();
+    let directory = config.cache_directory.clone();
+    let unbounded = GcPolicy {
+        max_bytes: None,
+        ..config.gc.clone()
+    };
+    let bounded = sweeper::mark(&pool, directory.clone(), &config.gc, started).await;
+    let unbounded = sweeper::mark(&pool, directory, &unbounded, started).await;
+    let (bounded, unbounded) = bounded
+        .and_then(|bounded| Ok((bounded, unbounded?)))
+        .map_err(RunnerError::Sweep)?;
+    sweeper::write_dry_run(&bounded, &unbounded, &mut std::io::stdout().lock())
+        .map_err(RunnerError::Output)?;
     Ok(())
 }
 

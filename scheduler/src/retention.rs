@@ -51,8 +51,9 @@ impl RootKind {
 /// A build whose paths must stay.
 #[derive(Debug, Clone)]
 pub struct Root {
-    /// The build.
-    pub build: i64,
+    /// The build; `None` for every live build at once (they are never dropped, so they need
+    /// not be told apart).
+    pub build: Option<i64>,
     /// Why.
     pub kind: RootKind,
     /// When it finished, in seconds since the epoch (a live build has not: `None`).
@@ -107,13 +108,13 @@ pub fn mark(paths: &[CachedPath], roots: &[Root], max_bytes: Option<u64>) -> Mar
     let mut dropped = Vec::new();
     for root in droppable {
         if !dropped.is_empty() {
-            dropped.push(root.build);
+            dropped.extend(root.build);
             continue;
         }
         let added = marker.add(root.paths.iter().copied());
         if max_bytes.is_some_and(|max| marker.bytes > max) {
             marker.undo(&added);
-            dropped.push(root.build);
+            dropped.extend(root.build);
         }
     }
     Marked {
@@ -145,9 +146,11 @@ impl Marker<'_> {
             }
             self.bytes += path.bytes;
             added.push(index);
-            pending.extend(path.references.iter().filter(|&&next| {
-                self.keep.get(next).is_some_and(|kept| !kept)
-            }));
+            pending.extend(
+                path.references
+                    .iter()
+                    .filter(|&&next| self.keep.get(next).is_some_and(|kept| !kept)),
+            );
         }
         added
     }

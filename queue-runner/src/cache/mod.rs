@@ -11,7 +11,9 @@
 //! the file system serving every concurrent publisher.
 
 pub mod durability;
+pub mod gc;
 pub mod http;
+pub mod marks;
 pub mod upstream;
 
 use std::collections::BTreeSet;
@@ -110,6 +112,7 @@ pub struct BinaryCache {
     key: SecretKey,
     upstreams: upstream::Upstreams,
     sync: durability::GroupSync,
+    marks: marks::SweepMarks,
 }
 
 /// A NAR in place and its signed narinfo written to a temporary file, not yet visible.
@@ -153,6 +156,7 @@ impl BinaryCache {
             directory: directory.to_owned(),
             key,
             upstreams,
+            marks: marks::SweepMarks::default(),
         })
     }
 
@@ -172,15 +176,31 @@ impl BinaryCache {
         self.directory.join(format!("{}.narinfo", path.hash_part()))
     }
 
-    /// Whether `path` is published.
+    /// What a running garbage collection must keep besides its roots.
     #[must_use]
-    pub fn is_published(&self, path: &StorePath) -> bool {
-        self.narinfo_file(path).exists()
+    pub fn marks(&self) -> &marks::SweepMarks {
+        &self.marks
     }
 
-    /// The narinfo of a published path.
+    /// Flushes the cache's file system: what was written or deleted is on disk.
+    pub fn flush(&self) -> Result<(), CacheError> {
+        self.sync.sync().map_err(CacheError::Io)
+    }
+
+    /// Whether `path` is published (a path found here is kept by a sweep running meanwhile).
+    #[must_use]
+    pub fn is_published(&self, path: &StorePath) -> bool {
+        let file = self.narinfo_file(path);
+        self.marks.lookup(path, || file.exists(), |found| *found)
+    }
+
+    /// The narinfo of a published path (kept by a sweep running meanwhile).
     pub fn narinfo(&self, path: &StorePath) -> Result<Option<NarInfo>, CacheError> {
-        match fs_err::read_to_string(self.narinfo_file(path)) {
+        let file = self.narinfo_file(path);
+        let read = self
+            .marks
+            .lookup(path, || fs_err::read_to_string(file), |read| read.is_ok());
+        match read {
             Ok(text) => NarInfo::parse(&text).map(Some).map_err(CacheError::NarInfo),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(error) => Err(CacheError::Io(error)),
@@ -278,7 +298,10 @@ impl BinaryCache {
             return Err(CacheError::Withdrawn(path.clone()));
         }
         let url = format!("nar/{}.nar.zst", file_hash.to_nix_base32());
-        if let Err(error) = fs_err::rename(&temporary, self.directory.join(&url)) {
+        let placed = self.marks.place(&url, || {
+            fs_err::rename(&temporary, self.directory.join(&url))
+        });
+        if let Err(error) = placed {
             let _ = fs_err::remove_file(&temporary);
             return Err(CacheError::Io(error));
         }

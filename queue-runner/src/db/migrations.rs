@@ -95,6 +95,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "trace context of builds and steps",
         include_str!("../../migrations/0018_trace_context.sql"),
     ),
+    (
+        19,
+        "cache garbage collection: pins and sweeps",
+        include_str!("../../migrations/0019_cache_gc.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

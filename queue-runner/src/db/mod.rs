@@ -7,6 +7,7 @@ pub mod connect;
 pub mod machines;
 mod migrations;
 pub mod queries;
+pub mod retention;
 pub mod snapshot;
 pub mod status;
 pub mod transitions;

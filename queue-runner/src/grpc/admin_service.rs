@@ -4,9 +4,9 @@
 use drover_proto::v1::admin_service_server::AdminService;
 use drover_proto::v1::{
     Certificate, ListCertificatesRequest, ListCertificatesResponse, ListMachinesRequest,
-    ListMachinesResponse, Machine, MachineRequest, MachineResponse, RevokeCertificateRequest,
-    RevokeCertificateResponse, SetAdmissionCapRequest, SetAdmissionCapResponse,
-    SetGlobalPriorityRequest, SetGlobalPriorityResponse,
+    ListMachinesResponse, Machine, MachineRequest, MachineResponse, PinBuildRequest,
+    PinBuildResponse, RevokeCertificateRequest, RevokeCertificateResponse, SetAdmissionCapRequest,
+    SetAdmissionCapResponse, SetGlobalPriorityRequest, SetGlobalPriorityResponse,
 };
 use drover_tls::Role;
 use tonic::{Request, Response, Status};
@@ -98,6 +98,18 @@ impl AdminService for AdminServiceImpl {
             .set_global_priority(&caller, request.build_id, request.global_priority)
             .await?;
         Ok(Response::new(SetGlobalPriorityResponse {}))
+    }
+
+    async fn pin_build(
+        &self,
+        request: Request<PinBuildRequest>,
+    ) -> Result<Response<PinBuildResponse>, Status> {
+        let caller = auth::require(&request, CALLERS)?;
+        let request = request.into_inner();
+        self.admin
+            .pin_build(&caller, request.build_id, request.pinned)
+            .await?;
+        Ok(Response::new(PinBuildResponse {}))
     }
 
     async fn set_admission_cap(

@@ -3,6 +3,7 @@
 //! scrape (the core's steps, builders and capacity; the database pool), served in Prometheus'
 //! text format on a listener of their own ([`routes`]).
 
+mod gc;
 mod labels;
 mod scrape;
 mod serve;
@@ -14,6 +15,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use drover_scheduler::Change;
 
+pub use gc::{GcMetrics, SweepFigures};
 use labels::{CacheLabels, CodeLabels, StatusLabels, UploadLabels};
 use scrape::ScrapedGauges;
 pub use scrape::{CacheSpace, Scrape};
@@ -30,6 +32,8 @@ pub struct Metrics {
     pub uploads: UploadMetrics,
     /// Moved by the gRPC services' authentication.
     pub refusals: RefusalMetrics,
+    /// Moved by the cache's garbage collection.
+    pub gc: GcMetrics,
     /// Set at each scrape.
     scraped: ScrapedGauges,
 }
@@ -226,6 +230,7 @@ impl Metrics {
             "gRPC calls refused by authentication, by code",
             refusals.refused.clone(),
         );
+        let gc = GcMetrics::register(&mut registry);
         let scraped = ScrapedGauges::register(&mut registry);
         Self {
             registry,
@@ -233,6 +238,7 @@ impl Metrics {
             cache,
             uploads,
             refusals,
+            gc,
             scraped,
         }
     }

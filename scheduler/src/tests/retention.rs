@@ -15,7 +15,7 @@ fn path(bytes: u64, references: &[usize]) -> CachedPath {
 
 fn root(build: i64, kind: RootKind, finished_at: Option<i64>, paths: &[usize]) -> Root {
     Root {
-        build,
+        build: Some(build),
         kind,
         finished_at,
         paths: paths.to_vec(),
@@ -53,7 +53,12 @@ fn a_young_path_keeps_its_closure_without_a_root() {
 
 #[test]
 fn the_bound_drops_the_oldest_roots_first() {
-    let paths = [path(100, &[]), path(100, &[]), path(100, &[]), path(100, &[])];
+    let paths = [
+        path(100, &[]),
+        path(100, &[]),
+        path(100, &[]),
+        path(100, &[]),
+    ];
     let roots = [
         root(1, RootKind::Recent, Some(10), &[0]),
         root(2, RootKind::Recent, Some(30), &[1]),
@@ -62,7 +67,11 @@ fn the_bound_drops_the_oldest_roots_first() {
     ];
     let marked = mark(&paths, &roots, Some(250));
     assert_eq!(kept(&marked), vec![1, 3], "the two newest fit");
-    assert_eq!(marked.dropped, vec![3, 1], "dropped newest first, all older than the first");
+    assert_eq!(
+        marked.dropped,
+        vec![3, 1],
+        "dropped newest first, all older than the first"
+    );
     assert_eq!(marked.kept_bytes, 200);
 }
 
@@ -120,22 +129,20 @@ fn roots(len: usize) -> impl Strategy<Value = Vec<Root>> {
         Just(RootKind::NewestOfKey),
         Just(RootKind::Recent),
     ];
-    prop::collection::vec(
-        (kind, 0i64..100, prop::collection::vec(0..len, 0..3)),
-        0..8,
+    prop::collection::vec((kind, 0i64..100, prop::collection::vec(0..len, 0..3)), 0..8).prop_map(
+        |roots| {
+            roots
+                .into_iter()
+                .enumerate()
+                .map(|(build, (kind, finished_at, paths))| Root {
+                    build: i64::try_from(build).ok(),
+                    kind,
+                    finished_at: (kind != RootKind::Live).then_some(finished_at),
+                    paths,
+                })
+                .collect()
+        },
     )
-    .prop_map(|roots| {
-        roots
-            .into_iter()
-            .enumerate()
-            .map(|(build, (kind, finished_at, paths))| Root {
-                build: i64::try_from(build).unwrap_or(i64::MAX),
-                kind,
-                finished_at: (kind != RootKind::Live).then_some(finished_at),
-                paths,
-            })
-            .collect()
-    })
 }
 
 proptest! {
@@ -161,7 +168,8 @@ proptest! {
         prop_assert_eq!(bytes, marked.kept_bytes);
         for root in &roots {
             let whole = root.paths.iter().all(|&p| marked.keep[p]);
-            if !root.kind.droppable() || !marked.dropped.contains(&root.build) {
+            let dropped = root.build.is_some_and(|build| marked.dropped.contains(&build));
+            if !root.kind.droppable() || !dropped {
                 prop_assert!(whole, "root {} lost a path", root.build);
             }
         }

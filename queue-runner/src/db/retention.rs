@@ -1,0 +1,139 @@
+//! What the cache's garbage collection asks the database: the builds whose paths stay (live,
+//! pinned, recent, newest of their key), pins, and the record of each sweep.
+
+use deadpool_postgres::GenericClient;
+use drover_scheduler::retention::RootKind;
+
+use super::DbError;
+use crate::cache::gc::{Plan, RootPaths, Swept};
+
+/// Which finished builds stay.
+#[derive(Debug, Clone)]
+pub struct Keep<'a> {
+    /// Builds finished within this many days.
+    pub days: u32,
+    /// The newest succeeded builds per value of `key`.
+    pub per_key: u32,
+    /// A metadata key (a jobset, a branch); `None`: no such rule.
+    pub key: Option<&'a str>,
+}
+
+/// The outputs of finished builds still wanted (each build's top derivation's outputs; their
+/// closure follows from the cache's references).
+const FINISHED_ROOTS: &str = "
+    SELECT b.id, r.kind, extract(epoch FROM b.finished_at)::bigint, v.output_paths
+    FROM (
+        SELECT id, 'pinned' AS kind FROM builds WHERE pinned_at IS NOT NULL
+        UNION ALL
+        SELECT id, 'recent' FROM builds
+         WHERE finished_at > now() - make_interval(days => $1) AND pinned_at IS NULL
+        UNION ALL
+        SELECT id, 'newest_of_key' FROM (
+            SELECT id, row_number() OVER (PARTITION BY metadata ->> $3 ORDER BY finished_at DESC)
+                AS newest
+            FROM builds
+            WHERE status = 'succeeded' AND pinned_at IS NULL AND $3::text IS NOT NULL
+              AND metadata ? $3::text
+        ) keyed WHERE newest <= $2
+    ) r
+    JOIN builds b ON b.id = r.id AND b.finished_at IS NOT NULL
+    JOIN verified_derivations v ON v.path = b.drv_path";
+
+/// Everything queued or running builds need: the outputs and input sources of every
+/// derivation of their closures.
+const LIVE_PATHS: &str = "
+    WITH RECURSIVE closure(path) AS (
+        SELECT drv_path FROM builds WHERE status IN ('queued', 'running')
+        UNION
+        SELECT unnest(v.input_derivations)
+        FROM closure c JOIN verified_derivations v ON v.path = c.path
+    )
+    SELECT DISTINCT unnest(v.output_paths || v.input_sources)
+    FROM closure c JOIN verified_derivations v ON v.path = c.path";
+
+/// The roots of a sweep.
+pub async fn cache_roots(
+    client: &impl GenericClient,
+    keep: &Keep<'_>,
+) -> Result<Vec<RootPaths>, DbError> {
+    let per_key = i64::from(keep.per_key);
+    let days = i32::try_from(keep.days).unwrap_or(i32::MAX);
+    let rows = client
+        .query(FINISHED_ROOTS, &[&days, &per_key, &keep.key])
+        .await
+        .map_err(DbError::query("reading the builds whose outputs stay"))?;
+    let mut roots = Vec::with_capacity(rows.len() + 1);
+    for row in rows {
+        let kind = match row.get::<_, &str>(1) {
+            "pinned" => RootKind::Pinned,
+            "recent" => RootKind::Recent,
+            _ => RootKind::NewestOfKey,
+        };
+        roots.push(RootPaths {
+            build: Some(row.get(0)),
+            kind,
+            finished_at: row.get(2),
+            paths: row.get(3),
+        });
+    }
+    let live = client
+        .query(LIVE_PATHS, &[])
+        .await
+        .map_err(DbError::query("reading what live builds need"))?;
+    roots.push(RootPaths {
+        build: None,
+        kind: RootKind::Live,
+        finished_at: None,
+        paths: live.iter().map(|row| row.get(0)).collect(),
+    });
+    Ok(roots)
+}
+
+/// Pins (or unpins) a build for `admin`; false when there is no such build.
+pub async fn pin(
+    client: &impl GenericClient,
+    build: i64,
+    pinned: bool,
+    admin: &str,
+) -> Result<bool, DbError> {
+    let changed = client
+        .execute(
+            "UPDATE builds SET pinned_at = CASE WHEN $2 THEN coalesce(pinned_at, now()) END,
+                               pinned_by = CASE WHEN $2 THEN coalesce(pinned_by, $3) END
+             WHERE id = $1",
+            &[&build, &pinned, &admin],
+        )
+        .await
+        .map_err(DbError::query("pinning a build"))?;
+    Ok(changed == 1)
+}
+
+/// Records a completed sweep.
+pub async fn record_sweep(
+    client: &impl GenericClient,
+    started: std::time::SystemTime,
+    plan: &Plan,
+    swept: Swept,
+) -> Result<(), DbError> {
+    let kept = plan.marked.keep.iter().filter(|keep| **keep).count();
+    let count = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+    client
+        .execute(
+            "INSERT INTO cache_sweeps (started_at, roots, paths_kept, bytes_kept, paths_deleted,
+                                       bytes_freed, dropped_builds, protected_bytes)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &started,
+                &i32::try_from(plan.roots).unwrap_or(i32::MAX),
+                &i64::try_from(kept).unwrap_or(i64::MAX),
+                &count(plan.marked.kept_bytes),
+                &count(swept.paths),
+                &count(swept.bytes),
+                &plan.marked.dropped,
+                &count(plan.marked.protected_bytes),
+            ],
+        )
+        .await
+        .map_err(DbError::query("recording a cache sweep"))?;
+    Ok(())
+}
