@@ -99,7 +99,8 @@ impl Sweeper {
         .await
     }
 
-    /// Sweeps every `interval` until `shutdown`. A sweep that fails is logged and tried again
+    /// Sweeps every `interval` (the first one `interval` after start, so a runner restarted
+    /// again and again does not sweep each time) until `shutdown`. A sweep that fails is logged and tried again
     /// at the next interval; only losing the database ends the runner.
     pub async fn run(
         self,
@@ -108,6 +109,10 @@ impl Sweeper {
         shutdown: CancellationToken,
     ) -> Result<(), DbError> {
         loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(interval) => {}
+            }
             let began = Instant::now();
             match self.sweep().await {
                 Ok(sweep) => {

@@ -259,3 +259,119 @@ fn remove(file: &Path) -> Result<(), CacheError> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "a panic in a test is a failed assertion"
+    )]
+
+    use std::collections::BTreeSet;
+
+    use nix_primitives::nar::write_file_nar;
+    use nix_primitives::signing::SecretKey;
+    use nix_primitives::{ContentAddress, Hash};
+
+    use super::*;
+    use crate::cache::upstream::Upstreams;
+
+    /// Publishes a `builtins.toFile`-like text referring to `references`; returns its path.
+    fn text(cache: &BinaryCache, name: &str, references: &[&StorePath]) -> StorePath {
+        let references: BTreeSet<StorePath> = references.iter().map(|&path| path.clone()).collect();
+        let contents = format!("{name} {references:?}");
+        let path = ContentAddress::Text(Hash::sha256(contents.as_bytes()))
+            .store_path(name, &references, false)
+            .unwrap();
+        let mut nar = Vec::new();
+        write_file_nar(contents.as_bytes(), false, &mut nar).unwrap();
+        cache.publish_source(&path, references, &nar).unwrap();
+        path
+    }
+
+    fn open() -> (tempfile::TempDir, BinaryCache) {
+        let directory = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate("gc-test-1").unwrap();
+        let cache = BinaryCache::open(directory.path(), key, Upstreams::new(Vec::new())).unwrap();
+        (directory, cache)
+    }
+
+    fn nar_files(cache: &BinaryCache) -> usize {
+        fs_err::read_dir(cache.directory().join("nar"))
+            .unwrap()
+            .count()
+    }
+
+    #[test]
+    fn a_path_looked_up_during_the_sweep_stays_with_its_closure() {
+        let (_directory, cache) = open();
+        let leaf = text(&cache, "leaf", &[]);
+        let middle = text(&cache, "middle", &[&leaf]);
+        let top = text(&cache, "top", &[&middle]);
+        let lone = text(&cache, "lone", &[]);
+        // Marked as if nothing were young or rooted: everything is doomed.
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        cache.marks().begin();
+        let mut marked = plan(
+            list(cache.directory()).unwrap(),
+            &[],
+            later,
+            Duration::ZERO,
+            None,
+        );
+        assert_eq!(marked.doomed().count(), 4);
+        // Ingest finds `top` published between the marking and the deletion.
+        assert!(cache.is_published(&top));
+        let swept = sweep(&cache, &mut marked).unwrap();
+        cache.marks().end();
+        assert_eq!(swept.paths, 1);
+        for kept in [&top, &middle, &leaf] {
+            assert!(cache.is_published(kept), "{kept} was deleted");
+        }
+        assert!(!cache.is_published(&lone));
+        assert_eq!(
+            nar_files(&cache),
+            3,
+            "the lone path's NAR went with its narinfo"
+        );
+    }
+
+    #[test]
+    fn roots_and_young_paths_stay_and_the_rest_goes_narinfo_and_nar() {
+        let (_directory, cache) = open();
+        let leaf = text(&cache, "leaf", &[]);
+        let rooted = text(&cache, "rooted", &[&leaf]);
+        let gone = text(&cache, "gone", &[&leaf]);
+        let roots = [RootPaths {
+            build: Some(1),
+            kind: RootKind::Recent,
+            finished_at: Some(1),
+            paths: vec![rooted.to_absolute()],
+        }];
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        let mut marked = plan(
+            list(cache.directory()).unwrap(),
+            &roots,
+            later,
+            Duration::ZERO,
+            None,
+        );
+        assert_eq!(sweep(&cache, &mut marked).unwrap().paths, 1);
+        assert!(cache.is_published(&rooted) && cache.is_published(&leaf));
+        assert!(!cache.is_published(&gone));
+        assert_eq!(nar_files(&cache), 2);
+
+        // Published now, within an hour's grace: young, so it stays.
+        let fresh = text(&cache, "fresh", &[]);
+        let mut marked = plan(
+            list(cache.directory()).unwrap(),
+            &[],
+            SystemTime::now(),
+            Duration::from_secs(3600),
+            None,
+        );
+        assert_eq!(sweep(&cache, &mut marked).unwrap().paths, 0);
+        assert!(cache.is_published(&fresh));
+    }
+}

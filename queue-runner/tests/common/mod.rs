@@ -119,6 +119,8 @@ pub struct Farm {
     pub quarantine_after_failures: i64,
     /// Where runner and builder processes export traces (`OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub otlp_endpoint: Option<String>,
+    /// More keys of the runner's configuration (`gc.keep_days`, …), set last.
+    pub runner_settings: Vec<(&'static str, toml::Value)>,
     runner: Option<RunningRunner>,
     builders: Vec<ChildGuard>,
     /// The nix-daemons of sandboxed builders.
@@ -201,6 +203,7 @@ impl Farm {
             min_free_disk_bytes: 1 << 30,
             quarantine_after_failures: 0,
             otlp_endpoint: None,
+            runner_settings: Vec::new(),
             runner: None,
             builders: Vec::new(),
             daemons: Vec::new(),
@@ -267,6 +270,12 @@ impl Farm {
             .set("retry.initial_interval_ms", 100)
             .set("retry.multiplier", 2.0)
             .set("retry.max_interval_ms", 400);
+        let config = self
+            .runner_settings
+            .iter()
+            .fold(config, |config, (key, value)| {
+                config.set(key, value.clone())
+            });
         let ca = self
             .upstream_ca
             .as_ref()

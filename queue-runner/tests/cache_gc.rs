@@ -1,0 +1,303 @@
+//! Garbage collection of the binary cache on a live farm with real Nix: sweeps every second
+//! while builds upload, then builds aged past `keep_days` lose their outputs, a pinned one and
+//! the recent ones keep theirs, and stock Nix still substitutes every kept output with its
+//! whole closure without building anything. The dry run says what would go and why.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed assertion"
+)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use common::nix::{ChrootStore, examples};
+use common::nix_farm::{
+    http_get, http_request, start_with_one_nix_builder, submit_closure, succeed,
+};
+use common::{DEADLINE, Farm, Stored};
+use drover_tls::Role;
+use nix_primitives::StorePath;
+use nix_primitives::narinfo::NarInfo;
+
+const RUNNER: &str = env!("CARGO_BIN_EXE_drover-queue-runner");
+
+/// Two small closures besides the diamond: each top's output names its input's path, so the
+/// input is in its runtime closure.
+const AGED: &str = r#"
+let
+  step = name: script: inputs: derivation ({
+    inherit name;
+    system = "x86_64-linux";
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+  } // inputs);
+  pair = prefix: rec {
+    base = step "${prefix}-base" "echo ${prefix} base > $out" { };
+    top = step "${prefix}-top" "read line < $base; echo \"$line, kept with $base\" > $out" { inherit base; };
+  };
+in { old = (pair "old").top; pinned = (pair "pinned").top; }
+"#;
+
+/// The runner's settings: sweeps every second, nothing young, builds kept 30 days.
+fn collecting(farm: &mut Farm, interval_secs: i64) {
+    farm.runner_settings = vec![
+        ("gc.interval_secs", interval_secs.into()),
+        ("gc.grace_secs", 0.into()),
+        ("gc.keep_days", 30.into()),
+    ];
+}
+
+/// The output `out` of a finished build.
+async fn output(farm: &Farm, build: i64) -> StorePath {
+    StorePath::from_absolute(&farm.get(build).await.outputs["out"]).unwrap()
+}
+
+/// Builds the diamond's top, `old` and `pinned`; returns their build ids.
+async fn build_three(farm: &Farm, submitter: &ChrootStore) -> [i64; 3] {
+    let aged = submitter.expression(AGED);
+    let tops = [
+        submitter.instantiate(&examples().join("diamond.nix"), "top"),
+        submitter.instantiate(&aged, "old"),
+        submitter.instantiate(&aged, "pinned"),
+    ];
+    let mut builds = [0; 3];
+    for (build, top) in builds.iter_mut().zip(&tops) {
+        *build = submit_closure(farm, submitter, top).await;
+    }
+    for build in builds {
+        assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
+    }
+    builds
+}
+
+/// Whether the cache's HTTP listener serves a narinfo for `path`.
+async fn served(farm: &Farm, path: &StorePath) -> bool {
+    let (status, _) = http_get(farm.cache_port, &format!("/{}.narinfo", path.hash_part())).await;
+    status.contains("200")
+}
+
+/// The narinfos in the cache directory, and the NAR files.
+fn cache_files(cache: &Path) -> (Vec<NarInfo>, BTreeSet<String>) {
+    let mut infos = Vec::new();
+    for entry in fs_err::read_dir(cache).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .extension()
+            .is_some_and(|extension| extension == "narinfo")
+        {
+            infos.push(NarInfo::parse(&fs_err::read_to_string(&path).unwrap()).unwrap());
+        }
+    }
+    let nars = fs_err::read_dir(cache.join("nar"))
+        .unwrap()
+        .map(|entry| format!("nar/{}", entry.unwrap().file_name().to_str().unwrap()))
+        .collect();
+    (infos, nars)
+}
+
+/// Stock Nix realising `out` in a fresh store from the farm's cache only, building nothing.
+fn substitute(farm: &Farm, consumer: &ChrootStore, out: &StorePath) {
+    succeed(
+        consumer
+            .command("nix-store")
+            .args(["--realise", &out.to_absolute(), "--max-jobs", "0"])
+            .args([
+                "--option",
+                "substituters",
+                &format!("http://127.0.0.1:{}", farm.cache_port),
+            ])
+            .args([
+                "--option",
+                "trusted-public-keys",
+                &farm.cache_key().public_key().to_string(),
+            ]),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeps_racing_uploads_keep_every_root_and_stock_nix_substitutes_what_stays() {
+    let mut farm = Farm::new().await;
+    collecting(&mut farm, 1);
+    let (_store, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let [diamond, old, pinned] = build_three(&farm, &submitter).await;
+    let (diamond_out, old_out, pinned_out) = (
+        output(&farm, diamond).await,
+        output(&farm, old).await,
+        output(&farm, pinned).await,
+    );
+
+    let db = farm.db().await;
+    db.execute(
+        "UPDATE builds SET finished_at = finished_at - interval '40 days' WHERE id = ANY($1)",
+        &[&vec![old, pinned]],
+    )
+    .await
+    .unwrap();
+    let pinning = farm
+        .run_drover_as(Role::Admin, &["admin", "pin", &pinned.to_string()])
+        .await;
+    assert!(pinning.status.success(), "{pinning:?}");
+    let aged_at: std::time::SystemTime = db.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let swept = db
+            .query_opt(
+                "SELECT paths_deleted FROM cache_sweeps WHERE started_at > $1 LIMIT 1",
+                &[&aged_at],
+            )
+            .await
+            .unwrap();
+        if swept.is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no sweep after the builds aged"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    assert!(
+        !served(&farm, &old_out).await,
+        "an aged build's output stayed"
+    );
+    for kept in [&diamond_out, &pinned_out] {
+        assert!(served(&farm, kept).await, "{kept} was collected");
+    }
+    let (infos, nars) = cache_files(&farm.dir.path().join("cache"));
+    let names: BTreeSet<&str> = infos.iter().map(|info| info.store_path.name()).collect();
+    assert!(
+        !names.contains("old-base") && !names.contains("old-top"),
+        "{names:?}"
+    );
+    assert!(
+        names.contains("pinned-base"),
+        "the pinned build's input went: {names:?}"
+    );
+    assert!(
+        !names.contains("diamond-base"),
+        "the diamond's base is no output's reference and no live build needs it: {names:?}"
+    );
+    let referenced: BTreeSet<String> = infos.iter().map(|info| info.url.clone()).collect();
+    assert_eq!(
+        referenced, nars,
+        "every NAR file belongs to a narinfo and the reverse"
+    );
+
+    let consumer = ChrootStore::new(farm.dir.path().join("consumer"));
+    substitute(&farm, &consumer, &diamond_out);
+    substitute(&farm, &consumer, &pinned_out);
+    let (_, metrics) = http_request(farm.metrics_address(), "/metrics").await;
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains("\ndrover_cache_gc_deleted_paths_total "),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_says_what_would_go_and_why_and_deletes_nothing() {
+    let mut farm = Farm::new().await;
+    collecting(&mut farm, 86_400);
+    let (_store, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let [_, old, pinned] = build_three(&farm, &submitter).await;
+    let db = farm.db().await;
+    db.execute(
+        "UPDATE builds SET finished_at = finished_at - interval '40 days' WHERE id = ANY($1)",
+        &[&vec![old, pinned]],
+    )
+    .await
+    .unwrap();
+    let pinning = farm
+        .run_drover_as(Role::Admin, &["admin", "pin", &pinned.to_string()])
+        .await;
+    assert!(pinning.status.success(), "{pinning:?}");
+    let missing = farm
+        .run_drover_as(Role::Admin, &["admin", "pin", "999999"])
+        .await;
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no build 999999"),
+        "{missing:?}"
+    );
+
+    let lines = |output: &std::process::Output| -> Vec<(String, String)> {
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout.clone())
+            .unwrap()
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .map(|line| {
+                let fields: Vec<&str> = line.split('\t').collect();
+                assert_eq!(fields.len(), 3, "{line}");
+                (fields[0].to_owned(), fields[2].to_owned())
+            })
+            .collect()
+    };
+    let printed = run_dry_run(&farm, None);
+    let doomed = lines(&printed);
+    let names: BTreeSet<String> = doomed
+        .iter()
+        .map(|(path, _)| StorePath::from_absolute(path).unwrap().name().to_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["diamond-base", "old-base", "old-top"]
+            .map(str::to_owned)
+            .into(),
+        "{printed:?}"
+    );
+    assert!(
+        doomed
+            .iter()
+            .all(|(_, why)| why.starts_with("no build kept needs it"))
+    );
+    assert!(
+        served(&farm, &output(&farm, old).await).await,
+        "a dry run deleted something"
+    );
+
+    let bounded = lines(&run_dry_run(&farm, Some(1)));
+    let dropped: Vec<&(String, String)> = bounded
+        .iter()
+        .filter(|(_, why)| why.contains("gc.max_bytes"))
+        .collect();
+    let dropped_names: BTreeSet<String> = dropped
+        .iter()
+        .map(|(path, _)| StorePath::from_absolute(path).unwrap().name().to_owned())
+        .collect();
+    assert_eq!(
+        dropped_names,
+        ["diamond-left", "diamond-right", "diamond-top"]
+            .map(str::to_owned)
+            .into(),
+        "the recent build goes under a 1-byte bound, the pinned one never does"
+    );
+}
+
+/// `drover-queue-runner gc --dry-run` with the farm's configuration, and `gc.max_bytes` if
+/// given.
+fn run_dry_run(farm: &Farm, max_bytes: Option<i64>) -> std::process::Output {
+    let text = farm.runner_config_text(&farm.database.connection_string);
+    let mut config: toml::Table = text.parse().unwrap();
+    if let Some(max_bytes) = max_bytes {
+        let gc = config
+            .get_mut("gc")
+            .and_then(toml::Value::as_table_mut)
+            .unwrap();
+        gc.insert("max_bytes".to_owned(), max_bytes.into());
+    }
+    let file = farm.dir.path().join("gc-dry-run.toml");
+    fs_err::write(&file, config.to_string()).unwrap();
+    Command::new(RUNNER)
+        .arg("--config")
+        .arg(&file)
+        .args(["gc", "--dry-run"])
+        .output()
+        .unwrap()
+}
