@@ -170,6 +170,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("cache.upstreams", differs(&old.upstreams, &new.upstreams)),
         ("metrics", differs(&old.metrics_listen, &new.metrics_listen)),
+        ("gc", differs(&old.gc, &new.gc)),
         (
             "builders.ping_interval_secs",
             differs(&old.ping_interval, &new.ping_interval),

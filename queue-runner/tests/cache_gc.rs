@@ -239,7 +239,7 @@ async fn a_dry_run_says_what_would_go_and_why_and_deletes_nothing() {
             })
             .collect()
     };
-    let printed = run_dry_run(&farm, None);
+    let printed = run_dry_run(&farm, &[]);
     let doomed = lines(&printed);
     let names: BTreeSet<String> = doomed
         .iter()
@@ -262,7 +262,28 @@ async fn a_dry_run_says_what_would_go_and_why_and_deletes_nothing() {
         "a dry run deleted something"
     );
 
-    let bounded = lines(&run_dry_run(&farm, Some(1)));
+    // The newest build of each branch stays however old: `old` is main's newest.
+    db.execute(
+        "UPDATE builds SET metadata = '{\"branch\": \"main\"}' WHERE id = $1",
+        &[&old],
+    )
+    .await
+    .unwrap();
+    let keyed = lines(&run_dry_run(
+        &farm,
+        &[("key", "branch".into()), ("keep_per_key", 1.into())],
+    ));
+    let keyed: BTreeSet<String> = keyed
+        .iter()
+        .map(|(path, _)| StorePath::from_absolute(path).unwrap().name().to_owned())
+        .collect();
+    assert_eq!(
+        keyed,
+        ["diamond-base".to_owned()].into(),
+        "main's newest build went"
+    );
+
+    let bounded = lines(&run_dry_run(&farm, &[("max_bytes", 1.into())]));
     let dropped: Vec<&(String, String)> = bounded
         .iter()
         .filter(|(_, why)| why.contains("gc.max_bytes"))
@@ -280,17 +301,16 @@ async fn a_dry_run_says_what_would_go_and_why_and_deletes_nothing() {
     );
 }
 
-/// `drover-queue-runner gc --dry-run` with the farm's configuration, and `gc.max_bytes` if
-/// given.
-fn run_dry_run(farm: &Farm, max_bytes: Option<i64>) -> std::process::Output {
+/// `drover-queue-runner gc --dry-run` with the farm's configuration and more `[gc]` keys.
+fn run_dry_run(farm: &Farm, gc: &[(&str, toml::Value)]) -> std::process::Output {
     let text = farm.runner_config_text(&farm.database.connection_string);
     let mut config: toml::Table = text.parse().unwrap();
-    if let Some(max_bytes) = max_bytes {
-        let gc = config
-            .get_mut("gc")
-            .and_then(toml::Value::as_table_mut)
-            .unwrap();
-        gc.insert("max_bytes".to_owned(), max_bytes.into());
+    let table = config
+        .get_mut("gc")
+        .and_then(toml::Value::as_table_mut)
+        .unwrap();
+    for (key, value) in gc {
+        table.insert((*key).to_owned(), value.clone());
     }
     let file = farm.dir.path().join("gc-dry-run.toml");
     fs_err::write(&file, config.to_string()).unwrap();
