@@ -29,3 +29,8 @@ COMMENT ON COLUMN cache_sweeps.paths_deleted IS 'Store paths whose narinfo it de
 COMMENT ON COLUMN cache_sweeps.bytes_freed IS 'Compressed NAR bytes it deleted.';
 COMMENT ON COLUMN cache_sweeps.dropped_builds IS 'Builds still wanted by age or key whose outputs it deleted to stay under [gc] max_bytes, newest first.';
 COMMENT ON COLUMN cache_sweeps.protected_bytes IS 'Bytes that stay whatever the size bound: live and pinned builds and paths within the grace period. Over max_bytes, the bound cannot be met.';
+
+-- Step logs expire ([logs] keep_days): the attempt keeps a note that its log existed.
+ALTER TABLE step_attempts ADD COLUMN log_expired_at timestamptz;
+COMMENT ON COLUMN step_attempts.log_expired_at IS 'When its log was deleted for its age ([logs] keep_days); log_file is NULL from then on. NULL: the log is kept, or there never was one.';
+CREATE INDEX step_attempts_log_age ON step_attempts (finished_at) WHERE log_file IS NOT NULL;

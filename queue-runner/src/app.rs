@@ -231,7 +231,12 @@ pub async fn start(
     };
     let mut supervisor = start_scheduler(&config, parts, &published, receiver, &shutdown);
     if let Some(interval) = config.gc.interval {
-        let sweeper = Sweeper::new(pool.clone(), cache.clone(), config.gc.clone());
+        let sweeper = Sweeper::new(
+            pool.clone(),
+            cache.clone(),
+            config.gc.clone(),
+            (logs.clone(), config.log_keep_days),
+        );
         let sweeping = sweeper.run(interval, metrics.gc.clone(), shutdown.clone());
         supervisor.spawn_critical("cache sweeper", async move {
             sweeping.await.map_err(|error| {

@@ -340,6 +340,15 @@ struct RawLogs {
     /// Largest log kept per attempt, in bytes; the rest is dropped and counted. Default 64 MiB.
     #[serde(default = "default_max_log_bytes")]
     max_bytes: u64,
+    /// Days a step's log is kept after its attempt ended; older ones are deleted at each
+    /// garbage collection (`gc.interval_secs`), and asking for one says it expired. 0: forever.
+    /// Default 90.
+    #[serde(default = "default_log_keep_days")]
+    keep_days: u32,
+}
+
+const fn default_log_keep_days() -> u32 {
+    90
 }
 
 #[derive(Debug, Deserialize)]
@@ -537,6 +546,8 @@ pub struct Config {
     pub log_directory: PathBuf,
     /// Log limit per attempt.
     pub max_log_bytes: u64,
+    /// Days logs are kept (0: forever).
+    pub log_keep_days: u32,
     /// Binary cache directory.
     pub cache_directory: PathBuf,
     /// Binary cache HTTP listen address.
@@ -695,6 +706,7 @@ impl Config {
             key: raw.tls.key,
             log_directory: raw.logs.directory,
             max_log_bytes: raw.logs.max_bytes,
+            log_keep_days: raw.logs.keep_days,
             cache_directory: raw.cache.directory,
             cache_listen,
             cache_secret_key_file: raw.cache.secret_key_file,

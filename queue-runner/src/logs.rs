@@ -84,6 +84,20 @@ impl LogStore {
         self.live.follow(attempt)
     }
 
+    /// Deletes a log whose time is up; one gone already is no error.
+    pub fn delete(&self, file_name: &str) -> io::Result<()> {
+        if file_name.contains('/') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a log file name",
+            ));
+        }
+        match fs_err::remove_file(self.directory.join(file_name)) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
+            _ => Ok(()),
+        }
+    }
+
     /// Reads a log back, decompressed, as far as it goes: a file whose upload was cut (or is
     /// under way) ends in an unfinished frame, and what precedes it is kept.
     pub fn read(&self, file_name: &str) -> io::Result<LogText> {

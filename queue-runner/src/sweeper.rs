@@ -1,7 +1,7 @@
-//! Garbage collection of the binary cache on a schedule, one sweep at a time, without stopping
-//! service: the roots come from the database, the listing and the deletions run on a blocking
-//! thread, and every completed sweep is recorded (`cache_sweeps`) and counted. Also the dry run
-//! of `drover-queue-runner gc --dry-run`, which deletes nothing.
+//! Garbage collection on a schedule: the binary cache, one sweep at a time, without stopping
+//! service, then step logs past their time. A sweep reads its roots from the database, lists
+//! and deletes on a blocking thread, and is recorded (`cache_sweeps`) and counted. Also the dry
+//! run of `drover-queue-runner gc --dry-run`, which deletes nothing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use crate::cache::{BinaryCache, CacheError};
 use crate::config::GcPolicy;
 use crate::db::retention::{self, Keep};
 use crate::db::{self, DbError};
+use crate::logs::LogStore;
 use crate::metrics::{GcMetrics, SweepFigures};
 
 /// Why a sweep did not complete.
@@ -40,13 +41,17 @@ impl Classify for SweepError {
     }
 }
 
-/// Sweeps one cache by one policy.
+/// Sweeps one cache by one policy, and expires old logs.
 #[derive(Debug, Clone)]
 pub struct Sweeper {
     pool: db::Pool,
     cache: Arc<BinaryCache>,
     policy: GcPolicy,
+    logs: Option<(LogStore, u32)>,
 }
+
+/// Logs expired per transaction: each holds its rows' locks for milliseconds.
+const LOG_BATCH: i64 = 500;
 
 /// A completed sweep.
 #[derive(Debug)]
@@ -58,13 +63,42 @@ pub struct Sweep {
 }
 
 impl Sweeper {
-    /// A sweeper of `cache` by `policy`.
+    /// A sweeper of `cache` by `policy`, deleting the logs in `logs` older than `log_keep_days`
+    /// (0: none).
     #[must_use]
-    pub const fn new(pool: db::Pool, cache: Arc<BinaryCache>, policy: GcPolicy) -> Self {
+    pub fn new(
+        pool: db::Pool,
+        cache: Arc<BinaryCache>,
+        policy: GcPolicy,
+        (logs, log_keep_days): (LogStore, u32),
+    ) -> Self {
         Self {
             pool,
             cache,
             policy,
+            logs: (log_keep_days > 0).then_some((logs, log_keep_days)),
+        }
+    }
+
+    /// Deletes the logs past their time, a batch at a time; returns how many.
+    pub async fn expire_logs(&self) -> Result<u64, DbError> {
+        let Some((logs, days)) = &self.logs else {
+            return Ok(0);
+        };
+        let mut expired = 0;
+        loop {
+            let client = self.pool.get().await.map_err(DbError::Connection)?;
+            let files = retention::expire_logs(&client, *days, LOG_BATCH).await?;
+            drop(client);
+            for file in &files {
+                if let Err(error) = logs.delete(file) {
+                    tracing::warn!(%file, %error, "an expired log could not be deleted");
+                }
+            }
+            expired += u64::try_from(files.len()).unwrap_or(u64::MAX);
+            if i64::try_from(files.len()).unwrap_or(i64::MAX) < LOG_BATCH {
+                return Ok(expired);
+            }
         }
     }
 
@@ -124,12 +158,16 @@ impl Sweeper {
                     return Err(error);
                 }
                 Err(error) => {
-                    tracing::error!(error = %error_context::report(&error), "cache sweep failed; trying again at the next interval")
+                    tracing::error!(error = %error_context::report(&error), "cache sweep failed; trying again at the next interval");
                 }
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(interval) => {}
+            match self.expire_logs().await {
+                Ok(0) => {}
+                Ok(expired) => tracing::info!(expired, "step logs past logs.keep_days deleted"),
+                Err(error) if error.severity() == Severity::Fatal => return Err(error),
+                Err(error) => {
+                    tracing::error!(error = %error_context::report(&error), "expiring logs failed; trying again at the next interval");
+                }
             }
         }
     }

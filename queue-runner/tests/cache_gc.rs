@@ -1,7 +1,8 @@
 //! Garbage collection of the binary cache on a live farm with real Nix: sweeps every second
 //! while builds upload, then builds aged past `keep_days` lose their outputs, a pinned one and
 //! the recent ones keep theirs, and stock Nix still substitutes every kept output with its
-//! whole closure without building anything. The dry run says what would go and why.
+//! whole closure without building anything; a log past its days is deleted and said to have
+//! expired. The dry run says what would go and why.
 
 #![allow(
     clippy::unwrap_used,
@@ -138,6 +139,17 @@ async fn sweeps_racing_uploads_keep_every_root_and_stock_nix_substitutes_what_st
     )
     .await
     .unwrap();
+    // The log of `old`'s top step ended 100 days ago: past the default 90 days.
+    let expiring = db
+        .execute(
+            "UPDATE step_attempts SET finished_at = finished_at - interval '100 days'
+             WHERE step_id = (SELECT s.id FROM steps s JOIN builds b ON b.drv_path = s.drv_path
+                              WHERE b.id = $1) AND log_file IS NOT NULL",
+            &[&old],
+        )
+        .await
+        .unwrap();
+    assert_eq!(expiring, 1);
     let pinning = farm
         .run_drover_as(Role::Admin, &["admin", "pin", &pinned.to_string()])
         .await;
@@ -187,6 +199,36 @@ async fn sweeps_racing_uploads_keep_every_root_and_stock_nix_substitutes_what_st
     assert_eq!(
         referenced, nars,
         "every NAR file belongs to a narinfo and the reverse"
+    );
+
+    farm.wait_for_count(
+        "the old log to expire",
+        "SELECT count(*) FROM step_attempts WHERE log_expired_at IS NOT NULL AND log_file IS NULL",
+        1,
+    )
+    .await;
+    let logs = farm
+        .run_drover(&["logs", &old.to_string(), "old-top"])
+        .await;
+    let said = String::from_utf8_lossy(&logs.stderr);
+    assert!(
+        !logs.status.success() && said.contains("expired on"),
+        "{logs:?}"
+    );
+    let kept_log = farm
+        .run_drover(&["logs", &diamond.to_string(), "diamond-top"])
+        .await;
+    assert!(kept_log.status.success(), "{kept_log:?}");
+    let log_files = fs_err::read_dir(farm.dir.path().join("logs"))
+        .unwrap()
+        .count();
+    let logged = farm
+        .count("SELECT count(*) FROM step_attempts WHERE log_file IS NOT NULL")
+        .await;
+    assert_eq!(
+        i64::try_from(log_files).unwrap(),
+        logged,
+        "the expired log's file is gone"
     );
 
     let consumer = ChrootStore::new(farm.dir.path().join("consumer"));

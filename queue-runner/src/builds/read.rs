@@ -7,7 +7,7 @@ use drover_proto::v1::{GetResponse, ListResponse};
 use super::Builds;
 use super::estimate::Estimator;
 use super::view;
-use crate::db::queries::{self, BuildFilter};
+use crate::db::queries::{self, BuildFilter, LatestLog};
 use crate::db::snapshot::Snapshot;
 use crate::db::{DbError, Pool};
 use crate::logs::LogText;
@@ -21,6 +21,16 @@ pub enum ReadError {
     /// No attempt of the step has a log.
     #[error("no log for {0}")]
     NoLog(String),
+    /// The step's log was deleted for its age.
+    #[error(
+        "the log of {drv_path} expired on {expired} (the runner keeps logs for [logs] keep_days)"
+    )]
+    LogExpired {
+        /// The step's derivation.
+        drv_path: String,
+        /// The day it was deleted (UTC).
+        expired: String,
+    },
     /// The step's latest attempt has written no log yet.
     #[error("no log for {0} yet")]
     LogNotYet(String),
@@ -59,9 +69,18 @@ impl Builds {
     /// while it runs.
     pub async fn log(&self, drv_path: &str) -> Result<LogText, ReadError> {
         let client = self.pool.get().await.map_err(DbError::Connection)?;
-        let (attempt, file) = queries::latest_log_file(&client, drv_path)
+        let latest = queries::latest_log_file(&client, drv_path)
             .await?
             .ok_or_else(|| ReadError::NoLog(drv_path.to_owned()))?;
+        let (attempt, file) = match latest {
+            LatestLog::Kept(attempt, file) => (attempt, file),
+            LatestLog::Expired(expired) => {
+                return Err(ReadError::LogExpired {
+                    drv_path: drv_path.to_owned(),
+                    expired,
+                });
+            }
+        };
         self.logs.read_so_far(attempt, &file).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 return ReadError::LogNotYet(drv_path.to_owned());

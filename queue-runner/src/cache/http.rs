@@ -98,8 +98,8 @@ async fn log(State(served): State<Served>, Path(name): Path<String>) -> Response
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     let (attempt, file_name) = match queries::latest_log_file(&client, &drv.to_absolute()).await {
-        Ok(Some(latest)) => latest,
-        Ok(None) => return not_found(),
+        Ok(Some(queries::LatestLog::Kept(attempt, file_name))) => (attempt, file_name),
+        Ok(Some(queries::LatestLog::Expired(_)) | None) => return not_found(),
         Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
     };
     match served.logs.read_so_far(attempt, &file_name) {

@@ -481,21 +481,37 @@ pub async fn attempt_log_file(
     Ok(row.and_then(|row| row.get(0)))
 }
 
-/// The log file of the latest attempt of the step building `drv_path`.
+/// The log of the latest attempt with one of the step building `drv_path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LatestLog {
+    /// The attempt and its log file.
+    Kept(uuid::Uuid, String),
+    /// Its log was deleted for its age ([logs] keep_days), on this day (UTC, YYYY-MM-DD).
+    Expired(String),
+}
+
+/// The log of the latest attempt of the step building `drv_path` that has or had one.
 pub async fn latest_log_file(
     client: &impl GenericClient,
     drv_path: &str,
-) -> Result<Option<(uuid::Uuid, String)>, DbError> {
+) -> Result<Option<LatestLog>, DbError> {
     let row = client
         .query_opt(
-            "SELECT a.id, a.log_file FROM step_attempts a JOIN steps s ON s.id = a.step_id
-             WHERE s.drv_path = $1 AND a.log_file IS NOT NULL
+            "SELECT a.id, a.log_file,
+                    to_char(a.log_expired_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')
+             FROM step_attempts a JOIN steps s ON s.id = a.step_id
+             WHERE s.drv_path = $1 AND (a.log_file IS NOT NULL OR a.log_expired_at IS NOT NULL)
              ORDER BY a.started_at DESC LIMIT 1",
             &[&drv_path],
         )
         .await
         .map_err(DbError::query("finding a log"))?;
-    Ok(row.map(|row| (row.get(0), row.get(1))))
+    Ok(
+        row.map(|row| match (row.get(1), row.get::<_, Option<String>>(2)) {
+            (Some(file), _) => LatestLog::Kept(row.get(0), file),
+            (None, expired) => LatestLog::Expired(expired.unwrap_or_default()),
+        }),
+    )
 }
 
 /// A build as submitted.

@@ -1,5 +1,6 @@
-//! What the cache's garbage collection asks the database: the builds whose paths stay (live,
-//! pinned, recent, newest of their key), pins, and the record of each sweep.
+//! What garbage collection asks the database: the builds whose paths stay in the cache (live,
+//! pinned, recent, newest of their key), pins, the record of each sweep, and step logs past
+//! their time.
 
 use deadpool_postgres::GenericClient;
 use drover_scheduler::retention::RootKind;
@@ -136,4 +137,29 @@ pub async fn record_sweep(
         .await
         .map_err(DbError::query("recording a cache sweep"))?;
     Ok(())
+}
+
+/// Marks up to `batch` logs of attempts finished more than `days` days ago as expired, in one
+/// short transaction; returns their files, to delete.
+pub async fn expire_logs(
+    client: &impl GenericClient,
+    days: u32,
+    batch: i64,
+) -> Result<Vec<String>, DbError> {
+    let days = i32::try_from(days).unwrap_or(i32::MAX);
+    let rows = client
+        .query(
+            "WITH expired AS (
+                 SELECT id, log_file FROM step_attempts
+                 WHERE log_file IS NOT NULL AND finished_at < now() - make_interval(days => $1)
+                 LIMIT $2 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE step_attempts a SET log_file = NULL, log_expired_at = now()
+             FROM expired e WHERE a.id = e.id
+             RETURNING e.log_file",
+            &[&days, &batch],
+        )
+        .await
+        .map_err(DbError::query("expiring old step logs"))?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
 }

@@ -95,9 +95,10 @@ impl From<ControlError> for Status {
 impl From<ReadError> for Status {
     fn from(error: ReadError) -> Self {
         match error {
-            ReadError::NoSuchBuild(_) | ReadError::NoLog(_) | ReadError::LogNotYet(_) => {
-                Status::not_found(error.to_string())
-            }
+            ReadError::NoSuchBuild(_)
+            | ReadError::NoLog(_)
+            | ReadError::LogExpired { .. }
+            | ReadError::LogNotYet(_) => Status::not_found(error.to_string()),
             // The cause stays in the runner's log: it names files on the runner's disk.
             ReadError::ReadLog { .. } => Status::internal(error.to_string()),
             ReadError::Database(error) => unavailable(&error),
