@@ -228,22 +228,10 @@ pub async fn start(
         cache: &cache,
         attempts: &attempts,
         handoff: &handoff,
+        logs: &logs,
+        gc_metrics: metrics.gc.clone(),
     };
     let mut supervisor = start_scheduler(&config, parts, &published, receiver, &shutdown);
-    if let Some(interval) = config.gc.interval {
-        let sweeper = Sweeper::new(
-            pool.clone(),
-            cache.clone(),
-            config.gc.clone(),
-            (logs.clone(), config.log_keep_days),
-        );
-        let sweeping = sweeper.run(interval, metrics.gc.clone(), shutdown.clone());
-        supervisor.spawn_critical("cache sweeper", async move {
-            sweeping.await.map_err(|error| {
-                RunnerError::Database(WithContext::from(error).context("sweeping the cache"))
-            })
-        });
-    }
     let (http, http_stop, metrics_address) = serve_http_listeners(HttpParts {
         cache_listener,
         metrics_listener,
@@ -315,6 +303,30 @@ pub async fn start(
         http_stop,
         sessions,
     })
+}
+
+/// Starts garbage collection, if it is on, as the task "garbage collector" of `supervisor`.
+fn start_sweeper(
+    config: &Config,
+    parts: &SchedulerParts<'_>,
+    shutdown: &CancellationToken,
+    supervisor: &mut Supervisor<RunnerError>,
+) {
+    let Some(interval) = config.gc.interval else {
+        return;
+    };
+    let sweeper = Sweeper::new(
+        parts.pool.clone(),
+        parts.cache.clone(),
+        config.gc.clone(),
+        (parts.logs.clone(), config.log_keep_days),
+    );
+    let sweeping = sweeper.run(interval, parts.gc_metrics.clone(), shutdown.clone());
+    supervisor.spawn_critical("garbage collector", async move {
+        sweeping.await.map_err(|error| {
+            RunnerError::Database(WithContext::from(error).context("collecting garbage"))
+        })
+    });
 }
 
 /// Reads the revoked certificates, and starts recording the ones seen at handshakes as the task
@@ -515,10 +527,14 @@ struct SchedulerParts<'a> {
     attempts: &'a Attempts,
     /// Closures Submit verified, for ingest.
     handoff: &'a Handoff,
+    /// Step logs, which garbage collection expires.
+    logs: &'a LogStore,
+    /// What garbage collection moves.
+    gc_metrics: crate::metrics::GcMetrics,
 }
 
-/// Starts the scheduler (driver and core), ingest, which feeds it plans, and the LISTEN
-/// connection that wakes ingest, on the supervisor it returns.
+/// Starts the scheduler (driver and core), ingest, which feeds it plans, the LISTEN
+/// connection that wakes ingest, and garbage collection, on the supervisor it returns.
 fn start_scheduler(
     config: &Config,
     parts: SchedulerParts<'_>,
@@ -527,6 +543,7 @@ fn start_scheduler(
     shutdown: &CancellationToken,
 ) -> Supervisor<RunnerError> {
     let mut supervisor = Supervisor::new();
+    start_sweeper(config, &parts, shutdown, &mut supervisor);
     let builds_queued = Arc::new(Notify::new());
     let listen = listen::listen(parts.connector, builds_queued.clone(), shutdown.clone());
     supervisor.spawn_critical("ingest listener", async move {

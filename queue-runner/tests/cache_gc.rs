@@ -120,6 +120,76 @@ fn substitute(farm: &Farm, consumer: &ChrootStore, out: &StorePath) {
     );
 }
 
+/// Makes `old` and `pinned` finished 40 days ago, past `keep_days`, and pins `pinned`.
+async fn age_and_pin(farm: &Farm, old: i64, pinned: i64) {
+    farm.db()
+        .await
+        .execute(
+            "UPDATE builds SET finished_at = finished_at - interval '40 days' WHERE id = ANY($1)",
+            &[&vec![old, pinned]],
+        )
+        .await
+        .unwrap();
+    let pinning = farm
+        .run_drover_as(Role::Admin, &["admin", "pin", &pinned.to_string()])
+        .await;
+    assert!(pinning.status.success(), "{pinning:?}");
+}
+
+/// Waits for a sweep that starts from now on to complete.
+async fn wait_for_a_sweep(db: &tokio_postgres::Client) {
+    let since: std::time::SystemTime = db.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while db
+        .query_opt(
+            "SELECT 1 FROM cache_sweeps WHERE started_at > $1 LIMIT 1",
+            &[&since],
+        )
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no sweep after the builds aged"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// `old`'s log expired (the attempt says so, its file is gone); `kept`'s is still there.
+async fn the_old_log_expired(farm: &Farm, old: i64, kept: i64) {
+    farm.wait_for_count(
+        "the old log to expire",
+        "SELECT count(*) FROM step_attempts WHERE log_expired_at IS NOT NULL AND log_file IS NULL",
+        1,
+    )
+    .await;
+    let logs = farm
+        .run_drover(&["logs", &old.to_string(), "old-top"])
+        .await;
+    let said = String::from_utf8_lossy(&logs.stderr);
+    assert!(
+        !logs.status.success() && said.contains("expired on"),
+        "{logs:?}"
+    );
+    let kept_log = farm
+        .run_drover(&["logs", &kept.to_string(), "diamond-top"])
+        .await;
+    assert!(kept_log.status.success(), "{kept_log:?}");
+    let log_files = fs_err::read_dir(farm.dir.path().join("logs"))
+        .unwrap()
+        .count();
+    let logged = farm
+        .count("SELECT count(*) FROM step_attempts WHERE log_file IS NOT NULL")
+        .await;
+    assert_eq!(
+        i64::try_from(log_files).unwrap(),
+        logged,
+        "the expired log's file is gone"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweeps_racing_uploads_keep_every_root_and_stock_nix_substitutes_what_stays() {
     let mut farm = Farm::new().await;
@@ -132,13 +202,8 @@ async fn sweeps_racing_uploads_keep_every_root_and_stock_nix_substitutes_what_st
         output(&farm, pinned).await,
     );
 
+    age_and_pin(&farm, old, pinned).await;
     let db = farm.db().await;
-    db.execute(
-        "UPDATE builds SET finished_at = finished_at - interval '40 days' WHERE id = ANY($1)",
-        &[&vec![old, pinned]],
-    )
-    .await
-    .unwrap();
     // The log of `old`'s top step ended 100 days ago: past the default 90 days.
     let expiring = db
         .execute(
@@ -150,29 +215,7 @@ async fn sweeps_racing_uploads_keep_every_root_and_stock_nix_substitutes_what_st
         .await
         .unwrap();
     assert_eq!(expiring, 1);
-    let pinning = farm
-        .run_drover_as(Role::Admin, &["admin", "pin", &pinned.to_string()])
-        .await;
-    assert!(pinning.status.success(), "{pinning:?}");
-    let aged_at: std::time::SystemTime = db.query_one("SELECT now()", &[]).await.unwrap().get(0);
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let swept = db
-            .query_opt(
-                "SELECT paths_deleted FROM cache_sweeps WHERE started_at > $1 LIMIT 1",
-                &[&aged_at],
-            )
-            .await
-            .unwrap();
-        if swept.is_some() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no sweep after the builds aged"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_for_a_sweep(&db).await;
 
     assert!(
         !served(&farm, &old_out).await,
@@ -201,35 +244,7 @@ async fn sweeps_racing_uploads_keep_every_root_and_stock_nix_substitutes_what_st
         "every NAR file belongs to a narinfo and the reverse"
     );
 
-    farm.wait_for_count(
-        "the old log to expire",
-        "SELECT count(*) FROM step_attempts WHERE log_expired_at IS NOT NULL AND log_file IS NULL",
-        1,
-    )
-    .await;
-    let logs = farm
-        .run_drover(&["logs", &old.to_string(), "old-top"])
-        .await;
-    let said = String::from_utf8_lossy(&logs.stderr);
-    assert!(
-        !logs.status.success() && said.contains("expired on"),
-        "{logs:?}"
-    );
-    let kept_log = farm
-        .run_drover(&["logs", &diamond.to_string(), "diamond-top"])
-        .await;
-    assert!(kept_log.status.success(), "{kept_log:?}");
-    let log_files = fs_err::read_dir(farm.dir.path().join("logs"))
-        .unwrap()
-        .count();
-    let logged = farm
-        .count("SELECT count(*) FROM step_attempts WHERE log_file IS NOT NULL")
-        .await;
-    assert_eq!(
-        i64::try_from(log_files).unwrap(),
-        logged,
-        "the expired log's file is gone"
-    );
+    the_old_log_expired(&farm, old, diamond).await;
 
     let consumer = ChrootStore::new(farm.dir.path().join("consumer"));
     substitute(&farm, &consumer, &diamond_out);
@@ -248,17 +263,8 @@ async fn a_dry_run_says_what_would_go_and_why_and_deletes_nothing() {
     collecting(&mut farm, 86_400);
     let (_store, submitter) = start_with_one_nix_builder(&mut farm).await;
     let [_, old, pinned] = build_three(&farm, &submitter).await;
+    age_and_pin(&farm, old, pinned).await;
     let db = farm.db().await;
-    db.execute(
-        "UPDATE builds SET finished_at = finished_at - interval '40 days' WHERE id = ANY($1)",
-        &[&vec![old, pinned]],
-    )
-    .await
-    .unwrap();
-    let pinning = farm
-        .run_drover_as(Role::Admin, &["admin", "pin", &pinned.to_string()])
-        .await;
-    assert!(pinning.status.success(), "{pinning:?}");
     let missing = farm
         .run_drover_as(Role::Admin, &["admin", "pin", "999999"])
         .await;

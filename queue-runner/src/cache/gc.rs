@@ -311,7 +311,7 @@ mod tests {
         let top = text(&cache, "top", &[&middle]);
         let lone = text(&cache, "lone", &[]);
         // Marked as if nothing were young or rooted: everything is doomed.
-        let later = SystemTime::now() + Duration::from_secs(3600);
+        let later = SystemTime::now() + Duration::from_hours(1);
         cache.marks().begin();
         let mut marked = plan(
             list(cache.directory()).unwrap(),
@@ -349,7 +349,7 @@ mod tests {
             finished_at: Some(1),
             paths: vec![rooted.to_absolute()],
         }];
-        let later = SystemTime::now() + Duration::from_secs(3600);
+        let later = SystemTime::now() + Duration::from_hours(1);
         let mut marked = plan(
             list(cache.directory()).unwrap(),
             &roots,
@@ -368,7 +368,7 @@ mod tests {
             list(cache.directory()).unwrap(),
             &[],
             SystemTime::now(),
-            Duration::from_secs(3600),
+            Duration::from_hours(1),
             None,
         );
         assert_eq!(sweep(&cache, &mut marked).unwrap().paths, 0);

@@ -486,7 +486,7 @@ pub async fn attempt_log_file(
 pub enum LatestLog {
     /// The attempt and its log file.
     Kept(uuid::Uuid, String),
-    /// Its log was deleted for its age ([logs] keep_days), on this day (UTC, YYYY-MM-DD).
+    /// Its log was deleted for its age (`[logs] keep_days`), on this day (UTC, YYYY-MM-DD).
     Expired(String),
 }
 

@@ -170,7 +170,7 @@ proptest! {
             let whole = root.paths.iter().all(|&p| marked.keep[p]);
             let dropped = root.build.is_some_and(|build| marked.dropped.contains(&build));
             if !root.kind.droppable() || !dropped {
-                prop_assert!(whole, "root {} lost a path", root.build);
+                prop_assert!(whole, "root {:?} lost a path", root.build);
             }
         }
         if let Some(max) = max
