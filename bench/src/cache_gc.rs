@@ -2,8 +2,9 @@
 //! (each refers to the one before it), the heads of half the chains the outputs of recent builds,
 //! so a sweep keeps half the cache through the references and deletes the rest. The runner (its
 //! own process, durable PostgreSQL) sweeps every `--interval-secs`; meanwhile `--steps` noop
-//! steps are built by 50 × 4 builders. The same build runs first on a farm that never sweeps
-//! (the baseline), so the flow ratio is what sweeping costs the runner while it builds. It
+//! steps are built by 50 × 4 builders. The same build runs first on a farm with the same cache
+//! that never sweeps (the baseline), so the flow ratio is what sweeping costs the runner while
+//! it builds. It
 //! prints the first sweep's time, paths and bytes deleted, and both flows.
 //!
 //! Usage (build the binaries first: `cargo build --release --bins`):
@@ -75,32 +76,24 @@ async fn flow(
     sweeping: bool,
 ) -> (f64, Option<(f64, i64, i64, i64)>) {
     let interval = args.interval_secs;
-    // The cache is written before the runner starts, so its first sweep (one interval after
-    // start, once the roots below are recorded) finds it whole.
+    // Both farms start with the same cache, written before the runner starts; the sweeping
+    // one's first sweep comes one interval after start, once the roots below are recorded
+    // (builders join in a second or two).
     let populated = tempfile::tempdir().unwrap();
     let cache = populated.path().join("cache");
-    let heads = if sweeping {
-        let started = Instant::now();
-        let heads = populate(&cache, args.paths);
-        println!(
-            "populated {} paths in {:.1} s",
-            args.paths,
-            started.elapsed().as_secs_f64()
-        );
-        heads
-    } else {
-        Vec::new()
-    };
+    let started = Instant::now();
+    let heads = populate(&cache, args.paths);
+    println!(
+        "populated {} paths in {:.1} s",
+        args.paths,
+        started.elapsed().as_secs_f64()
+    );
     let farm = Farm::start_with(cluster, |config| {
-        let config = config
+        config
             .set("gc.enabled", sweeping)
             .set("gc.interval_secs", interval)
-            .set("gc.grace_secs", 0);
-        if sweeping {
-            config.set("cache.directory", cache.display().to_string())
-        } else {
-            config
-        }
+            .set("gc.grace_secs", 0)
+            .set("cache.directory", cache.display().to_string())
     })
     .await;
     farm.start_builders("gc", 50, 4).await;

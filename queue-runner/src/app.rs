@@ -36,7 +36,7 @@ use crate::scheduler::driver::{Driver, Published, QueueRecovered, SchedulerError
 use crate::scheduler::handoff::Handoff;
 use crate::scheduler::ingest::{Ingest, IngestError};
 use crate::scheduler::listen;
-use crate::sweeper::Sweeper;
+use crate::sweeper::{LogExpiry, Sweeper};
 use crate::tasks::Supervisor;
 use drover_daemon::notify::Notifier;
 
@@ -315,11 +315,15 @@ fn start_sweeper(
     let Some(interval) = config.gc.interval else {
         return;
     };
+    let logs = (config.log_keep_days > 0).then(|| LogExpiry {
+        logs: parts.logs.clone(),
+        keep_days: config.log_keep_days,
+    });
     let sweeper = Sweeper::new(
         parts.pool.clone(),
         parts.cache.clone(),
         config.gc.clone(),
-        (parts.logs.clone(), config.log_keep_days),
+        logs,
     );
     let sweeping = sweeper.run(interval, parts.gc_metrics.clone(), shutdown.clone());
     supervisor.spawn_critical("garbage collector", async move {

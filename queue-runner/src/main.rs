@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use drover_queue_runner::app::{self, RunnerError};
-use drover_queue_runner::config::{Config, GcPolicy};
+use drover_queue_runner::cache::gc::{self, Timing};
+use drover_queue_runner::cache::marks::Noted;
+use drover_queue_runner::config::Config;
 use drover_queue_runner::reload::{ConfigSource, Overrides};
 use drover_queue_runner::{db, sweeper};
 use error_context::WithContext;
@@ -116,17 +118,27 @@ async fn gc_dry_run(config: &Config) -> Result<(), WithContext<RunnerError>> {
         .map_err(RunnerError::Connector)?
         .pool(1)
         .map_err(|error| RunnerError::Database(error.into()))?;
-    let started = std::time::SystemTime::now();
-    let directory = config.cache_directory.clone();
-    let unbounded = GcPolicy {
-        max_bytes: None,
-        ..config.gc.clone()
-    };
-    let bounded = sweeper::mark(&pool, directory.clone(), &config.gc, started).await;
-    let unbounded = sweeper::mark(&pool, directory, &unbounded, started).await;
-    let (bounded, unbounded) = bounded
-        .and_then(|bounded| Ok((bounded, unbounded?)))
+    let (listed, roots) = sweeper::listing(&pool, config.cache_directory.clone(), &config.gc)
+        .await
         .map_err(RunnerError::Sweep)?;
+    let timing = Timing {
+        started: std::time::SystemTime::now(),
+        grace: config.gc.grace,
+        max_bytes: config.gc.max_bytes,
+    };
+    // What the runner looked up since its last sweep is not known here: a dry run may list a
+    // path the sweep will keep for that reason.
+    let used = Noted::default();
+    let unbounded = gc::plan(
+        listed.clone(),
+        &roots,
+        &used,
+        &Timing {
+            max_bytes: None,
+            ..timing
+        },
+    );
+    let bounded = gc::plan(listed, &roots, &used, &timing);
     sweeper::write_dry_run(&bounded, &unbounded, &mut std::io::stdout().lock())
         .map_err(RunnerError::Output)?;
     Ok(())

@@ -172,6 +172,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ("metrics", differs(&old.metrics_listen, &new.metrics_listen)),
         ("gc", differs(&old.gc, &new.gc)),
         (
+            "logs.keep_days",
+            differs(&old.log_keep_days, &new.log_keep_days),
+        ),
+        (
             "builders.ping_interval_secs",
             differs(&old.ping_interval, &new.ping_interval),
         ),

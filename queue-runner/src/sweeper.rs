@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use error_context::{Classify, Severity};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::gc::{self, Plan, Swept};
+use crate::cache::gc::{self, Plan, Swept, Timing};
 use crate::cache::{BinaryCache, CacheError};
 use crate::config::GcPolicy;
 use crate::db::retention::{self, Keep};
@@ -47,7 +47,16 @@ pub struct Sweeper {
     pool: db::Pool,
     cache: Arc<BinaryCache>,
     policy: GcPolicy,
-    logs: Option<(LogStore, u32)>,
+    logs: Option<LogExpiry>,
+}
+
+/// Which logs go.
+#[derive(Debug, Clone)]
+pub struct LogExpiry {
+    /// Where they are.
+    pub logs: LogStore,
+    /// Days a log is kept after its attempt ended.
+    pub keep_days: u32,
 }
 
 /// Logs expired per transaction: each holds its rows' locks for milliseconds.
@@ -63,32 +72,31 @@ pub struct Sweep {
 }
 
 impl Sweeper {
-    /// A sweeper of `cache` by `policy`, deleting the logs in `logs` older than `log_keep_days`
-    /// (0: none).
+    /// A sweeper of `cache` by `policy`, expiring `logs` if given.
     #[must_use]
-    pub fn new(
+    pub const fn new(
         pool: db::Pool,
         cache: Arc<BinaryCache>,
         policy: GcPolicy,
-        (logs, log_keep_days): (LogStore, u32),
+        logs: Option<LogExpiry>,
     ) -> Self {
         Self {
             pool,
             cache,
             policy,
-            logs: (log_keep_days > 0).then_some((logs, log_keep_days)),
+            logs,
         }
     }
 
     /// Deletes the logs past their time, a batch at a time; returns how many.
     pub async fn expire_logs(&self) -> Result<u64, DbError> {
-        let Some((logs, days)) = &self.logs else {
+        let Some(LogExpiry { logs, keep_days }) = &self.logs else {
             return Ok(0);
         };
         let mut expired = 0;
         loop {
             let client = self.pool.get().await.map_err(DbError::Connection)?;
-            let files = retention::expire_logs(&client, *days, LOG_BATCH).await?;
+            let files = retention::expire_logs(&client, *keep_days, LOG_BATCH).await?;
             drop(client);
             for file in &files {
                 if let Err(error) = logs.delete(file) {
@@ -102,35 +110,30 @@ impl Sweeper {
         }
     }
 
-    /// Marks and deletes; records the sweep.
-    pub async fn sweep(&self) -> Result<Sweep, SweepError> {
-        let marks = Noting::begin(self.cache.clone());
+    /// Marks and deletes, stopping between batches at `shutdown`; records the sweep.
+    pub async fn sweep(&self, shutdown: &CancellationToken) -> Result<Sweep, SweepError> {
+        // What was used since the previous sweep began; from here on, what this one keeps too.
+        let used = self.cache.marks().take();
         let started = SystemTime::now();
-        let plan = self.mark(started).await?;
+        let timing = Timing {
+            started,
+            grace: self.policy.grace,
+            max_bytes: self.policy.max_bytes,
+        };
+        let (listed, roots) =
+            listing(&self.pool, self.cache.directory().to_owned(), &self.policy).await?;
         let cache = self.cache.clone();
+        let stop = shutdown.clone();
         let (plan, swept) = tokio::task::spawn_blocking(move || {
-            let mut plan = plan;
-            let swept = gc::sweep(&cache, &mut plan);
+            let mut plan = gc::plan(listed, &roots, &used, &timing);
+            let swept = gc::sweep(&cache, &mut plan, used.nars, &stop);
             (plan, swept)
         })
         .await
         .map_err(|error| SweepError::Thread(error.to_string()))?;
-        drop(marks);
-        let swept = swept?;
         let client = self.pool.get().await.map_err(DbError::Connection)?;
         retention::record_sweep(&client, started, &plan, swept).await?;
         Ok(Sweep { plan, swept })
-    }
-
-    /// Reads the roots, lists the cache and marks what stays.
-    async fn mark(&self, started: SystemTime) -> Result<Plan, SweepError> {
-        mark(
-            &self.pool,
-            self.cache.directory().to_owned(),
-            &self.policy,
-            started,
-        )
-        .await
     }
 
     /// Sweeps every `interval` (the first one `interval` after start, so a runner restarted
@@ -142,21 +145,29 @@ impl Sweeper {
         metrics: GcMetrics,
         shutdown: CancellationToken,
     ) -> Result<(), DbError> {
+        let mut wait = match self.since_last_sweep().await {
+            Ok(Some(since)) => interval.saturating_sub(since),
+            Ok(None) => interval,
+            Err(error) if lost(&error) => return Err(error),
+            Err(error) => {
+                tracing::error!(error = %error_context::report(&error), "reading when the cache was last swept");
+                interval
+            }
+        };
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep(wait) => {}
             }
+            wait = interval;
             let began = Instant::now();
-            match self.sweep().await {
+            match self.sweep(&shutdown).await {
                 Ok(sweep) => {
                     let figures = self.figures(&sweep, began);
                     metrics.swept(&figures);
                     log(&sweep, &figures, self.policy.max_bytes);
                 }
-                Err(SweepError::Database(error)) if error.severity() == Severity::Fatal => {
-                    return Err(error);
-                }
+                Err(SweepError::Database(error)) if lost(&error) => return Err(error),
                 Err(error) => {
                     tracing::error!(error = %error_context::report(&error), "cache sweep failed; trying again at the next interval");
                 }
@@ -164,7 +175,7 @@ impl Sweeper {
             match self.expire_logs().await {
                 Ok(0) => {}
                 Ok(expired) => tracing::info!(expired, "step logs past logs.keep_days deleted"),
-                Err(error) if error.severity() == Severity::Fatal => return Err(error),
+                Err(error) if lost(&error) => return Err(error),
                 Err(error) => {
                     tracing::error!(error = %error_context::report(&error), "expiring logs failed; trying again at the next interval");
                 }
@@ -172,26 +183,31 @@ impl Sweeper {
         }
     }
 
+    /// How long ago the last recorded sweep ended, if one did: a runner restarted more often
+    /// than the interval still sweeps.
+    async fn since_last_sweep(&self) -> Result<Option<Duration>, DbError> {
+        let client = self.pool.get().await.map_err(DbError::Connection)?;
+        retention::since_last_sweep(&client).await
+    }
+
     fn figures(&self, sweep: &Sweep, began: Instant) -> SweepFigures {
         SweepFigures {
             deleted_paths: sweep.swept.paths,
             freed_bytes: sweep.swept.bytes,
             seconds: began.elapsed().as_secs_f64(),
-            roots: sweep.plan.roots,
+            roots: sweep.plan.root_count,
             kept_bytes: sweep.plan.marked.kept_bytes,
             protected_over_bound: sweep.plan.marked.protected_over(self.policy.max_bytes),
         }
     }
 }
 
-/// Reads the roots, lists the cache in `directory` and marks what a sweep starting at
-/// `started` keeps: what [`Sweeper::sweep`] does before it deletes, and all a dry run does.
-pub async fn mark(
+/// Reads the roots and lists the cache in `directory`: what a sweep marks from, and a dry run.
+pub async fn listing(
     pool: &db::Pool,
     directory: PathBuf,
     policy: &GcPolicy,
-    started: SystemTime,
-) -> Result<Plan, SweepError> {
+) -> Result<(Vec<gc::Listed>, Vec<gc::RootPaths>), SweepError> {
     let client = pool.get().await.map_err(DbError::Connection)?;
     let keep = Keep {
         days: policy.keep_days,
@@ -200,13 +216,10 @@ pub async fn mark(
     };
     let roots = retention::cache_roots(&client, &keep).await?;
     drop(client);
-    let (grace, max_bytes) = (policy.grace, policy.max_bytes);
-    tokio::task::spawn_blocking(move || {
-        gc::list(&directory).map(|listed| gc::plan(listed, &roots, started, grace, max_bytes))
-    })
-    .await
-    .map_err(|error| SweepError::Thread(error.to_string()))?
-    .map_err(SweepError::Cache)
+    let listed = tokio::task::spawn_blocking(move || gc::list(&directory))
+        .await
+        .map_err(|error| SweepError::Thread(error.to_string()))??;
+    Ok((listed, roots))
 }
 
 /// Writes what a sweep would delete, one path a line (`PATH<TAB>NAR BYTES<TAB>WHY`), then a
@@ -240,12 +253,12 @@ pub fn write_dry_run(
         paths += 1;
         bytes += listed.bytes;
     }
-    let kept = bounded.marked.keep.iter().filter(|keep| **keep).count();
+    let kept = bounded.kept();
     writeln!(
         out,
         "# would delete {paths} paths ({bytes} NAR bytes); would keep {kept} paths ({} NAR bytes) for {} roots{}",
         bounded.marked.kept_bytes,
-        bounded.roots,
+        bounded.root_count,
         if bounded.marked.dropped.is_empty() {
             String::new()
         } else {
@@ -255,6 +268,16 @@ pub fn write_dry_run(
             )
         }
     )
+}
+
+/// Whether `error` means the database is gone (the runner cannot work without it), rather
+/// than one statement failing (which the next interval tries again).
+fn lost(error: &DbError) -> bool {
+    match error {
+        DbError::Connection(_) | DbError::ConnectionClosed(_) | DbError::TimedOut(_) => true,
+        DbError::Query { source, .. } => source.code().is_none(),
+        _ => false,
+    }
 }
 
 /// Logs a completed sweep, and says so when the bound dropped builds or cannot be met.
@@ -276,21 +299,5 @@ fn log(sweep: &Sweep, figures: &SweepFigures, max_bytes: Option<u64>) {
             ?max_bytes,
             "live and pinned builds alone need more than gc.max_bytes: the bound cannot be met"
         );
-    }
-}
-
-/// Noting lookups for the length of a sweep, ended however the sweep ends.
-struct Noting(Arc<BinaryCache>);
-
-impl Noting {
-    fn begin(cache: Arc<BinaryCache>) -> Self {
-        cache.marks().begin();
-        Self(cache)
-    }
-}
-
-impl Drop for Noting {
-    fn drop(&mut self) {
-        self.0.marks().end();
     }
 }

@@ -3,8 +3,10 @@
 //! rest in small batches, narinfos first (flushed) and NAR files after, so a client never finds
 //! a narinfo whose NAR is gone. Blocking file-system work: run it on a blocking thread.
 //!
-//! A path published after the sweep began, or found published by ingest or a publisher while
-//! it runs ([`super::marks`]), stays with its closure. One sweep at a time.
+//! A path published after the sweep began, or found published by ingest or a publisher since
+//! the previous sweep began ([`super::marks`]), stays with its closure. Narinfos are deleted
+//! referrers first, so those present are always closed under their references. One sweep at a
+//! time.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -15,8 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use drover_scheduler::retention::{self, CachedPath, Marked, Root, RootKind};
 use nix_primitives::StorePath;
 use nix_primitives::narinfo::NarInfo;
+use tokio_util::sync::CancellationToken;
 
-use super::marks::Touched;
+use super::marks::Noted;
 use super::{BinaryCache, CacheError};
 
 /// Paths deleted while the sweep's lock is held, at most: short enough that a lookup waits
@@ -39,11 +42,13 @@ pub struct RootPaths {
 /// One narinfo of the cache.
 #[derive(Debug, Clone)]
 pub struct Listed {
-    /// Its path.
+    /// The store path it describes.
     pub path: StorePath,
+    /// Its file's name in the cache directory, as listed (deleted by that name).
+    pub file: String,
     /// Its NAR file, relative to the cache.
     pub url: String,
-    /// What it refers to.
+    /// The store paths it refers to.
     pub references: Vec<StorePath>,
     /// Its NAR file's size.
     pub bytes: u64,
@@ -58,18 +63,53 @@ pub struct Plan {
     pub listed: Vec<Listed>,
     /// What stays.
     pub marked: Marked,
-    /// Roots given.
-    pub roots: usize,
+    /// How many builds (live ones counted as one) were roots.
+    pub root_count: usize,
+    /// Each listed path's position, by store path.
+    index: HashMap<StorePath, usize>,
+    /// The listed paths each one refers to.
+    references: Vec<Vec<usize>>,
 }
 
 impl Plan {
-    /// The paths that go, with their sizes.
+    /// The paths that go.
     pub fn doomed(&self) -> impl Iterator<Item = &Listed> {
         self.listed
             .iter()
             .zip(&self.marked.keep)
             .filter(|(_, keep)| !**keep)
             .map(|(listed, _)| listed)
+    }
+
+    /// How many paths stay.
+    #[must_use]
+    pub fn kept(&self) -> usize {
+        self.marked.keep.iter().filter(|keep| **keep).count()
+    }
+
+    /// The doomed paths, each before the paths it refers to: a narinfo is deleted only after
+    /// every narinfo referring to it, so those still present are closed under references.
+    fn deletion_order(&self) -> Vec<usize> {
+        let mut order = Vec::new();
+        let mut visited = vec![false; self.listed.len()];
+        for start in (0..self.listed.len()).filter(|&at| !self.marked.keep[at]) {
+            let mut stack = vec![(start, false)];
+            while let Some((at, inputs_done)) = stack.pop() {
+                if inputs_done {
+                    order.push(at);
+                } else if !std::mem::replace(&mut visited[at], true) {
+                    stack.push((at, true));
+                    stack.extend(
+                        self.references[at]
+                            .iter()
+                            .filter(|&&next| !visited[next] && !self.marked.keep[next])
+                            .map(|&next| (next, false)),
+                    );
+                }
+            }
+        }
+        order.reverse();
+        order
     }
 }
 
@@ -80,6 +120,8 @@ pub struct Swept {
     pub paths: u64,
     /// NAR bytes deleted.
     pub bytes: u64,
+    /// Files that could not be deleted (logged; the next sweep tries again).
+    pub failed: u64,
 }
 
 /// Reads every narinfo of the cache in `directory`. A narinfo that cannot be read is kept and
@@ -93,7 +135,10 @@ pub fn list(directory: &Path) -> Result<Vec<Listed>, CacheError> {
             continue;
         };
         let published = match entry.metadata() {
-            Ok(metadata) => UNIX_EPOCH + Duration::from_secs(metadata.ctime().unsigned_abs()),
+            Ok(metadata) => {
+                let nanos = u32::try_from(metadata.ctime_nsec()).unwrap_or(0);
+                UNIX_EPOCH + Duration::new(metadata.ctime().unsigned_abs(), nanos)
+            }
             Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
             Err(error) => return Err(CacheError::Io(error)),
         };
@@ -104,6 +149,7 @@ pub fn list(directory: &Path) -> Result<Vec<Listed>, CacheError> {
         };
         match NarInfo::parse(&text) {
             Ok(info) => listed.push(Listed {
+                file: name.to_owned(),
                 bytes: info.file_size.unwrap_or(info.nar_size),
                 url: info.url,
                 references: info.references.into_iter().collect(),
@@ -116,32 +162,37 @@ pub fn list(directory: &Path) -> Result<Vec<Listed>, CacheError> {
     Ok(listed)
 }
 
-/// Marks what stays: the closure of `roots` and of every path published within `grace` of
-/// `started` (or after it), and under `max_bytes`, the newest roots that fit.
+/// Marks what stays: the closure of `roots`, of every path published within `grace` of
+/// `started` (or after it) and of every path `used` since the previous sweep began; under
+/// `max_bytes`, the newest roots that fit.
 #[must_use]
-pub fn plan(
-    listed: Vec<Listed>,
-    roots: &[RootPaths],
-    started: SystemTime,
-    grace: Duration,
-    max_bytes: Option<u64>,
-) -> Plan {
-    let index: HashMap<&StorePath, usize> = listed
+pub fn plan(listed: Vec<Listed>, roots: &[RootPaths], used: &Noted, policy: &Timing) -> Plan {
+    let index: HashMap<StorePath, usize> = listed
         .iter()
         .enumerate()
-        .map(|(at, listed)| (&listed.path, at))
+        .map(|(at, listed)| (listed.path.clone(), at))
         .collect();
-    let young_after = started.checked_sub(grace).unwrap_or(UNIX_EPOCH);
-    let paths: Vec<CachedPath> = listed
+    let young_after = policy
+        .started
+        .checked_sub(policy.grace)
+        .unwrap_or(UNIX_EPOCH);
+    let references: Vec<Vec<usize>> = listed
         .iter()
-        .map(|listed| CachedPath {
-            bytes: listed.bytes,
-            references: listed
+        .map(|listed| {
+            listed
                 .references
                 .iter()
                 .filter_map(|reference| index.get(reference).copied())
-                .collect(),
-            young: listed.published >= young_after,
+                .collect()
+        })
+        .collect();
+    let paths: Vec<CachedPath> = listed
+        .iter()
+        .zip(&references)
+        .map(|(listed, references)| CachedPath {
+            bytes: listed.bytes,
+            references: references.clone(),
+            young: listed.published >= young_after || used.paths.contains(&listed.path),
         })
         .collect();
     let core_roots: Vec<Root> = roots
@@ -158,39 +209,59 @@ pub fn plan(
                 .collect(),
         })
         .collect();
-    let marked = retention::mark(&paths, &core_roots, max_bytes);
-    drop(index);
     Plan {
+        marked: retention::mark(&paths, &core_roots, policy.max_bytes),
         listed,
-        marked,
-        roots: roots.len(),
+        root_count: roots.len(),
+        index,
+        references,
     }
 }
 
-/// Deletes what `plan` does not keep, less what was looked up or published meanwhile.
-pub fn sweep(cache: &BinaryCache, plan: &mut Plan) -> Result<Swept, CacheError> {
-    let index: HashMap<StorePath, usize> = plan
-        .listed
-        .iter()
-        .enumerate()
-        .map(|(at, listed)| (listed.path.clone(), at))
-        .collect();
-    let doomed: Vec<usize> = (0..plan.listed.len())
-        .filter(|&at| !plan.marked.keep[at])
-        .collect();
+/// When a sweep starts and what it may delete.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// When it began (before its roots were read).
+    pub started: SystemTime,
+    /// Paths published this long before `started` stay.
+    pub grace: Duration,
+    /// The bound on NAR bytes.
+    pub max_bytes: Option<u64>,
+}
+
+/// Deletes what `plan` does not keep, less what is looked up or published meanwhile and the
+/// NAR files `placed` since the previous sweep began. A file that cannot be deleted is logged
+/// and counted, and the sweep goes on.
+/// Stops between batches once `stop` is cancelled.
+pub fn sweep(
+    cache: &BinaryCache,
+    plan: &mut Plan,
+    placed: impl IntoIterator<Item = String>,
+    stop: &CancellationToken,
+) -> Swept {
+    let mut swept = Swept::default();
+    let mut placed: HashSet<String> = placed.into_iter().collect();
     let mut deleted = Vec::new();
-    for batch in doomed.chunks(BATCH) {
-        let (_held, noted) = cache.marks().hold();
-        protect(cache, plan, &index, &noted)?;
+    for batch in plan.deletion_order().chunks(BATCH) {
+        if stop.is_cancelled() {
+            break;
+        }
+        let (_deleting, noted) = cache.marks().hold();
+        placed.extend(noted.nars);
+        protect(cache, plan, &noted.paths);
         for &at in batch {
             if plan.marked.keep[at] {
                 continue;
             }
-            remove(&cache.narinfo_file(&plan.listed[at].path))?;
-            deleted.push(at);
+            if remove(&cache.directory().join(&plan.listed[at].file), &mut swept) {
+                deleted.push(at);
+            }
         }
     }
-    cache.flush()?;
+    if let Err(error) = cache.flush() {
+        tracing::warn!(%error, "flushing the cache after deleting narinfos failed; NAR files kept");
+        return swept;
+    }
     let kept_nars: HashSet<&str> = (0..plan.listed.len())
         .filter(|&at| plan.marked.keep[at])
         .map(|at| plan.listed[at].url.as_str())
@@ -198,65 +269,67 @@ pub fn sweep(cache: &BinaryCache, plan: &mut Plan) -> Result<Swept, CacheError> 
     let mut orphaned: Vec<(&str, u64)> = deleted
         .iter()
         .map(|&at| (plan.listed[at].url.as_str(), plan.listed[at].bytes))
-        .filter(|(url, _)| !kept_nars.contains(url))
+        .filter(|(url, _)| !kept_nars.contains(url) && is_nar_file(url))
         .collect();
     orphaned.sort_unstable();
     orphaned.dedup_by_key(|(url, _)| *url);
-    let mut swept = Swept {
-        paths: u64::try_from(deleted.len()).unwrap_or(u64::MAX),
-        bytes: 0,
-    };
-    let mut placed = HashSet::new();
+    swept.paths = u64::try_from(deleted.len()).unwrap_or(u64::MAX);
     for batch in orphaned.chunks(BATCH) {
-        let (_held, noted) = cache.marks().hold();
+        if stop.is_cancelled() {
+            break;
+        }
+        let (_deleting, noted) = cache.marks().hold();
         placed.extend(noted.nars);
         for (url, bytes) in batch {
-            if !placed.contains(*url) {
-                remove(&cache.directory().join(url))?;
+            if !placed.contains(*url) && remove(&cache.directory().join(url), &mut swept) {
                 swept.bytes += bytes;
             }
         }
     }
-    Ok(swept)
+    swept
 }
 
-/// Keeps every path noted since the last batch, with its closure: read from the listing, or
-/// from its narinfo for a path published after the listing.
-fn protect(
-    cache: &BinaryCache,
-    plan: &mut Plan,
-    index: &HashMap<StorePath, usize>,
-    noted: &Touched,
-) -> Result<(), CacheError> {
-    let mut pending: Vec<StorePath> = noted.paths.iter().cloned().collect();
-    let mut seen = HashSet::new();
-    while let Some(path) = pending.pop() {
-        if !seen.insert(path.clone()) {
+/// Whether a narinfo's URL names a file of the cache's `nar/` directory.
+fn is_nar_file(url: &str) -> bool {
+    url.strip_prefix("nar/")
+        .is_some_and(|name| !name.is_empty() && !name.contains('/') && !name.starts_with('.'))
+}
+
+/// Keeps every path in `noted` that is still listed, with its closure. Called with the gate
+/// held exclusively: it reads nothing through [`BinaryCache`]'s lookups, which would wait on it.
+fn protect(cache: &BinaryCache, plan: &mut Plan, noted: &HashSet<StorePath>) {
+    let mut keep: Vec<usize> = Vec::new();
+    for path in noted {
+        if let Some(&at) = plan.index.get(path) {
+            keep.push(at);
             continue;
         }
-        match index.get(&path) {
-            Some(&at) if plan.marked.keep[at] => {}
-            Some(&at) => {
-                plan.marked.keep[at] = true;
-                plan.marked.kept_bytes += plan.listed[at].bytes;
-                pending.extend(plan.listed[at].references.iter().cloned());
-            }
-            None => {
-                if let Ok(text) = fs_err::read_to_string(cache.narinfo_file(&path)) {
-                    let info = NarInfo::parse(&text).map_err(CacheError::NarInfo)?;
-                    pending.extend(info.references);
-                }
-            }
+        // Published after the listing: what it refers to is listed, and referrers go first,
+        // so its references are all still here.
+        let info = fs_err::read_to_string(cache.narinfo_file(path))
+            .ok()
+            .and_then(|text| NarInfo::parse(&text).ok());
+        for reference in info.iter().flat_map(|info| &info.references) {
+            keep.extend(plan.index.get(reference).copied());
         }
     }
-    Ok(())
+    while let Some(at) = keep.pop() {
+        if !std::mem::replace(&mut plan.marked.keep[at], true) {
+            plan.marked.kept_bytes += plan.listed[at].bytes;
+            keep.extend(plan.references[at].iter().copied());
+        }
+    }
 }
 
-/// Deletes a file that may be gone already.
-fn remove(file: &Path) -> Result<(), CacheError> {
+/// Deletes a file that may be gone already; false, logged and counted, when it cannot be.
+fn remove(file: &Path, swept: &mut Swept) -> bool {
     match fs_err::remove_file(file) {
-        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(CacheError::Io(error)),
-        _ => Ok(()),
+        Err(error) if error.kind() != io::ErrorKind::NotFound => {
+            tracing::warn!(%error, "a cache file could not be deleted; kept");
+            swept.failed += 1;
+            false
+        }
+        _ => true,
     }
 }
 
@@ -297,6 +370,15 @@ mod tests {
         (directory, cache)
     }
 
+    /// A sweep an hour from now with no grace: nothing is young.
+    fn later() -> Timing {
+        Timing {
+            started: SystemTime::now() + Duration::from_hours(1),
+            grace: Duration::ZERO,
+            max_bytes: None,
+        }
+    }
+
     fn nar_files(cache: &BinaryCache) -> usize {
         fs_err::read_dir(cache.directory().join("nar"))
             .unwrap()
@@ -310,21 +392,19 @@ mod tests {
         let middle = text(&cache, "middle", &[&leaf]);
         let top = text(&cache, "top", &[&middle]);
         let lone = text(&cache, "lone", &[]);
-        // Marked as if nothing were young or rooted: everything is doomed.
-        let later = SystemTime::now() + Duration::from_hours(1);
-        cache.marks().begin();
-        let mut marked = plan(
-            list(cache.directory()).unwrap(),
-            &[],
-            later,
-            Duration::ZERO,
-            None,
-        );
+        // Marked as if nothing were young, used or rooted: everything is doomed.
+        cache.marks().take();
+        let listed = list(cache.directory()).unwrap();
+        let mut marked = plan(listed, &[], &Noted::default(), &later());
         assert_eq!(marked.doomed().count(), 4);
         // Ingest finds `top` published between the marking and the deletion.
         assert!(cache.is_published(&top));
-        let swept = sweep(&cache, &mut marked).unwrap();
-        cache.marks().end();
+        let swept = sweep(
+            &cache,
+            &mut marked,
+            HashSet::new(),
+            &CancellationToken::new(),
+        );
         assert_eq!(swept.paths, 1);
         for kept in [&top, &middle, &leaf] {
             assert!(cache.is_published(kept), "{kept} was deleted");
@@ -335,6 +415,26 @@ mod tests {
             3,
             "the lone path's NAR went with its narinfo"
         );
+    }
+
+    #[test]
+    fn referrers_are_deleted_before_what_they_refer_to() {
+        let (_directory, cache) = open();
+        let leaf = text(&cache, "leaf", &[]);
+        let middle = text(&cache, "middle", &[&leaf]);
+        let top = text(&cache, "top", &[&middle, &leaf]);
+        let marked = plan(
+            list(cache.directory()).unwrap(),
+            &[],
+            &Noted::default(),
+            &later(),
+        );
+        let order: Vec<&StorePath> = marked
+            .deletion_order()
+            .into_iter()
+            .map(|at| &marked.listed[at].path)
+            .collect();
+        assert_eq!(order, [&top, &middle, &leaf]);
     }
 
     #[test]
@@ -349,29 +449,46 @@ mod tests {
             finished_at: Some(1),
             paths: vec![rooted.to_absolute()],
         }];
-        let later = SystemTime::now() + Duration::from_hours(1);
-        let mut marked = plan(
-            list(cache.directory()).unwrap(),
-            &roots,
-            later,
-            Duration::ZERO,
-            None,
+        // As if a sweep had begun since they were published.
+        cache.marks().take();
+        let listed = list(cache.directory()).unwrap();
+        let mut marked = plan(listed, &roots, &Noted::default(), &later());
+        let swept = sweep(
+            &cache,
+            &mut marked,
+            HashSet::new(),
+            &CancellationToken::new(),
         );
-        assert_eq!(sweep(&cache, &mut marked).unwrap().paths, 1);
+        assert_eq!(swept.paths, 1);
         assert!(cache.is_published(&rooted) && cache.is_published(&leaf));
         assert!(!cache.is_published(&gone));
         assert_eq!(nar_files(&cache), 2);
 
         // Published now, within an hour's grace: young, so it stays.
         let fresh = text(&cache, "fresh", &[]);
+        let timing = Timing {
+            started: SystemTime::now(),
+            grace: Duration::from_hours(1),
+            max_bytes: None,
+        };
         let mut marked = plan(
             list(cache.directory()).unwrap(),
             &[],
-            SystemTime::now(),
-            Duration::from_hours(1),
-            None,
+            &Noted::default(),
+            &timing,
         );
-        assert_eq!(sweep(&cache, &mut marked).unwrap().paths, 0);
+        let swept = sweep(
+            &cache,
+            &mut marked,
+            HashSet::new(),
+            &CancellationToken::new(),
+        );
+        assert_eq!(swept.paths, 0);
         assert!(cache.is_published(&fresh));
+        // Looked up since the previous sweep began: it stays however old.
+        let used = cache.marks().take();
+        assert!(used.paths.contains(&fresh), "{:?}", used.paths);
+        let marked = plan(list(cache.directory()).unwrap(), &[], &used, &later());
+        assert_eq!(marked.doomed().count(), 0);
     }
 }

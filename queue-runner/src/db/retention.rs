@@ -20,25 +20,28 @@ pub struct Keep<'a> {
 }
 
 /// The outputs of finished builds still wanted (each build's top derivation's outputs; their
-/// closure follows from the cache's references).
+/// closure follows from the cache's references), one row per build, by the strongest reason:
+/// pinned, then newest of its key (ranked among every succeeded build of the key, pinned ones
+/// included), then recent.
 const FINISHED_ROOTS: &str = "
-    SELECT b.id, r.kind, extract(epoch FROM b.finished_at)::bigint, v.output_paths
+    SELECT DISTINCT ON (b.id) b.id, r.kind, extract(epoch FROM b.finished_at)::bigint,
+           v.output_paths
     FROM (
-        SELECT id, 'pinned' AS kind FROM builds WHERE pinned_at IS NOT NULL
+        SELECT id, 1 AS strength, 'pinned' AS kind FROM builds WHERE pinned_at IS NOT NULL
         UNION ALL
-        SELECT id, 'recent' FROM builds
-         WHERE finished_at > now() - make_interval(days => $1) AND pinned_at IS NULL
-        UNION ALL
-        SELECT id, 'newest_of_key' FROM (
+        SELECT id, 2, 'newest_of_key' FROM (
             SELECT id, row_number() OVER (PARTITION BY metadata ->> $3 ORDER BY finished_at DESC)
                 AS newest
             FROM builds
-            WHERE status = 'succeeded' AND pinned_at IS NULL AND $3::text IS NOT NULL
-              AND metadata ? $3::text
+            WHERE status = 'succeeded' AND $3::text IS NOT NULL AND metadata ? $3::text
         ) keyed WHERE newest <= $2
+        UNION ALL
+        SELECT id, 3, 'recent' FROM builds
+         WHERE finished_at > now() - make_interval(days => $1)
     ) r
     JOIN builds b ON b.id = r.id AND b.finished_at IS NOT NULL
-    JOIN verified_derivations v ON v.path = b.drv_path";
+    JOIN verified_derivations v ON v.path = b.drv_path
+    ORDER BY b.id, r.strength";
 
 /// Everything queued or running builds need: the outputs and input sources of every
 /// derivation of their closures.
@@ -67,8 +70,8 @@ pub async fn cache_roots(
     for row in rows {
         let kind = match row.get::<_, &str>(1) {
             "pinned" => RootKind::Pinned,
-            "recent" => RootKind::Recent,
-            _ => RootKind::NewestOfKey,
+            "newest_of_key" => RootKind::NewestOfKey,
+            _ => RootKind::Recent,
         };
         roots.push(RootPaths {
             build: Some(row.get(0)),
@@ -81,12 +84,14 @@ pub async fn cache_roots(
         .query(LIVE_PATHS, &[])
         .await
         .map_err(DbError::query("reading what live builds need"))?;
-    roots.push(RootPaths {
-        build: None,
-        kind: RootKind::Live,
-        finished_at: None,
-        paths: live.iter().map(|row| row.get(0)).collect(),
-    });
+    if !live.is_empty() {
+        roots.push(RootPaths {
+            build: None,
+            kind: RootKind::Live,
+            finished_at: None,
+            paths: live.iter().map(|row| row.get(0)).collect(),
+        });
+    }
     Ok(roots)
 }
 
@@ -116,7 +121,7 @@ pub async fn record_sweep(
     plan: &Plan,
     swept: Swept,
 ) -> Result<(), DbError> {
-    let kept = plan.marked.keep.iter().filter(|keep| **keep).count();
+    let kept = plan.kept();
     let count = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
     client
         .execute(
@@ -125,7 +130,7 @@ pub async fn record_sweep(
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             &[
                 &started,
-                &i32::try_from(plan.roots).unwrap_or(i32::MAX),
+                &i32::try_from(plan.root_count).unwrap_or(i32::MAX),
                 &i64::try_from(kept).unwrap_or(i64::MAX),
                 &count(plan.marked.kept_bytes),
                 &count(swept.paths),
@@ -162,4 +167,20 @@ pub async fn expire_logs(
         .await
         .map_err(DbError::query("expiring old step logs"))?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// How long ago the last recorded sweep ended, if one did.
+pub async fn since_last_sweep(
+    client: &impl GenericClient,
+) -> Result<Option<std::time::Duration>, DbError> {
+    let row = client
+        .query_one(
+            "SELECT extract(epoch FROM now() - max(finished_at))::float8 FROM cache_sweeps",
+            &[],
+        )
+        .await
+        .map_err(DbError::query("reading when the cache was last swept"))?;
+    Ok(row
+        .get::<_, Option<f64>>(0)
+        .and_then(|seconds| std::time::Duration::try_from_secs_f64(seconds.max(0.0)).ok()))
 }

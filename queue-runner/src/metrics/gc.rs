@@ -36,7 +36,8 @@ pub struct SweepFigures {
 }
 
 impl GcMetrics {
-    /// Registers every metric in `registry`, at zero. Sweeps of a second to about three hours.
+    /// Registers every metric in `registry`, at zero. Sweeps of a tenth of a second to about half
+    /// an hour.
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             sweeps: Counter::default(),
