@@ -161,7 +161,12 @@ impl Sweeper {
             }
             wait = interval;
             let began = Instant::now();
-            match self.sweep(&shutdown).await {
+            // A sweep stopped by shutdown ends at its next batch, on its own thread.
+            let swept = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                swept = self.sweep(&shutdown) => swept,
+            };
+            match swept {
                 Ok(sweep) => {
                     let figures = self.figures(&sweep, began);
                     metrics.swept(&figures);

@@ -239,9 +239,26 @@ pub fn sweep(
     placed: impl IntoIterator<Item = String>,
     stop: &CancellationToken,
 ) -> Swept {
-    let mut swept = Swept::default();
     let mut placed: HashSet<String> = placed.into_iter().collect();
     let mut deleted = Vec::new();
+    cache.marks().doom(Noted {
+        paths: plan.doomed().map(|listed| listed.path.clone()).collect(),
+        nars: plan.doomed().map(|listed| listed.url.clone()).collect(),
+    });
+    let swept = delete(cache, plan, &mut placed, &mut deleted, stop);
+    cache.marks().doom(Noted::default());
+    swept
+}
+
+/// Deletes the doomed narinfos, then the NAR files only they named.
+fn delete(
+    cache: &BinaryCache,
+    plan: &mut Plan,
+    placed: &mut HashSet<String>,
+    deleted: &mut Vec<usize>,
+    stop: &CancellationToken,
+) -> Swept {
+    let mut swept = Swept::default();
     for batch in plan.deletion_order().chunks(BATCH) {
         if stop.is_cancelled() {
             break;

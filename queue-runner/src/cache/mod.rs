@@ -199,7 +199,7 @@ impl BinaryCache {
         let file = self.narinfo_file(path);
         let read = self
             .marks
-            .lookup(path, || fs_err::read_to_string(file), Result::is_ok);
+            .lookup(path, || fs_err::read_to_string(&file), Result::is_ok);
         match read {
             Ok(text) => NarInfo::parse(&text).map(Some).map_err(CacheError::NarInfo),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
