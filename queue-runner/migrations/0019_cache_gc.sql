@@ -20,6 +20,7 @@ CREATE TABLE cache_sweeps (
     protected_bytes bigint NOT NULL
 );
 COMMENT ON TABLE cache_sweeps IS 'Each garbage collection of the binary cache the runner completed, newest last ([gc] in the runner''s configuration).';
+COMMENT ON COLUMN cache_sweeps.id IS 'Sweep id, in the order sweeps completed.';
 COMMENT ON COLUMN cache_sweeps.started_at IS 'When it began marking.';
 COMMENT ON COLUMN cache_sweeps.finished_at IS 'When it had deleted everything it would.';
 COMMENT ON COLUMN cache_sweeps.roots IS 'Builds whose paths it kept (live ones counted as one root).';
