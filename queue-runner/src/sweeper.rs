@@ -261,7 +261,7 @@ pub fn write_dry_run(
     let kept = bounded.kept();
     writeln!(
         out,
-        "# would delete {paths} paths ({bytes} NAR bytes); would keep {kept} paths ({} NAR bytes) for {} roots{}",
+        "# would delete {paths} paths ({bytes} NAR bytes); would keep {kept} paths ({} NAR bytes); roots: {}{}",
         bounded.marked.kept_bytes,
         bounded.root_count,
         if bounded.marked.dropped.is_empty() {

@@ -44,13 +44,18 @@ let
 in { old = (pair "old").top; pinned = (pair "pinned").top; }
 "#;
 
-/// The runner's settings: sweeps every second, nothing young, builds kept 30 days.
-fn collecting(farm: &mut Farm, interval_secs: i64) {
+/// A farm sweeping every `interval_secs` (nothing young, builds kept 30 days) with one Nix
+/// builder, which has built the diamond's top, `old` and `pinned`.
+async fn farm_with_three_builds(interval_secs: i64) -> (Farm, [i64; 3]) {
+    let mut farm = Farm::new().await;
     farm.runner_settings = vec![
         ("gc.interval_secs", interval_secs.into()),
         ("gc.grace_secs", 0.into()),
         ("gc.keep_days", 30.into()),
     ];
+    let (_store, submitter) = start_with_one_nix_builder(&mut farm).await;
+    let builds = build_three(&farm, &submitter).await;
+    (farm, builds)
 }
 
 /// The output `out` of a finished build.
@@ -195,10 +200,7 @@ async fn the_old_log_expired(farm: &Farm, old: i64, kept: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweeps_racing_uploads_keep_every_root_and_stock_nix_substitutes_what_stays() {
-    let mut farm = Farm::new().await;
-    collecting(&mut farm, 1);
-    let (_store, submitter) = start_with_one_nix_builder(&mut farm).await;
-    let [diamond, old, pinned] = build_three(&farm, &submitter).await;
+    let (farm, [diamond, old, pinned]) = farm_with_three_builds(1).await;
     let (diamond_out, old_out, pinned_out) = (
         output(&farm, diamond).await,
         output(&farm, old).await,
@@ -262,10 +264,7 @@ async fn sweeps_racing_uploads_keep_every_root_and_stock_nix_substitutes_what_st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_says_what_would_go_and_why_and_deletes_nothing() {
-    let mut farm = Farm::new().await;
-    collecting(&mut farm, 86_400);
-    let (_store, submitter) = start_with_one_nix_builder(&mut farm).await;
-    let [_, old, pinned] = build_three(&farm, &submitter).await;
+    let (farm, [_, old, pinned]) = farm_with_three_builds(86_400).await;
     age_and_pin(&farm, old, pinned).await;
     let db = farm.db().await;
     let missing = farm

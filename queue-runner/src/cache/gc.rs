@@ -396,6 +396,11 @@ mod tests {
         }
     }
 
+    /// Sweeps what `marked` does not keep, nothing placed, no shutdown.
+    fn sweep_now(cache: &BinaryCache, marked: &mut Plan) -> Swept {
+        sweep(cache, marked, HashSet::new(), &CancellationToken::new())
+    }
+
     fn nar_files(cache: &BinaryCache) -> usize {
         fs_err::read_dir(cache.directory().join("nar"))
             .unwrap()
@@ -416,12 +421,7 @@ mod tests {
         assert_eq!(marked.doomed().count(), 4);
         // Ingest finds `top` published between the marking and the deletion.
         assert!(cache.is_published(&top));
-        let swept = sweep(
-            &cache,
-            &mut marked,
-            HashSet::new(),
-            &CancellationToken::new(),
-        );
+        let swept = sweep_now(&cache, &mut marked);
         assert_eq!(swept.paths, 1);
         for kept in [&top, &middle, &leaf] {
             assert!(cache.is_published(kept), "{kept} was deleted");
@@ -470,12 +470,7 @@ mod tests {
         cache.marks().take();
         let listed = list(cache.directory()).unwrap();
         let mut marked = plan(listed, &roots, &Noted::default(), &later());
-        let swept = sweep(
-            &cache,
-            &mut marked,
-            HashSet::new(),
-            &CancellationToken::new(),
-        );
+        let swept = sweep_now(&cache, &mut marked);
         assert_eq!(swept.paths, 1);
         assert!(cache.is_published(&rooted) && cache.is_published(&leaf));
         assert!(!cache.is_published(&gone));
@@ -494,12 +489,7 @@ mod tests {
             &Noted::default(),
             &timing,
         );
-        let swept = sweep(
-            &cache,
-            &mut marked,
-            HashSet::new(),
-            &CancellationToken::new(),
-        );
+        let swept = sweep_now(&cache, &mut marked);
         assert_eq!(swept.paths, 0);
         assert!(cache.is_published(&fresh));
         // Looked up since the previous sweep began: it stays however old.
