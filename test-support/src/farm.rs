@@ -434,7 +434,18 @@ pub fn free_port() -> u16 {
 }
 
 /// A TCP port on 127.0.0.1 that no listener used a moment ago, or why none could be bound.
+/// Drawn below the kernel's ephemeral range (32768 and up by default), where outgoing
+/// connections take their local ports: a port the kernel handed out would be free now and may
+/// be some test's client socket by the time a runner binds it.
 pub fn unused_port() -> std::io::Result<u16> {
+    use std::hash::{BuildHasher as _, RandomState};
+    let seed = RandomState::new();
+    for attempt in 0..200_u64 {
+        let port = 20_000 + u16::try_from(seed.hash_one(attempt) % 12_000).unwrap_or(0);
+        if let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+            return Ok(listener.local_addr()?.port());
+        }
+    }
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(listener.local_addr()?.port())
 }
