@@ -24,7 +24,7 @@ pub enum SweepError {
     /// The roots could not be read or the sweep recorded.
     #[error("garbage collection's database work failed")]
     Database(#[from] DbError),
-    /// The cache directory could not be listed or a file deleted.
+    /// The cache directory could not be listed.
     #[error("garbage collection of the cache directory failed")]
     Cache(#[from] CacheError),
     /// The blocking thread doing the file-system work died.
