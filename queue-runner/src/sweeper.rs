@@ -136,9 +136,9 @@ impl Sweeper {
         Ok(Sweep { plan, swept })
     }
 
-    /// Sweeps every `interval` (the first one `interval` after start, so a runner restarted
-    /// again and again does not sweep each time) until `shutdown`. A sweep that fails is logged and tried again
-    /// at the next interval; only losing the database ends the runner.
+    /// Sweeps every `interval` after the last recorded sweep ended (so a runner restarted again
+    /// and again still sweeps, and not each time) until `shutdown`. A sweep that fails is logged
+    /// and tried again at the next interval; only losing the database ends the runner.
     pub async fn run(
         self,
         interval: Duration,
@@ -228,23 +228,20 @@ pub async fn listing(
 }
 
 /// Writes what a sweep would delete, one path a line (`PATH<TAB>NAR BYTES<TAB>WHY`), then a
-/// summary line starting with `#`. `unbounded` is the same sweep without the size bound: a path
-/// only it keeps goes because of the bound.
+/// summary line starting with `#`. `unbounded` is the same sweep of the same listing without the
+/// size bound: a path only it keeps goes because of the bound.
 pub fn write_dry_run(
     bounded: &Plan,
     unbounded: &Plan,
     out: &mut impl std::io::Write,
 ) -> std::io::Result<()> {
-    let kept_unbounded: std::collections::HashSet<&nix_primitives::StorePath> = unbounded
-        .listed
-        .iter()
-        .zip(&unbounded.marked.keep)
-        .filter(|(_, keep)| **keep)
-        .map(|(listed, _)| &listed.path)
-        .collect();
     let (mut paths, mut bytes) = (0_u64, 0_u64);
-    for listed in bounded.doomed() {
-        let why = if kept_unbounded.contains(&listed.path) {
+    let marked = bounded.listed.iter().zip(&bounded.marked.keep);
+    for ((listed, _), kept_unbounded) in marked
+        .zip(&unbounded.marked.keep)
+        .filter(|((_, keep), _)| !**keep)
+    {
+        let why = if *kept_unbounded {
             "its build is among the oldest kept, dropped to stay under gc.max_bytes"
         } else {
             "no build kept needs it (not live, pinned, recent or newest of its key)"
@@ -293,6 +290,7 @@ fn log(sweep: &Sweep, figures: &SweepFigures, max_bytes: Option<u64>) {
         kept_bytes = figures.kept_bytes,
         roots = figures.roots,
         seconds = figures.seconds,
+        undeletable_files = sweep.swept.failed,
         "cache swept"
     );
     if !sweep.plan.marked.dropped.is_empty() {

@@ -291,12 +291,8 @@ async fn a_dry_run_says_what_would_go_and_why_and_deletes_nothing() {
     };
     let printed = run_dry_run(&farm, &[]);
     let doomed = lines(&printed);
-    let names: BTreeSet<String> = doomed
-        .iter()
-        .map(|(path, _)| StorePath::from_absolute(path).unwrap().name().to_owned())
-        .collect();
     assert_eq!(
-        names,
+        names(&doomed),
         ["diamond-base", "old-base", "old-top"]
             .map(str::to_owned)
             .into(),
@@ -323,32 +319,29 @@ async fn a_dry_run_says_what_would_go_and_why_and_deletes_nothing() {
         &farm,
         &[("key", "branch".into()), ("keep_per_key", 1.into())],
     ));
-    let keyed: BTreeSet<String> = keyed
-        .iter()
-        .map(|(path, _)| StorePath::from_absolute(path).unwrap().name().to_owned())
-        .collect();
     assert_eq!(
-        keyed,
+        names(&keyed),
         ["diamond-base".to_owned()].into(),
         "main's newest build went"
     );
 
-    let bounded = lines(&run_dry_run(&farm, &[("max_bytes", 1.into())]));
-    let dropped: Vec<&(String, String)> = bounded
-        .iter()
-        .filter(|(_, why)| why.contains("gc.max_bytes"))
-        .collect();
-    let dropped_names: BTreeSet<String> = dropped
-        .iter()
-        .map(|(path, _)| StorePath::from_absolute(path).unwrap().name().to_owned())
-        .collect();
+    let mut bounded = lines(&run_dry_run(&farm, &[("max_bytes", 1.into())]));
+    bounded.retain(|(_, why)| why.contains("gc.max_bytes"));
     assert_eq!(
-        dropped_names,
+        names(&bounded),
         ["diamond-left", "diamond-right", "diamond-top"]
             .map(str::to_owned)
             .into(),
         "the recent build goes under a 1-byte bound, the pinned one never does"
     );
+}
+
+/// The names of the store paths of a dry run's lines.
+fn names(lines: &[(String, String)]) -> BTreeSet<String> {
+    lines
+        .iter()
+        .map(|(path, _)| StorePath::from_absolute(path).unwrap().name().to_owned())
+        .collect()
 }
 
 /// `drover-queue-runner gc --dry-run` with the farm's configuration and more `[gc]` keys.

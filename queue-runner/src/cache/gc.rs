@@ -230,22 +230,19 @@ pub struct Timing {
 }
 
 /// Deletes what `plan` does not keep, less what is looked up or published meanwhile and the
-/// NAR files `placed` since the previous sweep began. A file that cannot be deleted is logged
-/// and counted, and the sweep goes on.
-/// Stops between batches once `stop` is cancelled.
+/// NAR files `placed` since the previous sweep began; stops between batches once `stop` is
+/// cancelled. A file that cannot be deleted is logged and counted, and the sweep goes on.
 pub fn sweep(
     cache: &BinaryCache,
     plan: &mut Plan,
     placed: impl IntoIterator<Item = String>,
     stop: &CancellationToken,
 ) -> Swept {
-    let mut placed: HashSet<String> = placed.into_iter().collect();
-    let mut deleted = Vec::new();
     cache.marks().doom(Noted {
         paths: plan.doomed().map(|listed| listed.path.clone()).collect(),
         nars: plan.doomed().map(|listed| listed.url.clone()).collect(),
     });
-    let swept = delete(cache, plan, &mut placed, &mut deleted, stop);
+    let swept = delete(cache, plan, placed.into_iter().collect(), stop);
     cache.marks().doom(Noted::default());
     swept
 }
@@ -254,10 +251,10 @@ pub fn sweep(
 fn delete(
     cache: &BinaryCache,
     plan: &mut Plan,
-    placed: &mut HashSet<String>,
-    deleted: &mut Vec<usize>,
+    mut placed: HashSet<String>,
     stop: &CancellationToken,
 ) -> Swept {
+    let mut deleted = Vec::new();
     let mut swept = Swept::default();
     for batch in plan.deletion_order().chunks(BATCH) {
         if stop.is_cancelled() {
