@@ -84,15 +84,20 @@ impl LogStore {
         self.live.follow(attempt)
     }
 
-    /// Deletes a log whose time is up; one gone already is no error.
-    pub fn delete(&self, file_name: &str) -> io::Result<()> {
+    /// The log file named `file_name` (as an attempt's row names it) in the log directory.
+    fn file(&self, file_name: &str) -> io::Result<PathBuf> {
         if file_name.contains('/') {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not a log file name",
             ));
         }
-        match fs_err::remove_file(self.directory.join(file_name)) {
+        Ok(self.directory.join(file_name))
+    }
+
+    /// Deletes a log whose time is up; one gone already is no error.
+    pub fn delete(&self, file_name: &str) -> io::Result<()> {
+        match fs_err::remove_file(self.file(file_name)?) {
             Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
             _ => Ok(()),
         }
@@ -101,13 +106,7 @@ impl LogStore {
     /// Reads a log back, decompressed, as far as it goes: a file whose upload was cut (or is
     /// under way) ends in an unfinished frame, and what precedes it is kept.
     pub fn read(&self, file_name: &str) -> io::Result<LogText> {
-        if file_name.contains('/') {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a log file name",
-            ));
-        }
-        let file = fs_err::File::open(self.directory.join(file_name))?;
+        let file = fs_err::File::open(self.file(file_name)?)?;
         let mut bytes = Vec::new();
         // `read_to_end` keeps what it decoded before an error.
         let complete = zstd::Decoder::new(file)?.read_to_end(&mut bytes).is_ok();
