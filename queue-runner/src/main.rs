@@ -40,9 +40,10 @@ enum Command {
     Run,
     /// Apply database migrations and exit.
     Migrate,
-    /// Garbage collection of the binary cache. Sweeps run inside the runner every
-    /// `gc.interval_secs`; this command only prints what the next one would delete and why
-    /// (one path a line: path, NAR bytes, reason), deleting nothing.
+    /// Print what the next garbage collection of the cache would delete, and why.
+    ///
+    /// Sweeps run inside the runner every `gc.interval_secs`; this command deletes nothing. One
+    /// path a line: path, NAR bytes, reason (tab-separated), then a summary line starting `#`.
     Gc {
         /// Print what would go; required (deleting is the running runner's job).
         #[arg(long, required = true)]
