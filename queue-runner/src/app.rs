@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 
 use drover_scheduler::Core;
+use drover_scheduler::history::HistoryPolicy;
 
 use crate::admin::Admin;
 use crate::builds::{Builds, SubmitLimits};
@@ -29,6 +30,7 @@ use crate::grpc::admin_service::AdminServiceImpl;
 use crate::grpc::build_service::BuildServiceImpl;
 use crate::grpc::tls::ServerTls;
 use crate::grpc::tunnel::{BuilderServiceImpl, SchedulerSide, SessionTiming, UploadTargets};
+use crate::history::Pruner;
 use crate::logs::LogStore;
 use crate::metrics::Metrics;
 use crate::scheduler::attempts::Attempts;
@@ -312,20 +314,34 @@ fn start_sweeper(
     shutdown: &CancellationToken,
     supervisor: &mut Supervisor<RunnerError>,
 ) {
-    let Some(interval) = config.gc.interval else {
-        return;
-    };
     let logs = (config.log_keep_days > 0).then(|| LogExpiry {
         logs: parts.logs.clone(),
         keep_days: config.log_keep_days,
     });
+    let history = (config.history_keep_days > 0).then(|| {
+        Pruner::new(
+            parts.pool.clone(),
+            parts.handoff.gate().clone(),
+            parts.logs.clone(),
+            HistoryPolicy {
+                keep_days: config.history_keep_days,
+                cache_keep_days: config.gc.keep_days,
+            },
+            config.gc.key.clone(),
+            config.gc.keep_per_key,
+        )
+    });
+    if !config.gc.sweep && logs.is_none() && history.is_none() {
+        return;
+    }
     let sweeper = Sweeper::new(
         parts.pool.clone(),
         parts.cache.clone(),
         config.gc.clone(),
         logs,
+        history,
     );
-    let sweeping = sweeper.run(interval, parts.gc_metrics.clone(), shutdown.clone());
+    let sweeping = sweeper.run(parts.gc_metrics.clone(), shutdown.clone());
     supervisor.spawn_critical("garbage collector", async move {
         sweeping.await.map_err(|error| {
             RunnerError::Database(WithContext::from(error).context("collecting garbage"))

@@ -35,16 +35,29 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     gc: RawGc,
+    #[serde(default)]
+    history: RawHistory,
+}
+
+/// How long the rows of finished builds stay in the database (`docs/operations.md`).
+#[derive(Debug, Default, Deserialize)]
+struct RawHistory {
+    /// Delete the rows of builds finished more than this many days ago (with the steps,
+    /// attempts, logs and derivations nothing else needs), at each collection
+    /// (`gc.interval_secs`); builds the cache keeps by `gc` stay. 0: forever. Default 0.
+    #[serde(default)]
+    keep_days: u32,
 }
 
 /// Garbage collection of the binary cache (`docs/binary-cache.md`). What stays is the closure
 /// of the outputs of the builds still wanted, and everything live builds need.
 #[derive(Debug, Deserialize)]
 struct RawGc {
-    /// Sweep on a schedule. Default true.
+    /// Sweep the cache on a schedule. Default true.
     #[serde(default = "default_true")]
     enabled: bool,
-    /// Seconds between the end of one sweep and the start of the next. Default 3600.
+    /// Seconds between the end of one collection (a cache sweep, logs expired, history
+    /// pruned: whichever are on) and the start of the next. Default 3600.
     #[serde(default = "default_gc_interval_secs")]
     interval_secs: u64,
     /// Keep the outputs of builds finished within this many days. Default 30.
@@ -96,8 +109,10 @@ const fn default_gc_grace_secs() -> u64 {
 /// How the binary cache is garbage-collected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GcPolicy {
-    /// Time between sweeps; `None`: no scheduled sweep.
-    pub interval: Option<Duration>,
+    /// Whether the cache is swept on a schedule.
+    pub sweep: bool,
+    /// Time between collections (of the cache, logs and history, whichever are on).
+    pub interval: Duration,
     /// Days a finished build's outputs stay.
     pub keep_days: u32,
     /// A metadata key whose values each keep their newest builds.
@@ -112,16 +127,15 @@ pub struct GcPolicy {
 
 impl RawGc {
     fn policy(&self, problems: &mut Vec<String>) -> GcPolicy {
-        if self.enabled && self.interval_secs == 0 {
+        if self.interval_secs == 0 {
             problems.push("gc.interval_secs = 0: need at least 1".to_owned());
         }
         if self.key.as_deref().is_some_and(str::is_empty) {
             problems.push("gc.key is empty: name a metadata key, or leave it out".to_owned());
         }
         GcPolicy {
-            interval: self
-                .enabled
-                .then(|| Duration::from_secs(self.interval_secs)),
+            sweep: self.enabled,
+            interval: Duration::from_secs(self.interval_secs),
             keep_days: self.keep_days,
             key: self.key.clone(),
             keep_per_key: self.keep_per_key,
@@ -548,6 +562,8 @@ pub struct Config {
     pub max_log_bytes: u64,
     /// Days logs are kept (0: forever).
     pub log_keep_days: u32,
+    /// Days the rows of finished builds are kept (0: forever).
+    pub history_keep_days: u32,
     /// Binary cache directory.
     pub cache_directory: PathBuf,
     /// Binary cache HTTP listen address.
@@ -707,6 +723,7 @@ impl Config {
             log_directory: raw.logs.directory,
             max_log_bytes: raw.logs.max_bytes,
             log_keep_days: raw.logs.keep_days,
+            history_keep_days: raw.history.keep_days,
             cache_directory: raw.cache.directory,
             cache_listen,
             cache_secret_key_file: raw.cache.secret_key_file,

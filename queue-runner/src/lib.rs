@@ -13,6 +13,9 @@
 //!   certificates.
 //! - [`cache`]: the signed binary cache (publishing uploaded NARs, serving it over HTTP).
 //! - [`logs`]: compressed step logs on disk.
+//! - [`sweeper`]: collection on a schedule: cache sweeps, log expiry, history pruning.
+//! - [`history`]: pruning the rows of builds finished long ago, and what keeps it from racing
+//!   plans and submissions.
 //! - [`live_logs`]: the logs builders are still sending, for followers.
 //! - [`compression`]: zstd with a reused context per thread.
 //! - [`tasks`]: spawning, and supervision of the critical tasks.
@@ -33,6 +36,7 @@ pub mod config;
 pub mod db;
 pub mod grpc;
 pub mod health;
+pub mod history;
 pub mod live_logs;
 pub mod logs;
 pub mod metrics;

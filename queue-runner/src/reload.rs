@@ -176,6 +176,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
             differs(&old.log_keep_days, &new.log_keep_days),
         ),
         (
+            "history.keep_days",
+            differs(&old.history_keep_days, &new.history_keep_days),
+        ),
+        (
             "builders.ping_interval_secs",
             differs(&old.ping_interval, &new.ping_interval),
         ),

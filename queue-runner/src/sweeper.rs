@@ -1,7 +1,8 @@
-//! Garbage collection on a schedule: the binary cache, one sweep at a time, without stopping
-//! service, then step logs past their time. A sweep reads its roots from the database, lists
-//! and deletes on a blocking thread, and is recorded (`cache_sweeps`) and counted. Also the dry
-//! run of `drover-queue-runner gc --dry-run`, which deletes nothing.
+//! Collection on a schedule, without stopping service: the binary cache, one sweep at a time,
+//! then step logs past their time, then the history of builds past theirs ([`crate::history`]),
+//! each if it is on. A sweep reads its roots from the database, lists and deletes on a blocking
+//! thread, and is recorded (`cache_sweeps`) and counted. Also the dry run of
+//! `drover-queue-runner gc --dry-run`, which deletes nothing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::cache::{BinaryCache, CacheError};
 use crate::config::GcPolicy;
 use crate::db::retention::{self, Keep};
 use crate::db::{self, DbError};
+use crate::history::{Pruned, Pruner};
 use crate::logs::LogStore;
 use crate::metrics::{GcMetrics, SweepFigures};
 
@@ -41,13 +43,14 @@ impl Classify for SweepError {
     }
 }
 
-/// Sweeps one cache by one policy, and expires old logs.
+/// Sweeps one cache by one policy, expires old logs and prunes old history.
 #[derive(Debug, Clone)]
 pub struct Sweeper {
     pool: db::Pool,
     cache: Arc<BinaryCache>,
     policy: GcPolicy,
     logs: Option<LogExpiry>,
+    history: Option<Pruner>,
 }
 
 /// Which logs go.
@@ -72,19 +75,22 @@ pub struct Sweep {
 }
 
 impl Sweeper {
-    /// A sweeper of `cache` by `policy`, expiring `logs` if given.
+    /// A sweeper of `cache` by `policy` (which says whether to sweep it on a schedule),
+    /// expiring `logs` and pruning `history` if given.
     #[must_use]
     pub const fn new(
         pool: db::Pool,
         cache: Arc<BinaryCache>,
         policy: GcPolicy,
         logs: Option<LogExpiry>,
+        history: Option<Pruner>,
     ) -> Self {
         Self {
             pool,
             cache,
             policy,
             logs,
+            history,
         }
     }
 
@@ -136,15 +142,12 @@ impl Sweeper {
         Ok(Sweep { plan, swept })
     }
 
-    /// Sweeps every `interval` after the last recorded sweep ended (so a runner restarted again
-    /// and again still sweeps, and not each time) until `shutdown`. A sweep that fails is logged
-    /// and tried again at the next interval; only losing the database ends the runner.
-    pub async fn run(
-        self,
-        interval: Duration,
-        metrics: GcMetrics,
-        shutdown: CancellationToken,
-    ) -> Result<(), DbError> {
+    /// Collects every `gc.interval_secs` after the last recorded sweep ended (so a runner
+    /// restarted again and again still sweeps, and not each time) until `shutdown`. A
+    /// collection that fails is logged and tried again at the next interval; only losing the
+    /// database ends the runner.
+    pub async fn run(self, metrics: GcMetrics, shutdown: CancellationToken) -> Result<(), DbError> {
+        let interval = self.policy.interval;
         let mut wait = match self.since_last_sweep().await {
             Ok(Some(since)) => interval.saturating_sub(since),
             Ok(None) => interval,
@@ -160,21 +163,11 @@ impl Sweeper {
                 () = tokio::time::sleep(wait) => {}
             }
             wait = interval;
-            let began = Instant::now();
-            // A sweep stopped by shutdown ends at its next batch, on its own thread.
-            let swept = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                swept = self.sweep(&shutdown) => swept,
-            };
-            match swept {
-                Ok(sweep) => {
-                    let figures = self.figures(&sweep, began);
-                    metrics.swept(&figures);
-                    log(&sweep, &figures, self.policy.max_bytes);
-                }
-                Err(SweepError::Database(error)) if lost(&error) => return Err(error),
-                Err(error) => {
-                    tracing::error!(error = %error_context::report(&error), "cache sweep failed; trying again at the next interval");
+            if self.policy.sweep {
+                // A sweep stopped by shutdown ends at its next batch, on its own thread.
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    swept = self.sweep_and_count(&metrics, &shutdown) => swept?,
                 }
             }
             match self.expire_logs().await {
@@ -185,7 +178,44 @@ impl Sweeper {
                     tracing::error!(error = %error_context::report(&error), "expiring logs failed; trying again at the next interval");
                 }
             }
+            if let Some(history) = &self.history {
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    pruned = history.prune() => match pruned {
+                        Ok(pruned) => {
+                            metrics.pruned(&pruned);
+                            log_pruned(&pruned);
+                        }
+                        Err(error) if lost(&error) => return Err(error),
+                        Err(error) => {
+                            tracing::error!(error = %error_context::report(&error), "pruning history failed; trying again at the next interval");
+                        }
+                    },
+                }
+            }
         }
+    }
+
+    /// Sweeps the cache once, counting and logging the sweep; only a lost database is an
+    /// error.
+    async fn sweep_and_count(
+        &self,
+        metrics: &GcMetrics,
+        shutdown: &CancellationToken,
+    ) -> Result<(), DbError> {
+        let began = Instant::now();
+        match self.sweep(shutdown).await {
+            Ok(sweep) => {
+                let figures = self.figures(&sweep, began);
+                metrics.swept(&figures);
+                log(&sweep, &figures, self.policy.max_bytes);
+            }
+            Err(SweepError::Database(error)) if lost(&error) => return Err(error),
+            Err(error) => {
+                tracing::error!(error = %error_context::report(&error), "cache sweep failed; trying again at the next interval");
+            }
+        }
+        Ok(())
     }
 
     /// How long ago the last recorded sweep ended, if one did: a runner restarted more often
@@ -279,6 +309,18 @@ fn lost(error: &DbError) -> bool {
         DbError::Connection(_) | DbError::ConnectionClosed(_) | DbError::TimedOut(_) => true,
         DbError::Query { source, .. } => source.code().is_none(),
         _ => false,
+    }
+}
+
+/// Logs a pruning run that deleted something, or was stopped.
+fn log_pruned(pruned: &Pruned) {
+    if pruned.interrupted {
+        tracing::info!(
+            ?pruned,
+            "history pruning yielded to new work; it goes on at the next interval"
+        );
+    } else if *pruned != Pruned::default() {
+        tracing::info!(?pruned, "history past history.keep_days pruned");
     }
 }
 

@@ -14,6 +14,7 @@ pub mod durations;
 pub mod fleet;
 pub mod gauges;
 mod graph;
+pub mod history;
 mod orphans;
 mod placement;
 pub mod retention;

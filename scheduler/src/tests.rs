@@ -1488,4 +1488,5 @@ mod durations;
 mod fleet;
 mod gauges;
 mod global_priority;
+mod history;
 mod retention;

@@ -115,6 +115,8 @@ impl Builds {
                 existing: true,
             });
         }
+        // The closures read below must still be there when the job set commits.
+        let planning = self.handoff.gate().plan().await;
         let mut closure = VerifiedClosure::default();
         let tops: Vec<&str> = jobs.iter().map(|(_, top)| top.as_str()).collect();
         let outcomes = load_closures(&client, &tops, &mut closure).await?;
@@ -127,6 +129,7 @@ impl Builds {
                 });
             }
         }
+        planning.name_derivations(closure.derivations.keys().map(StorePath::to_absolute));
         if self.limits.refuse_unknown_systems {
             refuse_unknown_systems(&client, &closure).await?;
         }
@@ -166,6 +169,7 @@ impl Builds {
             }
             return Err(DbError::query("committing a job set")(error).into());
         }
+        drop(planning);
         if !existing {
             tracing::info!(
                 job_set = id,

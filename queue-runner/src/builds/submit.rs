@@ -191,6 +191,8 @@ impl Builds {
         {
             return Ok((existing, true));
         }
+        // The closure read below must still be there when the build commits.
+        let planning = self.handoff.gate().plan().await;
         let top = verify::parse_path(&request.top_drv_path)?;
         let mut parsed = BTreeMap::new();
         let mut texts = Vec::with_capacity(request.derivations.len());
@@ -203,6 +205,7 @@ impl Builds {
         let mut closure = VerifiedClosure::default();
         complete_closure(&client, std::slice::from_ref(&top), &closure, &mut parsed).await??;
         let verified = closure.add(&top, &mut parsed)?;
+        planning.name_derivations(closure.derivations.keys().map(StorePath::to_absolute));
         if self.limits.refuse_unknown_systems {
             refuse_unknown_systems(&client, &closure).await?;
         }
@@ -244,6 +247,7 @@ impl Builds {
             }
             return Err(DbError::query("committing a submission")(error).into());
         }
+        drop(planning);
         if !existing {
             tracing::info!(build = id, top = %top, derivations = new.len(), "build submitted");
         }

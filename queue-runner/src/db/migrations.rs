@@ -100,6 +100,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "cache garbage collection: pins and sweeps",
         include_str!("../../migrations/0019_cache_gc.sql"),
     ),
+    (
+        20,
+        "history pruning: derivations kept from when they were last stored",
+        include_str!("../../migrations/0020_history.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

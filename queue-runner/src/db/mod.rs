@@ -4,6 +4,7 @@
 
 pub mod certificates;
 pub mod connect;
+pub mod history;
 pub mod machines;
 mod migrations;
 pub mod queries;

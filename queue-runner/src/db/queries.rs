@@ -1,6 +1,8 @@
 //! The runner's statements outside the scheduler's batches (see [`super::transitions`]), one
 //! function each: ingest, recovery, logs, submissions and reads.
 
+use std::collections::HashSet;
+
 use deadpool_postgres::GenericClient;
 
 use drover_scheduler::durations::{DurationKey, Learned};
@@ -589,24 +591,35 @@ pub async fn insert_build(
     Ok((existing, true))
 }
 
-/// Stores derivations the farm does not have yet; returns how many were new.
+/// Stores derivations the farm does not have yet, and marks those it has as stored again (at
+/// most once a day, so a job set staged again and again does not rewrite them): history
+/// pruning keeps what was stored within its days. Returns how many were new.
 pub async fn store_derivations(
     client: &impl GenericClient,
     derivations: &[(String, Vec<u8>)],
 ) -> Result<u64, DbError> {
-    let paths: Vec<&str> = derivations.iter().map(|(path, _)| path.as_str()).collect();
-    let texts: Vec<&[u8]> = derivations
+    // A row may be updated once per statement: each path goes in once.
+    let mut seen = HashSet::with_capacity(derivations.len());
+    let (paths, texts): (Vec<&str>, Vec<&[u8]>) = derivations
         .iter()
-        .map(|(_, text)| text.as_slice())
-        .collect();
-    client
-        .execute(
-            "INSERT INTO derivations (path, text)
-             SELECT * FROM unnest($1::text[], $2::bytea[]) ON CONFLICT DO NOTHING",
+        .filter(|(path, _)| seen.insert(path.as_str()))
+        .map(|(path, text)| (path.as_str(), text.as_slice()))
+        .unzip();
+    let row = client
+        .query_one(
+            "WITH stored AS (
+                 INSERT INTO derivations (path, text)
+                 SELECT * FROM unnest($1::text[], $2::bytea[])
+                 ON CONFLICT (path) DO UPDATE SET created_at = now()
+                 WHERE derivations.created_at < now() - interval '1 day'
+                 RETURNING xmax = 0 AS new
+             )
+             SELECT count(*) FILTER (WHERE new) FROM stored",
             &[&paths, &texts],
         )
         .await
-        .map_err(DbError::query("storing derivations"))
+        .map_err(DbError::query("storing derivations"))?;
+    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
 }
 
 /// A job set as submitted.

@@ -1,10 +1,15 @@
-//! What the cache's garbage collection moves: sweeps, what they deleted and kept, how long
-//! they took, and whether live and pinned builds alone exceed the size bound.
+//! What garbage collection moves: the cache's sweeps, what they deleted and kept, how long
+//! they took, and whether live and pinned builds alone exceed the size bound; the rows history
+//! pruning deleted.
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+
+use super::labels::TableLabels;
+use crate::history::Pruned;
 
 /// Moved by each completed sweep.
 #[derive(Debug, Clone)]
@@ -16,6 +21,7 @@ pub struct GcMetrics {
     roots: Gauge,
     kept_bytes: Gauge,
     protected_over_bound: Gauge,
+    pruned_rows: Family<TableLabels, Counter>,
 }
 
 /// One sweep, as the metrics see it.
@@ -47,6 +53,7 @@ impl GcMetrics {
             roots: Gauge::default(),
             kept_bytes: Gauge::default(),
             protected_over_bound: Gauge::default(),
+            pruned_rows: Family::default(),
         };
         registry.register(
             "cache_gc_sweeps",
@@ -86,7 +93,25 @@ impl GcMetrics {
             "1 when live and pinned builds alone need more than gc.max_bytes",
             metrics.protected_over_bound.clone(),
         );
+        registry.register(
+            "history_pruned_rows",
+            "Rows history pruning deleted, by table (builds, steps, derivations)",
+            metrics.pruned_rows.clone(),
+        );
         metrics
+    }
+
+    /// Counts what a pruning run deleted.
+    pub fn pruned(&self, pruned: &Pruned) {
+        for (table, rows) in [
+            ("builds", pruned.builds),
+            ("steps", pruned.steps),
+            ("derivations", pruned.derivations),
+        ] {
+            self.pruned_rows
+                .get_or_create(&TableLabels::new(table))
+                .inc_by(rows);
+        }
     }
 
     /// Counts a completed sweep.

@@ -39,6 +39,18 @@ impl UploadLabels {
     }
 }
 
+/// A table history pruning deletes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TableLabels {
+    table: &'static str,
+}
+
+impl TableLabels {
+    pub const fn new(table: &'static str) -> Self {
+        Self { table }
+    }
+}
+
 /// A system, such as `x86_64-linux`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct SystemLabels {

@@ -1,10 +1,12 @@
 //! Closures Submit has verified, handed to ingest so that it does not load and verify them a
 //! second time. A build queued by other means (SQL from an evaluator, a runner restarted before
-//! ingest) is not here, and ingest loads and verifies it from the database as always.
+//! ingest) is not here, and ingest loads and verifies it from the database as always. Also the
+//! gate both hold while they read and name rows, which history pruning respects.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::history::PlanGate;
 use crate::verify::VerifiedClosure;
 
 /// Most closures waiting at once; past it Submit keeps none (ingest reloads those), so a flood
@@ -15,9 +17,16 @@ const MAX_WAITING: usize = 16;
 #[derive(Debug, Clone, Default)]
 pub struct Handoff {
     waiting: Arc<Mutex<HashMap<i64, VerifiedClosure>>>,
+    gate: Arc<PlanGate>,
 }
 
 impl Handoff {
+    /// What submissions and plans hold from their first read to their commit.
+    #[must_use]
+    pub const fn gate(&self) -> &Arc<PlanGate> {
+        &self.gate
+    }
+
     /// Offers the closure of a build about to be committed; returns whether it was kept.
     #[must_use]
     pub fn offer(&self, build: i64, closure: VerifiedClosure) -> bool {

@@ -18,6 +18,7 @@ use crate::cache::{BinaryCache, CacheError};
 use crate::db::DbError;
 use crate::db::queries::{self, QueuedBuild, StepRow, StepSpec};
 use crate::db::status::{BuildStatus, StepStatus};
+use crate::history::gate::Planning;
 use crate::verify::VerifiedClosure;
 
 /// Upstream cache lookups in flight at once while planning.
@@ -38,6 +39,7 @@ impl Ingest {
         group: &[QueuedBuild],
         shared: &mut SharedClosure,
         snapshot: u64,
+        planning: &Planning<'_>,
     ) -> Result<Option<BuildPlan>, IngestError> {
         let started = Instant::now();
         let (closure, specs) = shared.for_group(group, &self.handoff);
@@ -60,6 +62,8 @@ impl Ingest {
             .into_iter()
             .map(|row| (row.drv_path.clone(), row))
             .collect();
+        planning.name_steps(recorded.values().map(|row| row.id));
+        planning.name_derivations(paths);
         let done = |path: &StorePath| {
             let path = path.to_absolute();
             match recorded.get(&path).map(|row| row.status) {

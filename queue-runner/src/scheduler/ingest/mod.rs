@@ -69,8 +69,9 @@ pub struct Ingest {
 
 impl Ingest {
     /// An ingest task feeding `plans`; `committed` is the driver's count of durable step
-    /// completions; `handoff` holds the closures Submit verified already; every build it
-    /// expands is announced on `expanded`, for Watch streams.
+    /// completions; `handoff` holds the closures Submit verified already (and the gate held
+    /// while a group is planned); every build it expands is announced on `expanded`, for Watch
+    /// streams.
     #[must_use]
     pub fn new(
         pool: Pool,
@@ -183,8 +184,10 @@ impl Ingest {
         if let Some(build) = group.iter().find(|build| !build.trace_parent.is_empty()) {
             drover_daemon::traces::set_parent(&span, &build.trace_parent);
         }
+        // Until the plan is with the scheduler: from its first read, it names rows.
+        let planning = self.handoff.gate().plan().await;
         let plan = self
-            .expand(client, group, shared, snapshot)
+            .expand(client, group, shared, snapshot, &planning)
             .instrument(span)
             .await
             .with_context(|| match group {
@@ -207,6 +210,7 @@ impl Ingest {
         if let Some(plan) = plan {
             self.send(Event::BuildPlanned(plan)).await?;
         }
+        drop(planning);
         Ok(group.len())
     }
 
