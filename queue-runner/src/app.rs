@@ -314,6 +314,9 @@ fn start_sweeper(
     shutdown: &CancellationToken,
     supervisor: &mut Supervisor<RunnerError>,
 ) {
+    let Some(interval) = config.gc.interval else {
+        return;
+    };
     let logs = (config.log_keep_days > 0).then(|| LogExpiry {
         logs: parts.logs.clone(),
         keep_days: config.log_keep_days,
@@ -341,7 +344,7 @@ fn start_sweeper(
         logs,
         history,
     );
-    let sweeping = sweeper.run(parts.gc_metrics.clone(), shutdown.clone());
+    let sweeping = sweeper.run(interval, parts.gc_metrics.clone(), shutdown.clone());
     supervisor.spawn_critical("garbage collector", async move {
         sweeping.await.map_err(|error| {
             RunnerError::Database(WithContext::from(error).context("collecting garbage"))

@@ -44,9 +44,26 @@ struct RawConfig {
 struct RawHistory {
     /// Delete the rows of builds finished more than this many days ago (with the steps,
     /// attempts, logs and derivations nothing else needs), at each collection
-    /// (`gc.interval_secs`); builds the cache keeps by `gc` stay. 0: forever. Default 0.
+    /// (`gc.interval_secs`); builds the cache keeps by `gc` stay. 0: forever; else at least 2.
+    /// Default 0.
     #[serde(default)]
     keep_days: u32,
+}
+
+impl RawHistory {
+    fn validate(&self, collecting: bool, problems: &mut Vec<String>) {
+        // A derivation stored again is marked so at most once a day: a day of history must
+        // stay whatever happens.
+        if self.keep_days == 1 {
+            problems.push("history.keep_days = 1: need 0 (forever) or at least 2".to_owned());
+        }
+        if self.keep_days > 0 && !collecting {
+            problems.push(
+                "history.keep_days is set but gc.interval_secs = 0: no collection would prune it"
+                    .to_owned(),
+            );
+        }
+    }
 }
 
 /// Garbage collection of the binary cache (`docs/binary-cache.md`). What stays is the closure
@@ -111,8 +128,9 @@ const fn default_gc_grace_secs() -> u64 {
 pub struct GcPolicy {
     /// Whether the cache is swept on a schedule.
     pub sweep: bool,
-    /// Time between collections (of the cache, logs and history, whichever are on).
-    pub interval: Duration,
+    /// Time between collections (of the cache, logs and history, whichever are on); `None`
+    /// (`interval_secs = 0`, allowed only with the sweep off): no collection at all.
+    pub interval: Option<Duration>,
     /// Days a finished build's outputs stay.
     pub keep_days: u32,
     /// A metadata key whose values each keep their newest builds.
@@ -127,7 +145,7 @@ pub struct GcPolicy {
 
 impl RawGc {
     fn policy(&self, problems: &mut Vec<String>) -> GcPolicy {
-        if self.interval_secs == 0 {
+        if self.enabled && self.interval_secs == 0 {
             problems.push("gc.interval_secs = 0: need at least 1".to_owned());
         }
         if self.key.as_deref().is_some_and(str::is_empty) {
@@ -135,7 +153,7 @@ impl RawGc {
         }
         GcPolicy {
             sweep: self.enabled,
-            interval: Duration::from_secs(self.interval_secs),
+            interval: (self.interval_secs > 0).then(|| Duration::from_secs(self.interval_secs)),
             keep_days: self.keep_days,
             key: self.key.clone(),
             keep_per_key: self.keep_per_key,
@@ -704,6 +722,7 @@ impl Config {
             validate_submissions(&raw.submissions, &mut problems);
         let retry = validate_retry(&raw.retry, &mut problems);
         let gc = raw.gc.policy(&mut problems);
+        raw.history.validate(gc.interval.is_some(), &mut problems);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }

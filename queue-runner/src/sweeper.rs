@@ -146,8 +146,12 @@ impl Sweeper {
     /// restarted again and again still sweeps, and not each time) until `shutdown`. A
     /// collection that fails is logged and tried again at the next interval; only losing the
     /// database ends the runner.
-    pub async fn run(self, metrics: GcMetrics, shutdown: CancellationToken) -> Result<(), DbError> {
-        let interval = self.policy.interval;
+    pub async fn run(
+        self,
+        interval: Duration,
+        metrics: GcMetrics,
+        shutdown: CancellationToken,
+    ) -> Result<(), DbError> {
         let mut wait = match self.since_last_sweep().await {
             Ok(Some(since)) => interval.saturating_sub(since),
             Ok(None) => interval,

@@ -32,6 +32,8 @@ const POLICY: HistoryPolicy = HistoryPolicy {
 /// - `pinned` (build finished 100 days ago, pinned);
 /// - `restarted` (a step of the old build started again: no end);
 /// - `live` (a queued build, planned) needing `live-input` (no step: built long ago);
+/// - `kept-input`: in the kept build's verified closure, without a step (found in a cache);
+/// - `recent` (a step that ended 1 day ago, no build reaches it) → `recent-input` (100 days);
 /// - `stray` (stored 100 days ago, named by nothing) and `fresh` (stored now, named by nothing).
 const LAYOUT: &str = "
     INSERT INTO machines (name, systems, supported_features, mandatory_features, max_jobs,
@@ -41,19 +43,25 @@ const LAYOUT: &str = "
     SELECT '/nix/store/' || name || '.drv', 'Derive()', now() - make_interval(days => age)
     FROM (VALUES ('kept', 1), ('reused', 100), ('old', 100), ('old-input', 100),
                  ('pinned', 100), ('restarted', 100), ('live', 0), ('live-input', 100),
-                 ('stray', 100), ('fresh', 0)) AS d(name, age);
+                 ('stray', 100), ('fresh', 0), ('kept-input', 100), ('recent', 1),
+                 ('recent-input', 100)) AS d(name, age);
     INSERT INTO verified_derivations (path, system, required_features, output_names, output_paths,
                                       input_derivations, input_sources, input_outputs,
                                       hash_modulo)
     VALUES ('/nix/store/live.drv', 'x86_64-linux', '{}', '{out}', '{/nix/store/live}',
             '{/nix/store/live-input.drv}', '{}', '{}', decode(repeat('00', 32), 'hex')),
            ('/nix/store/live-input.drv', 'x86_64-linux', '{}', '{out}',
-            '{/nix/store/live-input}', '{}', '{}', '{}', decode(repeat('00', 32), 'hex'));
+            '{/nix/store/live-input}', '{}', '{}', '{}', decode(repeat('00', 32), 'hex')),
+           ('/nix/store/kept.drv', 'x86_64-linux', '{}', '{out}', '{/nix/store/kept}',
+            '{/nix/store/kept-input.drv}', '{}', '{}', decode(repeat('00', 32), 'hex')),
+           ('/nix/store/kept-input.drv', 'x86_64-linux', '{}', '{out}',
+            '{/nix/store/kept-input}', '{}', '{}', '{}', decode(repeat('00', 32), 'hex'));
     INSERT INTO steps (drv_path, status, system, finished_at)
     SELECT '/nix/store/' || name || '.drv', status::step_status, 'x86_64-linux',
            now() - make_interval(days => age)
     FROM (VALUES ('reused', 'succeeded', 100), ('old-input', 'succeeded', 100),
                  ('old', 'failed', 100), ('pinned', 'succeeded', 100),
+                 ('recent-input', 'succeeded', 100), ('recent', 'succeeded', 1),
                  ('kept', 'succeeded', 1)) AS s(name, status, age);
     INSERT INTO steps (drv_path, status, system) VALUES
         ('/nix/store/restarted.drv', 'waiting', 'x86_64-linux'),
@@ -62,7 +70,8 @@ const LAYOUT: &str = "
     SELECT s.id, i.id FROM steps s, steps i
     WHERE (s.drv_path, i.drv_path) IN (('/nix/store/kept.drv', '/nix/store/reused.drv'),
                                        ('/nix/store/old.drv', '/nix/store/reused.drv'),
-                                       ('/nix/store/old.drv', '/nix/store/old-input.drv'));
+                                       ('/nix/store/old.drv', '/nix/store/old-input.drv'),
+                                       ('/nix/store/recent.drv', '/nix/store/recent-input.drv'));
     INSERT INTO step_attempts (id, step_id, machine, status, started_at, finished_at, log_file)
     SELECT gen_random_uuid(), id, 'b1', 'failed', finished_at, finished_at, 'old.log.zst'
     FROM steps WHERE drv_path = '/nix/store/old.drv';
@@ -119,26 +128,37 @@ async fn a_run_deletes_what_nothing_kept_reaches_and_keeps_the_rest() {
     );
     assert_eq!(
         names(&client, "steps", "drv_path").await,
-        ["kept", "live", "pinned", "restarted", "reused"],
-        "the old build's steps go; a step a kept build reaches through an old edge stays"
+        [
+            "kept",
+            "live",
+            "pinned",
+            "recent",
+            "recent-input",
+            "restarted",
+            "reused"
+        ],
+        "the old build's steps go; an old step a kept build or a recent step reaches stays"
     );
     assert_eq!(
         names(&client, "derivations", "path").await,
         [
             "fresh",
             "kept",
+            "kept-input",
             "live",
             "live-input",
             "pinned",
+            "recent",
+            "recent-input",
             "restarted",
             "reused"
         ],
-        "derivations nothing names go once stored long ago; a live closure's stay"
+        "derivations nothing names go once stored long ago; a kept build's closure stays"
     );
     for (table, expected) in [
         ("step_attempts", 0),
         ("step_outputs", 0),
-        ("step_inputs", 1),
+        ("step_inputs", 2),
         ("step_durations", 1),
     ] {
         let count: i64 = client

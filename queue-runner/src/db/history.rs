@@ -2,6 +2,9 @@
 //! derivations no remaining build reaches, and the deletions, one short transaction per batch.
 //! Times are seconds since the epoch, as the database's clock gives them.
 
+use std::collections::HashSet;
+use std::hash::BuildHasher;
+
 use deadpool_postgres::GenericClient;
 use drover_scheduler::history::FinishedBuild;
 
@@ -22,9 +25,9 @@ pub async fn newest_of_key(
     client: &impl GenericClient,
     key: Option<&str>,
     per_key: u32,
-) -> Result<Vec<i64>, DbError> {
+) -> Result<HashSet<i64>, DbError> {
     let Some(key) = key else {
-        return Ok(Vec::new());
+        return Ok(HashSet::new());
     };
     let rows = client
         .query(
@@ -40,22 +43,22 @@ pub async fn newest_of_key(
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
-/// Up to `limit` builds finished before `cutoff`, after build `after`, in id order.
-pub async fn finished_before(
+/// Up to `limit` builds finished before `cutoff`, after build `after`, in id order; those in
+/// `newest_of_key` are marked so.
+pub async fn finished_before<S: BuildHasher>(
     client: &impl GenericClient,
     cutoff: i64,
-    newest_of_key: &[i64],
+    newest_of_key: &HashSet<i64, S>,
     after: i64,
     limit: i64,
 ) -> Result<Vec<FinishedBuild>, DbError> {
     let rows = client
         .query(
-            "SELECT id, extract(epoch FROM finished_at)::bigint, pinned_at IS NOT NULL,
-                    id = ANY($2)
+            "SELECT id, extract(epoch FROM finished_at)::bigint, pinned_at IS NOT NULL
              FROM builds
-             WHERE finished_at < to_timestamp($1::bigint) AND id > $3
-             ORDER BY id LIMIT $4",
-            &[&cutoff, &newest_of_key, &after, &limit],
+             WHERE finished_at < to_timestamp($1::bigint) AND id > $2
+             ORDER BY id LIMIT $3",
+            &[&cutoff, &after, &limit],
         )
         .await
         .map_err(DbError::query("reading old finished builds"))?;
@@ -65,7 +68,7 @@ pub async fn finished_before(
             id: row.get(0),
             finished_at: row.get(1),
             pinned: row.get(2),
-            newest_of_key: row.get(3),
+            newest_of_key: newest_of_key.contains(&row.get(0)),
         })
         .collect())
 }
@@ -107,10 +110,10 @@ pub async fn delete_builds(
     Ok(u64::try_from(rows.len()).unwrap_or(u64::MAX))
 }
 
-/// The steps that ended before `cutoff` which no remaining build reaches (from its top-level
-/// derivation's step, through `step_inputs`, or through the legacy `build_steps`), newest
-/// first: a step's dependents have larger ids, so deleting in this order leaves no edge
-/// naming a deleted step.
+/// The steps that ended before `cutoff` which neither a remaining build (from its top-level
+/// derivation's step, or the legacy `build_steps`) nor a step that stays (unfinished, or ended
+/// since) reaches through `step_inputs`, newest first: a step's dependents have larger ids, so
+/// deleting in this order leaves no edge naming a deleted step.
 pub async fn unreachable_steps(
     client: &impl GenericClient,
     cutoff: i64,
@@ -121,6 +124,9 @@ pub async fn unreachable_steps(
                  SELECT s.id FROM builds b JOIN steps s ON s.drv_path = b.drv_path
                UNION
                  SELECT step_id FROM build_steps
+               UNION
+                 SELECT id FROM steps
+                 WHERE finished_at IS NULL OR finished_at >= to_timestamp($1::bigint)
                UNION
                  SELECT i.input_id FROM reached r JOIN step_inputs i ON i.step_id = r.id
              )
@@ -180,10 +186,6 @@ pub async fn delete_steps(
             "DELETE FROM step_inputs WHERE step_id = ANY($1)",
             "deleting old step edges",
         ),
-        (
-            "DELETE FROM build_steps WHERE step_id = ANY($1)",
-            "deleting old legacy build steps",
-        ),
         ("DELETE FROM steps WHERE id = ANY($1)", "deleting old steps"),
     ] {
         transaction
@@ -199,25 +201,25 @@ pub async fn delete_steps(
 }
 
 /// Derivations last stored before `cutoff` that no step and no build names, and that no
-/// unfinished build's closure holds (a planned build's closure is loaded again when the runner
-/// restarts).
+/// remaining build's verified closure holds (a restarted build, or a runner restarted under an
+/// unfinished one, loads its closure again).
 pub async fn unreferenced_derivations(
     client: &impl GenericClient,
     cutoff: i64,
 ) -> Result<Vec<String>, DbError> {
     let rows = client
         .query(
-            "WITH RECURSIVE live(path) AS (
-                 SELECT drv_path FROM builds WHERE finished_at IS NULL
+            "WITH RECURSIVE kept(path) AS (
+                 SELECT drv_path FROM builds
                UNION
                  SELECT unnest(v.input_derivations)
-                 FROM live l JOIN verified_derivations v ON v.path = l.path
+                 FROM kept k JOIN verified_derivations v ON v.path = k.path
              )
              SELECT d.path FROM derivations d
              WHERE d.created_at < to_timestamp($1::bigint)
                AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.drv_path = d.path)
                AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.drv_path = d.path)
-               AND NOT EXISTS (SELECT 1 FROM live l WHERE l.path = d.path)",
+               AND NOT EXISTS (SELECT 1 FROM kept k WHERE k.path = d.path)",
             &[&cutoff],
         )
         .await
@@ -226,8 +228,9 @@ pub async fn unreferenced_derivations(
 }
 
 /// Deletes the derivations of `paths` still last stored before `cutoff` and named by no step
-/// or build, unless a build waits to be planned (its closure is not known yet: the batch
-/// waits for the next interval); returns how many went, or `None` if a build waits.
+/// or build, unless a build queued with SQL waits to be planned (its closure is not verified
+/// yet: the batch waits for the next interval; `Submit` and `SubmitJobSet` verify theirs before
+/// they commit); returns how many went, or `None` if such a build waits.
 pub async fn delete_derivations(
     client: &impl GenericClient,
     paths: &[String],
@@ -235,7 +238,8 @@ pub async fn delete_derivations(
 ) -> Result<Option<u64>, DbError> {
     let waiting = client
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM builds WHERE ingested_at IS NULL)",
+            "SELECT EXISTS (SELECT 1 FROM builds
+                            WHERE ingested_at IS NULL AND submitted_by IS NULL)",
             &[],
         )
         .await

@@ -1,8 +1,6 @@
 //! The runner's statements outside the scheduler's batches (see [`super::transitions`]), one
 //! function each: ingest, recovery, logs, submissions and reads.
 
-use std::collections::HashSet;
-
 use deadpool_postgres::GenericClient;
 
 use drover_scheduler::durations::{DurationKey, Learned};
@@ -598,13 +596,15 @@ pub async fn store_derivations(
     client: &impl GenericClient,
     derivations: &[(String, Vec<u8>)],
 ) -> Result<u64, DbError> {
-    // A row may be updated once per statement: each path goes in once.
-    let mut seen = HashSet::with_capacity(derivations.len());
-    let (paths, texts): (Vec<&str>, Vec<&[u8]>) = derivations
+    // A row may be updated once per statement: each path goes in once. In path order, so two
+    // submissions lock the rows they share in the same order and never deadlock.
+    let mut sorted: Vec<(&str, &[u8])> = derivations
         .iter()
-        .filter(|(path, _)| seen.insert(path.as_str()))
         .map(|(path, text)| (path.as_str(), text.as_slice()))
-        .unzip();
+        .collect();
+    sorted.sort_unstable_by_key(|(path, _)| *path);
+    sorted.dedup_by_key(|(path, _)| *path);
+    let (paths, texts): (Vec<&str>, Vec<&[u8]>) = sorted.into_iter().unzip();
     let row = client
         .query_one(
             "WITH stored AS (

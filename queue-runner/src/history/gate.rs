@@ -4,12 +4,17 @@
 //! read to its commit, and while a pruning run is under way it names every step and derivation
 //! it read. The run deletes each batch holding the gate exclusively, less what was named since
 //! its mark: a named row may be reachable again, anything else is as unreachable as the mark
-//! found it.
+//! found it. The pruner takes the gate only when no plan holds it, and never queues for it: a
+//! queued writer would hold every new plan and submission behind the slowest one in progress.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// How often the pruner looks for a moment with no plan in progress.
+const RETRY: Duration = Duration::from_millis(20);
 
 /// Shared by ingest, submissions and the pruner of one runner.
 #[derive(Debug, Default)]
@@ -57,16 +62,26 @@ impl PlanGate {
     /// Begins a pruning run, with no plan in progress: what its marks (read after this call)
     /// miss, the plans that follow name.
     pub async fn mark(&self) -> Marking<'_> {
-        let _exclusive = self.lock.write().await;
+        let _exclusive = self.exclusive().await;
         *self.named() = Some(Named::default());
         Marking { gate: self }
     }
 
-    /// Enters for a pruning batch.
+    /// Enters for a pruning batch, once no plan is in progress.
     pub async fn prune(&self) -> Pruning<'_> {
         Pruning {
             gate: self,
-            _exclusive: self.lock.write().await,
+            _exclusive: self.exclusive().await,
+        }
+    }
+
+    /// The gate to itself, taken between plans without waiting in line for it.
+    async fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        loop {
+            if let Ok(exclusive) = self.lock.try_write() {
+                return exclusive;
+            }
+            tokio::time::sleep(RETRY).await;
         }
     }
 
@@ -157,5 +172,19 @@ mod tests {
         assert!(plan.is_err(), "a plan began during a pruning batch");
         drop(pruning);
         drop(gate.plan().await);
+    }
+
+    #[tokio::test]
+    async fn a_pruner_waiting_for_the_gate_holds_no_plan_back() {
+        let gate = PlanGate::default();
+        let planning = gate.plan().await;
+        let pruner = gate.prune();
+        tokio::pin!(pruner);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(50), &mut pruner).await;
+        assert!(early.is_err(), "a batch began while a plan was in progress");
+        let second = tokio::time::timeout(std::time::Duration::from_millis(50), gate.plan()).await;
+        assert!(second.is_ok(), "a plan waited behind a pruner");
+        drop((planning, second));
+        drop(pruner.await);
     }
 }

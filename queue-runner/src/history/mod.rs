@@ -82,6 +82,7 @@ impl Pruner {
             builds: self.prune_builds(&mut client, now, cutoff).await?,
             ..Pruned::default()
         };
+        history::delete_sweep_records(&client, cutoff).await?;
         let steps = history::unreachable_steps(&client, cutoff).await?;
         for batch in steps.chunks(BATCH) {
             let pruning = self.gate.prune().await;
@@ -89,7 +90,7 @@ impl Pruner {
             let (deleted, logs) = history::delete_steps(&mut client, &batch, cutoff).await?;
             drop(pruning);
             pruned.steps += deleted;
-            pruned.logs += self.delete_logs(&logs);
+            pruned.logs += self.delete_logs(logs).await;
         }
         let derivations = history::unreferenced_derivations(&client, cutoff).await?;
         for batch in derivations.chunks(BATCH) {
@@ -101,7 +102,6 @@ impl Pruner {
             };
             pruned.derivations += deleted;
         }
-        history::delete_sweep_records(&client, cutoff).await?;
         Ok(pruned)
     }
 
@@ -128,17 +128,24 @@ impl Pruner {
         }
     }
 
-    /// Deletes the log files of deleted attempts; returns how many went.
-    fn delete_logs(&self, files: &[String]) -> u64 {
-        let mut deleted = 0;
-        for file in files {
-            match self.logs.delete(file) {
-                Ok(()) => deleted += 1,
-                Err(error) => {
-                    tracing::warn!(%file, %error, "a pruned attempt's log could not be deleted");
+    /// Deletes the log files of deleted attempts, on a blocking thread; returns how many went.
+    async fn delete_logs(&self, files: Vec<String>) -> u64 {
+        let logs = self.logs.clone();
+        let deleting = tokio::task::spawn_blocking(move || {
+            let mut deleted = 0;
+            for file in &files {
+                match logs.delete(file) {
+                    Ok(()) => deleted += 1,
+                    Err(error) => {
+                        tracing::warn!(%file, %error, "a pruned attempt's log could not be deleted");
+                    }
                 }
             }
-        }
-        deleted
+            deleted
+        });
+        deleting.await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "deleting pruned attempts' logs failed");
+            0
+        })
     }
 }

@@ -33,13 +33,14 @@ impl Ingest {
     /// Loads and verifies the closures of `group`, creates or finds the steps they need, and
     /// plans the builds still to build. A build whose closure does not verify or lacks a source
     /// fails, with the reason stored; a build whose outcome is already known ends here.
+    /// `planning` (the gate history pruning respects) is let go once the plan is committed.
     pub(super) async fn expand(
         &self,
         client: &mut deadpool_postgres::Client,
         group: &[QueuedBuild],
         shared: &mut SharedClosure,
         snapshot: u64,
-        planning: &Planning<'_>,
+        planning: Planning<'_>,
     ) -> Result<Option<BuildPlan>, IngestError> {
         let started = Instant::now();
         let (closure, specs) = shared.for_group(group, &self.handoff);
@@ -125,6 +126,8 @@ impl Ingest {
             .commit()
             .await
             .map_err(DbError::query("committing ingested builds"))?;
+        // What it named is spared by the pruning under way; a later one's mark sees the commit.
+        drop(planning);
         for (build, status, reason) in &ended {
             tracing::info!(build, %status, ?reason, "build ended at ingest");
         }

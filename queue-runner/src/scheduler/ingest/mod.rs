@@ -184,10 +184,10 @@ impl Ingest {
         if let Some(build) = group.iter().find(|build| !build.trace_parent.is_empty()) {
             drover_daemon::traces::set_parent(&span, &build.trace_parent);
         }
-        // Until the plan is with the scheduler: from its first read, it names rows.
+        // From its first read to its commit, a plan names rows (`expand` lets go at the commit).
         let planning = self.handoff.gate().plan().await;
         let plan = self
-            .expand(client, group, shared, snapshot, &planning)
+            .expand(client, group, shared, snapshot, planning)
             .instrument(span)
             .await
             .with_context(|| match group {
@@ -210,7 +210,6 @@ impl Ingest {
         if let Some(plan) = plan {
             self.send(Event::BuildPlanned(plan)).await?;
         }
-        drop(planning);
         Ok(group.len())
     }
 
