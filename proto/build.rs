@@ -1,6 +1,6 @@
-//! Compiles the drover.v1 protocol with protox (pure Rust, no protoc) and derives the API version
-//! from the protocol files' bytes, so any change to the protocol changes the version builders
-//! must present at Join.
+//! Compiles the drover.v1 protocol with protox (pure Rust, no protoc), with the JSON mapping of
+//! its messages (pbjson), and derives the API version from the protocol files' bytes, so any
+//! change to the protocol changes the version builders must present at Join.
 
 use std::error::Error;
 
@@ -17,10 +17,16 @@ fn main() -> Result<(), Box<dyn Error>> {
     let descriptors = protox::compile(PROTOS, ["proto"])?;
     // The encoded descriptors, for gRPC server reflection.
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    fs_err::write(
-        out.join("drover_descriptors.bin"),
-        prost::Message::encode_to_vec(&descriptors),
-    )?;
+    let encoded = prost::Message::encode_to_vec(&descriptors);
+    fs_err::write(out.join("drover_descriptors.bin"), &encoded)?;
+    // serde for every message, as the protobuf JSON mapping says (int64 as strings, enums by
+    // name, bytes as base64), with the field names of the .proto files and every field written:
+    // the HTTP API's bodies.
+    pbjson_build::Builder::new()
+        .register_descriptors(&encoded)?
+        .preserve_proto_field_names()
+        .emit_fields()
+        .build(&[".drover.v1"])?;
     // Malformed messages are INVALID_ARGUMENT, not prost's INTERNAL.
     tonic_prost_build::configure()
         .codec_path("crate::codec::Codec")

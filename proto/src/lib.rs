@@ -38,4 +38,5 @@ pub use outcome::{Outcome, UnknownOutcome};
 /// Package `drover.v1`.
 pub mod v1 {
     tonic::include_proto!("drover.v1");
+    include!(concat!(env!("OUT_DIR"), "/drover.v1.serde.rs"));
 }

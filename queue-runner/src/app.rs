@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::grpc::admin_service::AdminServiceImpl;
 use crate::grpc::build_service::BuildServiceImpl;
-use crate::grpc::tls::ServerTls;
+use crate::grpc::tls::{ServerTls, Side};
 use crate::grpc::tunnel::{BuilderServiceImpl, SchedulerSide, SessionTiming, UploadTargets};
 use crate::history::Pruner;
 use crate::logs::LogStore;
@@ -40,6 +40,7 @@ use crate::scheduler::ingest::{Ingest, IngestError};
 use crate::scheduler::listen;
 use crate::sweeper::{LogExpiry, Sweeper};
 use crate::tasks::Supervisor;
+use crate::tokens::Tokens;
 use drover_daemon::notify::Notifier;
 
 /// Events buffered between builder sessions and the scheduler.
@@ -105,6 +106,9 @@ pub enum RunnerError {
     /// The metrics' HTTP server failed.
     #[error("serving metrics")]
     ServeMetrics(#[source] std::io::Error),
+    /// The web listener's server failed.
+    #[error("serving the web listener")]
+    ServeWeb(#[source] std::io::Error),
     /// The log directory cannot be created.
     #[error("creating the log directory")]
     LogDirectory(#[source] std::io::Error),
@@ -170,13 +174,16 @@ pub struct Runner {
     pub cache_address: SocketAddr,
     /// The address metrics are served on, if they are.
     pub metrics_address: Option<SocketAddr>,
+    /// The address the web listener is bound to, if there is one.
+    pub web_address: Option<SocketAddr>,
     /// The key clients must trust to substitute from the cache.
     pub cache_public_key: nix_primitives::PublicKey,
     /// Set once the scheduler has recovered the queue; builders can join from then on.
     pub queue_recovered: QueueRecovered,
     systemd: Arc<Notifier>,
     scheduler: mpsc::Sender<crate::scheduler::driver::SessionEvent>,
-    tls: ServerTls,
+    /// The TLS configurations SIGHUP reloads: gRPC's, and the web listener's.
+    tls: Vec<ServerTls>,
     shutdown: CancellationToken,
     supervisor: Supervisor<RunnerError>,
     /// The HTTP listeners (binary cache and health; metrics), stopped after everything else so
@@ -208,8 +215,9 @@ pub async fn start(
 ) -> Result<Runner, WithContext<RunnerError>> {
     fs_err::create_dir_all(&config.log_directory).map_err(RunnerError::LogDirectory)?;
     let (connector, pool) = open_database(&config).await?;
-    let tls = ServerTls::load(&config).map_err(RunnerError::Tls)?;
+    let tls = ServerTls::load(&config, Side::Grpc).map_err(RunnerError::Tls)?;
     let (listener, grpc_address) = bind(config.grpc_listen).await?;
+    let (web, web_address) = bind_web(&config).await?;
     let cache = Arc::new(open_cache(&config)?);
     let (cache_listener, cache_address) = bind(config.cache_listen).await?;
     let metrics_listener = OptionFuture::from(config.metrics_listen.map(bind))
@@ -217,7 +225,6 @@ pub async fn start(
         .transpose()?;
     let cache_public_key = cache.public_key();
     let metrics = Arc::new(Metrics::new());
-
     let logs = LogStore::new(config.log_directory.clone(), config.max_log_bytes);
     let attempts = Attempts::default();
     let (events, receiver) = mpsc::channel(EVENT_QUEUE);
@@ -262,28 +269,26 @@ pub async fn start(
         shutdown.clone(),
         sessions.clone(),
     );
-    serve_grpc(
+    let served_tls = serve_grpc(
         GrpcParts {
             listener,
-            tls: tls.clone(),
+            tls,
             builder_service,
             pool: pool.clone(),
             scheduler: events.clone(),
             refusals: metrics.refusals.clone(),
-            build_service: BuildServiceImpl::new(
-                Builds::new(
-                    pool,
-                    logs.clone(),
-                    cache,
-                    handoff,
-                    submit_limits(&config),
-                    events.clone(),
-                ),
-                published.changes.clone(),
-                config.heartbeat,
-                shutdown.clone(),
+            builds: Builds::new(
+                pool,
+                logs.clone(),
+                cache,
+                handoff,
+                submit_limits(&config),
+                events.clone(),
             ),
+            changes: published.changes.clone(),
+            heartbeat: config.heartbeat,
             max_submission_bytes: config.max_submission_bytes,
+            web,
         },
         &shutdown,
         &mut supervisor,
@@ -294,11 +299,12 @@ pub async fn start(
         grpc_address,
         cache_address,
         metrics_address,
+        web_address,
         cache_public_key,
         queue_recovered: published.recovered.clone(),
         systemd,
         scheduler: events,
-        tls: tls.clone(),
+        tls: served_tls,
         shutdown,
         supervisor,
         http,
@@ -376,24 +382,89 @@ struct GrpcParts {
     listener: tokio::net::TcpListener,
     tls: ServerTls,
     builder_service: BuilderServiceImpl,
-    build_service: BuildServiceImpl,
+    /// The build API, for the build service and the web listener.
+    builds: Builds,
+    /// What is committed, for Watch streams.
+    changes: crate::scheduler::driver::CommittedChanges,
+    /// How often idle streams send a heartbeat.
+    heartbeat: Duration,
     /// For the admin service and the certificates.
     pool: db::Pool,
     scheduler: mpsc::Sender<crate::scheduler::driver::SessionEvent>,
     /// Counts refused calls.
     refusals: crate::metrics::RefusalMetrics,
     max_submission_bytes: usize,
+    /// The web listener, if there is one.
+    web: Option<WebListener>,
 }
 
-/// Serves the gRPC services over mutual TLS as the task "grpc server" of `supervisor`, until
-/// `shutdown`, checking every call against the revoked certificates and recording those seen.
+/// The web listener, bound, and its TLS configuration.
+struct WebListener {
+    listener: tokio::net::TcpListener,
+    address: SocketAddr,
+    tls: ServerTls,
+}
+
+/// Binds the web listener, if `[web]` asks for one; returns it and its address.
+async fn bind_web(
+    config: &Config,
+) -> Result<(Option<WebListener>, Option<SocketAddr>), RunnerError> {
+    let Some(web) = &config.web else {
+        return Ok((None, None));
+    };
+    let tls = ServerTls::load(config, Side::Web).map_err(RunnerError::Tls)?;
+    let (listener, address) = bind(web.listen).await?;
+    let listener = WebListener {
+        listener,
+        address,
+        tls,
+    };
+    Ok((Some(listener), Some(address)))
+}
+
+/// Serves the gRPC services over mutual TLS as the task "grpc server" of `supervisor`, and
+/// the web listener as the task "web server", until `shutdown`, checking every call against the
+/// revoked certificates and recording those seen. Returns the TLS configurations served.
 async fn serve_grpc(
     parts: GrpcParts,
     shutdown: &CancellationToken,
     supervisor: &mut Supervisor<RunnerError>,
-) -> Result<(), RunnerError> {
+) -> Result<Vec<ServerTls>, RunnerError> {
     let (revocations, sightings) = start_certificates(&parts.pool, shutdown, supervisor).await?;
-    let admin = Admin::new(parts.pool, parts.scheduler, revocations.clone());
+    let mut listeners_tls = vec![parts.tls.clone()];
+    if let Some(web) = parts.web {
+        listeners_tls.push(web.tls.clone());
+        let state = crate::web::WebState {
+            builds: parts.builds.clone(),
+            tokens: Tokens::new(parts.pool.clone()),
+            revocations: revocations.clone(),
+            refusals: parts.refusals.clone(),
+            changes: parts.changes.clone(),
+            heartbeat: parts.heartbeat,
+            shutdown: shutdown.clone(),
+        };
+        let router = crate::web::router(state, parts.max_submission_bytes)
+            .into_make_service_with_connect_info::<crate::web::Peer>();
+        let accepted = web
+            .tls
+            .accept(TcpListenerStream::new(web.listener), sightings.clone());
+        let listener = crate::web::TlsListener::new(accepted, web.address);
+        let stop = shutdown.clone();
+        supervisor.spawn_critical("web server", async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .map_err(RunnerError::ServeWeb)
+        });
+    }
+    let build_service = BuildServiceImpl::new(
+        parts.builds,
+        parts.changes,
+        parts.heartbeat,
+        shutdown.clone(),
+    );
+    let admin = Admin::new(parts.pool.clone(), parts.scheduler, revocations.clone());
+    let tokens = Tokens::new(parts.pool);
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .layer(tower::util::MapRequestLayer::new(
@@ -407,10 +478,12 @@ async fn serve_grpc(
                 .max_encoding_message_size(drover_proto::MAX_TUNNEL_MESSAGE_BYTES),
         )
         .add_service(
-            BuildServiceServer::new(parts.build_service)
+            BuildServiceServer::new(build_service)
                 .max_decoding_message_size(parts.max_submission_bytes),
         )
-        .add_service(AdminServiceServer::new(AdminServiceImpl::new(admin)))
+        .add_service(AdminServiceServer::new(AdminServiceImpl::new(
+            admin, tokens,
+        )))
         .serve_with_incoming_shutdown(
             parts
                 .tls
@@ -420,7 +493,7 @@ async fn serve_grpc(
     supervisor.spawn_critical("grpc server", async move {
         server.await.map_err(RunnerError::Serve)
     });
-    Ok(())
+    Ok(listeners_tls)
 }
 
 /// gRPC server reflection of drover.v1 and grpc.health.v1, for grpcurl and the like.

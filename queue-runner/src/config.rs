@@ -37,6 +37,57 @@ struct RawConfig {
     gc: RawGc,
     #[serde(default)]
     history: RawHistory,
+    #[serde(default)]
+    web: RawWeb,
+}
+
+/// The HTTP/JSON API and the status page (`docs/web.md`), on a TLS listener of their own.
+#[derive(Debug, Default, Deserialize)]
+struct RawWeb {
+    /// Address the web listener binds; unset (the default): no web listener.
+    listen: Option<String>,
+    /// PEM certificate it presents: one browsers trust (the farm's CA is not one), its chain
+    /// first to last.
+    certificate: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    key: Option<PathBuf>,
+    /// Serve the status page and its events without a token. Default false.
+    #[serde(default)]
+    public_status: bool,
+}
+
+impl RawWeb {
+    fn validate(&self, problems: &mut Vec<String>) -> Option<WebConfig> {
+        let listen = self.listen.as_ref()?;
+        let listen = listen_address("web", listen, "0.0.0.0:8443", problems);
+        let (Some(certificate), Some(key)) = (&self.certificate, &self.key) else {
+            problems.push(
+                "web.listen is set without web.certificate and web.key: the web listener \
+                 serves TLS with a certificate of its own"
+                    .to_owned(),
+            );
+            return None;
+        };
+        Some(WebConfig {
+            listen,
+            certificate: certificate.clone(),
+            key: key.clone(),
+            public_status: self.public_status,
+        })
+    }
+}
+
+/// The web listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebConfig {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Its certificate file.
+    pub certificate: PathBuf,
+    /// Its key file.
+    pub key: PathBuf,
+    /// Whether the status page needs no token.
+    pub public_status: bool,
 }
 
 /// How long the rows of finished builds stay in the database (`docs/operations.md`).
@@ -582,6 +633,8 @@ pub struct Config {
     pub log_keep_days: u32,
     /// Days the rows of finished builds are kept (0: forever).
     pub history_keep_days: u32,
+    /// The web listener, if any.
+    pub web: Option<WebConfig>,
     /// Binary cache directory.
     pub cache_directory: PathBuf,
     /// Binary cache HTTP listen address.
@@ -723,6 +776,7 @@ impl Config {
         let retry = validate_retry(&raw.retry, &mut problems);
         let gc = raw.gc.policy(&mut problems);
         raw.history.validate(gc.interval.is_some(), &mut problems);
+        let web = raw.web.validate(&mut problems);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -743,6 +797,7 @@ impl Config {
             max_log_bytes: raw.logs.max_bytes,
             log_keep_days: raw.logs.keep_days,
             history_keep_days: raw.history.keep_days,
+            web,
             cache_directory: raw.cache.directory,
             cache_listen,
             cache_secret_key_file: raw.cache.secret_key_file,

@@ -22,6 +22,8 @@
 //! - [`health`]: `/healthz` and `/readyz`.
 //! - [`audit`]: rate-limited lines naming who was refused and why.
 //! - [`certificates`]: the revoked certificates, checked on every call, and those seen.
+//! - [`tokens`]: API tokens for HTTP clients without a certificate.
+//! - [`web`]: the HTTP/JSON API with server-sent events and its OpenAPI description.
 //! - [`reload`]: applying a reloaded configuration (SIGHUP).
 //! - [`app`]: assembling all of it.
 
@@ -44,4 +46,6 @@ pub mod reload;
 pub mod scheduler;
 pub mod sweeper;
 pub mod tasks;
+pub mod tokens;
 pub mod verify;
+pub mod web;

@@ -36,7 +36,7 @@ pub struct Reloader {
     overrides: Overrides,
     scheduler: mpsc::Sender<SessionEvent>,
     log_filter: LogFilter,
-    tls: ServerTls,
+    tls: Vec<ServerTls>,
 }
 
 /// The scheduler core's limits in a configuration.
@@ -70,14 +70,15 @@ pub fn build_limits(config: &Config) -> BuildLimits {
 
 impl Reloader {
     /// A reloader of the file `source` names, from which `started` was loaded (with its
-    /// overrides applied), telling `scheduler`, `log_filter` and the gRPC server's `tls`.
+    /// overrides applied), telling `scheduler`, `log_filter` and the listeners' `tls` (gRPC's,
+    /// and the web listener's if there is one).
     #[must_use]
     pub fn new(
         source: ConfigSource,
         started: Config,
         scheduler: mpsc::Sender<SessionEvent>,
         log_filter: LogFilter,
-        tls: ServerTls,
+        tls: Vec<ServerTls>,
     ) -> Self {
         Self {
             path: source.path,
@@ -112,10 +113,14 @@ impl Reloader {
             return;
         }
         // Read again even if the paths are the same: renewed files replace the old ones.
-        match self.tls.reload(&new) {
-            Ok(()) => tracing::info!("SIGHUP: certificates and key reloaded for new connections"),
-            Err(error) => {
-                tracing::error!(error = %error_context::report(&error), "SIGHUP: keeping the running certificates");
+        for tls in &self.tls {
+            match tls.reload(&new) {
+                Ok(()) => {
+                    tracing::info!(listener = ?tls.side(), "SIGHUP: certificates and key reloaded for new connections");
+                }
+                Err(error) => {
+                    tracing::error!(listener = ?tls.side(), error = %error_context::report(&error), "SIGHUP: keeping the running certificates");
+                }
             }
         }
         match self.log_filter.set(&new.log_filter) {
@@ -178,6 +183,13 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         (
             "history.keep_days",
             differs(&old.history_keep_days, &new.history_keep_days),
+        ),
+        (
+            "web",
+            differs(
+                &old.web.as_ref().map(|web| (web.listen, web.public_status)),
+                &new.web.as_ref().map(|web| (web.listen, web.public_status)),
+            ),
         ),
         (
             "builders.ping_interval_secs",

@@ -1,7 +1,12 @@
 //! How builds look to clients, whichever front end they use: the wire status of each build and
 //! step status, and rows as messages.
 
-use drover_proto::v1::{BuildStatus, BuildSummary, StepState, StepStatus};
+use drover_proto::v1::{
+    BuildStatus, BuildSummary, CancelResponse, JobBuild, StepState, StepStatus,
+    SubmitJobSetResponse,
+};
+
+use super::job_set::QueuedJobSet;
 
 use crate::db::queries::{BuildFilter, BuildSummaryRow, StepStateRow};
 use crate::db::status::{BuildStatus as QueueBuildStatus, StepStatus as QueueStepStatus};
@@ -34,6 +39,29 @@ pub fn wire_step_status(status: Option<QueueStepStatus>) -> StepStatus {
         Some(QueueStepStatus::Cancelled) => StepStatus::Cancelled,
         Some(QueueStepStatus::Unsupported) => StepStatus::Unsupported,
         None => StepStatus::Unknown,
+    }
+}
+
+/// What a Cancel answers: the status the build had ended with, if it had.
+#[must_use]
+pub fn cancel_response(ended: Option<QueueBuildStatus>) -> CancelResponse {
+    CancelResponse {
+        already_ended: ended.is_some(),
+        status: ended.map_or(0, |status| wire_status(Some(status)).into()),
+    }
+}
+
+/// What a `SubmitJobSet` answers.
+#[must_use]
+pub fn job_set_response(queued: QueuedJobSet) -> SubmitJobSetResponse {
+    SubmitJobSetResponse {
+        job_set_id: queued.id,
+        builds: queued
+            .builds
+            .into_iter()
+            .map(|(name, build_id)| JobBuild { name, build_id })
+            .collect(),
+        existing: queued.existing,
     }
 }
 

@@ -105,6 +105,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "history pruning: derivations kept from when they were last stored",
         include_str!("../../migrations/0020_history.sql"),
     ),
+    (
+        21,
+        "API tokens",
+        include_str!("../../migrations/0021_api_tokens.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent migrators (two runners starting at once).

@@ -1,12 +1,15 @@
 //! `AdminService`: each method authenticates the caller (role admin), calls one use case of
-//! [`crate::admin`], and maps its typed error through [`super::status`].
+//! [`crate::admin`] (or of [`crate::tokens`]), and maps its typed error through
+//! [`super::status`].
 
 use drover_proto::v1::admin_service_server::AdminService;
 use drover_proto::v1::{
-    Certificate, ListCertificatesRequest, ListCertificatesResponse, ListMachinesRequest,
-    ListMachinesResponse, Machine, MachineRequest, MachineResponse, PinBuildRequest,
-    PinBuildResponse, RevokeCertificateRequest, RevokeCertificateResponse, SetAdmissionCapRequest,
-    SetAdmissionCapResponse, SetGlobalPriorityRequest, SetGlobalPriorityResponse,
+    ApiToken, Certificate, CreateTokenRequest, CreateTokenResponse, ListCertificatesRequest,
+    ListCertificatesResponse, ListMachinesRequest, ListMachinesResponse, ListTokensRequest,
+    ListTokensResponse, Machine, MachineRequest, MachineResponse, PinBuildRequest,
+    PinBuildResponse, RevokeCertificateRequest, RevokeCertificateResponse, RevokeTokenRequest,
+    RevokeTokenResponse, SetAdmissionCapRequest, SetAdmissionCapResponse, SetGlobalPriorityRequest,
+    SetGlobalPriorityResponse,
 };
 use drover_tls::Role;
 use tonic::{Request, Response, Status};
@@ -15,6 +18,8 @@ use super::auth;
 use crate::admin::{Admin, Steer};
 use crate::db::certificates::CertificateRow;
 use crate::db::machines::MachineStatus;
+use crate::db::tokens::TokenRow;
+use crate::tokens::Tokens;
 
 /// Roles that may use the admin service.
 const CALLERS: &[Role] = &[Role::Admin];
@@ -22,13 +27,14 @@ const CALLERS: &[Role] = &[Role::Admin];
 /// The admin service.
 pub struct AdminServiceImpl {
     admin: Admin,
+    tokens: Tokens,
 }
 
 impl AdminServiceImpl {
-    /// The service over `admin`.
+    /// The service over `admin` and `tokens`.
     #[must_use]
-    pub fn new(admin: Admin) -> Self {
-        Self { admin }
+    pub const fn new(admin: Admin, tokens: Tokens) -> Self {
+        Self { admin, tokens }
     }
 
     async fn steer(
@@ -151,6 +157,41 @@ impl AdminService for AdminServiceImpl {
             identity: named.map_or_else(String::new, |(role, name)| format!("{role}/{name}")),
         }))
     }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let caller = auth::require(&request, CALLERS)?;
+        let request = request.into_inner();
+        let token = self
+            .tokens
+            .create(&caller, &request.name, &request.role)
+            .await?;
+        Ok(Response::new(CreateTokenResponse { token }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        let caller = auth::require(&request, CALLERS)?;
+        self.tokens
+            .revoke(&caller, &request.into_inner().name)
+            .await?;
+        Ok(Response::new(RevokeTokenResponse {}))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        auth::require(&request, CALLERS)?;
+        let tokens = self.tokens.list().await?;
+        Ok(Response::new(ListTokensResponse {
+            tokens: tokens.into_iter().map(wire_token).collect(),
+        }))
+    }
 }
 
 /// A certificate as the API shows it.
@@ -181,5 +222,18 @@ fn wire_machine(machine: MachineStatus) -> Machine {
         quarantine_reason: machine.quarantine_reason.unwrap_or_default(),
         quarantined_at_ms: machine.quarantined_at_ms.unwrap_or(0),
         probation_from_ms: machine.probation_from_ms.unwrap_or(0),
+    }
+}
+
+/// A token as the API shows it.
+fn wire_token(token: TokenRow) -> ApiToken {
+    ApiToken {
+        name: token.name,
+        role: token.role,
+        created_at_ms: token.created_at_ms,
+        created_by: token.created_by,
+        last_used_at_ms: token.last_used_at_ms.unwrap_or(0),
+        revoked_at_ms: token.revoked_at_ms.unwrap_or(0),
+        revoked_by: token.revoked_by.unwrap_or_default(),
     }
 }

@@ -2,14 +2,13 @@
 //! request, calls one use case of [`crate::builds`], and maps its typed error through the one
 //! conversion of its type ([`super::status`]). Watch and `FollowLog` open streams that live here.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use drover_daemon::traces;
 use drover_proto::v1::build_service_server::BuildService;
 use drover_proto::v1::{
     CancelRequest, CancelResponse, FollowLogRequest, GetLogRequest, GetLogResponse, GetRequest,
-    GetResponse, JobBuild, ListRequest, ListResponse, RestartRequest, RestartResponse,
+    GetResponse, ListRequest, ListResponse, RestartRequest, RestartResponse,
     StageDerivationsRequest, StageDerivationsResponse, SubmitJobSetRequest, SubmitJobSetResponse,
     SubmitRequest, SubmitResponse, WatchRequest,
 };
@@ -20,7 +19,6 @@ use tracing::Instrument as _;
 
 use super::shutdown::{cut_when, until_shutdown};
 use super::{auth, follow_log, list_filter, watch};
-use crate::builds::read::build_state;
 use crate::builds::{Builds, view};
 use crate::scheduler::driver::CommittedChanges;
 
@@ -97,15 +95,7 @@ impl BuildService for BuildServiceImpl {
             .submit_job_set(request.into_inner(), &submitter)
             .instrument(span)
             .await?;
-        Ok(Response::new(SubmitJobSetResponse {
-            job_set_id: queued.id,
-            builds: queued
-                .builds
-                .into_iter()
-                .map(|(name, build_id)| JobBuild { name, build_id })
-                .collect(),
-            existing: queued.existing,
-        }))
+        Ok(Response::new(view::job_set_response(queued)))
     }
 
     async fn cancel(
@@ -117,10 +107,7 @@ impl BuildService for BuildServiceImpl {
             .builds
             .cancel(&caller, request.into_inner().build_id)
             .await?;
-        Ok(Response::new(CancelResponse {
-            already_ended: ended.is_some(),
-            status: ended.map_or(0, |status| view::wire_status(Some(status)).into()),
-        }))
+        Ok(Response::new(view::cancel_response(ended)))
     }
 
     async fn restart(
@@ -151,21 +138,7 @@ impl BuildService for BuildServiceImpl {
         let peer = auth::require_certificate(&request, CALLERS)?;
         let revoked = auth::revoked(&request, &peer)?;
         let build = request.into_inner().build_id;
-        let pool = self.builds.pool().clone();
-        let estimator = self.builds.estimator();
-        let filler = estimator.clone();
-        let read_state: watch::StateReader = Arc::new(move |build| {
-            let (pool, estimator) = (pool.clone(), filler.clone());
-            Box::pin(async move { Ok(build_state(&pool, &estimator, build).await?) })
-        });
-        let estimate: watch::EndEstimator = Arc::new(move |build| {
-            let estimator = estimator.clone();
-            Box::pin(async move { estimator.end_ms(build).await })
-        });
-        let sources = watch::Sources {
-            read_state,
-            estimate,
-        };
+        let sources = watch::Sources::of(&self.builds);
         let stream = watch::open(build, &self.changes, sources, self.heartbeat).await?;
         let stream = until_shutdown(stream, &self.shutdown);
         Ok(Response::new(cut_when(stream, revoked)))

@@ -17,6 +17,7 @@ use crate::builds::submit::ADMISSION_RETRY_AFTER;
 use crate::builds::submit::SubmitError;
 use crate::cache::CacheError;
 use crate::db::DbError;
+use crate::tokens::TokenError;
 use crate::verify::VerifyError;
 
 /// `UNAVAILABLE` with a database failure's whole chain: the client may retry.
@@ -57,6 +58,19 @@ impl From<AdminError> for Status {
             AdminError::BuildEnded(_) => Status::failed_precondition(message),
             AdminError::Serial(_) | AdminError::Cap(_) => Status::invalid_argument(message),
             AdminError::ShuttingDown | AdminError::Database(_) => Status::unavailable(message),
+        }
+    }
+}
+
+impl From<TokenError> for Status {
+    fn from(error: TokenError) -> Self {
+        let message = error_context::report(&error).to_string();
+        match error {
+            TokenError::Name(..) | TokenError::Role(_) => Status::invalid_argument(message),
+            TokenError::Exists(_) => Status::already_exists(message),
+            TokenError::NoSuchToken(_) => Status::not_found(message),
+            TokenError::Random(_) => Status::internal(message),
+            TokenError::Database(_) => Status::unavailable(message),
         }
     }
 }

@@ -3,7 +3,9 @@
 //! certificates required, signed by the farm's CA; HTTP/2 by ALPN) that every new connection
 //! takes, and the stream of accepted connections, each with Nagle's algorithm off and its
 //! handshake done (concurrently, under a deadline) before tonic sees it. Connections already
-//! open keep the configuration they were accepted with.
+//! open keep the configuration they were accepted with. The web listener (`[web]`) is served
+//! the same way, with its own certificate and key, client certificates optional, and HTTP/1.1
+//! besides HTTP/2.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -45,28 +47,48 @@ pub enum TlsError {
     /// rustls refused the certificate, key or CA.
     #[error("configuring TLS")]
     Rustls(#[source] rustls::Error),
+    /// The configuration has no `[web]` listener any more.
+    #[error("[web] is gone from the configuration; removing the listener takes a restart")]
+    NoWeb,
+}
+
+/// Which listener a configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// gRPC: the runner's certificate, client certificates required, HTTP/2.
+    Grpc,
+    /// The web listener: its own certificate, client certificates optional, HTTP/1.1 too.
+    Web,
 }
 
 /// The current server configuration, replaceable.
 #[derive(Debug, Clone)]
 pub struct ServerTls {
+    side: Side,
     current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
 }
 
 impl ServerTls {
-    /// The configuration from the files `config` names.
-    pub fn load(config: &Config) -> Result<Self, TlsError> {
+    /// The configuration of `side` from the files `config` names.
+    pub fn load(config: &Config, side: Side) -> Result<Self, TlsError> {
         Ok(Self {
-            current: Arc::new(RwLock::new(Arc::new(server_config(config)?))),
+            side,
+            current: Arc::new(RwLock::new(Arc::new(server_config(config, side)?))),
         })
     }
 
     /// Replaces the configuration for new connections with one from the files `config` names;
     /// on failure the current one stays.
     pub fn reload(&self, config: &Config) -> Result<(), TlsError> {
-        let new = Arc::new(server_config(config)?);
+        let new = Arc::new(server_config(config, self.side)?);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = new;
         Ok(())
+    }
+
+    /// Which listener it is for.
+    #[must_use]
+    pub const fn side(&self) -> Side {
+        self.side
     }
 
     fn current(&self) -> Arc<rustls::ServerConfig> {
@@ -114,26 +136,40 @@ impl ServerTls {
     }
 }
 
-fn server_config(config: &Config) -> Result<rustls::ServerConfig, TlsError> {
+fn server_config(config: &Config, side: Side) -> Result<rustls::ServerConfig, TlsError> {
+    let (certificate, key) = match side {
+        Side::Grpc => (&config.certificate, &config.key),
+        Side::Web => {
+            let web = config.web.as_ref().ok_or(TlsError::NoWeb)?;
+            (&web.certificate, &web.key)
+        }
+    };
     let mut roots = rustls::RootCertStore::empty();
     for ca in certificates(&config.ca_certificate)? {
         roots.add(ca).map_err(TlsError::Rustls)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(TlsError::Verifier)?;
-    let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|source| TlsError::Read {
-        path: config.key.clone(),
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    // A browser has no certificate of the farm: the web listener takes tokens too.
+    let verifier = match side {
+        Side::Grpc => verifier.build(),
+        Side::Web => verifier.allow_unauthenticated().build(),
+    }
+    .map_err(TlsError::Verifier)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Read {
+        path: key.clone(),
         source,
     })?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Rustls)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certificates(&config.certificate)?, key)
+        .with_single_cert(certificates(certificate)?, key)
         .map_err(TlsError::Rustls)?;
-    server.alpn_protocols = vec![b"h2".to_vec()];
+    server.alpn_protocols = match side {
+        Side::Grpc => vec![b"h2".to_vec()],
+        Side::Web => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
     Ok(server)
 }
 

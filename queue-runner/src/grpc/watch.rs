@@ -23,7 +23,8 @@ use drover_scheduler::{BuildId, Change};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tonic::Status;
 
-use crate::builds::view;
+use crate::builds::read::build_state;
+use crate::builds::{Builds, view};
 use crate::db::snapshot::Snapshot;
 use crate::db::status::StepStatus;
 use crate::scheduler::driver::{Committed, CommittedBatch};
@@ -55,6 +56,28 @@ pub struct Sources {
     pub read_state: StateReader,
     /// Its predicted end.
     pub estimate: EndEstimator,
+}
+
+impl Sources {
+    /// The sources of `builds`: its database and the scheduler's estimates.
+    #[must_use]
+    pub fn of(builds: &Builds) -> Self {
+        let pool = builds.pool().clone();
+        let estimator = builds.estimator();
+        let filler = estimator.clone();
+        let read_state: StateReader = Arc::new(move |build| {
+            let (pool, estimator) = (pool.clone(), filler.clone());
+            Box::pin(async move { Ok(build_state(&pool, &estimator, build).await?) })
+        });
+        let estimate: EndEstimator = Arc::new(move |build| {
+            let estimator = estimator.clone();
+            Box::pin(async move { estimator.end_ms(build).await })
+        });
+        Self {
+            read_state,
+            estimate,
+        }
+    }
 }
 
 /// Opens a Watch of `build`: fails at once if the build does not exist.
