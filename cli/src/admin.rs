@@ -74,10 +74,10 @@ pub struct RevokeArgs {
 pub struct ListArgs {
     /// Print JSON (one array) instead of a table.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// Where the runner is.
     #[command(flatten)]
-    connection: ConnectionArgs,
+    pub connection: ConnectionArgs,
 }
 
 /// Arguments naming one builder.
@@ -124,7 +124,7 @@ pub enum AdminError {
     Call(#[from] CallError),
     /// The certificate is not an admin's.
     #[error(
-        "drover admin needs a certificate with role admin (drover certs issue --dir DIR --role \
+        "this command needs a certificate with role admin (drover certs issue --dir DIR --role \
          admin --name NAME, then DROVER_CERT and DROVER_KEY)"
     )]
     NotAdmin(#[source] CallError),
@@ -192,11 +192,15 @@ pub async fn run(command: AdminCommand) -> Result<(), WithContext<AdminError>> {
     }
 }
 
-async fn client(connection: &ConnectionArgs) -> Result<AdminServiceClient<Channel>, AdminError> {
+/// The admin service of the runner `connection` names.
+pub async fn client(
+    connection: &ConnectionArgs,
+) -> Result<AdminServiceClient<Channel>, AdminError> {
     Ok(AdminServiceClient::new(connection.connect().await?))
 }
 
-fn call(status: tonic::Status) -> AdminError {
+/// A failed call, saying so when the certificate is not an admin's.
+pub fn call(status: tonic::Status) -> AdminError {
     if status.code() == tonic::Code::PermissionDenied {
         AdminError::NotAdmin(CallError::from(status))
     } else {
@@ -222,7 +226,8 @@ async fn machines(args: ListArgs) -> Result<(), WithContext<AdminError>> {
     Ok(())
 }
 
-fn print(text: &str) -> Result<(), AdminError> {
+/// Writes `text` and a newline to standard output.
+pub fn print(text: &str) -> Result<(), AdminError> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{text}").map_err(AdminError::Output)
 }

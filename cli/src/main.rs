@@ -15,6 +15,7 @@ mod meta;
 mod progress;
 mod submit;
 mod times;
+mod token;
 mod watch;
 
 use std::error::Error;
@@ -61,6 +62,10 @@ enum Command {
     /// certificates.
     #[command(subcommand)]
     Admin(admin::AdminCommand),
+    /// API tokens for the runner's HTTP API (a certificate with role admin): create, revoke,
+    /// list.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Run a whole farm on this machine (PostgreSQL, runner, builders with private stores);
     /// `drover dev-farm --help` lists its options.
     #[command(disable_help_flag = true)]
@@ -96,6 +101,7 @@ async fn main() -> ExitCode {
         Command::List(args) => finish(inspect::list(args).await),
         Command::Logs(args) => finish(inspect::logs(args).await),
         Command::Admin(command) => finish(admin::run(command).await),
+        Command::Token(command) => finish(token::run(command).await),
         Command::DevFarm { args } => finish(external::run("drover-dev-farm", &args)),
     }
 }

@@ -431,12 +431,13 @@ async fn serve_grpc(
     supervisor: &mut Supervisor<RunnerError>,
 ) -> Result<Vec<ServerTls>, RunnerError> {
     let (revocations, sightings) = start_certificates(&parts.pool, shutdown, supervisor).await?;
+    let tokens = Tokens::new(parts.pool.clone());
     let mut listeners_tls = vec![parts.tls.clone()];
     if let Some(web) = parts.web {
         listeners_tls.push(web.tls.clone());
         let state = crate::web::WebState {
             builds: parts.builds.clone(),
-            tokens: Tokens::new(parts.pool.clone()),
+            tokens: tokens.clone(),
             revocations: revocations.clone(),
             refusals: parts.refusals.clone(),
             changes: parts.changes.clone(),
@@ -463,8 +464,7 @@ async fn serve_grpc(
         parts.heartbeat,
         shutdown.clone(),
     );
-    let admin = Admin::new(parts.pool.clone(), parts.scheduler, revocations.clone());
-    let tokens = Tokens::new(parts.pool);
+    let admin = Admin::new(parts.pool, parts.scheduler, revocations.clone());
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .layer(tower::util::MapRequestLayer::new(

@@ -48,13 +48,18 @@ pub struct Holder {
 #[derive(Debug, Clone)]
 pub struct Tokens {
     pool: Pool,
+    /// Moved by every revocation through this runner, so the streams a token opened end at once.
+    revocations: tokio::sync::watch::Sender<u64>,
 }
 
 impl Tokens {
     /// The tokens in `pool`'s database.
     #[must_use]
-    pub const fn new(pool: Pool) -> Self {
-        Self { pool }
+    pub fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            revocations: tokio::sync::watch::Sender::new(0),
+        }
     }
 
     /// Creates a token named `name` with `role` for `caller`; returns its secret.
@@ -86,6 +91,7 @@ impl Tokens {
         if !tokens::revoke(&client, name, &caller.to_string()).await? {
             return Err(TokenError::NoSuchToken(name.to_owned()));
         }
+        self.revocations.send_modify(|count| *count += 1);
         tracing::warn!(name, by = %caller, "API token revoked");
         Ok(())
     }
@@ -115,8 +121,23 @@ impl Tokens {
         }))
     }
 
-    /// Whether token `id` is still valid (for streams that outlive their request's check).
-    pub async fn valid(&self, id: i64) -> Result<bool, DbError> {
+    /// Resolves once token `id` is revoked (for streams that outlive their request's check):
+    /// at once when this runner revokes it, within `every` when SQL does.
+    pub async fn revoked(&self, id: i64, every: std::time::Duration) {
+        let mut revocations = self.revocations.subscribe();
+        loop {
+            tokio::select! {
+                _ = revocations.changed() => {}
+                () = tokio::time::sleep(every) => {}
+            }
+            // A database that does not answer is not a revocation.
+            if matches!(self.valid(id).await, Ok(false)) {
+                return;
+            }
+        }
+    }
+
+    async fn valid(&self, id: i64) -> Result<bool, DbError> {
         let client = self.pool.get().await.map_err(DbError::Connection)?;
         tokens::valid(&client, id).await
     }

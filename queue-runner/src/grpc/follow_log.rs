@@ -155,23 +155,23 @@ impl Follow {
                     return Some((Ok(data(chunk)), self));
                 }
                 Stage::Waiting => {
-                    let waited = tokio::time::timeout(self.heartbeat, async {
-                        loop {
-                            tokio::time::sleep(LOG_START_POLL).await;
-                            match self.look().await {
-                                Ok(Stage::Waiting) => {}
-                                other => return other,
+                    // Looks at least once per heartbeat, however short the heartbeat is.
+                    let beat = tokio::time::Instant::now() + self.heartbeat;
+                    loop {
+                        let next = tokio::time::Instant::now() + LOG_START_POLL;
+                        tokio::time::sleep_until(next.min(beat)).await;
+                        match self.look().await {
+                            Ok(Stage::Waiting) if tokio::time::Instant::now() >= beat => {
+                                self.stage = Stage::Waiting;
+                                return Some((Ok(heartbeat()), self));
                             }
+                            Ok(Stage::Waiting) => {}
+                            Ok(stage) => {
+                                self.stage = stage;
+                                break;
+                            }
+                            Err(status) => return Some((Err(status), self)),
                         }
-                    })
-                    .await;
-                    match waited {
-                        Err(_) => {
-                            self.stage = Stage::Waiting;
-                            return Some((Ok(heartbeat()), self));
-                        }
-                        Ok(Ok(stage)) => self.stage = stage,
-                        Ok(Err(status)) => return Some((Err(status), self)),
                     }
                 }
                 Stage::Live { follower, sent } => {

@@ -75,7 +75,7 @@ impl Caller {
     }
 
     /// Resolves, with the refusal to end a stream with, once the caller's credential is
-    /// revoked; a token is checked again every `every`.
+    /// revoked (a token revoked by SQL is noticed within `every`).
     pub fn revoked(
         &self,
         state: &WebState,
@@ -87,13 +87,7 @@ impl Caller {
         async move {
             match credential {
                 Credential::Certificate(serial) => revocations.revoked(&serial).await,
-                Credential::Token(token) => loop {
-                    tokio::time::sleep(every).await;
-                    // A database that does not answer is not a revocation.
-                    if matches!(tokens.valid(token).await, Ok(false)) {
-                        break;
-                    }
-                },
+                Credential::Token(token) => tokens.revoked(token, every).await,
             }
             Status::unauthenticated(format!("the credential of {identity} has been revoked"))
         }

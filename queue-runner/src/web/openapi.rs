@@ -254,8 +254,7 @@ fn enum_schema(enumeration: &prost_types::EnumDescriptorProto) -> Value {
 fn add_message(schemas: &mut Map<String, Value>, prefix: &str, message: &DescriptorProto) {
     let name = format!("{prefix}{}", message.name());
     for nested in &message.nested_type {
-        if !is_map_entry(nested)
-        {
+        if !is_map_entry(nested) {
             add_message(schemas, &format!("{name}."), nested);
         }
     }
@@ -275,8 +274,7 @@ fn add_message(schemas: &mut Map<String, Value>, prefix: &str, message: &Descrip
 
 fn field_schema(message: &DescriptorProto, field: &FieldDescriptorProto) -> Value {
     let map_entry = message.nested_type.iter().find(|nested| {
-        is_map_entry(nested)
-            && field.type_name().ends_with(&format!(".{}", nested.name()))
+        is_map_entry(nested) && field.type_name().ends_with(&format!(".{}", nested.name()))
     });
     if let Some(entry) = map_entry {
         let value = entry.field.iter().find(|field| field.name() == "value");

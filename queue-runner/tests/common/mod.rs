@@ -71,6 +71,8 @@ pub const DEADLINE: Duration = Duration::from_mins(1);
 struct RunningRunner {
     /// Where it serves metrics.
     metrics_address: Option<std::net::SocketAddr>,
+    /// Where it serves the web listener, if it does.
+    web_address: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), String>>,
 }
@@ -298,7 +300,7 @@ impl Farm {
             .await
             .unwrap_or_else(|error| panic!("starting the runner: {}", error.report()));
         let recovered = runner.queue_recovered.clone();
-        let metrics_address = runner.metrics_address;
+        let (metrics_address, web_address) = (runner.metrics_address, runner.web_address);
         #[expect(clippy::disallowed_methods, reason = "the test owns the runner task")]
         let task = tokio::spawn(async move {
             runner
@@ -308,6 +310,7 @@ impl Farm {
         });
         self.runner = Some(RunningRunner {
             metrics_address,
+            web_address,
             shutdown,
             task,
         });
@@ -315,6 +318,24 @@ impl Farm {
             recovered.get().then_some(())
         })
         .await;
+    }
+
+    /// Where the running runner serves its web listener (`[web]`, which a test sets with
+    /// [`Farm::serve_web`]).
+    pub fn web_address(&self) -> std::net::SocketAddr {
+        let runner = self.runner.as_ref().expect("a running runner");
+        runner.web_address.expect("a web listener")
+    }
+
+    /// Makes the runner serve the web listener (on any free port), presenting the runner's
+    /// own certificate (issued by the farm's CA for localhost).
+    pub fn serve_web(&mut self) {
+        let file = |name: &str| self.path(name).display().to_string();
+        self.runner_settings.extend([
+            ("web.listen", "127.0.0.1:0".into()),
+            ("web.certificate", file("runner-main.pem").into()),
+            ("web.key", file("runner-main.key").into()),
+        ]);
     }
 
     /// Where the running runner serves metrics.
