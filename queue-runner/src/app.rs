@@ -403,6 +403,8 @@ struct WebListener {
     listener: tokio::net::TcpListener,
     address: SocketAddr,
     tls: ServerTls,
+    /// Whether the status page needs no credential.
+    public_status: bool,
 }
 
 /// Binds the web listener, if `[web]` asks for one; returns it and its address.
@@ -418,6 +420,7 @@ async fn bind_web(
         listener,
         address,
         tls,
+        public_status: web.public_status,
     };
     Ok((Some(listener), Some(address)))
 }
@@ -443,6 +446,7 @@ async fn serve_grpc(
             changes: parts.changes.clone(),
             heartbeat: parts.heartbeat,
             shutdown: shutdown.clone(),
+            public_status: web.public_status,
         };
         let router = crate::web::router(state, parts.max_submission_bytes)
             .into_make_service_with_connect_info::<crate::web::Peer>();

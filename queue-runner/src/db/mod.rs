@@ -11,6 +11,7 @@ pub mod queries;
 pub mod retention;
 pub mod snapshot;
 pub mod status;
+pub mod status_page;
 pub mod tokens;
 pub mod transitions;
 pub mod verified;

@@ -10,19 +10,15 @@ use drover_proto::v1::{
     StageDerivationsResponse, SubmitJobSetRequest, SubmitJobSetResponse, SubmitRequest,
     SubmitResponse,
 };
-use drover_tls::Role;
 use serde::Deserialize;
 use tonic::Status;
 
-use super::auth::Caller;
+use super::auth::{BUILD_API as CALLERS, Caller, Reader};
 use super::errors::{ApiError, JsonBody};
 use super::{WebState, events, query};
 use crate::builds::view;
-use crate::grpc::shutdown::{cut_when, until_shutdown};
+use crate::grpc::shutdown::{Outbound, cut_when, until_shutdown};
 use crate::grpc::{follow_log, list_filter, watch};
-
-/// Roles that may use the build API.
-const CALLERS: &[Role] = &[Role::Client, Role::Admin];
 
 /// A step's derivation, named in the query.
 #[derive(Debug, Deserialize)]
@@ -55,20 +51,18 @@ pub async fn submit(
 /// `GET /api/v1/builds/{id}`: Get.
 pub async fn get(
     State(state): State<WebState>,
-    caller: Caller,
+    _: Reader,
     Path(id): Path<i64>,
 ) -> Result<Json<GetResponse>, ApiError> {
-    caller.require(CALLERS, &state)?;
     Ok(Json(state.builds.get(id).await.map_err(Status::from)?))
 }
 
 /// `GET /api/v1/builds`: List, filtered by the query ([`query::list_request`]).
 pub async fn list(
     State(state): State<WebState>,
-    caller: Caller,
+    _: Reader,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<ListResponse>, ApiError> {
-    caller.require(CALLERS, &state)?;
     let request = query::list_request(raw.as_deref())?;
     let filter = list_filter::filter(&request).map_err(Status::from)?;
     Ok(Json(
@@ -110,24 +104,20 @@ pub async fn restart(
 /// `GET /api/v1/builds/{id}/events`: Watch, as server-sent events.
 pub async fn watch(
     State(state): State<WebState>,
-    caller: Caller,
+    reader: Reader,
     Path(id): Path<i64>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let caller = caller.require(CALLERS, &state)?;
     let sources = watch::Sources::of(&state.builds);
     let stream = watch::open(id, &state.changes, sources, state.heartbeat).await?;
-    let stream = until_shutdown(stream, &state.shutdown);
-    let stream = cut_when(stream, caller.revoked(&state, state.heartbeat));
-    Ok(events::watch(stream))
+    Ok(events::watch(until_revoked(stream, &reader, &state)))
 }
 
 /// `GET /api/v1/logs?drv_path=…`: `GetLog`.
 pub async fn log(
     State(state): State<WebState>,
-    caller: Caller,
+    _: Reader,
     axum::extract::Query(step): axum::extract::Query<Step>,
 ) -> Result<Json<GetLogResponse>, ApiError> {
-    caller.require(CALLERS, &state)?;
     let log = state
         .builds
         .log(&step.drv_path)
@@ -142,10 +132,9 @@ pub async fn log(
 /// `GET /api/v1/logs/events?drv_path=…`: `FollowLog`, as server-sent events.
 pub async fn follow_log(
     State(state): State<WebState>,
-    caller: Caller,
+    reader: Reader,
     axum::extract::Query(step): axum::extract::Query<Step>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let caller = caller.require(CALLERS, &state)?;
     let stream = follow_log::open(
         state.builds.pool().clone(),
         state.builds.logs().clone(),
@@ -153,9 +142,20 @@ pub async fn follow_log(
         state.heartbeat,
     )
     .await?;
+    Ok(events::log(until_revoked(stream, &reader, &state)))
+}
+
+/// `stream`, ended at shutdown, and once the reader's credential is revoked.
+fn until_revoked<T: Send + 'static>(
+    stream: Outbound<T>,
+    reader: &Reader,
+    state: &WebState,
+) -> Outbound<T> {
     let stream = until_shutdown(stream, &state.shutdown);
-    let stream = cut_when(stream, caller.revoked(&state, state.heartbeat));
-    Ok(events::log(stream))
+    match &reader.0 {
+        Some(caller) => cut_when(stream, caller.revoked(state, state.heartbeat)),
+        None => stream,
+    }
 }
 
 /// `POST /api/v1/derivations`: `StageDerivations`.

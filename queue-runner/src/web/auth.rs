@@ -20,6 +20,9 @@ use super::listener::TlsListener;
 /// The cookie the status page's login sets.
 pub const TOKEN_COOKIE: &str = "drover_token";
 
+/// Roles that may use the build API.
+pub const BUILD_API: &[Role] = &[Role::Client, Role::Admin];
+
 /// A connection's peer: its address, and the client certificate it presented, if any.
 #[derive(Debug, Clone)]
 pub struct Peer {
@@ -138,6 +141,27 @@ impl FromRequestParts<WebState> for Caller {
             identity: holder.identity,
             credential: Credential::Token(holder.token),
         })
+    }
+}
+
+/// A caller of a read-only route: an authenticated client or admin, or, when `[web]
+/// public_status` is set, anyone who presents no credential (`None`).
+#[derive(Debug, Clone)]
+pub struct Reader(pub Option<Caller>);
+
+impl FromRequestParts<WebState> for Reader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &WebState) -> Result<Self, ApiError> {
+        let certified = parts
+            .extensions
+            .get::<ConnectInfo<Peer>>()
+            .is_some_and(|ConnectInfo(peer)| peer.certificate.is_some());
+        if state.public_status && !certified && presented_token(parts).is_none() {
+            return Ok(Self(None));
+        }
+        let caller = Caller::from_request_parts(parts, state).await?;
+        Ok(Self(Some(caller.require(BUILD_API, state)?)))
     }
 }
 

@@ -12,6 +12,7 @@ pub mod errors;
 pub mod events;
 pub mod listener;
 pub mod openapi;
+pub mod pages;
 pub mod query;
 
 use std::time::Duration;
@@ -48,10 +49,12 @@ pub struct WebState {
     pub heartbeat: Duration,
     /// Ends event streams when the runner shuts down.
     pub shutdown: CancellationToken,
+    /// Whether the status page, and the reads it makes, need no credential.
+    pub public_status: bool,
 }
 
-/// Every route of the API, with its handler: the router and the check against the OpenAPI
-/// description both read this one list.
+/// Every route, with its handler (the API, then the status page): the router and the check
+/// against the OpenAPI description both read this one list.
 fn api_routes() -> Vec<(&'static str, Method, MethodRouter<WebState>)> {
     vec![
         ("/api/v1/builds", Method::POST, post(api::submit)),
@@ -73,6 +76,14 @@ fn api_routes() -> Vec<(&'static str, Method, MethodRouter<WebState>)> {
         ("/api/v1/derivations", Method::POST, post(api::stage)),
         ("/api/v1/job-sets", Method::POST, post(api::submit_job_set)),
         ("/api/v1/openapi.json", Method::GET, get(openapi::serve)),
+        ("/api/v1/status", Method::GET, get(pages::status)),
+        ("/api/v1/status/events", Method::GET, get(pages::status_events)),
+        ("/", Method::GET, get(pages::overview)),
+        ("/builds/{id}", Method::GET, get(pages::build)),
+        ("/login", Method::GET, get(pages::login_form)),
+        ("/login", Method::POST, post(pages::login)),
+        ("/status/app.js", Method::GET, get(pages::script)),
+        ("/status/style.css", Method::GET, get(pages::style)),
     ]
 }
 

@@ -19,6 +19,10 @@ pub enum Answer {
     Events(&'static [&'static str]),
     /// This document.
     Document,
+    /// A JSON object that is no message of the protocol, described here.
+    Object(&'static str),
+    /// A page of the status site, or one of its files, of this content type.
+    Page(&'static str),
 }
 
 /// One operation of the API.
@@ -143,6 +147,74 @@ pub const OPERATIONS: &[Operation] = &[
         body: None,
         answer: Answer::Document,
     },
+    Operation {
+        path: "/api/v1/status",
+        method: "get",
+        summary: "The farm at a glance, as the status page shows it",
+        query: &[],
+        body: None,
+        answer: Answer::Object(
+            "queues (system, status, steps), builders (name, state, systems, max_jobs, \
+             running, running_steps, quarantine_reason), running (step_id, drv_path, machine, \
+             started_at_ms), recent builds (id, status, drv_path, submitted_at_ms), now_ms",
+        ),
+    },
+    Operation {
+        path: "/api/v1/status/events",
+        method: "get",
+        summary: "The farm at a glance, now and every 2 s",
+        query: &[],
+        body: None,
+        answer: Answer::Events(&["overview"]),
+    },
+    Operation {
+        path: "/",
+        method: "get",
+        summary: "The status page: queues, builders, running steps, recent builds",
+        query: &[],
+        body: None,
+        answer: Answer::Page("text/html"),
+    },
+    Operation {
+        path: "/builds/{id}",
+        method: "get",
+        summary: "A build's page: its steps, why each waits, its predicted end, a live log",
+        query: &[],
+        body: None,
+        answer: Answer::Page("text/html"),
+    },
+    Operation {
+        path: "/login",
+        method: "get",
+        summary: "The status page's login form",
+        query: &[],
+        body: None,
+        answer: Answer::Page("text/html"),
+    },
+    Operation {
+        path: "/login",
+        method: "post",
+        summary: "Sign in with an API token (form field token): sets the drover_token cookie",
+        query: &[],
+        body: None,
+        answer: Answer::Page("text/html"),
+    },
+    Operation {
+        path: "/status/app.js",
+        method: "get",
+        summary: "The status page's script",
+        query: &[],
+        body: None,
+        answer: Answer::Page("text/javascript"),
+    },
+    Operation {
+        path: "/status/style.css",
+        method: "get",
+        summary: "The status page's style sheet",
+        query: &[],
+        body: None,
+        answer: Answer::Page("text/css"),
+    },
 ];
 
 /// `GET /api/v1/openapi.json`.
@@ -204,6 +276,10 @@ fn describe(operation: &Operation) -> Value {
             "content": { "text/event-stream": { "schema": { "type": "string" } } } }),
         Answer::Document => json!({ "description": "OpenAPI 3.1",
             "content": { "application/json": { "schema": { "type": "object" } } } }),
+        Answer::Object(fields) => json!({ "description": fields,
+            "content": { "application/json": { "schema": { "type": "object" } } } }),
+        Answer::Page(content_type) => json!({ "description": content_type,
+            "content": { content_type: { "schema": { "type": "string" } } } }),
     };
     let mut described = json!({
         "summary": operation.summary,

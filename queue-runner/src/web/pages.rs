@@ -1,0 +1,163 @@
+//! The status page: an overview of the farm (queues per system, builders with load, state and
+//! quarantine, running steps with their elapsed time, recent builds) and a page per build (its
+//! steps, why each waits, its predicted end, the live log of its running step), plain HTML
+//! with a little JavaScript and no build step, served by the runner and live over its own
+//! event streams. Read-only; behind a token login (the `drover_token` cookie) unless `[web]
+//! public_status` is set.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Form;
+use axum::extract::State;
+use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, SET_COOKIE};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Redirect, Response};
+use serde::Deserialize;
+use tokio_stream::Stream;
+use tonic::Status;
+
+use super::WebState;
+use super::auth::{Reader, TOKEN_COOKIE};
+use super::errors::ApiError;
+use crate::db::{DbError, status_page};
+
+const OVERVIEW: &str = include_str!("page/overview.html");
+const BUILD: &str = include_str!("page/build.html");
+const LOGIN: &str = include_str!("page/login.html");
+const SCRIPT: &str = include_str!("page/app.js");
+const STYLE: &str = include_str!("page/style.css");
+
+/// How often the overview's event stream sends it again.
+const OVERVIEW_EVERY: Duration = Duration::from_secs(2);
+
+/// Nothing but this origin: the pages fetch nothing from elsewhere and run no inline script.
+const POLICY: &str = "default-src 'self'; frame-ancestors 'none'";
+
+/// `GET /`: the overview, or the login page for a visitor without a credential.
+pub async fn overview(reader: Result<Reader, ApiError>) -> Response {
+    page(reader.is_ok(), OVERVIEW)
+}
+
+/// `GET /builds/{id}`: a build's page (its id is read from the address by the script).
+pub async fn build(reader: Result<Reader, ApiError>) -> Response {
+    page(reader.is_ok(), BUILD)
+}
+
+fn page(admitted: bool, html: &'static str) -> Response {
+    if admitted {
+        html_response(StatusCode::OK, html.to_owned())
+    } else {
+        Redirect::to("/login").into_response()
+    }
+}
+
+/// `GET /login`.
+pub async fn login_form() -> Response {
+    html_response(StatusCode::OK, LOGIN.to_owned())
+}
+
+/// The login form's field.
+#[derive(Deserialize)]
+pub struct Login {
+    token: String,
+}
+
+/// `POST /login`: a valid token is kept in a cookie only this site's requests send (never to
+/// scripts), and the visitor goes to the overview.
+pub async fn login(State(state): State<WebState>, Form(login): Form<Login>) -> Response {
+    let token = login.token.trim();
+    match state.tokens.holder(token).await {
+        Ok(Some(_)) => {
+            let cookie =
+                format!("{TOKEN_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict");
+            let mut response = Redirect::to("/").into_response();
+            if let Ok(cookie) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().insert(SET_COOKIE, cookie);
+            }
+            response
+        }
+        Ok(None) => html_response(
+            StatusCode::UNAUTHORIZED,
+            LOGIN.replace(
+                "<!--message-->",
+                "<p class=\"error\" role=\"alert\">That token is not valid (revoked, or \
+                 unknown).</p>",
+            ),
+        ),
+        Err(error) => ApiError::from(crate::grpc::status::unavailable(&error)).into_response(),
+    }
+}
+
+/// `GET /status/app.js`.
+pub async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+/// `GET /status/style.css`.
+pub async fn style() -> Response {
+    asset("text/css; charset=utf-8", STYLE)
+}
+
+/// `GET /api/v1/status`: the overview as JSON.
+pub async fn status(
+    State(state): State<WebState>,
+    _: Reader,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    Ok(axum::Json(read_overview(&state).await?))
+}
+
+/// `GET /api/v1/status/events`: the overview as an `overview` event now and every 2 s.
+pub async fn status_events(
+    State(state): State<WebState>,
+    _: Reader,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let first = read_overview(&state).await?;
+    let stream = futures_util::stream::unfold(
+        (state, Some(first)),
+        |(state, ready)| async move {
+            let overview = if let Some(overview) = ready {
+                overview
+            } else {
+                tokio::select! {
+                    () = state.shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(OVERVIEW_EVERY) => {}
+                }
+                read_overview(&state).await.ok()?
+            };
+            let event = Event::default().event("overview").data(overview.to_string());
+            Some((Ok(event), (state, None)))
+        },
+    );
+    Ok(Sse::new(stream))
+}
+
+async fn read_overview(state: &WebState) -> Result<serde_json::Value, Status> {
+    let client = state
+        .builds
+        .pool()
+        .get()
+        .await
+        .map_err(|error| crate::grpc::status::unavailable(&DbError::Connection(error)))?;
+    status_page::overview(&client)
+        .await
+        .map_err(|error| crate::grpc::status::unavailable(&error))
+}
+
+fn html_response(status: StatusCode, html: String) -> Response {
+    let mut response = (status, html).into_response();
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(POLICY));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
