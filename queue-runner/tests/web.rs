@@ -415,3 +415,41 @@ async fn watch_and_a_live_log_as_server_sent_events_with_heartbeats() {
     );
     assert_eq!(farm.wait_for_build(build).await, Stored::Succeeded);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_status_page_is_read_without_a_credential_and_nothing_else_is() {
+    let mut farm = Farm::new().await;
+    farm.serve_web();
+    farm.runner_settings
+        .push(("web.public_status", true.into()));
+    farm.start_runner().await;
+    farm.start_builder(&BuilderSpec::new("b1"));
+    farm.wait_for_count(
+        "b1 to join",
+        "SELECT count(*) FROM machines WHERE connected",
+        1,
+    )
+    .await;
+    let http = client(&farm, None);
+
+    let (status, overview) = send(http.get(url(&farm, "/api/v1/status")), None).await;
+    assert_eq!(status, 200, "{overview}");
+    assert_eq!(overview["builders"][0]["name"], "b1", "{overview}");
+    let page = http.get(url(&farm, "/")).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let policy = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(policy.starts_with("default-src 'self'"), "{policy}");
+
+    let mut factory = Factory::default();
+    let drv = factory.make(&Spec::new("anonymous"));
+    let (status, refused) = send(
+        http.post(url(&farm, "/api/v1/builds"))
+            .json(&submit_body(&[&drv])),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, &refused["error"]["code"]),
+        (401, &json!("UNAUTHENTICATED"))
+    );
+}

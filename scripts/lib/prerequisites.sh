@@ -1,5 +1,5 @@
 # Installs what drover's tests and demo need and this machine lacks (as root, with apt-get):
-# Nix (single-user, from Debian's nix-bin), the PostgreSQL server binaries and promtool. Sourced by
+# Nix (single-user, from Debian's nix-bin), the PostgreSQL server binaries, promtool and Chromium. Sourced by
 # scripts/test and scripts/demo.
 install_prerequisites() {
   local missing=()
@@ -12,6 +12,9 @@ install_prerequisites() {
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   # The metrics tests check the runner's metrics and the alert rules with promtool.
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  # The status page test loads it in headless Chromium (Debian's package: nothing downloads a
+  # browser).
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   # The certificate-reload test reads the certificate the runner serves with `openssl s_client`.
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   # Throwaway PostgreSQL clusters need the server binaries, not a running service.

@@ -13,9 +13,11 @@
 //! - [`proxy`]: [`TcpProxy`], a loopback proxy whose connections a test can cut.
 //! - [`fake_derivations`]: valid derivation texts made in memory (random DAGs, fixed outputs)
 //!   for control-plane tests and benchmarks that need no Nix.
+//! - [`browser`]: headless Chromium driven over the DevTools protocol, for the status page.
 //! - [`wait`]: [`poll_until`], the one way tests wait for something to happen: poll with a
 //!   deadline instead of sleeping "long enough".
 
+pub mod browser;
 pub mod fake_derivations;
 pub mod farm;
 pub mod https;

@@ -77,7 +77,11 @@ fn api_routes() -> Vec<(&'static str, Method, MethodRouter<WebState>)> {
         ("/api/v1/job-sets", Method::POST, post(api::submit_job_set)),
         ("/api/v1/openapi.json", Method::GET, get(openapi::serve)),
         ("/api/v1/status", Method::GET, get(pages::status)),
-        ("/api/v1/status/events", Method::GET, get(pages::status_events)),
+        (
+            "/api/v1/status/events",
+            Method::GET,
+            get(pages::status_events),
+        ),
         ("/", Method::GET, get(pages::overview)),
         ("/builds/{id}", Method::GET, get(pages::build)),
         ("/login", Method::GET, get(pages::login_form)),

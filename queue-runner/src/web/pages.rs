@@ -114,22 +114,21 @@ pub async fn status_events(
     _: Reader,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let first = read_overview(&state).await?;
-    let stream = futures_util::stream::unfold(
-        (state, Some(first)),
-        |(state, ready)| async move {
-            let overview = if let Some(overview) = ready {
-                overview
-            } else {
-                tokio::select! {
-                    () = state.shutdown.cancelled() => return None,
-                    () = tokio::time::sleep(OVERVIEW_EVERY) => {}
-                }
-                read_overview(&state).await.ok()?
-            };
-            let event = Event::default().event("overview").data(overview.to_string());
-            Some((Ok(event), (state, None)))
-        },
-    );
+    let stream = futures_util::stream::unfold((state, Some(first)), |(state, ready)| async move {
+        let overview = if let Some(overview) = ready {
+            overview
+        } else {
+            tokio::select! {
+                () = state.shutdown.cancelled() => return None,
+                () = tokio::time::sleep(OVERVIEW_EVERY) => {}
+            }
+            read_overview(&state).await.ok()?
+        };
+        let event = Event::default()
+            .event("overview")
+            .data(overview.to_string());
+        Some((Ok(event), (state, None)))
+    });
     Ok(Sse::new(stream))
 }
 
@@ -148,7 +147,10 @@ async fn read_overview(state: &WebState) -> Result<serde_json::Value, Status> {
 fn html_response(status: StatusCode, html: String) -> Response {
     let mut response = (status, html).into_response();
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(POLICY));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
