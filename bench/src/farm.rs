@@ -12,6 +12,8 @@ use drover_proto::v1::{
     DerivationText, Job, StageDerivationsRequest, SubmitJobSetRequest, SubmitRequest,
 };
 use drover_tls::Role;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use test_support::fake_derivations::FakeDrv;
 use test_support::farm::{
     BuilderExecutor, BuilderToml, ConfigFile, FarmFiles, Reconnect, nix_environment,
@@ -31,6 +33,8 @@ pub struct Farm {
     runner: ChildGuard,
     port: u16,
     cache_port: u16,
+    /// The web listener's port (the HTTP/JSON API).
+    web_port: u16,
     builders: CancellationToken,
     builder_processes: Vec<ChildGuard>,
     /// A connection to the farm's database.
@@ -55,10 +59,15 @@ impl Farm {
         let database = cluster.create_database().await;
         let port = free_port();
         let cache_port = free_port();
+        let web_port = free_port();
         let config = dir.path().join("runner.toml");
+        let file = |name: &str| files.path(name).display().to_string();
         let text = adjust(
             files
                 .runner_config(&database.connection_string, port, cache_port)
+                .set("web.listen", format!("127.0.0.1:{web_port}"))
+                .set("web.certificate", file("runner-scale.pem"))
+                .set("web.key", file("runner-scale.key"))
                 .set("database.pool_size", 16)
                 .set("builders.ping_interval_secs", 10)
                 .set("builders.liveness_timeout_secs", 60),
@@ -74,6 +83,7 @@ impl Farm {
             runner,
             port,
             cache_port,
+            web_port,
             builders: CancellationToken::new(),
             builder_processes: Vec::new(),
             db,
@@ -246,6 +256,38 @@ impl Farm {
         BuildServiceClient::new(channel)
             .max_encoding_message_size(1 << 30)
             .max_decoding_message_size(1 << 30)
+    }
+
+    /// An HTTP client of the web listener, with the client's certificate: one connection of its
+    /// own.
+    #[must_use]
+    pub fn web_client(&self) -> reqwest::Client {
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_file_iter(self.files.ca_certificate()).unwrap() {
+            roots.add(certificate.unwrap()).unwrap();
+        }
+        let chain = CertificateDer::pem_file_iter(self.files.path("client-scale.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(self.files.path("client-scale.key")).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        reqwest::Client::builder()
+            .use_preconfigured_tls(config)
+            .build()
+            .unwrap()
+    }
+
+    /// The address of `path` on the web listener.
+    #[must_use]
+    pub fn web_url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.web_port)
     }
 
     /// Submits the derivations as one build of the last; returns its id.

@@ -1,6 +1,7 @@
-//! The Watch benchmark (issue 11): `--builds` concurrent builds, each a chain of `--steps`
-//! steps, on simulated noop builders, each build watched by a client of its own (its own TLS
-//! connection and `Watch` stream). It prints the runner's CPU time and peak memory against a
+//! The Watch benchmark (issues 11 and 25): `--builds` concurrent builds, each a chain of
+//! `--steps` steps, on simulated noop builders, each build watched by a client of its own (its
+//! own TLS connection and `Watch` stream over gRPC, or with `--transport sse` its own HTTPS
+//! connection and server-sent event stream from the web listener). It prints the runner's CPU time and peak memory against a
 //! baseline run of the same builds with nobody watching, measured in the same invocation, and
 //! the delay from each step's success being committed to its delivery to the watcher.
 //!
@@ -9,7 +10,7 @@
 //!
 //! Usage (build the binaries first: `cargo build --release --bins`):
 //! `cargo run --release -p drover-bench --bin watchers -- [--builds 1000] [--steps 10]
-//!  [--builders 10] [--jobs 20]`
+//!  [--builders 10] [--jobs 20] [--transport grpc|sse]`
 
 #![allow(
     clippy::unwrap_used,
@@ -44,6 +45,18 @@ struct Args {
     /// Slots per builder.
     #[arg(long, default_value_t = 20)]
     jobs: u32,
+    /// How watchers watch.
+    #[arg(long, value_enum, default_value_t = Transport::Grpc)]
+    transport: Transport,
+}
+
+/// A watcher's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    /// `BuildService.Watch` over gRPC.
+    Grpc,
+    /// `GET /api/v1/builds/{id}/events`, server-sent events over HTTPS.
+    Sse,
 }
 
 /// What one run measured.
@@ -61,8 +74,8 @@ async fn main() {
     raise_open_file_limit();
     let cluster = TestPostgres::start_durable();
     println!(
-        "PostgreSQL, durable; {} builds x {} steps; {} simulated builders x {} jobs in the benchmark process; runner in its own process",
-        args.builds, args.steps, args.builders, args.jobs
+        "PostgreSQL, durable; {} builds x {} steps; {} simulated builders x {} jobs in the benchmark process; runner in its own process; watchers over {:?}",
+        args.builds, args.steps, args.builders, args.jobs, args.transport
     );
     let baseline = run(&cluster, &args, false).await;
     let watched = run(&cluster, &args, true).await;
@@ -117,7 +130,31 @@ async fn run(cluster: &TestPostgres, args: &Args, watch: bool) -> Run {
     let planned_sql = "SELECT count(*) FROM builds WHERE ingested_at IS NOT NULL";
     wait_for_count(&farm, "every build to be planned", planned_sql, planned).await;
     let mut watchers = Vec::new();
-    if watch {
+    if watch && args.transport == Transport::Sse {
+        for build in &builds {
+            let client = farm.web_client();
+            let url = farm.web_url(&format!("/api/v1/builds/{build}/events"));
+            watchers.push(tokio::spawn(async move {
+                let mut response = client.get(url).send().await.unwrap();
+                let (mut text, mut received) = (String::new(), Vec::new());
+                while let Some(chunk) = response.chunk().await.unwrap() {
+                    text.push_str(&String::from_utf8_lossy(&chunk));
+                    while let Some(end) = text.find("\n\n") {
+                        let event: String = text.drain(..end + 2).collect();
+                        if let Some(data) = event.strip_prefix("event: step\ndata: ") {
+                            let step: serde_json::Value =
+                                serde_json::from_str(data.trim()).unwrap();
+                            if step["status"] == "succeeded" {
+                                let drv = step["drv_path"].as_str().unwrap().to_owned();
+                                received.push((drv, SystemTime::now()));
+                            }
+                        }
+                    }
+                }
+                received
+            }));
+        }
+    } else if watch {
         for build in &builds {
             let mut client = farm.client().await;
             let mut stream = client
