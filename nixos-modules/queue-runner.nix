@@ -42,7 +42,7 @@ in
     openFirewall = mkOption {
       type = types.bool;
       default = false;
-      description = "Open the gRPC and binary cache ports in the firewall.";
+      description = "Open the gRPC and binary cache ports in the firewall, and the web listener's if settings.web.listen is set.";
     };
 
     settings = mkOption {
@@ -139,10 +139,11 @@ in
       }];
     };
 
-    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [
+    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall ([
       (common.portOf cfg.settings.grpc.listen)
       (common.portOf cfg.settings.cache.listen)
-    ];
+    ] ++ lib.optional ((cfg.settings.web or { }) ? listen)
+      (common.portOf cfg.settings.web.listen));
 
     systemd.services.drover-queue-runner = {
       description = "drover queue runner (build queue, scheduler, binary cache)";

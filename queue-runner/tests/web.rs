@@ -453,3 +453,44 @@ async fn a_public_status_page_is_read_without_a_credential_and_nothing_else_is()
         (401, &json!("UNAUTHENTICATED"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_over_http_are_an_admins() {
+    let mut farm = Farm::new().await;
+    farm.serve_web();
+    farm.start_runner().await;
+    let alice = token(&farm, "alice", "client").await;
+    let http = client(&farm, None);
+    let builds = url(&farm, "/api/v1/builds");
+
+    // alice's client token may not make one; an admin's token may.
+    let tokens = url(&farm, "/api/v1/tokens");
+    let wanted = json!({ "name": "mallory", "role": "client" });
+    let (status, refused) = send(http.post(&tokens).json(&wanted), Some(&alice)).await;
+    assert_eq!(
+        (status, &refused["error"]["code"]),
+        (403, &json!("PERMISSION_DENIED"))
+    );
+    let root = token(&farm, "root", "admin").await;
+    let (status, made) = send(http.post(&tokens).json(&wanted), Some(&root)).await;
+    assert_eq!(status, 200, "{made}");
+    let mallory = made["token"].as_str().unwrap().to_owned();
+    assert_eq!(send(http.get(&builds), Some(&mallory)).await.0, 200);
+    let (status, listed) = send(http.get(&tokens), Some(&root)).await;
+    assert_eq!(status, 200, "{listed}");
+    assert!(listed.to_string().contains("mallory"), "{listed}");
+    assert!(
+        !listed.to_string().contains(&mallory),
+        "a secret is never listed"
+    );
+
+    // The status page's cookie never authorises a change.
+    let cookie = format!("drover_token={alice}");
+    let refused = http
+        .post(url(&farm, "/api/v1/builds/1/cancel"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+}

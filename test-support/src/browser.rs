@@ -75,7 +75,7 @@ impl Browser {
             .map_err(BrowserError::Missing)?;
         let stderr = child.stderr.take();
         let process = ChildGuard::new(child);
-        let endpoint = tokio::task::spawn_blocking(move || {
+        let reading = tokio::task::spawn_blocking(move || {
             let mut said = String::new();
             for line in BufReader::new(stderr?).lines().map_while(Result::ok) {
                 if let Some(url) = line.strip_prefix("DevTools listening on ") {
@@ -85,12 +85,15 @@ impl Browser {
                 said.push('\n');
             }
             Some(Err(said))
-        })
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| Err(String::new()))
-        .map_err(BrowserError::NoEndpoint)?;
+        });
+        // A chromium that says nothing must not hang the test: it is killed with its guard.
+        let endpoint = tokio::time::timeout(Duration::from_secs(30), reading)
+            .await
+            .map_err(|_| BrowserError::NoEndpoint("nothing within 30 s".to_owned()))?
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Err(String::new()))
+            .map_err(BrowserError::NoEndpoint)?;
         let (socket, _) = tokio_tungstenite::connect_async(endpoint.as_str()).await?;
         let mut browser = Self {
             socket,
@@ -146,10 +149,11 @@ impl Browser {
         Err(BrowserError::Closed)
     }
 
-    /// Opens `url` and waits until its document has loaded.
+    /// Opens `url` and waits until its document (not the one before it) has loaded.
     pub async fn open(&mut self, url: &str) -> Result<(), BrowserError> {
+        self.evaluate("window.droverLeaving = true").await?;
         self.call("Page.navigate", json!({ "url": url })).await?;
-        self.wait_for("document.readyState === 'complete' && location.href !== 'about:blank'")
+        self.wait_for("window.droverLeaving === undefined && document.readyState === 'complete'")
             .await
     }
 

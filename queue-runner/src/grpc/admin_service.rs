@@ -226,7 +226,8 @@ fn wire_machine(machine: MachineStatus) -> Machine {
 }
 
 /// A token as the API shows it.
-fn wire_token(token: TokenRow) -> ApiToken {
+#[must_use]
+pub fn wire_token(token: TokenRow) -> ApiToken {
     ApiToken {
         name: token.name,
         role: token.role,

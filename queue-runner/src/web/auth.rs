@@ -1,6 +1,8 @@
 //! Who calls the HTTP API: the farm's client certificate the connection presented (checked
 //! against revocations on every request), or an API token sent as `Authorization: Bearer` or,
-//! for a browser, in the `drover_token` cookie (checked against the database on every request).
+//! for the status page's reads only, in the `drover_token` cookie (checked against the database
+//! on every request). The cookie never authorises a change: a page of another site, or of a
+//! sibling site, cannot make a signed-in browser cancel a build.
 //! Every refusal is an audit line and a counted refusal, as over gRPC.
 
 use std::net::SocketAddr;
@@ -83,7 +85,7 @@ impl Caller {
         &self,
         state: &WebState,
         every: Duration,
-    ) -> impl Future<Output = Status> + Send + 'static {
+    ) -> impl Future<Output = Status> + Send + use<> {
         let credential = self.credential.clone();
         let (revocations, tokens) = (state.revocations.clone(), state.tokens.clone());
         let identity = self.identity.to_string();
@@ -101,47 +103,60 @@ impl FromRequestParts<WebState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &WebState) -> Result<Self, ApiError> {
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<Peer>>()
-            .map(|ConnectInfo(peer)| peer.clone());
-        let address = peer
-            .as_ref()
-            .map_or_else(|| "unknown".to_owned(), |peer| peer.address.to_string());
-        if let Some(certificate) = peer.and_then(|peer| peer.certificate) {
-            if state.revocations.is_revoked(&certificate.serial) {
-                let status = Status::unauthenticated(format!(
-                    "the certificate {} of {} has been revoked",
-                    certificate.serial, certificate.identity
-                ));
-                return Err(refuse(state, &certificate.identity.to_string(), status));
-            }
-            return Ok(Self {
-                identity: certificate.identity,
-                credential: Credential::Certificate(certificate.serial),
-            });
-        }
-        let Some(secret) = presented_token(parts) else {
-            let status = Status::unauthenticated(
-                "a client certificate or an API token (Authorization: Bearer) is required",
-            );
-            return Err(refuse(state, &address, status));
-        };
-        let holder = state
-            .tokens
-            .holder(&secret)
-            .await
-            .map_err(|error| ApiError::from(crate::grpc::status::unavailable(&error)))?;
-        let Some(holder) = holder else {
-            let status =
-                Status::unauthenticated("the API token is not valid (revoked, or unknown)");
-            return Err(refuse(state, &address, status));
-        };
-        Ok(Self {
-            identity: holder.identity,
-            credential: Credential::Token(holder.token),
-        })
+        authenticate(parts, state, Cookie::Ignored).await
     }
+}
+
+/// Whether the status page's cookie counts as a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cookie {
+    /// For reads.
+    Accepted,
+    /// For changes.
+    Ignored,
+}
+
+/// The caller a request's certificate or token names; a refusal is logged.
+async fn authenticate(parts: &Parts, state: &WebState, cookie: Cookie) -> Result<Caller, ApiError> {
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<Peer>>()
+        .map(|ConnectInfo(peer)| peer.clone());
+    let address = peer
+        .as_ref()
+        .map_or_else(|| "unknown".to_owned(), |peer| peer.address.to_string());
+    if let Some(certificate) = peer.and_then(|peer| peer.certificate) {
+        if state.revocations.is_revoked(&certificate.serial) {
+            let status = Status::unauthenticated(format!(
+                "the certificate {} of {} has been revoked",
+                certificate.serial, certificate.identity
+            ));
+            return Err(refuse(state, &certificate.identity.to_string(), status));
+        }
+        return Ok(Caller {
+            identity: certificate.identity,
+            credential: Credential::Certificate(certificate.serial),
+        });
+    }
+    let Some(secret) = presented_token(parts, cookie) else {
+        let status = Status::unauthenticated(
+            "a client certificate or an API token (Authorization: Bearer) is required",
+        );
+        return Err(refuse(state, &address, status));
+    };
+    let holder = state
+        .tokens
+        .holder(&secret)
+        .await
+        .map_err(|error| ApiError::from(crate::grpc::status::unavailable(&error)))?;
+    let Some(holder) = holder else {
+        let status = Status::unauthenticated("the API token is not valid (revoked, or unknown)");
+        return Err(refuse(state, &address, status));
+    };
+    Ok(Caller {
+        identity: holder.identity,
+        credential: Credential::Token(holder.token),
+    })
 }
 
 /// A caller of a read-only route: an authenticated client or admin, or, when `[web]
@@ -157,23 +172,34 @@ impl FromRequestParts<WebState> for Reader {
             .extensions
             .get::<ConnectInfo<Peer>>()
             .is_some_and(|ConnectInfo(peer)| peer.certificate.is_some());
-        if state.public_status && !certified && presented_token(parts).is_none() {
+        if state.public_status && !certified && presented_token(parts, Cookie::Accepted).is_none() {
             return Ok(Self(None));
         }
-        let caller = Caller::from_request_parts(parts, state).await?;
-        Ok(Self(Some(caller.require(BUILD_API, state)?)))
+        let caller = authenticate(parts, state, Cookie::Accepted)
+            .await
+            .and_then(|caller| caller.require(BUILD_API, state));
+        match caller {
+            Ok(caller) => Ok(Self(Some(caller))),
+            // A stale cookie does not lock anyone out of a public page.
+            Err(_) if state.public_status => Ok(Self(None)),
+            Err(refused) => Err(refused),
+        }
     }
 }
 
-/// The token a request presents: `Authorization: Bearer`, else the status page's cookie.
-fn presented_token(parts: &Parts) -> Option<String> {
+/// The token a request presents: `Authorization: Bearer`, else, for reads, the status page's
+/// cookie.
+fn presented_token(parts: &Parts, cookie: Cookie) -> Option<String> {
     let bearer = parts
         .headers
         .get(AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim);
-    let cookie = || {
+    let from_cookie = || {
+        if cookie == Cookie::Ignored {
+            return None;
+        }
         parts
             .headers
             .get_all(COOKIE)
@@ -182,7 +208,7 @@ fn presented_token(parts: &Parts) -> Option<String> {
             .flat_map(|value| value.split(';'))
             .find_map(|pair| pair.trim().strip_prefix(TOKEN_COOKIE)?.strip_prefix('='))
     };
-    bearer.or_else(cookie).map(str::to_owned)
+    bearer.or_else(from_cookie).map(str::to_owned)
 }
 
 /// Logs and counts a refusal; returns it as the answer.

@@ -14,6 +14,7 @@ pub mod listener;
 pub mod openapi;
 pub mod pages;
 pub mod query;
+pub mod tokens;
 
 use std::time::Duration;
 
@@ -53,8 +54,8 @@ pub struct WebState {
     pub public_status: bool,
 }
 
-/// Every route, with its handler (the API, then the status page): the router and the check
-/// against the OpenAPI description both read this one list.
+/// Every route, with its handler (the API, then the status page); a test holds this list and
+/// the OpenAPI description's operations to each other.
 fn api_routes() -> Vec<(&'static str, Method, MethodRouter<WebState>)> {
     vec![
         ("/api/v1/builds", Method::POST, post(api::submit)),
@@ -75,6 +76,13 @@ fn api_routes() -> Vec<(&'static str, Method, MethodRouter<WebState>)> {
         ("/api/v1/logs/events", Method::GET, get(api::follow_log)),
         ("/api/v1/derivations", Method::POST, post(api::stage)),
         ("/api/v1/job-sets", Method::POST, post(api::submit_job_set)),
+        ("/api/v1/tokens", Method::POST, post(tokens::create)),
+        ("/api/v1/tokens", Method::GET, get(tokens::list)),
+        (
+            "/api/v1/tokens/{name}/revoke",
+            Method::POST,
+            post(tokens::revoke),
+        ),
         ("/api/v1/openapi.json", Method::GET, get(openapi::serve)),
         ("/api/v1/status", Method::GET, get(pages::status)),
         (
@@ -85,7 +93,12 @@ fn api_routes() -> Vec<(&'static str, Method, MethodRouter<WebState>)> {
         ("/", Method::GET, get(pages::overview)),
         ("/builds/{id}", Method::GET, get(pages::build)),
         ("/login", Method::GET, get(pages::login_form)),
-        ("/login", Method::POST, post(pages::login)),
+        // The one route that takes a body without a credential: a form, a few bytes.
+        (
+            "/login",
+            Method::POST,
+            post(pages::login).layer(DefaultBodyLimit::max(4096)),
+        ),
         ("/status/app.js", Method::GET, get(pages::script)),
         ("/status/style.css", Method::GET, get(pages::style)),
     ]

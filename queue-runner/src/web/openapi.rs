@@ -140,6 +140,30 @@ pub const OPERATIONS: &[Operation] = &[
         answer: Answer::Json("SubmitJobSetResponse"),
     },
     Operation {
+        path: "/api/v1/tokens",
+        method: "post",
+        summary: "Create an API token (admins); its secret is in the answer, once",
+        query: &[],
+        body: Some("CreateTokenRequest"),
+        answer: Answer::Json("CreateTokenResponse"),
+    },
+    Operation {
+        path: "/api/v1/tokens",
+        method: "get",
+        summary: "List the API tokens, revoked ones too, without their secrets (admins)",
+        query: &[],
+        body: None,
+        answer: Answer::Json("ListTokensResponse"),
+    },
+    Operation {
+        path: "/api/v1/tokens/{name}/revoke",
+        method: "post",
+        summary: "Revoke an API token by name (admins): its requests and streams end at once",
+        query: &[],
+        body: None,
+        answer: Answer::Object("{}"),
+    },
+    Operation {
         path: "/api/v1/openapi.json",
         method: "get",
         summary: "This description",
@@ -267,6 +291,11 @@ fn describe(operation: &Operation) -> Value {
         parameters.push(json!({ "name": "id", "in": "path", "required": true,
                                 "description": "the build id",
                                 "schema": { "type": "integer", "format": "int64" } }));
+    }
+    if operation.path.contains("{name}") {
+        parameters.push(json!({ "name": "name", "in": "path", "required": true,
+                                "description": "the token's name",
+                                "schema": { "type": "string" } }));
     }
     let ok = match operation.answer {
         Answer::Json(message) => json!({ "description": message,

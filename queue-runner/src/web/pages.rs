@@ -9,11 +9,12 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Form;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, SET_COOKIE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
+use futures_util::StreamExt as _;
 use serde::Deserialize;
 use tokio_stream::Stream;
 use tonic::Status;
@@ -37,31 +38,61 @@ const POLICY: &str = "default-src 'self'; frame-ancestors 'none'";
 
 /// `GET /`: the overview, or the login page for a visitor without a credential.
 pub async fn overview(reader: Result<Reader, ApiError>) -> Response {
-    page(reader.is_ok(), OVERVIEW)
+    page(reader.is_ok(), OVERVIEW, "/")
 }
 
 /// `GET /builds/{id}`: a build's page (its id is read from the address by the script).
-pub async fn build(reader: Result<Reader, ApiError>) -> Response {
-    page(reader.is_ok(), BUILD)
+pub async fn build(reader: Result<Reader, ApiError>, Path(id): Path<i64>) -> Response {
+    page(reader.is_ok(), BUILD, &format!("/builds/{id}"))
 }
 
-fn page(admitted: bool, html: &'static str) -> Response {
+/// The page `html`, or the login page, which comes back to `here`.
+fn page(admitted: bool, html: &'static str, here: &str) -> Response {
     if admitted {
         html_response(StatusCode::OK, html.to_owned())
     } else {
-        Redirect::to("/login").into_response()
+        Redirect::to(&format!("/login?next={here}")).into_response()
     }
 }
 
-/// `GET /login`.
-pub async fn login_form() -> Response {
-    html_response(StatusCode::OK, LOGIN.to_owned())
+/// Where the login page goes once signed in: a page of this site (`/…`, of letters, digits and
+/// `/`), else the overview.
+#[derive(Deserialize)]
+pub struct Next {
+    #[serde(default)]
+    next: String,
 }
 
-/// The login form's field.
+impl Next {
+    fn page(&self) -> &str {
+        let local = self.next.starts_with('/')
+            && self
+                .next
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'/');
+        if local { &self.next } else { "/" }
+    }
+}
+
+/// `GET /login[?next=/builds/42]`.
+pub async fn login_form(Query(next): Query<Next>) -> Response {
+    html_response(StatusCode::OK, login_page(next.page(), ""))
+}
+
+/// The login page, coming back to `next` (checked by [`Next::page`]: no markup), saying
+/// `message`.
+fn login_page(next: &str, message: &str) -> String {
+    LOGIN
+        .replace("<!--next-->", next)
+        .replace("<!--message-->", message)
+}
+
+/// The login form's fields.
 #[derive(Deserialize)]
 pub struct Login {
     token: String,
+    #[serde(default)]
+    next: String,
 }
 
 /// `POST /login`: a valid token is kept in a cookie only this site's requests send (never to
@@ -70,9 +101,11 @@ pub async fn login(State(state): State<WebState>, Form(login): Form<Login>) -> R
     let token = login.token.trim();
     match state.tokens.holder(token).await {
         Ok(Some(_)) => {
-            let cookie =
-                format!("{TOKEN_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict");
-            let mut response = Redirect::to("/").into_response();
+            // Lax, so a link from elsewhere to a build's page opens it; the cookie authorises
+            // reads only, so no other site can change anything with it.
+            let cookie = format!("{TOKEN_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Lax");
+            let next = Next { next: login.next };
+            let mut response = Redirect::to(next.page()).into_response();
             if let Ok(cookie) = HeaderValue::from_str(&cookie) {
                 response.headers_mut().insert(SET_COOKIE, cookie);
             }
@@ -80,8 +113,8 @@ pub async fn login(State(state): State<WebState>, Form(login): Form<Login>) -> R
         }
         Ok(None) => html_response(
             StatusCode::UNAUTHORIZED,
-            LOGIN.replace(
-                "<!--message-->",
+            login_page(
+                Next { next: login.next }.page(),
                 "<p class=\"error\" role=\"alert\">That token is not valid (revoked, or \
                  unknown).</p>",
             ),
@@ -108,12 +141,22 @@ pub async fn status(
     Ok(axum::Json(read_overview(&state).await?))
 }
 
-/// `GET /api/v1/status/events`: the overview as an `overview` event now and every 2 s.
+/// `GET /api/v1/status/events`: the overview as an `overview` event now and every 2 s, until
+/// the reader's credential is revoked.
 pub async fn status_events(
     State(state): State<WebState>,
-    _: Reader,
+    reader: Reader,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let first = read_overview(&state).await?;
+    let revoked = reader
+        .0
+        .map(|caller| caller.revoked(&state, state.heartbeat));
+    let revoked = async move {
+        match revoked {
+            Some(revoked) => drop(revoked.await),
+            None => std::future::pending().await,
+        }
+    };
     let stream = futures_util::stream::unfold((state, Some(first)), |(state, ready)| async move {
         let overview = if let Some(overview) = ready {
             overview
@@ -128,7 +171,8 @@ pub async fn status_events(
             .event("overview")
             .data(overview.to_string());
         Some((Ok(event), (state, None)))
-    });
+    })
+    .take_until(revoked);
     Ok(Sse::new(stream))
 }
 

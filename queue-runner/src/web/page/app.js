@@ -15,6 +15,11 @@ function statusName(value) {
   return String(value || "").replace(/^(BUILD|STEP)_STATUS_/, "").toLowerCase();
 }
 
+// Whether a build has ended: its page stops listening then.
+function ended(status) {
+  return ["succeeded", "failed", "dep_failed", "cancelled", "cached_failure"].includes(statusName(status));
+}
+
 function duration(ms) {
   const seconds = Math.max(0, Math.round(ms / 1000));
   if (seconds < 60) return seconds + " s";
@@ -116,6 +121,8 @@ function build() {
   const id = location.pathname.split("/").pop();
   let state = null;
   let following = null;
+  let logSource = null;
+  let watch = null;
   const render = () => {
     $("#title").textContent = "Build " + id + ": " + drvName(state.top_drv_path);
     const facts = [
@@ -145,20 +152,27 @@ function build() {
     ]), "no steps: nothing to build");
     const runningStep = state.steps.find((step) => step.status === "running");
     if (runningStep && following !== runningStep.drv_path) follow(runningStep.drv_path);
+    if (ended(state.status)) {
+      // Everything is said: the streams would only reconnect to say it again.
+      watch.close();
+      $("#connection").textContent = "ended";
+      if (logSource) window.setTimeout(() => logSource.close(), 2000);
+    }
   };
   const follow = (drvPath) => {
+    if (logSource) logSource.close();
     following = drvPath;
     $("#log-step").textContent = drvName(drvPath);
     const log = $("#log");
-    log.textContent = "";
-    const source = new EventSource("/api/v1/logs/events?drv_path=" + encodeURIComponent(drvPath));
-    source.addEventListener("log", (event) => {
+    logSource = new EventSource("/api/v1/logs/events?drv_path=" + encodeURIComponent(drvPath));
+    // Each connection sends the log from its start.
+    logSource.onopen = () => { log.textContent = ""; };
+    logSource.addEventListener("log", (event) => {
       log.textContent += event.data;
       log.scrollTop = log.scrollHeight;
     });
-    source.addEventListener("error", () => source.close());
   };
-  listen("/api/v1/builds/" + id + "/events", {
+  watch = listen("/api/v1/builds/" + id + "/events", {
     state: (data) => { state = data; render(); },
     step: (data) => {
       if (!state) return;
@@ -169,6 +183,7 @@ function build() {
     build: (data) => {
       if (!state) return;
       Object.assign(state, { status: data.status, failure_reason: data.failure_reason });
+      if (ended(data.status)) state.finished_at_ms = String(Date.now());
       render();
     },
     estimate: (data) => {
