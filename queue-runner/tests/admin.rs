@@ -140,7 +140,7 @@ async fn a_drained_builder_finishes_its_step_and_gets_nothing_new_across_restart
     assert_eq!(refused.status.code(), Some(64));
     let said = String::from_utf8(refused.stderr).unwrap();
     assert!(
-        said.contains("drover admin needs a certificate with role admin"),
+        said.contains("this command needs a certificate with role admin"),
         "{said}"
     );
     let unknown = farm

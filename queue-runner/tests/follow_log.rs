@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::nix_farm::{start_with_one_nix_builder, submit_closure};
+use common::nix_farm::{shell_step, start_with_one_nix_builder, submit_closure};
 use common::{DEADLINE, Farm, Stored};
 use drover_proto::v1::log_event::Event;
 use drover_proto::v1::{FollowLogRequest, GetLogRequest, LogEvent};
@@ -52,15 +52,11 @@ async fn a_running_real_builds_log_arrives_live_and_whole_afterwards() {
     let mut farm = Farm::new().await;
     farm.heartbeat_ms = 300;
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
-    let expression = submitter.expression(
-        r#"{ talker = derivation {
-            name = "talker";
-            system = "x86_64-linux";
-            builder = "/bin/sh";
-            args = [ "-c" "for i in 1 2 3 4 5 6; do echo \"line $i\" >&2; /bin/sleep 0.5; done; echo done > $out" ];
-        }; }"#,
+    let top = shell_step(
+        &submitter,
+        "talker",
+        r#"for i in 1 2 3 4 5 6; do echo \"line $i\" >&2; /bin/sleep 0.5; done; echo done > $out"#,
     );
-    let top = submitter.instantiate(&expression, "talker");
     let build = submit_closure(&farm, &submitter, &top).await;
     farm.wait_for_count(
         "the build to start",
@@ -120,15 +116,11 @@ async fn a_running_real_builds_log_arrives_live_and_whole_afterwards() {
 async fn the_log_of_a_running_step_reads_as_far_as_it_has_come() {
     let mut farm = Farm::new().await;
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
-    let expression = submitter.expression(
-        r#"{ talker = derivation {
-            name = "slow-talker";
-            system = "x86_64-linux";
-            builder = "/bin/sh";
-            args = [ "-c" "echo started >&2; for i in 1 2 3 4 5 6 7 8 9 10; do /bin/sleep 0.5; done; echo finished >&2; echo done > $out" ];
-        }; }"#,
+    let top = shell_step(
+        &submitter,
+        "slow-talker",
+        "echo started >&2; for i in 1 2 3 4 5 6 7 8 9 10; do /bin/sleep 0.5; done; echo finished >&2; echo done > $out",
     );
-    let top = submitter.instantiate(&expression, "talker");
     let build = submit_closure(&farm, &submitter, &top).await;
     let client = farm.client().await;
     let get_log = || {

@@ -15,7 +15,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::Farm;
-use common::nix_farm::{start_with_one_nix_builder, submit_closure};
+use common::nix_farm::{shell_step, start_with_one_nix_builder, submit_closure};
 use drover_tls::Role;
 use serde_json::json;
 use test_support::browser::Browser;
@@ -78,15 +78,11 @@ async fn the_status_page_shows_the_farm_live_in_a_browser() {
         .await;
     assert!(token.status.success(), "{token:?}");
     let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
-    let expression = submitter.expression(
-        r#"{ talker = derivation {
-            name = "talker";
-            system = "x86_64-linux";
-            builder = "/bin/sh";
-            args = [ "-c" "for i in 1 2 3 4 5 6 7 8 9 10; do echo \"line $i\" >&2; /bin/sleep 1; done; echo done > $out" ];
-        }; }"#,
+    let top = shell_step(
+        &submitter,
+        "talker",
+        r#"for i in 1 2 3 4 5 6 7 8 9 10; do echo \"line $i\" >&2; /bin/sleep 1; done; echo done > $out"#,
     );
-    let top = submitter.instantiate(&expression, "talker");
     let build = submit_closure(&farm, &submitter, &top).await;
     farm.wait_for_count(
         "the step to run",

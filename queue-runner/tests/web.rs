@@ -15,7 +15,7 @@ mod common;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use common::nix_farm::{closure_request, start_with_one_nix_builder};
+use common::nix_farm::{closure_request, shell_step, start_with_one_nix_builder};
 use common::{BuilderSpec, DEADLINE, Farm, Stored};
 use drover_tls::Role;
 use rustls::pki_types::pem::PemObject as _;
@@ -347,15 +347,11 @@ async fn watch_and_a_live_log_as_server_sent_events_with_heartbeats() {
     let (_, submitter) = start_with_one_nix_builder(&mut farm).await;
     let alice = token(&farm, "alice", "client").await;
     let http = client(&farm, None);
-    let expression = submitter.expression(
-        r#"{ talker = derivation {
-            name = "talker";
-            system = "x86_64-linux";
-            builder = "/bin/sh";
-            args = [ "-c" "/bin/sleep 1; for i in 1 2 3; do echo \"line $i\" >&2; /bin/sleep 0.3; done; echo done > $out" ];
-        }; }"#,
+    let top = shell_step(
+        &submitter,
+        "talker",
+        r#"/bin/sleep 1; for i in 1 2 3; do echo \"line $i\" >&2; /bin/sleep 0.3; done; echo done > $out"#,
     );
-    let top = submitter.instantiate(&expression, "talker");
     let request = serde_json::to_value(closure_request(&submitter, &top)).unwrap();
     let (status, answer) = send(
         http.post(url(&farm, "/api/v1/builds")).json(&request),

@@ -40,6 +40,20 @@ pub async fn submit_closure(farm: &Farm, submitter: &ChrootStore, top: &StorePat
     farm.submit_request(closure_request(submitter, top)).await
 }
 
+/// Instantiates a derivation named `name` that runs the shell `script` (a Nix string's
+/// contents: quote `"` as `\"`), in the submitter's store.
+pub fn shell_step(submitter: &ChrootStore, name: &str, script: &str) -> StorePath {
+    let expression = submitter.expression(&format!(
+        r#"{{ step = derivation {{
+            name = "{name}";
+            system = "x86_64-linux";
+            builder = "/bin/sh";
+            args = [ "-c" "{script}" ];
+        }}; }}"#
+    ));
+    submitter.instantiate(&expression, "step")
+}
+
 /// The Submit request for the derivation closure of `top` in the submitter's store.
 pub fn closure_request(submitter: &ChrootStore, top: &StorePath) -> SubmitRequest {
     let closure = submitter.closure(top);
