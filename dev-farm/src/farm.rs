@@ -40,6 +40,10 @@ pub struct DevFarmArgs {
     /// Binary cache port (0 picks a free one).
     #[arg(long, default_value_t = 0)]
     cache_port: u16,
+    /// Port of the web listener: the HTTP/JSON API and the status page, public on this
+    /// machine's loopback (0 picks a free one).
+    #[arg(long, default_value_t = 0)]
+    web_port: u16,
 }
 
 /// Why the dev farm could not run.
@@ -157,6 +161,13 @@ DROVER_CACHE={cache_url} DROVER_CACHE_KEY={public_key}\n",
     if let Some(metrics) = runner.metrics_address {
         println!("  metrics:            http://{metrics}/metrics");
     }
+    if let Some(web) = runner.web_address {
+        println!(
+            "  status page:        https://localhost:{}/ (signed by the farm's CA, {dir}/ca.pem)",
+            web.port(),
+            dir = dir.display()
+        );
+    }
     println!("  database:           {}", database.connection_string);
     println!("point the CLI at it:");
     println!("  {}", exports.trim_end());
@@ -203,8 +214,13 @@ fn runner_config(
     database: &str,
     args: &DevFarmArgs,
 ) -> Result<Config, DevFarmError> {
+    let file = |name: &str| files.path(name).display().to_string();
     let text = files
         .runner_config(database, args.grpc_port, args.cache_port)
+        .set("web.listen", format!("127.0.0.1:{}", args.web_port))
+        .set("web.certificate", file("runner-dev.pem"))
+        .set("web.key", file("runner-dev.key"))
+        .set("web.public_status", true)
         .to_toml();
     let path = files.path("queue-runner.toml");
     write(&path, &text)?;
