@@ -259,9 +259,9 @@ impl Farm {
     }
 
     /// An HTTP client of the web listener, with the client's certificate: one connection of its
-    /// own.
+    /// own, HTTP/2 if `http2` (offered by ALPN, as browsers do), else HTTP/1.1.
     #[must_use]
-    pub fn web_client(&self) -> reqwest::Client {
+    pub fn web_client(&self, http2: bool) -> reqwest::Client {
         let mut roots = rustls::RootCertStore::empty();
         for certificate in CertificateDer::pem_file_iter(self.files.ca_certificate()).unwrap() {
             roots.add(certificate.unwrap()).unwrap();
@@ -272,12 +272,15 @@ impl Farm {
             .unwrap();
         let key = PrivateKeyDer::from_pem_file(self.files.path("client-scale.key")).unwrap();
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .unwrap();
+        if http2 {
+            config.alpn_protocols = vec![b"h2".to_vec()];
+        }
         reqwest::Client::builder()
             .use_preconfigured_tls(config)
             .build()

@@ -10,7 +10,7 @@
 //!
 //! Usage (build the binaries first: `cargo build --release --bins`):
 //! `cargo run --release -p drover-bench --bin watchers -- [--builds 1000] [--steps 10]
-//!  [--builders 10] [--jobs 20] [--transport grpc|sse]`
+//!  [--builders 10] [--jobs 20] [--transport grpc|sse|sse-http2]`
 
 #![allow(
     clippy::unwrap_used,
@@ -55,8 +55,10 @@ struct Args {
 enum Transport {
     /// `BuildService.Watch` over gRPC.
     Grpc,
-    /// `GET /api/v1/builds/{id}/events`, server-sent events over HTTPS.
+    /// `GET /api/v1/builds/{id}/events`, server-sent events over HTTPS (HTTP/1.1).
     Sse,
+    /// The same over HTTP/2.
+    SseHttp2,
 }
 
 /// What one run measured.
@@ -130,9 +132,9 @@ async fn run(cluster: &TestPostgres, args: &Args, watch: bool) -> Run {
     let planned_sql = "SELECT count(*) FROM builds WHERE ingested_at IS NOT NULL";
     wait_for_count(&farm, "every build to be planned", planned_sql, planned).await;
     let mut watchers = Vec::new();
-    if watch && args.transport == Transport::Sse {
+    if watch && args.transport != Transport::Grpc {
         for build in &builds {
-            let client = farm.web_client();
+            let client = farm.web_client(args.transport == Transport::SseHttp2);
             let url = farm.web_url(&format!("/api/v1/builds/{build}/events"));
             watchers.push(tokio::spawn(async move {
                 let mut response = client.get(url).send().await.unwrap();

@@ -447,6 +447,7 @@ async fn serve_grpc(
             heartbeat: parts.heartbeat,
             shutdown: shutdown.clone(),
             public_status: web.public_status,
+            overview: crate::web::pages::OverviewCache::default(),
         };
         let router = crate::web::router(state, parts.max_submission_bytes)
             .into_make_service_with_connect_info::<crate::web::Peer>();

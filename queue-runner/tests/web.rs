@@ -233,6 +233,16 @@ async fn every_operation_as_json_with_a_token_or_a_certificate() {
     assert!(document["paths"]["/api/v1/builds/{id}/events"]["get"].is_object());
 }
 
+/// The router's own refusals (a build id that is not a number, no such path) come in the
+/// API's JSON form too.
+async fn router_refusals_are_json(farm: &Farm, http: &reqwest::Client, token: &str) {
+    for (path, status) in [("/api/v1/builds/seven", 400), ("/api/v1/nothing", 404)] {
+        let (answer, refused) = send(http.get(url(farm, path)), Some(token)).await;
+        assert_eq!(answer, status, "{path}: {refused}");
+        assert!(refused["error"]["message"].is_string(), "{path}: {refused}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_may_not_is_refused_with_the_reason() {
     let mut farm = Farm::new().await;
@@ -262,6 +272,7 @@ async fn what_may_not_is_refused_with_the_reason() {
         (status, &refused["error"]["code"]),
         (403, &json!("PERMISSION_DENIED"))
     );
+    router_refusals_are_json(&farm, &http, &alice).await;
     let (status, refused) = send(http.post(&builds).body("{not json"), Some(&alice)).await;
     assert_eq!(
         (status, &refused["error"]["code"]),

@@ -1,10 +1,12 @@
 //! How a refusal or failure looks over HTTP: the gRPC status the same error maps to (one table
 //! for both front ends, [`crate::grpc::status`]), as an HTTP status and a JSON body
 //! `{"error": {"code": "NOT_FOUND", "message": "…"}}`; a full farm's refusal says when to retry
-//! in `Retry-After`.
+//! in `Retry-After`. The router's own refusals under `/api/` (no such path or method, a path or
+//! query parameter of the wrong type) get the same body ([`json_refusals`]).
 
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tonic::{Code, Status};
 use tonic_types::StatusExt as _;
@@ -95,6 +97,43 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Gives the plain-text refusals of the router and of axum's extractors under `/api/` the
+/// API's JSON body, keeping their HTTP status.
+pub async fn json_refusals(request: Request, next: Next) -> Response {
+    let api = request.uri().path().starts_with("/api/");
+    let response = next.run(request).await;
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    let status = response.status();
+    if !api || json || !status.is_client_error() {
+        return response;
+    }
+    let code = match status {
+        StatusCode::NOT_FOUND => Code::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => Code::Unimplemented,
+        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        StatusCode::FORBIDDEN => Code::PermissionDenied,
+        _ => Code::InvalidArgument,
+    };
+    let (parts, said) = response.into_parts();
+    let text = axum::body::to_bytes(said, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let message = match String::from_utf8_lossy(&text).trim() {
+        "" => status.canonical_reason().unwrap_or("refused").to_owned(),
+        text => text.to_owned(),
+    };
+    let mut refused = (status, axum::Json(body(&Status::new(code, message)))).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            refused.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    refused
 }
 
 /// `ResourceExhausted` as `RESOURCE_EXHAUSTED`: gRPC's own spelling of its codes.

@@ -52,6 +52,8 @@ pub struct WebState {
     pub shutdown: CancellationToken,
     /// Whether the status page, and the reads it makes, need no credential.
     pub public_status: bool,
+    /// The status page's overview, read once for every page open ([`pages::OverviewCache`]).
+    pub overview: pages::OverviewCache,
 }
 
 /// Every route, with its handler (the API, then the status page); a test holds this list and
@@ -126,6 +128,7 @@ pub fn router(state: WebState, max_submission_bytes: usize) -> Router {
             router.route(path, handler)
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(errors::json_refusals))
         .with_state(state)
 }
 
