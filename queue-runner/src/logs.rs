@@ -103,6 +103,19 @@ impl LogStore {
         }
     }
 
+    /// Deletes each of `files` (logs whose rows said `why` they go: expired, pruned), logging
+    /// the ones that cannot be; returns how many went.
+    pub fn delete_all(&self, files: &[String], why: &str) -> u64 {
+        let mut deleted = 0;
+        for file in files {
+            match self.delete(file) {
+                Ok(()) => deleted += 1,
+                Err(error) => tracing::warn!(%file, %error, why, "a log could not be deleted"),
+            }
+        }
+        deleted
+    }
+
     /// Reads a log back, decompressed, as far as it goes: a file whose upload was cut (or is
     /// under way) ends in an unfinished frame, and what precedes it is kept.
     pub fn read(&self, file_name: &str) -> io::Result<LogText> {

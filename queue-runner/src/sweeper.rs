@@ -104,11 +104,7 @@ impl Sweeper {
             let client = self.pool.get().await.map_err(DbError::Connection)?;
             let files = retention::expire_logs(&client, *keep_days, LOG_BATCH).await?;
             drop(client);
-            for file in &files {
-                if let Err(error) = logs.delete(file) {
-                    tracing::warn!(%file, %error, "an expired log could not be deleted");
-                }
-            }
+            logs.delete_all(&files, "expired");
             expired += u64::try_from(files.len()).unwrap_or(u64::MAX);
             if i64::try_from(files.len()).unwrap_or(i64::MAX) < LOG_BATCH {
                 return Ok(expired);

@@ -131,18 +131,7 @@ impl Pruner {
     /// Deletes the log files of deleted attempts, on a blocking thread; returns how many went.
     async fn delete_logs(&self, files: Vec<String>) -> u64 {
         let logs = self.logs.clone();
-        let deleting = tokio::task::spawn_blocking(move || {
-            let mut deleted = 0;
-            for file in &files {
-                match logs.delete(file) {
-                    Ok(()) => deleted += 1,
-                    Err(error) => {
-                        tracing::warn!(%file, %error, "a pruned attempt's log could not be deleted");
-                    }
-                }
-            }
-            deleted
-        });
+        let deleting = tokio::task::spawn_blocking(move || logs.delete_all(&files, "pruned"));
         deleting.await.unwrap_or_else(|error| {
             tracing::warn!(%error, "deleting pruned attempts' logs failed");
             0
