@@ -4,7 +4,7 @@
 //! Checked against the database on every request, so a revocation holds at once.
 
 use drover_tls::{Identity, IdentityError, Role};
-use sha2::{Digest as _, Sha256};
+use nix_primitives::Hash;
 
 use crate::db::tokens::{self, TokenRow};
 use crate::db::{DbError, Pool};
@@ -145,7 +145,7 @@ impl Tokens {
 
 /// SHA-256 of a secret, as stored.
 fn digest(secret: &str) -> Vec<u8> {
-    Sha256::digest(secret.as_bytes()).to_vec()
+    Hash::sha256(secret.as_bytes()).as_bytes().to_vec()
 }
 
 fn hex(bytes: &[u8]) -> String {
