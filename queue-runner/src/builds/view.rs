@@ -2,11 +2,12 @@
 //! step status, and rows as messages.
 
 use drover_proto::v1::{
-    BuildStatus, BuildSummary, CancelResponse, JobBuild, StepState, StepStatus,
-    SubmitJobSetResponse,
+    BuildStatus, BuildSummary, CancelResponse, GetLogResponse, JobBuild, StageDerivationsResponse,
+    StepState, StepStatus, SubmitJobSetResponse,
 };
 
 use super::job_set::QueuedJobSet;
+use crate::logs::LogText;
 
 use crate::db::queries::{BuildFilter, BuildSummaryRow, StepStateRow};
 use crate::db::status::{BuildStatus as QueueBuildStatus, StepStatus as QueueStepStatus};
@@ -48,6 +49,23 @@ pub fn cancel_response(ended: Option<QueueBuildStatus>) -> CancelResponse {
     CancelResponse {
         already_ended: ended.is_some(),
         status: ended.map_or(0, |status| wire_status(Some(status)).into()),
+    }
+}
+
+/// What a `StageDerivations` answers: how many derivations were new.
+#[must_use]
+pub fn stage_response(stored: u64) -> StageDerivationsResponse {
+    StageDerivationsResponse {
+        stored: u32::try_from(stored).unwrap_or(u32::MAX),
+    }
+}
+
+/// What a `GetLog` answers.
+#[must_use]
+pub fn log_response(log: LogText) -> GetLogResponse {
+    GetLogResponse {
+        log: log.bytes,
+        complete: log.complete,
     }
 }
 

@@ -78,9 +78,7 @@ impl BuildService for BuildServiceImpl {
     ) -> Result<Response<StageDerivationsResponse>, Status> {
         auth::require(&request, CALLERS)?;
         let stored = self.builds.stage(request.into_inner()).await?;
-        Ok(Response::new(StageDerivationsResponse {
-            stored: u32::try_from(stored).unwrap_or(u32::MAX),
-        }))
+        Ok(Response::new(view::stage_response(stored)))
     }
 
     async fn submit_job_set(
@@ -176,10 +174,7 @@ impl BuildService for BuildServiceImpl {
     ) -> Result<Response<GetLogResponse>, Status> {
         auth::require(&request, CALLERS)?;
         let log = self.builds.log(&request.into_inner().drv_path).await?;
-        Ok(Response::new(GetLogResponse {
-            log: log.bytes,
-            complete: log.complete,
-        }))
+        Ok(Response::new(view::log_response(log)))
     }
 }
 

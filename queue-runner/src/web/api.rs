@@ -123,10 +123,7 @@ pub async fn log(
         .log(&step.drv_path)
         .await
         .map_err(Status::from)?;
-    Ok(Json(GetLogResponse {
-        log: log.bytes,
-        complete: log.complete,
-    }))
+    Ok(Json(view::log_response(log)))
 }
 
 /// `GET /api/v1/logs/events?drv_path=…`: `FollowLog`, as server-sent events.
@@ -151,11 +148,10 @@ fn until_revoked<T: Send + 'static>(
     reader: &Reader,
     state: &WebState,
 ) -> Outbound<T> {
-    let stream = until_shutdown(stream, &state.shutdown);
-    match &reader.0 {
-        Some(caller) => cut_when(stream, caller.revoked(state, state.heartbeat)),
-        None => stream,
-    }
+    cut_when(
+        until_shutdown(stream, &state.shutdown),
+        reader.revoked(state),
+    )
 }
 
 /// `POST /api/v1/derivations`: `StageDerivations`.
@@ -166,9 +162,7 @@ pub async fn stage(
 ) -> Result<Json<StageDerivationsResponse>, ApiError> {
     caller.require(CALLERS, &state)?;
     let stored = state.builds.stage(request).await.map_err(Status::from)?;
-    Ok(Json(StageDerivationsResponse {
-        stored: u32::try_from(stored).unwrap_or(u32::MAX),
-    }))
+    Ok(Json(view::stage_response(stored)))
 }
 
 /// `POST /api/v1/job-sets`: `SubmitJobSet`.

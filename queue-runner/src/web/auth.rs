@@ -6,7 +6,6 @@
 //! Every refusal is an audit line and a counted refusal, as over gRPC.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header::{AUTHORIZATION, COOKIE};
@@ -80,14 +79,11 @@ impl Caller {
     }
 
     /// Resolves, with the refusal to end a stream with, once the caller's credential is
-    /// revoked (a token revoked by SQL is noticed within `every`).
-    pub fn revoked(
-        &self,
-        state: &WebState,
-        every: Duration,
-    ) -> impl Future<Output = Status> + Send + use<> {
+    /// revoked (a token revoked by SQL is noticed within a heartbeat).
+    pub fn revoked(&self, state: &WebState) -> impl Future<Output = Status> + Send + use<> {
         let credential = self.credential.clone();
         let (revocations, tokens) = (state.revocations.clone(), state.tokens.clone());
+        let every = state.heartbeat;
         let identity = self.identity.to_string();
         async move {
             match credential {
@@ -163,6 +159,20 @@ async fn authenticate(parts: &Parts, state: &WebState, cookie: Cookie) -> Result
 /// public_status` is set, anyone who presents no credential (`None`).
 #[derive(Debug, Clone)]
 pub struct Reader(pub Option<Caller>);
+
+impl Reader {
+    /// Resolves, with the refusal to end a stream with, once the reader's credential is
+    /// revoked; never for a reader without one.
+    pub fn revoked(&self, state: &WebState) -> impl Future<Output = Status> + Send + use<> {
+        let revoked = self.0.as_ref().map(|caller| caller.revoked(state));
+        async move {
+            match revoked {
+                Some(revoked) => revoked.await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+}
 
 impl FromRequestParts<WebState> for Reader {
     type Rejection = ApiError;

@@ -151,15 +151,7 @@ pub async fn status_events(
     reader: Reader,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let first = read_overview(&state).await?;
-    let revoked = reader
-        .0
-        .map(|caller| caller.revoked(&state, state.heartbeat));
-    let revoked = async move {
-        match revoked {
-            Some(revoked) => drop(revoked.await),
-            None => std::future::pending().await,
-        }
-    };
+    let revoked = reader.revoked(&state);
     let stream = futures_util::stream::unfold((state, Some(first)), |(state, ready)| async move {
         let overview = if let Some(overview) = ready {
             overview
