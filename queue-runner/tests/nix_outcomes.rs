@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use common::nix::examples;
 use common::nix_farm::{
-    served_log, start_with_one_nix_builder, submit_closure, submit_fixture,
+    served_log, shell_step, start_with_one_nix_builder, submit_closure, submit_fixture,
     upstream_with_diamond_base,
 };
 use common::{AttemptStatus, DEADLINE, Farm, Stored, attempt_status};
@@ -150,23 +150,13 @@ fn process_state(pid: u32) -> Option<char> {
 /// and that pid once the build's process runs.
 async fn start_sleeper(farm: &Farm, submitter: &common::nix::ChrootStore) -> (i64, u32) {
     let pid_file = farm.dir.path().join("sleeper.pid");
-    let expression = farm.dir.path().join("sleeper.nix");
     // `cut` reads its parent's pid, the shell's, as the host sees it (the build runs in a PID
     // namespace, where `$$` would be another number); the shell then becomes `sleep`.
-    fs_err::write(
-        &expression,
-        format!(
-            r#"{{ sleeper = derivation {{
-                name = "sleeper";
-                system = "x86_64-linux";
-                builder = "/bin/sh";
-                args = [ "-c" "/usr/bin/cut -d' ' -f4 /proc/self/stat > {pid}.partial && /bin/mv {pid}.partial {pid} && exec /bin/sleep 600" ];
-            }}; }}"#,
-            pid = pid_file.display()
-        ),
-    )
-    .unwrap();
-    let top = submitter.instantiate(&expression, "sleeper");
+    let script = format!(
+        "/usr/bin/cut -d' ' -f4 /proc/self/stat > {pid}.partial && /bin/mv {pid}.partial {pid} && exec /bin/sleep 600",
+        pid = pid_file.display()
+    );
+    let top = shell_step(submitter, "sleeper", &script);
     let build = submit_closure(farm, submitter, &top).await;
     let pid: u32 = test_support::poll_until(DEADLINE, "the build to write its pid", || async {
         fs_err::read_to_string(&pid_file)

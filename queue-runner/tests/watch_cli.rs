@@ -14,7 +14,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use common::nix_farm::{closure_request, start_with_one_nix_builder, submit_closure};
+use common::nix_farm::{closure_request, shell_step, start_with_one_nix_builder, submit_closure};
 use common::{DEADLINE, Farm, Stored};
 use test_support::ChildGuard;
 use test_support::wait::poll_until;
@@ -24,15 +24,7 @@ use test_support::wait::poll_until;
 /// shows progress.
 async fn watch_a_running_build(farm: &mut Farm, name: &str) -> (i64, ChildGuard, PathBuf) {
     let (_, submitter) = start_with_one_nix_builder(farm).await;
-    let expression = submitter.expression(&format!(
-        r#"{{ slow = derivation {{
-            name = "{name}";
-            system = "x86_64-linux";
-            builder = "/bin/sh";
-            args = [ "-c" "/bin/sleep 3; echo done > $out" ];
-        }}; }}"#
-    ));
-    let top = submitter.instantiate(&expression, "slow");
+    let top = shell_step(&submitter, name, "/bin/sleep 3; echo done > $out");
     let build = submit_closure(farm, &submitter, &top).await;
     farm.wait_for_count(
         "the build to start",
